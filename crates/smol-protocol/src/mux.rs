@@ -1,0 +1,499 @@
+//! A multiplexed connection: many streams over one frame channel, with per-stream credit-based
+//! flow control.
+//!
+//! Both the host and the agent run the same [`Mux`]. The host opens streams ([`Mux::open`]); the
+//! agent receives them as [`Incoming::Open`]. A sender may have at most [`STREAM_WINDOW`] bytes of
+//! `Data` in flight on a stream; the receiver hands credit back as its consumer pulls frames
+//! ([`StreamReceiver::recv`]), so a slow consumer slows the producer instead of growing memory.
+//!
+//! Why not yamux or h2: every operation needs typed events (stdout, stderr, exit, error) rather
+//! than one opaque byte pipe, and under TCG each frame costs guest CPU, so the frame layout is kept
+//! to one postcard header plus large chunks. Framing and serialization are tokio-util and postcard.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::codec::FrameCodec;
+use crate::{Chan, Frame, Hello, Op, MAX_CHUNK, STREAM_WINDOW};
+
+/// The connection is gone (peer closed, I/O error or malformed frame).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("agent connection closed: {reason}")]
+pub struct Closed {
+    /// Why the connection ended, as far as this side knows.
+    pub reason: String,
+}
+
+/// Something the peer started.
+#[derive(Debug)]
+pub enum Incoming {
+    /// The peer's hello.
+    Hello(Hello),
+    /// A stream opened by the peer (agent side).
+    Open(Stream, Op),
+}
+
+struct Route {
+    tx: mpsc::UnboundedSender<Frame>,
+    credit: Arc<Semaphore>,
+}
+
+struct Shared {
+    out: mpsc::UnboundedSender<Frame>,
+    routes: Mutex<HashMap<u32, Route>>,
+    next_id: AtomicU32,
+    closed: watch::Sender<Option<String>>,
+}
+
+impl Shared {
+    fn close(&self, reason: String) {
+        self.closed.send_if_modified(|c| {
+            if c.is_none() {
+                *c = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+        let routes: Vec<Route> = self
+            .routes
+            .lock()
+            .expect("routes lock")
+            .drain()
+            .map(|(_, r)| r)
+            .collect();
+        for r in routes {
+            r.credit.close();
+        }
+    }
+
+    fn closed_error(&self) -> Closed {
+        Closed {
+            reason: self
+                .closed
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "connection closed".into()),
+        }
+    }
+
+    fn register(self: &Arc<Self>, id: u32) -> Stream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
+        let route = Route {
+            tx,
+            credit: credit.clone(),
+        };
+        if self.closed.borrow().is_some() {
+            credit.close();
+        } else {
+            self.routes.lock().expect("routes lock").insert(id, route);
+        }
+        Stream {
+            tx: StreamSender {
+                id,
+                shared: self.clone(),
+                credit,
+            },
+            rx: StreamReceiver {
+                id,
+                shared: self.clone(),
+                rx,
+                consumed: 0,
+            },
+        }
+    }
+}
+
+/// Handle to a running multiplexed connection. Cheap to clone.
+#[derive(Clone)]
+pub struct Mux {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mux")
+            .field("closed", &self.shared.closed.borrow().is_some())
+            .finish()
+    }
+}
+
+impl Mux {
+    /// Starts the reader and writer tasks on the current tokio runtime. Returns the handle and
+    /// the receiver of what the peer starts.
+    pub fn spawn<R, W>(reader: R, writer: W) -> (Mux, mpsc::UnboundedReceiver<Incoming>)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (closed, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            out: out_tx,
+            routes: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            closed,
+        });
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(shared.clone(), writer, out_rx));
+        tokio::spawn(read_loop(shared.clone(), reader, in_tx));
+        (Mux { shared }, in_rx)
+    }
+
+    /// Sends this side's hello.
+    pub fn send_hello(&self, hello: Hello) -> Result<(), Closed> {
+        self.send(Frame::Hello(hello))
+    }
+
+    /// Opens a stream for `op` (host side).
+    pub fn open(&self, op: Op) -> Result<Stream, Closed> {
+        if self.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let stream = self.shared.register(id);
+        self.send(Frame::Open { id, op })?;
+        Ok(stream)
+    }
+
+    fn send(&self, frame: Frame) -> Result<(), Closed> {
+        self.shared
+            .out
+            .send(frame)
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.borrow().is_some()
+    }
+
+    /// Waits until the connection ends; returns why.
+    pub async fn closed(&self) -> Closed {
+        let mut rx = self.shared.closed.subscribe();
+        // wait_for only fails if the sender is gone, which cannot happen while `self` lives.
+        let _ = rx.wait_for(|c| c.is_some()).await;
+        self.shared.closed_error()
+    }
+
+    /// Ends the connection from this side: pending and future operations fail with [`Closed`].
+    pub fn close(&self, reason: &str) {
+        self.shared.close(reason.to_string());
+    }
+
+    /// Number of open streams (for tests and diagnostics).
+    pub fn open_streams(&self) -> usize {
+        self.shared.routes.lock().expect("routes lock").len()
+    }
+}
+
+async fn write_loop<W>(shared: Arc<Shared>, writer: W, mut rx: mpsc::UnboundedReceiver<Frame>)
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut sink = FramedWrite::new(writer, FrameCodec::default());
+    let mut closed = shared.closed.subscribe();
+    loop {
+        let frame = tokio::select! {
+            f = rx.recv() => match f { Some(f) => f, None => return },
+            _ = closed.wait_for(|c| c.is_some()) => return,
+        };
+        let mut result = sink.feed(frame).await;
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(f) => result = sink.feed(f).await,
+                Err(_) => break,
+            }
+        }
+        if result.is_ok() {
+            result = sink.flush().await;
+        }
+        if let Err(e) = result {
+            shared.close(format!("write failed: {e}"));
+            return;
+        }
+    }
+}
+
+async fn read_loop<R>(shared: Arc<Shared>, reader: R, incoming: mpsc::UnboundedSender<Incoming>)
+where
+    R: AsyncRead + Unpin,
+{
+    let mut frames = FramedRead::new(reader, FrameCodec::default());
+    let mut closed = shared.closed.subscribe();
+    let reason = loop {
+        let next = tokio::select! {
+            n = frames.next() => n,
+            _ = closed.wait_for(|c| c.is_some()) => return,
+        };
+        let frame = match next {
+            None => break "peer closed the channel".to_string(),
+            Some(Err(e)) => break format!("read failed: {e}"),
+            Some(Ok(f)) => f,
+        };
+        match frame {
+            Frame::Hello(h) => {
+                let _ = incoming.send(Incoming::Hello(h));
+            }
+            Frame::Open { id, op } => {
+                let stream = shared.register(id);
+                let _ = incoming.send(Incoming::Open(stream, op));
+            }
+            Frame::Credit { id, bytes } => {
+                if let Some(r) = shared.routes.lock().expect("routes lock").get(&id) {
+                    r.credit.add_permits(bytes as usize);
+                }
+            }
+            other => {
+                let id = other.stream_id().unwrap_or_default();
+                if let Some(r) = shared.routes.lock().expect("routes lock").get(&id) {
+                    let _ = r.tx.send(other);
+                }
+            }
+        }
+    };
+    shared.close(reason);
+}
+
+/// One operation's stream: a sending and a receiving half.
+#[derive(Debug)]
+pub struct Stream {
+    /// Sending half (cloneable).
+    pub tx: StreamSender,
+    /// Receiving half; dropping it forgets the stream.
+    pub rx: StreamReceiver,
+}
+
+impl Stream {
+    /// Stream id.
+    pub fn id(&self) -> u32 {
+        self.tx.id
+    }
+}
+
+/// Sending half of a [`Stream`].
+#[derive(Clone)]
+pub struct StreamSender {
+    id: u32,
+    shared: Arc<Shared>,
+    credit: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for StreamSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSender").field("id", &self.id).finish()
+    }
+}
+
+impl StreamSender {
+    /// Stream id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Sends a control frame on this stream.
+    pub fn send(&self, frame: Frame) -> Result<(), Closed> {
+        self.shared
+            .out
+            .send(frame)
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// Sends bytes on a sub-channel, waiting for credit as needed.
+    pub async fn send_data(&self, chan: Chan, data: &[u8]) -> Result<(), Closed> {
+        for chunk in data.chunks(MAX_CHUNK) {
+            self.send_owned(chan, chunk.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one chunk (at most [`MAX_CHUNK`] bytes) without copying it.
+    pub async fn send_owned(&self, chan: Chan, data: Vec<u8>) -> Result<(), Closed> {
+        debug_assert!(data.len() <= MAX_CHUNK);
+        let permit = self
+            .credit
+            .acquire_many(data.len() as u32)
+            .await
+            .map_err(|_| self.shared.closed_error())?;
+        permit.forget();
+        self.send(Frame::Data {
+            id: self.id,
+            chan,
+            data,
+        })
+    }
+
+    /// Sends the end of a sub-channel.
+    pub fn send_eof(&self, chan: Chan) -> Result<(), Closed> {
+        self.send(Frame::Eof { id: self.id, chan })
+    }
+}
+
+/// Receiving half of a [`Stream`].
+pub struct StreamReceiver {
+    id: u32,
+    shared: Arc<Shared>,
+    rx: mpsc::UnboundedReceiver<Frame>,
+    consumed: u32,
+}
+
+impl std::fmt::Debug for StreamReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReceiver")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl StreamReceiver {
+    /// Next frame of this stream; `Err` when the connection ended first. Pulling a `Data` frame
+    /// hands its bytes back to the sender as credit.
+    pub async fn recv(&mut self) -> Result<Frame, Closed> {
+        match self.rx.recv().await {
+            Some(frame) => {
+                if let Frame::Data { data, .. } = &frame {
+                    self.consumed += data.len() as u32;
+                    if self.consumed >= STREAM_WINDOW / 4 {
+                        let bytes = std::mem::take(&mut self.consumed);
+                        let _ = self.shared.out.send(Frame::Credit { id: self.id, bytes });
+                    }
+                }
+                Ok(frame)
+            }
+            None => Err(self.shared.closed_error()),
+        }
+    }
+}
+
+impl Drop for StreamReceiver {
+    fn drop(&mut self) {
+        if let Ok(mut routes) = self.shared.routes.lock() {
+            routes.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn pair() -> (
+        (Mux, mpsc::UnboundedReceiver<Incoming>),
+        (Mux, mpsc::UnboundedReceiver<Incoming>),
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        (Mux::spawn(ar, aw), Mux::spawn(br, bw))
+    }
+
+    #[tokio::test]
+    async fn hello_open_data_roundtrip() {
+        let ((host, _hin), (agent, mut ain)) = pair();
+        agent
+            .send_hello(Hello {
+                version: 1,
+                software: "t".into(),
+                kernel: String::new(),
+                uptime_ms: 0,
+            })
+            .unwrap();
+        let mut s = host.open(Op::Ping).unwrap();
+        let (gs, op) = match ain.recv().await.unwrap() {
+            Incoming::Open(s, op) => (s, op),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(op, Op::Ping);
+        gs.tx.send_data(Chan::Stdout, b"hello").await.unwrap();
+        gs.tx.send(Frame::Done { id: gs.id() }).unwrap();
+        assert_eq!(
+            s.rx.recv().await.unwrap(),
+            Frame::Data {
+                id: s.id(),
+                chan: Chan::Stdout,
+                data: b"hello".to_vec()
+            }
+        );
+        assert!(s.rx.recv().await.unwrap().is_terminal());
+    }
+
+    /// A receiver that does not pull stops the sender after one window; pulling resumes it.
+    #[tokio::test]
+    async fn flow_control_bounds_in_flight_bytes() {
+        let ((host, _hin), (_agent, mut ain)) = pair();
+        let mut s = host.open(Op::Ping).unwrap();
+        let gs = match ain.recv().await.unwrap() {
+            Incoming::Open(s, _) => s,
+            _ => unreachable!(),
+        };
+        let total = STREAM_WINDOW as usize * 3;
+        let tx = gs.tx.clone();
+        let sent = Arc::new(AtomicU32::new(0));
+        let sent2 = sent.clone();
+        let producer = tokio::spawn(async move {
+            let chunk = vec![7u8; MAX_CHUNK];
+            for _ in 0..total / MAX_CHUNK {
+                tx.send_owned(Chan::Stdout, chunk.clone()).await.unwrap();
+                sent2.fetch_add(MAX_CHUNK as u32, Ordering::SeqCst);
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(sent.load(Ordering::SeqCst), STREAM_WINDOW);
+        let mut got = 0;
+        while got < total {
+            if let Frame::Data { data, .. } = s.rx.recv().await.unwrap() {
+                got += data.len();
+            }
+        }
+        producer.await.unwrap();
+        assert_eq!(got, total);
+    }
+
+    #[tokio::test]
+    async fn closing_fails_pending_streams_and_credit_waiters() {
+        let ((host, _hin), (agent, mut ain)) = pair();
+        let mut s = host.open(Op::Ping).unwrap();
+        let gs = match ain.recv().await.unwrap() {
+            Incoming::Open(s, _) => s,
+            _ => unreachable!(),
+        };
+        // exhaust the agent's send window, then close the host side.
+        gs.tx
+            .send_data(Chan::Stdout, &vec![0u8; STREAM_WINDOW as usize])
+            .await
+            .unwrap();
+        let blocked = tokio::spawn({
+            let tx = gs.tx.clone();
+            async move { tx.send_data(Chan::Stdout, b"x").await }
+        });
+        host.close("test");
+        let err = loop {
+            match s.rx.recv().await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.reason, "test");
+        assert!(host.open(Op::Ping).is_err());
+        // the agent sees its peer vanish, which releases the blocked sender.
+        agent.closed().await;
+        assert!(blocked.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn dropped_receiver_forgets_the_stream() {
+        let ((host, _hin), _agent) = pair();
+        let s = host.open(Op::Ping).unwrap();
+        assert_eq!(host.open_streams(), 1);
+        drop(s);
+        assert_eq!(host.open_streams(), 0);
+    }
+}
