@@ -1,0 +1,206 @@
+//! `Op::Exec`: run a command, stream its output, enforce its timeout.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::time::Duration;
+
+use smol_protocol::mux::{Stream, StreamSender};
+use smol_protocol::{
+    Chan, ErrorKind, ExecRequest, Frame, RemoteError, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND,
+    EXIT_TIMEOUT, MAX_CHUNK,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+/// `PATH` given to every command unless the request sets its own.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// After the command exits, output still arriving is collected until the pipes stay quiet this
+/// long (a background process may hold them open forever).
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
+
+/// Kills a process group when dropped, unless disarmed: a handler aborted because the host went
+/// away leaves nothing running.
+struct GroupGuard {
+    pgid: i32,
+    armed: bool,
+}
+
+impl GroupGuard {
+    fn kill(&self) {
+        // SAFETY: kill with a negative pid signals the process group we created; no memory involved.
+        unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.kill();
+        }
+    }
+}
+
+fn check_workdir(workdir: &str) -> Result<(), RemoteError> {
+    if !workdir.starts_with('/') {
+        return Err(crate::serve::invalid(format!(
+            "workdir must be an absolute path, got {workdir:?}"
+        )));
+    }
+    match std::fs::metadata(workdir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(RemoteError::new(
+            ErrorKind::NotADirectory,
+            format!("workdir {workdir}: not a directory"),
+        )),
+        Err(e) => Err(RemoteError::from_io(&e, &format!("workdir {workdir}"))),
+    }
+}
+
+/// Runs the command of `req`, streaming its output on `stream`; returns the terminal frame.
+pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError> {
+    let Stream { tx, mut rx } = stream;
+    let id = tx.id();
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(crate::serve::invalid("empty command"));
+    }
+    let workdir = req.workdir.clone().unwrap_or_else(|| "/".to_string());
+    check_workdir(&workdir)?;
+    let mut cmd = tokio::process::Command::new(&req.argv[0]);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .env("USER", "root")
+        .env("LOGNAME", "root")
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&workdir)
+        .stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let (code, why) = match e.kind() {
+                std::io::ErrorKind::NotFound => (EXIT_NOT_FOUND, "command not found".to_string()),
+                std::io::ErrorKind::PermissionDenied => {
+                    (EXIT_CANNOT_EXECUTE, "permission denied".to_string())
+                }
+                _ => (EXIT_CANNOT_EXECUTE, e.to_string()),
+            };
+            let msg = format!("smol: {}: {why}\n", req.argv[0]);
+            tx.send_data(Chan::Stderr, msg.as_bytes())
+                .await
+                .map_err(|e| RemoteError::new(ErrorKind::Io, e.to_string()))?;
+            return Ok(Frame::Exit {
+                id,
+                code,
+                timed_out: false,
+            });
+        }
+    };
+    let mut guard = GroupGuard {
+        pgid: child.id().map(|p| p as i32).unwrap_or(0),
+        armed: true,
+    };
+    let (exited_tx, exited_rx) = watch::channel(false);
+    let out = tokio::spawn(pump(
+        child.stdout.take(),
+        tx.clone(),
+        Chan::Stdout,
+        exited_rx.clone(),
+    ));
+    let err = tokio::spawn(pump(child.stderr.take(), tx.clone(), Chan::Stderr, exited_rx));
+    let mut stdin_tx = child.stdin.take().map(|mut stdin| {
+        let (stx, mut srx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            while let Some(buf) = srx.recv().await {
+                if stdin.write_all(&buf).await.is_err() {
+                    break; // the command closed its stdin; drop the rest
+                }
+            }
+        });
+        stx
+    });
+    let deadline = req
+        .timeout_ms
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let mut timed_out = false;
+    let status = loop {
+        tokio::select! {
+            st = child.wait() => break st,
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
+                if deadline.is_some() && !timed_out => {
+                guard.kill();
+                timed_out = true;
+            }
+            f = rx.recv() => match f {
+                Ok(Frame::Data { chan: Chan::Stdin, data, .. }) => {
+                    if let Some(s) = &stdin_tx { let _ = s.send(data); }
+                }
+                Ok(Frame::Eof { chan: Chan::Stdin, .. }) => stdin_tx = None,
+                Ok(Frame::Cancel { .. }) => guard.kill(),
+                Ok(_) => {}
+                Err(e) => return Err(RemoteError::new(ErrorKind::Io, e.to_string())),
+            }
+        }
+    };
+    let _ = exited_tx.send(true);
+    let _ = out.await;
+    let _ = err.await;
+    // The command ended normally: whatever it left in the background may keep running.
+    guard.armed = timed_out;
+    let status = status.map_err(|e| RemoteError::from_io(&e, "wait"))?;
+    let code = if timed_out {
+        EXIT_TIMEOUT
+    } else {
+        status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    };
+    Ok(Frame::Exit {
+        id,
+        code,
+        timed_out,
+    })
+}
+
+/// Copies a pipe to the stream until EOF, or until it stays quiet for [`DRAIN_QUIET`] after the
+/// command exited.
+async fn pump<R: AsyncRead + Unpin>(
+    pipe: Option<R>,
+    tx: StreamSender,
+    chan: Chan,
+    mut exited: watch::Receiver<bool>,
+) {
+    let Some(mut pipe) = pipe else { return };
+    loop {
+        let mut buf = vec![0u8; MAX_CHUNK];
+        let n = if *exited.borrow() {
+            match tokio::time::timeout(DRAIN_QUIET, pipe.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                r = pipe.read(&mut buf) => r,
+                _ = exited.changed() => continue,
+            }
+        };
+        match n {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                buf.truncate(n);
+                if tx.send_owned(chan, buf).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

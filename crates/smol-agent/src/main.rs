@@ -1,0 +1,68 @@
+//! smol guest agent.
+//!
+//! Runs as PID 1 of the guest (`/init` in the initramfs). PID 1 prepares the system ([`init`]),
+//! then forks: the child serves the host protocol ([`serve`]); PID 1 stays behind to reap every
+//! orphaned process and restarts the agent if it ever dies. Run outside a VM, `smol-agent serve
+//! <path>` serves the protocol on a unix socket, which the unit tests use.
+
+mod exec;
+mod files;
+mod init;
+mod port;
+mod raw;
+mod serve;
+
+use std::time::Duration;
+
+fn main() {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    if pid != 1 {
+        let args: Vec<String> = std::env::args().collect();
+        if args.len() == 3 && args[1] == "serve" {
+            serve::serve_unix(&args[2]);
+            return;
+        }
+        eprintln!("usage: smol-agent serve <unix socket path> (as PID 1 it serves virtio-serial)");
+        std::process::exit(2);
+    }
+    let cfg = init::setup();
+    match cfg.mode.as_str() {
+        "boot-bench" => {
+            // Baseline for the benchmark: a bare boot that reaches init and powers off.
+            println!("SMOL_INIT_REACHED");
+            init::power_off();
+        }
+        "raw" => raw::run(),
+        _ => supervise(&cfg),
+    }
+}
+
+/// PID 1 loop: fork the agent, reap every child, restart the agent when it exits.
+fn supervise(cfg: &init::Config) -> ! {
+    loop {
+        // SAFETY: PID 1 is single-threaded here (no runtime started yet), so fork is sound; the
+        // child only calls async-signal-safe code until it builds its own runtime.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            serve::serve_port(cfg);
+        }
+        if child < 0 {
+            eprintln!("smol-agent: fork failed; serving from PID 1");
+            serve::serve_port(cfg);
+        }
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid pointer to a local int.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid == child {
+                eprintln!("smol-agent: agent exited (status {status}); restarting");
+                std::thread::sleep(Duration::from_millis(100));
+                break;
+            }
+            if pid < 0 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! `smol`: run commands in microVMs and manage machines from a shell.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use smolmachines::local::LocalBackend;
+use smolmachines::{
+    ConnectOptions, Error, ExecEvent, ExecOptions, Machine, MachineConfig, ResourceSpec,
+};
+
+/// Exit code for errors of smol itself (as docker and podman do), distinct from a command's.
+const EXIT_SMOL_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(name = "smol", version, about = "microVM sandboxes: run commands in fresh Linux VMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ExecArgs {
+    /// Environment variable for the command (KEY=VALUE), repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(short = 'w', long)]
+    workdir: Option<String>,
+    /// Kill the command after this many seconds (exit code 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one command in a fresh machine, then delete it. Exits with the command's exit code.
+    Run {
+        /// vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Manage long-lived machines.
+    Machine {
+        #[command(subcommand)]
+        command: MachineCommand,
+    },
+    /// Show what this host can run: accelerator, kernel, QEMU, and why.
+    Doctor,
+}
+
+#[derive(Subcommand)]
+enum MachineCommand {
+    /// Create a machine that keeps running after this command exits.
+    Create {
+        /// Name (generated when omitted).
+        #[arg(long)]
+        name: Option<String>,
+        /// vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+    },
+    /// Run a command in a machine.
+    Exec {
+        /// Machine name.
+        name: String,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// List machines.
+    Ls,
+    /// Stop a machine (clean power-off).
+    Stop {
+        /// Machine name.
+        name: String,
+    },
+    /// Delete machines: stop them and remove everything they had.
+    Rm {
+        /// Machine names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+fn exec_options(a: &ExecArgs) -> Result<ExecOptions, Error> {
+    let mut env = BTreeMap::new();
+    for kv in &a.env {
+        let (k, v) = kv.split_once('=').ok_or_else(|| Error::InvalidConfig {
+            message: format!("--env expects KEY=VALUE, got {kv:?}"),
+        })?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    let timeout = match a.timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(Error::InvalidConfig {
+                message: format!("--timeout must be > 0, got {t}"),
+            })
+        }
+        None => None,
+    };
+    Ok(ExecOptions {
+        env,
+        workdir: a.workdir.clone(),
+        timeout,
+        ..Default::default()
+    })
+}
+
+/// Streams a command's output to our stdout/stderr; returns its exit code.
+async fn stream(m: &Machine, a: &ExecArgs) -> Result<i32, Error> {
+    let mut s = m.exec_stream(&a.argv, exec_options(a)?).await?;
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    while let Some(ev) = s.next_event().await {
+        match ev {
+            ExecEvent::Stdout(d) => {
+                let _ = out.write_all(&d);
+                let _ = out.flush();
+            }
+            ExecEvent::Stderr(d) => {
+                let _ = err.write_all(&d);
+                let _ = err.flush();
+            }
+            ExecEvent::Exit(code) => return Ok(code),
+            ExecEvent::Error(msg) => {
+                return Err(Error::Guest { message: msg });
+            }
+        }
+    }
+    Err(Error::Guest {
+        message: "the command's stream ended without an exit status".into(),
+    })
+}
+
+fn resources(cpus: Option<u32>, memory: Option<u32>) -> ResourceSpec {
+    ResourceSpec {
+        cpus,
+        memory_mb: memory,
+        network: None,
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8, Error> {
+    let local = ConnectOptions::default();
+    match cli.command {
+        Command::Run { cpus, memory, exec } => {
+            exec_options(&exec)?;
+            let cfg = MachineConfig {
+                resources: resources(cpus, memory),
+                ..Default::default()
+            };
+            let m = Machine::create(cfg, local).await?;
+            let result = stream(&m, &exec).await;
+            let deleted = m.delete().await;
+            let code = result?;
+            deleted?;
+            Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255))
+        }
+        Command::Machine { command } => match command {
+            MachineCommand::Create { name, cpus, memory } => {
+                let cfg = MachineConfig {
+                    name,
+                    resources: resources(cpus, memory),
+                    detach: true,
+                    ..Default::default()
+                };
+                let m = Machine::create(cfg, local).await?;
+                println!("{}", m.name());
+                Ok(0)
+            }
+            MachineCommand::Exec { name, exec } => {
+                exec_options(&exec)?;
+                let m = Machine::connect(&name, local).await?;
+                let code = stream(&m, &exec).await?;
+                Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255))
+            }
+            MachineCommand::Ls => {
+                let list = Machine::list(local).await?;
+                println!("{:<24} {:<8} {:>4} {:>8} {:<4} {:>8}", "NAME", "STATE", "CPUS", "MEMORY", "ACCEL", "PID");
+                for m in list {
+                    println!(
+                        "{:<24} {:<8} {:>4} {:>6}Mi {:<5} {:>8}",
+                        m.name,
+                        m.state.as_str(),
+                        m.cpus,
+                        m.memory_mb,
+                        m.accel,
+                        m.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+                    );
+                }
+                Ok(0)
+            }
+            MachineCommand::Stop { name } => {
+                Machine::connect(&name, local).await?.stop().await?;
+                Ok(0)
+            }
+            MachineCommand::Rm { names } => {
+                for name in names {
+                    Machine::connect(&name, local.clone()).await?.delete().await?;
+                    println!("{name}");
+                }
+                Ok(0)
+            }
+        },
+        Command::Doctor => {
+            let d = LocalBackend::from_env().doctor();
+            match &d.accel {
+                Ok(a) => println!("accelerator: {} ({})", a.accel.as_str(), a.reason),
+                Err(e) => println!("accelerator: unusable: {e}"),
+            }
+            match &d.vmm {
+                Ok(v) => println!("vmm:         {v}"),
+                Err(e) => println!("vmm:         missing: {e}"),
+            }
+            match &d.assets {
+                Ok(a) => {
+                    println!("kernel:      {} ({:?})", a.kernel.display(), a.flavor);
+                    println!("initramfs:   {}", a.initrd.display());
+                }
+                Err(e) => println!("assets:      missing: {e}"),
+            }
+            println!("run dir:     {}", d.run_dir.display());
+            if d.ok() {
+                println!("ok: this host can run machines");
+                Ok(0)
+            } else {
+                println!("not ready: run `make setup` (installs QEMU, builds the kernel and initramfs)");
+                Ok(1)
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let Error::BootFailed { log_tail, .. } = &e {
+                if !log_tail.trim().is_empty() {
+                    eprintln!("{log_tail}");
+                }
+            }
+            if let Some(h) = e.hint() {
+                eprintln!("hint: {h}");
+            }
+            ExitCode::from(EXIT_SMOL_ERROR)
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The typed seam: [`Backend`] (local engine, cloud) and [`MachineBackend`], called alike by the
+//! public [`Machine`], the CLI, the bindings and the fleet server.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{
+    ConnectOptions, ExecEvent, ExecOptions, ExecResult, MachineConfig, MachineState,
+    MachineSummary, Target,
+};
+use crate::error::{Error, Result};
+
+/// A place machines run: the embedded engine or a fleet server.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Which target this is.
+    fn target(&self) -> Target;
+    /// Creates and starts a machine; returns once it is ready.
+    async fn create(&self, config: MachineConfig) -> Result<Arc<dyn MachineBackend>>;
+    /// Attaches to an existing machine by name.
+    async fn connect(&self, name: &str) -> Result<Arc<dyn MachineBackend>>;
+    /// Every machine this backend knows.
+    async fn list(&self) -> Result<Vec<MachineSummary>>;
+}
+
+/// Operations on one machine. Arguments are already validated by [`Machine`].
+#[async_trait::async_trait]
+pub trait MachineBackend: Send + Sync + std::fmt::Debug {
+    /// Machine name.
+    fn name(&self) -> &str;
+    /// Current state.
+    async fn state(&self) -> Result<MachineState>;
+    /// Runs a command to completion.
+    async fn exec(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecResult>;
+    /// Runs a command, streaming its output.
+    async fn exec_stream(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecStream>;
+    /// Writes a guest file.
+    async fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<()>;
+    /// Reads a guest file.
+    async fn read_file(&self, path: &str) -> Result<Vec<u8>>;
+    /// Boots a stopped machine.
+    async fn start(&self) -> Result<()>;
+    /// Stops the machine (clean guest power-off, killed after a timeout).
+    async fn stop(&self) -> Result<()>;
+    /// Stops the machine and removes everything it had.
+    async fn delete(&self) -> Result<()>;
+    /// Public URL of the first published port (cloud); `None` locally.
+    fn url(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Live output of a command: `Stdout`/`Stderr` chunks as produced, then one `Exit` (or `Error`).
+/// Dropping it, or calling [`ExecStream::kill`], kills the command.
+#[derive(Debug)]
+pub struct ExecStream {
+    rx: mpsc::Receiver<ExecEvent>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl ExecStream {
+    /// Wraps a receiver of events and a kill switch (for backends).
+    pub fn new(rx: mpsc::Receiver<ExecEvent>, kill: oneshot::Sender<()>) -> Self {
+        Self {
+            rx,
+            kill: Some(kill),
+        }
+    }
+
+    /// Next event; `None` after the last one.
+    pub async fn next_event(&mut self) -> Option<ExecEvent> {
+        self.rx.recv().await
+    }
+
+    /// Kills the command; no further events are yielded. Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+impl futures::Stream for ExecStream {
+    type Item = ExecEvent;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ExecEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Picks the backend for a [`ConnectOptions`] (SPEC §2.2).
+pub fn backend_for(conn: &ConnectOptions) -> Result<Arc<dyn Backend>> {
+    match conn.resolve_target() {
+        Target::Local => Ok(crate::local::LocalBackend::shared()),
+        Target::Cloud => Err(Error::NotSupported {
+            message: "the cloud target (smolfleet) is not available in this build yet; \
+                      use the local engine (target local, and unset SMOL_CLOUD_TOKEN)"
+                .into(),
+        }),
+    }
+}
+
+/// A microVM sandbox. Cheap to clone; every clone drives the same machine.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    inner: Arc<dyn MachineBackend>,
+}
+
+fn check_guest_path(path: &str) -> Result<()> {
+    if path.starts_with('/') {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "guest paths must be absolute, got {path:?}"
+        )))
+    }
+}
+
+fn check_argv(argv: &[String]) -> Result<()> {
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err(Error::invalid("command must be a non-empty argv list"));
+    }
+    Ok(())
+}
+
+impl Machine {
+    /// Creates and starts a machine; returns once its agent answers.
+    pub async fn create(config: MachineConfig, conn: ConnectOptions) -> Result<Machine> {
+        if let Some(name) = &config.name {
+            crate::config::validate_name(name)?;
+        }
+        if config.ready_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::invalid("ready_timeout must be > 0"));
+        }
+        let backend = backend_for(&conn)?;
+        Ok(Machine {
+            inner: backend.create(config).await?,
+        })
+    }
+
+    /// Attaches to an existing machine by name.
+    pub async fn connect(name: &str, conn: ConnectOptions) -> Result<Machine> {
+        crate::config::validate_name(name)?;
+        let backend = backend_for(&conn)?;
+        Ok(Machine {
+            inner: backend.connect(name).await?,
+        })
+    }
+
+    /// Lists the machines of the selected backend.
+    pub async fn list(conn: ConnectOptions) -> Result<Vec<MachineSummary>> {
+        backend_for(&conn)?.list().await
+    }
+
+    /// Wraps a backend machine (for backends and tests).
+    pub fn from_backend(inner: Arc<dyn MachineBackend>) -> Self {
+        Self { inner }
+    }
+
+    /// Machine name.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// `"created"`, `"running"` or `"stopped"` (`"deleted"` after delete).
+    pub async fn state(&self) -> Result<MachineState> {
+        self.inner.state().await
+    }
+
+    /// Public URL (cloud); always `None` locally.
+    pub fn url(&self) -> Option<String> {
+        self.inner.url()
+    }
+
+    /// Runs `argv` (not a shell string) to completion. A non-zero exit is not an error; a
+    /// timeout gives exit code 124 and the output so far.
+    pub async fn exec(&self, argv: &[String], opts: ExecOptions) -> Result<ExecResult> {
+        check_argv(argv)?;
+        opts.validate()?;
+        self.inner.exec(argv, &opts).await
+    }
+
+    /// Runs `argv`, yielding output as it is produced.
+    pub async fn exec_stream(&self, argv: &[String], opts: ExecOptions) -> Result<ExecStream> {
+        check_argv(argv)?;
+        opts.validate()?;
+        self.inner.exec_stream(argv, &opts).await
+    }
+
+    /// Writes `data` to the absolute guest `path` (parents are created), with `mode` or 0o644.
+    pub async fn write_file(&self, path: &str, data: impl AsRef<[u8]>, mode: Option<u32>) -> Result<()> {
+        check_guest_path(path)?;
+        if mode.is_some_and(|m| m > 0o7777) {
+            return Err(Error::invalid(format!("mode {:o} is not a permission mode", mode.unwrap_or(0))));
+        }
+        self.inner.write_file(path, data.as_ref(), mode).await
+    }
+
+    /// Reads the absolute guest `path`, byte-exact.
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        check_guest_path(path)?;
+        self.inner.read_file(path).await
+    }
+
+    /// Boots a stopped machine again.
+    pub async fn start(&self) -> Result<()> {
+        self.inner.start().await
+    }
+
+    /// Stops the machine: the guest flushes and powers off; it is killed after a timeout.
+    pub async fn stop(&self) -> Result<()> {
+        self.inner.stop().await
+    }
+
+    /// Stops the machine and removes every process, socket and file it had.
+    pub async fn delete(&self) -> Result<()> {
+        self.inner.delete().await
+    }
+}

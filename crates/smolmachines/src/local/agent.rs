@@ -1,0 +1,285 @@
+//! Host side of the agent channel: accept the VM's connection, check the agent's hello, and run
+//! operations as multiplexed streams.
+
+use std::time::Duration;
+
+use smol_protocol::mux::{Closed, Incoming, Mux, Stream, StreamSender};
+use smol_protocol::{Chan, ExecRequest, Frame, Hello, Op, RemoteError, PROTOCOL_VERSION};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::ExecEvent;
+
+/// Errors of one agent operation.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The channel ended (VM exited, agent restarted, host closed it).
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    /// The agent answered with an error.
+    #[error("{0}")]
+    Remote(RemoteError),
+    /// The agent sent something the protocol does not allow here.
+    #[error("unexpected frame from the agent: {0}")]
+    Unexpected(String),
+}
+
+/// Errors while waiting for the agent to come up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No connection or hello before the deadline.
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Accepting failed.
+    #[error("accepting the agent connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The channel ended before the hello.
+    #[error("the agent channel closed before the hello")]
+    Closed,
+    /// The agent speaks another protocol generation.
+    #[error("agent speaks protocol {agent}, host speaks {host}: rebuild the initramfs (make setup)")]
+    Version {
+        /// Agent's generation.
+        agent: u16,
+        /// Ours.
+        host: u16,
+    },
+}
+
+/// A live connection to a guest agent.
+#[derive(Debug, Clone)]
+pub struct AgentConn {
+    mux: Mux,
+    /// The agent's hello.
+    pub hello: Hello,
+}
+
+/// Sends `Cancel` for a stream dropped before its terminal frame (the agent then kills the
+/// command or abandons the transfer).
+struct CancelGuard {
+    tx: StreamSender,
+    done: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.tx.send(Frame::Cancel { id: self.tx.id() });
+        }
+    }
+}
+
+fn guard(stream: &Stream) -> CancelGuard {
+    CancelGuard {
+        tx: stream.tx.clone(),
+        done: false,
+    }
+}
+
+impl AgentConn {
+    /// Accepts the VM's connection on `listener` and waits for a compatible hello.
+    pub async fn accept(listener: &UnixListener, deadline: Duration) -> Result<Self, ConnectError> {
+        tokio::time::timeout(deadline, async {
+            let (sock, _) = listener.accept().await?;
+            let (r, w) = sock.into_split();
+            let (mux, mut incoming) = Mux::spawn(r, w);
+            let hello = loop {
+                match incoming.recv().await {
+                    Some(Incoming::Hello(h)) => break h,
+                    Some(Incoming::Open(..)) => continue,
+                    None => return Err(ConnectError::Closed),
+                }
+            };
+            if !smol_protocol::compatible(hello.version) {
+                mux.close("incompatible agent");
+                return Err(ConnectError::Version {
+                    agent: hello.version,
+                    host: PROTOCOL_VERSION,
+                });
+            }
+            let _ = mux.send_hello(Hello {
+                version: PROTOCOL_VERSION,
+                software: env!("CARGO_PKG_VERSION").to_string(),
+                kernel: String::new(),
+                uptime_ms: 0,
+            });
+            // Keep draining the incoming queue so it never grows (the agent opens no streams).
+            tokio::spawn(async move { while incoming.recv().await.is_some() {} });
+            Ok(AgentConn { mux, hello })
+        })
+        .await
+        .map_err(|_| ConnectError::Timeout(deadline))?
+    }
+
+    /// Ends the connection from the host side.
+    pub fn close(&self, reason: &str) {
+        self.mux.close(reason);
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.mux.is_closed()
+    }
+
+    /// Waits for the connection to end.
+    pub async fn closed(&self) -> Closed {
+        self.mux.closed().await
+    }
+
+    /// Round trip through the agent without side effects.
+    pub async fn ping(&self) -> Result<(), AgentError> {
+        let mut s = self.mux.open(Op::Ping)?;
+        let mut g = guard(&s);
+        let r = terminal(s.rx.recv().await?);
+        g.done = true;
+        r
+    }
+
+    /// Asks the guest to flush and power off. No answer is expected.
+    pub fn shutdown(&self) -> Result<(), AgentError> {
+        let s = self.mux.open(Op::Shutdown)?;
+        // The stream ends with the VM; forget it without cancelling.
+        std::mem::forget(guard(&s));
+        drop(s);
+        Ok(())
+    }
+
+    /// Runs a command to completion; returns (exit code, timed out, stdout, stderr).
+    pub async fn exec(
+        &self,
+        req: ExecRequest,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<(i32, bool, Vec<u8>, Vec<u8>), AgentError> {
+        let mut s = self.mux.open(Op::Exec(req))?;
+        let mut g = guard(&s);
+        if let Some(data) = stdin {
+            s.tx.send_data(Chan::Stdin, &data).await?;
+            s.tx.send_eof(Chan::Stdin)?;
+        }
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match s.rx.recv().await? {
+                Frame::Data {
+                    chan: Chan::Stdout,
+                    data,
+                    ..
+                } => out.extend_from_slice(&data),
+                Frame::Data {
+                    chan: Chan::Stderr,
+                    data,
+                    ..
+                } => err.extend_from_slice(&data),
+                Frame::Exit {
+                    code, timed_out, ..
+                } => {
+                    g.done = true;
+                    return Ok((code, timed_out, out, err));
+                }
+                Frame::Error { error, .. } => {
+                    g.done = true;
+                    return Err(AgentError::Remote(error));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts a command and returns its events as they come. Dropping the receiver (or sending
+    /// on the kill channel) cancels the command.
+    pub fn exec_stream(
+        &self,
+        req: ExecRequest,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<(mpsc::Receiver<ExecEvent>, oneshot::Sender<()>), AgentError> {
+        let mut s = self.mux.open(Op::Exec(req))?;
+        let (ev_tx, ev_rx) = mpsc::channel(16);
+        let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut g = guard(&s);
+            if let Some(data) = stdin {
+                if s.tx.send_data(Chan::Stdin, &data).await.is_err() || s.tx.send_eof(Chan::Stdin).is_err() {
+                    let _ = ev_tx.send(ExecEvent::Error("agent connection closed".into())).await;
+                    return;
+                }
+            }
+            loop {
+                let frame = tokio::select! {
+                    f = s.rx.recv() => f,
+                    _ = &mut kill_rx => return, // the guard cancels the command
+                };
+                let (event, last) = match frame {
+                    Ok(Frame::Data { chan: Chan::Stdout, data, .. }) => (ExecEvent::Stdout(data), false),
+                    Ok(Frame::Data { chan: Chan::Stderr, data, .. }) => (ExecEvent::Stderr(data), false),
+                    Ok(Frame::Exit { code, .. }) => (ExecEvent::Exit(code), true),
+                    Ok(Frame::Error { error, .. }) => (ExecEvent::Error(error.message), true),
+                    Ok(_) => continue,
+                    Err(closed) => (ExecEvent::Error(closed.to_string()), true),
+                };
+                if last {
+                    g.done = true;
+                }
+                let sent = tokio::select! {
+                    r = ev_tx.send(event) => r.is_ok(),
+                    _ = &mut kill_rx => false,
+                };
+                if !sent || last {
+                    return;
+                }
+            }
+        });
+        Ok((ev_rx, kill_tx))
+    }
+
+    /// Writes `data` to `path` in the guest.
+    pub async fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<(), AgentError> {
+        let mut s = self.mux.open(Op::WriteFile {
+            path: path.to_string(),
+            mode,
+        })?;
+        let mut g = guard(&s);
+        let tx = s.tx.clone();
+        let send = async move {
+            tx.send_data(Chan::File, data).await?;
+            tx.send_eof(Chan::File)?;
+            Ok::<(), AgentError>(())
+        };
+        // The agent may refuse early (a directory, a full disk): stop sending then.
+        let early = tokio::select! {
+            r = send => { r?; None }
+            f = s.rx.recv() => Some(f?),
+        };
+        let frame = match early {
+            Some(f) => f,
+            None => s.rx.recv().await?,
+        };
+        g.done = true;
+        terminal(frame)
+    }
+
+    /// Reads `path` from the guest.
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
+        let mut s = self.mux.open(Op::ReadFile {
+            path: path.to_string(),
+        })?;
+        let mut g = guard(&s);
+        let mut buf = Vec::new();
+        loop {
+            match s.rx.recv().await? {
+                Frame::Data { data, .. } => buf.extend_from_slice(&data),
+                other => {
+                    g.done = true;
+                    terminal(other)?;
+                    return Ok(buf);
+                }
+            }
+        }
+    }
+}
+
+fn terminal(frame: Frame) -> Result<(), AgentError> {
+    match frame {
+        Frame::Done { .. } => Ok(()),
+        Frame::Error { error, .. } => Err(AgentError::Remote(error)),
+        other => Err(AgentError::Unexpected(format!("{other:?}"))),
+    }
+}

@@ -1,0 +1,490 @@
+//! A machine of the local engine: one supervised VMM process, one agent connection.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use smol_protocol::ExecRequest;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+
+use super::agent::{AgentConn, AgentError};
+use super::record::{pid_alive, Record};
+use super::vmm::{tail, Vmm, VmSpec};
+use crate::backend::{ExecStream, MachineBackend};
+use crate::config::{ExecOptions, ExecResult, MachineState};
+use crate::error::{Error, Result};
+
+/// How long a clean guest power-off may take before the VMM is told to quit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the VMM to exit after quit / kill.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long an operation that lost its channel waits to learn whether the VM exited.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+struct Vm {
+    pid: u32,
+    /// `Some(description)` once the VMM process has exited.
+    exit: watch::Receiver<Option<String>>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) name: String,
+    pub(crate) spec: VmSpec,
+    vmm: Arc<dyn Vmm>,
+    detach: bool,
+    /// Attached to a machine another process created: dropping the handle leaves it alone.
+    borrowed: bool,
+    ready_timeout: Duration,
+    record: Mutex<Record>,
+    state: Mutex<MachineState>,
+    conn: Mutex<Option<AgentConn>>,
+    vm: Mutex<Option<Vm>>,
+    /// Held while this process drives the machine (flock on `attach.lock`).
+    _lock: std::fs::File,
+}
+
+/// A local machine. Cheap to clone.
+#[derive(Clone)]
+pub struct LocalMachine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LocalMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalMachine")
+            .field("name", &self.inner.name)
+            .field("state", &*self.inner.state.lock().expect("state lock"))
+            .finish()
+    }
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("the VMM exited with status {c}"),
+            (None, Some(9)) => "the VMM was killed (SIGKILL)".into(),
+            (None, Some(sig)) => format!("the VMM was killed by signal {sig}"),
+            _ => "the VMM exited".into(),
+        },
+        Err(e) => format!("waiting for the VMM failed: {e}"),
+    }
+}
+
+/// Takes the attach lock of a machine directory, waiting up to `wait`.
+pub(crate) async fn lock_attach(dir: &std::path::Path, name: &str, wait: Duration) -> Result<std::fs::File> {
+    let path = dir.join("attach.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::InvalidState {
+                name: name.to_string(),
+                state: "attached by another process".into(),
+                op: "attach".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl LocalMachine {
+    pub(crate) fn new(
+        spec: VmSpec,
+        vmm: Arc<dyn Vmm>,
+        record: Record,
+        ready_timeout: Duration,
+        borrowed: bool,
+        lock: std::fs::File,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: spec.name.clone(),
+                detach: record.detach,
+                spec,
+                vmm,
+                borrowed,
+                ready_timeout,
+                record: Mutex::new(record),
+                state: Mutex::new(MachineState::Created),
+                conn: Mutex::new(None),
+                vm: Mutex::new(None),
+                _lock: lock,
+            }),
+        }
+    }
+
+    fn set_state(&self, s: MachineState) {
+        *self.inner.state.lock().expect("state lock") = s;
+    }
+
+    fn current_state(&self) -> MachineState {
+        *self.inner.state.lock().expect("state lock")
+    }
+
+    fn vm_pid(&self) -> Option<u32> {
+        self.inner.vm.lock().expect("vm lock").as_ref().map(|v| v.pid)
+    }
+
+    fn exit_watch(&self) -> Option<watch::Receiver<Option<String>>> {
+        self.inner.vm.lock().expect("vm lock").as_ref().map(|v| v.exit.clone())
+    }
+
+    /// The VMM's process id while the VM runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.vm_pid()
+    }
+
+    /// The machine's directory (record, sockets, logs).
+    pub fn dir(&self) -> PathBuf {
+        self.inner.spec.dir.clone()
+    }
+
+    /// The agent's hello (kernel release, protocol generation, boot uptime).
+    pub fn hello(&self) -> Option<smol_protocol::Hello> {
+        self.inner.conn.lock().expect("conn lock").as_ref().map(|c| c.hello.clone())
+    }
+
+    /// The record as stored in the machine directory.
+    pub fn record(&self) -> Record {
+        self.inner.record.lock().expect("record lock").clone()
+    }
+
+    fn log_tail(&self) -> String {
+        format!(
+            "--- vmm log ---\n{}\n--- guest console ---\n{}",
+            tail(&self.inner.spec.vmm_log(), 10),
+            tail(&self.inner.spec.console_log(), 25)
+        )
+    }
+
+    fn bind_agent_socket(&self) -> Result<UnixListener> {
+        let path = self.inner.spec.agent_socket();
+        let _ = std::fs::remove_file(&path);
+        UnixListener::bind(&path).map_err(|e| Error::io(format!("binding {}", path.display()), e))
+    }
+
+    /// Watches the VM's exit: marks the machine stopped, ends the agent channel, and removes the
+    /// sockets, whichever way the VMM went (clean power-off, crash, SIGKILL from anyone).
+    fn on_exit(weak: &Weak<Inner>, detail: &str) {
+        if let Some(inner) = weak.upgrade() {
+            {
+                let mut st = inner.state.lock().expect("state lock");
+                if *st != MachineState::Deleted {
+                    *st = MachineState::Stopped;
+                }
+            }
+            if let Some(c) = inner.conn.lock().expect("conn lock").take() {
+                c.close(detail);
+            }
+            let _ = std::fs::remove_file(inner.spec.agent_socket());
+            let _ = std::fs::remove_file(inner.spec.qmp_socket());
+            let mut rec = inner.record.lock().expect("record lock");
+            rec.pid = None;
+            if inner.spec.dir.exists() {
+                let _ = rec.save(&inner.spec.dir);
+            }
+        }
+    }
+
+    /// Starts the VMM and waits for the agent's hello.
+    pub(crate) async fn boot(&self) -> Result<()> {
+        let listener = self.bind_agent_socket()?;
+        let mut child = self.inner.vmm.spawn(&self.inner.spec).map_err(|e| match e {
+            super::vmm::VmmError::BinaryMissing { .. } => Error::HypervisorUnavailable {
+                message: e.to_string(),
+            },
+            other => Error::BootFailed {
+                name: self.inner.name.clone(),
+                reason: other.to_string(),
+                log_tail: String::new(),
+            },
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        *self.inner.vm.lock().expect("vm lock") = Some(Vm {
+            pid,
+            exit: exit_rx.clone(),
+        });
+        {
+            let mut rec = self.inner.record.lock().expect("record lock");
+            rec.pid = Some(pid);
+            rec.save(&self.inner.spec.dir)?;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let detail = describe_exit(child.wait().await);
+            Self::on_exit(&weak, &detail);
+            let _ = exit_tx.send(Some(detail));
+        });
+        self.await_agent(listener, exit_rx).await
+    }
+
+    async fn await_agent(
+        &self,
+        listener: UnixListener,
+        mut exit_rx: watch::Receiver<Option<String>>,
+    ) -> Result<()> {
+        let name = self.inner.name.clone();
+        let outcome = tokio::select! {
+            r = AgentConn::accept(&listener, self.inner.ready_timeout) => r.map_err(|e| e.to_string()),
+            d = exit_rx.wait_for(|d| d.is_some()) => Err(match d {
+                Ok(d) => format!("{} before the agent answered", d.clone().unwrap_or_default()),
+                Err(_) => "the VMM supervisor ended".to_string(),
+            }),
+        };
+        drop(listener);
+        match outcome {
+            Ok(conn) => {
+                *self.inner.conn.lock().expect("conn lock") = Some(conn);
+                self.set_state(MachineState::Running);
+                Ok(())
+            }
+            Err(reason) => {
+                let log_tail = self.log_tail();
+                self.kill_and_wait().await;
+                Err(Error::BootFailed {
+                    name,
+                    reason,
+                    log_tail,
+                })
+            }
+        }
+    }
+
+    /// Attaches to the VM of another process: take over its agent socket and wait for QEMU to
+    /// reconnect (it retries every second).
+    pub(crate) async fn attach(&self, pid: u32) -> Result<()> {
+        let (exit_tx, exit_rx) = watch::channel(None);
+        *self.inner.vm.lock().expect("vm lock") = Some(Vm {
+            pid,
+            exit: exit_rx.clone(),
+        });
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            // Not our child: poll for its exit.
+            while pid_alive(pid) {
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let detail = "the VMM exited".to_string();
+            Self::on_exit(&weak, &detail);
+            let _ = exit_tx.send(Some(detail));
+        });
+        let listener = self.bind_agent_socket()?;
+        self.await_agent(listener, exit_rx).await
+    }
+
+    /// Drops the agent connection and waits for the VM to connect again (the guest agent serves
+    /// one session per host connection).
+    pub async fn reconnect(&self) -> Result<()> {
+        let listener = self.bind_agent_socket()?;
+        if let Some(c) = self.inner.conn.lock().expect("conn lock").take() {
+            c.close("host reconnecting");
+        }
+        let exit_rx = self.exit_watch().ok_or_else(|| self.invalid_state("reconnect"))?;
+        self.await_agent(listener, exit_rx).await
+    }
+
+    fn invalid_state(&self, op: &str) -> Error {
+        Error::InvalidState {
+            name: self.inner.name.clone(),
+            state: self.current_state().to_string(),
+            op: op.to_string(),
+        }
+    }
+
+    fn conn(&self, op: &str) -> Result<AgentConn> {
+        if self.current_state() != MachineState::Running {
+            return Err(self.invalid_state(op));
+        }
+        self.inner
+            .conn
+            .lock()
+            .expect("conn lock")
+            .clone()
+            .ok_or_else(|| self.invalid_state(op))
+    }
+
+    /// Maps an agent failure: a lost channel becomes `Interrupted`, saying how the VM ended.
+    async fn map_err(&self, e: AgentError) -> Error {
+        match e {
+            AgentError::Remote(r) => Error::from_remote(r),
+            AgentError::Unexpected(m) => Error::Protocol { message: m },
+            AgentError::Closed(closed) => {
+                let mut detail = format!("agent connection lost ({})", closed.reason);
+                if let Some(mut rx) = self.exit_watch() {
+                    if let Ok(Ok(d)) =
+                        tokio::time::timeout(EXIT_GRACE, rx.wait_for(|d| d.is_some())).await
+                    {
+                        detail = d.clone().unwrap_or(detail);
+                    }
+                }
+                Error::Interrupted {
+                    name: self.inner.name.clone(),
+                    detail,
+                }
+            }
+        }
+    }
+
+    /// Waits until the VMM has exited, up to `limit`. True if it has.
+    async fn wait_exit(&self, limit: Duration) -> bool {
+        let Some(mut rx) = self.exit_watch() else {
+            return true;
+        };
+        let done = tokio::time::timeout(limit, rx.wait_for(|d| d.is_some()))
+            .await
+            .is_ok();
+        done
+    }
+
+    async fn kill_and_wait(&self) {
+        if let Some(pid) = self.vm_pid() {
+            // SAFETY: signals a process id we started (or read from our record); no memory involved.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            self.wait_exit(KILL_WAIT).await;
+        }
+    }
+
+    fn request(argv: &[String], opts: &ExecOptions) -> ExecRequest {
+        ExecRequest {
+            argv: argv.to_vec(),
+            env: opts.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            workdir: opts.workdir.clone(),
+            timeout_ms: opts.timeout_ms(),
+            stdin: opts.stdin.is_some(),
+        }
+    }
+
+    /// Removes the machine's directory after its VM is gone.
+    pub(crate) async fn destroy(&self) {
+        self.kill_and_wait().await;
+        self.set_state(MachineState::Deleted);
+        let _ = std::fs::remove_dir_all(&self.inner.spec.dir);
+    }
+}
+
+#[async_trait::async_trait]
+impl MachineBackend for LocalMachine {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    async fn state(&self) -> Result<MachineState> {
+        Ok(self.current_state())
+    }
+
+    async fn exec(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecResult> {
+        let conn = self.conn("exec")?;
+        let fut = conn.exec(Self::request(argv, opts), opts.stdin.clone());
+        // Safety net if the guest cannot enforce the timeout (a wedged VM): give up 10 s later.
+        let outcome = match opts.timeout {
+            Some(t) => tokio::time::timeout(t + Duration::from_secs(10), fut)
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: format!("{:?} did not end {:?} after its timeout", argv, Duration::from_secs(10)),
+                })?,
+            None => fut.await,
+        };
+        match outcome {
+            Ok((code, timed_out, out, err)) => Ok(ExecResult::from_bytes(code, timed_out, out, err)),
+            Err(e) => Err(self.map_err(e).await),
+        }
+    }
+
+    async fn exec_stream(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecStream> {
+        let conn = self.conn("exec")?;
+        match conn.exec_stream(Self::request(argv, opts), opts.stdin.clone()) {
+            Ok((rx, kill)) => Ok(ExecStream::new(rx, kill)),
+            Err(e) => Err(self.map_err(e).await),
+        }
+    }
+
+    async fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<()> {
+        let conn = self.conn("write a file")?;
+        match conn.write_file(path, data, mode).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.map_err(e).await),
+        }
+    }
+
+    async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let conn = self.conn("read a file")?;
+        match conn.read_file(path).await {
+            Ok(b) => Ok(b),
+            Err(e) => Err(self.map_err(e).await),
+        }
+    }
+
+    async fn start(&self) -> Result<()> {
+        match self.current_state() {
+            MachineState::Running => Ok(()),
+            MachineState::Deleted => Err(self.invalid_state("start")),
+            MachineState::Created | MachineState::Stopped => {
+                if self.inner.borrowed {
+                    return Err(Error::NotSupported {
+                        message: "starting a machine created by another process".into(),
+                    });
+                }
+                self.boot().await
+            }
+        }
+    }
+
+    async fn stop(&self) -> Result<()> {
+        match self.current_state() {
+            MachineState::Deleted => return Err(self.invalid_state("stop")),
+            MachineState::Created | MachineState::Stopped => return Ok(()),
+            MachineState::Running => {}
+        }
+        let conn = self.inner.conn.lock().expect("conn lock").clone();
+        let asked = conn.map(|c| c.shutdown().is_ok()).unwrap_or(false);
+        if !(asked && self.wait_exit(STOP_TIMEOUT).await) {
+            let _ = self.inner.vmm.quit(&self.inner.spec).await;
+            if !self.wait_exit(KILL_WAIT).await {
+                self.kill_and_wait().await;
+            }
+        }
+        self.set_state(MachineState::Stopped);
+        Ok(())
+    }
+
+    async fn delete(&self) -> Result<()> {
+        if self.current_state() == MachineState::Deleted {
+            return Ok(());
+        }
+        self.destroy().await;
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let state = *self.state.lock().expect("state lock");
+        if self.borrowed || self.detach || state == MachineState::Deleted {
+            return;
+        }
+        // Last handle of a machine this process owns: nothing of it may outlive the process.
+        if let Some(vm) = self.vm.lock().expect("vm lock").as_ref() {
+            if vm.exit.borrow().is_none() {
+                // SAFETY: signals the VMM process this machine started; no memory involved.
+                unsafe { libc::kill(vm.pid as i32, libc::SIGKILL) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.spec.dir);
+    }
+}

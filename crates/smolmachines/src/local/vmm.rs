@@ -1,0 +1,358 @@
+//! The VMM seam: a [`Vmm`] turns a [`VmSpec`] into one supervised OS process per machine. QEMU
+//! (`-M microvm`) is the implementation today; a native VMM would implement the same trait.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use super::accel::{Accel, AccelChoice};
+use super::assets::{Assets, KernelFlavor};
+use super::qmp::{Qmp, QmpError};
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Machine name (the guest hostname).
+    pub name: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+    /// Kernel and initramfs.
+    pub assets: Assets,
+    /// Accelerator.
+    pub accel: AccelChoice,
+    /// The machine's directory: sockets and logs live here.
+    pub dir: PathBuf,
+}
+
+impl VmSpec {
+    /// Unix socket the host listens on for the agent channel.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    /// QMP control socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    /// Guest serial console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// VMM stderr log.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+}
+
+/// Errors of the VMM layer.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The VMM binary is not there.
+    #[error("{binary} not found ({detail})")]
+    BinaryMissing {
+        /// What was looked for.
+        binary: String,
+        /// Why it is not usable.
+        detail: String,
+    },
+    /// Starting the process failed.
+    #[error("starting {binary}: {source}")]
+    Spawn {
+        /// The binary.
+        binary: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A log file could not be created.
+    #[error("creating {}: {source}", path.display())]
+    Log {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control channel failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+}
+
+/// A virtual machine monitor that runs one VM per OS process.
+#[async_trait::async_trait]
+pub trait Vmm: Send + Sync + std::fmt::Debug {
+    /// Short name (`qemu`).
+    fn name(&self) -> &str;
+    /// Version string, or why the VMM cannot be used.
+    fn version(&self) -> Result<String, VmmError>;
+    /// Starts the VM in its own session. The agent socket must already be listening.
+    fn spawn(&self, spec: &VmSpec) -> Result<tokio::process::Child, VmmError>;
+    /// Asks the VMM to exit now (the guest gets no say), over its control channel.
+    async fn quit(&self, spec: &VmSpec) -> Result<(), VmmError>;
+}
+
+/// QEMU `-M microvm`.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// The binary (`SMOL_QEMU`, default `qemu-system-x86_64` from `PATH`).
+    pub binary: PathBuf,
+}
+
+impl Qemu {
+    /// QEMU from `SMOL_QEMU` or `PATH`.
+    pub fn from_env() -> Self {
+        let binary = std::env::var_os("SMOL_QEMU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        Self { binary }
+    }
+
+    fn resolved(&self) -> Result<PathBuf, VmmError> {
+        let name = self.binary.display().to_string();
+        if self.binary.components().count() > 1 {
+            return if self.binary.is_file() {
+                Ok(self.binary.clone())
+            } else {
+                Err(VmmError::BinaryMissing {
+                    binary: name,
+                    detail: "no such file".into(),
+                })
+            };
+        }
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join(&self.binary))
+            .find(|p| p.is_file())
+            .ok_or(VmmError::BinaryMissing {
+                binary: name,
+                detail: "not in PATH".into(),
+            })
+    }
+}
+
+/// Host TSC frequency in kHz, from `/proc/cpuinfo`. Under TCG the guest TSC runs at the host
+/// rate, and microvm has no HPET or PM timer to calibrate against: without `tsc_early_khz` guests
+/// hang at random when the host is busy (TCG-NOTES §1).
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+/// The kernel command line for a spec.
+pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
+    let mut words = vec![
+        "console=ttyS0",
+        "panic=-1",
+        "quiet",
+        "cryptomgr.notests",
+        "random.trust_cpu=on",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    if spec.assets.flavor == KernelFlavor::Smol {
+        // no ACPI: no PIT-verified APIC calibration (noapictimer is only safe with acpi=off),
+        // and reboot=t makes the final reboot exit QEMU at once (KERNEL-NOTES problems 4, 5)
+        words.extend(["acpi=off", "noapictimer", "no_timer_check", "reboot=t"].map(String::from));
+    }
+    if spec.accel.accel == Accel::Tcg {
+        if let Some(khz) = tsc_khz {
+            words.push(format!("tsc_early_khz={khz}"));
+        }
+    }
+    words.push(format!("smol.name={}", spec.name));
+    words.join(" ")
+}
+
+/// The full QEMU argument list for a spec.
+pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
+    let machine = match spec.assets.flavor {
+        KernelFlavor::Smol => "microvm,acpi=off",
+        KernelFlavor::DebianCloud => "microvm",
+    };
+    let mut a: Vec<String> = vec![
+        "-M".into(),
+        machine.into(),
+        "-global".into(),
+        "virtio-mmio.force-legacy=false".into(),
+    ];
+    match spec.accel.accel {
+        Accel::Kvm => a.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
+        Accel::Tcg => a.extend(["-accel", "tcg", "-cpu", "max"].map(String::from)),
+    }
+    a.extend([
+        "-m".into(),
+        spec.memory_mb.to_string(),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        spec.assets.kernel.display().to_string(),
+        "-initrd".into(),
+        spec.assets.initrd.display().to_string(),
+        "-append".into(),
+        kernel_cmdline(spec, tsc_khz),
+        "-serial".into(),
+        format!("file:{}", spec.console_log().display()),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},reconnect=1",
+            spec.agent_socket().display()
+        ),
+        "-device".into(),
+        "virtio-serial-device,max_ports=2".into(),
+        "-device".into(),
+        format!("virtserialport,chardev=agent,name={}", smol_protocol::PORT_NAME),
+        "-device".into(),
+        "virtio-rng-device".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", spec.qmp_socket().display()),
+    ]);
+    a
+}
+
+#[async_trait::async_trait]
+impl Vmm for Qemu {
+    fn name(&self) -> &str {
+        "qemu"
+    }
+
+    fn version(&self) -> Result<String, VmmError> {
+        let bin = self.resolved()?;
+        let out = std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map_err(|source| VmmError::Spawn {
+                binary: bin.display().to_string(),
+                source,
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    fn spawn(&self, spec: &VmSpec) -> Result<tokio::process::Child, VmmError> {
+        let bin = self.resolved()?;
+        let log_path = spec.vmm_log();
+        let log = std::fs::File::create(&log_path).map_err(|source| VmmError::Log {
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args(qemu_args(spec, host_tsc_khz()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent; it puts the VMM
+        // in its own session so terminal signals aimed at the caller do not reach it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: bin.display().to_string(),
+            source,
+        })
+    }
+
+    async fn quit(&self, spec: &VmSpec) -> Result<(), VmmError> {
+        let mut qmp = Qmp::connect(&spec.qmp_socket()).await?;
+        match qmp.execute("quit", None).await {
+            Ok(_) | Err(QmpError::Closed) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Last `lines` lines of a log file, for error messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(flavor: KernelFlavor, accel: Accel) -> VmSpec {
+        VmSpec {
+            name: "m1".into(),
+            cpus: 2,
+            memory_mb: 256,
+            assets: Assets {
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                flavor,
+            },
+            accel: AccelChoice {
+                accel,
+                reason: String::new(),
+            },
+            dir: "/run/m1".into(),
+        }
+    }
+
+    #[test]
+    fn smol_kernel_under_tcg() {
+        let s = spec(KernelFlavor::Smol, Accel::Tcg);
+        let a = qemu_args(&s, Some(2_596_118));
+        let joined = a.join(" ");
+        assert!(joined.contains("-M microvm,acpi=off"));
+        assert!(joined.contains("-accel tcg"));
+        assert!(joined.contains("-smp 2 "));
+        assert!(joined.contains("-m 256 "));
+        assert!(joined.contains("reconnect=1"));
+        assert!(joined.contains("name=smol.agent"));
+        let cmdline = kernel_cmdline(&s, Some(2_596_118));
+        assert!(cmdline.contains("tsc_early_khz=2596118"));
+        assert!(cmdline.contains("noapictimer"));
+        assert!(cmdline.ends_with("smol.name=m1"));
+    }
+
+    #[test]
+    fn cloud_kernel_keeps_acpi_and_never_disables_the_apic_timer() {
+        let s = spec(KernelFlavor::DebianCloud, Accel::Kvm);
+        let a = qemu_args(&s, Some(1));
+        assert!(a.iter().any(|x| x == "microvm"));
+        assert!(a.join(" ").contains("-accel kvm -cpu host"));
+        let cmdline = kernel_cmdline(&s, Some(1));
+        assert!(!cmdline.contains("noapictimer"));
+        assert!(!cmdline.contains("acpi=off"));
+        assert!(!cmdline.contains("tsc_early_khz"), "KVM has kvmclock");
+    }
+
+    #[test]
+    fn missing_binary_is_reported() {
+        let q = Qemu {
+            binary: "/nonexistent/qemu".into(),
+        };
+        assert!(matches!(q.version(), Err(VmmError::BinaryMissing { .. })));
+    }
+
+    #[test]
+    fn tsc_frequency_is_read() {
+        if std::path::Path::new("/proc/cpuinfo").exists() {
+            assert!(host_tsc_khz().unwrap_or(1) > 0);
+        }
+    }
+}
