@@ -125,6 +125,10 @@ impl LocalMachine {
         }
     }
 
+    pub(crate) fn mark_stopped(&self) {
+        self.set_state(MachineState::Stopped);
+    }
+
     fn set_state(&self, s: MachineState) {
         *self.inner.state.lock().expect("state lock") = s;
     }
@@ -237,12 +241,31 @@ impl LocalMachine {
         mut exit_rx: watch::Receiver<Option<String>>,
     ) -> Result<()> {
         let name = self.inner.name.clone();
-        let outcome = tokio::select! {
-            r = AgentConn::accept(&listener, self.inner.ready_timeout) => r.map_err(|e| e.to_string()),
-            d = exit_rx.wait_for(|d| d.is_some()) => Err(match d {
+        let mut grace_rx = exit_rx.clone();
+        let exited = async move {
+            match exit_rx.wait_for(|d| d.is_some()).await {
                 Ok(d) => format!("{} before the agent answered", d.clone().unwrap_or_default()),
                 Err(_) => "the VMM supervisor ended".to_string(),
-            }),
+            }
+        };
+        let accepted = tokio::select! {
+            r = AgentConn::accept(&listener, self.inner.ready_timeout) => Ok(r),
+            d = exited => Err(d),
+        };
+        let outcome = match accepted {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => {
+                // The channel may end because the VM did: say so when it is known.
+                let exit = tokio::time::timeout(EXIT_GRACE, grace_rx.wait_for(|d| d.is_some()))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().and_then(|d| d.clone()));
+                Err(match exit {
+                    Some(d) => format!("{e}: {d}"),
+                    None => e.to_string(),
+                })
+            }
+            Err(d) => Err(d),
         };
         drop(listener);
         match outcome {
@@ -474,6 +497,11 @@ impl MachineBackend for LocalMachine {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // End this process's agent session: the guest sees the host go away, and a detached VM
+        // waits for the next `connect`.
+        if let Some(c) = self.conn.lock().expect("conn lock").take() {
+            c.close("machine handle dropped");
+        }
         let state = *self.state.lock().expect("state lock");
         if self.borrowed || self.detach || state == MachineState::Deleted {
             return;

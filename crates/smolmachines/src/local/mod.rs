@@ -72,6 +72,7 @@ impl Doctor {
 pub struct LocalBackend {
     run_dir: PathBuf,
     vmm: Arc<dyn Vmm>,
+    assets: Option<assets::Assets>,
 }
 
 fn map_accel(e: AccelError) -> Error {
@@ -89,7 +90,26 @@ impl LocalBackend {
         Self {
             run_dir: run_dir(),
             vmm: Arc::new(Qemu::from_env()),
+            assets: None,
         }
+    }
+
+    /// The same engine with another run directory (machines of different run directories do
+    /// not see each other).
+    pub fn with_run_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.run_dir = dir.into();
+        self
+    }
+
+    /// The same engine booting these assets instead of resolving them from the environment.
+    pub fn with_assets(mut self, assets: assets::Assets) -> Self {
+        self.assets = Some(assets);
+        self
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.run_dir
     }
 
     /// The engine as a shared backend.
@@ -150,7 +170,10 @@ impl LocalBackend {
             None => generate_name(),
         };
         let accel = accel::detect().map_err(map_accel)?;
-        let assets = assets::resolve()?;
+        let assets = match &self.assets {
+            Some(a) => a.clone(),
+            None => assets::resolve()?,
+        };
         self.vmm.version().map_err(|e| Error::HypervisorUnavailable {
             message: e.to_string(),
         })?;
@@ -248,8 +271,9 @@ impl LocalBackend {
         };
         let pid = record.pid.filter(|p| pid_alive(*p));
         let machine = LocalMachine::new(spec, self.vmm.clone(), record, ATTACH_TIMEOUT, true, lock);
-        if let Some(pid) = pid {
-            machine.attach(pid).await?;
+        match pid {
+            Some(pid) => machine.attach(pid).await?,
+            None => machine.mark_stopped(),
         }
         Ok(machine)
     }
