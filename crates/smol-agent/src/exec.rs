@@ -116,7 +116,12 @@ pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError>
         Chan::Stdout,
         exited_rx.clone(),
     ));
-    let err = tokio::spawn(pump(child.stderr.take(), tx.clone(), Chan::Stderr, exited_rx));
+    let err = tokio::spawn(pump(
+        child.stderr.take(),
+        tx.clone(),
+        Chan::Stderr,
+        exited_rx,
+    ));
     let mut stdin_tx = child.stdin.take().map(|mut stdin| {
         let (stx, mut srx) = mpsc::unbounded_channel::<Vec<u8>>();
         tokio::spawn(async move {

@@ -41,7 +41,8 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
         ));
     }
     if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).map_err(|e| RemoteError::from_io(&e, &parent.display().to_string()))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| RemoteError::from_io(&e, &parent.display().to_string()))?;
     }
     let in_place = existing.as_ref().is_some_and(|m| !m.is_file());
     let mode = mode.unwrap_or_else(|| {
@@ -53,7 +54,10 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
     let tmp = if in_place {
         target.clone()
     } else {
-        let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         target.with_file_name(format!(".{name}.smol-{}", tx.id()))
     };
     let io_err = |e: std::io::Error| RemoteError::from_io(&e, path);
@@ -67,8 +71,14 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
     let result: Result<(), RemoteError> = async {
         loop {
             match rx.recv().await.map_err(closed)? {
-                Frame::Data { chan: Chan::File, data, .. } => file.write_all(&data).map_err(io_err)?,
-                Frame::Eof { chan: Chan::File, .. } => break,
+                Frame::Data {
+                    chan: Chan::File,
+                    data,
+                    ..
+                } => file.write_all(&data).map_err(io_err)?,
+                Frame::Eof {
+                    chan: Chan::File, ..
+                } => break,
                 Frame::Cancel { .. } => return Err(closed("write cancelled by the host")),
                 _ => {}
             }

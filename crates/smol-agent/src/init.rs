@@ -91,14 +91,8 @@ fn load_modules() {
         use std::os::fd::AsRawFd;
         let params = CString::new("").expect("static");
         // SAFETY: finit_module takes an open fd, a NUL-terminated parameter string and flags.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_finit_module,
-                file.as_raw_fd(),
-                params.as_ptr(),
-                0,
-            )
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EEXIST) {

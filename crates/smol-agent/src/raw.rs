@@ -39,7 +39,8 @@ pub fn run() -> ! {
         let result = match hdr[0] {
             b'e' => {
                 let n = n.min(buf.len());
-                read_exact_blocking(&mut port, &mut buf[..n]).and_then(|_| port.write_all(&buf[..n]))
+                read_exact_blocking(&mut port, &mut buf[..n])
+                    .and_then(|_| port.write_all(&buf[..n]))
             }
             b's' => {
                 let mut r = Ok(());

@@ -120,3 +120,182 @@ async fn handle(stream: Stream, op: Op) {
 pub fn invalid(msg: impl Into<String>) -> RemoteError {
     RemoteError::new(ErrorKind::InvalidInput, msg)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The agent's handlers, run on the host over an in-memory channel (no VM).
+    use super::*;
+    use smol_protocol::mux::StreamReceiver;
+    use smol_protocol::{Chan, ExecRequest};
+
+    async fn host() -> Mux {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        tokio::spawn(session(ar, aw));
+        let (br, bw) = tokio::io::split(b);
+        let (mux, mut incoming) = Mux::spawn(br, bw);
+        match incoming.recv().await {
+            Some(Incoming::Hello(h)) => assert_eq!(h.version, PROTOCOL_VERSION),
+            other => panic!("expected hello, got {other:?}"),
+        }
+        mux
+    }
+
+    fn exec(argv: &[&str], timeout_ms: Option<u64>, stdin: bool) -> Op {
+        Op::Exec(ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![("SMOL_T".into(), "v".into())],
+            workdir: None,
+            timeout_ms,
+            stdin,
+        })
+    }
+
+    async fn collect(rx: &mut StreamReceiver) -> (Vec<u8>, Vec<u8>, Frame) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match rx.recv().await.unwrap() {
+                Frame::Data {
+                    chan: Chan::Stdout,
+                    data,
+                    ..
+                } => out.extend(data),
+                Frame::Data {
+                    chan: Chan::Stderr,
+                    data,
+                    ..
+                } => err.extend(data),
+                f if f.is_terminal() => return (out, err, f),
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn exec_output_env_stdin_and_exit_code() {
+        let mux = host().await;
+        let mut s = mux
+            .open(exec(
+                &["sh", "-c", "echo $SMOL_T; cat; echo e >&2; exit 5"],
+                None,
+                true,
+            ))
+            .unwrap();
+        s.tx.send_data(Chan::Stdin, b"piped\n").await.unwrap();
+        s.tx.send_eof(Chan::Stdin).unwrap();
+        let (out, err, end) = collect(&mut s.rx).await;
+        assert_eq!(out, b"v\npiped\n");
+        assert_eq!(err, b"e\n");
+        assert!(matches!(
+            end,
+            Frame::Exit {
+                code: 5,
+                timed_out: false,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn missing_command_is_127_and_timeout_is_124() {
+        let mux = host().await;
+        let mut s = mux.open(exec(&["/no/such/binary"], None, false)).unwrap();
+        let (_, err, end) = collect(&mut s.rx).await;
+        assert!(String::from_utf8_lossy(&err).contains("command not found"));
+        assert!(matches!(end, Frame::Exit { code: 127, .. }));
+
+        let mut s = mux
+            .open(exec(&["sh", "-c", "echo a; sleep 20"], Some(300), false))
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let (out, _, end) = collect(&mut s.rx).await;
+        assert_eq!(out, b"a\n");
+        assert!(matches!(
+            end,
+            Frame::Exit {
+                code: 124,
+                timed_out: true,
+                ..
+            }
+        ));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_command() {
+        let mux = host().await;
+        let mut s = mux.open(exec(&["sleep", "30"], None, false)).unwrap();
+        s.tx.send(Frame::Cancel { id: s.id() }).unwrap();
+        let (_, _, end) = collect(&mut s.rx).await;
+        assert!(matches!(end, Frame::Exit { code: 137, .. }), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn files_roundtrip_and_errors() {
+        let mux = host().await;
+        let dir = std::env::temp_dir().join(format!("smol-agent-test-{}", std::process::id()));
+        let path = dir.join("sub/f.bin");
+        let p = path.to_str().unwrap().to_string();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut s = mux
+            .open(Op::WriteFile {
+                path: p.clone(),
+                mode: Some(0o600),
+            })
+            .unwrap();
+        s.tx.send_data(Chan::File, &data).await.unwrap();
+        s.tx.send_eof(Chan::File).unwrap();
+        assert!(matches!(s.rx.recv().await.unwrap(), Frame::Done { .. }));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let mut s = mux.open(Op::ReadFile { path: p.clone() }).unwrap();
+        let mut back = Vec::new();
+        loop {
+            match s.rx.recv().await.unwrap() {
+                Frame::Data { data, .. } => back.extend(data),
+                Frame::Done { .. } => break,
+                f => panic!("{f:?}"),
+            }
+        }
+        assert_eq!(back, data);
+
+        for (op, kind) in [
+            (
+                Op::ReadFile {
+                    path: "/no/such".into(),
+                },
+                ErrorKind::NotFound,
+            ),
+            (
+                Op::ReadFile {
+                    path: dir.to_str().unwrap().into(),
+                },
+                ErrorKind::IsADirectory,
+            ),
+            (
+                Op::ReadFile {
+                    path: "relative".into(),
+                },
+                ErrorKind::InvalidInput,
+            ),
+            (
+                Op::WriteFile {
+                    path: dir.to_str().unwrap().into(),
+                    mode: None,
+                },
+                ErrorKind::IsADirectory,
+            ),
+        ] {
+            let mut s = mux.open(op).unwrap();
+            match s.rx.recv().await.unwrap() {
+                Frame::Error { error, .. } => assert_eq!(error.kind, kind, "{error:?}"),
+                f => panic!("{f:?}"),
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -15,7 +15,11 @@ use smolmachines::{
 const EXIT_SMOL_ERROR: u8 = 125;
 
 #[derive(Parser)]
-#[command(name = "smol", version, about = "microVM sandboxes: run commands in fresh Linux VMs")]
+#[command(
+    name = "smol",
+    version,
+    about = "microVM sandboxes: run commands in fresh Linux VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -189,7 +193,10 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             }
             MachineCommand::Ls => {
                 let list = Machine::list(local).await?;
-                println!("{:<24} {:<8} {:>4} {:>8} {:<4} {:>8}", "NAME", "STATE", "CPUS", "MEMORY", "ACCEL", "PID");
+                println!(
+                    "{:<24} {:<8} {:>4} {:>8} {:<4} {:>8}",
+                    "NAME", "STATE", "CPUS", "MEMORY", "ACCEL", "PID"
+                );
                 for m in list {
                     println!(
                         "{:<24} {:<8} {:>4} {:>6}Mi {:<5} {:>8}",
@@ -209,7 +216,10 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             }
             MachineCommand::Rm { names } => {
                 for name in names {
-                    Machine::connect(&name, local.clone()).await?.delete().await?;
+                    Machine::connect(&name, local.clone())
+                        .await?
+                        .delete()
+                        .await?;
                     println!("{name}");
                 }
                 Ok(0)
@@ -237,7 +247,9 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 println!("ok: this host can run machines");
                 Ok(0)
             } else {
-                println!("not ready: run `make setup` (installs QEMU, builds the kernel and initramfs)");
+                println!(
+                    "not ready: run `make setup` (installs QEMU, builds the kernel and initramfs)"
+                );
                 Ok(1)
             }
         }

@@ -301,7 +301,10 @@ mod tests {
                 id: 3,
                 op: Op::ReadFile { path: "/f".into() },
             },
-            Frame::Open { id: 4, op: Op::Ping },
+            Frame::Open {
+                id: 4,
+                op: Op::Ping,
+            },
             Frame::Open {
                 id: 5,
                 op: Op::Shutdown,

@@ -288,7 +288,9 @@ pub struct StreamSender {
 
 impl std::fmt::Debug for StreamSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamSender").field("id", &self.id).finish()
+        f.debug_struct("StreamSender")
+            .field("id", &self.id)
+            .finish()
     }
 }
 

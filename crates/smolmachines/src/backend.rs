@@ -192,10 +192,18 @@ impl Machine {
     }
 
     /// Writes `data` to the absolute guest `path` (parents are created), with `mode` or 0o644.
-    pub async fn write_file(&self, path: &str, data: impl AsRef<[u8]>, mode: Option<u32>) -> Result<()> {
+    pub async fn write_file(
+        &self,
+        path: &str,
+        data: impl AsRef<[u8]>,
+        mode: Option<u32>,
+    ) -> Result<()> {
         check_guest_path(path)?;
         if mode.is_some_and(|m| m > 0o7777) {
-            return Err(Error::invalid(format!("mode {:o} is not a permission mode", mode.unwrap_or(0))));
+            return Err(Error::invalid(format!(
+                "mode {:o} is not a permission mode",
+                mode.unwrap_or(0)
+            )));
         }
         self.inner.write_file(path, data.as_ref(), mode).await
     }

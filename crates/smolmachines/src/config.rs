@@ -276,7 +276,10 @@ pub struct MachineSummary {
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
@@ -337,7 +340,10 @@ mod tests {
     #[test]
     fn target_resolution() {
         let c = ConnectOptions::default();
-        if std::env::var("SMOL_CLOUD_TOKEN").unwrap_or_default().is_empty() {
+        if std::env::var("SMOL_CLOUD_TOKEN")
+            .unwrap_or_default()
+            .is_empty()
+        {
             assert_eq!(c.resolve_target(), Target::Local);
         }
         let c = ConnectOptions {

@@ -187,7 +187,9 @@ impl Error {
                 "check the log above; `smol doctor` shows the kernel, accelerator and QEMU in use"
                     .into()
             }
-            Error::Conflict { .. } => "pick another name, or remove it with `smol machine rm`".into(),
+            Error::Conflict { .. } => {
+                "pick another name, or remove it with `smol machine rm`".into()
+            }
             Error::InvalidState { .. } => "`smol machine ls` shows the machine's state".into(),
             Error::Interrupted { .. } => "the VM exited; create a new machine".into(),
             _ => return None,
@@ -235,7 +237,10 @@ mod tests {
         let e = Error::from_remote(RemoteError::new(ErrorKind::NotFound, "/x: gone"));
         assert!(matches!(e, Error::NotFound { .. }));
         assert_eq!(e.code(), "NOT_FOUND");
-        let e = Error::from_remote(RemoteError::new(ErrorKind::IsADirectory, "/tmp: is a directory"));
+        let e = Error::from_remote(RemoteError::new(
+            ErrorKind::IsADirectory,
+            "/tmp: is a directory",
+        ));
         assert!(matches!(&e, Error::IsADirectory { path } if path == "/tmp"));
         let e = Error::from_remote(RemoteError::new(ErrorKind::NoSpace, "full"));
         assert_eq!(e.code(), "STORAGE_ERROR");

@@ -12,9 +12,8 @@ pub fn engine() -> (LocalBackend, tempfile::TempDir) {
         .prefix("smt")
         .tempdir_in("/tmp")
         .expect("tempdir");
-    let assets = assets::resolve().expect(
-        "guest assets missing: run `make setup` before the VM tests (they boot real VMs)",
-    );
+    let assets = assets::resolve()
+        .expect("guest assets missing: run `make setup` before the VM tests (they boot real VMs)");
     (
         LocalBackend::from_env()
             .with_run_dir(dir.path())

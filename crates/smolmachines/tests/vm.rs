@@ -17,7 +17,10 @@ use smolmachines::{
 #[tokio::test]
 async fn exec_semantics() {
     let (engine, _dir) = engine();
-    let m = engine.create_machine(config(Some("exec-sem"))).await.unwrap();
+    let m = engine
+        .create_machine(config(Some("exec-sem")))
+        .await
+        .unwrap();
     assert_eq!(m.state().await.unwrap(), MachineState::Running);
 
     let r = run(&m, "uname -s; whoami; hostname; ls /bin/ls").await;
@@ -26,12 +29,21 @@ async fn exec_semantics() {
 
     // a non-zero exit is a result, not an error; stdout and stderr stay apart
     let r = run(&m, "echo out; echo err >&2; exit 3").await;
-    assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str()), (3, "out\n", "err\n"));
+    assert_eq!(
+        (r.exit_code, r.stdout.as_str(), r.stderr.as_str()),
+        (3, "out\n", "err\n")
+    );
 
     // a missing command: 127 and a message, as a shell would say
-    let r = m.exec(&argv(&["no-such-command"]), &ExecOptions::default()).await.unwrap();
+    let r = m
+        .exec(&argv(&["no-such-command"]), &ExecOptions::default())
+        .await
+        .unwrap();
     assert_eq!(r.exit_code, 127);
-    assert!(r.stderr.contains("no-such-command: command not found"), "{r:?}");
+    assert!(
+        r.stderr.contains("no-such-command: command not found"),
+        "{r:?}"
+    );
 
     // env, workdir, stdin
     let opts = ExecOptions {
@@ -40,7 +52,10 @@ async fn exec_semantics() {
         stdin: Some(b"line1\nline2\n".to_vec()),
         ..Default::default()
     };
-    let r = m.exec(&sh("echo \"$GREETING\"; pwd; wc -l"), &opts).await.unwrap();
+    let r = m
+        .exec(&sh("echo \"$GREETING\"; pwd; wc -l"), &opts)
+        .await
+        .unwrap();
     assert_eq!(r.stdout, "hi there\n/tmp\n2\n", "{r:?}");
 
     // a missing workdir is a typed error
@@ -64,7 +79,11 @@ async fn exec_semantics() {
     assert!(r.timed_out);
     assert_eq!(r.stdout, "started\n");
     let r = run(&m, "ps -o comm | grep -c '^sleep' || true").await;
-    assert_eq!(r.stdout.trim(), "0", "timed-out process group left sleepers");
+    assert_eq!(
+        r.stdout.trim(),
+        "0",
+        "timed-out process group left sleepers"
+    );
 
     // binary output is byte-exact
     let r = run(&m, "printf '\\000\\377\\001'").await;
@@ -72,7 +91,10 @@ async fn exec_semantics() {
 
     m.delete().await.unwrap();
     assert_eq!(m.state().await.unwrap(), MachineState::Deleted);
-    let e = m.exec(&argv(&["true"]), &ExecOptions::default()).await.unwrap_err();
+    let e = m
+        .exec(&argv(&["true"]), &ExecOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
 }
 
@@ -82,7 +104,10 @@ async fn exec_stream_delivers_output_while_the_command_runs() {
     let m = engine.create_machine(config(None)).await.unwrap();
     // The command cannot finish until the test, having seen its first line, writes /tmp/go.
     let script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second >&2; exit 7";
-    let mut s = m.exec_stream(&sh(script), &ExecOptions::default()).await.unwrap();
+    let mut s = m
+        .exec_stream(&sh(script), &ExecOptions::default())
+        .await
+        .unwrap();
     assert_eq!(s.next().await, Some(ExecEvent::Stdout(b"first\n".to_vec())));
     m.write_file("/tmp/go", b"", None).await.unwrap();
     let mut rest = Vec::new();
@@ -96,10 +121,16 @@ async fn exec_stream_delivers_output_while_the_command_runs() {
 
     // dropping a stream kills its command
     let mut s = m
-        .exec_stream(&sh("echo $$ > /tmp/pid; echo started; exec sleep 60"), &ExecOptions::default())
+        .exec_stream(
+            &sh("echo $$ > /tmp/pid; echo started; exec sleep 60"),
+            &ExecOptions::default(),
+        )
         .await
         .unwrap();
-    assert_eq!(s.next().await, Some(ExecEvent::Stdout(b"started\n".to_vec())));
+    assert_eq!(
+        s.next().await,
+        Some(ExecEvent::Stdout(b"started\n".to_vec()))
+    );
     drop(s);
     let r = run(&m, "for i in $(seq 50); do kill -0 $(cat /tmp/pid) 2>/dev/null || { echo gone; exit 0; }; sleep 0.1; done; echo alive").await;
     assert_eq!(r.stdout.trim(), "gone");
@@ -133,7 +164,10 @@ async fn files_are_byte_exact_and_errors_are_typed() {
     m.write_file("/work/dir/run.sh", b"#!/bin/sh\necho ran $1\n", Some(0o755))
         .await
         .unwrap();
-    let r = m.exec(&argv(&["/work/dir/run.sh", "ok"]), &ExecOptions::default()).await.unwrap();
+    let r = m
+        .exec(&argv(&["/work/dir/run.sh", "ok"]), &ExecOptions::default())
+        .await
+        .unwrap();
     assert_eq!(r.stdout, "ran ok\n");
     let r = run(&m, "stat -c %a /work/dir/run.sh").await;
     assert_eq!(r.stdout.trim(), "755");
@@ -156,8 +190,14 @@ async fn files_are_byte_exact_and_errors_are_typed() {
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
     // a failed write leaves the old content intact
     m.write_file("/tmp/keep", b"old", None).await.unwrap();
-    let e = m.write_file("/tmp/keep/child", b"x", None).await.unwrap_err();
-    assert!(matches!(e, Error::NotADirectory { .. } | Error::Guest { .. }), "{e:?}");
+    let e = m
+        .write_file("/tmp/keep/child", b"x", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::NotADirectory { .. } | Error::Guest { .. }),
+        "{e:?}"
+    );
     assert_eq!(m.read_file("/tmp/keep").await.unwrap(), b"old");
     m.delete().await.unwrap();
 }
@@ -180,14 +220,26 @@ async fn resources_and_names() {
     let mut lines = r.stdout.lines();
     assert_eq!(lines.next(), Some("2"));
     let mem_kb: u64 = lines.next().unwrap().parse().unwrap();
-    assert!((180_000..=262_144).contains(&mem_kb), "MemTotal {mem_kb} kB");
+    assert!(
+        (180_000..=262_144).contains(&mem_kb),
+        "MemTotal {mem_kb} kB"
+    );
 
     // the same name again: typed error, the existing machine untouched
-    let e = engine.create_machine(config(Some("sized"))).await.unwrap_err();
-    assert!(matches!(&e, Error::Conflict { name } if name == "sized"), "{e:?}");
+    let e = engine
+        .create_machine(config(Some("sized")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Conflict { name } if name == "sized"),
+        "{e:?}"
+    );
     assert_eq!(run(&m, "echo still").await.stdout, "still\n");
 
-    let e = engine.create_machine(config(Some("bad/name"))).await.unwrap_err();
+    let e = engine
+        .create_machine(config(Some("bad/name")))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
     let mut cfg = config(None);
     cfg.resources.cpus = Some(0);
@@ -206,7 +258,10 @@ async fn vmm_killed_during_exec_gives_a_typed_error_and_leaves_nothing() {
     let sock = m.dir().join("agent.sock");
     assert!(sock.exists());
     let m2 = m.clone();
-    let exec = tokio::spawn(async move { m2.exec(&argv(&["sleep", "60"]), &ExecOptions::default()).await });
+    let exec = tokio::spawn(async move {
+        m2.exec(&argv(&["sleep", "60"]), &ExecOptions::default())
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     // SAFETY: signals the QEMU process of this test's machine.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -215,12 +270,18 @@ async fn vmm_killed_during_exec_gives_a_typed_error_and_leaves_nothing() {
         .expect("exec did not return within 5 s")
         .unwrap();
     let e = res.unwrap_err();
-    assert!(matches!(&e, Error::Interrupted { detail, .. } if detail.contains("SIGKILL")), "{e:?}");
+    assert!(
+        matches!(&e, Error::Interrupted { detail, .. } if detail.contains("SIGKILL")),
+        "{e:?}"
+    );
     assert_eq!(m.state().await.unwrap(), MachineState::Stopped);
     assert!(!pid_alive(pid));
     assert!(!sock.exists(), "agent socket left behind");
     assert!(!m.dir().join("qmp.sock").exists(), "qmp socket left behind");
-    let e = m.exec(&argv(&["true"]), &ExecOptions::default()).await.unwrap_err();
+    let e = m
+        .exec(&argv(&["true"]), &ExecOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
     m.delete().await.unwrap();
     assert!(!m.dir().exists());
@@ -234,13 +295,25 @@ async fn agent_that_never_answers_fails_within_the_ready_timeout() {
     let stage = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(stage.path().join("bin")).unwrap();
     std::fs::copy("/bin/busybox", stage.path().join("bin/busybox")).unwrap();
-    std::fs::write(stage.path().join("init"), "#!/bin/busybox sh\n/bin/busybox sleep 600\n").unwrap();
+    std::fs::write(
+        stage.path().join("init"),
+        "#!/bin/busybox sh\n/bin/busybox sleep 600\n",
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(stage.path().join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        stage.path().join("init"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let cpio = stage.path().join("../noagent.cpio");
     let status = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("cd {} && find . | cpio --quiet -o -H newc > {}", stage.path().display(), cpio.display()))
+        .arg(format!(
+            "cd {} && find . | cpio --quiet -o -H newc > {}",
+            stage.path().display(),
+            cpio.display()
+        ))
         .status()
         .unwrap();
     assert!(status.success());
@@ -252,12 +325,17 @@ async fn agent_that_never_answers_fails_within_the_ready_timeout() {
     let e = engine2.create_machine(cfg).await.unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(15));
     match &e {
-        Error::BootFailed { reason, log_tail, .. } => {
+        Error::BootFailed {
+            reason, log_tail, ..
+        } => {
             assert!(reason.contains("did not answer"), "{reason}\n{log_tail}")
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(!engine.run_dir().join("machines/never-ready").exists(), "machine dir left");
+    assert!(
+        !engine.run_dir().join("machines/never-ready").exists(),
+        "machine dir left"
+    );
     assert_eq!(qemu_processes_in(engine.run_dir()), 0);
     let _ = std::fs::remove_file(cpio);
 
@@ -265,9 +343,16 @@ async fn agent_that_never_answers_fails_within_the_ready_timeout() {
     let bogus = stage.path().join("bogus-kernel");
     std::fs::write(&bogus, b"not a kernel").unwrap();
     assets.kernel = bogus;
-    let e = engine.clone().with_assets(assets).create_machine(config(Some("bogus"))).await.unwrap_err();
+    let e = engine
+        .clone()
+        .with_assets(assets)
+        .create_machine(config(Some("bogus")))
+        .await
+        .unwrap_err();
     match &e {
-        Error::BootFailed { reason, log_tail, .. } => {
+        Error::BootFailed {
+            reason, log_tail, ..
+        } => {
             assert!(reason.contains("VMM exited"), "{reason}");
             assert!(log_tail.to_lowercase().contains("kernel"), "{log_tail}");
         }
@@ -282,7 +367,12 @@ fn qemu_processes_in(dir: &std::path::Path) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).to_string())
         .filter(|c| c.contains("qemu") && c.contains(&needle))
@@ -298,13 +388,17 @@ async fn two_machines_and_ten_concurrent_execs() {
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     let (ra, rb) = tokio::join!(run(&a, "hostname"), run(&b, "hostname"));
-    assert_eq!((ra.stdout.as_str(), rb.stdout.as_str()), ("twin-a\n", "twin-b\n"));
+    assert_eq!(
+        (ra.stdout.as_str(), rb.stdout.as_str()),
+        ("twin-a\n", "twin-b\n")
+    );
 
     let mut tasks = Vec::new();
     for i in 0..10 {
         let a = a.clone();
         tasks.push(tokio::spawn(async move {
-            let script = format!("sleep 0.$((RANDOM % 5)); echo task-{i}; echo err-{i} >&2; exit {i}");
+            let script =
+                format!("sleep 0.$((RANDOM % 5)); echo task-{i}; echo err-{i} >&2; exit {i}");
             a.exec(&sh(&script), &ExecOptions::default()).await.unwrap()
         }));
     }
@@ -313,7 +407,9 @@ async fn two_machines_and_ten_concurrent_execs() {
     let files = tokio::spawn(async move {
         for i in 0..5 {
             let body = vec![i as u8; 3 * 1024 * 1024 + i];
-            a2.write_file(&format!("/tmp/f{i}"), &body, None).await.unwrap();
+            a2.write_file(&format!("/tmp/f{i}"), &body, None)
+                .await
+                .unwrap();
             assert_eq!(a2.read_file(&format!("/tmp/f{i}")).await.unwrap(), body);
         }
     });
@@ -343,7 +439,10 @@ async fn stop_start_and_reconnect() {
     m.stop().await.unwrap();
     assert_eq!(m.state().await.unwrap(), MachineState::Stopped);
     assert!(!pid_alive(pid));
-    let e = m.exec(&argv(&["true"]), &ExecOptions::default()).await.unwrap_err();
+    let e = m
+        .exec(&argv(&["true"]), &ExecOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidState { .. }));
     m.start().await.unwrap();
     assert_eq!(m.state().await.unwrap(), MachineState::Running);
@@ -358,18 +457,29 @@ async fn detached_machine_is_reachable_from_a_new_handle() {
     let mut cfg = config(Some("detached"));
     cfg.detach = true;
     let m = engine.create_machine(cfg).await.unwrap();
-    m.write_file("/tmp/state", b"from the first handle", None).await.unwrap();
+    m.write_file("/tmp/state", b"from the first handle", None)
+        .await
+        .unwrap();
     let pid = m.pid().unwrap();
     drop(m);
     assert!(pid_alive(pid), "a detached VM outlives its handle");
     let listed = smolmachines::Backend::list(&engine).await.unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!((listed[0].name.as_str(), listed[0].state), ("detached", MachineState::Running));
+    assert_eq!(
+        (listed[0].name.as_str(), listed[0].state),
+        ("detached", MachineState::Running)
+    );
     let c = engine.connect_machine("detached").await.unwrap();
-    assert_eq!(c.read_file("/tmp/state").await.unwrap(), b"from the first handle");
+    assert_eq!(
+        c.read_file("/tmp/state").await.unwrap(),
+        b"from the first handle"
+    );
     c.delete().await.unwrap();
     assert!(!pid_alive(pid));
-    assert!(smolmachines::Backend::list(&engine).await.unwrap().is_empty());
+    assert!(smolmachines::Backend::list(&engine)
+        .await
+        .unwrap()
+        .is_empty());
     let e = engine.connect_machine("detached").await.unwrap_err();
     assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
 }
@@ -380,9 +490,16 @@ async fn debian_cloud_kernel_fallback_boots() {
     let dir = smolmachines::local::assets::smol_home().join("assets");
     let assets = smolmachines::local::assets::resolve_from(&dir, Some("cloud"), None)
         .expect("cloud kernel assets missing: run `make setup`");
-    let m = engine.with_assets(assets).create_machine(config(None)).await.unwrap();
+    let m = engine
+        .with_assets(assets)
+        .create_machine(config(None))
+        .await
+        .unwrap();
     let r = run(&m, "uname -r; ls /sys/bus/virtio/drivers").await;
-    assert!(r.stdout.starts_with("6.1.0-") && r.stdout.contains("cloud"), "{r:?}");
+    assert!(
+        r.stdout.starts_with("6.1.0-") && r.stdout.contains("cloud"),
+        "{r:?}"
+    );
     assert!(r.stdout.contains("virtio_console"), "{r:?}");
     m.write_file("/tmp/x", b"cloud", None).await.unwrap();
     assert_eq!(m.read_file("/tmp/x").await.unwrap(), b"cloud");
@@ -400,10 +517,16 @@ async fn public_api_end_to_end() {
         .unwrap();
     assert!(m.name().starts_with("smol-"));
     assert_eq!(m.url(), None);
-    let r = m.exec(&argv(&["uname", "-a"]), ExecOptions::default()).await.unwrap();
+    let r = m
+        .exec(&argv(&["uname", "-a"]), ExecOptions::default())
+        .await
+        .unwrap();
     assert!(r.stdout.starts_with("Linux "));
     r.assert_success(&argv(&["uname"])).unwrap();
-    let r = m.exec(&argv(&["false"]), ExecOptions::default()).await.unwrap();
+    let r = m
+        .exec(&argv(&["false"]), ExecOptions::default())
+        .await
+        .unwrap();
     assert!(matches!(
         r.assert_success(&argv(&["false"])),
         Err(Error::CommandFailed { exit_code: 1, .. })
@@ -411,18 +534,32 @@ async fn public_api_end_to_end() {
     let e = m.exec(&[], ExecOptions::default()).await.unwrap_err();
     assert!(matches!(e, Error::InvalidConfig { .. }));
     let e = m
-        .exec(&argv(&["true"]), ExecOptions { timeout: Some(Duration::ZERO), ..Default::default() })
+        .exec(
+            &argv(&["true"]),
+            ExecOptions {
+                timeout: Some(Duration::ZERO),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, Error::InvalidConfig { .. }));
     m.stop().await.unwrap();
     assert_eq!(m.state().await.unwrap(), MachineState::Stopped);
     m.delete().await.unwrap();
-    let e = m.exec(&argv(&["true"]), ExecOptions::default()).await.unwrap_err();
+    let e = m
+        .exec(&argv(&["true"]), ExecOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidState { .. }));
 
     // cloud must never fall back to local silently
-    let cloud = ConnectOptions { target: Some(Target::Cloud), ..Default::default() };
-    let e = Machine::create(MachineConfig::default(), cloud).await.unwrap_err();
+    let cloud = ConnectOptions {
+        target: Some(Target::Cloud),
+        ..Default::default()
+    };
+    let e = Machine::create(MachineConfig::default(), cloud)
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::NotSupported { .. }), "{e:?}");
 }

@@ -76,7 +76,10 @@ fn kvm_problem(f: &HostFacts) -> Option<String> {
     if !f.dev_kvm {
         Some("/dev/kvm does not exist".into())
     } else if f.kvm_pvm {
-        Some("/dev/kvm is kvm-pvm (/sys/module/kvm_pvm), which runs only PVM-aware guest kernels".into())
+        Some(
+            "/dev/kvm is kvm-pvm (/sys/module/kvm_pvm), which runs only PVM-aware guest kernels"
+                .into(),
+        )
     } else if !f.dev_kvm_usable {
         Some("/dev/kvm cannot be opened read-write by this user".into())
     } else {

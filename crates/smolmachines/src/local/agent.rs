@@ -37,7 +37,9 @@ pub enum ConnectError {
     #[error("the agent channel closed before the hello")]
     Closed,
     /// The agent speaks another protocol generation.
-    #[error("agent speaks protocol {agent}, host speaks {host}: rebuild the initramfs (make setup)")]
+    #[error(
+        "agent speaks protocol {agent}, host speaks {host}: rebuild the initramfs (make setup)"
+    )]
     Version {
         /// Agent's generation.
         agent: u16,
@@ -197,8 +199,12 @@ impl AgentConn {
         tokio::spawn(async move {
             let mut g = guard(&s);
             if let Some(data) = stdin {
-                if s.tx.send_data(Chan::Stdin, &data).await.is_err() || s.tx.send_eof(Chan::Stdin).is_err() {
-                    let _ = ev_tx.send(ExecEvent::Error("agent connection closed".into())).await;
+                if s.tx.send_data(Chan::Stdin, &data).await.is_err()
+                    || s.tx.send_eof(Chan::Stdin).is_err()
+                {
+                    let _ = ev_tx
+                        .send(ExecEvent::Error("agent connection closed".into()))
+                        .await;
                     return;
                 }
             }
@@ -208,8 +214,16 @@ impl AgentConn {
                     _ = &mut kill_rx => return, // the guard cancels the command
                 };
                 let (event, last) = match frame {
-                    Ok(Frame::Data { chan: Chan::Stdout, data, .. }) => (ExecEvent::Stdout(data), false),
-                    Ok(Frame::Data { chan: Chan::Stderr, data, .. }) => (ExecEvent::Stderr(data), false),
+                    Ok(Frame::Data {
+                        chan: Chan::Stdout,
+                        data,
+                        ..
+                    }) => (ExecEvent::Stdout(data), false),
+                    Ok(Frame::Data {
+                        chan: Chan::Stderr,
+                        data,
+                        ..
+                    }) => (ExecEvent::Stderr(data), false),
                     Ok(Frame::Exit { code, .. }) => (ExecEvent::Exit(code), true),
                     Ok(Frame::Error { error, .. }) => (ExecEvent::Error(error.message), true),
                     Ok(_) => continue,
@@ -231,7 +245,12 @@ impl AgentConn {
     }
 
     /// Writes `data` to `path` in the guest.
-    pub async fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<(), AgentError> {
+    pub async fn write_file(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+    ) -> Result<(), AgentError> {
         let mut s = self.mux.open(Op::WriteFile {
             path: path.to_string(),
             mode,

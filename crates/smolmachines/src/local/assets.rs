@@ -106,10 +106,18 @@ mod tests {
     fn flavours() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("cloud")).unwrap();
-        for f in ["vmlinux", "initramfs.cpio", "cloud/vmlinux", "cloud/initramfs.cpio"] {
+        for f in [
+            "vmlinux",
+            "initramfs.cpio",
+            "cloud/vmlinux",
+            "cloud/initramfs.cpio",
+        ] {
             std::fs::write(d.path().join(f), b"x").unwrap();
         }
-        assert_eq!(resolve_from(d.path(), None, None).unwrap().flavor, KernelFlavor::Smol);
+        assert_eq!(
+            resolve_from(d.path(), None, None).unwrap().flavor,
+            KernelFlavor::Smol
+        );
         let c = resolve_from(d.path(), Some("cloud"), None).unwrap();
         assert_eq!(c.flavor, KernelFlavor::DebianCloud);
         assert_eq!(c.initrd, d.path().join("cloud/initramfs.cpio"));

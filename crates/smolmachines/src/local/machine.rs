@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::agent::{AgentConn, AgentError};
 use super::record::{pid_alive, Record};
-use super::vmm::{tail, Vmm, VmSpec};
+use super::vmm::{tail, VmSpec, Vmm};
 use crate::backend::{ExecStream, MachineBackend};
 use crate::config::{ExecOptions, ExecResult, MachineState};
 use crate::error::{Error, Result};
@@ -74,7 +74,11 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
 }
 
 /// Takes the attach lock of a machine directory, waiting up to `wait`.
-pub(crate) async fn lock_attach(dir: &std::path::Path, name: &str, wait: Duration) -> Result<std::fs::File> {
+pub(crate) async fn lock_attach(
+    dir: &std::path::Path,
+    name: &str,
+    wait: Duration,
+) -> Result<std::fs::File> {
     let path = dir.join("attach.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -138,11 +142,21 @@ impl LocalMachine {
     }
 
     fn vm_pid(&self) -> Option<u32> {
-        self.inner.vm.lock().expect("vm lock").as_ref().map(|v| v.pid)
+        self.inner
+            .vm
+            .lock()
+            .expect("vm lock")
+            .as_ref()
+            .map(|v| v.pid)
     }
 
     fn exit_watch(&self) -> Option<watch::Receiver<Option<String>>> {
-        self.inner.vm.lock().expect("vm lock").as_ref().map(|v| v.exit.clone())
+        self.inner
+            .vm
+            .lock()
+            .expect("vm lock")
+            .as_ref()
+            .map(|v| v.exit.clone())
     }
 
     /// The VMM's process id while the VM runs.
@@ -157,7 +171,12 @@ impl LocalMachine {
 
     /// The agent's hello (kernel release, protocol generation, boot uptime).
     pub fn hello(&self) -> Option<smol_protocol::Hello> {
-        self.inner.conn.lock().expect("conn lock").as_ref().map(|c| c.hello.clone())
+        self.inner
+            .conn
+            .lock()
+            .expect("conn lock")
+            .as_ref()
+            .map(|c| c.hello.clone())
     }
 
     /// The record as stored in the machine directory.
@@ -205,16 +224,20 @@ impl LocalMachine {
     /// Starts the VMM and waits for the agent's hello.
     pub(crate) async fn boot(&self) -> Result<()> {
         let listener = self.bind_agent_socket()?;
-        let mut child = self.inner.vmm.spawn(&self.inner.spec).map_err(|e| match e {
-            super::vmm::VmmError::BinaryMissing { .. } => Error::HypervisorUnavailable {
-                message: e.to_string(),
-            },
-            other => Error::BootFailed {
-                name: self.inner.name.clone(),
-                reason: other.to_string(),
-                log_tail: String::new(),
-            },
-        })?;
+        let mut child = self
+            .inner
+            .vmm
+            .spawn(&self.inner.spec)
+            .map_err(|e| match e {
+                super::vmm::VmmError::BinaryMissing { .. } => Error::HypervisorUnavailable {
+                    message: e.to_string(),
+                },
+                other => Error::BootFailed {
+                    name: self.inner.name.clone(),
+                    reason: other.to_string(),
+                    log_tail: String::new(),
+                },
+            })?;
         let pid = child.id().unwrap_or(0);
         let (exit_tx, exit_rx) = watch::channel(None);
         *self.inner.vm.lock().expect("vm lock") = Some(Vm {
@@ -244,7 +267,10 @@ impl LocalMachine {
         let mut grace_rx = exit_rx.clone();
         let exited = async move {
             match exit_rx.wait_for(|d| d.is_some()).await {
-                Ok(d) => format!("{} before the agent answered", d.clone().unwrap_or_default()),
+                Ok(d) => format!(
+                    "{} before the agent answered",
+                    d.clone().unwrap_or_default()
+                ),
                 Err(_) => "the VMM supervisor ended".to_string(),
             }
         };
@@ -318,7 +344,9 @@ impl LocalMachine {
         if let Some(c) = self.inner.conn.lock().expect("conn lock").take() {
             c.close("host reconnecting");
         }
-        let exit_rx = self.exit_watch().ok_or_else(|| self.invalid_state("reconnect"))?;
+        let exit_rx = self
+            .exit_watch()
+            .ok_or_else(|| self.invalid_state("reconnect"))?;
         self.await_agent(listener, exit_rx).await
     }
 
@@ -386,7 +414,11 @@ impl LocalMachine {
     fn request(argv: &[String], opts: &ExecOptions) -> ExecRequest {
         ExecRequest {
             argv: argv.to_vec(),
-            env: opts.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: opts
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             workdir: opts.workdir.clone(),
             timeout_ms: opts.timeout_ms(),
             stdin: opts.stdin.is_some(),
@@ -419,12 +451,18 @@ impl MachineBackend for LocalMachine {
             Some(t) => tokio::time::timeout(t + Duration::from_secs(10), fut)
                 .await
                 .map_err(|_| Error::Timeout {
-                    what: format!("{:?} did not end {:?} after its timeout", argv, Duration::from_secs(10)),
+                    what: format!(
+                        "{:?} did not end {:?} after its timeout",
+                        argv,
+                        Duration::from_secs(10)
+                    ),
                 })?,
             None => fut.await,
         };
         match outcome {
-            Ok((code, timed_out, out, err)) => Ok(ExecResult::from_bytes(code, timed_out, out, err)),
+            Ok((code, timed_out, out, err)) => {
+                Ok(ExecResult::from_bytes(code, timed_out, out, err))
+            }
             Err(e) => Err(self.map_err(e).await),
         }
     }

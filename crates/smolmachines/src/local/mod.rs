@@ -20,7 +20,7 @@ use crate::config::{generate_name, MachineConfig, MachineState, MachineSummary, 
 use crate::error::{Error, Result};
 use accel::AccelError;
 use record::{now_unix, pid_alive, Record};
-use vmm::{Qemu, Vmm, VmSpec};
+use vmm::{Qemu, VmSpec, Vmm};
 
 /// Default vCPUs.
 pub const DEFAULT_CPUS: u32 = 1;
@@ -174,9 +174,11 @@ impl LocalBackend {
             Some(a) => a.clone(),
             None => assets::resolve()?,
         };
-        self.vmm.version().map_err(|e| Error::HypervisorUnavailable {
-            message: e.to_string(),
-        })?;
+        self.vmm
+            .version()
+            .map_err(|e| Error::HypervisorUnavailable {
+                message: e.to_string(),
+            })?;
         let dir = self.machines_dir().join(&name);
         let sock_len = dir.join("agent.sock").as_os_str().len();
         if sock_len > MAX_SOCKET_PATH {

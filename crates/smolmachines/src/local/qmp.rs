@@ -46,7 +46,9 @@ impl Qmp {
         };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting {greeting}"
+            )));
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)

@@ -46,7 +46,8 @@ impl Record {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let tmp = dir.join("machine.json.tmp");
         let body = serde_json::to_vec_pretty(self).expect("record serializes");
-        std::fs::write(&tmp, body).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::write(&tmp, body)
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
         std::fs::rename(&tmp, Self::path(dir))
             .map_err(|e| Error::io(format!("writing {}", Self::path(dir).display()), e))
     }
@@ -76,7 +77,9 @@ pub fn pid_alive(pid: u32) -> bool {
         return false;
     };
     // state is the first field after the parenthesised command name
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
     !matches!(state, None | Some('Z') | Some('X'))
 }
 

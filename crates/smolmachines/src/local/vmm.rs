@@ -215,7 +215,10 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         "-device".into(),
         "virtio-serial-device,max_ports=2".into(),
         "-device".into(),
-        format!("virtserialport,chardev=agent,name={}", smol_protocol::PORT_NAME),
+        format!(
+            "virtserialport,chardev=agent,name={}",
+            smol_protocol::PORT_NAME
+        ),
         "-device".into(),
         "virtio-rng-device".into(),
         "-qmp".into(),

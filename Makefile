@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make run    set up (packages, workspace, guest kernel, agent, initramfs), then boot a microVM
+#               and run `uname -a` in it
+#   make test   the same set-up, then every check and test (unit and VM tests); .ci/run calls this
+SHELL := /bin/bash
+SMOL := target/release/smol
+
+.PHONY: setup run test lint unit bench clean-cache
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	$(SMOL) doctor
+	$(SMOL) run -- uname -a
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+unit:
+	cargo test --workspace --release
+
+test: setup lint unit
+
+bench: setup
+	cargo bench -p smolmachines --bench engine
+
+clean-cache:
+	rm -rf "$${SMOL_CACHE:-$$HOME/.cache/smol}"

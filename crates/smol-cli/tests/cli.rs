@@ -1,0 +1,207 @@
+//! The `smol` binary, driven as a user would. These boot real VMs (assets of `make setup`).
+
+use std::process::{Command, Output};
+
+fn smol(run_dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_smol"))
+        .args(args)
+        .env("SMOL_RUN_DIR", run_dir)
+        .output()
+        .expect("run smol")
+}
+
+fn run_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("smc")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn run_passes_output_and_exit_code_through() {
+    let d = run_dir();
+    let o = smol(d.path(), &["run", "--", "uname", "-a"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).starts_with("Linux smol-"),
+        "{}",
+        text(&o.stdout)
+    );
+
+    let o = smol(
+        d.path(),
+        &[
+            "run",
+            "--cpus",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "nproc; echo oops >&2; exit 42",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(42));
+    assert_eq!(text(&o.stdout), "2\n");
+    assert_eq!(text(&o.stderr), "oops\n");
+
+    let o = smol(d.path(), &["run", "--", "no-such-tool"]);
+    assert_eq!(o.status.code(), Some(127));
+    assert!(text(&o.stderr).contains("command not found"));
+
+    let o = smol(d.path(), &["run", "--timeout", "1", "--", "sleep", "30"]);
+    assert_eq!(o.status.code(), Some(124));
+    // ephemeral machines leave nothing behind
+    let left: Vec<_> = std::fs::read_dir(d.path().join("machines"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn machine_lifecycle_across_processes() {
+    let d = run_dir();
+    let o = smol(
+        d.path(),
+        &["machine", "create", "--name", "cli-box", "--memory", "256"],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "cli-box");
+
+    let o = smol(
+        d.path(),
+        &[
+            "machine",
+            "exec",
+            "cli-box",
+            "--",
+            "sh",
+            "-c",
+            "echo hi > /tmp/f; hostname",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "cli-box\n");
+    // a second process sees what the first wrote: same VM
+    let o = smol(
+        d.path(),
+        &[
+            "machine",
+            "exec",
+            "cli-box",
+            "-e",
+            "X=1",
+            "-w",
+            "/tmp",
+            "--",
+            "sh",
+            "-c",
+            "cat f; echo $X; pwd",
+        ],
+    );
+    assert_eq!(text(&o.stdout), "hi\n1\n/tmp\n");
+
+    let o = smol(d.path(), &["machine", "ls"]);
+    let ls = text(&o.stdout);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("cli-box") && l.contains("running")),
+        "{ls}"
+    );
+
+    let o = smol(d.path(), &["machine", "create", "--name", "cli-box"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        text(&o.stderr).contains("already exists"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    assert!(smol(d.path(), &["machine", "stop", "cli-box"])
+        .status
+        .success());
+    let ls = text(&smol(d.path(), &["machine", "ls"]).stdout);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("cli-box") && l.contains("stopped")),
+        "{ls}"
+    );
+    let o = smol(d.path(), &["machine", "exec", "cli-box", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        text(&o.stderr).contains("is stopped"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    assert!(smol(d.path(), &["machine", "rm", "cli-box"])
+        .status
+        .success());
+    let ls = text(&smol(d.path(), &["machine", "ls"]).stdout);
+    assert!(!ls.contains("cli-box"), "{ls}");
+    let o = smol(d.path(), &["machine", "exec", "cli-box", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(text(&o.stderr).contains("not found"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn errors_are_one_line_with_a_hint() {
+    let d = run_dir();
+    let o = Command::new(env!("CARGO_BIN_EXE_smol"))
+        .args(["run", "--", "true"])
+        .env("SMOL_RUN_DIR", d.path())
+        .env("SMOL_KERNEL", "/nonexistent/vmlinux")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    let err = text(&o.stderr);
+    assert!(
+        err.starts_with("error: guest kernel not found at /nonexistent/vmlinux\n"),
+        "{err}"
+    );
+    assert!(err.contains("hint: run `make setup`"), "{err}");
+
+    let o = smol(d.path(), &["run", "--timeout", "0", "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(text(&o.stderr).contains("--timeout must be > 0"));
+
+    let o = Command::new(env!("CARGO_BIN_EXE_smol"))
+        .args(["run", "--", "true"])
+        .env("SMOL_RUN_DIR", d.path())
+        .env("SMOL_ACCEL", "kvm")
+        .output()
+        .unwrap();
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(o.status.code(), Some(125));
+        assert!(
+            text(&o.stderr).contains("KVM unavailable"),
+            "{}",
+            text(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn doctor_says_which_accelerator_and_why() {
+    let d = run_dir();
+    let o = smol(d.path(), &["doctor"]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("accelerator: "), "{out}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(
+            out.contains("accelerator: tcg") && out.contains("kvm-pvm"),
+            "{out}"
+        );
+    }
+    assert!(out.contains("QEMU emulator version"), "{out}");
+    let o = Command::new(env!("CARGO_BIN_EXE_smol"))
+        .arg("doctor")
+        .env("SMOL_ACCEL", "tcg")
+        .output()
+        .unwrap();
+    assert!(text(&o.stdout).contains("accelerator: tcg (SMOL_ACCEL=tcg)"));
+}
