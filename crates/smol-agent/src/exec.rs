@@ -7,13 +7,16 @@ use std::time::Duration;
 use smol_protocol::mux::{Stream, StreamSender};
 use smol_protocol::{
     Chan, ErrorKind, ExecRequest, Frame, RemoteError, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND,
-    EXIT_TIMEOUT, MAX_CHUNK,
+    EXIT_TIMEOUT,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 /// `PATH` given to every command unless the request sets its own.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Read size for command output.
+const PIPE_CHUNK: usize = 64 * 1024;
 
 /// After the command exits, output still arriving is collected until the pipes stay quiet this
 /// long (a background process may hold them open forever).
@@ -123,7 +126,7 @@ pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError>
         exited_rx,
     ));
     let mut stdin_tx = child.stdin.take().map(|mut stdin| {
-        let (stx, mut srx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (stx, mut srx) = mpsc::unbounded_channel::<bytes::Bytes>();
         tokio::spawn(async move {
             while let Some(buf) = srx.recv().await {
                 if stdin.write_all(&buf).await.is_err() {
@@ -186,22 +189,22 @@ async fn pump<R: AsyncRead + Unpin>(
 ) {
     let Some(mut pipe) = pipe else { return };
     loop {
-        let mut buf = vec![0u8; MAX_CHUNK];
+        // A pipe hands out at most 64 KiB per read; read_buf fills spare capacity without zeroing.
+        let mut buf = Vec::with_capacity(PIPE_CHUNK);
         let n = if *exited.borrow() {
-            match tokio::time::timeout(DRAIN_QUIET, pipe.read(&mut buf)).await {
+            match tokio::time::timeout(DRAIN_QUIET, pipe.read_buf(&mut buf)).await {
                 Ok(r) => r,
                 Err(_) => return,
             }
         } else {
             tokio::select! {
-                r = pipe.read(&mut buf) => r,
+                r = pipe.read_buf(&mut buf) => r,
                 _ = exited.changed() => continue,
             }
         };
         match n {
             Ok(0) | Err(_) => return,
-            Ok(n) => {
-                buf.truncate(n);
+            Ok(_) => {
                 if tx.send_owned(chan, buf).await.is_err() {
                     return;
                 }

@@ -110,12 +110,14 @@ pub async fn read(stream: Stream, path: &str) -> Result<Frame, RemoteError> {
     }
     let mut file = fs::File::open(p).map_err(io_err)?;
     loop {
-        let mut buf = vec![0u8; MAX_CHUNK];
-        let n = file.read(&mut buf).map_err(io_err)?;
+        let mut buf = Vec::with_capacity(MAX_CHUNK);
+        let n = (&mut file)
+            .take(MAX_CHUNK as u64)
+            .read_to_end(&mut buf)
+            .map_err(io_err)?;
         if n == 0 {
             break;
         }
-        buf.truncate(n);
         tokio::select! {
             r = tx.send_owned(Chan::File, buf) => r.map_err(closed)?,
             f = rx.recv() => match f {

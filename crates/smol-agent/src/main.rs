@@ -26,6 +26,7 @@ fn main() {
         eprintln!("usage: smol-agent serve <unix socket path> (as PID 1 it serves virtio-serial)");
         std::process::exit(2);
     }
+    tune_malloc();
     let cfg = init::setup();
     match cfg.mode.as_str() {
         "boot-bench" => {
@@ -35,6 +36,16 @@ fn main() {
         }
         "raw" => raw::run(),
         _ => supervise(&cfg),
+    }
+}
+
+/// Keeps large buffers (frames of up to 256 KiB) on the heap instead of fresh mmaps: under TCG
+/// the page faults of a new mapping per frame cost more than the copy.
+fn tune_malloc() {
+    // SAFETY: mallopt only adjusts allocator thresholds; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
 }
 

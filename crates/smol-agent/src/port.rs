@@ -1,7 +1,7 @@
 //! The virtio-serial port that carries the protocol, as a non-blocking tokio I/O object.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
@@ -97,15 +97,50 @@ impl AsyncRead for PortIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let mut total = 0;
         loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|inner| inner.get_ref().read(unfilled)) {
+            let mut guard = match self.fd.poll_read_ready(cx) {
+                Poll::Ready(g) => g?,
+                Poll::Pending if total > 0 => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            };
+            // Read straight into the uninitialized tail: a virtio port returns at most one 4 KiB
+            // buffer per read, and zeroing the whole (frame-sized) tail each time would cost more
+            // than the read. Keep reading while data is there, to hand the decoder big batches.
+            // SAFETY: the bytes are only written by read(2) and marked initialized after it.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            if unfilled.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let res = guard.try_io(|inner| {
+                // SAFETY: the pointer and length describe writable memory owned by `buf`.
+                let n = unsafe {
+                    libc::read(
+                        inner.get_ref().as_raw_fd(),
+                        unfilled.as_mut_ptr().cast(),
+                        unfilled.len(),
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match res {
+                Ok(Ok(0)) => return Poll::Ready(Ok(())),
                 Ok(Ok(n)) => {
+                    // SAFETY: read(2) initialized the first n bytes of the unfilled region.
+                    unsafe { buf.assume_init(n) };
                     buf.advance(n);
+                    total += n;
+                }
+                Ok(Err(e)) if total > 0 => {
+                    let _ = e;
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) if total > 0 => return Poll::Ready(Ok(())),
                 Err(_would_block) => continue,
             }
         }

@@ -10,8 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::init::Config;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")

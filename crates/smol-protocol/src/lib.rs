@@ -4,7 +4,8 @@
 //! carries length-delimited frames ([`codec`]), each a postcard-encoded [`Frame`]. Many
 //! operations run at once on one connection: every operation is a *stream* with an id, opened by
 //! the host with [`Frame::Open`], and data in either direction is flow-controlled per stream with
-//! credits ([`mux`]). Bytes travel as bytes (`serde_bytes`), never base64.
+//! credits ([`mux`]). Bytes travel as bytes, never base64, and `Data`
+//! payloads are neither copied into nor out of a frame buffer ([`codec`]).
 //!
 //! # Versioning
 //! [`PROTOCOL_VERSION`] is a single generation counter. Both sides send [`Hello`] first; a host
@@ -24,7 +25,7 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const PORT_NAME: &str = "smol.agent";
 
 /// Initial per-stream receive window, in bytes, in each direction.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Largest payload of one [`Frame::Data`].
 pub const MAX_CHUNK: usize = 256 * 1024;
@@ -190,8 +191,7 @@ pub enum Frame {
         /// Sub-channel.
         chan: Chan,
         /// Payload, at most [`MAX_CHUNK`] bytes.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
+        data: bytes::Bytes,
     },
     /// End of a sub-channel of stream `id`.
     Eof {
@@ -312,7 +312,7 @@ mod tests {
             Frame::Data {
                 id: 1,
                 chan: Chan::Stdout,
-                data: vec![0, 255],
+                data: bytes::Bytes::from_static(&[0, 255]),
             },
             Frame::Eof {
                 id: 1,

@@ -14,12 +14,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::{Encoder, FramedRead};
 
-use crate::codec::FrameCodec;
+use crate::codec::{encode_data_header, FrameCodec};
 use crate::{Chan, Frame, Hello, Op, MAX_CHUNK, STREAM_WINDOW};
 
 /// The connection is gone (peer closed, I/O error or malformed frame).
@@ -194,27 +195,59 @@ impl Mux {
     }
 }
 
-async fn write_loop<W>(shared: Arc<Shared>, writer: W, mut rx: mpsc::UnboundedReceiver<Frame>)
+/// Consumed bytes are handed back as credit in batches of this size: small enough that the
+/// sender never runs dry while a credit frame travels back.
+const CREDIT_BATCH: u32 = STREAM_WINDOW / 16;
+
+/// Payloads at least this large are written from their own buffer instead of being copied into
+/// the batch buffer.
+const DIRECT_WRITE: usize = 16 * 1024;
+/// Flush the batch buffer once it holds this much.
+const BATCH: usize = 64 * 1024;
+
+async fn write_loop<W>(shared: Arc<Shared>, mut writer: W, mut rx: mpsc::UnboundedReceiver<Frame>)
 where
     W: AsyncWrite + Unpin,
 {
-    let mut sink = FramedWrite::new(writer, FrameCodec::default());
+    let mut codec = FrameCodec::default();
+    let mut buf = BytesMut::with_capacity(BATCH);
     let mut closed = shared.closed.subscribe();
     loop {
-        let frame = tokio::select! {
+        let mut frame = tokio::select! {
             f = rx.recv() => match f { Some(f) => f, None => return },
             _ = closed.wait_for(|c| c.is_some()) => return,
         };
-        let mut result = sink.feed(frame).await;
-        while result.is_ok() {
-            match rx.try_recv() {
-                Ok(f) => result = sink.feed(f).await,
-                Err(_) => break,
+        let result: std::io::Result<()> = async {
+            loop {
+                match frame {
+                    Frame::Data { id, chan, data } if data.len() >= DIRECT_WRITE => {
+                        encode_data_header(id, chan, data.len(), &mut buf);
+                        writer.write_all(&buf).await?;
+                        buf.clear();
+                        writer.write_all(&data).await?;
+                    }
+                    other => {
+                        codec
+                            .encode(other, &mut buf)
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        if buf.len() >= BATCH {
+                            writer.write_all(&buf).await?;
+                            buf.clear();
+                        }
+                    }
+                }
+                match rx.try_recv() {
+                    Ok(f) => frame = f,
+                    Err(_) => break,
+                }
             }
+            if !buf.is_empty() {
+                writer.write_all(&buf).await?;
+                buf.clear();
+            }
+            writer.flush().await
         }
-        if result.is_ok() {
-            result = sink.flush().await;
-        }
+        .await;
         if let Err(e) = result {
             shared.close(format!("write failed: {e}"));
             return;
@@ -311,13 +344,14 @@ impl StreamSender {
     /// Sends bytes on a sub-channel, waiting for credit as needed.
     pub async fn send_data(&self, chan: Chan, data: &[u8]) -> Result<(), Closed> {
         for chunk in data.chunks(MAX_CHUNK) {
-            self.send_owned(chan, chunk.to_vec()).await?;
+            self.send_owned(chan, Bytes::copy_from_slice(chunk)).await?;
         }
         Ok(())
     }
 
     /// Sends one chunk (at most [`MAX_CHUNK`] bytes) without copying it.
-    pub async fn send_owned(&self, chan: Chan, data: Vec<u8>) -> Result<(), Closed> {
+    pub async fn send_owned(&self, chan: Chan, data: impl Into<Bytes>) -> Result<(), Closed> {
+        let data = data.into();
         debug_assert!(data.len() <= MAX_CHUNK);
         let permit = self
             .credit
@@ -362,7 +396,7 @@ impl StreamReceiver {
             Some(frame) => {
                 if let Frame::Data { data, .. } = &frame {
                     self.consumed += data.len() as u32;
-                    if self.consumed >= STREAM_WINDOW / 4 {
+                    if self.consumed >= CREDIT_BATCH {
                         let bytes = std::mem::take(&mut self.consumed);
                         let _ = self.shared.out.send(Frame::Credit { id: self.id, bytes });
                     }
@@ -421,7 +455,7 @@ mod tests {
             Frame::Data {
                 id: s.id(),
                 chan: Chan::Stdout,
-                data: b"hello".to_vec()
+                data: Bytes::from_static(b"hello")
             }
         );
         assert!(s.rx.recv().await.unwrap().is_terminal());
@@ -441,7 +475,7 @@ mod tests {
         let sent = Arc::new(AtomicU32::new(0));
         let sent2 = sent.clone();
         let producer = tokio::spawn(async move {
-            let chunk = vec![7u8; MAX_CHUNK];
+            let chunk = Bytes::from(vec![7u8; MAX_CHUNK]);
             for _ in 0..total / MAX_CHUNK {
                 tx.send_owned(Chan::Stdout, chunk.clone()).await.unwrap();
                 sent2.fetch_add(MAX_CHUNK as u32, Ordering::SeqCst);

@@ -1,1 +1,280 @@
-fn main() {}
+//! Engine benchmark: each figure is printed beside a baseline measured in the same run.
+//!
+//! 1. create -> first exec done, against a bare QEMU boot of the same kernel + initramfs to init
+//!    (the agent binary in `smol.mode=boot-bench` prints one line as PID 1 and powers off).
+//! 2. exec round trip (`true`), against a raw 1-byte echo over the same virtio-serial channel
+//!    (the agent in `smol.mode=raw`: no framing, no multiplexing).
+//! 3. write_file / read_file of 64 MiB, against raw channel throughput in each direction.
+//!
+//! Run with `make bench` (or `cargo bench -p smolmachines --bench engine`). Needs `make setup`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use smolmachines::local::vmm::{host_tsc_khz, qemu_args, VmSpec};
+use smolmachines::local::{accel, assets, LocalBackend};
+use smolmachines::{ExecOptions, MachineBackend, MachineConfig};
+
+const BOOTS: usize = 5;
+const ROUND_TRIPS: usize = 200;
+const BIG: usize = 64 * 1024 * 1024;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn spec(dir: &std::path::Path, name: &str) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        cpus: 1,
+        memory_mb: 512,
+        assets: assets::resolve().expect("assets: run `make setup`"),
+        accel: accel::detect().expect("accelerator"),
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// QEMU argv for a spec with extra kernel command-line words and the console on stdout.
+fn bare_args(spec: &VmSpec, extra: &str) -> Vec<String> {
+    let mut args = qemu_args(spec, host_tsc_khz());
+    for i in 0..args.len() {
+        if args[i] == "-append" {
+            args[i + 1] = format!("{} {extra}", args[i + 1]);
+        }
+        if args[i] == "-serial" {
+            args[i + 1] = "stdio".into();
+        }
+    }
+    args
+}
+
+/// Spawn -> the marker line on the console, for a bare boot to init.
+fn bare_boot(dir: &std::path::Path) -> f64 {
+    let s = spec(dir, "bench-bare");
+    let sock = s.agent_socket();
+    let _ = std::fs::remove_file(&sock);
+    let _listener = UnixListener::bind(&sock).unwrap();
+    let t0 = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(bare_args(&s, "smol.mode=boot-bench"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut t = f64::NAN;
+    for line in lines.by_ref() {
+        if line.unwrap().contains("SMOL_INIT_REACHED") {
+            t = t0.elapsed().as_secs_f64();
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    t
+}
+
+struct RawVm {
+    child: std::process::Child,
+    sock: std::os::unix::net::UnixStream,
+}
+
+impl RawVm {
+    fn boot(dir: &std::path::Path) -> RawVm {
+        let s = spec(dir, "bench-raw");
+        let _ = std::fs::remove_file(s.agent_socket());
+        let listener = UnixListener::bind(s.agent_socket()).unwrap();
+        let child = Command::new("qemu-system-x86_64")
+            .args(bare_args(&s, "smol.mode=raw"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (sock, _) = listener.accept().unwrap();
+        let mut vm = RawVm { child, sock };
+        // the agent is ready once it echoes
+        vm.echo();
+        vm
+    }
+
+    fn cmd(&mut self, op: u8, n: u64) {
+        let mut hdr = [0u8; 9];
+        hdr[0] = op;
+        hdr[1..].copy_from_slice(&n.to_le_bytes());
+        self.sock.write_all(&hdr).unwrap();
+    }
+
+    fn echo(&mut self) {
+        self.cmd(b'e', 1);
+        self.sock.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        self.sock.read_exact(&mut b).unwrap();
+    }
+
+    fn sink(&mut self, n: usize) -> f64 {
+        let buf = vec![7u8; 1 << 20];
+        let t0 = Instant::now();
+        self.cmd(b's', n as u64);
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(buf.len());
+            self.sock.write_all(&buf[..k]).unwrap();
+            left -= k;
+        }
+        let mut ack = [0u8; 1];
+        self.sock.read_exact(&mut ack).unwrap();
+        t0.elapsed().as_secs_f64()
+    }
+
+    fn source(&mut self, n: usize) -> f64 {
+        let mut buf = vec![0u8; 1 << 20];
+        let t0 = Instant::now();
+        self.cmd(b'o', n as u64);
+        let mut left = n;
+        while left > 0 {
+            let k = self.sock.read(&mut buf[..left.min(1 << 20)]).unwrap();
+            assert!(k > 0);
+            left -= k;
+        }
+        t0.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for RawVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn row(what: &str, ours: f64, base: f64, unit: &str, target: &str) {
+    println!(
+        "{what:<40} {ours:>10.4} {unit:<5} baseline {base:>10.4} {unit:<5} ratio {:>6.2}x  (target {target})",
+        ours / base
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` probes with --list
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("smb")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let engine = LocalBackend::from_env().with_run_dir(tmp.path());
+    let choice = accel::detect().unwrap();
+    println!("accelerator: {} ({})", choice.accel.as_str(), choice.reason);
+
+    // 1. boot
+    let mut bare = Vec::new();
+    let mut ours = Vec::new();
+    let opts = ExecOptions::default();
+    let t = vec!["true".to_string()];
+    for i in 0..BOOTS {
+        bare.push(bare_boot(tmp.path()));
+        let t0 = Instant::now();
+        let m = engine
+            .create_machine(MachineConfig {
+                name: Some(format!("bench-{i}")),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        m.exec(&t, &opts).await.unwrap();
+        ours.push(t0.elapsed().as_secs_f64());
+        m.delete().await.unwrap();
+    }
+    println!("bare boot to init (s): {bare:.3?}");
+    println!("create -> first exec (s): {ours:.3?}");
+    row(
+        "create -> first exec done (median)",
+        median(ours),
+        median(bare.clone()),
+        "s",
+        "<= 1.15x",
+    );
+
+    // 2. + 3. raw channel baseline
+    let mut raw = RawVm::boot(tmp.path());
+    let mut echo = Vec::new();
+    for _ in 0..ROUND_TRIPS {
+        let t0 = Instant::now();
+        raw.echo();
+        echo.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let raw_in = median(
+        (0..3)
+            .map(|_| BIG as f64 / raw.sink(BIG) / 1048576.0)
+            .collect(),
+    );
+    let raw_out = median(
+        (0..3)
+            .map(|_| BIG as f64 / raw.source(BIG) / 1048576.0)
+            .collect(),
+    );
+    drop(raw);
+
+    let m = engine
+        .create_machine(MachineConfig::default())
+        .await
+        .unwrap();
+    let mut exec_rt = Vec::new();
+    for _ in 0..ROUND_TRIPS {
+        let t0 = Instant::now();
+        m.exec(&t, &opts).await.unwrap();
+        exec_rt.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut ping = Vec::new();
+    for _ in 0..ROUND_TRIPS {
+        let t0 = Instant::now();
+        m.ping().await.unwrap();
+        ping.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let data = vec![0x5au8; BIG];
+    let mut w = Vec::new();
+    let mut r = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        m.write_file("/tmp/big", &data, None).await.unwrap();
+        w.push(BIG as f64 / t0.elapsed().as_secs_f64() / 1048576.0);
+        let t0 = Instant::now();
+        let back = m.read_file("/tmp/big").await.unwrap();
+        r.push(BIG as f64 / t0.elapsed().as_secs_f64() / 1048576.0);
+        assert_eq!(back.len(), BIG);
+    }
+    m.delete().await.unwrap();
+    row(
+        "exec(true) round trip (median)",
+        median(exec_rt),
+        median(echo.clone()),
+        "ms",
+        "<= 1.5x",
+    );
+    row(
+        "protocol ping round trip (median)",
+        median(ping),
+        median(echo.clone()),
+        "ms",
+        "info",
+    );
+    row(
+        "write_file 64 MiB (median)",
+        median(w),
+        raw_in,
+        "MiB/s",
+        ">= 0.8x",
+    );
+    row(
+        "read_file 64 MiB (median)",
+        median(r),
+        raw_out,
+        "MiB/s",
+        ">= 0.8x",
+    );
+    let _ = Duration::ZERO;
+}

@@ -218,12 +218,12 @@ impl AgentConn {
                         chan: Chan::Stdout,
                         data,
                         ..
-                    }) => (ExecEvent::Stdout(data), false),
+                    }) => (ExecEvent::Stdout(Vec::from(data)), false),
                     Ok(Frame::Data {
                         chan: Chan::Stderr,
                         data,
                         ..
-                    }) => (ExecEvent::Stderr(data), false),
+                    }) => (ExecEvent::Stderr(Vec::from(data)), false),
                     Ok(Frame::Exit { code, .. }) => (ExecEvent::Exit(code), true),
                     Ok(Frame::Error { error, .. }) => (ExecEvent::Error(error.message), true),
                     Ok(_) => continue,

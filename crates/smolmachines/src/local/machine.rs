@@ -337,6 +337,15 @@ impl LocalMachine {
         self.await_agent(listener, exit_rx).await
     }
 
+    /// One protocol round trip through the agent (no process, no file): the channel's latency.
+    pub async fn ping(&self) -> Result<()> {
+        let conn = self.conn("ping")?;
+        match conn.ping().await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.map_err(e).await),
+        }
+    }
+
     /// Drops the agent connection and waits for the VM to connect again (the guest agent serves
     /// one session per host connection).
     pub async fn reconnect(&self) -> Result<()> {

@@ -187,7 +187,7 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     ];
     match spec.accel.accel {
         Accel::Kvm => a.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
-        Accel::Tcg => a.extend(["-accel", "tcg", "-cpu", "max"].map(String::from)),
+        Accel::Tcg => a.extend(["-accel", "tcg"].map(String::from)),
     }
     a.extend([
         "-m".into(),
