@@ -10,6 +10,8 @@ export SMOL_CACHE=${SMOL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/smol}
 SMOL_HOME=${SMOL_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/smol}
 assets="$SMOL_HOME/assets"
 step() { echo "==> $*" >&2; }
+command -v cargo >/dev/null || {
+  echo "error: cargo not found; install a Rust toolchain (rustup, or Debian's cargo) first" >&2; exit 1; }
 
 # --- system packages -------------------------------------------------------------------------
 pkgs=(qemu-system-x86 linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio

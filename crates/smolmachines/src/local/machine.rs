@@ -334,6 +334,7 @@ impl LocalMachine {
             let _ = exit_tx.send(Some(detail));
         });
         let listener = self.bind_agent_socket()?;
+        let _ = self.inner.vmm.reconnect_agent(&self.inner.spec).await;
         self.await_agent(listener, exit_rx).await
     }
 
@@ -356,6 +357,7 @@ impl LocalMachine {
         let exit_rx = self
             .exit_watch()
             .ok_or_else(|| self.invalid_state("reconnect"))?;
+        let _ = self.inner.vmm.reconnect_agent(&self.inner.spec).await;
         self.await_agent(listener, exit_rx).await
     }
 

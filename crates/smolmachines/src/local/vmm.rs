@@ -89,6 +89,11 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     fn spawn(&self, spec: &VmSpec) -> Result<tokio::process::Child, VmmError>;
     /// Asks the VMM to exit now (the guest gets no say), over its control channel.
     async fn quit(&self, spec: &VmSpec) -> Result<(), VmmError>;
+    /// Asks the VMM to connect its agent channel again now, rather than on its next retry
+    /// (the host just started listening again). Best effort.
+    async fn reconnect_agent(&self, _spec: &VmSpec) -> Result<(), VmmError> {
+        Ok(())
+    }
 }
 
 /// QEMU `-M microvm`.
@@ -274,6 +279,26 @@ impl Vmm for Qemu {
             binary: bin.display().to_string(),
             source,
         })
+    }
+
+    async fn reconnect_agent(&self, spec: &VmSpec) -> Result<(), VmmError> {
+        // Replacing the chardev backend with an identical one makes QEMU connect at once
+        // (its own retry would come up to a second later).
+        let mut qmp = Qmp::connect(&spec.qmp_socket()).await?;
+        let path = spec.agent_socket().display().to_string();
+        qmp.execute(
+            "chardev-change",
+            Some(serde_json::json!({
+                "id": "agent",
+                "backend": {"type": "socket", "data": {
+                    "addr": {"type": "unix", "data": {"path": path}},
+                    "server": false,
+                    "reconnect": 1
+                }}
+            })),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn quit(&self, spec: &VmSpec) -> Result<(), VmmError> {
