@@ -44,6 +44,22 @@ impl Drop for GroupGuard {
     }
 }
 
+/// Finds `program` in `path` (a `PATH` value) like execvp would. Resolving here, rather than
+/// letting the child do it, lets std use posix_spawn (vfork) instead of forking the agent, which
+/// under TCG is most of the cost of a short command.
+fn resolve(program: &str, path: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 fn check_workdir(workdir: &str) -> Result<(), RemoteError> {
     if !workdir.starts_with('/') {
         return Err(crate::serve::invalid(format!(
@@ -69,8 +85,27 @@ pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError>
     }
     let workdir = req.workdir.clone().unwrap_or_else(|| "/".to_string());
     check_workdir(&workdir)?;
-    let mut cmd = tokio::process::Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..])
+    let path = req
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(DEFAULT_PATH);
+    let Some(program) = resolve(&req.argv[0], path) else {
+        let msg = format!("smol: {}: command not found\n", req.argv[0]);
+        tx.send_data(Chan::Stderr, msg.as_bytes())
+            .await
+            .map_err(|e| RemoteError::new(ErrorKind::Io, e.to_string()))?;
+        return Ok(Frame::Exit {
+            id,
+            code: EXIT_NOT_FOUND,
+            timed_out: false,
+        });
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg0(&req.argv[0])
+        .args(&req.argv[1..])
         .env_clear()
         .env("PATH", DEFAULT_PATH)
         .env("HOME", "/root")
@@ -210,5 +245,22 @@ async fn pump<R: AsyncRead + Unpin>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve;
+
+    #[test]
+    fn program_lookup_follows_path() {
+        assert_eq!(
+            resolve("sh", "/nonexistent:/bin").unwrap(),
+            std::path::Path::new("/bin/sh")
+        );
+        assert_eq!(resolve("./x", "/bin").unwrap(), std::path::Path::new("./x"));
+        assert!(resolve("no-such-program-here", "/bin:/usr/bin").is_none());
+        // a directory of that name is not a program
+        assert!(resolve("bin", "/").is_none());
     }
 }
