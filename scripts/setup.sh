@@ -42,7 +42,12 @@ vmlinux=$(guest/kernel/build.sh)
 
 # --- Debian cloud kernel fallback (SMOL_KERNEL=cloud) ----------------------------------------
 step "Debian cloud kernel (fallback)"
-cloudpkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+resolve_cloud() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+cloudpkg=$(resolve_cloud)
+if [ -z "$cloudpkg" ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && cloudpkg=$(resolve_cloud)
+fi
 [ -n "$cloudpkg" ] || { echo "error: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2; exit 1; }
 cloudver=$(apt-cache policy "$cloudpkg" | awk '/Candidate:/{print $2}')
 clouddir="$SMOL_CACHE/cloud-kernel/$cloudpkg-$cloudver"
