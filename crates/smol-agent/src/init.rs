@@ -11,6 +11,13 @@ pub struct Config {
     pub name: String,
     /// `agent` (default), `raw` (benchmark echo loop) or `boot-bench`.
     pub mode: String,
+    /// A writable disk (virtio-blk serial `smol-disk`) becomes the upper layer of the root.
+    pub disk: bool,
+    /// Power off when the host stays away this long after a session (machines that must not
+    /// outlive their process); `None`: wait for the host forever (detached machines).
+    pub linger_ms: Option<u64>,
+    /// virtio-fs shares to mount: (tag, guest path, read-only).
+    pub mounts: Vec<(String, String, bool)>,
 }
 
 fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
@@ -57,12 +64,27 @@ fn parse_cmdline(cmdline: &str) -> Config {
     let mut cfg = Config {
         name: "smol".into(),
         mode: "agent".into(),
+        ..Default::default()
     };
     for word in cmdline.split_whitespace() {
         if let Some(v) = word.strip_prefix("smol.name=") {
             cfg.name = v.to_string();
         } else if let Some(v) = word.strip_prefix("smol.mode=") {
             cfg.mode = v.to_string();
+        } else if word == "smol.disk=1" {
+            cfg.disk = true;
+        } else if let Some(v) = word.strip_prefix("smol.linger_ms=") {
+            cfg.linger_ms = v.parse().ok();
+        } else if let Some(v) = word.strip_prefix("smol.mount=") {
+            // tag:target[:ro]
+            let mut parts = v.splitn(3, ':');
+            if let (Some(tag), Some(target)) = (parts.next(), parts.next()) {
+                cfg.mounts.push((
+                    tag.to_string(),
+                    target.to_string(),
+                    parts.next() == Some("ro"),
+                ));
+            }
         }
     }
     cfg
@@ -102,6 +124,124 @@ fn load_modules() {
     }
 }
 
+/// Finds the block device whose virtio serial is `serial`, waiting up to 2 s for it to appear.
+fn find_disk(serial: &str) -> Option<String> {
+    for _ in 0..100 {
+        if let Ok(entries) = fs::read_dir("/sys/block") {
+            for e in entries.flatten() {
+                let s = fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+                if s.trim() == serial {
+                    return Some(format!("/dev/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
+fn chdir_chroot(dir: &str) -> std::io::Result<()> {
+    let c = |s: &str| CString::new(s).expect("no NUL in path");
+    let (dir_c, root_c, dot) = (c(dir), c("/"), c("."));
+    // SAFETY: valid NUL-terminated paths; this is the switch_root sequence run by PID 1.
+    unsafe {
+        if libc::chdir(dir_c.as_ptr()) != 0
+            || libc::mount(
+                dot.as_ptr(),
+                root_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            ) != 0
+            || libc::chroot(dot.as_ptr()) != 0
+            || libc::chdir(root_c.as_ptr()) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Makes the machine's disk the writable layer of `/`: an overlay whose lower layer is the
+/// initramfs (fresh every boot) and whose upper layer lives on the disk (kept across boots).
+fn root_on_disk() -> Result<(), String> {
+    let dev = find_disk("smol-disk").ok_or("no disk with serial smol-disk")?;
+    fs::create_dir_all("/.smol/disk").map_err(|e| e.to_string())?;
+    mount_checked(&dev, "/.smol/disk", "ext4", 0, "")?;
+    for d in ["/.smol/disk/upper", "/.smol/disk/work", "/.smol/root"] {
+        fs::create_dir_all(d).map_err(|e| format!("{d}: {e}"))?;
+    }
+    mount_checked(
+        "overlay",
+        "/.smol/root",
+        "overlay",
+        0,
+        "lowerdir=/,upperdir=/.smol/disk/upper,workdir=/.smol/disk/work",
+    )?;
+    for m in ["/dev", "/proc", "/sys"] {
+        let target = format!("/.smol/root{m}");
+        let _ = fs::create_dir_all(&target);
+        mount_checked(m, &target, "", libc::MS_MOVE, "")?;
+    }
+    chdir_chroot("/.smol/root").map_err(|e| format!("switching root: {e}"))
+}
+
+fn mount_checked(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
+    let c = |s: &str| CString::new(s).expect("no NUL in mount argument");
+    let (src_c, target_c, fstype_c, data_c) = (c(src), c(target), c(fstype), c(data));
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            src_c.as_ptr(),
+            target_c.as_ptr(),
+            if fstype.is_empty() {
+                std::ptr::null()
+            } else {
+                fstype_c.as_ptr()
+            },
+            flags,
+            data_c.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount {src} on {target}: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+/// Brings the loopback interface up (published ports connect to 127.0.0.1 in the guest).
+fn loopback_up() {
+    // SAFETY: a plain datagram socket used only for interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: fd is a socket and req a valid ifreq naming "lo"; the union field read is the one
+    // SIOCGIFFLAGS wrote.
+    unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        libc::close(fd);
+    }
+}
+
 /// Prepares the guest system. Called once, by PID 1.
 pub fn setup() -> Config {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
@@ -109,6 +249,13 @@ pub fn setup() -> Config {
     attach_console();
     mount("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, "");
     mount("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, "");
+    let cfg = parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    load_modules();
+    if cfg.disk {
+        if let Err(e) = root_on_disk() {
+            eprintln!("smol-agent: the machine disk is not usable ({e}); the root stays in memory");
+        }
+    }
     mount(
         "devpts",
         "/dev/pts",
@@ -129,13 +276,19 @@ pub fn setup() -> Config {
     }
     let _ = fs::create_dir_all("/root");
     let _ = fs::set_permissions("/root", fs::Permissions::from_mode(0o700));
-    let cfg = parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let name = cfg.name.as_bytes();
     // SAFETY: pointer and length describe a valid byte slice.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
     let _ = fs::write("/etc/hostname", format!("{}\n", cfg.name));
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
-    load_modules();
+    loopback_up();
+    for (tag, target, ro) in &cfg.mounts {
+        let _ = fs::create_dir_all(target);
+        let flags = if *ro { libc::MS_RDONLY } else { 0 };
+        if let Err(e) = mount_checked(tag, target, "virtiofs", flags, "") {
+            eprintln!("smol-agent: {e}");
+        }
+    }
     cfg
 }
 
@@ -167,5 +320,19 @@ mod tests {
         let c = parse_cmdline("console=ttyS0");
         assert_eq!(c.name, "smol");
         assert_eq!(c.mode, "agent");
+        assert!(!c.disk);
+        assert_eq!(c.linger_ms, None);
+        let c = parse_cmdline(
+            "smol.disk=1 smol.linger_ms=3000 smol.mount=m0:/work:ro smol.mount=m1:/data",
+        );
+        assert!(c.disk);
+        assert_eq!(c.linger_ms, Some(3000));
+        assert_eq!(
+            c.mounts,
+            vec![
+                ("m0".into(), "/work".into(), true),
+                ("m1".into(), "/data".into(), false)
+            ]
+        );
     }
 }

@@ -10,6 +10,7 @@ mod files;
 mod init;
 mod port;
 mod raw;
+mod relay;
 mod serve;
 
 use std::time::Duration;

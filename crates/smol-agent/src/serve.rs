@@ -25,19 +25,35 @@ fn uptime_ms() -> u64 {
 }
 
 /// Serves the virtio-serial port forever, one session per host connection.
-pub fn serve_port(_cfg: &Config) -> ! {
+pub fn serve_port(cfg: &Config) -> ! {
     let port = crate::port::open(PORT_NAME);
     let fd = port.as_raw_fd();
     let rt = runtime();
+    let linger = cfg.linger_ms.map(Duration::from_millis);
     rt.block_on(async move {
+        let mut served = false;
         loop {
+            let away_since = tokio::time::Instant::now();
             while !crate::port::host_connected(fd) {
+                // A machine that must not outlive its process powers itself off cleanly
+                // (flushing its disk) once the host has been gone for the linger time.
+                if let (true, Some(l)) = (served, linger) {
+                    if away_since.elapsed() >= l {
+                        eprintln!("smol-agent: host gone for {l:?}; powering off");
+                        crate::init::power_off();
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            served = true;
             match crate::port::PortIo::new(fd) {
                 Ok(io) => {
                     let (r, w) = tokio::io::split(io);
                     session(r, w).await;
+                    // The host went away (it may have died): make everything written so far
+                    // durable before anything else can happen to the VM.
+                    // SAFETY: sync has no preconditions.
+                    unsafe { libc::sync() };
                 }
                 Err(e) => {
                     eprintln!("smol-agent: port: {e}");
@@ -64,7 +80,8 @@ pub fn serve_unix(path: &str) {
     });
 }
 
-/// Runs one session until the host goes away. Operations still running are cancelled.
+/// Runs one session until the host goes away (or a new host says hello). Operations still
+/// running are cancelled.
 pub async fn session<R, W>(reader: R, writer: W)
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -78,11 +95,17 @@ where
         uptime_ms: uptime_ms(),
     });
     let mut tasks = tokio::task::JoinSet::new();
+    let mut host_hello = false;
     loop {
         tokio::select! {
             inc = incoming.recv() => match inc {
                 Some(Incoming::Open(stream, op)) => { tasks.spawn(handle(stream, op)); }
+                // A second hello is a new host whose arrival the port did not show (QEMU swapped
+                // its chardev without a visible disconnect): start a fresh session for it. The
+                // host sends nothing after its hello until it has ours, so nothing is lost.
+                Some(Incoming::Hello(_)) if host_hello => break,
                 Some(Incoming::Hello(h)) => {
+                    host_hello = true;
                     if !smol_protocol::compatible(h.version) {
                         eprintln!("smol-agent: host speaks protocol {}, agent {}", h.version, PROTOCOL_VERSION);
                     }
@@ -105,6 +128,7 @@ async fn handle(stream: Stream, op: Op) {
         Op::WriteFile { path, mode } => crate::files::write(stream, &path, mode).await,
         Op::ReadFile { path } => crate::files::read(stream, &path).await,
         Op::Ping => Ok(Frame::Done { id }),
+        Op::Connect { port } => crate::relay::connect(stream, port).await,
         Op::Shutdown => {
             eprintln!("smol-agent: shutdown requested");
             tokio::task::spawn_blocking(|| crate::init::power_off());
@@ -138,6 +162,36 @@ mod tests {
             other => panic!("expected hello, got {other:?}"),
         }
         mux
+    }
+
+    fn host_hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            software: "test".into(),
+            kernel: String::new(),
+            uptime_ms: 0,
+        }
+    }
+
+    /// A host that connects while the port never showed the previous one leave says hello in
+    /// the middle of a session: the session ends so that a fresh one can greet it.
+    #[tokio::test]
+    async fn a_second_host_hello_ends_the_session() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        let agent = tokio::spawn(session(ar, aw));
+        let (br, bw) = tokio::io::split(b);
+        let (mux, mut incoming) = Mux::spawn(br, bw);
+        mux.send_hello(host_hello()).unwrap();
+        assert!(matches!(incoming.recv().await, Some(Incoming::Hello(_))));
+        let mut s = mux.open(Op::Ping).unwrap();
+        assert!(matches!(s.rx.recv().await.unwrap(), Frame::Done { .. }));
+        assert!(!agent.is_finished());
+        mux.send_hello(host_hello()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), agent)
+            .await
+            .expect("session did not end")
+            .unwrap();
     }
 
     fn exec(argv: &[&str], timeout_ms: Option<u64>, stdin: bool) -> Op {

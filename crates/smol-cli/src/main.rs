@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use smolmachines::local::LocalBackend;
 use smolmachines::{
-    ConnectOptions, Error, ExecEvent, ExecOptions, Machine, MachineConfig, ResourceSpec,
+    ConnectOptions, Error, ExecEvent, ExecOptions, Machine, MachineConfig, PortSpec, ResourceSpec,
 };
 
 /// Exit code for errors of smol itself (as docker and podman do), distinct from a command's.
@@ -65,7 +65,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum MachineCommand {
-    /// Create a machine that keeps running after this command exits.
+    /// Create a machine that keeps running after this command exits (detached, persistent).
     Create {
         /// Name (generated when omitted).
         #[arg(long)]
@@ -76,6 +76,15 @@ enum MachineCommand {
         /// Memory in MiB.
         #[arg(long)]
         memory: Option<u32>,
+        /// Writable disk size in GiB (sparse).
+        #[arg(long)]
+        storage: Option<u32>,
+        /// Publish a guest TCP port on host 127.0.0.1: HOST:GUEST, repeatable.
+        #[arg(short = 'p', long = "port", value_name = "HOST:GUEST")]
+        ports: Vec<String>,
+        /// Label KEY=VALUE, repeatable.
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
     },
     /// Run a command in a machine.
     Exec {
@@ -84,8 +93,17 @@ enum MachineCommand {
         #[command(flatten)]
         exec: ExecArgs,
     },
-    /// List machines.
-    Ls,
+    /// List machines (of every process).
+    Ls {
+        /// Only machines with this label (KEY=VALUE), repeatable.
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// Start a stopped machine.
+    Start {
+        /// Machine name.
+        name: String,
+    },
     /// Stop a machine (clean power-off).
     Stop {
         /// Machine name.
@@ -99,14 +117,36 @@ enum MachineCommand {
     },
 }
 
-fn exec_options(a: &ExecArgs) -> Result<ExecOptions, Error> {
-    let mut env = BTreeMap::new();
-    for kv in &a.env {
+fn key_values(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>, Error> {
+    let mut out = BTreeMap::new();
+    for kv in items {
         let (k, v) = kv.split_once('=').ok_or_else(|| Error::InvalidConfig {
-            message: format!("--env expects KEY=VALUE, got {kv:?}"),
+            message: format!("{flag} expects KEY=VALUE, got {kv:?}"),
         })?;
-        env.insert(k.to_string(), v.to_string());
+        out.insert(k.to_string(), v.to_string());
     }
+    Ok(out)
+}
+
+fn port_specs(items: &[String]) -> Result<Vec<PortSpec>, Error> {
+    items
+        .iter()
+        .map(|p| {
+            let parsed = p
+                .split_once(':')
+                .and_then(|(h, g)| Some((h.parse().ok()?, g.parse().ok()?)));
+            match parsed {
+                Some((host, guest)) => Ok(PortSpec { host, guest }),
+                None => Err(Error::InvalidConfig {
+                    message: format!("--port expects HOST:GUEST, got {p:?}"),
+                }),
+            }
+        })
+        .collect()
+}
+
+fn exec_options(a: &ExecArgs) -> Result<ExecOptions, Error> {
+    let env = key_values("--env", &a.env)?;
     let timeout = match a.timeout {
         Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
         Some(t) => {
@@ -153,7 +193,7 @@ fn resources(cpus: Option<u32>, memory: Option<u32>) -> ResourceSpec {
     ResourceSpec {
         cpus,
         memory_mb: memory,
-        network: None,
+        ..Default::default()
     }
 }
 
@@ -174,11 +214,23 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255))
         }
         Command::Machine { command } => match command {
-            MachineCommand::Create { name, cpus, memory } => {
+            MachineCommand::Create {
+                name,
+                cpus,
+                memory,
+                storage,
+                ports,
+                labels,
+            } => {
+                let mut res = resources(cpus, memory);
+                res.storage_gb = storage;
                 let cfg = MachineConfig {
                     name,
-                    resources: resources(cpus, memory),
+                    resources: res,
+                    ports: port_specs(&ports)?,
+                    labels: key_values("--label", &labels)?,
                     detach: true,
+                    persistent: true,
                     ..Default::default()
                 };
                 let m = Machine::create(cfg, local).await?;
@@ -191,8 +243,8 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 let code = stream(&m, &exec).await?;
                 Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255))
             }
-            MachineCommand::Ls => {
-                let list = Machine::list(local).await?;
+            MachineCommand::Ls { labels } => {
+                let list = Machine::list(local, &key_values("--label", &labels)?).await?;
                 println!(
                     "{:<24} {:<8} {:>4} {:>8} {:<4} {:>8}",
                     "NAME", "STATE", "CPUS", "MEMORY", "ACCEL", "PID"
@@ -210,16 +262,17 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 }
                 Ok(0)
             }
+            MachineCommand::Start { name } => {
+                Machine::open(&name, local).await?.start().await?;
+                Ok(0)
+            }
             MachineCommand::Stop { name } => {
-                Machine::connect(&name, local).await?.stop().await?;
+                Machine::open(&name, local).await?.stop().await?;
                 Ok(0)
             }
             MachineCommand::Rm { names } => {
                 for name in names {
-                    Machine::connect(&name, local.clone())
-                        .await?
-                        .delete()
-                        .await?;
+                    Machine::open(&name, local.clone()).await?.delete().await?;
                     println!("{name}");
                 }
                 Ok(0)

@@ -92,6 +92,13 @@ pub enum Op {
     Ping,
     /// Flush file systems and power the guest off. Not answered: the VM exits.
     Shutdown,
+    /// Open a TCP connection to `127.0.0.1:port` in the guest and relay it: the host sends
+    /// `Data(Stdin)*`/`Eof(Stdin)`, the agent answers `Data(Stdout)*`/`Eof(Stdout)`, then `Done`
+    /// once both directions ended (or `Error` when the connection is refused).
+    Connect {
+        /// Guest TCP port.
+        port: u16,
+    },
 }
 
 /// A command to run in the guest.
@@ -309,6 +316,10 @@ mod tests {
                 id: 5,
                 op: Op::Shutdown,
             },
+            Frame::Open {
+                id: 6,
+                op: Op::Connect { port: 8080 },
+            },
             Frame::Data {
                 id: 1,
                 chan: Chan::Stdout,
@@ -342,6 +353,7 @@ mod tests {
             "010302022f66",
             "010403",
             "010504",
+            "010605903f",
             "0201010200ff",
             "030100",
             "04018001",

@@ -1,6 +1,7 @@
 //! The typed seam: [`Backend`] (local engine, cloud) and [`MachineBackend`], called alike by the
 //! public [`Machine`], the CLI, the bindings and the fleet server.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,10 +21,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn target(&self) -> Target;
     /// Creates and starts a machine; returns once it is ready.
     async fn create(&self, config: MachineConfig) -> Result<Arc<dyn MachineBackend>>;
-    /// Attaches to an existing machine by name.
+    /// Attaches to an existing machine by name, starting it if it is stopped.
     async fn connect(&self, name: &str) -> Result<Arc<dyn MachineBackend>>;
-    /// Every machine this backend knows.
-    async fn list(&self) -> Result<Vec<MachineSummary>>;
+    /// A handle to an existing machine without starting it.
+    async fn open(&self, name: &str) -> Result<Arc<dyn MachineBackend>>;
+    /// Every machine this backend knows that carries all of `labels`.
+    async fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<MachineSummary>>;
 }
 
 /// Operations on one machine. Arguments are already validated by [`Machine`].
@@ -142,7 +145,8 @@ impl Machine {
         })
     }
 
-    /// Attaches to an existing machine by name.
+    /// Attaches to an existing machine by name (one of another process too), booting it again
+    /// if it is stopped.
     pub async fn connect(name: &str, conn: ConnectOptions) -> Result<Machine> {
         crate::config::validate_name(name)?;
         let backend = backend_for(&conn)?;
@@ -151,9 +155,22 @@ impl Machine {
         })
     }
 
-    /// Lists the machines of the selected backend.
-    pub async fn list(conn: ConnectOptions) -> Result<Vec<MachineSummary>> {
-        backend_for(&conn)?.list().await
+    /// A handle to an existing machine without booting it (`stop` / `delete` by name).
+    pub async fn open(name: &str, conn: ConnectOptions) -> Result<Machine> {
+        crate::config::validate_name(name)?;
+        let backend = backend_for(&conn)?;
+        Ok(Machine {
+            inner: backend.open(name).await?,
+        })
+    }
+
+    /// Lists the machines of the selected backend that carry all of `labels` (all machines of
+    /// every process, locally).
+    pub async fn list(
+        conn: ConnectOptions,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<MachineSummary>> {
+        backend_for(&conn)?.list(labels).await
     }
 
     /// Wraps a backend machine (for backends and tests).

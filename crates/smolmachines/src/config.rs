@@ -60,6 +60,8 @@ pub struct ResourceSpec {
     pub memory_mb: Option<u32>,
     /// Unrestricted egress; local default off.
     pub network: Option<bool>,
+    /// Size of the writable disk in GiB (sparse; default 20).
+    pub storage_gb: Option<u32>,
 }
 
 /// A host directory mounted into the guest (SPEC §3.2).
@@ -270,6 +272,8 @@ pub struct MachineSummary {
     pub accel: String,
     /// Caller labels.
     pub labels: BTreeMap<String, String>,
+    /// The record (and disk) outlives the process that created it.
+    pub persistent: bool,
 }
 
 /// Validates a machine name: 1-63 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.

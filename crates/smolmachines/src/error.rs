@@ -52,6 +52,30 @@ pub enum Error {
         /// The agent's detail.
         detail: String,
     },
+    /// The engine home (state database, disks) cannot be written.
+    #[error("engine storage {}: {message}", path.display())]
+    Storage {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A host port to publish cannot be bound.
+    #[error("host port {port} cannot be published: {reason}")]
+    PortUnavailable {
+        /// The host port.
+        port: u16,
+        /// Why (usually: in use).
+        reason: String,
+    },
+    /// A host directory to mount is not usable.
+    #[error("mount {source_path}: {reason}")]
+    MountSource {
+        /// The host path.
+        source_path: String,
+        /// Why.
+        reason: String,
+    },
     /// A machine with this name already exists.
     #[error("a machine named {name:?} already exists")]
     Conflict {
@@ -156,7 +180,9 @@ impl Error {
             Error::NotFound { .. } | Error::AssetMissing { .. } => "NOT_FOUND",
             Error::IsADirectory { .. } => "IS_A_DIRECTORY",
             Error::PermissionDenied { .. } => "PERMISSION_DENIED",
-            Error::NoSpace { .. } => "STORAGE_ERROR",
+            Error::NoSpace { .. } | Error::Storage { .. } => "STORAGE_ERROR",
+            Error::PortUnavailable { .. } => "CONFLICT",
+            Error::MountSource { .. } => "MOUNT_ERROR",
             Error::Conflict { .. } => "CONFLICT",
             Error::InvalidState { .. } => "INVALID_STATE",
             Error::Interrupted { .. } => "INTERRUPTED",
@@ -186,6 +212,14 @@ impl Error {
             Error::BootFailed { .. } => {
                 "check the log above; `smol doctor` shows the kernel, accelerator and QEMU in use"
                     .into()
+            }
+            Error::Storage { .. } => {
+                "the engine home must be writable and have free space: free some, or set SMOL_HOME \
+                 to another directory"
+                    .into()
+            }
+            Error::PortUnavailable { .. } => {
+                "pick a free host port (`ss -ltn` lists the ones in use)".into()
             }
             Error::Conflict { .. } => {
                 "pick another name, or remove it with `smol machine rm`".into()

@@ -14,12 +14,7 @@ pub fn engine() -> (LocalBackend, tempfile::TempDir) {
         .expect("tempdir");
     let assets = assets::resolve()
         .expect("guest assets missing: run `make setup` before the VM tests (they boot real VMs)");
-    (
-        LocalBackend::from_env()
-            .with_run_dir(dir.path())
-            .with_assets(assets),
-        dir,
-    )
+    (LocalBackend::at(dir.path()).with_assets(assets), dir)
 }
 
 pub fn argv(words: &[&str]) -> Vec<String> {

@@ -213,7 +213,7 @@ async fn resources_and_names() {
     cfg.resources = ResourceSpec {
         cpus: Some(2),
         memory_mb: Some(256),
-        network: None,
+        ..Default::default()
     };
     let m = engine.create_machine(cfg).await.unwrap();
     let r = run(&m, "nproc; awk '/MemTotal/{print $2}' /proc/meminfo").await;
@@ -463,7 +463,7 @@ async fn detached_machine_is_reachable_from_a_new_handle() {
     let pid = m.pid().unwrap();
     drop(m);
     assert!(pid_alive(pid), "a detached VM outlives its handle");
-    let listed = smolmachines::Backend::list(&engine).await.unwrap();
+    let listed = engine.list_machines(&BTreeMap::new()).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(
         (listed[0].name.as_str(), listed[0].state),
@@ -476,7 +476,8 @@ async fn detached_machine_is_reachable_from_a_new_handle() {
     );
     c.delete().await.unwrap();
     assert!(!pid_alive(pid));
-    assert!(smolmachines::Backend::list(&engine)
+    assert!(engine
+        .list_machines(&BTreeMap::new())
         .await
         .unwrap()
         .is_empty());

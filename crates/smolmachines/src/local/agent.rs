@@ -85,6 +85,14 @@ impl AgentConn {
             let (sock, _) = listener.accept().await?;
             let (r, w) = sock.into_split();
             let (mux, mut incoming) = Mux::spawn(r, w);
+            // Our hello first: an agent still in a session with a previous host takes it as the
+            // start of a new session and answers with its own. Nothing else is sent until then.
+            let _ = mux.send_hello(Hello {
+                version: PROTOCOL_VERSION,
+                software: env!("CARGO_PKG_VERSION").to_string(),
+                kernel: String::new(),
+                uptime_ms: 0,
+            });
             let hello = loop {
                 match incoming.recv().await {
                     Some(Incoming::Hello(h)) => break h,
@@ -99,12 +107,6 @@ impl AgentConn {
                     host: PROTOCOL_VERSION,
                 });
             }
-            let _ = mux.send_hello(Hello {
-                version: PROTOCOL_VERSION,
-                software: env!("CARGO_PKG_VERSION").to_string(),
-                kernel: String::new(),
-                uptime_ms: 0,
-            });
             // Keep draining the incoming queue so it never grows (the agent opens no streams).
             tokio::spawn(async move { while incoming.recv().await.is_some() {} });
             Ok(AgentConn { mux, hello })
@@ -292,6 +294,58 @@ impl AgentConn {
                 }
             }
         }
+    }
+}
+
+impl AgentConn {
+    /// Relays a host TCP connection to `127.0.0.1:port` in the guest until both sides close.
+    pub async fn relay(&self, sock: tokio::net::TcpStream, port: u16) -> Result<(), AgentError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = self.mux.open(Op::Connect { port })?;
+        let mut g = guard(&s);
+        let _ = sock.set_nodelay(true);
+        let (mut r, mut w) = sock.into_split();
+        let tx = s.tx.clone();
+        let up = tokio::spawn(async move {
+            loop {
+                let mut buf = Vec::with_capacity(64 * 1024);
+                match r.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send_eof(Chan::Stdin);
+                        return;
+                    }
+                    Ok(_) => {
+                        if tx.send_owned(Chan::Stdin, buf).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let result = loop {
+            match s.rx.recv().await {
+                Ok(Frame::Data { data, .. }) => {
+                    if w.write_all(&data).await.is_err() {
+                        break Ok(()); // the host client went away; the guard cancels
+                    }
+                }
+                Ok(Frame::Eof { .. }) => {
+                    let _ = w.shutdown().await;
+                }
+                Ok(Frame::Done { .. }) => {
+                    g.done = true;
+                    break Ok(());
+                }
+                Ok(Frame::Error { error, .. }) => {
+                    g.done = true;
+                    break Err(AgentError::Remote(error));
+                }
+                Ok(_) => {}
+                Err(e) => break Err(AgentError::Closed(e)),
+            }
+        };
+        up.abort();
+        result
     }
 }
 

@@ -10,7 +10,8 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use super::agent::{AgentConn, AgentError};
-use super::record::{pid_alive, Record};
+use super::record::{ProcId, Record};
+use super::state::StateDb;
 use super::vmm::{tail, VmSpec, Vmm};
 use crate::backend::{ExecStream, MachineBackend};
 use crate::config::{ExecOptions, ExecResult, MachineState};
@@ -33,14 +34,20 @@ pub(crate) struct Inner {
     pub(crate) name: String,
     pub(crate) spec: VmSpec,
     vmm: Arc<dyn Vmm>,
-    detach: bool,
-    /// Attached to a machine another process created: dropping the handle leaves it alone.
-    borrowed: bool,
+    db: Arc<StateDb>,
+    /// `<home>/machines/<name>`: the disk.
+    home_dir: PathBuf,
+    /// Created by this process: a non-persistent machine then dies with its last handle.
+    owned: bool,
     ready_timeout: Duration,
     record: Mutex<Record>,
     state: Mutex<MachineState>,
     conn: Mutex<Option<AgentConn>>,
     vm: Mutex<Option<Vm>>,
+    /// Published-port listeners.
+    ports: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Lets the port listeners notice the machine is gone.
+    alive: Arc<()>,
     /// Held while this process drives the machine (flock on `attach.lock`).
     _lock: std::fs::File,
 }
@@ -103,34 +110,63 @@ pub(crate) async fn lock_attach(
     }
 }
 
+/// What a new handle is made of.
+pub(crate) struct Parts {
+    pub spec: VmSpec,
+    pub vmm: Arc<dyn Vmm>,
+    pub db: Arc<StateDb>,
+    pub home_dir: PathBuf,
+    pub record: Record,
+    pub ready_timeout: Duration,
+    pub owned: bool,
+    pub lock: std::fs::File,
+}
+
 impl LocalMachine {
-    pub(crate) fn new(
-        spec: VmSpec,
-        vmm: Arc<dyn Vmm>,
-        record: Record,
-        ready_timeout: Duration,
-        borrowed: bool,
-        lock: std::fs::File,
-    ) -> Self {
+    pub(crate) fn new(p: Parts) -> Self {
+        let state = if p.record.booted {
+            MachineState::Stopped
+        } else {
+            MachineState::Created
+        };
         Self {
             inner: Arc::new(Inner {
-                name: spec.name.clone(),
-                detach: record.detach,
-                spec,
-                vmm,
-                borrowed,
-                ready_timeout,
-                record: Mutex::new(record),
-                state: Mutex::new(MachineState::Created),
+                name: p.spec.name.clone(),
+                spec: p.spec,
+                vmm: p.vmm,
+                db: p.db,
+                home_dir: p.home_dir,
+                owned: p.owned,
+                ready_timeout: p.ready_timeout,
+                record: Mutex::new(p.record),
+                state: Mutex::new(state),
                 conn: Mutex::new(None),
                 vm: Mutex::new(None),
-                _lock: lock,
+                ports: Mutex::new(Vec::new()),
+                alive: Arc::new(()),
+                _lock: p.lock,
             }),
         }
     }
 
-    pub(crate) fn mark_stopped(&self) {
-        self.set_state(MachineState::Stopped);
+    /// Starts serving published ports (listeners bound at create).
+    pub(crate) fn serve_ports(&self, listeners: Vec<(tokio::net::TcpListener, u16)>) {
+        let weak = Arc::downgrade(&self.inner);
+        let conn = move || {
+            weak.upgrade()
+                .and_then(|i| i.conn.lock().expect("conn lock").clone())
+        };
+        let tasks = super::ports::serve(listeners, Arc::downgrade(&self.inner.alive), conn);
+        self.inner.ports.lock().expect("ports lock").extend(tasks);
+    }
+
+    fn save_record(&self, f: impl FnOnce(&mut Record)) {
+        let rec = {
+            let mut r = self.inner.record.lock().expect("record lock");
+            f(&mut r);
+            r.clone()
+        };
+        let _ = self.inner.db.update(&rec);
     }
 
     fn set_state(&self, s: MachineState) {
@@ -179,7 +215,7 @@ impl LocalMachine {
             .map(|c| c.hello.clone())
     }
 
-    /// The record as stored in the machine directory.
+    /// The record as stored in the state database.
     pub fn record(&self) -> Record {
         self.inner.record.lock().expect("record lock").clone()
     }
@@ -213,10 +249,13 @@ impl LocalMachine {
             }
             let _ = std::fs::remove_file(inner.spec.agent_socket());
             let _ = std::fs::remove_file(inner.spec.qmp_socket());
-            let mut rec = inner.record.lock().expect("record lock");
-            rec.pid = None;
-            if inner.spec.dir.exists() {
-                let _ = rec.save(&inner.spec.dir);
+            let rec = {
+                let mut rec = inner.record.lock().expect("record lock");
+                rec.vmm = None;
+                rec.clone()
+            };
+            if *inner.state.lock().expect("state lock") != MachineState::Deleted {
+                let _ = inner.db.update(&rec);
             }
         }
     }
@@ -244,11 +283,13 @@ impl LocalMachine {
             pid,
             exit: exit_rx.clone(),
         });
-        {
-            let mut rec = self.inner.record.lock().expect("record lock");
-            rec.pid = Some(pid);
-            rec.save(&self.inner.spec.dir)?;
-        }
+        let me = ProcId::current();
+        let vmm_id = ProcId::of(pid);
+        self.save_record(|r| {
+            r.vmm = vmm_id;
+            r.owner = Some(me);
+            r.booted = true;
+        });
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let detail = describe_exit(child.wait().await);
@@ -314,7 +355,8 @@ impl LocalMachine {
 
     /// Attaches to the VM of another process: take over its agent socket and wait for QEMU to
     /// reconnect (it retries every second).
-    pub(crate) async fn attach(&self, pid: u32) -> Result<()> {
+    pub(crate) async fn attach(&self, vmm_id: ProcId) -> Result<()> {
+        let pid = vmm_id.pid;
         let (exit_tx, exit_rx) = watch::channel(None);
         *self.inner.vm.lock().expect("vm lock") = Some(Vm {
             pid,
@@ -323,7 +365,7 @@ impl LocalMachine {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             // Not our child: poll for its exit.
-            while pid_alive(pid) {
+            while vmm_id.alive() {
                 if weak.strong_count() == 0 {
                     return;
                 }
@@ -436,11 +478,16 @@ impl LocalMachine {
         }
     }
 
-    /// Removes the machine's directory after its VM is gone.
+    /// Kills the VM and removes everything of the machine: processes, sockets, disk, record.
     pub(crate) async fn destroy(&self) {
         self.kill_and_wait().await;
         self.set_state(MachineState::Deleted);
+        for t in self.inner.ports.lock().expect("ports lock").drain(..) {
+            t.abort();
+        }
         let _ = std::fs::remove_dir_all(&self.inner.spec.dir);
+        let _ = std::fs::remove_dir_all(&self.inner.home_dir);
+        let _ = self.inner.db.delete(&self.inner.name);
     }
 }
 
@@ -506,14 +553,7 @@ impl MachineBackend for LocalMachine {
         match self.current_state() {
             MachineState::Running => Ok(()),
             MachineState::Deleted => Err(self.invalid_state("start")),
-            MachineState::Created | MachineState::Stopped => {
-                if self.inner.borrowed {
-                    return Err(Error::NotSupported {
-                        message: "starting a machine created by another process".into(),
-                    });
-                }
-                self.boot().await
-            }
+            MachineState::Created | MachineState::Stopped => self.boot().await,
         }
     }
 
@@ -546,16 +586,22 @@ impl MachineBackend for LocalMachine {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // End this process's agent session: the guest sees the host go away, and a detached VM
-        // waits for the next `connect`.
+        // End this process's agent session: the guest sees the host go away and syncs; a machine
+        // that must not outlive its process then powers itself off after its linger time, a
+        // detached one waits for the next `connect`.
         if let Some(c) = self.conn.lock().expect("conn lock").take() {
             c.close("machine handle dropped");
         }
+        for t in self.ports.lock().expect("ports lock").drain(..) {
+            t.abort();
+        }
         let state = *self.state.lock().expect("state lock");
-        if self.borrowed || self.detach || state == MachineState::Deleted {
+        let rec = self.record.lock().expect("record lock").clone();
+        if !self.owned || rec.persistent || state == MachineState::Deleted {
             return;
         }
-        // Last handle of a machine this process owns: nothing of it may outlive the process.
+        // The last handle of a non-persistent machine this process created: nothing of it may
+        // outlive the handle.
         if let Some(vm) = self.vm.lock().expect("vm lock").as_ref() {
             if vm.exit.borrow().is_none() {
                 // SAFETY: signals the VMM process this machine started; no memory involved.
@@ -563,5 +609,7 @@ impl Drop for Inner {
             }
         }
         let _ = std::fs::remove_dir_all(&self.spec.dir);
+        let _ = std::fs::remove_dir_all(&self.home_dir);
+        let _ = self.db.delete(&self.name);
     }
 }

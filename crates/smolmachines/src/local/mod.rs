@@ -4,13 +4,17 @@
 pub mod accel;
 pub mod agent;
 pub mod assets;
+pub mod disk;
 mod machine;
+mod ports;
 pub mod qmp;
 pub mod record;
+pub mod state;
 pub mod vmm;
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use machine::LocalMachine;
@@ -19,7 +23,8 @@ use crate::backend::{Backend, MachineBackend};
 use crate::config::{generate_name, MachineConfig, MachineState, MachineSummary, Target};
 use crate::error::{Error, Result};
 use accel::AccelError;
-use record::{now_unix, pid_alive, Record};
+use record::{now_unix, ProcId, Record};
+use state::StateDb;
 use vmm::{Qemu, VmSpec, Vmm};
 
 /// Default vCPUs.
@@ -28,23 +33,29 @@ pub const DEFAULT_CPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MB: u32 = 512;
 /// Default readiness deadline (SPEC §3.4).
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default writable disk size (GiB, sparse).
+pub const DEFAULT_STORAGE_GB: u32 = 20;
+/// How long a machine that must not outlive its process waits for its host to come back
+/// before it powers itself off.
+pub const LINGER: Duration = Duration::from_secs(3);
 /// How long `connect` waits for the VM to reconnect its agent channel.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest unix socket path (sun_path holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// The engine's run directory: `$SMOL_RUN_DIR`, else `$XDG_RUNTIME_DIR/smol`, else
-/// `/tmp/smol-<uid>`. Short on purpose: unix socket paths are limited to 107 bytes.
-pub fn run_dir() -> PathBuf {
+/// The engine's run directory for a home: `$SMOL_RUN_DIR`, else `/tmp/smol-<uid>-<hash of
+/// home>`. Short on purpose: unix socket paths are limited to 107 bytes.
+pub fn run_dir_for(home: &Path) -> PathBuf {
     if let Some(d) = std::env::var_os("SMOL_RUN_DIR") {
         return PathBuf::from(d);
     }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("smol");
-    }
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    PathBuf::from(format!("/tmp/smol-{uid}"))
+    let mut h: u32 = 0x811c_9dc5;
+    for b in home.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    PathBuf::from(format!("/tmp/smol-{uid}-{h:08x}"))
 }
 
 /// What `smol doctor` reports.
@@ -58,6 +69,8 @@ pub struct Doctor {
     pub assets: std::result::Result<assets::Assets, String>,
     /// Run directory.
     pub run_dir: PathBuf,
+    /// Engine home.
+    pub home: PathBuf,
 }
 
 impl Doctor {
@@ -70,9 +83,11 @@ impl Doctor {
 /// The local engine backend.
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
+    home: PathBuf,
     run_dir: PathBuf,
     vmm: Arc<dyn Vmm>,
     assets: Option<assets::Assets>,
+    db: Arc<OnceLock<Arc<StateDb>>>,
 }
 
 fn map_accel(e: AccelError) -> Error {
@@ -85,17 +100,32 @@ fn map_accel(e: AccelError) -> Error {
 }
 
 impl LocalBackend {
-    /// The engine configured from the environment.
+    /// The engine configured from the environment (`SMOL_HOME`, `SMOL_RUN_DIR`, ...).
     pub fn from_env() -> Self {
+        let home = assets::smol_home();
         Self {
-            run_dir: run_dir(),
+            run_dir: run_dir_for(&home),
+            home,
             vmm: Arc::new(Qemu::from_env()),
             assets: None,
+            db: Arc::new(OnceLock::new()),
         }
     }
 
-    /// The same engine with another run directory (machines of different run directories do
-    /// not see each other).
+    /// An engine whose home (state database, disks) is `home`, and whose run directory is
+    /// `home/run`. Engines of different homes do not see each other's machines.
+    pub fn at(home: impl Into<PathBuf>) -> Self {
+        let home = home.into();
+        Self {
+            run_dir: home.join("run"),
+            home,
+            vmm: Arc::new(Qemu::from_env()),
+            assets: None,
+            db: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// The same engine with another run directory.
     pub fn with_run_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.run_dir = dir.into();
         self
@@ -107,9 +137,69 @@ impl LocalBackend {
         self
     }
 
-    /// The run directory.
-    pub fn run_dir(&self) -> &std::path::Path {
+    /// The run directory (sockets, logs).
+    pub fn run_dir(&self) -> &Path {
         &self.run_dir
+    }
+
+    /// The engine home (state database, disks).
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    fn db(&self) -> Result<Arc<StateDb>> {
+        if let Some(db) = self.db.get() {
+            return Ok(db.clone());
+        }
+        let db = Arc::new(StateDb::open(&self.home)?);
+        Ok(self.db.get_or_init(|| db).clone())
+    }
+
+    fn machine_run_dir(&self, name: &str) -> PathBuf {
+        self.machines_dir().join(name)
+    }
+
+    fn machine_home_dir(&self, name: &str) -> PathBuf {
+        self.home.join("machines").join(name)
+    }
+
+    /// Cleans up after processes that died: machines that were not to outlive their process lose
+    /// their VM (if it still runs) and, unless persistent, their record, disk and sockets.
+    /// Runs at every create / connect / list, so the next engine start finds no ghosts.
+    pub fn reap(&self) -> Result<usize> {
+        let db = self.db()?;
+        let mut reaped = 0;
+        for mut rec in db.list(&BTreeMap::new())? {
+            if rec.detach {
+                if rec.vmm.is_some() && !rec.vmm_alive() {
+                    rec.vmm = None;
+                    db.update(&rec)?;
+                }
+                continue;
+            }
+            if rec.owner_alive() {
+                continue;
+            }
+            if let Some(v) = rec.vmm.filter(|v| v.alive()) {
+                // The agent syncs when its host goes away, and powers off by itself after the
+                // linger time; a VMM still here is ended (SIGTERM: QEMU flushes its disks).
+                // SAFETY: signals the recorded VMM process (pid and start time checked).
+                unsafe { libc::kill(v.pid as i32, libc::SIGTERM) };
+            }
+            if rec.persistent {
+                if rec.vmm.is_some() || rec.owner.is_some() {
+                    rec.vmm = None;
+                    rec.owner = None;
+                    db.update(&rec)?;
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(self.machine_run_dir(&rec.name));
+                let _ = std::fs::remove_dir_all(self.machine_home_dir(&rec.name));
+                db.delete(&rec.name)?;
+                reaped += 1;
+            }
+        }
+        Ok(reaped)
     }
 
     /// The engine as a shared backend.
@@ -132,6 +222,35 @@ impl LocalBackend {
                 .map_err(|e| e.to_string()),
             assets: assets::resolve().map_err(|e| e.to_string()),
             run_dir: self.run_dir.clone(),
+            home: self.home.clone(),
+        }
+    }
+
+    fn spec_for(&self, rec: &Record) -> VmSpec {
+        VmSpec {
+            name: rec.name.clone(),
+            cpus: rec.cpus,
+            memory_mb: rec.memory_mb,
+            assets: assets::Assets {
+                kernel: rec.kernel.clone(),
+                initrd: rec.initrd.clone(),
+                flavor: if rec.flavor == "cloud" {
+                    assets::KernelFlavor::DebianCloud
+                } else {
+                    assets::KernelFlavor::Smol
+                },
+            },
+            accel: accel::AccelChoice {
+                accel: if rec.accel == "kvm" {
+                    accel::Accel::Kvm
+                } else {
+                    accel::Accel::Tcg
+                },
+                reason: rec.accel_reason.clone(),
+            },
+            dir: self.machine_run_dir(&rec.name),
+            disk: Some(self.machine_home_dir(&rec.name).join("disk.qcow2")),
+            linger_ms: (!rec.detach).then(|| LINGER.as_millis() as u64),
         }
     }
 
@@ -142,9 +261,9 @@ impl LocalBackend {
                 message: "machines from images are not supported by the local engine yet".into(),
             });
         }
-        if !config.mounts.is_empty() || !config.ports.is_empty() {
+        if !config.mounts.is_empty() {
             return Err(Error::NotSupported {
-                message: "mounts and ports are not supported by the local engine yet".into(),
+                message: "mounts are not supported by the local engine yet".into(),
             });
         }
         if config.resources.network.or(config.network) == Some(true) {
@@ -161,6 +280,24 @@ impl LocalBackend {
             return Err(Error::invalid(format!(
                 "memory_mb must be 64..=1048576, got {memory_mb}"
             )));
+        }
+        let storage_gb = config.resources.storage_gb.unwrap_or(DEFAULT_STORAGE_GB);
+        if !(1..=16_384).contains(&storage_gb) {
+            return Err(Error::invalid(format!(
+                "storage_gb must be 1..=16384, got {storage_gb}"
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &config.ports {
+            if p.host == 0 || p.guest == 0 {
+                return Err(Error::invalid("ports must be 1..=65535"));
+            }
+            if !seen.insert(p.host) {
+                return Err(Error::invalid(format!(
+                    "host port {} published twice",
+                    p.host
+                )));
+            }
         }
         let name = match config.name {
             Some(n) => {
@@ -179,27 +316,21 @@ impl LocalBackend {
             .map_err(|e| Error::HypervisorUnavailable {
                 message: e.to_string(),
             })?;
-        let dir = self.machines_dir().join(&name);
+        let dir = self.machine_run_dir(&name);
         let sock_len = dir.join("agent.sock").as_os_str().len();
         if sock_len > MAX_SOCKET_PATH {
             return Err(Error::invalid(format!(
                 "the machine's socket path would be {sock_len} bytes (max {MAX_SOCKET_PATH}); set SMOL_RUN_DIR to a shorter directory"
             )));
         }
-        std::fs::create_dir_all(self.machines_dir())
-            .map_err(|e| Error::io(format!("creating {}", self.machines_dir().display()), e))?;
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::Conflict { name })
-            }
-            Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
-        }
+        let db = self.db()?;
+        self.reap()?;
+        let detach = config.detach;
         let record = Record {
             name: name.clone(),
-            pid: None,
             cpus,
             memory_mb,
+            storage_gb,
             accel: accel.accel.as_str().into(),
             accel_reason: accel.reason.clone(),
             kernel: assets.kernel.clone(),
@@ -208,76 +339,136 @@ impl LocalBackend {
                 assets::KernelFlavor::Smol => "smol".into(),
                 assets::KernelFlavor::DebianCloud => "cloud".into(),
             },
-            detach: config.detach,
+            // a detached VM outlives its process, so its record must too
+            persistent: config.persistent || detach,
+            detach,
             labels: config.labels.clone(),
+            ports: config.ports.iter().map(|p| (p.host, p.guest)).collect(),
+            mounts: vec![],
+            network: false,
             created_unix: now_unix(),
+            vmm: None,
+            owner: Some(ProcId::current()),
+            booted: false,
         };
-        let lock = match machine::lock_attach(&dir, &name, Duration::ZERO).await {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
+        // Reserves the name: of two processes creating it, one wins.
+        db.insert(&record)?;
+        let home_dir = self.machine_home_dir(&name);
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(&home_dir);
+            let _ = db.delete(&name);
+            e
         };
-        let spec = VmSpec {
-            name,
-            cpus,
-            memory_mb,
-            assets,
-            accel,
-            dir,
-        };
-        let machine = LocalMachine::new(
-            spec,
-            self.vmm.clone(),
+        let prepared = async {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            disk::create(&self.home, &home_dir.join("disk.qcow2"), storage_gb)?;
+            let lock = machine::lock_attach(&dir, &name, Duration::ZERO).await?;
+            let listeners = ports::bind(&record.ports).await?;
+            Ok::<_, Error>((lock, listeners))
+        }
+        .await;
+        let (lock, listeners) = prepared.map_err(&cleanup)?;
+        let machine = LocalMachine::new(machine::Parts {
+            spec: self.spec_for(&record),
+            vmm: self.vmm.clone(),
+            db: db.clone(),
+            home_dir: home_dir.clone(),
             record,
-            config.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
-            false,
+            ready_timeout: config.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
+            owned: true,
             lock,
-        );
+        });
         if let Err(e) = machine.boot().await {
             machine.destroy().await;
             return Err(e);
         }
+        machine.serve_ports(listeners);
         Ok(machine)
     }
 
-    /// Attaches to a machine by name and returns the concrete local handle.
-    pub async fn connect_machine(&self, name: &str) -> Result<LocalMachine> {
+    async fn handle(&self, name: &str, boot: bool) -> Result<LocalMachine> {
         crate::config::validate_name(name)?;
-        let dir = self.machines_dir().join(name);
-        let record = Record::load(&dir)?;
-        let lock = machine::lock_attach(&dir, name, ATTACH_TIMEOUT).await?;
-        let spec = VmSpec {
-            name: record.name.clone(),
-            cpus: record.cpus,
-            memory_mb: record.memory_mb,
-            assets: assets::Assets {
-                kernel: record.kernel.clone(),
-                initrd: record.initrd.clone(),
-                flavor: if record.flavor == "cloud" {
-                    assets::KernelFlavor::DebianCloud
-                } else {
-                    assets::KernelFlavor::Smol
-                },
-            },
-            accel: accel::AccelChoice {
-                accel: if record.accel == "kvm" {
-                    accel::Accel::Kvm
-                } else {
-                    accel::Accel::Tcg
-                },
-                reason: record.accel_reason.clone(),
-            },
-            dir,
+        let db = self.db()?;
+        self.reap()?;
+        let not_found = || Error::NotFound {
+            what: format!("machine {name:?}"),
         };
-        let pid = record.pid.filter(|p| pid_alive(*p));
-        let machine = LocalMachine::new(spec, self.vmm.clone(), record, ATTACH_TIMEOUT, true, lock);
-        match pid {
-            Some(pid) => machine.attach(pid).await?,
-            None => machine.mark_stopped(),
+        db.get(name)?.ok_or_else(not_found)?;
+        let dir = self.machine_run_dir(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let lock = machine::lock_attach(&dir, name, ATTACH_TIMEOUT).await?;
+        // the record may have changed while we waited for the lock
+        let record = db.get(name)?.ok_or_else(not_found)?;
+        let vmm = record.vmm.filter(|v| v.alive());
+        let listeners = if vmm.is_some() || boot {
+            ports::bind(&record.ports).await?
+        } else {
+            Vec::new()
+        };
+        let machine = LocalMachine::new(machine::Parts {
+            spec: self.spec_for(&record),
+            vmm: self.vmm.clone(),
+            db: db.clone(),
+            home_dir: self.machine_home_dir(name),
+            record,
+            ready_timeout: ATTACH_TIMEOUT.max(DEFAULT_READY_TIMEOUT),
+            owned: false,
+            lock,
+        });
+        match vmm {
+            Some(v) => machine.attach(v).await?,
+            None if boot => machine.boot().await?,
+            None => {}
         }
+        machine.serve_ports(listeners);
         Ok(machine)
+    }
+
+    /// Attaches to a machine by name, booting it again if it is stopped (SPEC §4.1 `connect`).
+    pub async fn connect_machine(&self, name: &str) -> Result<LocalMachine> {
+        self.handle(name, true).await
+    }
+
+    /// A handle to a machine by name without booting it (SPEC §4.1 `open`): attached when it
+    /// runs, `stopped` otherwise.
+    pub async fn open_machine(&self, name: &str) -> Result<LocalMachine> {
+        self.handle(name, false).await
+    }
+
+    /// Every machine of this engine home carrying all of `labels`.
+    pub async fn list_machines(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<MachineSummary>> {
+        self.reap()?;
+        Ok(self
+            .db()?
+            .list(labels)?
+            .into_iter()
+            .map(|r| {
+                let vmm = r.vmm.filter(|v| v.alive());
+                MachineSummary {
+                    state: if vmm.is_some() {
+                        MachineState::Running
+                    } else if r.booted {
+                        MachineState::Stopped
+                    } else {
+                        MachineState::Created
+                    },
+                    pid: vmm.map(|v| v.pid),
+                    name: r.name,
+                    cpus: r.cpus,
+                    memory_mb: r.memory_mb,
+                    accel: r.accel,
+                    labels: r.labels,
+                    persistent: r.persistent,
+                }
+            })
+            .collect())
     }
 }
 
@@ -295,31 +486,11 @@ impl Backend for LocalBackend {
         Ok(Arc::new(self.connect_machine(name).await?))
     }
 
-    async fn list(&self) -> Result<Vec<MachineSummary>> {
-        let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(self.machines_dir()) else {
-            return Ok(out);
-        };
-        for e in entries.flatten() {
-            let Ok(r) = Record::load(&e.path()) else {
-                continue;
-            };
-            let pid = r.pid.filter(|p| pid_alive(*p));
-            out.push(MachineSummary {
-                name: r.name,
-                state: if pid.is_some() {
-                    MachineState::Running
-                } else {
-                    MachineState::Stopped
-                },
-                cpus: r.cpus,
-                memory_mb: r.memory_mb,
-                pid,
-                accel: r.accel,
-                labels: r.labels,
-            });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+    async fn open(&self, name: &str) -> Result<Arc<dyn MachineBackend>> {
+        Ok(Arc::new(self.open_machine(name).await?))
+    }
+
+    async fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<MachineSummary>> {
+        self.list_machines(labels).await
     }
 }

@@ -1,23 +1,69 @@
-//! The on-disk record of a machine (`machine.json` in its directory) and process liveness.
+//! What the engine remembers about a machine (stored in the state database), and process
+//! identity that survives pid reuse.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+/// A process, identified by pid and start time (so a recycled pid is not mistaken for it).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcId {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start: u64,
+}
 
-/// What a machine's directory says about it; shared by every process that looks.
+impl ProcId {
+    /// This process.
+    pub fn current() -> Self {
+        Self::of(std::process::id()).expect("/proc/self/stat is readable")
+    }
+
+    /// The process `pid`, if it exists and is not a zombie.
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // fields after the parenthesised command name: state is field 3, starttime field 22
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
+            return None;
+        }
+        Some(Self {
+            pid,
+            start: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    /// Whether this very process is still alive.
+    pub fn alive(&self) -> bool {
+        Self::of(self.pid).is_some_and(|p| p.start == self.start)
+    }
+}
+
+/// A host directory shared with the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MountRecord {
+    /// Absolute host path.
+    pub source: PathBuf,
+    /// Absolute guest path.
+    pub target: String,
+    /// Read-only (enforced on the host).
+    pub read_only: bool,
+}
+
+/// Everything the engine keeps about one machine.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
-    /// Name.
+    /// Name (unique per engine home).
     pub name: String,
-    /// VMM process id while it runs.
-    pub pid: Option<u32>,
     /// vCPUs.
     pub cpus: u32,
     /// Memory in MiB.
     pub memory_mb: u32,
+    /// Size of the writable disk in GiB (sparse).
+    pub storage_gb: u32,
     /// Accelerator in use.
     pub accel: String,
     /// Why that accelerator.
@@ -28,59 +74,47 @@ pub struct Record {
     pub initrd: PathBuf,
     /// `smol` or `cloud`.
     pub flavor: String,
-    /// The VM outlives the process that created it.
+    /// Record and disk outlive the creating process.
+    pub persistent: bool,
+    /// The VM outlives the creating process.
     pub detach: bool,
     /// Caller labels.
     pub labels: BTreeMap<String, String>,
+    /// Host -> guest TCP forwards (host, guest).
+    #[serde(default)]
+    pub ports: Vec<(u16, u16)>,
+    /// Host directories shared with the guest.
+    #[serde(default)]
+    pub mounts: Vec<MountRecord>,
+    /// Guest egress enabled.
+    #[serde(default)]
+    pub network: bool,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
+    /// The VMM process while the VM runs.
+    pub vmm: Option<ProcId>,
+    /// The process that drives the machine (created it, or attached to it last).
+    pub owner: Option<ProcId>,
+    /// The VM has booted at least once.
+    #[serde(default)]
+    pub booted: bool,
 }
 
 impl Record {
-    /// Path of the record inside a machine directory.
-    pub fn path(dir: &Path) -> PathBuf {
-        dir.join("machine.json")
+    /// Whether the VMM recorded for this machine is running.
+    pub fn vmm_alive(&self) -> bool {
+        self.vmm.is_some_and(|p| p.alive())
     }
 
-    /// Writes the record atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.join("machine.json.tmp");
-        let body = serde_json::to_vec_pretty(self).expect("record serializes");
-        std::fs::write(&tmp, body)
-            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, Self::path(dir))
-            .map_err(|e| Error::io(format!("writing {}", Self::path(dir).display()), e))
-    }
-
-    /// Reads the record of the machine in `dir`.
-    pub fn load(dir: &Path) -> Result<Record> {
-        let p = Self::path(dir);
-        let body = std::fs::read(&p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::NotFound {
-                what: format!(
-                    "machine {:?}",
-                    dir.file_name().unwrap_or_default().to_string_lossy()
-                ),
-            },
-            _ => Error::io(format!("reading {}", p.display()), e),
-        })?;
-        serde_json::from_slice(&body).map_err(|e| Error::Io {
-            context: format!("parsing {}", p.display()),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        })
+    /// Whether the owning process is alive.
+    pub fn owner_alive(&self) -> bool {
+        self.owner.is_some_and(|p| p.alive())
     }
 }
 
 /// Whether `pid` is a live (not zombie) process.
 pub fn pid_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // state is the first field after the parenthesised command name
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
-    !matches!(state, None | Some('Z') | Some('X'))
+    ProcId::of(pid).is_some()
 }
 
 /// Seconds since the epoch.
@@ -96,31 +130,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn save_load_roundtrip_and_missing() {
-        let d = tempfile::tempdir().unwrap();
-        let r = Record {
-            name: "a".into(),
-            pid: Some(1),
-            cpus: 1,
-            memory_mb: 256,
-            accel: "tcg".into(),
-            accel_reason: "test".into(),
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            flavor: "smol".into(),
-            detach: false,
-            labels: BTreeMap::new(),
-            created_unix: 5,
+    fn process_identity() {
+        let me = ProcId::current();
+        assert!(me.alive());
+        let recycled = ProcId {
+            pid: me.pid,
+            start: me.start + 1,
         };
-        r.save(d.path()).unwrap();
-        assert_eq!(Record::load(d.path()).unwrap(), r);
-        let e = Record::load(&d.path().join("nope")).unwrap_err();
-        assert!(matches!(e, Error::NotFound { .. }));
-    }
-
-    #[test]
-    fn liveness() {
+        assert!(!recycled.alive());
+        assert!(ProcId::of(u32::MAX - 1).is_none());
         assert!(pid_alive(std::process::id()));
-        assert!(!pid_alive(u32::MAX - 1));
     }
 }

@@ -23,6 +23,11 @@ pub struct VmSpec {
     pub accel: AccelChoice,
     /// The machine's directory: sockets and logs live here.
     pub dir: PathBuf,
+    /// The writable disk (qcow2), the upper layer of the guest's root.
+    pub disk: Option<PathBuf>,
+    /// The guest powers itself off when the host has been away this long (machines that must
+    /// not outlive their process); `None` for detached machines.
+    pub linger_ms: Option<u64>,
 }
 
 impl VmSpec {
@@ -174,6 +179,12 @@ pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
             words.push(format!("tsc_early_khz={khz}"));
         }
     }
+    if spec.disk.is_some() {
+        words.push("smol.disk=1".into());
+    }
+    if let Some(ms) = spec.linger_ms {
+        words.push(format!("smol.linger_ms={ms}"));
+    }
     words.push(format!("smol.name={}", spec.name));
     words.join(" ")
 }
@@ -229,6 +240,20 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", spec.qmp_socket().display()),
     ]);
+    if let Some(disk) = &spec.disk {
+        a.extend([
+            "-drive".into(),
+            format!(
+                "if=none,id=disk0,file={},format=qcow2,cache=writeback,discard=unmap",
+                disk.display()
+            ),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive=disk0,serial={}",
+                super::disk::SERIAL
+            ),
+        ]);
+    }
     a
 }
 
@@ -337,6 +362,8 @@ mod tests {
                 reason: String::new(),
             },
             dir: "/run/m1".into(),
+            disk: Some("/home/m1/disk.qcow2".into()),
+            linger_ms: Some(3000),
         }
     }
 
@@ -355,6 +382,9 @@ mod tests {
         assert!(cmdline.contains("tsc_early_khz=2596118"));
         assert!(cmdline.contains("noapictimer"));
         assert!(cmdline.ends_with("smol.name=m1"));
+        assert!(cmdline.contains("smol.disk=1") && cmdline.contains("smol.linger_ms=3000"));
+        assert!(joined.contains("file=/home/m1/disk.qcow2,format=qcow2"));
+        assert!(joined.contains("serial=smol-disk"));
     }
 
     #[test]

@@ -1,0 +1,121 @@
+//! The per-machine writable disk: a qcow2 overlay over a formatted, sparse ext4 template made
+//! once per size. Creating a machine's disk is then a `qemu-img create` (milliseconds), and the
+//! qcow2 layer is what later snapshots build on.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::error::{Error, Result};
+
+/// Label of the ext4 file system; the agent finds the disk by the virtio-blk serial instead.
+pub const SERIAL: &str = "smol-disk";
+
+fn run(cmd: &mut Command, what: &str, path: &Path) -> Result<()> {
+    let out = cmd.output().map_err(|e| Error::Storage {
+        path: path.to_path_buf(),
+        message: format!("{what}: {e} (is it installed?)"),
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if stderr.contains("No space left") {
+        Err(Error::NoSpace {
+            detail: format!("{what} {}: {stderr}", path.display()),
+        })
+    } else {
+        Err(Error::Storage {
+            path: path.to_path_buf(),
+            message: format!("{what} failed: {stderr}"),
+        })
+    }
+}
+
+/// The formatted template of `size_gb` GiB under `<home>/templates`, made on first use.
+pub fn template(home: &Path, size_gb: u32) -> Result<PathBuf> {
+    let dir = home.join("templates");
+    let path = dir.join(format!("ext4-{size_gb}g.raw"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Storage {
+        path: dir.clone(),
+        message: e.to_string(),
+    })?;
+    let tmp = dir.join(format!(".ext4-{size_gb}g.{}.tmp", std::process::id()));
+    let f = std::fs::File::create(&tmp).map_err(|e| Error::Storage {
+        path: tmp.clone(),
+        message: e.to_string(),
+    })?;
+    f.set_len(u64::from(size_gb) << 30)
+        .map_err(|e| Error::Storage {
+            path: tmp.clone(),
+            message: e.to_string(),
+        })?;
+    drop(f);
+    let made = run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", SERIAL, "-m", "0"])
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(&tmp),
+        "mkfs.ext4",
+        &tmp,
+    );
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| Error::Storage {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(path)
+}
+
+/// Creates the machine's disk at `path` over the template of `size_gb`.
+pub fn create(home: &Path, path: &Path, size_gb: u32) -> Result<()> {
+    let base = template(home, size_gb)?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::Storage {
+            path: parent.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(path),
+        "qemu-img create",
+        path,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_over_a_shared_template() {
+        let home = tempfile::tempdir().unwrap();
+        let d1 = home.path().join("m/a/disk.qcow2");
+        let d2 = home.path().join("m/b/disk.qcow2");
+        create(home.path(), &d1, 1).unwrap();
+        create(home.path(), &d2, 1).unwrap();
+        let t = template(home.path(), 1).unwrap();
+        // sparse: a 1 GiB template takes a few MiB
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&t).unwrap().blocks() * 512 < 64 << 20);
+        let info = Command::new("qemu-img")
+            .arg("info")
+            .arg(&d1)
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&info.stdout);
+        assert!(
+            info.contains("qcow2") && info.contains("backing file"),
+            "{info}"
+        );
+        assert!(d2.exists());
+    }
+}
