@@ -34,6 +34,8 @@ fn spec(dir: &std::path::Path, name: &str) -> VmSpec {
         assets: assets::resolve().expect("assets: run `make setup`"),
         accel: accel::detect().expect("accelerator"),
         dir: dir.to_path_buf(),
+        disk: None,
+        linger_ms: None,
     }
 }
 
@@ -166,7 +168,7 @@ async fn main() {
         .prefix("smb")
         .tempdir_in("/tmp")
         .unwrap();
-    let engine = LocalBackend::from_env().with_run_dir(tmp.path());
+    let engine = LocalBackend::at(tmp.path());
     let choice = accel::detect().unwrap();
     println!("accelerator: {} ({})", choice.accel.as_str(), choice.reason);
 
