@@ -82,37 +82,48 @@ impl AgentConn {
     /// Accepts the VM's connection on `listener` and waits for a compatible hello.
     pub async fn accept(listener: &UnixListener, deadline: Duration) -> Result<Self, ConnectError> {
         tokio::time::timeout(deadline, async {
-            let (sock, _) = listener.accept().await?;
-            let (r, w) = sock.into_split();
-            let (mux, mut incoming) = Mux::spawn(r, w);
-            // Our hello first: an agent still in a session with a previous host takes it as the
-            // start of a new session and answers with its own. Nothing else is sent until then.
-            let _ = mux.send_hello(Hello {
-                version: PROTOCOL_VERSION,
-                software: env!("CARGO_PKG_VERSION").to_string(),
-                kernel: String::new(),
-                uptime_ms: 0,
-            });
-            let hello = loop {
-                match incoming.recv().await {
-                    Some(Incoming::Hello(h)) => break h,
-                    Some(Incoming::Open(..)) => continue,
-                    None => return Err(ConnectError::Closed),
+            loop {
+                let (sock, _) = listener.accept().await?;
+                match Self::greet(sock).await {
+                    // A connection that ends before the hello is a stale attempt (QEMU's own
+                    // reconnect racing a chardev swap): wait for the next one.
+                    Err(ConnectError::Closed) => continue,
+                    other => return other,
                 }
-            };
-            if !smol_protocol::compatible(hello.version) {
-                mux.close("incompatible agent");
-                return Err(ConnectError::Version {
-                    agent: hello.version,
-                    host: PROTOCOL_VERSION,
-                });
             }
-            // Keep draining the incoming queue so it never grows (the agent opens no streams).
-            tokio::spawn(async move { while incoming.recv().await.is_some() {} });
-            Ok(AgentConn { mux, hello })
         })
         .await
         .map_err(|_| ConnectError::Timeout(deadline))?
+    }
+
+    async fn greet(sock: tokio::net::UnixStream) -> Result<Self, ConnectError> {
+        let (r, w) = sock.into_split();
+        let (mux, mut incoming) = Mux::spawn(r, w);
+        // Our hello first: an agent still in a session with a previous host takes it as the
+        // start of a new session and answers with its own. Nothing else is sent until then.
+        let _ = mux.send_hello(Hello {
+            version: PROTOCOL_VERSION,
+            software: env!("CARGO_PKG_VERSION").to_string(),
+            kernel: String::new(),
+            uptime_ms: 0,
+        });
+        let hello = loop {
+            match incoming.recv().await {
+                Some(Incoming::Hello(h)) => break h,
+                Some(Incoming::Open(..)) => continue,
+                None => return Err(ConnectError::Closed),
+            }
+        };
+        if !smol_protocol::compatible(hello.version) {
+            mux.close("incompatible agent");
+            return Err(ConnectError::Version {
+                agent: hello.version,
+                host: PROTOCOL_VERSION,
+            });
+        }
+        // Keep draining the incoming queue so it never grows (the agent opens no streams).
+        tokio::spawn(async move { while incoming.recv().await.is_some() {} });
+        Ok(AgentConn { mux, hello })
     }
 
     /// Ends the connection from the host side.

@@ -42,7 +42,11 @@ pub fn template(home: &Path, size_gb: u32) -> Result<PathBuf> {
         path: dir.clone(),
         message: e.to_string(),
     })?;
-    let tmp = dir.join(format!(".ext4-{size_gb}g.{}.tmp", std::process::id()));
+    let tmp = dir.join(format!(
+        ".ext4-{size_gb}g.{}.{:08x}.tmp",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let f = std::fs::File::create(&tmp).map_err(|e| Error::Storage {
         path: tmp.clone(),
         message: e.to_string(),
@@ -65,11 +69,18 @@ pub fn template(home: &Path, size_gb: u32) -> Result<PathBuf> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, &path).map_err(|e| Error::Storage {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    Ok(path)
+    // Publish without ever replacing a template that disks may already be layered on (each
+    // mkfs makes a different file system): the first to link it wins, the others use it.
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(path),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(path),
+        Err(e) => Err(Error::Storage {
+            path: path.clone(),
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// Creates the machine's disk at `path` over the template of `size_gb`.
@@ -94,6 +105,22 @@ pub fn create(home: &Path, path: &Path, size_gb: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_first_use_makes_one_template() {
+        let home = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| template(home.path(), 1).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(paths.windows(2).all(|w| w[0] == w[1]));
+        let left: Vec<_> = std::fs::read_dir(home.path().join("templates"))
+            .unwrap()
+            .collect();
+        assert_eq!(left.len(), 1, "temporary files left: {left:?}");
+    }
 
     #[test]
     fn disk_over_a_shared_template() {
