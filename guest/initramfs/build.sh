@@ -38,7 +38,7 @@ if [ -n "$moddir" ]; then
   dst="lib/modules/$release"
   mkdir -p "$dst"
   order=""
-  for m in virtio_ring virtio virtio_mmio virtio_console virtio_blk virtio-rng virtio_net; do
+  for m in virtio_ring virtio virtio_mmio virtio_console virtio_blk virtio-rng virtio_net overlay fuse virtiofs; do
     f=$(find "$moddir" -name "$m.ko" -o -name "${m//-/_}.ko" | head -1)
     [ -n "$f" ] || { echo "error: module $m not found under $moddir" >&2; exit 1; }
     cp "$f" "$dst/"

@@ -36,6 +36,7 @@ fn spec(dir: &std::path::Path, name: &str) -> VmSpec {
         dir: dir.to_path_buf(),
         disk: None,
         linger_ms: None,
+        mounts: vec![],
     }
 }
 

@@ -434,3 +434,117 @@ async fn written_files_survive_stop_and_start() {
     assert_eq!(r.stdout.trim(), "0");
     m.delete().await.unwrap();
 }
+
+#[tokio::test]
+async fn mounts_share_host_directories_and_nothing_else() {
+    use smolmachines::MountSpec;
+    let h = home();
+    let engine = engine_at(h.path());
+    let root = h.path().join("share");
+    let (rw, ro) = (root.join("rw"), root.join("ro"));
+    std::fs::create_dir_all(rw.join("sub")).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(rw.join("hello.txt"), "from the host\n").unwrap();
+    std::fs::write(ro.join("keep.txt"), "read only\n").unwrap();
+    std::fs::write(root.join("outside.txt"), "secret\n").unwrap();
+    std::os::unix::fs::symlink("/etc", rw.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../outside.txt", rw.join("rel-link")).unwrap();
+
+    // bad sources are typed errors at create
+    for (src, what) in [("relative/dir", "relative"), ("/no/such/dir", "missing")] {
+        let mut cfg = config(None);
+        cfg.mounts = vec![MountSpec {
+            source: src.into(),
+            target: "/w".into(),
+            read_only: false,
+        }];
+        let e = engine.create_machine(cfg).await.unwrap_err();
+        assert!(matches!(e, Error::MountSource { .. }), "{what}: {e:?}");
+    }
+    let mut cfg = config(None);
+    let file = rw.join("hello.txt").display().to_string();
+    cfg.mounts = vec![MountSpec {
+        source: file,
+        target: "/w".into(),
+        read_only: false,
+    }];
+    assert!(matches!(
+        engine.create_machine(cfg).await.unwrap_err(),
+        Error::MountSource { .. }
+    ));
+
+    let mut cfg = config(Some("mounted"));
+    cfg.mounts = vec![
+        MountSpec {
+            source: rw.display().to_string(),
+            target: "/work".into(),
+            read_only: false,
+        },
+        MountSpec {
+            source: ro.display().to_string(),
+            target: "/ro".into(),
+            read_only: true,
+        },
+    ];
+    let m = engine.create_machine(cfg).await.unwrap();
+    assert_eq!(
+        run(&m, "cat /work/hello.txt").await.stdout,
+        "from the host\n"
+    );
+    assert_eq!(
+        run(&m, "echo from the guest > /work/sub/new.txt; echo $?")
+            .await
+            .stdout,
+        "0\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rw.join("sub/new.txt")).unwrap(),
+        "from the guest\n"
+    );
+
+    // symlinks and .. resolve inside the guest, never to host paths outside the source
+    assert_eq!(
+        run(&m, "cat /work/abs-link/hostname").await.stdout,
+        "mounted\n"
+    );
+    let r = run(
+        &m,
+        "cat /work/rel-link; cat /work/../outside.txt; ls /work/..",
+    )
+    .await;
+    assert!(
+        !r.stdout.contains("secret") && !r.stderr.contains("secret"),
+        "{r:?}"
+    );
+
+    // read-only is enforced by the host: even after the guest remounts read-write
+    let r = run(&m, "echo x > /ro/keep.txt; echo rc=$?").await;
+    assert!(
+        r.stdout.contains("rc=1") || r.stdout.contains("rc=2"),
+        "{r:?}"
+    );
+    let r = run(
+        &m,
+        "mount -o remount,rw /ro; echo x > /ro/keep.txt; echo rc=$?; touch /ro/new; echo rc=$?",
+    )
+    .await;
+    assert!(!r.stdout.contains("rc=0"), "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(ro.join("keep.txt")).unwrap(),
+        "read only\n"
+    );
+    assert!(!ro.join("new").exists());
+
+    let run_dir = engine.run_dir().join("machines/mounted");
+    m.delete().await.unwrap();
+    assert!(!run_dir.exists());
+    // the virtiofsd daemons are gone with the machine
+    let daemons = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).to_string())
+        .filter(|c| c.contains("virtiofsd") && c.contains(&run_dir.display().to_string()))
+        .count();
+    assert_eq!(daemons, 0);
+}

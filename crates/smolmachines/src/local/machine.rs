@@ -46,6 +46,8 @@ pub(crate) struct Inner {
     vm: Mutex<Option<Vm>>,
     /// Published-port listeners.
     ports: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Helper processes of the running VM (virtiofsd per mount).
+    helpers: Mutex<Vec<std::process::Child>>,
     /// Lets the port listeners notice the machine is gone.
     alive: Arc<()>,
     /// Held while this process drives the machine (flock on `attach.lock`).
@@ -143,6 +145,7 @@ impl LocalMachine {
                 conn: Mutex::new(None),
                 vm: Mutex::new(None),
                 ports: Mutex::new(Vec::new()),
+                helpers: Mutex::new(Vec::new()),
                 alive: Arc::new(()),
                 _lock: p.lock,
             }),
@@ -158,6 +161,13 @@ impl LocalMachine {
         };
         let tasks = super::ports::serve(listeners, Arc::downgrade(&self.inner.alive), conn);
         self.inner.ports.lock().expect("ports lock").extend(tasks);
+    }
+
+    fn stop_helpers(inner: &Inner) {
+        for mut h in inner.helpers.lock().expect("helpers lock").drain(..) {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
     }
 
     fn save_record(&self, f: impl FnOnce(&mut Record)) {
@@ -249,6 +259,7 @@ impl LocalMachine {
             }
             let _ = std::fs::remove_file(inner.spec.agent_socket());
             let _ = std::fs::remove_file(inner.spec.qmp_socket());
+            Self::stop_helpers(&inner);
             let rec = {
                 let mut rec = inner.record.lock().expect("record lock");
                 rec.vmm = None;
@@ -263,6 +274,22 @@ impl LocalMachine {
     /// Starts the VMM and waits for the agent's hello.
     pub(crate) async fn boot(&self) -> Result<()> {
         let listener = self.bind_agent_socket()?;
+        let mounts = self
+            .inner
+            .record
+            .lock()
+            .expect("record lock")
+            .mounts
+            .clone();
+        for (i, m) in mounts.iter().enumerate() {
+            match super::mounts::spawn(&self.inner.spec.dir, i, m) {
+                Ok(child) => self.inner.helpers.lock().expect("helpers lock").push(child),
+                Err(e) => {
+                    Self::stop_helpers(&self.inner);
+                    return Err(e);
+                }
+            }
+        }
         let mut child = self
             .inner
             .vmm
@@ -481,6 +508,7 @@ impl LocalMachine {
     /// Kills the VM and removes everything of the machine: processes, sockets, disk, record.
     pub(crate) async fn destroy(&self) {
         self.kill_and_wait().await;
+        Self::stop_helpers(&self.inner);
         self.set_state(MachineState::Deleted);
         for t in self.inner.ports.lock().expect("ports lock").drain(..) {
             t.abort();
@@ -607,6 +635,10 @@ impl Drop for Inner {
                 // SAFETY: signals the VMM process this machine started; no memory involved.
                 unsafe { libc::kill(vm.pid as i32, libc::SIGKILL) };
             }
+        }
+        for mut h in self.helpers.lock().expect("helpers lock").drain(..) {
+            let _ = h.kill();
+            let _ = h.wait();
         }
         let _ = std::fs::remove_dir_all(&self.spec.dir);
         let _ = std::fs::remove_dir_all(&self.home_dir);

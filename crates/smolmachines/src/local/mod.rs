@@ -6,6 +6,7 @@ pub mod agent;
 pub mod assets;
 pub mod disk;
 mod machine;
+pub mod mounts;
 mod ports;
 pub mod qmp;
 pub mod record;
@@ -251,6 +252,11 @@ impl LocalBackend {
             dir: self.machine_run_dir(&rec.name),
             disk: Some(self.machine_home_dir(&rec.name).join("disk.qcow2")),
             linger_ms: (!rec.detach).then(|| LINGER.as_millis() as u64),
+            mounts: rec
+                .mounts
+                .iter()
+                .map(|m| (m.target.clone(), m.read_only))
+                .collect(),
         }
     }
 
@@ -259,11 +265,6 @@ impl LocalBackend {
         if config.image.is_some() {
             return Err(Error::NotSupported {
                 message: "machines from images are not supported by the local engine yet".into(),
-            });
-        }
-        if !config.mounts.is_empty() {
-            return Err(Error::NotSupported {
-                message: "mounts are not supported by the local engine yet".into(),
             });
         }
         if config.resources.network.or(config.network) == Some(true) {
@@ -299,6 +300,7 @@ impl LocalBackend {
                 )));
             }
         }
+        let mounts = mounts::validate(&config.mounts)?;
         let name = match config.name {
             Some(n) => {
                 crate::config::validate_name(&n)?;
@@ -344,7 +346,7 @@ impl LocalBackend {
             detach,
             labels: config.labels.clone(),
             ports: config.ports.iter().map(|p| (p.host, p.guest)).collect(),
-            mounts: vec![],
+            mounts,
             network: false,
             created_unix: now_unix(),
             vmm: None,

@@ -28,6 +28,8 @@ pub struct VmSpec {
     /// The guest powers itself off when the host has been away this long (machines that must
     /// not outlive their process); `None` for detached machines.
     pub linger_ms: Option<u64>,
+    /// virtio-fs shares: (guest target, read-only), served on `mounts::socket(dir, i)`.
+    pub mounts: Vec<(String, bool)>,
 }
 
 impl VmSpec {
@@ -185,16 +187,28 @@ pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
     if let Some(ms) = spec.linger_ms {
         words.push(format!("smol.linger_ms={ms}"));
     }
+    for (i, (target, ro)) in spec.mounts.iter().enumerate() {
+        let tag = super::mounts::tag(i);
+        words.push(format!(
+            "smol.mount={tag}:{target}{}",
+            if *ro { ":ro" } else { "" }
+        ));
+    }
     words.push(format!("smol.name={}", spec.name));
     words.join(" ")
 }
 
 /// The full QEMU argument list for a spec.
 pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
-    let machine = match spec.assets.flavor {
+    let mut machine = match spec.assets.flavor {
         KernelFlavor::Smol => "microvm,acpi=off",
         KernelFlavor::DebianCloud => "microvm",
-    };
+    }
+    .to_string();
+    // vhost-user (virtiofsd) needs guest RAM it can map: a shared memfd
+    if !spec.mounts.is_empty() {
+        machine.push_str(",memory-backend=mem");
+    }
     let mut a: Vec<String> = vec![
         "-M".into(),
         machine.into(),
@@ -240,6 +254,29 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", spec.qmp_socket().display()),
     ]);
+    if !spec.mounts.is_empty() {
+        a.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                spec.memory_mb
+            ),
+        ]);
+        for i in 0..spec.mounts.len() {
+            a.extend([
+                "-chardev".into(),
+                format!(
+                    "socket,id=fs{i},path={}",
+                    super::mounts::socket(&spec.dir, i).display()
+                ),
+                "-device".into(),
+                format!(
+                    "vhost-user-fs-device,chardev=fs{i},tag={}",
+                    super::mounts::tag(i)
+                ),
+            ]);
+        }
+    }
     if let Some(disk) = &spec.disk {
         a.extend([
             "-drive".into(),
@@ -364,6 +401,7 @@ mod tests {
             dir: "/run/m1".into(),
             disk: Some("/home/m1/disk.qcow2".into()),
             linger_ms: Some(3000),
+            mounts: vec![("/work".into(), true)],
         }
     }
 
@@ -385,6 +423,10 @@ mod tests {
         assert!(cmdline.contains("smol.disk=1") && cmdline.contains("smol.linger_ms=3000"));
         assert!(joined.contains("file=/home/m1/disk.qcow2,format=qcow2"));
         assert!(joined.contains("serial=smol-disk"));
+        assert!(joined.contains("microvm,acpi=off,memory-backend=mem"));
+        assert!(joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
+        assert!(joined.contains("vhost-user-fs-device,chardev=fs0,tag=smolfs0"));
+        assert!(cmdline.contains("smol.mount=smolfs0:/work:ro"));
     }
 
     #[test]

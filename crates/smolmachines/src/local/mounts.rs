@@ -1,0 +1,188 @@
+//! Host directories shared with the guest over virtio-fs: one `virtiofsd` per mount, started
+//! before QEMU and ending with it. The daemon pivots into the shared directory, so nothing
+//! outside it is reachable from the guest (symlinks and `..` resolve inside); a read-only mount
+//! is a read-only bind mount in the daemon's own mount namespace, so the host enforces it, not
+//! the guest.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::record::MountRecord;
+use crate::config::MountSpec;
+use crate::error::{Error, Result};
+
+/// The virtiofsd binary: `SMOL_VIRTIOFSD`, else Debian QEMU's.
+pub fn virtiofsd() -> PathBuf {
+    std::env::var_os("SMOL_VIRTIOFSD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/qemu/virtiofsd"))
+}
+
+/// Checks mount specs and resolves their sources.
+pub fn validate(specs: &[MountSpec]) -> Result<Vec<MountRecord>> {
+    let mut out: Vec<MountRecord> = Vec::new();
+    for m in specs {
+        let bad = |reason: &str| Error::MountSource {
+            source_path: m.source.clone(),
+            reason: reason.to_string(),
+        };
+        if !m.source.starts_with('/') {
+            return Err(bad("the host path must be absolute"));
+        }
+        let meta = std::fs::metadata(&m.source).map_err(|e| bad(&e.to_string()))?;
+        if !meta.is_dir() {
+            return Err(bad("not a directory (only directories can be mounted)"));
+        }
+        let source = std::fs::canonicalize(&m.source).map_err(|e| bad(&e.to_string()))?;
+        let t = &m.target;
+        if !t.starts_with('/') || t == "/" || t.contains(|c: char| c == ':' || c.is_whitespace()) {
+            return Err(Error::invalid(format!(
+                "mount target {t:?} must be an absolute guest path other than /, without ':' or spaces"
+            )));
+        }
+        if out.iter().any(|o| &o.target == t) {
+            return Err(Error::invalid(format!("two mounts on {t}")));
+        }
+        out.push(MountRecord {
+            source,
+            target: t.clone(),
+            read_only: m.read_only,
+        });
+    }
+    if !out.is_empty() && !virtiofsd().is_file() {
+        return Err(Error::MountSource {
+            source_path: out[0].source.display().to_string(),
+            reason: format!(
+                "{} not found (Debian: apt-get install qemu-system-x86; or set SMOL_VIRTIOFSD)",
+                virtiofsd().display()
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// Tag of mount `i` (what the guest mounts).
+pub fn tag(i: usize) -> String {
+    format!("smolfs{i}")
+}
+
+/// Socket of mount `i` in the machine directory.
+pub fn socket(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("fs{i}.sock"))
+}
+
+/// Starts the daemon of mount `i` and waits for its socket.
+pub fn spawn(dir: &Path, i: usize, m: &MountRecord) -> Result<Child> {
+    let sock = socket(dir, i);
+    let _ = std::fs::remove_file(&sock);
+    let log_path = dir.join(format!("virtiofsd{i}.log"));
+    let log = std::fs::File::create(&log_path).map_err(|e| Error::io("virtiofsd log", e))?;
+    let daemon = virtiofsd();
+    let mut cmd = if m.read_only {
+        let point = dir.join(format!("ro{i}"));
+        std::fs::create_dir_all(&point).map_err(|e| Error::io("mount point", e))?;
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(
+                "mount --bind \"$1\" \"$2\" && mount -o remount,bind,ro \"$2\" && \
+                 exec \"$3\" --socket-path=\"$4\" -o source=\"$2\" -o cache=auto -o sandbox=namespace",
+            )
+            .arg("smol-virtiofsd")
+            .arg(&m.source)
+            .arg(&point)
+            .arg(&daemon)
+            .arg(&sock);
+        c
+    } else {
+        let mut c = Command::new(&daemon);
+        c.arg(format!("--socket-path={}", sock.display()))
+            .arg("-o")
+            .arg(format!("source={}", m.source.display()))
+            .args(["-o", "cache=auto", "-o", "sandbox=namespace"]);
+        c
+    };
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; the daemon gets its own session like the VMM.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| Error::MountSource {
+        source_path: m.source.display().to_string(),
+        reason: format!("starting {}: {e}", daemon.display()),
+    })?;
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::MountSource {
+                source_path: m.source.display().to_string(),
+                reason: format!(
+                    "virtiofsd exited ({status}): {}",
+                    super::vmm::tail(&log_path, 5)
+                ),
+            });
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            return Err(Error::MountSource {
+                source_path: m.source.display().to_string(),
+                reason: "virtiofsd did not start within 10 s".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(child)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(source: &str, target: &str) -> MountSpec {
+        MountSpec {
+            source: source.into(),
+            target: target.into(),
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().to_str().unwrap();
+        let file = d.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        assert!(matches!(
+            validate(&[spec("rel/dir", "/w")]),
+            Err(Error::MountSource { .. })
+        ));
+        assert!(matches!(
+            validate(&[spec("/no/such/dir", "/w")]),
+            Err(Error::MountSource { .. })
+        ));
+        assert!(matches!(
+            validate(&[spec(file.to_str().unwrap(), "/w")]),
+            Err(Error::MountSource { .. })
+        ));
+        assert!(matches!(
+            validate(&[spec(src, "w")]),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            validate(&[spec(src, "/")]),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            validate(&[spec(src, "/w"), spec(src, "/w")]),
+            Err(Error::InvalidConfig { .. })
+        ));
+        if virtiofsd().is_file() {
+            let ok = validate(&[spec(src, "/w")]).unwrap();
+            assert_eq!(ok[0].source, std::fs::canonicalize(d.path()).unwrap());
+        }
+    }
+}
