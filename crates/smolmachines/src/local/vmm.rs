@@ -211,7 +211,7 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     }
     let mut a: Vec<String> = vec![
         "-M".into(),
-        machine.into(),
+        machine,
         "-global".into(),
         "virtio-mmio.force-legacy=false".into(),
     ];
