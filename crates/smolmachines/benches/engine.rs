@@ -160,6 +160,74 @@ fn row(what: &str, ours: f64, base: f64, unit: &str, target: &str) {
     );
 }
 
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// connect to a stopped persistent machine -> first exec, against a fresh create; and the host
+/// memory an idle machine costs beyond what its guest touched.
+async fn lifecycle(engine: &LocalBackend) {
+    let t = vec!["true".to_string()];
+    let opts = ExecOptions::default();
+    let mut fresh = Vec::new();
+    let mut connect = Vec::new();
+    for i in 0..BOOTS {
+        let t0 = Instant::now();
+        let m = engine
+            .create_machine(MachineConfig {
+                name: Some(format!("life-{i}")),
+                persistent: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        m.exec(&t, &opts).await.unwrap();
+        fresh.push(t0.elapsed().as_secs_f64());
+        m.stop().await.unwrap();
+        drop(m);
+        let t0 = Instant::now();
+        let c = engine.connect_machine(&format!("life-{i}")).await.unwrap();
+        c.exec(&t, &opts).await.unwrap();
+        connect.push(t0.elapsed().as_secs_f64());
+        if i == 0 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pid = c.pid().unwrap();
+            let rss = rss_kib(pid);
+            let r = c
+                .exec(
+                    &[
+                        "sh".into(),
+                        "-c".into(),
+                        "free | awk '/Mem:/{print $3}'".into(),
+                    ],
+                    &opts,
+                )
+                .await
+                .unwrap();
+            let used: u64 = r.stdout.trim().parse().unwrap_or(0);
+            println!(
+                "idle machine: QEMU RSS {} MiB, guest-used {} MiB, host overhead {} MiB",
+                rss / 1024,
+                used / 1024,
+                rss.saturating_sub(used) / 1024
+            );
+        }
+        c.delete().await.unwrap();
+    }
+    row(
+        "connect stopped persistent -> first exec",
+        median(connect),
+        median(fresh),
+        "s",
+        "info (baseline: fresh create)",
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -279,5 +347,5 @@ async fn main() {
         "MiB/s",
         ">= 0.8x",
     );
-    let _ = Duration::ZERO;
+    lifecycle(&engine).await;
 }
