@@ -18,6 +18,8 @@ pub struct Config {
     pub linger_ms: Option<u64>,
     /// virtio-fs shares to mount: (tag, guest path, read-only).
     pub mounts: Vec<(String, String, bool)>,
+    /// A virtio-net device backed by passt: configure eth0 (10.0.2.15/24 via 10.0.2.2).
+    pub net: bool,
 }
 
 fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
@@ -73,6 +75,8 @@ fn parse_cmdline(cmdline: &str) -> Config {
             cfg.mode = v.to_string();
         } else if word == "smol.disk=1" {
             cfg.disk = true;
+        } else if word == "smol.net=1" {
+            cfg.net = true;
         } else if let Some(v) = word.strip_prefix("smol.linger_ms=") {
             cfg.linger_ms = v.parse().ok();
         } else if let Some(v) = word.strip_prefix("smol.mount=") {
@@ -242,6 +246,25 @@ fn loopback_up() {
     }
 }
 
+/// Configures eth0 for the host's passt (static: no DHCP round trips at boot).
+fn network_up() {
+    let steps: [&[&str]; 3] = [
+        &["ip", "link", "set", "eth0", "up"],
+        &["ip", "addr", "add", "10.0.2.15/24", "dev", "eth0"],
+        &["ip", "route", "add", "default", "via", "10.0.2.2"],
+    ];
+    for args in steps {
+        match std::process::Command::new("/bin/busybox")
+            .args(args)
+            .status()
+        {
+            Ok(s) if s.success() => {}
+            other => eprintln!("smol-agent: {}: {other:?}", args.join(" ")),
+        }
+    }
+    let _ = fs::write("/etc/resolv.conf", "nameserver 10.0.2.3\n");
+}
+
 /// Prepares the guest system. Called once, by PID 1.
 pub fn setup() -> Config {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
@@ -282,6 +305,9 @@ pub fn setup() -> Config {
     let _ = fs::write("/etc/hostname", format!("{}\n", cfg.name));
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
     loopback_up();
+    if cfg.net {
+        network_up();
+    }
     for (tag, target, ro) in &cfg.mounts {
         let _ = fs::create_dir_all(target);
         let flags = if *ro { libc::MS_RDONLY } else { 0 };

@@ -37,6 +37,7 @@ fn spec(dir: &std::path::Path, name: &str) -> VmSpec {
         disk: None,
         linger_ms: None,
         mounts: vec![],
+        network: false,
     }
 }
 

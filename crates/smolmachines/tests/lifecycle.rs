@@ -548,3 +548,137 @@ async fn mounts_share_host_directories_and_nothing_else() {
         .count();
     assert_eq!(daemons, 0);
 }
+
+/// Two network namespaces of the test's own: "inner" runs the machine's passt (its loopback
+/// stands in for the host's), "outer" is a test host at 10.250.0.1 reached through a veth.
+/// No packet leaves them.
+struct NetLab {
+    inner: String,
+    outer: String,
+    servers: Vec<Child>,
+}
+
+impl NetLab {
+    fn ip(args: &[&str]) {
+        let st = Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip (iproute2) is needed");
+        assert!(
+            st.success(),
+            "ip {args:?} failed (the network test needs root)"
+        );
+    }
+
+    fn new() -> NetLab {
+        let tag = format!("{:04x}", std::process::id() & 0xffff);
+        let (inner, outer) = (format!("smoli{tag}"), format!("smolo{tag}"));
+        let (vi, vo) = (format!("svi{tag}"), format!("svo{tag}"));
+        let _ = Command::new("ip").args(["netns", "del", &inner]).status();
+        let _ = Command::new("ip").args(["netns", "del", &outer]).status();
+        Self::ip(&["netns", "add", &inner]);
+        Self::ip(&["netns", "add", &outer]);
+        Self::ip(&["link", "add", &vi, "type", "veth", "peer", "name", &vo]);
+        Self::ip(&["link", "set", &vi, "netns", &inner]);
+        Self::ip(&["link", "set", &vo, "netns", &outer]);
+        for (ns, dev, addr) in [
+            (&inner, &vi, "10.250.0.2/24"),
+            (&outer, &vo, "10.250.0.1/24"),
+        ] {
+            Self::ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            Self::ip(&["-n", ns, "link", "set", dev, "up"]);
+            Self::ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        Self::ip(&["-n", &inner, "route", "add", "default", "via", "10.250.0.1"]);
+        let serve = |ns: &str, port: &str, reply: &str| {
+            Command::new("ip")
+                .args([
+                    "netns", "exec", ns, "busybox", "nc", "-ll", "-p", port, "-e", "echo", reply,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let servers = vec![
+            serve(&outer, "9000", "egress-ok"),
+            serve(&inner, "9001", "loopback-leak"),
+        ];
+        NetLab {
+            inner,
+            outer,
+            servers,
+        }
+    }
+
+    /// A passt wrapper that runs it in the inner namespace.
+    fn passt_wrapper(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("passt-in-netns");
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\nexec ip netns exec {} passt \"$@\"\n",
+                self.inner
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+impl Drop for NetLab {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.inner])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.outer])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn network_is_off_by_default_and_never_reaches_host_loopback() {
+    let h = home();
+    let lab = NetLab::new();
+    let engine = engine_at(h.path()).with_passt(lab.passt_wrapper(h.path()));
+    std::thread::sleep(Duration::from_millis(300)); // servers listening
+
+    // default: no network device at all
+    let off = engine
+        .create_machine(config(Some("offline")))
+        .await
+        .unwrap();
+    // (sit0 is the kernel's built-in IPv6-in-IPv4 tunnel stub, not a way out)
+    let r = run(
+        &off,
+        "ls /sys/class/net | grep -v -e '^lo$' -e '^sit0$' | wc -l",
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "0", "{r:?}");
+    let r = run(&off, "nc -w 2 10.250.0.1 9000; echo rc=$?").await;
+    assert!(!r.stdout.contains("egress-ok"), "{r:?}");
+
+    let mut cfg = config(Some("online"));
+    cfg.network = Some(true);
+    let on = engine.create_machine(cfg).await.unwrap();
+    let r = run(&on, "ip -4 addr show eth0; cat /etc/resolv.conf").await;
+    assert!(
+        r.stdout.contains("10.0.2.15/24") && r.stdout.contains("nameserver 10.0.2.3"),
+        "{r:?}"
+    );
+    // egress to a host beyond the gateway works
+    let r = run(&on, "nc -w 5 10.250.0.1 9000").await;
+    assert_eq!(r.stdout.trim(), "egress-ok", "{r:?}");
+    // the gateway is not the host: services on the host's loopback stay out of reach
+    let r = run(&on, "nc -w 2 10.0.2.2 9001; echo rc=$?").await;
+    assert!(!r.stdout.contains("loopback-leak"), "{r:?}");
+    on.delete().await.unwrap();
+    off.delete().await.unwrap();
+}

@@ -35,6 +35,7 @@ pub(crate) struct Inner {
     pub(crate) spec: VmSpec,
     vmm: Arc<dyn Vmm>,
     db: Arc<StateDb>,
+    passt: PathBuf,
     /// `<home>/machines/<name>`: the disk.
     home_dir: PathBuf,
     /// Created by this process: a non-persistent machine then dies with its last handle.
@@ -117,6 +118,7 @@ pub(crate) struct Parts {
     pub spec: VmSpec,
     pub vmm: Arc<dyn Vmm>,
     pub db: Arc<StateDb>,
+    pub passt: PathBuf,
     pub home_dir: PathBuf,
     pub record: Record,
     pub ready_timeout: Duration,
@@ -137,6 +139,7 @@ impl LocalMachine {
                 spec: p.spec,
                 vmm: p.vmm,
                 db: p.db,
+                passt: p.passt,
                 home_dir: p.home_dir,
                 owned: p.owned,
                 ready_timeout: p.ready_timeout,
@@ -274,13 +277,14 @@ impl LocalMachine {
     /// Starts the VMM and waits for the agent's hello.
     pub(crate) async fn boot(&self) -> Result<()> {
         let listener = self.bind_agent_socket()?;
-        let mounts = self
-            .inner
-            .record
-            .lock()
-            .expect("record lock")
-            .mounts
-            .clone();
+        let (mounts, network) = {
+            let r = self.inner.record.lock().expect("record lock");
+            (r.mounts.clone(), r.network)
+        };
+        if network {
+            let child = super::net::spawn(&self.inner.spec.dir, &self.inner.passt)?;
+            self.inner.helpers.lock().expect("helpers lock").push(child);
+        }
         for (i, m) in mounts.iter().enumerate() {
             match super::mounts::spawn(&self.inner.spec.dir, i, m) {
                 Ok(child) => self.inner.helpers.lock().expect("helpers lock").push(child),

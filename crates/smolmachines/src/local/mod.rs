@@ -7,6 +7,7 @@ pub mod assets;
 pub mod disk;
 mod machine;
 pub mod mounts;
+pub mod net;
 mod ports;
 pub mod qmp;
 pub mod record;
@@ -89,6 +90,7 @@ pub struct LocalBackend {
     vmm: Arc<dyn Vmm>,
     assets: Option<assets::Assets>,
     db: Arc<OnceLock<Arc<StateDb>>>,
+    passt: Option<PathBuf>,
 }
 
 fn map_accel(e: AccelError) -> Error {
@@ -110,6 +112,7 @@ impl LocalBackend {
             vmm: Arc::new(Qemu::from_env()),
             assets: None,
             db: Arc::new(OnceLock::new()),
+            passt: None,
         }
     }
 
@@ -123,6 +126,7 @@ impl LocalBackend {
             vmm: Arc::new(Qemu::from_env()),
             assets: None,
             db: Arc::new(OnceLock::new()),
+            passt: None,
         }
     }
 
@@ -135,6 +139,12 @@ impl LocalBackend {
     /// The same engine booting these assets instead of resolving them from the environment.
     pub fn with_assets(mut self, assets: assets::Assets) -> Self {
         self.assets = Some(assets);
+        self
+    }
+
+    /// The same engine starting guest networking with this passt binary (or wrapper).
+    pub fn with_passt(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.passt = Some(binary.into());
         self
     }
 
@@ -257,6 +267,7 @@ impl LocalBackend {
                 .iter()
                 .map(|m| (m.target.clone(), m.read_only))
                 .collect(),
+            network: rec.network,
         }
     }
 
@@ -267,11 +278,7 @@ impl LocalBackend {
                 message: "machines from images are not supported by the local engine yet".into(),
             });
         }
-        if config.resources.network.or(config.network) == Some(true) {
-            return Err(Error::NotSupported {
-                message: "guest networking is not supported by the local engine yet".into(),
-            });
-        }
+        let network = config.resources.network.or(config.network) == Some(true);
         let cpus = config.resources.cpus.unwrap_or(DEFAULT_CPUS);
         if !(1..=64).contains(&cpus) {
             return Err(Error::invalid(format!("cpus must be 1..=64, got {cpus}")));
@@ -347,7 +354,7 @@ impl LocalBackend {
             labels: config.labels.clone(),
             ports: config.ports.iter().map(|p| (p.host, p.guest)).collect(),
             mounts,
-            network: false,
+            network,
             created_unix: now_unix(),
             vmm: None,
             owner: Some(ProcId::current()),
@@ -377,6 +384,7 @@ impl LocalBackend {
             spec: self.spec_for(&record),
             vmm: self.vmm.clone(),
             db: db.clone(),
+            passt: self.passt.clone().unwrap_or_else(net::passt),
             home_dir: home_dir.clone(),
             record,
             ready_timeout: config.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
@@ -415,6 +423,7 @@ impl LocalBackend {
             spec: self.spec_for(&record),
             vmm: self.vmm.clone(),
             db: db.clone(),
+            passt: self.passt.clone().unwrap_or_else(net::passt),
             home_dir: self.machine_home_dir(name),
             record,
             ready_timeout: ATTACH_TIMEOUT.max(DEFAULT_READY_TIMEOUT),

@@ -30,6 +30,8 @@ pub struct VmSpec {
     pub linger_ms: Option<u64>,
     /// virtio-fs shares: (guest target, read-only), served on `mounts::socket(dir, i)`.
     pub mounts: Vec<(String, bool)>,
+    /// A virtio-net device backed by passt on `net::socket(dir)`.
+    pub network: bool,
 }
 
 impl VmSpec {
@@ -187,6 +189,9 @@ pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
     if let Some(ms) = spec.linger_ms {
         words.push(format!("smol.linger_ms={ms}"));
     }
+    if spec.network {
+        words.push("smol.net=1".into());
+    }
     for (i, (target, ro)) in spec.mounts.iter().enumerate() {
         let tag = super::mounts::tag(i);
         words.push(format!(
@@ -276,6 +281,17 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
                 ),
             ]);
         }
+    }
+    if spec.network {
+        a.extend([
+            "-netdev".into(),
+            format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                super::net::socket(&spec.dir).display()
+            ),
+            "-device".into(),
+            "virtio-net-device,netdev=net0".into(),
+        ]);
     }
     if let Some(disk) = &spec.disk {
         a.extend([
@@ -402,6 +418,7 @@ mod tests {
             disk: Some("/home/m1/disk.qcow2".into()),
             linger_ms: Some(3000),
             mounts: vec![("/work".into(), true)],
+            network: false,
         }
     }
 
@@ -427,6 +444,15 @@ mod tests {
         assert!(joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
         assert!(joined.contains("vhost-user-fs-device,chardev=fs0,tag=smolfs0"));
         assert!(cmdline.contains("smol.mount=smolfs0:/work:ro"));
+        // no network device unless asked
+        assert!(!joined.contains("netdev") && !cmdline.contains("smol.net"));
+        let mut with_net = s.clone();
+        with_net.network = true;
+        let joined = qemu_args(&with_net, None).join(" ");
+        assert!(joined.contains(
+            "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/m1/net/passt.sock"
+        ));
+        assert!(kernel_cmdline(&with_net, None).contains("smol.net=1"));
     }
 
     #[test]

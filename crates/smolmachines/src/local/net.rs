@@ -1,0 +1,136 @@
+//! Guest networking, off unless asked. With `network: true` a `passt` process (one per machine,
+//! user-mode: no privileges, no host interfaces) gives the guest IPv4 egress and DNS forwarding.
+//! `--no-map-gw` keeps the gateway address from being mapped to the host, so the guest never
+//! reaches services on the host's loopback (QEMU's slirp maps 10.0.2.2 to it; TCG-NOTES §4).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Guest address, gateway and DNS forwarder (the agent configures the first three).
+pub const GUEST_ADDR: &str = "10.0.2.15";
+/// Gateway seen by the guest.
+pub const GATEWAY: &str = "10.0.2.2";
+/// DNS forwarder seen by the guest.
+pub const DNS: &str = "10.0.2.3";
+
+/// The passt binary: `SMOL_PASST`, else `passt` from `PATH`.
+pub fn passt() -> PathBuf {
+    std::env::var_os("SMOL_PASST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("passt"))
+}
+
+/// The socket QEMU's `-netdev stream` connects to. It lives in a directory of its own: passt
+/// started as root switches to `nobody` before it binds, so that directory belongs to nobody.
+pub fn socket(dir: &Path) -> PathBuf {
+    dir.join("net").join("passt.sock")
+}
+
+fn prepare_dir(sock: &Path) -> Result<()> {
+    let d = sock.parent().expect("socket has a directory");
+    std::fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("chmod {}", d.display()), e))?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // passt drops to nobody (65534) when run as root
+        std::os::unix::fs::chown(d, Some(65534), Some(65534))
+            .map_err(|e| Error::io(format!("chown {}", d.display()), e))?;
+    }
+    Ok(())
+}
+
+/// The passt arguments (tested: they decide what the guest can reach).
+pub fn args(sock: &Path) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-f",
+        "-q",
+        "-1",
+        "-4",
+        "--no-map-gw",
+        "-t",
+        "none",
+        "-u",
+        "none",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend([
+        "-s".into(),
+        sock.display().to_string(),
+        "-a".into(),
+        GUEST_ADDR.into(),
+        "-n".into(),
+        "24".into(),
+        "-g".into(),
+        GATEWAY.into(),
+        "-D".into(),
+        DNS.into(),
+        "--dns-forward".into(),
+        DNS.into(),
+    ]);
+    a
+}
+
+/// Starts passt for a machine and waits for its socket.
+pub fn spawn(dir: &Path, binary: &Path) -> Result<Child> {
+    let sock = socket(dir);
+    prepare_dir(&sock)?;
+    let _ = std::fs::remove_file(&sock);
+    let log_path = dir.join("passt.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| Error::io("passt log", e))?;
+    let mut cmd = Command::new(binary);
+    cmd.args(args(&sock))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; the helper gets its own session like the VMM.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let fail = |reason: String| Error::NotSupported {
+        message: format!("guest networking unavailable: {reason} (Debian: apt-get install passt)"),
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("starting {}: {e}", binary.display())))?;
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(fail(format!(
+                "passt exited ({status}): {}",
+                super::vmm::tail(&log_path, 5)
+            )));
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            return Err(fail("passt did not start within 10 s".into()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(child)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateway_is_never_the_host() {
+        let a = args(Path::new("/run/m/net/passt.sock"));
+        assert!(a.iter().any(|x| x == "--no-map-gw"));
+        assert!(a.windows(2).any(|w| w == ["-t", "none"]));
+        assert!(a.windows(2).any(|w| w == ["-u", "none"]));
+        assert!(a
+            .windows(2)
+            .any(|w| w[0] == "-s" && w[1] == "/run/m/net/passt.sock"));
+    }
+}
