@@ -459,7 +459,8 @@ mod tests {
     fn cloud_kernel_keeps_acpi_and_never_disables_the_apic_timer() {
         let s = spec(KernelFlavor::DebianCloud, Accel::Kvm);
         let a = qemu_args(&s, Some(1));
-        assert!(a.iter().any(|x| x == "microvm"));
+        let machine = &a[a.iter().position(|x| x == "-M").unwrap() + 1];
+        assert!(machine.starts_with("microvm") && !machine.contains("acpi=off"), "{machine}");
         assert!(a.join(" ").contains("-accel kvm -cpu host"));
         let cmdline = kernel_cmdline(&s, Some(1));
         assert!(!cmdline.contains("noapictimer"));
