@@ -460,7 +460,10 @@ mod tests {
         let s = spec(KernelFlavor::DebianCloud, Accel::Kvm);
         let a = qemu_args(&s, Some(1));
         let machine = &a[a.iter().position(|x| x == "-M").unwrap() + 1];
-        assert!(machine.starts_with("microvm") && !machine.contains("acpi=off"), "{machine}");
+        assert!(
+            machine.starts_with("microvm") && !machine.contains("acpi=off"),
+            "{machine}"
+        );
         assert!(a.join(" ").contains("-accel kvm -cpu host"));
         let cmdline = kernel_cmdline(&s, Some(1));
         assert!(!cmdline.contains("noapictimer"));
