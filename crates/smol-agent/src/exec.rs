@@ -76,6 +76,24 @@ fn check_workdir(workdir: &str) -> Result<(), RemoteError> {
     }
 }
 
+/// A command that cannot run ends as it would in a shell: a line on stderr and 126 / 127.
+async fn cannot_run(
+    tx: &StreamSender,
+    argv0: &str,
+    code: i32,
+    why: &str,
+) -> Result<Frame, RemoteError> {
+    let msg = format!("smol: {argv0}: {why}\n");
+    tx.send_data(Chan::Stderr, msg.as_bytes())
+        .await
+        .map_err(|e| RemoteError::new(ErrorKind::Io, e.to_string()))?;
+    Ok(Frame::Exit {
+        id: tx.id(),
+        code,
+        timed_out: false,
+    })
+}
+
 /// Runs the command of `req`, streaming its output on `stream`; returns the terminal frame.
 pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError> {
     let Stream { tx, mut rx } = stream;
@@ -93,15 +111,7 @@ pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError>
         .map(|(_, v)| v.as_str())
         .unwrap_or(DEFAULT_PATH);
     let Some(program) = resolve(&req.argv[0], path) else {
-        let msg = format!("smol: {}: command not found\n", req.argv[0]);
-        tx.send_data(Chan::Stderr, msg.as_bytes())
-            .await
-            .map_err(|e| RemoteError::new(ErrorKind::Io, e.to_string()))?;
-        return Ok(Frame::Exit {
-            id,
-            code: EXIT_NOT_FOUND,
-            timed_out: false,
-        });
+        return cannot_run(&tx, &req.argv[0], EXIT_NOT_FOUND, "command not found").await;
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.arg0(&req.argv[0])
@@ -132,15 +142,7 @@ pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError>
                 }
                 _ => (EXIT_CANNOT_EXECUTE, e.to_string()),
             };
-            let msg = format!("smol: {}: {why}\n", req.argv[0]);
-            tx.send_data(Chan::Stderr, msg.as_bytes())
-                .await
-                .map_err(|e| RemoteError::new(ErrorKind::Io, e.to_string()))?;
-            return Ok(Frame::Exit {
-                id,
-                code,
-                timed_out: false,
-            });
+            return cannot_run(&tx, &req.argv[0], code, &why).await;
         }
     };
     let mut guard = GroupGuard {

@@ -22,24 +22,13 @@ pub struct Config {
     pub net: bool,
 }
 
+/// Mounts, creating the target; failures are logged (an API file system already mounted is
+/// not one).
 fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
     let _ = fs::create_dir_all(target);
-    let c = |s: &str| CString::new(s).expect("no NUL in mount argument");
-    let (src_c, target_c, fstype_c, data_c) = (c(src), c(target), c(fstype), c(data));
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            src_c.as_ptr(),
-            target_c.as_ptr(),
-            fstype_c.as_ptr(),
-            flags,
-            data_c.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EBUSY) {
-            eprintln!("smol-agent: mount {fstype} on {target}: {err}");
+    if let Err(e) = mount_checked(src, target, fstype, flags, data) {
+        if !e.contains("busy") {
+            eprintln!("smol-agent: {e}");
         }
     }
 }
