@@ -11,6 +11,8 @@ use smolmachines::{
     ConnectOptions, Error, ExecEvent, ExecOptions, Machine, MachineConfig, PortSpec, ResourceSpec,
 };
 
+mod image;
+
 /// Exit code for errors of smol itself (as docker and podman do), distinct from a command's.
 const EXIT_SMOL_ERROR: u8 = 125;
 
@@ -58,6 +60,11 @@ enum Command {
     Machine {
         #[command(subcommand)]
         command: MachineCommand,
+    },
+    /// Manage the local image cache: pull, list, remove, prune.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
     },
     /// Show what this host can run: accelerator, kernel, QEMU, and why.
     Doctor,
@@ -278,6 +285,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 Ok(0)
             }
         },
+        Command::Image { command } => image::run(command).await,
         Command::Doctor => {
             let d = LocalBackend::from_env().doctor();
             match &d.accel {

@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod image;
 pub mod local;
 
 pub use backend::{Backend, ExecStream, Machine, MachineBackend};
