@@ -20,6 +20,9 @@ pub struct Config {
     pub mounts: Vec<(String, String, bool)>,
     /// A virtio-net device backed by passt: configure eth0 (10.0.2.15/24 via 10.0.2.2).
     pub net: bool,
+    /// File system type of a read-only image (virtio-blk serial `smol-image`) that replaces
+    /// the initramfs as the lower layer of the root.
+    pub image: Option<String>,
 }
 
 /// Mounts, creating the target; failures are logged (an API file system already mounted is
@@ -66,6 +69,8 @@ fn parse_cmdline(cmdline: &str) -> Config {
             cfg.disk = true;
         } else if word == "smol.net=1" {
             cfg.net = true;
+        } else if let Some(v) = word.strip_prefix("smol.image=") {
+            cfg.image = Some(v.to_string());
         } else if let Some(v) = word.strip_prefix("smol.linger_ms=") {
             cfg.linger_ms = v.parse().ok();
         } else if let Some(v) = word.strip_prefix("smol.mount=") {
@@ -157,7 +162,16 @@ fn chdir_chroot(dir: &str) -> std::io::Result<()> {
 
 /// Makes the machine's disk the writable layer of `/`: an overlay whose lower layer is the
 /// initramfs (fresh every boot) and whose upper layer lives on the disk (kept across boots).
-fn root_on_disk() -> Result<(), String> {
+fn root_on_disk(image: Option<&str>) -> Result<(), String> {
+    let lower = match image {
+        Some(fstype) => {
+            let dev = find_disk("smol-image").ok_or("no disk with serial smol-image")?;
+            fs::create_dir_all("/.smol/image").map_err(|e| e.to_string())?;
+            mount_checked(&dev, "/.smol/image", fstype, libc::MS_RDONLY, "")?;
+            "/.smol/image"
+        }
+        None => "/",
+    };
     let dev = find_disk("smol-disk").ok_or("no disk with serial smol-disk")?;
     fs::create_dir_all("/.smol/disk").map_err(|e| e.to_string())?;
     mount_checked(&dev, "/.smol/disk", "ext4", 0, "")?;
@@ -169,7 +183,7 @@ fn root_on_disk() -> Result<(), String> {
         "/.smol/root",
         "overlay",
         0,
-        "lowerdir=/,upperdir=/.smol/disk/upper,workdir=/.smol/disk/work",
+        &format!("lowerdir={lower},upperdir=/.smol/disk/upper,workdir=/.smol/disk/work"),
     )?;
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("/.smol/root{m}");
@@ -251,7 +265,6 @@ fn network_up() {
             other => eprintln!("smol-agent: {}: {other:?}", args.join(" ")),
         }
     }
-    let _ = fs::write("/etc/resolv.conf", "nameserver 10.0.2.3\n");
 }
 
 /// Prepares the guest system. Called once, by PID 1.
@@ -263,8 +276,13 @@ pub fn setup() -> Config {
     mount("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, "");
     let cfg = parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
     load_modules();
+    // Interfaces are kernel state: configure them while busybox (initramfs) is still the root.
+    loopback_up();
+    if cfg.net {
+        network_up();
+    }
     if cfg.disk {
-        if let Err(e) = root_on_disk() {
+        if let Err(e) = root_on_disk(cfg.image.as_deref()) {
             eprintln!("smol-agent: the machine disk is not usable ({e}); the root stays in memory");
         }
     }
@@ -293,9 +311,8 @@ pub fn setup() -> Config {
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
     let _ = fs::write("/etc/hostname", format!("{}\n", cfg.name));
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
-    loopback_up();
     if cfg.net {
-        network_up();
+        let _ = fs::write("/etc/resolv.conf", "nameserver 10.0.2.3\n");
     }
     for (tag, target, ro) in &cfg.mounts {
         let _ = fs::create_dir_all(target);

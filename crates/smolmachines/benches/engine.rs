@@ -38,6 +38,7 @@ fn spec(dir: &std::path::Path, name: &str) -> VmSpec {
         linger_ms: None,
         mounts: vec![],
         network: false,
+        image: None,
     }
 }
 

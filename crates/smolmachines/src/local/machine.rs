@@ -495,15 +495,19 @@ impl LocalMachine {
         }
     }
 
-    fn request(argv: &[String], opts: &ExecOptions) -> ExecRequest {
+    /// The agent request for a command: the image's environment under the caller's, and the
+    /// image's working directory unless the caller names one.
+    fn request(&self, argv: &[String], opts: &ExecOptions) -> ExecRequest {
+        let image = self.inner.record.lock().expect("record lock").image.clone();
+        let mut env = image.as_ref().map(|i| i.env.clone()).unwrap_or_default();
+        env.extend(opts.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         ExecRequest {
             argv: argv.to_vec(),
-            env: opts
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            workdir: opts.workdir.clone(),
+            env: env.into_iter().collect(),
+            workdir: opts
+                .workdir
+                .clone()
+                .or_else(|| image.and_then(|i| i.workdir)),
             timeout_ms: opts.timeout_ms(),
             stdin: opts.stdin.is_some(),
         }
@@ -535,7 +539,7 @@ impl MachineBackend for LocalMachine {
 
     async fn exec(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecResult> {
         let conn = self.conn("exec")?;
-        let fut = conn.exec(Self::request(argv, opts), opts.stdin.clone());
+        let fut = conn.exec(self.request(argv, opts), opts.stdin.clone());
         // Safety net if the guest cannot enforce the timeout (a wedged VM): give up 10 s later.
         let outcome = match opts.timeout {
             Some(t) => tokio::time::timeout(t + Duration::from_secs(10), fut)
@@ -559,7 +563,7 @@ impl MachineBackend for LocalMachine {
 
     async fn exec_stream(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecStream> {
         let conn = self.conn("exec")?;
-        match conn.exec_stream(Self::request(argv, opts), opts.stdin.clone()) {
+        match conn.exec_stream(self.request(argv, opts), opts.stdin.clone()) {
             Ok((rx, kill)) => Ok(ExecStream::new(rx, kill)),
             Err(e) => Err(self.map_err(e).await),
         }

@@ -268,16 +268,15 @@ impl LocalBackend {
                 .map(|m| (m.target.clone(), m.read_only))
                 .collect(),
             network: rec.network,
+            image: rec
+                .image
+                .as_ref()
+                .map(|i| (i.rootfs.clone(), i.fstype.clone())),
         }
     }
 
     /// Creates a machine and returns the concrete local handle.
     pub async fn create_machine(&self, config: MachineConfig) -> Result<LocalMachine> {
-        if config.image.is_some() {
-            return Err(Error::NotSupported {
-                message: "machines from images are not supported by the local engine yet".into(),
-            });
-        }
         let network = config.resources.network.or(config.network) == Some(true);
         let cpus = config.resources.cpus.unwrap_or(DEFAULT_CPUS);
         if !(1..=64).contains(&cpus) {
@@ -332,6 +331,30 @@ impl LocalBackend {
                 "the machine's socket path would be {sock_len} bytes (max {MAX_SOCKET_PATH}); set SMOL_RUN_DIR to a shorter directory"
             )));
         }
+        let image = match &config.image {
+            Some(reference) => {
+                let store = crate::image::ImageStore::open(&self.home)?;
+                let reference = reference.clone();
+                // The pull future is not Send (it borrows across awaits inside oci-client), so
+                // it runs to completion on a blocking thread of this runtime.
+                let rt = tokio::runtime::Handle::current();
+                let p = tokio::task::spawn_blocking(move || {
+                    rt.block_on(store.ensure(&reference, None))
+                })
+                .await
+                .map_err(|e| Error::Guest {
+                    message: format!("image preparation panicked: {e}"),
+                })??;
+                Some(record::ImageRecord {
+                    reference: p.info.reference.clone(),
+                    rootfs: p.rootfs.clone(),
+                    fstype: p.format.fstype().to_string(),
+                    env: p.config.env_map(),
+                    workdir: p.config.working_dir.clone().filter(|w| !w.is_empty()),
+                })
+            }
+            None => None,
+        };
         let db = self.db()?;
         self.reap()?;
         let detach = config.detach;
@@ -359,6 +382,7 @@ impl LocalBackend {
             vmm: None,
             owner: Some(ProcId::current()),
             booted: false,
+            image,
         };
         // Reserves the name: of two processes creating it, one wins.
         db.insert(&record)?;

@@ -53,6 +53,21 @@ pub struct MountRecord {
     pub read_only: bool,
 }
 
+/// The image a machine boots into.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageRecord {
+    /// Canonical reference.
+    pub reference: String,
+    /// Read-only block image of its root file system.
+    pub rootfs: PathBuf,
+    /// File system of that block image (`erofs`, `ext4`).
+    pub fstype: String,
+    /// Environment of the image config (commands get it under their own).
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the image config.
+    pub workdir: Option<String>,
+}
+
 /// Everything the engine keeps about one machine.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
@@ -98,6 +113,9 @@ pub struct Record {
     /// The VM has booted at least once.
     #[serde(default)]
     pub booted: bool,
+    /// The image whose root file system the machine runs in.
+    #[serde(default)]
+    pub image: Option<ImageRecord>,
 }
 
 impl Record {

@@ -246,6 +246,7 @@ mod tests {
             vmm: None,
             owner: None,
             booted: false,
+            image: None,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct VmSpec {
     pub mounts: Vec<(String, bool)>,
     /// A virtio-net device backed by passt on `net::socket(dir)`.
     pub network: bool,
+    /// Read-only root file system image and its type: the lower layer of the guest's root.
+    pub image: Option<(PathBuf, String)>,
 }
 
 impl VmSpec {
@@ -192,6 +194,9 @@ pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
     if spec.network {
         words.push("smol.net=1".into());
     }
+    if let Some((_, fstype)) = &spec.image {
+        words.push(format!("smol.image={fstype}"));
+    }
     for (i, (target, ro)) in spec.mounts.iter().enumerate() {
         let tag = super::mounts::tag(i);
         words.push(format!(
@@ -291,6 +296,17 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
             ),
             "-device".into(),
             "virtio-net-device,netdev=net0".into(),
+        ]);
+    }
+    if let Some((rootfs, _)) = &spec.image {
+        a.extend([
+            "-drive".into(),
+            format!(
+                "if=none,id=img0,file={},format=raw,readonly=on",
+                rootfs.display()
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=img0,serial=smol-image".into(),
         ]);
     }
     if let Some(disk) = &spec.disk {
@@ -419,6 +435,7 @@ mod tests {
             linger_ms: Some(3000),
             mounts: vec![("/work".into(), true)],
             network: false,
+            image: Some(("/img/r.erofs".into(), "erofs".into())),
         }
     }
 
@@ -444,6 +461,9 @@ mod tests {
         assert!(joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
         assert!(joined.contains("vhost-user-fs-device,chardev=fs0,tag=smolfs0"));
         assert!(cmdline.contains("smol.mount=smolfs0:/work:ro"));
+        assert!(cmdline.contains("smol.image=erofs"));
+        assert!(joined.contains("file=/img/r.erofs,format=raw,readonly=on"));
+        assert!(joined.contains("serial=smol-image"));
         // no network device unless asked
         assert!(!joined.contains("netdev") && !cmdline.contains("smol.net"));
         let mut with_net = s.clone();
