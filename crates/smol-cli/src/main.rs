@@ -47,6 +47,8 @@ struct ExecArgs {
 enum Command {
     /// Run one command in a fresh machine, then delete it. Exits with the command's exit code.
     Run {
+        /// Image to run the command in (pulled on first use); a bare machine when omitted.
+        image: Option<String>,
         /// vCPUs.
         #[arg(long)]
         cpus: Option<u32>,
@@ -207,9 +209,15 @@ fn resources(cpus: Option<u32>, memory: Option<u32>) -> ResourceSpec {
 async fn run(cli: Cli) -> Result<u8, Error> {
     let local = ConnectOptions::default();
     match cli.command {
-        Command::Run { cpus, memory, exec } => {
+        Command::Run {
+            image,
+            cpus,
+            memory,
+            exec,
+        } => {
             exec_options(&exec)?;
             let cfg = MachineConfig {
+                image,
                 resources: resources(cpus, memory),
                 ..Default::default()
             };

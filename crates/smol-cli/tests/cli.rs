@@ -217,3 +217,48 @@ fn doctor_says_which_accelerator_and_why() {
         .unwrap();
     assert!(text(&o.stdout).contains("accelerator: tcg (SMOL_ACCEL=tcg)"));
 }
+
+#[test]
+fn run_in_an_image_from_the_test_registry() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("bash")
+        .arg(root.join("scripts/test-registry.sh"))
+        .args(["start", "--watch", &std::process::id().to_string()])
+        .output()
+        .expect("scripts/test-registry.sh");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let port = text(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("PORT=").map(str::to_string))
+        .expect("PORT=");
+    let image = format!("127.0.0.1:{port}/library/python:3.12");
+    let d = run_dir();
+    let o = smol(d.path(), &["image", "pull", &image]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let ls = text(&smol(d.path(), &["image", "ls"]).stdout);
+    assert!(
+        ls.contains("library/python:3.12") && ls.contains("linux/amd64"),
+        "{ls}"
+    );
+    let o = smol(
+        d.path(),
+        &["run", &image, "--", "python3", "-c", "print(2**10)"],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "1024\n");
+    let o = smol(
+        d.path(),
+        &[
+            "run",
+            &format!("127.0.0.1:{port}/library/nope:1"),
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        text(&o.stderr).contains("library/nope:1"),
+        "{}",
+        text(&o.stderr)
+    );
+}
