@@ -54,6 +54,18 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
     fn url(&self) -> Option<String> {
         None
     }
+    /// Pulls an image into the engine's image cache (local only).
+    async fn pull_image(&self, _image: &str) -> Result<crate::image::ImageInfo> {
+        Err(Error::NotSupported {
+            message: "pull_image is not available on this target".into(),
+        })
+    }
+    /// The images in the engine's image cache (local only).
+    async fn list_images(&self) -> Result<Vec<crate::image::ImageInfo>> {
+        Err(Error::NotSupported {
+            message: "list_images is not available on this target".into(),
+        })
+    }
 }
 
 /// Live output of a command: `Stdout`/`Stderr` chunks as produced, then one `Exit` (or `Error`).
@@ -229,6 +241,19 @@ impl Machine {
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         check_guest_path(path)?;
         self.inner.read_file(path).await
+    }
+
+    /// Pulls `image` into the engine's image cache (SPEC §4.5; local only).
+    pub async fn pull_image(&self, image: &str) -> Result<crate::image::ImageInfo> {
+        if image.trim().is_empty() {
+            return Err(Error::invalid("image reference must not be empty"));
+        }
+        self.inner.pull_image(image).await
+    }
+
+    /// The images in the engine's image cache (SPEC §4.5; local only).
+    pub async fn list_images(&self) -> Result<Vec<crate::image::ImageInfo>> {
+        self.inner.list_images().await
     }
 
     /// Boots a stopped machine again.

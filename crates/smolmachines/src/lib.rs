@@ -27,3 +27,4 @@ pub use config::{
     MachineSummary, MountSpec, PortSpec, ResourceSpec, Target,
 };
 pub use error::{Error, Result};
+pub use image::ImageInfo;

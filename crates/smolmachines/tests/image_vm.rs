@@ -60,6 +60,40 @@ async fn a_machine_runs_in_its_image() {
     assert_eq!(r.stdout, "mine\n/tmp\n");
     m.delete().await.unwrap();
 
+    // the Machine API's image calls use the same cache: the images above are listed, and a
+    // pull of a cached image needs nothing new
+    let pm = smolmachines::Machine::from_backend(std::sync::Arc::new(
+        engine.create_machine(config(Some("lister"))).await.unwrap(),
+    ));
+    let listed: Vec<String> = pm
+        .list_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.reference)
+        .collect();
+    assert!(
+        listed.iter().any(|r| r.ends_with("library/python:3.12")),
+        "{listed:?}"
+    );
+    assert!(
+        listed.iter().any(|r| r.ends_with("test/busybox:latest")),
+        "{listed:?}"
+    );
+    let info = pm
+        .pull_image(&reg.reference("test/busybox:latest"))
+        .await
+        .unwrap();
+    assert!(
+        info.digest.starts_with("sha256:") && info.architecture == "amd64" && info.os == "linux"
+    );
+    let e = pm
+        .pull_image(&reg.reference("library/nope:2"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    pm.delete().await.unwrap();
+
     // an unknown image is a typed error naming it, and leaves no machine behind
     let mut cfg = config(Some("ghost"));
     let missing = reg.reference("library/nope:1");

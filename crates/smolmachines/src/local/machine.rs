@@ -228,6 +228,17 @@ impl LocalMachine {
             .map(|c| c.hello.clone())
     }
 
+    /// The image cache of this machine's engine home (`<home>/machines/<name>` -> `<home>`).
+    fn image_store(&self) -> Result<crate::image::ImageStore> {
+        let home = self
+            .inner
+            .home_dir
+            .parent()
+            .and_then(|p| p.parent())
+            .ok_or_else(|| Error::invalid("machine without an engine home"))?;
+        Ok(crate::image::ImageStore::open(home)?)
+    }
+
     /// The record as stored in the state database.
     pub fn record(&self) -> Record {
         self.inner.record.lock().expect("record lock").clone()
@@ -609,6 +620,23 @@ impl MachineBackend for LocalMachine {
         }
         self.set_state(MachineState::Stopped);
         Ok(())
+    }
+
+    async fn pull_image(&self, image: &str) -> Result<crate::image::ImageInfo> {
+        let store = self.image_store()?;
+        let image = image.to_string();
+        // the pull future is not Send (see LocalBackend::create_machine): own blocking thread
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || rt.block_on(store.pull(&image, None)))
+            .await
+            .map_err(|e| Error::Guest {
+                message: format!("image pull panicked: {e}"),
+            })?
+            .map_err(Error::from)
+    }
+
+    async fn list_images(&self) -> Result<Vec<crate::image::ImageInfo>> {
+        Ok(self.image_store()?.list()?)
     }
 
     async fn delete(&self) -> Result<()> {
