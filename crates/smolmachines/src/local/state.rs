@@ -64,19 +64,42 @@ impl StateDb {
             message: format!("cannot create the engine home: {e}"),
         })?;
         let path = home.join("state.db");
-        let conn = Connection::open(&path).map_err(|e| db_error(&path, e))?;
-        conn.busy_timeout(Duration::from_secs(15))
-            .map_err(|e| db_error(&path, e))?;
+        // Switching a new database to WAL takes an exclusive lock that SQLite does not wait for:
+        // two processes opening a fresh home at once can see "database is locked". Retry.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match Self::try_open(&path) {
+                Err(rusqlite::Error::SqliteFailure(f, _))
+                    if f.code == ErrorCode::DatabaseBusy || f.code == ErrorCode::DatabaseLocked =>
+                {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::Storage {
+                            path,
+                            message: "the state database stayed locked for 15 s".into(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(db_error(&path, e)),
+                Ok(conn) => {
+                    let db = StateDb {
+                        conn: Mutex::new(conn),
+                        path,
+                    };
+                    db.migrate()?;
+                    return Ok(db);
+                }
+            }
+        }
+    }
+
+    fn try_open(path: &Path) -> rusqlite::Result<Connection> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(15))?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;",
-        )
-        .map_err(|e| db_error(&path, e))?;
-        let db = StateDb {
-            conn: Mutex::new(conn),
-            path,
-        };
-        db.migrate()?;
-        Ok(db)
+        )?;
+        Ok(conn)
     }
 
     fn migrate(&self) -> Result<()> {
@@ -300,6 +323,24 @@ mod tests {
                 .count()
         });
         assert_eq!(won, 1);
+    }
+
+    /// Many connections opening a fresh home at once (as processes do) all succeed.
+    #[test]
+    fn concurrent_first_open() {
+        for _ in 0..5 {
+            let home = tempfile::tempdir().unwrap();
+            let ok = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| StateDb::open(home.path()).is_ok()))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap())
+                    .filter(|o| *o)
+                    .count()
+            });
+            assert_eq!(ok, 6);
+        }
     }
 
     #[test]
