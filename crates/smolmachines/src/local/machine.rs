@@ -625,14 +625,7 @@ impl MachineBackend for LocalMachine {
     async fn pull_image(&self, image: &str) -> Result<crate::image::ImageInfo> {
         let store = self.image_store()?;
         let image = image.to_string();
-        // the pull future is not Send (see LocalBackend::create_machine): own blocking thread
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || rt.block_on(store.pull(&image, None)))
-            .await
-            .map_err(|e| Error::Guest {
-                message: format!("image pull panicked: {e}"),
-            })?
-            .map_err(Error::from)
+        super::on_own_thread(move || async move { store.pull(&image, None).await }).await
     }
 
     async fn list_images(&self) -> Result<Vec<crate::image::ImageInfo>> {

@@ -60,6 +60,24 @@ pub fn run_dir_for(home: &Path) -> PathBuf {
     PathBuf::from(format!("/tmp/smol-{uid}-{h:08x}"))
 }
 
+/// Runs an image-store future to completion on a blocking thread of the current runtime. The
+/// pull futures are not `Send` (oci-client borrows across awaits), so they cannot run inside the
+/// `Send` futures of the `Backend` seam directly.
+pub(crate) async fn on_own_thread<F, Fut, T>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::result::Result<T, crate::image::ImageError>>,
+    T: Send + 'static,
+{
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || rt.block_on(f()))
+        .await
+        .map_err(|e| Error::Guest {
+            message: format!("image operation panicked: {e}"),
+        })?
+        .map_err(Error::from)
+}
+
 /// What `smol doctor` reports.
 #[derive(Debug)]
 pub struct Doctor {
@@ -335,16 +353,8 @@ impl LocalBackend {
             Some(reference) => {
                 let store = crate::image::ImageStore::open(&self.home)?;
                 let reference = reference.clone();
-                // The pull future is not Send (it borrows across awaits inside oci-client), so
-                // it runs to completion on a blocking thread of this runtime.
-                let rt = tokio::runtime::Handle::current();
-                let p = tokio::task::spawn_blocking(move || {
-                    rt.block_on(store.ensure(&reference, None))
-                })
-                .await
-                .map_err(|e| Error::Guest {
-                    message: format!("image preparation panicked: {e}"),
-                })??;
+                let p = on_own_thread(move || async move { store.ensure(&reference, None).await })
+                    .await?;
                 Some(record::ImageRecord {
                     reference: p.info.reference.clone(),
                     rootfs: p.rootfs.clone(),
