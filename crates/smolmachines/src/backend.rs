@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{
     ConnectOptions, ExecEvent, ExecOptions, ExecResult, MachineConfig, MachineState,
-    MachineSummary, Target,
+    MachineSummary, PortEndpoint, PortSpec, Target,
 };
 use crate::error::{Error, Result};
 
@@ -53,6 +53,18 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
     /// Public URL of the first published port (cloud); `None` locally.
     fn url(&self) -> Option<String> {
         None
+    }
+    /// The published ports.
+    fn ports(&self) -> Vec<PortSpec> {
+        Vec::new()
+    }
+    /// Runs `argv` in a container of `image` inside this machine (local only).
+    async fn run(&self, _image: &str, _argv: &[String], _opts: &ExecOptions) -> Result<ExecResult> {
+        Err(Error::NotSupported {
+            message: "run(image, ...) is not available on the cloud target; create a machine \
+                      from an image (MachineConfig.image) and use exec()"
+                .into(),
+        })
     }
     /// Pulls an image into the engine's image cache (local only).
     async fn pull_image(&self, _image: &str) -> Result<crate::image::ImageInfo> {
@@ -211,6 +223,59 @@ impl Machine {
         check_argv(argv)?;
         opts.validate()?;
         self.inner.exec(argv, &opts).await
+    }
+
+    /// Runs `argv` in a container of `image` inside this running machine (SPEC §4.3, local
+    /// only): the image is pulled if needed; its root file system, `Env` and `WorkingDir` apply;
+    /// exit code, output and timeout behave as in [`Machine::exec`]. `opts.user` is refused.
+    pub async fn run(&self, image: &str, argv: &[String], opts: ExecOptions) -> Result<ExecResult> {
+        if image.trim().is_empty() {
+            return Err(Error::invalid("image reference must not be empty"));
+        }
+        check_argv(argv)?;
+        opts.validate()?;
+        if opts.user.is_some() {
+            return Err(Error::NotSupported {
+                message: "run(image, ...) does not take a user; use exec() in a machine created \
+                          from the image"
+                    .into(),
+            });
+        }
+        self.inner.run(image, argv, &opts).await
+    }
+
+    /// The published ports (host -> guest).
+    pub fn ports(&self) -> Vec<PortSpec> {
+        self.inner.ports()
+    }
+
+    /// The URLs of a published guest port (SPEC §4.7): locally `http://127.0.0.1:<host>[/path]`
+    /// and its `ws://` twin. A guest port that is not published is an `InvalidConfig` error.
+    pub fn endpoint(&self, guest_port: u16, path: Option<&str>) -> Result<PortEndpoint> {
+        let Some(p) = self
+            .inner
+            .ports()
+            .into_iter()
+            .find(|p| p.guest == guest_port)
+        else {
+            return Err(Error::invalid(format!(
+                "guest port {guest_port} is not published on machine {:?}",
+                self.name()
+            )));
+        };
+        let mut http = format!("http://127.0.0.1:{}", p.host);
+        if let Some(path) = path
+            .map(|p| p.trim_start_matches('/'))
+            .filter(|p| !p.is_empty())
+        {
+            http.push('/');
+            http.push_str(path);
+        }
+        Ok(PortEndpoint {
+            ws_url: format!("ws{}", &http[4..]),
+            http_url: http,
+            headers: BTreeMap::new(),
+        })
     }
 
     /// Runs `argv`, yielding output as it is produced.

@@ -255,6 +255,31 @@ impl std::fmt::Display for MachineState {
     }
 }
 
+/// Where a published port is reached (SPEC §3.10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortEndpoint {
+    /// `http://...` URL.
+    pub http_url: String,
+    /// `ws://...` URL.
+    pub ws_url: String,
+    /// Headers to send (cloud: authorization; local: none).
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Whether this host can run local machines (SPEC §3.10 `LocalAvailability`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalAvailability {
+    /// Machines can be created here.
+    pub available: bool,
+    /// `UNSUPPORTED_PLATFORM`, `RUNTIME_NOT_INSTALLED`, `KVM_UNAVAILABLE` or
+    /// `HYPERVISOR_UNAVAILABLE` when not available.
+    pub code: Option<String>,
+    /// Why not, and what to do.
+    pub reason: Option<String>,
+    /// The accelerator machines would use (`kvm` or `tcg`) when available.
+    pub accel: Option<String>,
+}
+
 /// Summary of a machine, as `Machine::list` returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineSummary {

@@ -23,8 +23,14 @@ pub mod local;
 
 pub use backend::{Backend, ExecStream, Machine, MachineBackend};
 pub use config::{
-    ConnectOptions, ExecEvent, ExecOptions, ExecResult, MachineConfig, MachineState,
-    MachineSummary, MountSpec, PortSpec, ResourceSpec, Target,
+    ConnectOptions, ExecEvent, ExecOptions, ExecResult, LocalAvailability, MachineConfig,
+    MachineState, MachineSummary, MountSpec, PortEndpoint, PortSpec, ResourceSpec, Target,
 };
 pub use error::{Error, Result};
 pub use image::ImageInfo;
+
+/// Whether this host can run local machines, and with which accelerator (SPEC §3.10). Never
+/// fails: problems are reported in the result.
+pub fn local_availability() -> LocalAvailability {
+    local::availability()
+}

@@ -622,6 +622,14 @@ impl MachineBackend for LocalMachine {
         Ok(())
     }
 
+    fn ports(&self) -> Vec<crate::config::PortSpec> {
+        self.record()
+            .ports
+            .iter()
+            .map(|&(host, guest)| crate::config::PortSpec { host, guest })
+            .collect()
+    }
+
     async fn pull_image(&self, image: &str) -> Result<crate::image::ImageInfo> {
         let store = self.image_store()?;
         let image = image.to_string();

@@ -100,6 +100,45 @@ impl Doctor {
     }
 }
 
+/// [`crate::local_availability`]: the doctor's findings as SPEC §3.10 codes.
+pub(crate) fn availability() -> crate::config::LocalAvailability {
+    let no = |code: &str, reason: String| crate::config::LocalAvailability {
+        available: false,
+        code: Some(code.to_string()),
+        reason: Some(reason),
+        accel: None,
+    };
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        return no(
+            "UNSUPPORTED_PLATFORM",
+            "the local engine runs on linux-x64 hosts".into(),
+        );
+    }
+    let d = LocalBackend::from_env().doctor();
+    let choice = match d.accel {
+        Ok(c) => c,
+        Err(e) => return no("KVM_UNAVAILABLE", e),
+    };
+    if let Err(e) = d.vmm {
+        return no(
+            "HYPERVISOR_UNAVAILABLE",
+            format!("{e}; install QEMU (Debian: apt-get install qemu-system-x86) or set SMOL_QEMU"),
+        );
+    }
+    if let Err(e) = d.assets {
+        return no(
+            "RUNTIME_NOT_INSTALLED",
+            format!("{e}; run `make setup` to build the guest kernel and initramfs"),
+        );
+    }
+    crate::config::LocalAvailability {
+        available: true,
+        code: None,
+        reason: None,
+        accel: Some(choice.accel.as_str().to_string()),
+    }
+}
+
 /// The local engine backend.
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
