@@ -1,0 +1,448 @@
+"""The synchronous ``Machine`` (SPEC §4) over the native module."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ._types import (
+    ConnectOptions,
+    ExecOptions,
+    ExecResult,
+    ImageInfo,
+    MachineConfig,
+    MachineSizes,
+    MachineSummary,
+    MountSpec,
+    PortEndpoint,
+    PortSpec,
+    PublishedPort,
+    ResourceSpec,
+)
+from .errors import InvalidConfigError, NotFoundError, NotSupportedError
+
+try:
+    from . import _native
+except ImportError as _e:  # pragma: no cover - a broken install
+    _native = None  # type: ignore[assignment]
+    _native_error: Optional[ImportError] = _e
+else:
+    _native_error = None
+
+__all__ = ["Machine", "ExecStream", "local_availability"]
+
+#: The iterator ``Machine.exec_stream`` returns (SPEC §4.3): yields event dicts; ``kill()`` /
+#: ``close()`` from any thread; a context manager; dropping it kills the command.
+ExecStream = _native.ExecStream if _native is not None else object
+
+
+def _need_native() -> Any:
+    if _native is None:
+        raise NotSupportedError(
+            f"the native smol engine is not available ({_native_error}); "
+            "use the cloud target or reinstall smolmachines"
+        )
+    return _native
+
+
+# ---- argument checks (what the Rust core cannot see: Python types, unsupported fields) -------
+
+
+def _unsupported(obj: object, fields: Sequence[str], where: str) -> None:
+    for f in fields:
+        v = getattr(obj, f, None)
+        if v is None or v is False or (isinstance(v, (list, dict)) and not v):
+            continue
+        raise NotSupportedError(
+            f"{where}.{f} is not supported by the local engine yet (got {v!r} ...)"
+            if f not in ("credentials", "egress_interceptor")
+            else f"{where}.{f} is not supported by the local engine yet"
+        )
+
+
+def _int(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise InvalidConfigError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _str_map(name: str, m: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    if m is None:
+        return {}
+    if not isinstance(m, Mapping):
+        raise InvalidConfigError(f"{name} must be a dict of str to str, got {type(m).__name__}")
+    out = {}
+    for k, v in m.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidConfigError(f"{name} must map str to str, got {k!r}: {v!r}")
+        out[k] = v
+    return out
+
+
+def _argv(command: Any) -> List[str]:
+    if isinstance(command, (str, bytes)):
+        raise InvalidConfigError("command must be an argv list (not a shell string)")
+    try:
+        argv = list(command)
+    except TypeError:
+        raise InvalidConfigError(f"command must be a list of str, got {command!r}") from None
+    if not all(isinstance(a, str) for a in argv):
+        raise InvalidConfigError(f"command must be a list of str, got {argv!r}")
+    return argv
+
+
+def _conn_kwargs(conn: Optional[ConnectOptions]) -> Dict[str, Any]:
+    if conn is None:
+        return {}
+    if isinstance(conn, Mapping):
+        conn = ConnectOptions(**conn)
+    if not isinstance(conn, ConnectOptions):
+        raise InvalidConfigError(f"conn must be a ConnectOptions, got {type(conn).__name__}")
+    if conn.target not in (None, "local", "cloud"):
+        raise InvalidConfigError(f'target must be "local", "cloud" or None, got {conn.target!r}')
+    if conn.egress_interceptor is not None:
+        raise NotSupportedError("ConnectOptions.egress_interceptor is not supported yet")
+    return {"target": conn.target, "base_url": conn.base_url, "api_key": conn.api_key}
+
+
+_RESOURCE_UNSUPPORTED = ("allow_cidrs", "allow_hosts", "overlay_gb", "gpu", "gpu_vram_mib", "cuda")
+_CONFIG_UNSUPPORTED = (
+    "command", "env", "workdir", "user", "egress_interceptor", "credentials", "cache_disk",
+    "branchable", "forkable", "checkpoint", "auto_stop_seconds", "ttl_seconds",
+)  # fmt: skip
+
+
+def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
+    if config is None:
+        config = MachineConfig()
+    elif isinstance(config, Mapping):
+        config = MachineConfig(**config)
+    if not isinstance(config, MachineConfig):
+        raise InvalidConfigError(f"config must be a MachineConfig, got {type(config).__name__}")
+    _unsupported(config, _CONFIG_UNSUPPORTED, "MachineConfig")
+    r = config.resources if config.resources is not None else ResourceSpec()
+    if isinstance(r, Mapping):
+        r = ResourceSpec(**r)
+    _unsupported(r, _RESOURCE_UNSUPPORTED, "ResourceSpec")
+    if r.disk_durability not in (None, "full"):
+        raise NotSupportedError(
+            f"ResourceSpec.disk_durability={r.disk_durability!r} is not supported locally"
+        )
+    mounts = []
+    for m in config.mounts or []:
+        if isinstance(m, Mapping):
+            m = MountSpec(**m)
+        if m.staged:
+            raise NotSupportedError("MountSpec.staged is not supported by the local engine yet")
+        if not isinstance(m.source, str) or not isinstance(m.target, str):
+            raise InvalidConfigError(f"mount source and target must be str, got {m!r}")
+        mounts.append((m.source, m.target, bool(m.effective_read_only)))
+    ports = []
+    for p in config.ports or []:
+        if isinstance(p, Mapping):
+            p = PortSpec(**p)
+        ports.append((_int("PortSpec.host", p.host, 1, 65535), _int("PortSpec.guest", p.guest, 1, 65535)))
+    kw: Dict[str, Any] = {
+        "name": config.name,
+        "image": config.image,
+        "mounts": mounts,
+        "ports": ports,
+        "network": r.network,
+        "top_network": config.network,
+        "persistent": bool(config.persistent),
+        "detach": bool(config.detach),
+        "labels": _str_map("labels", config.labels),
+        "ready_timeout": float(config.ready_timeout_seconds),
+    }
+    for f, hi in (("cpus", 1024), ("memory_mb", 1 << 22), ("storage_gb", 1 << 16)):
+        v = getattr(r, f)
+        kw[f] = None if v is None else _int(f"ResourceSpec.{f}", v, 1, hi)
+    return kw
+
+
+def _exec_kwargs(opts: Optional[ExecOptions]) -> Dict[str, Any]:
+    if opts is None:
+        return {}
+    if isinstance(opts, Mapping):
+        opts = ExecOptions(**opts)
+    if not isinstance(opts, ExecOptions):
+        raise InvalidConfigError(f"opts must be an ExecOptions, got {type(opts).__name__}")
+    if opts.background:
+        raise NotSupportedError("ExecOptions.background is not supported by the local engine yet")
+    if opts.output not in (None, "text", "b64", "both"):
+        raise InvalidConfigError(f'output must be "text", "b64" or "both", got {opts.output!r}')
+    stdin = opts.stdin
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    elif stdin is not None:
+        stdin = bytes(stdin)
+        try:
+            stdin.decode()
+        except UnicodeDecodeError:
+            raise InvalidConfigError("ExecOptions.stdin bytes must be UTF-8") from None
+    t = opts.timeout
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
+        raise InvalidConfigError(f"timeout must be a number of seconds, got {t!r}")
+    return {
+        "env": _str_map("env", opts.env),
+        "workdir": opts.workdir,
+        "timeout": None if t is None else float(t),
+        "user": opts.user,
+        "stdin": stdin,
+    }
+
+
+def _result(t: Tuple[Any, ...], argv: List[str]) -> ExecResult:
+    code, out, err, out_b, err_b, timed_out = t
+    return ExecResult(
+        exit_code=code, stdout=out, stderr=err, stdout_bytes=out_b, stderr_bytes=err_b,
+        timed_out=timed_out, _command=argv,
+    )  # fmt: skip
+
+
+# ---- process-exit cleanup (SPEC §9.6) --------------------------------------------------------
+
+_owned: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+_owned_lock = threading.Lock()
+
+
+@atexit.register
+def _release_owned() -> None:
+    """Drops the handles of the machines this process created: a non-persistent machine's VM is
+    killed and its files removed at once; a persistent one powers itself off (the core's
+    linger), a detached one keeps running."""
+    with _owned_lock:
+        machines = list(_owned)
+    for m in machines:
+        m._native = None
+
+
+# ---- Machine ---------------------------------------------------------------------------------
+
+
+class Machine:
+    """A microVM sandbox (SPEC §4). Methods block, with the GIL released; a ``with`` block
+    deletes the machine on exit, also when the block raised."""
+
+    __slots__ = ("_native", "_name", "__weakref__")
+
+    def __init__(self, *_a: Any, **_k: Any) -> None:
+        raise TypeError("use Machine.create(), Machine.connect() or Machine.open()")
+
+    @classmethod
+    def _wrap(cls, native: Any, owned: bool) -> "Machine":
+        m = cls.__new__(cls)
+        m._native = native
+        m._name = native.name
+        if owned:
+            with _owned_lock:
+                _owned.add(m)
+        return m
+
+    @property
+    def _n(self) -> Any:
+        n = self._native
+        if n is None:
+            raise NotSupportedError("this Machine handle was released at interpreter exit")
+        return n
+
+    # -- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, config: Optional[MachineConfig] = None, conn: Optional[ConnectOptions] = None
+    ) -> "Machine":
+        """Creates and starts a machine; returns once it is ready. A failed create leaves
+        nothing behind."""
+        native = _need_native()
+        kw = _create_kwargs(config)
+        kw.update(_conn_kwargs(conn))
+        return cls._wrap(native.Machine.create(**kw), owned=True)
+
+    @classmethod
+    def connect(cls, machine_id: str, conn: Optional[ConnectOptions] = None) -> "Machine":
+        """Attaches to an existing machine by name (of any process), booting it if stopped."""
+        native = _need_native()
+        return cls._wrap(native.Machine.connect(machine_id, **_conn_kwargs(conn)), owned=False)
+
+    @classmethod
+    def open(cls, machine_id: str, conn: Optional[ConnectOptions] = None) -> "Machine":
+        """A handle to an existing machine without booting it (NotFoundError if missing)."""
+        native = _need_native()
+        return cls._wrap(native.Machine.open(machine_id, **_conn_kwargs(conn)), owned=False)
+
+    @classmethod
+    def delete_by_name(
+        cls, machine_id: str, conn: Optional[ConnectOptions] = None, drain_secs: Optional[float] = None
+    ) -> None:
+        """Deletes a machine without booting it; a name that does not exist is not an error."""
+        if drain_secs is not None:
+            raise NotSupportedError("drain_secs is not supported by the local engine yet")
+        try:
+            m = cls.open(machine_id, conn)
+        except NotFoundError:
+            return
+        m.delete()
+
+    @staticmethod
+    def list(
+        conn: Optional[ConnectOptions] = None, labels: Optional[Mapping[str, str]] = None
+    ) -> List[MachineSummary]:
+        """Every machine (of every process, locally) carrying all of ``labels``. The target
+        follows the rule of SPEC §2.2 (local unless a cloud target or key is given)."""
+        native = _need_native()
+        rows = native.Machine.list(_str_map("labels", labels), **_conn_kwargs(conn))
+        return [
+            MachineSummary(
+                id=name, name=name, state=state, labels=dict(lab), persistent=persistent, pid=pid,
+                resources=MachineSizes(cpus=cpus, memory_mib=mem), accel=accel,
+            )  # fmt: skip
+            for (name, state, cpus, mem, pid, accel, lab, persistent) in rows
+        ]
+
+    # -- identity and state ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def id(self) -> str:
+        """Locally the name."""
+        return self._name
+
+    def state(self) -> str:
+        """``"created"``, ``"running"``, ``"stopped"`` (``"deleted"`` after delete)."""
+        return self._n.state()
+
+    def url(self) -> Optional[str]:
+        """Public ingress URL (cloud); always None locally."""
+        return self._n.url()
+
+    # -- execution ------------------------------------------------------------------------------
+
+    def exec(self, command: Sequence[str], opts: Optional[ExecOptions] = None) -> ExecResult:
+        """Runs ``command`` (an argv list) to completion. A non-zero exit is not an exception;
+        a timeout gives exit code 124 and the output so far."""
+        argv = _argv(command)
+        return _result(self._n.exec(argv, **_exec_kwargs(opts)), argv)
+
+    def _exec_cancellable(
+        self, command: Sequence[str], opts: Optional[ExecOptions], token: Any
+    ) -> ExecResult:
+        argv = _argv(command)
+        return _result(self._n.exec(argv, cancel=token, **_exec_kwargs(opts)), argv)
+
+    def run(
+        self, image: str, command: Sequence[str], opts: Optional[ExecOptions] = None
+    ) -> ExecResult:
+        """Runs ``command`` in a container of ``image`` inside this machine (local only)."""
+        if not isinstance(image, str):
+            raise InvalidConfigError(f"image must be a str, got {image!r}")
+        argv = _argv(command)
+        return _result(self._n.run(image, argv, **_exec_kwargs(opts)), argv)
+
+    def _run_cancellable(
+        self, image: str, command: Sequence[str], opts: Optional[ExecOptions], token: Any
+    ) -> ExecResult:
+        argv = _argv(command)
+        return _result(self._n.run(image, argv, cancel=token, **_exec_kwargs(opts)), argv)
+
+    def exec_stream(
+        self, command: Sequence[str], opts: Optional[ExecOptions] = None
+    ) -> "Iterator[Dict[str, Any]]":
+        """Runs ``command``, yielding ``{"kind": "stdout"|"stderr", "data": str}`` as output is
+        produced, then ``{"kind": "exit", "exit_code": int}`` (or ``{"kind": "error",
+        "message": str}``). The returned ``ExecStream`` kills the command on ``kill()``,
+        ``close()``, ``with``-exit or garbage collection."""
+        return self._n.exec_stream(_argv(command), **_exec_kwargs(opts))
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def read_file(self, path: str) -> bytes:
+        """The bytes of the absolute guest ``path``."""
+        return self._n.read_file(path)
+
+    def write_file(self, path: str, data: Union[str, bytes], mode: Optional[int] = None) -> None:
+        """Writes ``data`` (a str is UTF-8 encoded) to the absolute guest ``path``, creating
+        parent directories, with permission ``mode`` (default 0o644)."""
+        if isinstance(data, str):
+            data = data.encode()
+        elif not isinstance(data, bytes):
+            try:
+                data = bytes(data)
+            except TypeError:
+                raise InvalidConfigError(f"data must be str or bytes, got {type(data).__name__}") from None
+        if mode is not None:
+            mode = _int("mode", mode, 0, 0o7777)
+        self._n.write_file(path, data, mode)
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def pull_image(self, image: str) -> ImageInfo:
+        """Pulls ``image`` into the engine's image cache (local only)."""
+        return ImageInfo(*self._n.pull_image(image))
+
+    def list_images(self) -> List[ImageInfo]:
+        """The images in the engine's cache (local only)."""
+        return [ImageInfo(*i) for i in self._n.list_images()]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, egress_interceptor: Any = None, wait_until_ready: bool = True) -> None:
+        """Boots a stopped machine from its disk."""
+        if egress_interceptor is not None:
+            raise NotSupportedError("start(egress_interceptor=...) is not supported yet")
+        self._n.start()
+
+    def stop(self, drain_secs: Optional[float] = None, timeout_secs: Optional[float] = None) -> None:
+        """Stops the machine (clean guest power-off); its disk stays."""
+        if drain_secs is not None or timeout_secs is not None:
+            raise NotSupportedError("stop(drain_secs, timeout_secs) is not supported yet")
+        self._n.stop()
+
+    def delete(self, include_usage: bool = False, drain_secs: Optional[float] = None) -> None:
+        """Stops the machine and removes everything it had. Deleting twice is not an error."""
+        if include_usage:
+            raise NotSupportedError("delete(include_usage=True) is cloud-only")
+        if drain_secs is not None:
+            raise NotSupportedError("delete(drain_secs=...) is not supported yet")
+        self._n.delete()
+
+    # -- ports ----------------------------------------------------------------------------------
+
+    def ports(self) -> List[PublishedPort]:
+        """The published ports."""
+        return [PublishedPort(guest=g, host=h, protocol="tcp") for (h, g) in self._n.ports()]
+
+    def endpoint(self, port: int, path: Optional[str] = None) -> PortEndpoint:
+        """``http://127.0.0.1:<host port>[/path]`` (and ``ws://``) of a published guest port;
+        ``InvalidConfigError`` when ``port`` is not published."""
+        _int("port", port, 1, 65535)
+        http, ws, headers = self._n.endpoint(port, path)
+        return PortEndpoint(http_url=http, ws_url=ws, headers=dict(headers))
+
+    # -- context manager, repr ------------------------------------------------------------------
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.delete()
+
+    def __repr__(self) -> str:
+        return f"Machine(name={self._name!r}, target='local')"
+
+
+def local_availability() -> Tuple[bool, Optional[str], Optional[str]]:
+    """``(available, code, reason)``: whether this host can run local machines (SPEC §3.10).
+    Never raises."""
+    if _native is None:
+        return (False, "RUNTIME_NOT_INSTALLED", f"the native engine is not available: {_native_error}")
+    try:
+        available, code, reason, _accel = _native.local_availability()
+    except Exception as e:  # noqa: BLE001 - documented to never raise
+        return (False, "RUNTIME_NOT_INSTALLED", str(e))
+    return (bool(available), code, reason)

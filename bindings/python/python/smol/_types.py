@@ -1,0 +1,266 @@
+"""Configuration and result dataclasses (SPEC §2.1, §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+from .errors import ExecutionError, InvalidConfigError
+
+__all__ = [
+    "ResourceSpec",
+    "MountSpec",
+    "PortSpec",
+    "CredentialSpec",
+    "EgressInterceptor",
+    "MachineConfig",
+    "ExecOptions",
+    "ConnectOptions",
+    "ExecResult",
+    "ImageInfo",
+    "PortEndpoint",
+    "PublishedPort",
+    "MachineSizes",
+    "MachineSummary",
+    "MachineState",
+]
+
+#: A machine state string: "created", "running", "stopped" (and "deleted" after delete).
+MachineState = str
+
+
+@dataclass
+class ResourceSpec:
+    """CPU, memory, disk and network of a machine (SPEC §3.1)."""
+
+    cpus: Optional[int] = None
+    memory_mb: Optional[int] = None
+    network: Optional[bool] = None
+    allow_cidrs: Optional[List[str]] = None
+    allow_hosts: Optional[List[str]] = None
+    storage_gb: Optional[int] = None
+    overlay_gb: Optional[int] = None
+    gpu: Optional[bool] = None
+    gpu_vram_mib: Optional[int] = None
+    disk_durability: Optional[str] = None
+    cuda: Optional[bool] = None
+
+
+@dataclass
+class MountSpec:
+    """A host directory mounted into the guest (SPEC §3.2; local only)."""
+
+    source: str
+    target: str
+    read_only: bool = False
+    readonly: Optional[bool] = None
+    staged: bool = False
+
+    @property
+    def effective_read_only(self) -> bool:
+        """``readonly`` (the deprecated alias) wins when it is set."""
+        return self.readonly if self.readonly is not None else self.read_only
+
+
+@dataclass
+class PortSpec:
+    """A host -> guest TCP port forward (SPEC §3.3); the host side listens on 127.0.0.1."""
+
+    host: int
+    guest: int
+
+
+@dataclass
+class CredentialSpec:
+    """A credential substituted into HTTPS requests (SPEC §3.5). Not supported locally yet."""
+
+    name: str
+    env_var: str
+    hosts: List[str]
+    value: Optional[str] = field(default=None, repr=False)
+    methods: Optional[List[str]] = None
+
+
+@dataclass
+class EgressInterceptor:
+    """Binding for intercepted egress (SPEC §3.10). Not supported locally yet."""
+
+    address: str
+    token: str = field(repr=False)
+
+
+@dataclass
+class MachineConfig:
+    """Machine configuration (SPEC §3.4).
+
+    The local engine supports ``name, image, labels, mounts, ports, resources (cpus, memory_mb,
+    network, storage_gb), network, persistent, detach, ready_timeout_seconds, wait_for_ports``.
+    Setting any other field raises ``NotSupportedError`` at create time; nothing is ignored.
+    """
+
+    name: Optional[str] = None
+    image: Optional[str] = None
+    labels: Optional[Dict[str, str]] = None
+    command: Optional[List[str]] = None
+    mounts: Optional[List[MountSpec]] = None
+    ports: Optional[List[PortSpec]] = None
+    resources: Optional[ResourceSpec] = None
+    network: Optional[bool] = None
+    persistent: bool = False
+    detach: bool = False
+    auto_stop_seconds: Optional[int] = None
+    ttl_seconds: Optional[int] = None
+    ready_timeout_seconds: float = 120.0
+    wait_for_ports: bool = True
+    branchable: Optional[bool] = None
+    forkable: bool = False
+    checkpoint: bool = False
+    env: Optional[Dict[str, str]] = None
+    workdir: Optional[str] = None
+    user: Optional[str] = None
+    egress_interceptor: Optional[EgressInterceptor] = None
+    credentials: Optional[List[CredentialSpec]] = None
+    cache_disk: Optional[object] = None
+
+    def __post_init__(self) -> None:
+        if self.command is not None and (
+            isinstance(self.command, str)
+            or not self.command
+            or not all(isinstance(a, str) and a for a in self.command)
+        ):
+            raise InvalidConfigError("command must be a non-empty list of non-empty strings")
+        t = self.ready_timeout_seconds
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise InvalidConfigError(f"ready_timeout_seconds must be > 0, got {t!r}")
+        if self.branchable is not None:
+            self.forkable = bool(self.branchable)
+        elif self.checkpoint:
+            self.forkable = True
+
+
+@dataclass
+class ExecOptions:
+    """Per-command options (SPEC §3.6). ``timeout`` is in seconds and must be > 0."""
+
+    env: Optional[Dict[str, str]] = None
+    workdir: Optional[str] = None
+    timeout: Optional[float] = None
+    user: Optional[str] = None
+    stdin: Optional[Union[str, bytes]] = None
+    output: Optional[str] = None
+    background: bool = False
+
+
+@dataclass
+class ConnectOptions:
+    """Backend selection (SPEC §2.1). Local by default; ``target="cloud"``, an ``api_key`` or
+    ``SMOL_CLOUD_TOKEN`` select the cloud, which this build does not have yet
+    (``NotSupportedError``). The key never appears in ``repr``."""
+
+    target: Optional[str] = None
+    base_url: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)
+    egress_interceptor: Optional[EgressInterceptor] = None
+    wait_for_ports: bool = True
+    max_retries: Optional[int] = None
+
+    def __repr__(self) -> str:
+        key = None if self.api_key is None else "<redacted>"
+        return (
+            f"ConnectOptions(target={self.target!r}, base_url={self.base_url!r}, "
+            f"api_key={key}, egress_interceptor={self.egress_interceptor!r}, "
+            f"wait_for_ports={self.wait_for_ports!r}, max_retries={self.max_retries!r})"
+        )
+
+
+@dataclass
+class ExecResult:
+    """Result of a finished command (SPEC §3.7). A non-zero exit is not an exception; a timeout
+    gives exit code 124 (``timed_out`` is then true)."""
+
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+    pid: Optional[int] = None
+    timed_out: bool = False
+    _command: Optional[List[str]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def success(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def output(self) -> str:
+        """stdout, then (when stderr is not empty) a newline if stdout is not empty, and stderr."""
+        if not self.stderr:
+            return self.stdout
+        return f"{self.stdout}\n{self.stderr}" if self.stdout else self.stderr
+
+    def assert_success(self, command: str = "") -> "ExecResult":
+        """Returns self, or raises ``ExecutionError`` when the exit code is not 0. ``command``
+        defaults to the argv this result came from."""
+        if self.exit_code != 0:
+            if not command and self._command:
+                command = " ".join(self._command)
+            raise ExecutionError(command, self.exit_code, self.stdout, self.stderr)
+        return self
+
+
+@dataclass
+class ImageInfo:
+    """An image in the engine's cache (SPEC §3.8)."""
+
+    reference: str
+    digest: str
+    size: int
+    architecture: str
+    os: str
+
+
+@dataclass
+class PortEndpoint:
+    """Where a published port is reached (SPEC §3.10)."""
+
+    http_url: str
+    ws_url: str
+    headers: Dict[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class PublishedPort:
+    """A published port (SPEC §3.10): ``host`` on 127.0.0.1 forwards to ``guest``."""
+
+    guest: int
+    host: Optional[int] = None
+    protocol: str = "tcp"
+
+
+@dataclass
+class MachineSizes:
+    cpus: int
+    memory_mib: int
+    storage_gib: Optional[int] = None
+
+
+@dataclass
+class MachineSummary:
+    """A machine as ``Machine.list`` returns it (SPEC §3.10). Locally ``id == name``; ``pid``
+    is the VMM process while it runs; ``accel`` is ``kvm`` or ``tcg``."""
+
+    id: str
+    name: str
+    state: str
+    labels: Dict[str, str] = field(default_factory=dict)
+    image: Optional[str] = None
+    persistent: bool = True
+    detached: bool = False
+    branchable: bool = False
+    created_at: Optional[str] = None
+    pid: Optional[int] = None
+    resources: Optional[MachineSizes] = None
+    ports: Optional[List[PublishedPort]] = None
+    accel: Optional[str] = None

@@ -1,0 +1,408 @@
+//! `smol._native.Machine`: a handle to one core machine. The public `smol.Machine` wraps it and
+//! turns the plain values returned here into the SPEC's dataclasses.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use smolmachines as core;
+use smolmachines::Error;
+
+use crate::errors::to_py_err;
+use crate::stream::ExecStream;
+use crate::{block, CancelToken};
+
+/// `(exit_code, stdout, stderr, stdout_bytes, stderr_bytes, timed_out)`.
+type ExecOut<'py> = (
+    i32,
+    String,
+    String,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    bool,
+);
+
+/// `(reference, digest, size, architecture, os)`.
+type ImageOut = (String, String, u64, String, String);
+
+/// `(name, state, cpus, memory_mb, pid, accel, labels, persistent)`.
+type SummaryOut = (
+    String,
+    String,
+    u32,
+    u32,
+    Option<u32>,
+    String,
+    BTreeMap<String, String>,
+    bool,
+);
+
+fn invalid(message: String) -> Error {
+    Error::InvalidConfig { message }
+}
+
+fn seconds(what: &str, s: Option<f64>) -> Result<Option<Duration>, Error> {
+    match s {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 => Duration::try_from_secs_f64(s)
+            .map(Some)
+            .map_err(|_| invalid(format!("{what} must be > 0 seconds, got {s}"))),
+        Some(s) => Err(invalid(format!("{what} must be > 0 seconds, got {s}"))),
+    }
+}
+
+fn conn_options(
+    target: Option<String>,
+    base_url: Option<String>,
+    api_key: Option<String>,
+) -> Result<core::ConnectOptions, Error> {
+    let target = match target.as_deref() {
+        None => None,
+        Some("local") => Some(core::Target::Local),
+        Some("cloud") => Some(core::Target::Cloud),
+        Some(other) => {
+            return Err(invalid(format!(
+                "target must be \"local\", \"cloud\" or None, got {other:?}"
+            )))
+        }
+    };
+    Ok(core::ConnectOptions {
+        target,
+        base_url,
+        api_key,
+    })
+}
+
+fn exec_options(
+    env: Option<BTreeMap<String, String>>,
+    workdir: Option<String>,
+    timeout: Option<f64>,
+    user: Option<String>,
+    stdin: Option<&Bound<'_, PyBytes>>,
+) -> Result<core::ExecOptions, Error> {
+    Ok(core::ExecOptions {
+        env: env.unwrap_or_default(),
+        workdir,
+        timeout: seconds("timeout", timeout)?,
+        user,
+        stdin: stdin.map(|b| b.as_bytes().to_vec()),
+    })
+}
+
+fn exec_out(py: Python<'_>, r: core::ExecResult) -> ExecOut<'_> {
+    (
+        r.exit_code,
+        r.stdout,
+        r.stderr,
+        PyBytes::new(py, &r.stdout_bytes),
+        PyBytes::new(py, &r.stderr_bytes),
+        r.timed_out,
+    )
+}
+
+fn image_out(i: core::ImageInfo) -> ImageOut {
+    (i.reference, i.digest, i.size, i.architecture, i.os)
+}
+
+/// Raises the mapped exception for a core error found before any I/O.
+fn check<T>(py: Python<'_>, r: Result<T, Error>) -> PyResult<T> {
+    r.map_err(|e| to_py_err(py, e))
+}
+
+/// A handle to one machine of the core. Cheap to share between threads: every method takes
+/// `&self`, and concurrent calls on one machine are allowed (they are multiplexed by the core).
+#[pyclass(frozen, module = "smol._native", name = "Machine")]
+pub(crate) struct Machine {
+    inner: core::Machine,
+}
+
+#[pymethods]
+impl Machine {
+    /// Creates and starts a machine; returns once it is ready.
+    #[staticmethod]
+    #[pyo3(signature = (*, name=None, image=None, mounts=Vec::new(), ports=Vec::new(), cpus=None,
+        memory_mb=None, network=None, storage_gb=None, top_network=None, persistent=false,
+        detach=false, labels=BTreeMap::new(), ready_timeout=None, target=None, base_url=None,
+        api_key=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        py: Python<'_>,
+        name: Option<String>,
+        image: Option<String>,
+        mounts: Vec<(String, String, bool)>,
+        ports: Vec<(u16, u16)>,
+        cpus: Option<u32>,
+        memory_mb: Option<u32>,
+        network: Option<bool>,
+        storage_gb: Option<u32>,
+        top_network: Option<bool>,
+        persistent: bool,
+        detach: bool,
+        labels: BTreeMap<String, String>,
+        ready_timeout: Option<f64>,
+        target: Option<String>,
+        base_url: Option<String>,
+        api_key: Option<String>,
+    ) -> PyResult<Self> {
+        let conn = check(py, conn_options(target, base_url, api_key))?;
+        let config = core::MachineConfig {
+            name,
+            image,
+            mounts: mounts
+                .into_iter()
+                .map(|(source, target, read_only)| core::MountSpec {
+                    source,
+                    target,
+                    read_only,
+                })
+                .collect(),
+            ports: ports
+                .into_iter()
+                .map(|(host, guest)| core::PortSpec { host, guest })
+                .collect(),
+            resources: core::ResourceSpec {
+                cpus,
+                memory_mb,
+                network,
+                storage_gb,
+            },
+            network: top_network,
+            persistent,
+            detach,
+            labels,
+            ready_timeout: check(py, seconds("ready_timeout_seconds", ready_timeout))?,
+        };
+        let inner = block(py, None, core::Machine::create(config, conn))?;
+        Ok(Self { inner })
+    }
+
+    /// Attaches to an existing machine by name, booting it if it is stopped.
+    #[staticmethod]
+    #[pyo3(signature = (name, *, target=None, base_url=None, api_key=None))]
+    fn connect(
+        py: Python<'_>,
+        name: String,
+        target: Option<String>,
+        base_url: Option<String>,
+        api_key: Option<String>,
+    ) -> PyResult<Self> {
+        let conn = check(py, conn_options(target, base_url, api_key))?;
+        let inner = block(py, None, core::Machine::connect(&name, conn))?;
+        Ok(Self { inner })
+    }
+
+    /// A handle to an existing machine without booting it.
+    #[staticmethod]
+    #[pyo3(signature = (name, *, target=None, base_url=None, api_key=None))]
+    fn open(
+        py: Python<'_>,
+        name: String,
+        target: Option<String>,
+        base_url: Option<String>,
+        api_key: Option<String>,
+    ) -> PyResult<Self> {
+        let conn = check(py, conn_options(target, base_url, api_key))?;
+        let inner = block(py, None, core::Machine::open(&name, conn))?;
+        Ok(Self { inner })
+    }
+
+    /// Every machine (of every process) that carries all of `labels`.
+    #[staticmethod]
+    #[pyo3(signature = (labels=BTreeMap::new(), *, target=None, base_url=None, api_key=None))]
+    fn list(
+        py: Python<'_>,
+        labels: BTreeMap<String, String>,
+        target: Option<String>,
+        base_url: Option<String>,
+        api_key: Option<String>,
+    ) -> PyResult<Vec<SummaryOut>> {
+        let conn = check(py, conn_options(target, base_url, api_key))?;
+        let list = block(
+            py,
+            None,
+            async move { core::Machine::list(conn, &labels).await },
+        )?;
+        Ok(list
+            .into_iter()
+            .map(|s| {
+                (
+                    s.name,
+                    s.state.as_str().to_string(),
+                    s.cpus,
+                    s.memory_mb,
+                    s.pid,
+                    s.accel,
+                    s.labels,
+                    s.persistent,
+                )
+            })
+            .collect())
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn state(&self, py: Python<'_>) -> PyResult<String> {
+        let s = block(py, None, self.inner.state())?;
+        Ok(s.as_str().to_string())
+    }
+
+    fn url(&self) -> Option<String> {
+        self.inner.url()
+    }
+
+    #[pyo3(signature = (argv, *, env=None, workdir=None, timeout=None, user=None, stdin=None,
+        cancel=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec<'py>(
+        &self,
+        py: Python<'py>,
+        argv: Vec<String>,
+        env: Option<BTreeMap<String, String>>,
+        workdir: Option<String>,
+        timeout: Option<f64>,
+        user: Option<String>,
+        stdin: Option<Bound<'py, PyBytes>>,
+        cancel: Option<Bound<'py, CancelToken>>,
+    ) -> PyResult<ExecOut<'py>> {
+        let opts = check(
+            py,
+            exec_options(env, workdir, timeout, user, stdin.as_ref()),
+        )?;
+        let token = cancel.map(|c| c.get().0.clone());
+        let r = block(py, token.as_ref(), self.inner.exec(&argv, opts))?;
+        Ok(exec_out(py, r))
+    }
+
+    #[pyo3(signature = (image, argv, *, env=None, workdir=None, timeout=None, user=None,
+        stdin=None, cancel=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        image: String,
+        argv: Vec<String>,
+        env: Option<BTreeMap<String, String>>,
+        workdir: Option<String>,
+        timeout: Option<f64>,
+        user: Option<String>,
+        stdin: Option<Bound<'py, PyBytes>>,
+        cancel: Option<Bound<'py, CancelToken>>,
+    ) -> PyResult<ExecOut<'py>> {
+        let opts = check(
+            py,
+            exec_options(env, workdir, timeout, user, stdin.as_ref()),
+        )?;
+        let token = cancel.map(|c| c.get().0.clone());
+        let r = block(py, token.as_ref(), self.inner.run(&image, &argv, opts))?;
+        Ok(exec_out(py, r))
+    }
+
+    #[pyo3(signature = (argv, *, env=None, workdir=None, timeout=None, user=None, stdin=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec_stream(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Option<BTreeMap<String, String>>,
+        workdir: Option<String>,
+        timeout: Option<f64>,
+        user: Option<String>,
+        stdin: Option<Bound<'_, PyBytes>>,
+    ) -> PyResult<ExecStream> {
+        let opts = check(
+            py,
+            exec_options(env, workdir, timeout, user, stdin.as_ref()),
+        )?;
+        let s = block(py, None, self.inner.exec_stream(&argv, opts))?;
+        Ok(ExecStream::new(s))
+    }
+
+    fn read_file<'py>(&self, py: Python<'py>, path: String) -> PyResult<Bound<'py, PyBytes>> {
+        let data = block(py, None, self.inner.read_file(&path))?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    #[pyo3(signature = (path, data, mode=None))]
+    fn write_file(
+        &self,
+        py: Python<'_>,
+        path: String,
+        data: Bound<'_, PyBytes>,
+        mode: Option<u32>,
+    ) -> PyResult<()> {
+        // `bytes` are immutable and `data` keeps the object alive for the whole call, so the
+        // buffer is read in place with the GIL released.
+        let bytes: &[u8] = data.as_bytes();
+        block(py, None, self.inner.write_file(&path, bytes, mode))
+    }
+
+    fn pull_image(&self, py: Python<'_>, image: String) -> PyResult<ImageOut> {
+        Ok(image_out(block(py, None, self.inner.pull_image(&image))?))
+    }
+
+    fn list_images(&self, py: Python<'_>) -> PyResult<Vec<ImageOut>> {
+        let list = block(py, None, self.inner.list_images())?;
+        Ok(list.into_iter().map(image_out).collect())
+    }
+
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        block(py, None, self.inner.start())
+    }
+
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        block(py, None, self.inner.stop())
+    }
+
+    fn delete(&self, py: Python<'_>) -> PyResult<()> {
+        block(py, None, self.inner.delete())
+    }
+
+    /// `[(host, guest)]`.
+    fn ports(&self) -> Vec<(u16, u16)> {
+        self.inner
+            .ports()
+            .into_iter()
+            .map(|p| (p.host, p.guest))
+            .collect()
+    }
+
+    /// `(http_url, ws_url, headers)`.
+    #[pyo3(signature = (port, path=None))]
+    fn endpoint<'py>(
+        &self,
+        py: Python<'py>,
+        port: u16,
+        path: Option<String>,
+    ) -> PyResult<(String, String, Bound<'py, PyDict>)> {
+        let e = check(py, self.inner.endpoint(port, path.as_deref()))?;
+        let headers = PyDict::new(py);
+        for (k, v) in e.headers {
+            headers.set_item(k, v)?;
+        }
+        Ok((e.http_url, e.ws_url, headers))
+    }
+
+    /// Benchmark helper: runs `exec(argv)` `n` times from Rust on this machine, one after the
+    /// other on the binding's runtime, and returns each call's wall time in seconds.
+    #[pyo3(signature = (n, argv=vec!["true".to_string()]))]
+    fn bench_exec(&self, py: Python<'_>, n: usize, argv: Vec<String>) -> PyResult<Vec<f64>> {
+        let m = self.inner.clone();
+        block(py, None, async move {
+            let mut times = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = std::time::Instant::now();
+                m.exec(&argv, core::ExecOptions::default()).await?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            Ok(times)
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<smol._native.Machine {:?}>", self.inner.name())
+    }
+}
