@@ -1,0 +1,298 @@
+/// <reference types="node" />
+// smolmachines: microVM sandboxes for Node (SPEC §6). Every I/O method returns a Promise;
+// `endpoint()`, `name` and `id` are synchronous.
+
+/** `"local"` (the embedded engine, default) or `"cloud"` (not available in this build). */
+export type Target = 'local' | 'cloud';
+
+/** Backend selection (SPEC §2). Cloud is chosen by `target: 'cloud'`, `apiKey` or `SMOL_CLOUD_TOKEN`. */
+export interface ConnectOptions {
+  target?: Target;
+  baseUrl?: string;
+  apiKey?: string;
+  /** Local only: stop this process's machines on SIGINT/SIGTERM, then re-raise (default true). */
+  handleSignals?: boolean;
+  /** Local only; not supported by the engine yet (NotSupportedError when set). */
+  egressInterceptor?: EgressInterceptor;
+}
+
+export interface EgressInterceptor {
+  address: string;
+  token: string;
+}
+
+/** CPU, memory, disk and network (SPEC §3.1). Fields marked "not supported yet" reject when set. */
+export interface ResourceSpec {
+  cpus?: number;
+  memoryMb?: number;
+  /** Unrestricted egress; local default off. */
+  network?: boolean;
+  /** Writable disk in GiB (sparse; default 20). */
+  storageGb?: number;
+  /** Not supported yet. */
+  allowCidrs?: string[];
+  /** Not supported yet. */
+  allowHosts?: string[];
+  /** Not supported yet. */
+  overlayGb?: number;
+  /** Not supported yet. */
+  gpu?: boolean;
+  /** Not supported yet. */
+  gpuVramMib?: number;
+  /** Not supported yet. */
+  cuda?: boolean;
+  /** Not supported yet. */
+  networkBackend?: 'tsi' | 'virtio-net';
+  /** Only "full" is supported. */
+  diskDurability?: 'full' | 'deferred';
+}
+
+/** A host directory shared into the guest (SPEC §3.2; read-only is enforced on the host). */
+export interface MountSpec {
+  source: string;
+  target: string;
+  readOnly?: boolean;
+  /** @deprecated alias of readOnly; wins when set. */
+  readonly?: boolean;
+  /** Not supported yet. */
+  staged?: boolean;
+}
+
+/** Host (127.0.0.1) -> guest TCP port (SPEC §3.3). */
+export interface PortSpec {
+  host: number;
+  guest: number;
+}
+
+/** Machine configuration (SPEC §3.4). Unknown fields reject with InvalidConfigError. */
+export interface MachineConfig {
+  name?: string;
+  /** OCI image whose root file system the machine boots into (optional locally). */
+  image?: string;
+  labels?: Record<string, string>;
+  mounts?: MountSpec[];
+  ports?: PortSpec[];
+  resources?: ResourceSpec;
+  /** Alias of resources.network (which wins). */
+  network?: boolean;
+  /** Keep the record and disk after the process exits; `Machine.connect` boots it again. */
+  persistent?: boolean;
+  /** Keep the VM running after the process exits (implies persistent). */
+  detach?: boolean;
+  /** Cloud only; ignored locally (SPEC §11). */
+  autoStopSeconds?: number;
+  /** Cloud only; ignored locally (SPEC §11). */
+  ttlSeconds?: number;
+  /** Not supported yet (rejects when true). */
+  branchable?: boolean;
+  /** @deprecated alias of branchable. Not supported yet (rejects when true). */
+  forkable?: boolean;
+  /** @deprecated alias of branchable. Not supported yet (rejects when true). */
+  checkpoint?: boolean;
+  /** Not supported yet (rejects when non-empty). */
+  env?: Record<string, string>;
+  /** Not supported yet. */
+  workdir?: string;
+  /** Not supported yet. */
+  user?: string;
+  /** Not supported yet. */
+  egressInterceptor?: EgressInterceptor;
+  /** Not supported yet (rejects when non-empty). */
+  credentials?: CredentialBinding[];
+  /** Create's readiness deadline in seconds (default 120). */
+  readyTimeoutSeconds?: number;
+}
+
+export interface CredentialBinding {
+  name: string;
+  allowedHosts?: string[];
+  setHeader?: string;
+  environmentVariable?: string;
+  methods?: string[];
+  value?: string;
+}
+
+/** Per-command options (SPEC §3.6). */
+export interface ExecOptions {
+  /** Kill the command after this many seconds; the result then has exit code 124. */
+  timeout?: number;
+  env?: Record<string, string>;
+  /** Absolute guest working directory. */
+  workdir?: string;
+  /** Needs a machine created from an image. */
+  user?: string;
+  /** Written to the command's stdin, which is then closed. */
+  stdin?: string | Uint8Array;
+  /** Cloud only; ignored locally. */
+  output?: 'text' | 'b64' | 'both';
+  /** Aborting kills the command; the call rejects with `signal.reason`. Not for run(). */
+  signal?: AbortSignal;
+}
+
+/** Result of a finished command (SPEC §3.7). A non-zero exit is not an error. */
+export declare class ExecResult {
+  readonly exitCode: number;
+  /** Lossy UTF-8. */
+  readonly stdout: string;
+  readonly stderr: string;
+  /** Byte-exact. */
+  readonly stdoutBytes: Buffer;
+  readonly stderrBytes: Buffer;
+  /** Always false locally. */
+  readonly stdoutTruncated: boolean;
+  readonly stderrTruncated: boolean;
+  /** True when the timeout killed the command (exit code 124). */
+  readonly timedOut: boolean;
+  /** exitCode === 0 */
+  readonly success: boolean;
+  /** stdout + stderr */
+  readonly output: string;
+  /** Throws ExecutionError unless the command exited 0. */
+  assertSuccess(): this;
+}
+
+/** SPEC §3.9 */
+export type ExecEvent =
+  | { kind: 'stdout'; data: string }
+  | { kind: 'stderr'; data: string }
+  | { kind: 'exit'; exitCode: number }
+  | { kind: 'error'; message: string };
+
+/** SPEC §3.8 */
+export interface ImageInfo {
+  reference: string;
+  digest: string;
+  /** Bytes. */
+  size: number;
+  architecture: string;
+  os: string;
+}
+
+/** SPEC §3.10 */
+export interface PortEndpoint {
+  httpUrl: string;
+  wsUrl: string;
+  headers: Record<string, string>;
+}
+
+export type MachineState = 'created' | 'started' | 'running' | 'stopped' | 'pausing' | 'paused' | 'deleted';
+
+/** One row of `Machine.list` (SPEC §3.10). */
+export interface MachineSummary {
+  id: string;
+  name: string;
+  state: MachineState;
+  labels: Record<string, string>;
+  persistent: boolean;
+  branchable: boolean;
+  /** The VMM's process id while it runs (local). */
+  pid?: number;
+  /** `kvm` or `tcg` (local). */
+  accel?: string;
+  resources?: { cpus: number; memoryMib: number };
+}
+
+export interface ListOptions {
+  /** Keep machines that carry all of these. */
+  labels?: Record<string, string>;
+}
+
+export type LocalAvailability =
+  | { available: true; accel?: 'kvm' | 'tcg' | string }
+  | {
+      available: false;
+      code: 'UNSUPPORTED_PLATFORM' | 'RUNTIME_NOT_INSTALLED' | 'KVM_UNAVAILABLE' | 'HYPERVISOR_UNAVAILABLE' | string;
+      reason: string;
+    };
+
+/** A microVM sandbox. */
+export declare class Machine {
+  private constructor();
+  /** Creates and starts a machine; resolves once it is ready. */
+  static create(config?: MachineConfig, conn?: ConnectOptions): Promise<Machine>;
+  /** Attaches to an existing machine by name, booting it if it is stopped. */
+  static connect(id: string, conn?: ConnectOptions): Promise<Machine>;
+  /** Machines of the selected backend (locally: of every process). */
+  static list(conn?: ConnectOptions, options?: ListOptions): Promise<MachineSummary[]>;
+  /** Whether this host can run local machines. Never throws. */
+  static localAvailability(): LocalAvailability;
+
+  readonly name: string;
+  /** Locally the name. */
+  readonly id: string;
+
+  state(): Promise<MachineState>;
+  /** Public ingress URL (cloud); null locally. */
+  url(): Promise<string | null>;
+  exec(command: string[], opts?: ExecOptions): Promise<ExecResult>;
+  run(image: string, command: string[], opts?: Omit<ExecOptions, 'signal'>): Promise<ExecResult>;
+  /** Live output; leaving the loop early kills the command. */
+  execStream(command: string[], opts?: ExecOptions): AsyncGenerator<ExecEvent, void, undefined>;
+  readFile(path: string): Promise<Buffer>;
+  writeFile(path: string, data: string | Uint8Array, mode?: number): Promise<void>;
+  pullImage(image: string): Promise<ImageInfo>;
+  listImages(): Promise<ImageInfo[]>;
+  start(): Promise<void>;
+  stop(): Promise<void>;
+  delete(): Promise<void>;
+  /** URLs of a published guest port. Throws InvalidConfigError when it is not published. */
+  endpoint(port: number, path?: string): PortEndpoint;
+  /** fetch() against a published guest port. */
+  fetch(port: number, path?: string, init?: RequestInit): Promise<Response>;
+  /** The published ports. */
+  ports(): PortSpec[];
+}
+
+/** Base of every error (SPEC §8): `code` is stable. */
+export declare class SmolError extends Error {
+  constructor(code: string, message: string, options?: { hint?: string; cause?: unknown });
+  readonly code: string;
+  /** What to do about it, when the engine knows. */
+  readonly hint?: string;
+}
+declare class CodedError extends SmolError {
+  constructor(message: string, options?: { hint?: string; cause?: unknown });
+}
+/** NOT_SUPPORTED */
+export declare class NotSupportedError extends CodedError {}
+/** INVALID_CONFIG */
+export declare class InvalidConfigError extends CodedError {}
+/** COMMAND_FAILED, from ExecResult.assertSuccess() */
+export declare class ExecutionError extends SmolError {
+  constructor(exitCode: number, stdout?: string, stderr?: string, command?: string | string[]);
+  readonly exitCode: number;
+  readonly stdout: string;
+  readonly stderr: string;
+  readonly command?: string;
+}
+/** NOT_FOUND */
+export declare class NotFoundError extends CodedError {}
+/** INVALID_STATE */
+export declare class InvalidStateError extends CodedError {}
+/** INTERRUPTED: the VM stopped during the operation */
+export declare class InterruptedError extends CodedError {}
+/** CONFLICT */
+export declare class ConflictError extends CodedError {}
+/** TIMEOUT */
+export declare class TimeoutError extends CodedError {}
+/** BOOT_FAILED */
+export declare class BootFailedError extends CodedError {}
+/** HYPERVISOR_UNAVAILABLE */
+export declare class HypervisorUnavailableError extends CodedError {}
+/** KVM_UNAVAILABLE */
+export declare class KvmUnavailableError extends CodedError {}
+/** STORAGE_ERROR */
+export declare class StorageError extends CodedError {}
+/** MOUNT_ERROR */
+export declare class MountError extends CodedError {}
+/** PERMISSION_DENIED */
+export declare class PermissionDeniedError extends CodedError {}
+/** IS_A_DIRECTORY */
+export declare class IsADirectoryError extends CodedError {}
+/** NETWORK_ERROR */
+export declare class NetworkError extends CodedError {}
+
+/** Parses a native "[CODE] message" error into the SmolError subclass of its code. */
+export declare function wrapNativeError(err: unknown): SmolError;
+/** Same as Machine.localAvailability(). */
+export declare function localAvailability(): LocalAvailability;

@@ -1,0 +1,415 @@
+//! Native half of the npm package `smolmachines`: a thin napi-rs layer over the Rust core
+//! (`smolmachines::Machine`). Every I/O call is an async fn run on napi's tokio runtime, so the
+//! JS event loop never waits on a VM. Errors leave as `"[CODE] message"` (SPEC §8.2), plus
+//! `\x1f` and the core's hint when it has one; `index.js` turns that into the typed `SmolError`
+//! subclass in one place. Options arrive as JSON text (parsed with serde in `config`), so an
+//! unknown or mistyped field is a typed error instead of being dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use smolmachines::{Error, ExecResult, Machine};
+use tokio::sync::watch;
+
+mod config;
+mod stream;
+
+use config::{parse, JsConfig, JsConnect, JsExecOptions};
+pub use stream::NativeExecStream;
+
+/// A core error as a JS error whose message starts with `[CODE]` (SPEC §8.2).
+fn to_js(e: Error) -> napi::Error {
+    let mut msg = format!("[{}] {e}", e.code());
+    if let Error::BootFailed { log_tail, .. } = &e {
+        if !log_tail.is_empty() {
+            msg.push_str("\n--- console / VMM log ---\n");
+            msg.push_str(log_tail.trim_end());
+        }
+    }
+    if let Some(h) = e.hint() {
+        msg.push('\u{1f}');
+        msg.push_str(&h);
+    }
+    napi::Error::new(Status::GenericFailure, msg)
+}
+
+fn conn_from(json: &str) -> Result<smolmachines::ConnectOptions> {
+    parse::<JsConnect>("ConnectOptions", json)
+        .and_then(JsConnect::into_core)
+        .map_err(to_js)
+}
+
+fn exec_opts(json: &str, stdin: Option<Buffer>) -> Result<smolmachines::ExecOptions> {
+    parse::<JsExecOptions>("ExecOptions", json)
+        .and_then(|o| o.into_core(stdin.map(|b| b.to_vec())))
+        .map_err(to_js)
+}
+
+/// `localAvailability()` (SPEC §3.10): never throws.
+#[napi(object)]
+pub struct Availability {
+    pub available: bool,
+    pub code: Option<String>,
+    pub reason: Option<String>,
+    /// `kvm` or `tcg` when available.
+    pub accel: Option<String>,
+}
+
+#[napi]
+pub fn local_availability() -> Availability {
+    let a = smolmachines::local_availability();
+    Availability {
+        available: a.available,
+        code: a.code,
+        reason: a.reason,
+        accel: a.accel,
+    }
+}
+
+/// Creates and starts a machine (`Machine.create`).
+#[napi]
+pub async fn create(config: String, conn: String) -> Result<NativeMachine> {
+    let config = parse::<JsConfig>("MachineConfig", &config)
+        .and_then(JsConfig::into_core)
+        .map_err(to_js)?;
+    let conn = conn_from(&conn)?;
+    let m = Machine::create(config, conn).await.map_err(to_js)?;
+    Ok(NativeMachine::new(m))
+}
+
+/// Attaches to an existing machine by name (`Machine.connect`).
+#[napi]
+pub async fn connect(name: String, conn: String) -> Result<NativeMachine> {
+    let conn = conn_from(&conn)?;
+    let m = Machine::connect(&name, conn).await.map_err(to_js)?;
+    Ok(NativeMachine::new(m))
+}
+
+/// One row of `Machine.list`.
+#[napi(object)]
+pub struct NativeSummary {
+    pub name: String,
+    pub state: String,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    pub pid: Option<u32>,
+    pub accel: String,
+    pub labels: HashMap<String, String>,
+    pub persistent: bool,
+}
+
+/// Every machine of the selected backend carrying all of `labels` (JSON object).
+#[napi]
+pub async fn list(conn: String, labels: String) -> Result<Vec<NativeSummary>> {
+    let conn = conn_from(&conn)?;
+    let labels: BTreeMap<String, String> = parse("labels", &labels).map_err(to_js)?;
+    let rows = Machine::list(conn, &labels).await.map_err(to_js)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| NativeSummary {
+            name: r.name,
+            state: r.state.as_str().to_string(),
+            cpus: r.cpus,
+            memory_mb: r.memory_mb,
+            pid: r.pid,
+            accel: r.accel,
+            labels: r.labels.into_iter().collect(),
+            persistent: r.persistent,
+        })
+        .collect())
+}
+
+/// A finished command; `index.js` adds the strings, `success`, `output`, `assertSuccess`.
+#[napi(object)]
+pub struct NativeExecResult {
+    pub exit_code: i32,
+    pub stdout: Buffer,
+    pub stderr: Buffer,
+    pub timed_out: bool,
+}
+
+impl From<ExecResult> for NativeExecResult {
+    fn from(r: ExecResult) -> Self {
+        Self {
+            exit_code: r.exit_code,
+            stdout: r.stdout_bytes.into(),
+            stderr: r.stderr_bytes.into(),
+            timed_out: r.timed_out,
+        }
+    }
+}
+
+/// SPEC §3.8.
+#[napi(object)]
+pub struct NativeImageInfo {
+    pub reference: String,
+    pub digest: String,
+    pub size: f64,
+    pub architecture: String,
+    pub os: String,
+}
+
+impl From<smolmachines::ImageInfo> for NativeImageInfo {
+    fn from(i: smolmachines::ImageInfo) -> Self {
+        Self {
+            reference: i.reference,
+            digest: i.digest,
+            size: i.size as f64,
+            architecture: i.architecture,
+            os: i.os,
+        }
+    }
+}
+
+/// SPEC §3.10 `PortEndpoint`.
+#[napi(object)]
+pub struct NativeEndpoint {
+    pub http_url: String,
+    pub ws_url: String,
+    pub headers: HashMap<String, String>,
+}
+
+/// A published port (host on 127.0.0.1 -> guest).
+#[napi(object)]
+pub struct NativePort {
+    pub host: u32,
+    pub guest: u32,
+}
+
+// --- cancellation of `exec` (AbortSignal) ----------------------------------------------------
+
+static CANCELS: Mutex<BTreeMap<u32, watch::Sender<bool>>> = Mutex::new(BTreeMap::new());
+static NEXT_CANCEL: AtomicU32 = AtomicU32::new(1);
+
+/// A token for `exec(..., cancelToken)`; `cancel(token)` makes that exec fail with `[ABORTED]`
+/// and kills its command (the core kills a command whose exec future is dropped).
+#[napi]
+pub fn cancel_token() -> u32 {
+    let id = NEXT_CANCEL.fetch_add(1, Ordering::Relaxed);
+    let (tx, _) = watch::channel(false);
+    CANCELS.lock().expect("cancel registry").insert(id, tx);
+    id
+}
+
+/// Cancels the exec holding `token` (before or while it runs). Unknown tokens are ignored.
+#[napi]
+pub fn cancel(token: u32) {
+    if let Some(tx) = CANCELS.lock().expect("cancel registry").get(&token) {
+        tx.send_replace(true);
+    }
+}
+
+/// Forgets `token` (the JS side calls it when the exec settled).
+#[napi]
+pub fn release_cancel_token(token: u32) {
+    CANCELS.lock().expect("cancel registry").remove(&token);
+}
+
+async fn cancellable<T>(
+    token: Option<u32>,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(id) = token else { return fut.await };
+    let rx = CANCELS
+        .lock()
+        .expect("cancel registry")
+        .get(&id)
+        .map(|tx| tx.subscribe());
+    let Some(mut rx) = rx else { return fut.await };
+    tokio::select! {
+        r = fut => r,
+        _ = rx.wait_for(|c| *c) => Err(napi::Error::new(
+            Status::GenericFailure,
+            "[ABORTED] the operation was aborted".to_string(),
+        )),
+    }
+}
+
+// --- the machine -----------------------------------------------------------------------------
+
+/// A machine handle. The JS class `Machine` wraps it.
+#[napi]
+pub struct NativeMachine {
+    m: Option<Machine>,
+    /// The runtime the handle was made on (napi's), entered to drop it.
+    rt: tokio::runtime::Handle,
+}
+
+impl NativeMachine {
+    /// Called inside napi's runtime (from an async fn).
+    fn new(m: Machine) -> Self {
+        Self {
+            m: Some(m),
+            rt: tokio::runtime::Handle::current(),
+        }
+    }
+
+    fn m(&self) -> Machine {
+        self.m.clone().expect("machine present until dropped")
+    }
+}
+
+impl Drop for NativeMachine {
+    fn drop(&mut self) {
+        // Collected on the JS thread (or at environment teardown, after napi shut its runtime
+        // down): let the core's handle go inside the runtime it was made on. Entering a handle
+        // of a runtime that was shut down does not panic (napi's own helper would).
+        let m = self.m.take();
+        let _guard = self.rt.enter();
+        drop(m);
+    }
+}
+
+#[napi]
+impl NativeMachine {
+    #[napi(getter)]
+    pub fn name(&self) -> String {
+        self.m().name().to_string()
+    }
+
+    #[napi]
+    pub async fn state(&self) -> Result<String> {
+        let s = self.m().state().await.map_err(to_js)?;
+        Ok(s.as_str().to_string())
+    }
+
+    #[napi]
+    pub fn url(&self) -> Option<String> {
+        self.m().url()
+    }
+
+    #[napi]
+    pub async fn exec(
+        &self,
+        argv: Vec<String>,
+        opts: String,
+        stdin: Option<Buffer>,
+        cancel_token: Option<u32>,
+    ) -> Result<NativeExecResult> {
+        let opts = exec_opts(&opts, stdin)?;
+        let m = self.m();
+        cancellable(cancel_token, async move {
+            m.exec(&argv, opts).await.map(Into::into).map_err(to_js)
+        })
+        .await
+    }
+
+    #[napi]
+    pub async fn run(
+        &self,
+        image: String,
+        argv: Vec<String>,
+        opts: String,
+        stdin: Option<Buffer>,
+    ) -> Result<NativeExecResult> {
+        let opts = exec_opts(&opts, stdin)?;
+        let r = self.m().run(&image, &argv, opts).await.map_err(to_js)?;
+        Ok(r.into())
+    }
+
+    #[napi]
+    pub async fn exec_stream(
+        &self,
+        argv: Vec<String>,
+        opts: String,
+        stdin: Option<Buffer>,
+    ) -> Result<NativeExecStream> {
+        let opts = exec_opts(&opts, stdin)?;
+        let s = self.m().exec_stream(&argv, opts).await.map_err(to_js)?;
+        Ok(NativeExecStream::new(s))
+    }
+
+    #[napi]
+    pub async fn read_file(&self, path: String) -> Result<Buffer> {
+        let data = self.m().read_file(&path).await.map_err(to_js)?;
+        Ok(data.into())
+    }
+
+    #[napi]
+    pub async fn write_file(&self, path: String, data: Buffer, mode: Option<u32>) -> Result<()> {
+        self.m()
+            .write_file(&path, &data[..], mode)
+            .await
+            .map_err(to_js)
+    }
+
+    #[napi]
+    pub async fn pull_image(&self, image: String) -> Result<NativeImageInfo> {
+        let i = self.m().pull_image(&image).await.map_err(to_js)?;
+        Ok(i.into())
+    }
+
+    #[napi]
+    pub async fn list_images(&self) -> Result<Vec<NativeImageInfo>> {
+        let v = self.m().list_images().await.map_err(to_js)?;
+        Ok(v.into_iter().map(Into::into).collect())
+    }
+
+    #[napi]
+    pub async fn start(&self) -> Result<()> {
+        self.m().start().await.map_err(to_js)
+    }
+
+    #[napi]
+    pub async fn stop(&self) -> Result<()> {
+        self.m().stop().await.map_err(to_js)
+    }
+
+    #[napi]
+    pub async fn delete(&self) -> Result<()> {
+        self.m().delete().await.map_err(to_js)
+    }
+
+    #[napi]
+    pub fn endpoint(&self, port: u32, path: Option<String>) -> Result<NativeEndpoint> {
+        let port = u16::try_from(port).map_err(|_| {
+            to_js(Error::InvalidConfig {
+                message: format!("port {port} is out of range"),
+            })
+        })?;
+        let e = self.m().endpoint(port, path.as_deref()).map_err(to_js)?;
+        Ok(NativeEndpoint {
+            http_url: e.http_url,
+            ws_url: e.ws_url,
+            headers: e.headers.into_iter().collect(),
+        })
+    }
+
+    #[napi]
+    pub fn ports(&self) -> Vec<NativePort> {
+        self.m()
+            .ports()
+            .into_iter()
+            .map(|p| NativePort {
+                host: p.host.into(),
+                guest: p.guest.into(),
+            })
+            .collect()
+    }
+
+    /// Benchmark helper: runs `argv` `n` times from Rust on this machine and returns each
+    /// call's wall time in microseconds (the baseline of `bench.mjs`).
+    #[napi]
+    pub async fn bench_exec(&self, argv: Vec<String>, n: u32) -> Result<Vec<f64>> {
+        let m = self.m();
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let t = Instant::now();
+            let r = m
+                .exec(&argv, smolmachines::ExecOptions::default())
+                .await
+                .map_err(to_js)?;
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+            if r.exit_code != 0 {
+                return Err(to_js(Error::InvalidConfig {
+                    message: format!("bench command exited with {}", r.exit_code),
+                }));
+            }
+        }
+        Ok(out)
+    }
+}
