@@ -28,3 +28,7 @@ bench: setup
 
 clean-cache:
 	rm -rf "$${SMOL_CACHE:-$$HOME/.cache/smol}"
+
+# The Node package (bindings/node): npm install as a user does, tsc on the seed samples, node --test
+test-node: setup
+	bindings/node/ci.sh

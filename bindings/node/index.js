@@ -276,6 +276,11 @@ class Machine {
     const argv = checkArgv(command);
     const { json, stdin, signal } = splitExecOptions(opts);
     if (signal) throw new NotSupportedError('run() does not take an AbortSignal');
+    // SPEC §3.6: run() with a user is NOT_SUPPORTED (the core validates the options first and
+    // would call it INVALID_CONFIG)
+    if (opts && opts.user !== undefined && opts.user !== null) {
+      throw new NotSupportedError('run(image, ...) does not take a user; use exec() in a machine created from the image');
+    }
     return execResult(await call(() => this[kNative].run(image, argv, json, stdin)), argv);
   }
 
@@ -284,9 +289,8 @@ class Machine {
    * (or `{kind:'error', message}`). Leaving the loop early kills the command.
    */
   execStream(command, opts = {}) {
-    const argv = checkArgv(command);
-    const { json, stdin, signal } = splitExecOptions(opts);
-    return streamEvents(this[kNative], argv, json, stdin, signal);
+    // argument errors, like every other error, surface on the first iteration
+    return streamEvents(this[kNative], command, opts);
   }
 
   /** The file's raw bytes. */
@@ -371,7 +375,9 @@ class Machine {
   }
 }
 
-async function* streamEvents(handle, argv, json, stdin, signal) {
+async function* streamEvents(handle, command, opts) {
+  const argv = checkArgv(command);
+  const { json, stdin, signal } = splitExecOptions(opts);
   if (signal) signal.throwIfAborted();
   const s = await call(() => handle.execStream(argv, json, stdin));
   const onAbort = () => s.kill();

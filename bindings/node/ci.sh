@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# CI for the Node package `smolmachines` (make test-node). Installs it the way a user does
+# (`npm install <checkout>/bindings/node` into a scratch project, which builds the addon), runs the
+# README's TypeScript quick start there, then the declarations check (`tsc --noEmit` on the seed
+# page's samples) and the `node --test` suites against the real local engine.
+# Needs: node >= 18 and npm (Debian: nodejs npm; installed below when npm is missing), cargo,
+# and the engine set up (make setup).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+step() { echo "==> $*" >&2; }
+
+if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+  # Debian's npm conflicts with NodeSource's nodejs (which bundles npm), so it is not in
+  # scripts/setup.sh's list; install it only where there is no npm at all.
+  step "installing Debian's nodejs and npm"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
+fi
+node -e 'if (+process.versions.node.split(".")[0] < 18) { console.error("node >= 18 needed, found " + process.version); process.exit(1) }'
+export npm_config_audit=false npm_config_fund=false npm_config_update_notifier=false
+
+# --- install as a user does, into a scratch project (ignored: under target/) ----------------------
+smoke="$root/target/node-smoke"
+step "npm install $root/bindings/node (into $smoke; builds the addon)"
+rm -rf "$smoke"
+mkdir -p "$smoke"
+# allowScripts: newer npm runs a dependency's install script only when the project allows it
+printf '{ "name": "smol-node-smoke", "private": true, "type": "module", "allowScripts": { "smolmachines": true } }\n' \
+  > "$smoke/package.json"
+(cd "$smoke" && npm install --foreground-scripts "$root/bindings/node")
+test -f "$here/smol.node" || { echo "error: npm install did not build smol.node" >&2; exit 1; }
+
+step "README quick start (TypeScript sample, as ESM) in the scratch project"
+cat > "$smoke/quickstart.mjs" <<'JS'
+import { Machine } from 'smolmachines';
+const m = await Machine.create();
+try { console.log((await m.exec(['uname', '-a'])).stdout); } finally { await m.delete(); }
+JS
+out=$(cd "$smoke" && node quickstart.mjs)
+echo "$out"
+grep -q '^Linux ' <<<"$out" || { echo "error: the quick start printed no uname line" >&2; exit 1; }
+(cd "$smoke" && node -e "const s = require('smolmachines'); if (typeof s.Machine.create !== 'function' || !s.Machine.localAvailability().available) process.exit(1)")
+
+# --- dev dependencies (typescript, @types/node) from the lockfile ---------------------------------
+step "npm ci in bindings/node (dev dependencies)"
+(cd "$here" && npm ci --foreground-scripts)
+
+step "tsc --noEmit on the seed samples"
+(cd "$here" && node_modules/.bin/tsc --noEmit -p test/types)
+
+step "node --test"
+cd "$here"
+node --test test/*.test.mjs

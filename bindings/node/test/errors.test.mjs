@@ -1,0 +1,202 @@
+// The errors of SPEC §8 that apply to the local target, each from a real situation.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import {
+  Machine,
+  SmolError,
+  InvalidConfigError,
+  NotSupportedError,
+  InterruptedError,
+  InvalidStateError,
+  MountError,
+  wrapNativeError,
+} from 'smolmachines';
+import { uniqueName, alive, runChild } from './helpers.mjs';
+
+async function machineNames() {
+  return new Set((await Machine.list()).map((r) => r.name));
+}
+
+test('invalid configurations reject with InvalidConfigError and create nothing', async () => {
+  const before = await machineNames();
+  const bad = [
+    { name: 'bad name!' },
+    { name: '-leading-dash' },
+    { name: 'x'.repeat(64) },
+    { memoryMB: 512 }, // a typo is not ignored
+    { resources: { cpus: 'two' } },
+    { resources: { memoryMb: -1 } },
+    { resources: { cpus: NaN } },
+    { ports: [{ host: 70000, guest: 80 }] },
+    { ports: [{ guest: 80 }] },
+    { mounts: [{ source: '/tmp' }] },
+    { labels: { team: 1 } },
+    { readyTimeoutSeconds: 0 },
+    { persistent: 'yes' },
+  ];
+  for (const config of bad) {
+    await assert.rejects(
+      Machine.create(config),
+      (e) => e instanceof InvalidConfigError && e instanceof SmolError && e.code === 'INVALID_CONFIG',
+      JSON.stringify(config),
+    );
+  }
+  await assert.rejects(Machine.create('config'), InvalidConfigError);
+  await assert.rejects(Machine.create({}, { target: 'moon' }), InvalidConfigError);
+  await assert.rejects(Machine.create({}, { tagret: 'cloud' }), InvalidConfigError);
+  await assert.rejects(Machine.connect('bad name!'), InvalidConfigError);
+  const after = await machineNames();
+  assert.deepEqual([...after].filter((n) => !before.has(n)), []);
+});
+
+test('fields the engine does not support yet reject with NotSupportedError, never ignored', async () => {
+  const unsupported = [
+    { env: { A: '1' } },
+    { workdir: '/srv' },
+    { user: 'root' },
+    { command: ['sleep', '1'] },
+    { credentials: [{ name: 'gh', allowedHosts: ['api.github.com'] }] },
+    { branchable: true },
+    { forkable: true },
+    { checkpoint: true },
+    { egressInterceptor: { address: '127.0.0.1:1', token: 'a'.repeat(64) } },
+    { resources: { gpu: true } },
+    { resources: { cuda: true } },
+    { resources: { overlayGb: 5 } },
+    { resources: { allowHosts: ['example.com'] } },
+    { resources: { allowCidrs: ['10.0.0.0/8'] } },
+    { resources: { diskDurability: 'deferred' } },
+    { mounts: [{ source: '/tmp', target: '/mnt', staged: true }] },
+  ];
+  for (const config of unsupported) {
+    await assert.rejects(
+      Machine.create({ name: uniqueName('ns'), ...config }),
+      (e) => e instanceof NotSupportedError && e.code === 'NOT_SUPPORTED',
+      JSON.stringify(config),
+    );
+  }
+  await assert.rejects(Machine.create({}, { egressInterceptor: { address: '127.0.0.1:1', token: 'x' } }), NotSupportedError);
+});
+
+test('the cloud target rejects with NotSupportedError instead of falling back to local', async () => {
+  const before = await machineNames();
+  const isNotSupported = (e) => e instanceof NotSupportedError && e.code === 'NOT_SUPPORTED' && /cloud/.test(e.message);
+  await assert.rejects(Machine.create({}, { target: 'cloud' }), isNotSupported);
+  await assert.rejects(Machine.create({ image: 'python:3.12' }, { target: 'cloud', apiKey: 'smk_test' }), isNotSupported);
+  await assert.rejects(Machine.create({}, { apiKey: 'smk_test' }), isNotSupported);
+  await assert.rejects(Machine.connect('mach-123', { target: 'cloud' }), isNotSupported);
+  await assert.rejects(Machine.list({ target: 'cloud' }), isNotSupported);
+  const saved = process.env.SMOL_CLOUD_TOKEN;
+  process.env.SMOL_CLOUD_TOKEN = 'smk_from_env';
+  try {
+    await assert.rejects(Machine.create(), isNotSupported);
+    await assert.rejects(Machine.list(), isNotSupported);
+    // an explicit local target wins over the key
+    assert.ok(Array.isArray(await Machine.list({ target: 'local' })));
+  } finally {
+    if (saved === undefined) delete process.env.SMOL_CLOUD_TOKEN;
+    else process.env.SMOL_CLOUD_TOKEN = saved;
+  }
+  assert.ok(Array.isArray(await Machine.list({ target: 'local', apiKey: 'smk_test' })));
+  const after = await machineNames();
+  assert.deepEqual([...after].filter((n) => !before.has(n)), []);
+});
+
+test('a killed VMM: the running exec fails with InterruptedError, the next with InvalidStateError, Node lives on', async () => {
+  const m = await Machine.create({ name: uniqueName('kill') });
+  try {
+    const pid = (await Machine.list()).find((r) => r.name === m.name).pid;
+    assert.ok(pid && alive(pid));
+    const running = m.exec(['sleep', '60']);
+    await new Promise((r) => setTimeout(r, 500));
+    process.kill(pid, 'SIGKILL');
+    const t0 = Date.now();
+    await assert.rejects(running, (e) => {
+      assert.ok(e instanceof InterruptedError, `${e.name}: ${e.message}`);
+      assert.equal(e.code, 'INTERRUPTED');
+      assert.match(e.message, /SIGKILL/);
+      return true;
+    });
+    assert.ok(Date.now() - t0 < 5000);
+    assert.equal(await m.state(), 'stopped');
+    await assert.rejects(m.exec(['true']), (e) => e instanceof InvalidStateError && e.code === 'INVALID_STATE');
+    await assert.rejects(m.readFile('/etc/passwd'), InvalidStateError);
+  } finally {
+    await m.delete();
+  }
+  // the process is fine and the engine still works
+  await Machine.create({ name: uniqueName('after') }).then(async (m2) => {
+    try {
+      assert.equal((await m2.exec(['echo', 'alive'])).stdout, 'alive\n');
+    } finally {
+      await m2.delete();
+    }
+  });
+});
+
+test('a mount of a missing host directory is a MountError', async () => {
+  await assert.rejects(
+    Machine.create({ name: uniqueName('mnt'), mounts: [{ source: '/nonexistent/smol-node-test', target: '/mnt/x' }] }),
+    (e) => e instanceof MountError && e.code === 'MOUNT_ERROR',
+  );
+});
+
+test('engine errors of a misconfigured host are typed, and localAvailability() says why', async (t) => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'smol-node-test-'));
+  const bogusKernel = path.join(dir, 'bogus-kernel');
+  writeFileSync(bogusKernel, 'not a kernel');
+  const assets = process.env.SMOL_ASSETS || path.join(process.env.SMOL_HOME || path.join(process.env.HOME, '.local/share/smol'), 'assets');
+  const probe = `
+    const out = { availability: Machine.localAvailability() };
+    try { const m = await Machine.create(); await m.delete(); out.created = true; }
+    catch (e) { out.error = { name: e.name, code: e.code, message: e.message, smol: e instanceof smol.SmolError, hint: e.hint }; }
+    console.log(JSON.stringify(out));`;
+  const cases = [
+    { env: { SMOL_QEMU: '/nonexistent/qemu' }, code: 'HYPERVISOR_UNAVAILABLE', cls: 'HypervisorUnavailableError', avail: 'HYPERVISOR_UNAVAILABLE' },
+    { env: { SMOL_KERNEL: '/nonexistent/vmlinux' }, code: 'NOT_FOUND', cls: 'NotFoundError', avail: 'RUNTIME_NOT_INSTALLED' },
+    { env: { SMOL_KERNEL: bogusKernel }, code: 'BOOT_FAILED', cls: 'BootFailedError', avail: null },
+    { env: { SMOL_HOME: '/dev/null/home', SMOL_ASSETS: assets }, code: 'STORAGE_ERROR', cls: 'StorageError', avail: null },
+  ];
+  if (Machine.localAvailability().accel === 'tcg') {
+    cases.push({ env: { SMOL_ACCEL: 'kvm' }, code: 'KVM_UNAVAILABLE', cls: 'KvmUnavailableError', avail: 'KVM_UNAVAILABLE' });
+  } else {
+    t.diagnostic('KVM works here: the KVM_UNAVAILABLE case is not run');
+  }
+  try {
+    const results = await Promise.all(cases.map((c) => runChild(probe, { env: c.env })));
+    results.forEach((r, i) => {
+      const c = cases[i];
+      assert.equal(r.code, 0, `${JSON.stringify(c.env)}: ${r.stderr}`);
+      const out = JSON.parse(r.stdout.trim().split('\n').pop());
+      assert.ok(out.error, `${JSON.stringify(c.env)}: create succeeded`);
+      assert.equal(out.error.code, c.code, `${JSON.stringify(c.env)}: ${out.error.message}`);
+      assert.equal(out.error.name, c.cls);
+      assert.equal(out.error.smol, true);
+      if (c.avail) {
+        assert.equal(out.availability.available, false);
+        assert.equal(out.availability.code, c.avail);
+        assert.ok(out.availability.reason.length > 0);
+      }
+      if (c.code === 'BOOT_FAILED') assert.ok(out.error.hint, 'BootFailed carries a hint');
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('wrapNativeError parses "[CODE] message" and falls back to SMOLVM_ERROR', () => {
+  const e = wrapNativeError(new Error('[NOT_FOUND] not found: x\x1fdo this'));
+  assert.equal(e.name, 'NotFoundError');
+  assert.equal(e.code, 'NOT_FOUND');
+  assert.equal(e.message, 'not found: x');
+  assert.equal(e.hint, 'do this');
+  const o = wrapNativeError(new Error('[SOMETHING_NEW] y'));
+  assert.ok(o instanceof SmolError);
+  assert.equal(o.code, 'SOMETHING_NEW');
+  const f = wrapNativeError(new Error('plain'));
+  assert.equal(f.code, 'SMOLVM_ERROR');
+  assert.equal(f.message, 'plain');
+});
