@@ -112,7 +112,7 @@ fn check<T>(py: Python<'_>, r: Result<T, Error>) -> PyResult<T> {
 
 /// A handle to one machine of the core. Cheap to share between threads: every method takes
 /// `&self`, and concurrent calls on one machine are allowed (they are multiplexed by the core).
-#[pyclass(frozen, module = "smol._native", name = "Machine")]
+#[pyclass(frozen, weakref, module = "smol._native", name = "Machine")]
 pub(crate) struct Machine {
     inner: core::Machine,
 }

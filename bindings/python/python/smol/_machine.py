@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import weakref
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -194,6 +195,16 @@ def _exec_kwargs(opts: Optional[ExecOptions]) -> Dict[str, Any]:
     }
 
 
+def _check_run(image: Any, command: Any, opts: Any) -> List[str]:
+    if not isinstance(image, str):
+        raise InvalidConfigError(f"image must be a str, got {image!r}")
+    if getattr(opts, "user", None) is not None or (isinstance(opts, Mapping) and opts.get("user")):
+        raise NotSupportedError(
+            "run(image, ...) does not take a user; use exec() in a machine created from the image"
+        )
+    return _argv(command)
+
+
 def _result(t: Tuple[Any, ...], argv: List[str]) -> ExecResult:
     code, out, err, out_b, err_b, timed_out = t
     return ExecResult(
@@ -204,17 +215,35 @@ def _result(t: Tuple[Any, ...], argv: List[str]) -> ExecResult:
 
 # ---- process-exit cleanup (SPEC §9.6) --------------------------------------------------------
 
-_owned: "weakref.WeakSet[Machine]" = weakref.WeakSet()
-_owned_lock = threading.Lock()
+# Every live handle of this process, by machine name. The engine lets one process attach to a
+# machine once, so open()/connect() of a machine this process already holds share its handle.
+_handles: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+_live: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def _held(name: str, conn: Dict[str, Any]) -> Any:
+    """The native handle this process holds for ``name`` when the target is local."""
+    target = conn.get("target")
+    cloud = target == "cloud" or (
+        target is None and (conn.get("api_key") or os.environ.get("SMOL_CLOUD_TOKEN"))
+    )
+    if cloud:
+        return None
+    with _lock:
+        n = _handles.get(name)
+    if n is not None and n.state() != "deleted":
+        return n
+    return None
 
 
 @atexit.register
-def _release_owned() -> None:
-    """Drops the handles of the machines this process created: a non-persistent machine's VM is
-    killed and its files removed at once; a persistent one powers itself off (the core's
-    linger), a detached one keeps running."""
-    with _owned_lock:
-        machines = list(_owned)
+def _release_all() -> None:
+    """Drops this process's handles: a non-persistent machine it created is killed and its files
+    removed at once; a persistent one powers itself off (the engine's linger), a detached one
+    keeps running."""
+    with _lock:
+        machines = list(_live)
     for m in machines:
         m._native = None
 
@@ -232,13 +261,13 @@ class Machine:
         raise TypeError("use Machine.create(), Machine.connect() or Machine.open()")
 
     @classmethod
-    def _wrap(cls, native: Any, owned: bool) -> "Machine":
+    def _wrap(cls, native: Any) -> "Machine":
         m = cls.__new__(cls)
         m._native = native
         m._name = native.name
-        if owned:
-            with _owned_lock:
-                _owned.add(m)
+        with _lock:
+            _live.add(m)
+            _handles[m._name] = native
         return m
 
     @property
@@ -259,19 +288,29 @@ class Machine:
         native = _need_native()
         kw = _create_kwargs(config)
         kw.update(_conn_kwargs(conn))
-        return cls._wrap(native.Machine.create(**kw), owned=True)
+        return cls._wrap(native.Machine.create(**kw))
 
     @classmethod
     def connect(cls, machine_id: str, conn: Optional[ConnectOptions] = None) -> "Machine":
         """Attaches to an existing machine by name (of any process), booting it if stopped."""
         native = _need_native()
-        return cls._wrap(native.Machine.connect(machine_id, **_conn_kwargs(conn)), owned=False)
+        kw = _conn_kwargs(conn)
+        held = _held(machine_id, kw)
+        if held is not None:
+            if held.state() != "running":
+                held.start()
+            return cls._wrap(held)
+        return cls._wrap(native.Machine.connect(machine_id, **kw))
 
     @classmethod
     def open(cls, machine_id: str, conn: Optional[ConnectOptions] = None) -> "Machine":
         """A handle to an existing machine without booting it (NotFoundError if missing)."""
         native = _need_native()
-        return cls._wrap(native.Machine.open(machine_id, **_conn_kwargs(conn)), owned=False)
+        kw = _conn_kwargs(conn)
+        held = _held(machine_id, kw)
+        if held is not None:
+            return cls._wrap(held)
+        return cls._wrap(native.Machine.open(machine_id, **kw))
 
     @classmethod
     def delete_by_name(
@@ -339,15 +378,13 @@ class Machine:
         self, image: str, command: Sequence[str], opts: Optional[ExecOptions] = None
     ) -> ExecResult:
         """Runs ``command`` in a container of ``image`` inside this machine (local only)."""
-        if not isinstance(image, str):
-            raise InvalidConfigError(f"image must be a str, got {image!r}")
-        argv = _argv(command)
+        argv = _check_run(image, command, opts)
         return _result(self._n.run(image, argv, **_exec_kwargs(opts)), argv)
 
     def _run_cancellable(
         self, image: str, command: Sequence[str], opts: Optional[ExecOptions], token: Any
     ) -> ExecResult:
-        argv = _argv(command)
+        argv = _check_run(image, command, opts)
         return _result(self._n.run(image, argv, cancel=token, **_exec_kwargs(opts)), argv)
 
     def exec_stream(
@@ -372,7 +409,7 @@ class Machine:
             data = data.encode()
         elif not isinstance(data, bytes):
             try:
-                data = bytes(data)
+                data = bytes(memoryview(data))  # bytearray, memoryview, array...; not an int
             except TypeError:
                 raise InvalidConfigError(f"data must be str or bytes, got {type(data).__name__}") from None
         if mode is not None:

@@ -1,0 +1,238 @@
+"""Invalid configurations, options the local engine does not support, the cloud target, and
+secrets in reprs. Each case that could create a machine checks that none was left behind."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import unique
+
+import smol
+from smol import (
+    ConnectOptions,
+    CredentialSpec,
+    EgressInterceptor,
+    ExecOptions,
+    Machine,
+    MachineConfig,
+    MountSpec,
+    PortSpec,
+    ResourceSpec,
+)
+
+
+def _assert_no_machine(name: str) -> None:
+    with pytest.raises(smol.NotFoundError):
+        Machine.open(name)
+
+
+@pytest.mark.parametrize(
+    "bad", ["a/b", "-leading-dash", "", "x" * 64, "spa ce", "ä"], ids=lambda s: repr(s)[:12]
+)
+def test_bad_machine_name(bad):
+    with pytest.raises(smol.InvalidConfigError) as ei:
+        Machine.create(MachineConfig(name=bad))
+    assert ei.value.code == "INVALID_CONFIG"
+    assert isinstance(ei.value, ValueError)
+    with pytest.raises(smol.InvalidConfigError):
+        Machine.connect(bad)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"ports": [PortSpec(host=0, guest=80)]},
+        {"ports": [PortSpec(host=8080, guest=70000)]},
+        {"resources": ResourceSpec(cpus=0)},
+        {"resources": ResourceSpec(memory_mb=-1)},
+        {"labels": {"k": 1}},
+        {"mounts": [MountSpec(source="/tmp", target="relative")]},
+    ],
+    ids=["host-port-0", "guest-port-range", "cpus-0", "memory-negative", "label-type",
+         "mount-target-relative"],
+)  # fmt: skip
+def test_invalid_config_values(kw):
+    name = unique()
+    with pytest.raises(smol.InvalidConfigError):
+        Machine.create(MachineConfig(name=name, **kw))
+    _assert_no_machine(name)
+
+
+def test_bad_mount_source():
+    name = unique()
+    with pytest.raises(smol.SmolError) as ei:  # the core reports host-side mount problems so
+        Machine.create(MachineConfig(name=name, mounts=[MountSpec(source="rel", target="/mnt")]))
+    assert ei.value.code == "MOUNT_ERROR"
+    with pytest.raises(smol.SmolError) as ei:
+        Machine.create(MachineConfig(name=name, mounts=[MountSpec(source="/no/such/dir", target="/mnt")]))
+    assert ei.value.code == "MOUNT_ERROR"
+    _assert_no_machine(name)
+
+
+@pytest.mark.parametrize("t", [0, 0.0, -1, float("nan")])
+def test_ready_timeout_must_be_positive(t):
+    with pytest.raises(smol.InvalidConfigError):
+        MachineConfig(ready_timeout_seconds=t)
+    with pytest.raises(ValueError):  # SPEC: a ValueError at construction
+        MachineConfig(ready_timeout_seconds=t)
+
+
+def test_bad_command_field():
+    for bad in ([], [""], "sh -c x"):
+        with pytest.raises(ValueError):
+            MachineConfig(command=bad)
+
+
+def test_invalid_exec_arguments(machine):
+    for t in (0, -1, 0.0):
+        with pytest.raises(smol.InvalidConfigError) as ei:
+            machine.exec(["true"], ExecOptions(timeout=t))
+        assert ei.value.code == "INVALID_CONFIG"
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec(["true"], ExecOptions(timeout="5"))
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec(["pwd"], ExecOptions(workdir="tmp"))
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec([])
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec("uname -a")
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec(["echo", 1])
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec(["true"], ExecOptions(env={"A": 1}))
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec(["cat"], ExecOptions(stdin=b"\xff\xfe"))
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec(["true"], ExecOptions(user=""))
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec(["true"], ExecOptions(output="xml"))
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec_stream(["true"], ExecOptions(timeout=-2))
+    with pytest.raises(smol.InvalidConfigError):
+        machine.pull_image("")
+    # a per-command user needs a machine created from an image
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec(["true"], ExecOptions(user="nobody"))
+    assert machine.exec(["true"]).success
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"command": ["sleep", "1"]},
+        {"env": {"A": "1"}},
+        {"workdir": "/tmp"},
+        {"user": "nobody"},
+        {"credentials": [CredentialSpec(name="gh", env_var="GH", hosts=["x.test"], value="s3cret")]},
+        {"egress_interceptor": EgressInterceptor(address="127.0.0.1:1", token="t0ken")},
+        {"cache_disk": object()},
+        {"branchable": True},
+        {"forkable": True},
+        {"checkpoint": True},
+        {"auto_stop_seconds": 60},
+        {"ttl_seconds": 60},
+        {"resources": ResourceSpec(gpu=True)},
+        {"resources": ResourceSpec(cuda=True)},
+        {"resources": ResourceSpec(gpu_vram_mib=512)},
+        {"resources": ResourceSpec(overlay_gb=5)},
+        {"resources": ResourceSpec(allow_hosts=["example.com"])},
+        {"resources": ResourceSpec(allow_cidrs=["10.0.0.0/8"])},
+        {"resources": ResourceSpec(disk_durability="deferred")},
+        {"mounts": [MountSpec(source="/tmp", target="/mnt", staged=True)]},
+    ],
+    ids=lambda kw: next(iter(kw)) if "resources" not in kw else repr(kw["resources"])[13:40],
+)
+def test_unsupported_config_fields_raise(kw):
+    name = unique()
+    with pytest.raises(smol.NotSupportedError) as ei:
+        Machine.create(MachineConfig(name=name, **kw))
+    assert ei.value.code == "NOT_SUPPORTED"
+    assert "s3cret" not in str(ei.value) and "t0ken" not in str(ei.value)
+    _assert_no_machine(name)
+
+
+def test_unsupported_options_on_a_machine(machine):
+    with pytest.raises(smol.NotSupportedError):
+        machine.exec(["true"], ExecOptions(background=True))
+    with pytest.raises(smol.NotSupportedError):
+        machine.stop(drain_secs=1)
+    with pytest.raises(smol.NotSupportedError):
+        machine.stop(timeout_secs=0)
+    with pytest.raises(smol.NotSupportedError):
+        machine.start(egress_interceptor=EgressInterceptor(address="127.0.0.1:1", token="t"))
+    with pytest.raises(smol.NotSupportedError):
+        machine.delete(include_usage=True)
+    with pytest.raises(smol.NotSupportedError):
+        machine.delete(drain_secs=1)
+    assert machine.state() == "running"  # none of them did anything
+    # accepted: the output format is a cloud response option; text and bytes are both here
+    assert machine.exec(["echo", "x"], ExecOptions(output="text")).stdout_bytes == b"x\n"
+
+
+def test_cloud_target_is_not_supported_and_never_falls_back(monkeypatch):
+    name = unique()
+    for conn in (
+        ConnectOptions(target="cloud"),
+        ConnectOptions(api_key="smk_supersecret"),
+        ConnectOptions(target="cloud", api_key="smk_supersecret", base_url="https://x.test"),
+    ):
+        with pytest.raises(smol.NotSupportedError) as ei:
+            Machine.create(MachineConfig(name=name), conn)
+        assert ei.value.code == "NOT_SUPPORTED" and "supersecret" not in str(ei.value)
+        with pytest.raises(smol.NotSupportedError):
+            Machine.connect(name, conn)
+        with pytest.raises(smol.NotSupportedError):
+            Machine.list(conn)
+    monkeypatch.setenv("SMOL_CLOUD_TOKEN", "smk_fromenv")
+    with pytest.raises(smol.NotSupportedError):
+        Machine.create(MachineConfig(name=name))
+    with pytest.raises(smol.NotSupportedError):
+        Machine.list()
+    # an explicit local target wins over the key
+    assert isinstance(Machine.list(ConnectOptions(target="local", api_key="smk_x")), list)
+    monkeypatch.delenv("SMOL_CLOUD_TOKEN")
+    _assert_no_machine(name)
+    with pytest.raises(smol.InvalidConfigError):
+        Machine.list(ConnectOptions(target="mars"))
+    with pytest.raises(smol.NotSupportedError):
+        Machine.create(None, ConnectOptions(egress_interceptor=EgressInterceptor("a:1", "t")))
+
+
+def test_reprs_do_not_leak_secrets():
+    c = ConnectOptions(target="cloud", api_key="smk_topsecret")
+    assert "smk_topsecret" not in repr(c) and "<redacted>" in repr(c)
+    assert "smk_topsecret" not in str(c)
+    assert "s3cret" not in repr(CredentialSpec(name="n", env_var="E", hosts=["h"], value="s3cret"))
+    assert "t0ken" not in repr(EgressInterceptor(address="127.0.0.1:1", token="t0ken"))
+    cfg = MachineConfig(credentials=[CredentialSpec(name="n", env_var="E", hosts=["h"], value="s3cret")])
+    assert "s3cret" not in repr(cfg)
+    assert "ConnectOptions(target=None" in repr(ConnectOptions())
+
+
+def test_error_types():
+    e = smol.SmolError("SOME_CODE", "msg", status=409, retryable=True)
+    assert (e.code, e.message, str(e), e.status, e.retryable) == ("SOME_CODE", "msg", "msg", 409, True)
+    for cls, code in [
+        (smol.NotSupportedError, "NOT_SUPPORTED"),
+        (smol.InvalidConfigError, "INVALID_CONFIG"),
+        (smol.NotFoundError, "NOT_FOUND"),
+        (smol.ConflictError, "CONFLICT"),
+        (smol.InvalidStateError, "INVALID_STATE"),
+        (smol.MachineInterruptedError, "INTERRUPTED"),
+        (smol.BootFailedError, "BOOT_FAILED"),
+        (smol.SmolTimeoutError, "TIMEOUT"),
+        (smol.HypervisorUnavailableError, "HYPERVISOR_UNAVAILABLE"),
+    ]:
+        err = cls("m")
+        assert isinstance(err, smol.SmolError) and err.code == code and str(err) == "m"
+    x = smol.ExecutionError("ls /x", 2, "o", "e")
+    assert (x.code, x.command, x.exit_code, x.stdout, x.stderr) == ("COMMAND_FAILED", "ls /x", 2, "o", "e")
+    assert str(x) == "command exited with code 2: ls /x"
+    import pickle
+
+    y = pickle.loads(pickle.dumps(x))
+    assert type(y) is smol.ExecutionError and (y.code, y.exit_code) == ("COMMAND_FAILED", 2)
+
+
+def test_machine_is_not_constructed_directly():
+    with pytest.raises(TypeError):
+        Machine()
