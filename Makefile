@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 SMOL := target/release/smol
 
-.PHONY: setup run test lint unit bench clean-cache
+.PHONY: setup run test lint unit bench clean-cache test-python
 
 setup:
 	@scripts/setup.sh
@@ -22,6 +22,11 @@ unit:
 	cargo test --workspace --release
 
 test: setup lint unit
+
+# The Python SDK (bindings/python): pip install of the binding into target/py-venv, then pytest
+# against real microVMs.
+test-python: setup
+	bindings/python/ci.sh
 
 bench: setup
 	cargo bench -p smolmachines --bench engine

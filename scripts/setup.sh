@@ -15,7 +15,7 @@ command -v cargo >/dev/null || {
 
 # --- system packages -------------------------------------------------------------------------
 pkgs=(qemu-system-x86 qemu-utils e2fsprogs passt iproute2 docker-registry skopeo umoci erofs-utils debootstrap zstd jq apache2-utils zlib1g-dev pkg-config linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio
-      busybox-static lz4 kmod file nodejs)
+      busybox-static lz4 kmod file nodejs python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
