@@ -311,3 +311,13 @@ def test_dropped_handle_kills_its_vm(name):
     gc.collect()
     assert eventually(lambda: not pid_alive(pid), 10)
     assert name not in {s.name for s in Machine.list()}
+
+
+def test_ready_timeout_reaches_the_core(name):
+    # a readiness deadline no VM can meet: the create fails typed and leaves nothing behind
+    with pytest.raises(smol.BootFailedError) as ei:
+        Machine.create(MachineConfig(name=name, ready_timeout_seconds=0.05))
+    assert ei.value.code == "BOOT_FAILED" and "50ms" in str(ei.value)
+    assert isinstance(ei.value.log_tail, str) and ei.value.hint
+    with pytest.raises(smol.NotFoundError):
+        Machine.open(name)
