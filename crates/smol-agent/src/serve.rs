@@ -88,12 +88,14 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (mux, mut incoming) = Mux::spawn(reader, writer);
-    let _ = mux.send_hello(Hello {
+    let hello = || Hello {
         version: PROTOCOL_VERSION,
         software: env!("CARGO_PKG_VERSION").to_string(),
         kernel: crate::init::kernel_release(),
         uptime_ms: uptime_ms(),
-    });
+    };
+    // Unasked, so a host that waits for it sees the agent as soon as the port opens ...
+    let _ = mux.send_hello(hello());
     let mut tasks = tokio::task::JoinSet::new();
     let mut host_hello = false;
     loop {
@@ -106,6 +108,11 @@ where
                 Some(Incoming::Hello(_)) if host_hello => break,
                 Some(Incoming::Hello(h)) => {
                     host_hello = true;
+                    // ... and again as the answer to the host's: the unasked one may have gone
+                    // to a connection QEMU dropped while it swapped chardevs (its own reconnect
+                    // racing `chardev-change`), and a host waits for a hello before anything
+                    // else. Hosts ignore hellos after the first.
+                    let _ = mux.send_hello(hello());
                     if !smol_protocol::compatible(h.version) {
                         eprintln!("smol-agent: host speaks protocol {}, agent {}", h.version, PROTOCOL_VERSION);
                     }
@@ -192,6 +199,24 @@ mod tests {
             .await
             .expect("session did not end")
             .unwrap();
+    }
+
+    /// The agent's unasked hello can be lost (it went to a connection QEMU dropped): the
+    /// agent answers the host's hello with another, so the host never waits forever.
+    #[tokio::test]
+    async fn the_agent_answers_the_host_hello() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        tokio::spawn(session(ar, aw));
+        let (br, bw) = tokio::io::split(b);
+        let (mux, mut incoming) = Mux::spawn(br, bw);
+        // the unasked hello, taken as lost
+        assert!(matches!(incoming.recv().await, Some(Incoming::Hello(_))));
+        mux.send_hello(host_hello()).unwrap();
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), incoming.recv())
+            .await
+            .expect("no answer to the host hello");
+        assert!(matches!(answer, Some(Incoming::Hello(_))), "{answer:?}");
     }
 
     fn exec(argv: &[&str], timeout_ms: Option<u64>, stdin: bool) -> Op {

@@ -35,7 +35,10 @@ pub fn config(name: Option<&str>) -> MachineConfig {
 }
 
 pub async fn run(m: &LocalMachine, script: &str) -> ExecResult {
-    m.exec(&sh(script), &ExecOptions::default())
-        .await
-        .expect("exec")
+    // Bounded, so that a stuck guest command fails its test (exit 124) instead of hanging CI.
+    let opts = ExecOptions {
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..Default::default()
+    };
+    m.exec(&sh(script), &opts).await.expect("exec")
 }
