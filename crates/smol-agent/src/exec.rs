@@ -95,14 +95,20 @@ async fn cannot_run(
 }
 
 /// Runs the command of `req`, streaming its output on `stream`; returns the terminal frame.
-pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError> {
+///
+/// With `rootfs` (`Op::ExecIn`) the command runs in a container over that mounted image
+/// ([`crate::container::Setup`]): its workdir and `argv[0]` are looked up inside it.
+pub async fn run(
+    stream: Stream,
+    req: ExecRequest,
+    rootfs: Option<String>,
+) -> Result<Frame, RemoteError> {
     let Stream { tx, mut rx } = stream;
     let id = tx.id();
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(crate::serve::invalid("empty command"));
     }
     let workdir = req.workdir.clone().unwrap_or_else(|| "/".to_string());
-    check_workdir(&workdir)?;
     let path = req
         .env
         .iter()
@@ -110,10 +116,38 @@ pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError>
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
         .unwrap_or(DEFAULT_PATH);
-    let Some(program) = resolve(&req.argv[0], path) else {
-        return cannot_run(&tx, &req.argv[0], EXIT_NOT_FOUND, "command not found").await;
+    let mut cmd = match &rootfs {
+        None => {
+            check_workdir(&workdir)?;
+            let Some(program) = resolve(&req.argv[0], path) else {
+                return cannot_run(&tx, &req.argv[0], EXIT_NOT_FOUND, "command not found").await;
+            };
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.current_dir(&workdir);
+            cmd
+        }
+        Some(rootfs) => {
+            if !workdir.starts_with('/') {
+                return Err(crate::serve::invalid(format!(
+                    "workdir must be an absolute path, got {workdir:?}"
+                )));
+            }
+            check_workdir(&crate::container::inside(rootfs, &workdir)).map_err(|mut e| {
+                e.message = format!("in the image: {}", e.message);
+                e
+            })?;
+            let setup = crate::container::Setup::new(rootfs, &workdir)
+                .map_err(|e| crate::container::setup_error(&e))?;
+            // No resolving here: the child looks argv[0] up in the container's PATH after it
+            // entered the container (std runs execvp with the command's environment).
+            let mut cmd = tokio::process::Command::new(&req.argv[0]);
+            // SAFETY: `apply` makes only system calls on memory prepared before the fork.
+            unsafe {
+                cmd.pre_exec(move || setup.apply());
+            }
+            cmd
+        }
     };
-    let mut cmd = tokio::process::Command::new(program);
     cmd.arg0(&req.argv[0])
         .args(&req.argv[1..])
         .env_clear()
@@ -122,7 +156,6 @@ pub async fn run(stream: Stream, req: ExecRequest) -> Result<Frame, RemoteError>
         .env("USER", "root")
         .env("LOGNAME", "root")
         .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&workdir)
         .stdin(if req.stdin {
             Stdio::piped()
         } else {

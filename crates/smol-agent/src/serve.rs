@@ -131,7 +131,14 @@ async fn handle(stream: Stream, op: Op) {
     let id = stream.id();
     let tx = stream.tx.clone();
     let result = match op {
-        Op::Exec(req) => crate::exec::run(stream, req).await,
+        Op::Exec(req) => crate::exec::run(stream, req, None).await,
+        Op::ExecIn { exec, rootfs } => crate::exec::run(stream, exec, Some(rootfs)).await,
+        Op::MountImage {
+            path,
+            fstype,
+            size,
+            target,
+        } => crate::container::mount_image(stream, path, fstype, size, target).await,
         Op::WriteFile { path, mode } => crate::files::write(stream, &path, mode).await,
         Op::ReadFile { path } => crate::files::read(stream, &path).await,
         Op::Ping => Ok(Frame::Done { id }),

@@ -19,7 +19,7 @@ pub mod mux;
 use serde::{Deserialize, Serialize};
 
 /// Protocol generation spoken by this crate.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Name of the virtio-serial port that carries the protocol.
 pub const PORT_NAME: &str = "smol.agent";
@@ -98,6 +98,30 @@ pub enum Op {
     Connect {
         /// Guest TCP port.
         port: u16,
+    },
+    /// (Generation 2.) Attach the read-only file system image at `path` (a guest file of
+    /// exactly `size` bytes) to a loop device and mount it at `target`; answered by `Done`
+    /// (also when `target` is mounted already), or `Error(NotFound)` when the file is missing or
+    /// not `size` bytes long (the host then sends it again).
+    MountImage {
+        /// Guest path of the image file.
+        path: String,
+        /// Its file system type (`erofs`, `ext4`).
+        fstype: String,
+        /// Its expected length in bytes.
+        size: u64,
+        /// Guest directory to mount it on.
+        target: String,
+    },
+    /// (Generation 2.) Run a command in a container over `rootfs` (a mounted image): its own
+    /// mount namespace, root = an overlay of a fresh tmpfs over `rootfs`, with `/proc`, `/dev`
+    /// and a `/tmp` of its own; `argv[0]` is looked up in the container's `PATH`. Answered
+    /// like `Exec`.
+    ExecIn {
+        /// The command (its workdir is a path inside the container).
+        exec: ExecRequest,
+        /// Guest directory of the image's root file system.
+        rootfs: String,
     },
 }
 
@@ -275,11 +299,12 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    /// Freezes the encoding of generation 1. If this fails, the wire format changed: bump
+    /// Freezes the encoding of generation 2 (generation 1 plus two appended ops: every frame of
+    /// generation 1 encodes as it did). If this fails, the wire format changed: bump
     /// PROTOCOL_VERSION and update the snapshot deliberately.
     #[test]
-    fn wire_snapshot_generation_1() {
-        assert_eq!(PROTOCOL_VERSION, 1);
+    fn wire_snapshot_generation_2() {
+        assert_eq!(PROTOCOL_VERSION, 2);
         let frames = vec![
             Frame::Hello(Hello {
                 version: 1,
@@ -320,6 +345,28 @@ mod tests {
                 id: 6,
                 op: Op::Connect { port: 8080 },
             },
+            Frame::Open {
+                id: 7,
+                op: Op::MountImage {
+                    path: "/i".into(),
+                    fstype: "erofs".into(),
+                    size: 4096,
+                    target: "/m".into(),
+                },
+            },
+            Frame::Open {
+                id: 8,
+                op: Op::ExecIn {
+                    exec: ExecRequest {
+                        argv: vec!["ls".into()],
+                        env: vec![],
+                        workdir: None,
+                        timeout_ms: None,
+                        stdin: false,
+                    },
+                    rootfs: "/m".into(),
+                },
+            },
             Frame::Data {
                 id: 1,
                 chan: Chan::Stdout,
@@ -354,6 +401,8 @@ mod tests {
             "010403",
             "010504",
             "010605903f",
+            "010706022f690565726f66738020022f6d",
+            "01080701026c7300000000022f6d",
             "0201010200ff",
             "030100",
             "04018001",

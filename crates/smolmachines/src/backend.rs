@@ -232,8 +232,6 @@ impl Machine {
         if image.trim().is_empty() {
             return Err(Error::invalid("image reference must not be empty"));
         }
-        check_argv(argv)?;
-        opts.validate()?;
         if opts.user.is_some() {
             return Err(Error::NotSupported {
                 message: "run(image, ...) does not take a user; use exec() in a machine created \
@@ -241,6 +239,8 @@ impl Machine {
                     .into(),
             });
         }
+        check_argv(argv)?;
+        opts.validate()?;
         self.inner.run(image, argv, &opts).await
     }
 

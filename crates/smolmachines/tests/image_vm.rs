@@ -109,3 +109,133 @@ async fn a_machine_runs_in_its_image() {
         .unwrap()
         .is_empty());
 }
+
+/// `Machine::run(image, argv)`: a container of an image inside a running machine.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_executes_in_a_container_of_an_image() {
+    let reg = common_registry::shared();
+    let (engine, _dir) = engine();
+    let lm = engine.create_machine(config(Some("host"))).await.unwrap();
+    let m = smolmachines::Machine::from_backend(std::sync::Arc::new(lm.clone()));
+    let python = reg.reference("library/python:3.12");
+    let busybox = reg.reference("test/busybox:latest");
+    let o = ExecOptions::default;
+
+    // a real-world image's program, from the image's root, not the machine's
+    let r = m
+        .run(&python, &argv(&["python3", "-c", "print(2**10)"]), o())
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "1024\n"), "{r:?}");
+    let r = m
+        .run(&python, &argv(&["cat", "/etc/os-release"]), o())
+        .await;
+    assert!(r.unwrap().stdout.contains("bookworm"));
+    let r = m.exec(&argv(&["which", "python3"]), o()).await.unwrap();
+    assert_ne!(r.exit_code, 0, "the machine itself has no python: {r:?}");
+
+    // the image's Env under the caller's, its WorkingDir unless the caller names one
+    let r = m.run(&busybox, &sh("echo $SMOL_FIXTURE; pwd"), o()).await;
+    assert_eq!(r.unwrap().stdout, "busybox\n/data\n");
+    let opts = ExecOptions {
+        env: BTreeMap::from([("SMOL_FIXTURE".to_string(), "mine".to_string())]),
+        workdir: Some("/tmp".into()),
+        ..Default::default()
+    };
+    let r = m.run(&busybox, &sh("echo $SMOL_FIXTURE; pwd"), opts).await;
+    assert_eq!(r.unwrap().stdout, "mine\n/tmp\n");
+
+    // /proc, /dev and a /tmp of its own; writes vanish with the container, the image and the
+    // machine are untouched
+    let r = m
+        .run(
+            &busybox,
+            &sh("test -e /proc/self/status && echo x > /dev/null && touch /tmp/t /etc/scratch && echo ok"),
+            o(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "ok\n", "{r:?}");
+    let r = m.run(&busybox, &sh("ls /etc/scratch /tmp/t"), o()).await;
+    assert_ne!(
+        r.unwrap().exit_code,
+        0,
+        "a container's writes do not outlive it"
+    );
+    let r = m.exec(&sh("ls /etc/scratch"), o()).await.unwrap();
+    assert_ne!(r.exit_code, 0, "nor reach the machine's root");
+
+    // exit codes, stdin, a missing command and the timeout behave as exec's
+    assert_eq!(
+        m.run(&busybox, &sh("exit 7"), o()).await.unwrap().exit_code,
+        7
+    );
+    let opts = ExecOptions {
+        stdin: Some(b"in".to_vec()),
+        ..Default::default()
+    };
+    assert_eq!(
+        m.run(&busybox, &argv(&["cat"]), opts).await.unwrap().stdout,
+        "in"
+    );
+    let r = m
+        .run(&busybox, &argv(&["no-such-program"]), o())
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 127, "{r:?}");
+    let opts = ExecOptions {
+        timeout: Some(std::time::Duration::from_millis(500)),
+        ..Default::default()
+    };
+    let r = m
+        .run(&busybox, &sh("echo started; sleep 30"), opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.exit_code, r.timed_out, r.stdout.as_str()),
+        (124, true, "started\n")
+    );
+
+    // the image was copied into the machine once, and survives a restart
+    let r = m
+        .exec(&sh("ls /var/lib/smol/images | wc -l"), o())
+        .await
+        .unwrap();
+    assert_eq!(r.stdout.trim(), "2", "{r:?}");
+    m.stop().await.unwrap();
+    let e = m.run(&busybox, &sh("true"), o()).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    m.start().await.unwrap();
+    let r = m
+        .run(&busybox, &sh("echo $SMOL_FIXTURE"), o())
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "busybox\n");
+
+    // bad input: typed errors, the machine keeps working
+    let e = m
+        .run(&reg.reference("test/busybox:no-such-tag"), &sh("true"), o())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    assert!(e.to_string().contains("no-such-tag"), "{e}");
+    let opts = ExecOptions {
+        user: Some("nobody".into()),
+        ..Default::default()
+    };
+    let e = m.run(&busybox, &sh("true"), opts).await.unwrap_err();
+    assert!(matches!(e, Error::NotSupported { .. }), "{e:?}");
+    let e = m.run(&busybox, &[], o()).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    let opts = ExecOptions {
+        workdir: Some("/no/such/dir".into()),
+        ..Default::default()
+    };
+    let e = m.run(&busybox, &sh("true"), opts).await.unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    assert_eq!(
+        m.exec(&sh("echo fine"), o()).await.unwrap().stdout,
+        "fine\n"
+    );
+    m.delete().await.unwrap();
+}

@@ -165,7 +165,16 @@ impl AgentConn {
         req: ExecRequest,
         stdin: Option<Vec<u8>>,
     ) -> Result<(i32, bool, Vec<u8>, Vec<u8>), AgentError> {
-        let mut s = self.mux.open(Op::Exec(req))?;
+        self.exec_op(Op::Exec(req), stdin).await
+    }
+
+    /// [`AgentConn::exec`] of an `Op::Exec` or `Op::ExecIn`.
+    pub async fn exec_op(
+        &self,
+        op: Op,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<(i32, bool, Vec<u8>, Vec<u8>), AgentError> {
+        let mut s = self.mux.open(op)?;
         let mut g = guard(&s);
         if let Some(data) = stdin {
             s.tx.send_data(Chan::Stdin, &data).await?;
@@ -206,7 +215,16 @@ impl AgentConn {
         req: ExecRequest,
         stdin: Option<Vec<u8>>,
     ) -> Result<(mpsc::Receiver<ExecEvent>, oneshot::Sender<()>), AgentError> {
-        let mut s = self.mux.open(Op::Exec(req))?;
+        self.exec_stream_op(Op::Exec(req), stdin)
+    }
+
+    /// [`AgentConn::exec_stream`] of an `Op::Exec` or `Op::ExecIn`.
+    pub fn exec_stream_op(
+        &self,
+        op: Op,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<(mpsc::Receiver<ExecEvent>, oneshot::Sender<()>), AgentError> {
+        let mut s = self.mux.open(op)?;
         let (ev_tx, ev_rx) = mpsc::channel(16);
         let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -289,6 +307,26 @@ impl AgentConn {
     }
 
     /// Reads `path` from the guest.
+    /// Mounts the guest image file `path` (`size` bytes, `fstype`) read-only on `target`.
+    pub async fn mount_image(
+        &self,
+        path: &str,
+        fstype: &str,
+        size: u64,
+        target: &str,
+    ) -> Result<(), AgentError> {
+        let mut s = self.mux.open(Op::MountImage {
+            path: path.to_string(),
+            fstype: fstype.to_string(),
+            size,
+            target: target.to_string(),
+        })?;
+        let mut g = guard(&s);
+        let r = terminal(s.rx.recv().await?);
+        g.done = true;
+        r
+    }
+
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
         let mut s = self.mux.open(Op::ReadFile {
             path: path.to_string(),

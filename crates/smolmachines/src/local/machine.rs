@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use smol_protocol::ExecRequest;
+use smol_protocol::{ExecRequest, Op};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
@@ -51,6 +51,8 @@ pub(crate) struct Inner {
     helpers: Mutex<Vec<std::process::Child>>,
     /// Lets the port listeners notice the machine is gone.
     alive: Arc<()>,
+    /// Serialises copying image files into the guest (`run(image, ..)`).
+    pub(super) images: tokio::sync::Mutex<()>,
     /// Held while this process drives the machine (flock on `attach.lock`).
     _lock: std::fs::File,
 }
@@ -150,6 +152,7 @@ impl LocalMachine {
                 ports: Mutex::new(Vec::new()),
                 helpers: Mutex::new(Vec::new()),
                 alive: Arc::new(()),
+                images: tokio::sync::Mutex::new(()),
                 _lock: p.lock,
             }),
         }
@@ -229,7 +232,7 @@ impl LocalMachine {
     }
 
     /// The image cache of this machine's engine home (`<home>/machines/<name>` -> `<home>`).
-    fn image_store(&self) -> Result<crate::image::ImageStore> {
+    pub(super) fn image_store(&self) -> Result<crate::image::ImageStore> {
         let home = self
             .inner
             .home_dir
@@ -453,7 +456,7 @@ impl LocalMachine {
         }
     }
 
-    fn conn(&self, op: &str) -> Result<AgentConn> {
+    pub(super) fn conn(&self, op: &str) -> Result<AgentConn> {
         if self.current_state() != MachineState::Running {
             return Err(self.invalid_state(op));
         }
@@ -466,7 +469,7 @@ impl LocalMachine {
     }
 
     /// Maps an agent failure: a lost channel becomes `Interrupted`, saying how the VM ended.
-    async fn map_err(&self, e: AgentError) -> Error {
+    pub(super) async fn map_err(&self, e: AgentError) -> Error {
         match e {
             AgentError::Remote(r) => Error::from_remote(r),
             AgentError::Unexpected(m) => Error::Protocol { message: m },
@@ -524,6 +527,37 @@ impl LocalMachine {
         }
     }
 
+    /// Runs an `Op::Exec` / `Op::ExecIn` to completion with [`MachineBackend::exec`]'s
+    /// semantics.
+    pub(super) async fn exec_op(
+        &self,
+        op: Op,
+        argv: &[String],
+        opts: &ExecOptions,
+    ) -> Result<ExecResult> {
+        let conn = self.conn("exec")?;
+        let fut = conn.exec_op(op, opts.stdin.clone());
+        // Safety net if the guest cannot enforce the timeout (a wedged VM): give up 10 s later.
+        let outcome = match opts.timeout {
+            Some(t) => tokio::time::timeout(t + Duration::from_secs(10), fut)
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: format!(
+                        "{:?} did not end {:?} after its timeout",
+                        argv,
+                        Duration::from_secs(10)
+                    ),
+                })?,
+            None => fut.await,
+        };
+        match outcome {
+            Ok((code, timed_out, out, err)) => {
+                Ok(ExecResult::from_bytes(code, timed_out, out, err))
+            }
+            Err(e) => Err(self.map_err(e).await),
+        }
+    }
+
     /// Kills the VM and removes everything of the machine: processes, sockets, disk, record.
     pub(crate) async fn destroy(&self) {
         self.kill_and_wait().await;
@@ -549,27 +583,12 @@ impl MachineBackend for LocalMachine {
     }
 
     async fn exec(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecResult> {
-        let conn = self.conn("exec")?;
-        let fut = conn.exec(self.request(argv, opts), opts.stdin.clone());
-        // Safety net if the guest cannot enforce the timeout (a wedged VM): give up 10 s later.
-        let outcome = match opts.timeout {
-            Some(t) => tokio::time::timeout(t + Duration::from_secs(10), fut)
-                .await
-                .map_err(|_| Error::Timeout {
-                    what: format!(
-                        "{:?} did not end {:?} after its timeout",
-                        argv,
-                        Duration::from_secs(10)
-                    ),
-                })?,
-            None => fut.await,
-        };
-        match outcome {
-            Ok((code, timed_out, out, err)) => {
-                Ok(ExecResult::from_bytes(code, timed_out, out, err))
-            }
-            Err(e) => Err(self.map_err(e).await),
-        }
+        self.exec_op(Op::Exec(self.request(argv, opts)), argv, opts)
+            .await
+    }
+
+    async fn run(&self, image: &str, argv: &[String], opts: &ExecOptions) -> Result<ExecResult> {
+        self.run_in_image(image, argv, opts).await
     }
 
     async fn exec_stream(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecStream> {

@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod agent;
 pub mod assets;
+mod container;
 pub mod disk;
 mod machine;
 pub mod mounts;
