@@ -1,11 +1,12 @@
 # The two commands of the README:
 #   make run    set up (packages, workspace, guest kernel, agent, initramfs), then boot a microVM
 #               and run `uname -a` in it
-#   make test   the same set-up, then every check and test (unit and VM tests); .ci/run calls this
+#   make test   the same set-up, then every check and test (unit, VM, CLI, Python and Node SDK
+#               tests); .ci/run calls this
 SHELL := /bin/bash
 SMOL := target/release/smol
 
-.PHONY: setup run test lint unit bench clean-cache test-python
+.PHONY: setup run test lint unit bench clean-cache test-python test-node
 
 setup:
 	@scripts/setup.sh
@@ -21,7 +22,7 @@ lint:
 unit:
 	cargo test --workspace --release
 
-test: setup lint unit
+test: setup lint unit test-python test-node
 
 # The Python SDK (bindings/python): pip install of the binding into target/py-venv, then pytest
 # against real microVMs.
