@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 SMOL := target/release/smol
 
-.PHONY: setup run test lint unit bench clean-cache test-python test-node
+.PHONY: setup run test lint unit bench clean-cache test-python test-node test-readme
 
 setup:
 	@scripts/setup.sh
@@ -22,7 +22,11 @@ lint:
 unit:
 	cargo test --workspace --release
 
-test: setup lint unit test-python test-node
+test: setup lint unit test-python test-node test-readme
+
+# The CLI quick start of README.md, every `$ smol ...` line as printed
+test-readme: setup
+	scripts/readme-cli.sh
 
 # The Python SDK (bindings/python): pip install of the binding into target/py-venv, then pytest
 # against real microVMs.

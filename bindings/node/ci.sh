@@ -32,15 +32,13 @@ printf '{ "name": "smol-node-smoke", "private": true, "type": "module", "allowSc
 (cd "$smoke" && npm install --foreground-scripts "$root/bindings/node")
 test -f "$here/smol.node" || { echo "error: npm install did not build smol.node" >&2; exit 1; }
 
-step "README quick start (TypeScript sample, as ESM) in the scratch project"
-cat > "$smoke/quickstart.mjs" <<'JS'
-import { Machine } from 'smolmachines';
-const m = await Machine.create();
-try { console.log((await m.exec(['uname', '-a'])).stdout); } finally { await m.delete(); }
-JS
+step "README quick start (the TypeScript sample of the top-level README, as printed, as ESM)"
+awk '/^```ts$/{f=1;next} /^```$/{f=0} f' "$root/README.md" > "$smoke/quickstart.mjs"
+test -s "$smoke/quickstart.mjs" || { echo "error: no ts sample in README.md" >&2; exit 1; }
 out=$(cd "$smoke" && node quickstart.mjs)
 echo "$out"
 grep -q '^Linux ' <<<"$out" || { echo "error: the quick start printed no uname line" >&2; exit 1; }
+grep -qx 'hi' <<<"$out" && grep -q "kind: 'exit'" <<<"$out" || { echo "error: the quick start did not print the file and the exit event" >&2; exit 1; }
 (cd "$smoke" && node -e "const s = require('smolmachines'); if (typeof s.Machine.create !== 'function' || !s.Machine.localAvailability().available) process.exit(1)")
 
 # --- dev dependencies (typescript, @types/node) from the lockfile ---------------------------------

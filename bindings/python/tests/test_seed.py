@@ -115,3 +115,12 @@ def test_context_manager_sample():
 def test_readme_sample_runs_as_printed():
     [code] = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     exec(compile(code, str(README), "exec"), {})
+
+
+def test_top_level_readme_sample_runs_as_printed(capsys):
+    top = pathlib.Path(__file__).resolve().parents[3] / "README.md"
+    [code] = re.findall(r"```python\n(.*?)```", top.read_text(), re.S)
+    exec(compile(code, str(top), "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("Linux "), out
+    assert "'kind': 'exit', 'exit_code': 0" in out, out
