@@ -18,7 +18,12 @@ use std::time::{Duration, Instant};
 
 use smolmachines::image::{build_block_image, ImageStore, PullOptions, RootfsFormat};
 
-fn start_registry() -> u16 {
+fn registry_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-registry.sh")
+}
+
+/// Starts the test registry; returns its port and state directory.
+fn start_registry() -> (u16, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-registry.sh");
     let out = Command::new("bash")
         .arg(script)
@@ -31,11 +36,18 @@ fn start_registry() -> u16 {
         "scripts/test-registry.sh start failed"
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
+    let port = text
+        .lines()
         .find_map(|l| l.strip_prefix("PORT="))
         .expect("PORT=")
         .parse()
-        .expect("port")
+        .expect("port");
+    let dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("DIR="))
+        .expect("DIR=")
+        .to_string();
+    (port, dir)
 }
 
 fn run(cmd: &mut Command) {
@@ -75,7 +87,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let port = start_registry();
+    let (port, registry_dir) = start_registry();
     let reference = format!("127.0.0.1:{port}/library/python:3.12");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -201,4 +213,97 @@ fn main() {
             size.1 / 1_000_000
         );
     }
+
+    second_machine(&rt, &reference, &registry_dir, runs);
+}
+
+/// Second machine of an image: create -> first exec with the image cached, against the first
+/// machine's pull-inclusive create -> first exec. The registry is stopped before the second
+/// machines boot, so they provably need no registry traffic. Also `Machine::run(image, ..)` in
+/// a running machine: the first run (copy into the machine + mount) against the next.
+fn second_machine(rt: &tokio::runtime::Runtime, reference: &str, registry_dir: &str, runs: usize) {
+    use smolmachines::local::{assets, LocalBackend};
+    use smolmachines::{ExecOptions, MachineBackend, MachineConfig};
+    let assets = assets::resolve().expect("assets: run `make setup`");
+    let base = tempfile::Builder::new()
+        .prefix("smolb")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let argv: Vec<String> = ["python3", "-c", "print(1)"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let cfg = |name: String| MachineConfig {
+        name: Some(name),
+        image: Some(reference.to_string()),
+        ..Default::default()
+    };
+    let (mut first, mut second) = (vec![], vec![]);
+    let (mut run_first, mut run_next) = (vec![], vec![]);
+    let engines: Vec<LocalBackend> = (0..runs)
+        .map(|i| LocalBackend::at(base.path().join(format!("h{i}"))).with_assets(assets.clone()))
+        .collect();
+    for (i, engine) in engines.iter().enumerate() {
+        let t = Instant::now();
+        let m = rt
+            .block_on(engine.create_machine(cfg(format!("first{i}"))))
+            .unwrap();
+        let r = rt.block_on(m.exec(&argv, &ExecOptions::default())).unwrap();
+        first.push(t.elapsed());
+        assert_eq!(r.stdout, "1\n", "{r:?}");
+        rt.block_on(m.delete()).unwrap();
+        // run(image) inside a plain machine of the same engine (image cached on the host)
+        let plain = rt
+            .block_on(engine.create_machine(MachineConfig {
+                name: Some(format!("plain{i}")),
+                ..Default::default()
+            }))
+            .unwrap();
+        for j in 0..3 {
+            let t = Instant::now();
+            let r = rt
+                .block_on(plain.run(reference, &argv, &ExecOptions::default()))
+                .unwrap();
+            assert_eq!(r.stdout, "1\n", "{r:?}");
+            if j == 0 {
+                run_first.push(t.elapsed());
+            } else {
+                run_next.push(t.elapsed());
+            }
+        }
+        rt.block_on(plain.delete()).unwrap();
+    }
+    run(Command::new("bash")
+        .arg(registry_script())
+        .args(["stop", registry_dir]));
+    for (i, engine) in engines.iter().enumerate() {
+        let t = Instant::now();
+        let m = rt
+            .block_on(engine.create_machine(cfg(format!("second{i}"))))
+            .unwrap();
+        let r = rt.block_on(m.exec(&argv, &ExecOptions::default())).unwrap();
+        second.push(t.elapsed());
+        assert_eq!(r.stdout, "1\n", "{r:?}");
+        rt.block_on(m.delete()).unwrap();
+    }
+    let (f, s2) = (median(&mut first), median(&mut second));
+    println!("machines of the image ({runs} runs, medians; create -> first exec of python3):");
+    println!(
+        "  first machine (cold cache: pull + erofs + boot)  {}",
+        secs(f)
+    );
+    println!(
+        "  second machine (cached; registry stopped)         {}",
+        secs(s2)
+    );
+    println!(
+        "  ratio second / first = {:.2} (target <= 0.3)",
+        s2.as_secs_f64() / f.as_secs_f64()
+    );
+    let (rf, rn) = (median(&mut run_first), median(&mut run_next));
+    println!(
+        "  run(image) in a running machine: first {} (copy into the machine + mount), next {}",
+        secs(rf),
+        secs(rn)
+    );
 }
