@@ -299,6 +299,16 @@ pub struct MachineSummary {
     pub labels: BTreeMap<String, String>,
     /// The record (and disk) outlives the process that created it.
     pub persistent: bool,
+    /// The VM keeps running after its process exits.
+    pub detached: bool,
+    /// The image the machine runs in, as it was given.
+    pub image: Option<String>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Size of the writable disk in GiB.
+    pub storage_gb: u32,
+    /// Published ports (host -> guest).
+    pub ports: Vec<PortSpec>,
 }
 
 /// Validates a machine name: 1-63 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.

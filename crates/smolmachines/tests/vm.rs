@@ -469,6 +469,9 @@ async fn detached_machine_is_reachable_from_a_new_handle() {
         (listed[0].name.as_str(), listed[0].state),
         ("detached", MachineState::Running)
     );
+    let l = &listed[0];
+    assert!(l.detached && l.persistent && l.image.is_none(), "{l:?}");
+    assert!(l.created_unix > 1_700_000_000 && l.storage_gb > 0, "{l:?}");
     let c = engine.connect_machine("detached").await.unwrap();
     assert_eq!(
         c.read_file("/tmp/state").await.unwrap(),

@@ -23,7 +23,7 @@ use std::time::Duration;
 pub use machine::LocalMachine;
 
 use crate::backend::{Backend, MachineBackend};
-use crate::config::{generate_name, MachineConfig, MachineState, MachineSummary, Target};
+use crate::config::{generate_name, MachineConfig, MachineState, MachineSummary, PortSpec, Target};
 use crate::error::{Error, Result};
 use accel::AccelError;
 use record::{now_unix, ProcId, Record};
@@ -551,6 +551,15 @@ impl LocalBackend {
                     accel: r.accel,
                     labels: r.labels,
                     persistent: r.persistent,
+                    detached: r.detach,
+                    image: r.image.map(|i| i.reference),
+                    created_unix: r.created_unix,
+                    storage_gb: r.storage_gb,
+                    ports: r
+                        .ports
+                        .iter()
+                        .map(|&(host, guest)| PortSpec { host, guest })
+                        .collect(),
                 }
             })
             .collect())
