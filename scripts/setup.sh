@@ -14,7 +14,7 @@ command -v cargo >/dev/null || {
   echo "error: cargo not found; install a Rust toolchain (rustup, or Debian's cargo) first" >&2; exit 1; }
 
 # --- system packages -------------------------------------------------------------------------
-pkgs=(qemu-system-x86 qemu-utils e2fsprogs passt iproute2 docker-registry skopeo umoci erofs-utils debootstrap zstd jq apache2-utils zlib1g-dev pkg-config linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio
+pkgs=(qemu-system-x86 qemu-utils e2fsprogs passt dnsmasq-base iproute2 docker-registry skopeo umoci erofs-utils debootstrap zstd jq apache2-utils zlib1g-dev pkg-config linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio
       busybox-static lz4 kmod file nodejs python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do

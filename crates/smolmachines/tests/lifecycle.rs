@@ -600,9 +600,41 @@ impl NetLab {
                 .spawn()
                 .unwrap()
         };
+        // DNS: the inner namespace's resolver (what passt forwards the guest's queries to) is
+        // a dnsmasq in the outer one that knows one name
+        let etc = format!("/etc/netns/{inner}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(format!("{etc}/resolv.conf"), "nameserver 10.250.0.53\n").unwrap();
+        Self::ip(&["-n", &outer, "addr", "add", "10.250.0.53/24", "dev", &vo]);
+        let dns = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &outer,
+                "dnsmasq",
+                "--no-daemon",
+                "--conf-file=/dev/null",
+            ])
+            .args([
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--pid-file=",
+            ])
+            .args([
+                "--listen-address=10.250.0.53",
+                "--user=root",
+                "--group=root",
+            ])
+            .args(["--address=/egress.smol.test/10.250.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (Debian: dnsmasq-base) is needed");
         let servers = vec![
             serve(&outer, "9000", "egress-ok"),
             serve(&inner, "9001", "loopback-leak"),
+            dns,
         ];
         NetLab {
             inner,
@@ -637,6 +669,7 @@ impl Drop for NetLab {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.inner])
             .status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.inner));
         let _ = Command::new("ip")
             .args(["netns", "del", &self.outer])
             .status();
@@ -679,6 +712,11 @@ async fn network_is_off_by_default_and_never_reaches_host_loopback() {
     // half-closes before the reply, Debian 12's passt (2023-03-09) sometimes never delivers the
     // server's FIN, so nc would wait for the `timeout`.)
     let r = run(&on, "sleep 1 | timeout 20 nc -w 5 10.250.0.1 9000").await;
+    assert_eq!(r.stdout.trim(), "egress-ok", "{r:?}");
+    // DNS through passt's forwarder (10.0.2.3) to the namespace's resolver, then egress by name
+    let r = run(&on, "nslookup egress.smol.test").await;
+    assert!(r.stdout.contains("10.250.0.1"), "{r:?}");
+    let r = run(&on, "sleep 1 | timeout 20 nc -w 5 egress.smol.test 9000").await;
     assert_eq!(r.stdout.trim(), "egress-ok", "{r:?}");
     // the gateway is not the host: services on the host's loopback stay out of reach
     let r = run(&on, "timeout 10 nc -w 2 10.0.2.2 9001; echo rc=$?").await;

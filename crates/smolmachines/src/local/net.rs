@@ -68,8 +68,10 @@ pub fn args(sock: &Path) -> Vec<String> {
         "24".into(),
         "-g".into(),
         GATEWAY.into(),
-        "-D".into(),
-        DNS.into(),
+        // Queries to 10.0.2.3 go to the host's first resolver. No `-D`: with an explicit DNS
+        // list passt (2023-03) skips /etc/resolv.conf and has nowhere to forward to. This is
+        // the one way the guest reaches a host resolver, on port 53 only, also when that
+        // resolver is on the host's loopback (systemd-resolved).
         "--dns-forward".into(),
         DNS.into(),
     ]);
@@ -132,5 +134,8 @@ mod tests {
         assert!(a
             .windows(2)
             .any(|w| w[0] == "-s" && w[1] == "/run/m/net/passt.sock"));
+        // DNS is forwarded to the host's resolver; an explicit -D list would break that
+        assert!(a.windows(2).any(|w| w == ["--dns-forward", DNS]));
+        assert!(!a.iter().any(|x| x == "-D" || x == "--dns"));
     }
 }
