@@ -35,6 +35,7 @@ test-python: setup
 
 bench: setup
 	cargo bench -p smolmachines --bench engine
+	cargo bench -p smolmachines --bench image
 
 clean-cache:
 	rm -rf "$${SMOL_CACHE:-$$HOME/.cache/smol}"
