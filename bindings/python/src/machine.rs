@@ -26,17 +26,27 @@ type ExecOut<'py> = (
 /// `(reference, digest, size, architecture, os)`.
 type ImageOut = (String, String, u64, String, String);
 
-/// `(name, state, cpus, memory_mb, pid, accel, labels, persistent)`.
-type SummaryOut = (
-    String,
-    String,
-    u32,
-    u32,
-    Option<u32>,
-    String,
-    BTreeMap<String, String>,
-    bool,
-);
+/// One row of `Machine.list` as a dict with the keys of [`core::MachineSummary`]: `name, state,
+/// cpus, memory_mb, pid, accel, labels, persistent, detached, image, created_unix, storage_gb,
+/// ports` (`[(host, guest)]`). `smol.Machine.list` turns it into a `MachineSummary`.
+fn summary_out(py: Python<'_>, s: core::MachineSummary) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("name", s.name)?;
+    d.set_item("state", s.state.as_str())?;
+    d.set_item("cpus", s.cpus)?;
+    d.set_item("memory_mb", s.memory_mb)?;
+    d.set_item("pid", s.pid)?;
+    d.set_item("accel", s.accel)?;
+    d.set_item("labels", s.labels)?;
+    d.set_item("persistent", s.persistent)?;
+    d.set_item("detached", s.detached)?;
+    d.set_item("image", s.image)?;
+    d.set_item("created_unix", s.created_unix)?;
+    d.set_item("storage_gb", s.storage_gb)?;
+    let ports: Vec<(u16, u16)> = s.ports.iter().map(|p| (p.host, p.guest)).collect();
+    d.set_item("ports", ports)?;
+    Ok(d)
+}
 
 fn invalid(message: String) -> Error {
     Error::InvalidConfig { message }
@@ -216,28 +226,14 @@ impl Machine {
         target: Option<String>,
         base_url: Option<String>,
         api_key: Option<String>,
-    ) -> PyResult<Vec<SummaryOut>> {
+    ) -> PyResult<Vec<Bound<'_, PyDict>>> {
         let conn = check(py, conn_options(target, base_url, api_key))?;
         let list = block(
             py,
             None,
             async move { core::Machine::list(conn, &labels).await },
         )?;
-        Ok(list
-            .into_iter()
-            .map(|s| {
-                (
-                    s.name,
-                    s.state.as_str().to_string(),
-                    s.cpus,
-                    s.memory_mb,
-                    s.pid,
-                    s.accel,
-                    s.labels,
-                    s.persistent,
-                )
-            })
-            .collect())
+        list.into_iter().map(|s| summary_out(py, s)).collect()
     }
 
     #[getter]

@@ -57,6 +57,28 @@ def test_invalid_config_values(kw):
     _assert_no_machine(name)
 
 
+def test_cloud_only_lifetimes_are_ignored_locally(name):
+    # SPEC §11: auto_stop_seconds / ttl_seconds are cloud sweeps; the local target accepts and
+    # ignores them (the machine lives as long as it would without them).
+    cfg = MachineConfig(name=name, auto_stop_seconds=1, ttl_seconds=1)
+    with Machine.create(cfg) as m:
+        m.exec(["sleep", "2"]).assert_success()
+        assert m.state() == "running"
+        assert m.exec(["echo", "still here"]).stdout == "still here\n"
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"auto_stop_seconds": 0}, {"ttl_seconds": -5}, {"ttl_seconds": "60"}, {"auto_stop_seconds": True}],
+    ids=["auto-stop-0", "ttl-negative", "ttl-str", "auto-stop-bool"],
+)
+def test_cloud_only_lifetimes_are_still_checked(kw):
+    name = unique()
+    with pytest.raises(smol.InvalidConfigError):
+        Machine.create(MachineConfig(name=name, **kw))
+    _assert_no_machine(name)
+
+
 def test_bad_mount_source():
     name = unique()
     with pytest.raises(smol.SmolError) as ei:  # the core reports host-side mount problems so
@@ -128,8 +150,6 @@ def test_invalid_exec_arguments(machine):
         {"branchable": True},
         {"forkable": True},
         {"checkpoint": True},
-        {"auto_stop_seconds": 60},
-        {"ttl_seconds": 60},
         {"resources": ResourceSpec(gpu=True)},
         {"resources": ResourceSpec(cuda=True)},
         {"resources": ResourceSpec(gpu_vram_mib=512)},

@@ -26,8 +26,12 @@ def test_pull_and_list_images(machine, registry):
 
 
 def test_machine_from_image(registry):
-    cfg = MachineConfig(name=unique(), image=f"{registry}/test/busybox:latest")
+    ref = f"{registry}/test/busybox:latest"
+    cfg = MachineConfig(name=unique(), image=ref, labels={"case": "from-image"})
     with Machine.create(cfg) as m:
+        # list() shows the image reference the machine was created from (SPEC §3.10)
+        [s] = [s for s in Machine.list(labels={"case": "from-image"}) if s.name == m.name]
+        assert s.image == ref
         r = m.exec(["sh", "-c", "echo $SMOL_FIXTURE; pwd; cat /etc/motd"])
         assert r.stdout == "busybox\n/data\nmotd from layer 3\n", r
         r = m.exec(["sh", "-c", "echo $SMOL_FIXTURE; pwd"], ExecOptions(env={"SMOL_FIXTURE": "mine"}, workdir="/tmp"))

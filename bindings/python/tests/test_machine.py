@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import hashlib
 import os
@@ -22,6 +23,7 @@ from smol import (
     Machine,
     MachineConfig,
     PortSpec,
+    PublishedPort,
     ResourceSpec,
 )
 
@@ -64,8 +66,35 @@ def test_create_with_config_and_list(name):
         assert s.resources.cpus == 2 and s.resources.memory_mib == 768
         assert s.persistent is False and s.pid and pid_alive(s.pid)
         assert s.accel in ("kvm", "tcg")
+        # SPEC §3.10: image, detached, created_at, resources.storage_gib, ports
+        assert s.image is None and s.detached is False
+        assert s.resources.storage_gib == 20  # the local default
+        assert s.ports == []
+        created = datetime.datetime.fromisoformat(s.created_at.replace("Z", "+00:00"))
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", s.created_at), s.created_at
+        age = datetime.datetime.now(datetime.timezone.utc) - created
+        assert datetime.timedelta(seconds=-5) < age < datetime.timedelta(minutes=10), s.created_at
         assert name in {x.name for x in Machine.list()}
         assert Machine.list(labels={"case": "no-such-" + name}) == []
+
+
+def test_list_shows_detached_ports_and_storage(name):
+    host = _free_port()
+    cfg = MachineConfig(
+        name=name,
+        detach=True,
+        ports=[PortSpec(host=host, guest=8080)],
+        resources=ResourceSpec(storage_gb=3),
+        labels={"case": name},
+    )
+    with Machine.create(cfg) as m:
+        [s] = Machine.list(labels={"case": name})
+        assert s.name == m.name
+        assert s.detached is True and s.persistent is True  # detach implies persistent
+        assert s.ports == [PublishedPort(guest=8080, host=host, protocol="tcp")]
+        assert s.resources.storage_gib == 3
+        assert s.image is None
+    assert Machine.list(labels={"case": name}) == []
 
 
 def test_exec_options_and_results(machine):

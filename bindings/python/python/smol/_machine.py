@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import threading
 import weakref
@@ -111,8 +112,12 @@ def _conn_kwargs(conn: Optional[ConnectOptions]) -> Dict[str, Any]:
 _RESOURCE_UNSUPPORTED = ("allow_cidrs", "allow_hosts", "overlay_gb", "gpu", "gpu_vram_mib", "cuda")
 _CONFIG_UNSUPPORTED = (
     "command", "env", "workdir", "user", "egress_interceptor", "credentials", "cache_disk",
-    "branchable", "forkable", "checkpoint", "auto_stop_seconds", "ttl_seconds",
+    "branchable", "forkable", "checkpoint",
 )  # fmt: skip
+# Cloud-only fields the local target accepts and ignores (SPEC §11: an idle auto-stop and a TTL
+# are sweeps of the cloud's control plane; a local machine lives as long as its process, or its
+# persistent/detached record, says). They are still checked, so a typo'd value is not hidden.
+_CONFIG_CLOUD_IGNORED = ("auto_stop_seconds", "ttl_seconds")
 
 
 def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
@@ -123,6 +128,10 @@ def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
     if not isinstance(config, MachineConfig):
         raise InvalidConfigError(f"config must be a MachineConfig, got {type(config).__name__}")
     _unsupported(config, _CONFIG_UNSUPPORTED, "MachineConfig")
+    for f in _CONFIG_CLOUD_IGNORED:
+        v = getattr(config, f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise InvalidConfigError(f"MachineConfig.{f} must be a number of seconds > 0, got {v!r}")
     r = config.resources if config.resources is not None else ResourceSpec()
     if isinstance(r, Mapping):
         r = ResourceSpec(**r)
@@ -211,6 +220,33 @@ def _result(t: Tuple[Any, ...], argv: List[str]) -> ExecResult:
         exit_code=code, stdout=out, stderr=err, stdout_bytes=out_b, stderr_bytes=err_b,
         timed_out=timed_out, _command=argv,
     )  # fmt: skip
+
+
+def _rfc3339(unix: int) -> Optional[str]:
+    """``2024-05-01T12:00:00Z`` (UTC, whole seconds), the form of the cloud's ``createdAt``;
+    None for a record without a creation time."""
+    if not unix:
+        return None
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _summary(r: Dict[str, Any]) -> MachineSummary:
+    return MachineSummary(
+        id=r["name"],
+        name=r["name"],
+        state=r["state"],
+        labels=dict(r["labels"]),
+        image=r["image"],
+        persistent=r["persistent"],
+        detached=r["detached"],
+        created_at=_rfc3339(r["created_unix"]),
+        pid=r["pid"],
+        resources=MachineSizes(
+            cpus=r["cpus"], memory_mib=r["memory_mb"], storage_gib=r["storage_gb"] or None
+        ),
+        ports=[PublishedPort(guest=g, host=h, protocol="tcp") for (h, g) in r["ports"]],
+        accel=r["accel"],
+    )
 
 
 # ---- process-exit cleanup (SPEC §9.6) --------------------------------------------------------
@@ -333,13 +369,7 @@ class Machine:
         follows the rule of SPEC §2.2 (local unless a cloud target or key is given)."""
         native = _need_native()
         rows = native.Machine.list(_str_map("labels", labels), **_conn_kwargs(conn))
-        return [
-            MachineSummary(
-                id=name, name=name, state=state, labels=dict(lab), persistent=persistent, pid=pid,
-                resources=MachineSizes(cpus=cpus, memory_mib=mem), accel=accel,
-            )  # fmt: skip
-            for (name, state, cpus, mem, pid, accel, lab, persistent) in rows
-        ]
+        return [_summary(r) for r in rows]
 
     # -- identity and state ---------------------------------------------------------------------
 

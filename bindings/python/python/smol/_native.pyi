@@ -6,7 +6,9 @@ __version__: str
 
 _ExecOut = Tuple[int, str, str, bytes, bytes, bool]
 _ImageOut = Tuple[str, str, int, str, str]
-_SummaryOut = Tuple[str, str, int, int, Optional[int], str, Dict[str, str], bool]
+# keys: name, state, cpus, memory_mb, pid, accel, labels, persistent, detached, image,
+# created_unix, storage_gb, ports ([(host, guest)])
+_SummaryOut = Dict[str, Any]
 
 class CancelToken:
     def __init__(self) -> None: ...

@@ -95,7 +95,9 @@ class MachineConfig:
 
     The local engine supports ``name, image, labels, mounts, ports, resources (cpus, memory_mb,
     network, storage_gb), network, persistent, detach, ready_timeout_seconds, wait_for_ports``.
-    Setting any other field raises ``NotSupportedError`` at create time; nothing is ignored.
+    ``auto_stop_seconds`` and ``ttl_seconds`` are cloud-only and ignored by the local target
+    (SPEC §11; they must still be > 0 when set). Setting any other field raises
+    ``NotSupportedError`` at create time.
     """
 
     name: Optional[str] = None
@@ -241,6 +243,8 @@ class PublishedPort:
 
 @dataclass
 class MachineSizes:
+    """Sizes of a listed machine (SPEC §3.10): vCPUs, memory in MiB, writable disk in GiB."""
+
     cpus: int
     memory_mib: int
     storage_gib: Optional[int] = None
@@ -249,7 +253,15 @@ class MachineSizes:
 @dataclass
 class MachineSummary:
     """A machine as ``Machine.list`` returns it (SPEC §3.10). Locally ``id == name``; ``pid``
-    is the VMM process while it runs; ``accel`` is ``kvm`` or ``tcg``."""
+    is the VMM process while it runs; ``accel`` is ``kvm`` or ``tcg``.
+
+    ``image`` is the reference the machine was created from (None for a bare machine);
+    ``detached`` says the VM outlives its process; ``created_at`` is the creation time as an
+    RFC 3339 / ISO-8601 UTC string with whole seconds (``"2025-01-31T12:00:00Z"``, the form of
+    the cloud's ``createdAt``; parse it with ``datetime.fromisoformat(s.replace("Z",
+    "+00:00"))``); ``resources`` has the vCPUs, memory (MiB) and disk (GiB); ``ports`` lists
+    the published ports (``host`` on 127.0.0.1 -> ``guest``, protocol ``"tcp"``), empty when
+    none is published."""
 
     id: str
     name: str
