@@ -2,7 +2,9 @@
 # CI for the Node package `smolmachines` (make test-node). Installs it the way a user does
 # (`npm install <checkout>/bindings/node` into a scratch project, which builds the addon), runs the
 # README's TypeScript quick start there, then the declarations check (`tsc --noEmit` on the seed
-# page's samples) and the `node --test` suites against the real local engine.
+# page's samples) and the `node --test` suites against the real local engine; one of them,
+# test/seed.test.mjs, compiles the seed samples with tsc (test/seed/samples.mts, into the ignored
+# test/seed/.build) and executes them.
 # Needs: node >= 18 and npm (Debian: nodejs npm; installed below when npm is missing), cargo,
 # and the engine set up (make setup).
 set -euo pipefail
@@ -48,6 +50,6 @@ step "npm ci in bindings/node (dev dependencies)"
 step "tsc --noEmit on the seed samples"
 (cd "$here" && node_modules/.bin/tsc --noEmit -p test/types)
 
-step "node --test"
+step "node --test (with the seed samples compiled by tsc and executed: test/seed.test.mjs)"
 cd "$here"
 node --test test/*.test.mjs

@@ -177,19 +177,43 @@ export interface PortEndpoint {
 
 export type MachineState = 'created' | 'started' | 'running' | 'stopped' | 'pausing' | 'paused' | 'deleted';
 
+/** Sizes of a listed machine (SPEC §3.10). */
+export interface MachineSizes {
+  cpus: number;
+  memoryMib: number;
+  /** Writable disk in GiB. */
+  storageGib?: number;
+}
+
+/** A published port (SPEC §3.10): `host` on 127.0.0.1 forwards to `guest`. */
+export interface PublishedPort {
+  guest: number;
+  /** The host port (cloud: the node port, 0 or absent before placement). */
+  host?: number;
+  protocol: 'tcp' | 'udp';
+}
+
 /** One row of `Machine.list` (SPEC §3.10). */
 export interface MachineSummary {
   id: string;
   name: string;
   state: MachineState;
   labels: Record<string, string>;
+  /** The image reference the machine was created from (absent for a bare machine). */
+  image?: string;
   persistent: boolean;
+  /** The VM keeps running after its process exits. */
+  detached: boolean;
   branchable: boolean;
+  /** Creation time, RFC 3339 UTC with whole seconds (`"2025-01-31T12:00:00Z"`); `new Date(createdAt)` parses it. */
+  createdAt?: string;
   /** The VMM's process id while it runs (local). */
   pid?: number;
   /** `kvm` or `tcg` (local). */
   accel?: string;
-  resources?: { cpus: number; memoryMib: number };
+  resources?: MachineSizes;
+  /** Published ports; empty when none is. */
+  ports?: PublishedPort[];
 }
 
 export interface ListOptions {

@@ -159,6 +159,29 @@ function track(machine) {
 
 const kNative = Symbol('smol.native');
 
+// This process's native handle of each local machine it holds, by name. The engine lets one
+// process attach to a machine once, so connect() to a machine this process already holds shares
+// its handle (as the Python SDK does) instead of failing with "attached by another process".
+const held = new Map();
+
+function remember(handle) {
+  held.set(handle.name, new WeakRef(handle));
+}
+
+/** The handle this process holds for `name` when `conn` selects the local target, else null. */
+async function heldHandle(name, conn) {
+  const c = conn || {};
+  const cloud = c.target === 'cloud' || (c.target === undefined && (c.apiKey || process.env.SMOL_CLOUD_TOKEN));
+  if (cloud) return null;
+  const h = held.get(name)?.deref();
+  if (!h) return null;
+  if ((await call(() => h.state())) === 'deleted') {
+    held.delete(name);
+    return null;
+  }
+  return h;
+}
+
 class Machine {
   /** @internal Use Machine.create / Machine.connect. */
   constructor(handle) {
@@ -180,6 +203,7 @@ class Machine {
     const cfgJson = toJson('MachineConfig', cfg);
     const connJson = toJson('ConnectOptions', conn);
     const handle = await call(() => n.create(cfgJson, connJson));
+    remember(handle);
     const m = new Machine(handle);
     if ((conn || {}).handleSignals !== false && !cfg.detach) track(m);
     return m;
@@ -190,7 +214,14 @@ class Machine {
     const n = nativeOrThrow();
     checkString('machine name', id);
     const connJson = toJson('ConnectOptions', conn);
-    return new Machine(await call(() => n.connect(id, connJson)));
+    const own = await heldHandle(id, conn);
+    if (own) {
+      if ((await call(() => own.state())) !== 'running') await call(() => own.start());
+      return new Machine(own);
+    }
+    const handle = await call(() => n.connect(id, connJson));
+    remember(handle);
+    return new Machine(handle);
   }
 
   /** Every machine of the selected backend (locally: of every process) carrying all `labels`. */
@@ -204,11 +235,16 @@ class Machine {
       name: r.name,
       state: r.state,
       labels: r.labels,
+      image: r.image ?? undefined,
       persistent: r.persistent,
+      detached: r.detached,
       branchable: false,
+      // RFC 3339 UTC with whole seconds, the form of the cloud's createdAt
+      createdAt: r.createdUnix > 0 ? new Date(r.createdUnix * 1000).toISOString().replace(/\.\d{3}Z$/, 'Z') : undefined,
       pid: r.pid ?? undefined,
       accel: r.accel,
-      resources: { cpus: r.cpus, memoryMib: r.memoryMb },
+      resources: { cpus: r.cpus, memoryMib: r.memoryMb, storageGib: r.storageGb || undefined },
+      ports: r.ports.map((p) => ({ guest: p.guest, host: p.host, protocol: 'tcp' })),
     }));
   }
 

@@ -100,6 +100,14 @@ pub struct NativeSummary {
     pub accel: String,
     pub labels: HashMap<String, String>,
     pub persistent: bool,
+    pub detached: bool,
+    /// The image reference the machine was created from.
+    pub image: Option<String>,
+    /// Seconds since the Unix epoch (0 when unknown).
+    pub created_unix: f64,
+    /// Writable disk in GiB.
+    pub storage_gb: u32,
+    pub ports: Vec<NativePort>,
 }
 
 /// Every machine of the selected backend carrying all of `labels` (JSON object).
@@ -119,6 +127,18 @@ pub async fn list(conn: String, labels: String) -> Result<Vec<NativeSummary>> {
             accel: r.accel,
             labels: r.labels.into_iter().collect(),
             persistent: r.persistent,
+            detached: r.detached,
+            image: r.image,
+            created_unix: r.created_unix as f64,
+            storage_gb: r.storage_gb,
+            ports: r
+                .ports
+                .iter()
+                .map(|p| NativePort {
+                    host: p.host.into(),
+                    guest: p.guest.into(),
+                })
+                .collect(),
         })
         .collect())
 }

@@ -38,6 +38,8 @@ describe('images', () => {
 
   test('a machine created from an image runs in its root file system with its Env and WorkingDir', async () => {
     await withMachine({ image: busybox }, async (im) => {
+      const row = (await Machine.list()).find((x) => x.name === im.name);
+      assert.equal(row.image, busybox, 'list() shows the image reference');
       const r = await im.exec(['sh', '-c', 'cat /etc/motd; echo "$SMOL_FIXTURE"; pwd']);
       assert.equal(r.stdout, 'motd from layer 3\nbusybox\n/data\n', r.stderr);
     });

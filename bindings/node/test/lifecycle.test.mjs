@@ -19,6 +19,7 @@ test('connect() attaches to a detached machine created by another process', asyn
     assert.ok(row, 'the detached machine is gone with its process');
     assert.equal(row.state, 'running');
     assert.equal(row.persistent, true);
+    assert.equal(row.detached, true);
     m = await Machine.connect(name);
     assert.equal(m.name, name);
     assert.equal(await m.state(), 'running');

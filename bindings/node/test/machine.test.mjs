@@ -137,7 +137,13 @@ describe('a running machine', () => {
     assert.equal(row.state, 'running');
     assert.deepEqual(row.labels, { suite: label });
     assert.equal(row.persistent, false);
-    assert.deepEqual(row.resources, { cpus: 1, memoryMib: 256 });
+    assert.equal(row.detached, false);
+    assert.equal(row.image, undefined);
+    assert.deepEqual(row.resources, { cpus: 1, memoryMib: 256, storageGib: 20 });
+    assert.deepEqual(row.ports, []);
+    assert.match(row.createdAt, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
+    const age = Date.now() - Date.parse(row.createdAt);
+    assert.ok(age > -5000 && age < 600000, `createdAt ${row.createdAt}`);
     assert.ok(Number.isInteger(row.pid) && alive(row.pid), `pid ${row.pid}`);
     assert.ok((await Machine.list()).some((r) => r.name === m.name));
     assert.deepEqual(await Machine.list({}, { labels: { suite: `${label}-other` } }), []);
@@ -189,6 +195,8 @@ describe('published ports', () => {
     const port = await freePort();
     await withMachine({ ports: [{ host: port, guest: 8080 }] }, async (m) => {
       assert.deepEqual(m.ports(), [{ host: port, guest: 8080 }]);
+      const row = (await Machine.list()).find((r) => r.name === m.name);
+      assert.deepEqual(row.ports, [{ guest: 8080, host: port, protocol: 'tcp' }]);
       const ep = m.endpoint(8080, '/hello.txt');
       assert.equal(ep.httpUrl, `http://127.0.0.1:${port}/hello.txt`);
       assert.equal(ep.wsUrl, `ws://127.0.0.1:${port}/hello.txt`);
@@ -221,6 +229,17 @@ describe('published ports', () => {
     }
     assert.ok(!(await Machine.list()).some((r) => r.name === name), 'a failed create left a record');
   });
+});
+
+test('cloud-only autoStopSeconds / ttlSeconds are accepted and ignored locally (SPEC §11)', async () => {
+  await withMachine({ autoStopSeconds: 1, ttlSeconds: 1 }, async (m) => {
+    (await m.exec(['sleep', '2'])).assertSuccess();
+    assert.equal(await m.state(), 'running');
+    assert.equal((await m.exec(['echo', 'still here'])).stdout, 'still here\n');
+  });
+  // still checked: a value that is not > 0 is an InvalidConfigError
+  await assert.rejects(Machine.create({ name: uniqueName('ttl'), ttlSeconds: 0 }), InvalidConfigError);
+  await assert.rejects(Machine.create({ name: uniqueName('ttl'), autoStopSeconds: -1 }), InvalidConfigError);
 });
 
 test('stop, start, delete', async () => {

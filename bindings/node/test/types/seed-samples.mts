@@ -1,6 +1,7 @@
 // The TypeScript samples of the seed page (shared/seed/machine-api.txt), type-checked against
-// the shipped declarations (`tsc --noEmit -p test/types`). Image names point at a local
-// registry. Not executed: the suites under test/ run the same calls.
+// the shipped declarations (`tsc --noEmit -p test/types`), plus mistakes they must catch. Image
+// names point at a local registry. Not executed here: test/seed/samples.mts runs each sample
+// against the real engine (test/seed.test.mjs).
 import {
   Machine,
   ExecResult,
