@@ -107,7 +107,8 @@ pub(crate) async fn lock_attach(
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::InvalidState {
                 name: name.to_string(),
-                state: "attached elsewhere (by another process, or another handle of this one)".into(),
+                state: "attached elsewhere (by another process, or another handle of this one)"
+                    .into(),
                 op: "attach".into(),
             });
         }
