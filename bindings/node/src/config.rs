@@ -256,6 +256,9 @@ impl JsConfig {
             detach: self.detach.unwrap_or(false),
             labels: self.labels.unwrap_or_default(),
             ready_timeout,
+            env: Default::default(),
+            workdir: None,
+            command: None,
         })
     }
 }
@@ -288,6 +291,7 @@ impl JsExecOptions {
             timeout: self.timeout.map(|t| seconds("timeout", t)).transpose()?,
             user: self.user,
             stdin,
+            background: false,
         })
     }
 }

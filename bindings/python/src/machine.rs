@@ -97,6 +97,7 @@ fn exec_options(
         timeout: seconds("timeout", timeout)?,
         user,
         stdin: stdin.map(|b| b.as_bytes().to_vec()),
+        background: false,
     })
 }
 
@@ -182,6 +183,9 @@ impl Machine {
             detach,
             labels,
             ready_timeout: check(py, seconds("ready_timeout_seconds", ready_timeout))?,
+            env: Default::default(),
+            workdir: None,
+            command: None,
         };
         let inner = block(py, None, core::Machine::create(config, conn))?;
         Ok(Self { inner })

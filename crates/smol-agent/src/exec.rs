@@ -94,17 +94,12 @@ async fn cannot_run(
     })
 }
 
-/// Runs the command of `req`, streaming its output on `stream`; returns the terminal frame.
-///
-/// With `rootfs` (`Op::ExecIn`) the command runs in a container over that mounted image
-/// ([`crate::container::Setup`]): its workdir and `argv[0]` are looked up inside it.
-pub async fn run(
-    stream: Stream,
-    req: ExecRequest,
-    rootfs: Option<String>,
-) -> Result<Frame, RemoteError> {
-    let Stream { tx, mut rx } = stream;
-    let id = tx.id();
+/// A command ready to spawn (program, argv, environment, workdir, container), or the exit code
+/// and reason of one that cannot run.
+type Prepared = Result<tokio::process::Command, (i32, &'static str)>;
+
+/// Builds the command of `req`, in the container over `rootfs` when given.
+fn prepare(req: &ExecRequest, rootfs: Option<&str>) -> Result<Prepared, RemoteError> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(crate::serve::invalid("empty command"));
     }
@@ -116,11 +111,11 @@ pub async fn run(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
         .unwrap_or(DEFAULT_PATH);
-    let mut cmd = match &rootfs {
+    let mut cmd = match rootfs {
         None => {
             check_workdir(&workdir)?;
             let Some(program) = resolve(&req.argv[0], path) else {
-                return cannot_run(&tx, &req.argv[0], EXIT_NOT_FOUND, "command not found").await;
+                return Ok(Err((EXIT_NOT_FOUND, "command not found")));
             };
             let mut cmd = tokio::process::Command::new(program);
             cmd.current_dir(&workdir);
@@ -155,26 +150,38 @@ pub async fn run(
         .env("HOME", "/root")
         .env("USER", "root")
         .env("LOGNAME", "root")
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .envs(req.env.iter().map(|(k, v)| (k, v)));
+    Ok(Ok(cmd))
+}
+
+/// Runs the command of `req`, streaming its output on `stream`; returns the terminal frame.
+///
+/// With `rootfs` (`Op::ExecIn`) the command runs in a container over that mounted image
+/// ([`crate::container::Setup`]): its workdir and `argv[0]` are looked up inside it.
+pub async fn run(
+    stream: Stream,
+    req: ExecRequest,
+    rootfs: Option<String>,
+) -> Result<Frame, RemoteError> {
+    let Stream { tx, mut rx } = stream;
+    let id = tx.id();
+    let mut cmd = match prepare(&req, rootfs.as_deref())? {
+        Ok(cmd) => cmd,
+        Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
+    };
+    cmd.stdin(if req.stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0)
+    .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let (code, why) = match e.kind() {
-                std::io::ErrorKind::NotFound => (EXIT_NOT_FOUND, "command not found".to_string()),
-                std::io::ErrorKind::PermissionDenied => {
-                    (EXIT_CANNOT_EXECUTE, "permission denied".to_string())
-                }
-                _ => (EXIT_CANNOT_EXECUTE, e.to_string()),
-            };
+            let (code, why) = spawn_failure(&e);
             return cannot_run(&tx, &req.argv[0], code, &why).await;
         }
     };
@@ -246,6 +253,76 @@ pub async fn run(
         id,
         code,
         timed_out,
+    })
+}
+
+/// Exit code and reason of a command whose spawn failed.
+fn spawn_failure(e: &std::io::Error) -> (i32, String) {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => (EXIT_NOT_FOUND, "command not found".to_string()),
+        std::io::ErrorKind::PermissionDenied => {
+            (EXIT_CANNOT_EXECUTE, "permission denied".to_string())
+        }
+        _ => (EXIT_CANNOT_EXECUTE, e.to_string()),
+    }
+}
+
+/// `Op::Spawn`: starts the command of `req` in the background (a session of its own, stdin
+/// from /dev/null, output appended to `log` or discarded) and answers at once with `pid=<n>` on
+/// stdout and exit 0. The command outlives the request and the host's session.
+pub async fn spawn(
+    stream: Stream,
+    req: ExecRequest,
+    log: Option<String>,
+) -> Result<Frame, RemoteError> {
+    let tx = stream.tx;
+    let id = tx.id();
+    let mut cmd = match prepare(&req, None)? {
+        Ok(cmd) => cmd,
+        Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
+    };
+    let (out, err) = match &log {
+        Some(path) => {
+            let io_err = |e: std::io::Error| RemoteError::from_io(&e, path);
+            if let Some(dir) = std::path::Path::new(path).parent() {
+                std::fs::create_dir_all(dir).map_err(io_err)?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io_err)?;
+            (Stdio::from(f.try_clone().map_err(io_err)?), Stdio::from(f))
+        }
+        None => (Stdio::null(), Stdio::null()),
+    };
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid takes no arguments and is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let (code, why) = spawn_failure(&e);
+            return cannot_run(&tx, &req.argv[0], code, &why).await;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    // Not waited for here: tokio reaps the dropped child once it exits.
+    drop(child);
+    tx.send_data(Chan::Stdout, format!("pid={pid}\n").as_bytes())
+        .await
+        .map_err(|e| RemoteError::new(ErrorKind::Io, e.to_string()))?;
+    Ok(Frame::Exit {
+        id,
+        code: 0,
+        timed_out: false,
     })
 }
 

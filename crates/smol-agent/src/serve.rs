@@ -133,6 +133,7 @@ async fn handle(stream: Stream, op: Op) {
     let result = match op {
         Op::Exec(req) => crate::exec::run(stream, req, None).await,
         Op::ExecIn { exec, rootfs } => crate::exec::run(stream, exec, Some(rootfs)).await,
+        Op::Spawn { exec, log } => crate::exec::spawn(stream, exec, log).await,
         Op::MountImage {
             path,
             fstype,
@@ -304,6 +305,59 @@ mod tests {
             }
         ));
         assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    /// `Spawn` answers at once with the pid; the command runs on, its output in the log, and
+    /// outlives the session that started it.
+    #[tokio::test]
+    async fn spawn_runs_in_the_background_and_logs() {
+        let dir = std::env::temp_dir().join(format!("smol-spawn-{}", std::process::id()));
+        let log = dir.join("sub/out.log");
+        let mux = host().await;
+        let Op::Exec(req) = exec(
+            &["sh", "-c", "sleep 0.3; echo $SMOL_T; echo err >&2"],
+            None,
+            false,
+        ) else {
+            unreachable!()
+        };
+        let t0 = std::time::Instant::now();
+        let mut s = mux
+            .open(Op::Spawn {
+                exec: req,
+                log: Some(log.display().to_string()),
+            })
+            .unwrap();
+        let (out, _, end) = collect(&mut s.rx).await;
+        assert!(
+            t0.elapsed() < std::time::Duration::from_millis(300),
+            "answered at once"
+        );
+        assert!(matches!(end, Frame::Exit { code: 0, .. }), "{end:?}");
+        let out = String::from_utf8(out).unwrap();
+        let pid: i32 = out.trim().strip_prefix("pid=").unwrap().parse().unwrap();
+        assert!(pid > 0);
+        drop(mux); // the session ends; the command does not
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_to_string(&log).unwrap_or_default() != "v\nerr\n" {
+            assert!(std::time::Instant::now() < deadline, "log never filled");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let mux = host().await;
+        let Op::Exec(req) = exec(&["no-such-program"], None, false) else {
+            unreachable!()
+        };
+        let mut s = mux
+            .open(Op::Spawn {
+                exec: req,
+                log: None,
+            })
+            .unwrap();
+        let (_, err, end) = collect(&mut s.rx).await;
+        assert!(matches!(end, Frame::Exit { code: 127, .. }), "{end:?}");
+        assert!(String::from_utf8_lossy(&err).contains("command not found"));
     }
 
     #[tokio::test]

@@ -219,6 +219,8 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             let cfg = MachineConfig {
                 image,
                 resources: resources(cpus, memory),
+                // argv replaces the image's command: its Entrypoint/Cmd is not launched
+                command: Some(Vec::new()),
                 ..Default::default()
             };
             let m = Machine::create(cfg, local).await?;

@@ -123,6 +123,16 @@ pub enum Op {
         /// Guest directory of the image's root file system.
         rootfs: String,
     },
+    /// (Generation 2.) Start a command in the background, in a session of its own, stdin from
+    /// `/dev/null`, stdout and stderr appended to `log` (or discarded). Answered at once by
+    /// `Data(Stdout) "pid=<n>\n"` and `Exit(0)` (or `Exit(127)` and a line on stderr when the
+    /// program is not found, as `Exec`). `exec.stdin` and `exec.timeout_ms` are ignored.
+    Spawn {
+        /// The command.
+        exec: ExecRequest,
+        /// Guest file that collects its output.
+        log: Option<String>,
+    },
 }
 
 /// A command to run in the guest.
@@ -299,7 +309,7 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    /// Freezes the encoding of generation 2 (generation 1 plus two appended ops: every frame of
+    /// Freezes the encoding of generation 2 (generation 1 plus three appended ops: every frame of
     /// generation 1 encodes as it did). If this fails, the wire format changed: bump
     /// PROTOCOL_VERSION and update the snapshot deliberately.
     #[test]
@@ -367,6 +377,19 @@ mod tests {
                     rootfs: "/m".into(),
                 },
             },
+            Frame::Open {
+                id: 9,
+                op: Op::Spawn {
+                    exec: ExecRequest {
+                        argv: vec!["ls".into()],
+                        env: vec![],
+                        workdir: None,
+                        timeout_ms: None,
+                        stdin: false,
+                    },
+                    log: Some("/l".into()),
+                },
+            },
             Frame::Data {
                 id: 1,
                 chan: Chan::Stdout,
@@ -403,6 +426,7 @@ mod tests {
             "010605903f",
             "010706022f690565726f66738020022f6d",
             "01080701026c7300000000022f6d",
+            "01090801026c730000000001022f6c",
             "0201010200ff",
             "030100",
             "04018001",

@@ -160,6 +160,7 @@ impl Machine {
         if let Some(name) = &config.name {
             crate::config::validate_name(name)?;
         }
+        config.validate_workload()?;
         if config.ready_timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::invalid("ready_timeout must be > 0"));
         }
@@ -241,6 +242,11 @@ impl Machine {
         }
         check_argv(argv)?;
         opts.validate()?;
+        if opts.background {
+            return Err(Error::invalid(
+                "run(image, ...) cannot start a background command; use exec()",
+            ));
+        }
         self.inner.run(image, argv, &opts).await
     }
 
@@ -282,6 +288,11 @@ impl Machine {
     pub async fn exec_stream(&self, argv: &[String], opts: ExecOptions) -> Result<ExecStream> {
         check_argv(argv)?;
         opts.validate()?;
+        if opts.background {
+            return Err(Error::invalid(
+                "a background command has no output to stream; use exec()",
+            ));
+        }
         self.inner.exec_stream(argv, &opts).await
     }
 

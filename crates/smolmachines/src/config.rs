@@ -107,6 +107,39 @@ pub struct MachineConfig {
     pub labels: BTreeMap<String, String>,
     /// Create's readiness deadline (default 120 s).
     pub ready_timeout: Option<Duration>,
+    /// Environment of the workload launched at create (over the image's `Env`).
+    pub env: BTreeMap<String, String>,
+    /// Working directory of that workload (default: the image's `WorkingDir`).
+    pub workdir: Option<String>,
+    /// argv of that workload, replacing the image's `Entrypoint` + `Cmd`. An empty list
+    /// launches nothing (the CLI's `smol run IMAGE -- argv` runs only argv); the bindings refuse
+    /// an empty list as SPEC §3.4 says.
+    pub command: Option<Vec<String>>,
+}
+
+impl MachineConfig {
+    pub(crate) fn validate_workload(&self) -> Result<()> {
+        if let Some(c) = &self.command {
+            if c.iter().any(|a| a.is_empty()) {
+                return Err(Error::invalid(
+                    "command must be a list of non-empty strings",
+                ));
+            }
+        }
+        if let Some(w) = &self.workdir {
+            if !w.starts_with('/') {
+                return Err(Error::invalid(format!(
+                    "workdir must be an absolute guest path, got {w:?}"
+                )));
+            }
+        }
+        if self.env.keys().any(|k| k.is_empty() || k.contains('=')) {
+            return Err(Error::invalid(
+                "env names must be non-empty and contain no '='",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Per-command options (SPEC §3.6).
@@ -122,6 +155,9 @@ pub struct ExecOptions {
     pub user: Option<String>,
     /// Bytes written to the command's stdin, which is then closed.
     pub stdin: Option<Vec<u8>>,
+    /// Start the command detached and return at once: `pid` set, stdout `pid=<n>\n`, exit 0.
+    /// Takes no stdin and no timeout; its output is discarded.
+    pub background: bool,
 }
 
 impl ExecOptions {
@@ -137,6 +173,11 @@ impl ExecOptions {
                     "workdir must be an absolute guest path, got {w:?}"
                 )));
             }
+        }
+        if self.background && (self.stdin.is_some() || self.timeout.is_some()) {
+            return Err(Error::invalid(
+                "a background command takes no stdin and no timeout",
+            ));
         }
         match self.user.as_deref() {
             Some("") => Err(Error::invalid("user must not be empty")),
@@ -175,6 +216,8 @@ pub struct ExecResult {
     pub stderr_truncated: bool,
     /// True when the timeout killed the command.
     pub timed_out: bool,
+    /// The process id of a background command.
+    pub pid: Option<u32>,
 }
 
 impl ExecResult {
@@ -188,6 +231,7 @@ impl ExecResult {
             stdout_truncated: false,
             stderr_truncated: false,
             timed_out,
+            pid: None,
         }
     }
 

@@ -239,3 +239,111 @@ async fn run_executes_in_a_container_of_an_image() {
     );
     m.delete().await.unwrap();
 }
+
+/// Reads a guest file until it holds `want` (the workload runs in the background).
+async fn wait_for(m: &smolmachines::local::LocalMachine, path: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = m
+            .read_file(path)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        if got.contains(want) || std::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// SPEC §3.4: a machine of an image launches the image's workload (`Entrypoint` + `Cmd`, or
+/// `command`) at create and at every later boot, with `env` over the image's `Env` and
+/// `workdir` over its `WorkingDir`; its output goes to the workload log.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_image_workload_starts_at_create_and_at_every_boot() {
+    let reg = common_registry::shared();
+    let (engine, _dir) = engine();
+    let busybox = reg.reference("test/busybox:latest");
+    let log = "/var/log/smol/workload.log";
+
+    // the image's own Cmd (`sh -c 'cat /etc/motd'`)
+    let mut cfg = config(Some("default-cmd"));
+    cfg.image = Some(busybox.clone());
+    let m = engine.create_machine(cfg).await.unwrap();
+    assert_eq!(
+        wait_for(&m, log, "motd from layer 3").await,
+        "motd from layer 3\n"
+    );
+    m.delete().await.unwrap();
+
+    // a command of the caller's, with env and workdir; relaunched after stop / start
+    let mut cfg = config(Some("own-cmd"));
+    cfg.image = Some(busybox.clone());
+    cfg.command = Some(argv(&[
+        "sh",
+        "-c",
+        "echo $$ > /root/pid; echo \"$GREETING $SMOL_FIXTURE $(pwd)\" >> /root/started; echo to-the-log; exec sleep 600",
+    ]));
+    cfg.env = BTreeMap::from([("GREETING".to_string(), "hello".to_string())]);
+    cfg.workdir = Some("/tmp".into());
+    let m = engine.create_machine(cfg).await.unwrap();
+    let line = "hello busybox /tmp\n";
+    assert_eq!(wait_for(&m, "/root/started", line).await, line);
+    assert_eq!(wait_for(&m, log, "to-the-log").await, "to-the-log\n");
+    let r = m
+        .exec(
+            &sh("kill -0 $(cat /root/pid) && echo running"),
+            &ExecOptions::default(),
+        )
+        .await;
+    assert_eq!(r.unwrap().stdout, "running\n", "the workload keeps running");
+    m.stop().await.unwrap();
+    m.start().await.unwrap();
+    let twice = format!("{line}{line}");
+    assert_eq!(wait_for(&m, "/root/started", &twice).await, twice);
+    m.delete().await.unwrap();
+
+    // an empty command launches nothing (what `smol run IMAGE -- argv` asks for)
+    let mut cfg = config(Some("no-cmd"));
+    cfg.image = Some(busybox.clone());
+    cfg.command = Some(vec![]);
+    let m = engine.create_machine(cfg).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let e = m.read_file(log).await.unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    m.delete().await.unwrap();
+
+    // a workload that cannot start fails the create and leaves no machine
+    let mut cfg = config(Some("bad-cmd"));
+    cfg.image = Some(busybox.clone());
+    cfg.command = Some(argv(&["no-such-program"]));
+    let e = engine.create_machine(cfg).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    assert!(e.to_string().contains("no-such-program"), "{e}");
+    assert!(engine
+        .list_machines(&BTreeMap::new())
+        .await
+        .unwrap()
+        .is_empty());
+
+    // invalid workload settings are refused before anything boots
+    for bad in [
+        smolmachines::MachineConfig {
+            command: Some(argv(&["ok", ""])),
+            ..config(None)
+        },
+        smolmachines::MachineConfig {
+            workdir: Some("relative".into()),
+            command: Some(argv(&["true"])),
+            ..config(None)
+        },
+        // env without a workload to apply to
+        smolmachines::MachineConfig {
+            env: BTreeMap::from([("A".to_string(), "b".to_string())]),
+            ..config(None)
+        },
+    ] {
+        let e = engine.create_machine(bad).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    }
+}

@@ -567,3 +567,57 @@ async fn public_api_end_to_end() {
         .unwrap_err();
     assert!(matches!(e, Error::NotSupported { .. }), "{e:?}");
 }
+
+/// `ExecOptions.background` (SPEC §3.6): the call returns at once with the pid; the command
+/// runs on; it takes no stdin, no timeout and cannot be streamed.
+#[tokio::test]
+async fn background_commands_return_at_once_with_their_pid() {
+    let (engine, _dir) = engine();
+    let lm = engine.create_machine(config(None)).await.unwrap();
+    let m = smolmachines::Machine::from_backend(std::sync::Arc::new(lm.clone()));
+    let bg = ExecOptions {
+        background: true,
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let r = m
+        .exec(&sh("sleep 2; echo done > /tmp/bg"), bg.clone())
+        .await
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "returned at once");
+    let pid = r.pid.expect("a pid");
+    assert_eq!((r.exit_code, r.stdout.clone()), (0, format!("pid={pid}\n")));
+    let alive = run(&lm, &format!("kill -0 {pid} && echo alive")).await;
+    assert_eq!(alive.stdout, "alive\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while m.read_file("/tmp/bg").await.ok().as_deref() != Some(b"done\n".as_slice()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background command never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a missing program is reported as exec reports it
+    let r = m
+        .exec(&argv(&["no-such-program"]), bg.clone())
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.pid), (127, None));
+    // no stdin, no timeout, no streaming
+    for opts in [
+        ExecOptions {
+            stdin: Some(b"x".to_vec()),
+            ..bg.clone()
+        },
+        ExecOptions {
+            timeout: Some(Duration::from_secs(1)),
+            ..bg.clone()
+        },
+    ] {
+        let e = m.exec(&sh("true"), opts).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    }
+    let e = m.exec_stream(&sh("true"), bg).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    m.delete().await.unwrap();
+}

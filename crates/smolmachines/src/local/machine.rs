@@ -17,6 +17,8 @@ use crate::backend::{ExecStream, MachineBackend};
 use crate::config::{ExecOptions, ExecResult, MachineState};
 use crate::error::{Error, Result};
 
+/// Guest file collecting the output of the machine's workload.
+pub const WORKLOAD_LOG: &str = "/var/log/smol/workload.log";
 /// How long a clean guest power-off may take before the VMM is told to quit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the VMM to exit after quit / kill.
@@ -342,7 +344,37 @@ impl LocalMachine {
             Self::on_exit(&weak, &detail);
             let _ = exit_tx.send(Some(detail));
         });
-        self.await_agent(listener, exit_rx).await
+        self.await_agent(listener, exit_rx).await?;
+        self.launch_workload().await
+    }
+
+    /// Starts the machine's workload (SPEC §3.4) in the background; its output goes to
+    /// [`WORKLOAD_LOG`] in the guest. A workload that cannot start fails the boot.
+    async fn launch_workload(&self) -> Result<()> {
+        let Some(w) = self.record().workload else {
+            return Ok(());
+        };
+        let req = ExecRequest {
+            argv: w.argv.clone(),
+            env: w.env.into_iter().collect(),
+            workdir: w.workdir,
+            timeout_ms: None,
+            stdin: false,
+        };
+        let op = Op::Spawn {
+            exec: req,
+            log: Some(WORKLOAD_LOG.into()),
+        };
+        let r = self.exec_op(op, &w.argv, &ExecOptions::default()).await?;
+        if r.exit_code != 0 {
+            return Err(Error::invalid(format!(
+                "the workload {:?} cannot start (exit {}): {}",
+                w.argv,
+                r.exit_code,
+                r.stderr.trim()
+            )));
+        }
+        Ok(())
     }
 
     async fn await_agent(
@@ -584,6 +616,21 @@ impl MachineBackend for LocalMachine {
     }
 
     async fn exec(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecResult> {
+        if opts.background {
+            let op = Op::Spawn {
+                exec: self.request(argv, opts),
+                log: None,
+            };
+            let mut r = self.exec_op(op, argv, opts).await?;
+            if r.exit_code == 0 {
+                r.pid = r
+                    .stdout
+                    .trim()
+                    .strip_prefix("pid=")
+                    .and_then(|p| p.parse().ok());
+            }
+            return Ok(r);
+        }
         self.exec_op(Op::Exec(self.request(argv, opts)), argv, opts)
             .await
     }

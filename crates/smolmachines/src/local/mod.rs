@@ -101,6 +101,35 @@ impl Doctor {
     }
 }
 
+/// The workload a machine launches at every boot (SPEC §3.4): `command`, else the image's
+/// `Entrypoint` + `Cmd`; the image's `Env` under `env`; `workdir`, else the image's.
+fn workload(
+    config: &MachineConfig,
+    image: Option<&record::ImageRecord>,
+    image_argv: Vec<String>,
+) -> Result<Option<record::Workload>> {
+    let argv = config.command.clone().unwrap_or(image_argv);
+    if argv.is_empty() {
+        if config.command.is_none() && (!config.env.is_empty() || config.workdir.is_some()) {
+            return Err(Error::invalid(
+                "env and workdir apply to the workload launched at create: give a command \
+                 (or an image that has one); per-command settings go in ExecOptions",
+            ));
+        }
+        return Ok(None);
+    }
+    let mut env = image.map(|i| i.env.clone()).unwrap_or_default();
+    env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(Some(record::Workload {
+        argv,
+        env,
+        workdir: config
+            .workdir
+            .clone()
+            .or_else(|| image.and_then(|i| i.workdir.clone())),
+    }))
+}
+
 /// [`crate::local_availability`]: the doctor's findings as SPEC §3.10 codes.
 pub(crate) fn availability() -> crate::config::LocalAvailability {
     let no = |code: &str, reason: String| crate::config::LocalAvailability {
@@ -335,6 +364,7 @@ impl LocalBackend {
 
     /// Creates a machine and returns the concrete local handle.
     pub async fn create_machine(&self, config: MachineConfig) -> Result<LocalMachine> {
+        config.validate_workload()?;
         let network = config.resources.network.or(config.network) == Some(true);
         let cpus = config.resources.cpus.unwrap_or(DEFAULT_CPUS);
         if !(1..=64).contains(&cpus) {
@@ -365,7 +395,7 @@ impl LocalBackend {
             }
         }
         let mounts = mounts::validate(&config.mounts)?;
-        let name = match config.name {
+        let name = match config.name.clone() {
             Some(n) => {
                 crate::config::validate_name(&n)?;
                 n
@@ -389,22 +419,25 @@ impl LocalBackend {
                 "the machine's socket path would be {sock_len} bytes (max {MAX_SOCKET_PATH}); set SMOL_RUN_DIR to a shorter directory"
             )));
         }
-        let image = match &config.image {
+        let (image, image_argv) = match &config.image {
             Some(reference) => {
                 let store = crate::image::ImageStore::open(&self.home)?;
                 let reference = reference.clone();
                 let p = on_own_thread(move || async move { store.ensure(&reference, None).await })
                     .await?;
-                Some(record::ImageRecord {
+                let argv = [p.config.entrypoint.clone(), p.config.cmd.clone()].concat();
+                let rec = record::ImageRecord {
                     reference: p.info.reference.clone(),
                     rootfs: p.rootfs.clone(),
                     fstype: p.format.fstype().to_string(),
                     env: p.config.env_map(),
                     workdir: p.config.working_dir.clone().filter(|w| !w.is_empty()),
-                })
+                };
+                (Some(rec), argv)
             }
-            None => None,
+            None => (None, Vec::new()),
         };
+        let workload = workload(&config, image.as_ref(), image_argv)?;
         let db = self.db()?;
         self.reap()?;
         let detach = config.detach;
@@ -433,6 +466,7 @@ impl LocalBackend {
             owner: Some(ProcId::current()),
             booted: false,
             image,
+            workload,
         };
         // Reserves the name: of two processes creating it, one wins.
         db.insert(&record)?;

@@ -116,6 +116,20 @@ pub struct Record {
     /// The image whose root file system the machine runs in.
     #[serde(default)]
     pub image: Option<ImageRecord>,
+    /// The workload launched in the background at every boot.
+    #[serde(default)]
+    pub workload: Option<Workload>,
+}
+
+/// The image workload (`Entrypoint` + `Cmd`, or `MachineConfig.command`) of a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// argv.
+    pub argv: Vec<String>,
+    /// Environment (image `Env` under `MachineConfig.env`).
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub workdir: Option<String>,
 }
 
 impl Record {

@@ -270,6 +270,7 @@ mod tests {
             owner: None,
             booted: false,
             image: None,
+            workload: None,
         }
     }
 
