@@ -94,6 +94,19 @@ enum MachineCommand {
         /// Label KEY=VALUE, repeatable.
         #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
+        /// Boot into this OCI image; its workload (Entrypoint + Cmd, or the command after
+        /// `--`) starts in the background, output in /var/log/smol/workload.log.
+        #[arg(long)]
+        image: Option<String>,
+        /// Environment of the workload, KEY=VALUE, repeatable.
+        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory of the workload.
+        #[arg(short = 'w', long)]
+        workdir: Option<String>,
+        /// The workload's argv (replaces the image's Entrypoint + Cmd).
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// Run a command in a machine.
     Exec {
@@ -238,6 +251,10 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 storage,
                 ports,
                 labels,
+                image,
+                env,
+                workdir,
+                command,
             } => {
                 let mut res = resources(cpus, memory);
                 res.storage_gb = storage;
@@ -248,6 +265,10 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                     labels: key_values("--label", &labels)?,
                     detach: true,
                     persistent: true,
+                    image,
+                    env: key_values("--env", &env)?,
+                    workdir,
+                    command: (!command.is_empty()).then_some(command),
                     ..Default::default()
                 };
                 let m = Machine::create(cfg, local).await?;

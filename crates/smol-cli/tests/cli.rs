@@ -261,4 +261,40 @@ fn run_in_an_image_from_the_test_registry() {
         "{}",
         text(&o.stderr)
     );
+
+    // a detached machine of an image, with a workload of the caller's
+    let o = smol(
+        d.path(),
+        &[
+            "machine",
+            "create",
+            "--name",
+            "svc",
+            "--image",
+            &image,
+            "-e",
+            "WHO=cli",
+            "-w",
+            "/root",
+            "--",
+            "sh",
+            "-c",
+            "echo $WHO $(pwd) > started; exec sleep 600",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = smol(
+            d.path(),
+            &["machine", "exec", "svc", "--", "cat", "/root/started"],
+        );
+        if text(&o.stdout) == "cli /root\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", text(&o.stderr));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = smol(d.path(), &["machine", "rm", "svc"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
 }
