@@ -89,9 +89,14 @@ export interface MachineConfig {
   forkable?: boolean;
   /** @deprecated alias of branchable. Not supported yet (rejects when true). */
   checkpoint?: boolean;
-  /** Not supported yet (rejects when non-empty). */
+  /**
+   * Environment of the image workload (the image's Entrypoint + Cmd, launched in the background at
+   * create and at every boot; SPEC §3.4), over the image's Env. Its output goes to the guest file
+   * `/var/log/smol/workload.log`. InvalidConfigError when there is no workload (no image, or an
+   * image without Entrypoint/Cmd).
+   */
   env?: Record<string, string>;
-  /** Not supported yet. */
+  /** Working directory of that workload (an absolute guest path; default the image's WorkingDir). */
   workdir?: string;
   /** Not supported yet. */
   user?: string;

@@ -114,8 +114,8 @@ struct JsPort {
     guest: u16,
 }
 
-/// `MachineConfig` (SPEC §3.4, TS fields, plus the Python-only ones so that they are refused
-/// rather than reported as typos).
+/// `MachineConfig` (SPEC §3.4, TS fields, plus the Python-only ones (`command`, `cacheDisk`) so
+/// that they are refused rather than reported as typos).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JsConfig {
@@ -164,14 +164,18 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
 impl JsConfig {
     /// The core's config, or the first field that cannot be honoured.
     pub fn into_core(self) -> Result<MachineConfig> {
+        if set(&self.command) {
+            // SPEC §3.4: `command` is a Python-only field; the TS workload is the image's
+            // Entrypoint + Cmd. Refused (not read as a typo, not ignored).
+            return Err(Error::NotSupported {
+                message: "MachineConfig.command is not part of the TypeScript API (SPEC §3.4); \
+                          the workload launched at create is the image's Entrypoint + Cmd (use \
+                          exec() for other commands)"
+                    .into(),
+            });
+        }
         let unsupported_fields: &[(&str, bool)] = &[
-            (
-                "MachineConfig.env",
-                self.env.as_ref().is_some_and(|e| !e.is_empty()),
-            ),
-            ("MachineConfig.workdir", set(&self.workdir)),
             ("MachineConfig.user", set(&self.user)),
-            ("MachineConfig.command", set(&self.command)),
             (
                 "MachineConfig.egressInterceptor",
                 self.egress_interceptor
@@ -256,8 +260,10 @@ impl JsConfig {
             detach: self.detach.unwrap_or(false),
             labels: self.labels.unwrap_or_default(),
             ready_timeout,
-            env: Default::default(),
-            workdir: None,
+            // The image workload's environment and working directory (SPEC §3.4); the core
+            // checks them (absolute workdir, env names, a workload to apply to).
+            env: self.env.unwrap_or_default(),
+            workdir: self.workdir,
             command: None,
         })
     }
@@ -333,8 +339,6 @@ mod tests {
     #[test]
     fn fields_the_core_lacks_are_not_supported() {
         for json in [
-            r#"{"env":{"A":"b"}}"#,
-            r#"{"workdir":"/x"}"#,
             r#"{"user":"root"}"#,
             r#"{"command":["x"]}"#,
             r#"{"credentials":[{"name":"x"}]}"#,
@@ -348,6 +352,26 @@ mod tests {
             assert_eq!(e.code(), "NOT_SUPPORTED", "{json}: {e}");
         }
         assert!(config(r#"{"env":{},"credentials":[],"branchable":false}"#).is_ok());
+    }
+
+    #[test]
+    fn the_workload_env_and_workdir_reach_the_core() {
+        let c = config(r#"{"image":"x","env":{"A":"b","C":"d"},"workdir":"/srv"}"#).unwrap();
+        assert_eq!(c.env.get("A").map(String::as_str), Some("b"));
+        assert_eq!(c.env.len(), 2);
+        assert_eq!(c.workdir.as_deref(), Some("/srv"));
+        assert_eq!(c.command, None);
+        let c = config(r#"{"image":"x"}"#).unwrap();
+        assert!(c.env.is_empty() && c.workdir.is_none());
+        // `command` is Python only (SPEC §3.4)
+        let e = config(r#"{"image":"x","command":["sh"]}"#).unwrap_err();
+        assert_eq!(e.code(), "NOT_SUPPORTED");
+        assert!(e.to_string().contains("command"), "{e}");
+        // shapes are still checked
+        let e = config(r#"{"env":{"A":1}}"#).unwrap_err();
+        assert_eq!(e.code(), "INVALID_CONFIG");
+        let e = config(r#"{"workdir":7}"#).unwrap_err();
+        assert_eq!(e.code(), "INVALID_CONFIG");
     }
 
     #[test]

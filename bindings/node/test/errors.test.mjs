@@ -54,8 +54,6 @@ test('invalid configurations reject with InvalidConfigError and create nothing',
 
 test('fields the engine does not support yet reject with NotSupportedError, never ignored', async () => {
   const unsupported = [
-    { env: { A: '1' } },
-    { workdir: '/srv' },
     { user: 'root' },
     { command: ['sleep', '1'] },
     { credentials: [{ name: 'gh', allowedHosts: ['api.github.com'] }] },
@@ -79,6 +77,25 @@ test('fields the engine does not support yet reject with NotSupportedError, neve
     );
   }
   await assert.rejects(Machine.create({}, { egressInterceptor: { address: '127.0.0.1:1', token: 'x' } }), NotSupportedError);
+});
+
+test('env and workdir of a machine without a workload reject with InvalidConfigError', async () => {
+  // SPEC §3.4: they apply to the image workload; a bare machine has none
+  const before = await machineNames();
+  for (const config of [{ env: { A: '1' } }, { workdir: '/srv' }, { env: { A: 1 } }, { workdir: 7 }]) {
+    await assert.rejects(
+      Machine.create({ name: uniqueName('wl'), ...config }),
+      (e) => e instanceof InvalidConfigError && e.code === 'INVALID_CONFIG',
+      JSON.stringify(config),
+    );
+  }
+  // `command` is Python-only (SPEC §3.4): refused, not ignored
+  await assert.rejects(
+    Machine.create({ name: uniqueName('wl'), command: ['true'] }),
+    (e) => e instanceof NotSupportedError && /command/.test(e.message),
+  );
+  const after = await machineNames();
+  assert.deepEqual([...after].filter((n) => !before.has(n)), []);
 });
 
 test('the cloud target rejects with NotSupportedError instead of falling back to local', async () => {

@@ -2,8 +2,20 @@
 // machine created from an image, run(image, argv).
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { Machine, NotFoundError, NotSupportedError } from 'smolmachines';
-import { uniqueName, withMachine, testRegistry } from './helpers.mjs';
+import { Machine, InvalidConfigError, NotFoundError, NotSupportedError } from 'smolmachines';
+import { uniqueName, withMachine, testRegistry, waitFor } from './helpers.mjs';
+
+const WORKLOAD_LOG = '/var/log/smol/workload.log';
+
+/** The text of guest `path`, or '' while it does not exist. */
+async function readText(m, path) {
+  try {
+    return new TextDecoder().decode(await m.readFile(path));
+  } catch (e) {
+    if (e instanceof NotFoundError) return '';
+    throw e;
+  }
+}
 
 describe('images', () => {
   let reg;
@@ -49,6 +61,54 @@ describe('images', () => {
     const r = await m.run(`${reg}/library/python:3.12`, ['python3', '-c', 'print(2**10)']);
     assert.equal(r.exitCode, 0, r.stderr);
     assert.equal(r.stdout, '1024\n');
+  });
+
+  test("the image's workload (Entrypoint + Cmd) runs at create and at every boot; its output is in the workload log", async () => {
+    // SPEC §3.4: busybox's Cmd is `sh -c 'cat /etc/motd'`
+    await withMachine({ image: busybox }, async (im) => {
+      const want = 'motd from layer 3\n';
+      assert.equal(await waitFor(async () => (await readText(im, WORKLOAD_LOG)) === want, 20000), true, await readText(im, WORKLOAD_LOG));
+      // relaunched by the next boot
+      await im.writeFile(WORKLOAD_LOG, '');
+      await im.stop();
+      await im.start();
+      assert.equal(await waitFor(async () => (await readText(im, WORKLOAD_LOG)) === want, 20000), true, await readText(im, WORKLOAD_LOG));
+    });
+  });
+
+  test('env and workdir reach the image workload', async () => {
+    await withMachine({ image: busybox, env: { GREETING: 'hi' }, workdir: '/tmp' }, async (im) => {
+      assert.equal(await waitFor(async () => (await readText(im, WORKLOAD_LOG)).includes('motd from layer 3'), 20000), true);
+      // they are the workload's: a plain exec keeps the image's Env and WorkingDir
+      const r = await im.exec(['sh', '-c', 'echo "$SMOL_FIXTURE ${GREETING:-unset}"; pwd']);
+      assert.equal(r.stdout, 'busybox unset\n/data\n', r.stderr);
+    });
+    // The image's Cmd (`/bin/sh -c 'cat /etc/motd'`, busybox applets) shows neither, so they are
+    // observed through the failures they cause in the guest: the workload cannot start, create
+    // rejects and leaves no machine.
+    // (A missing workdir is reported by the core as NOT_FOUND, naming it.)
+    for (const [config, ok] of [
+      [{ env: { A: 'x\0y' } }, (e) => e instanceof InvalidConfigError && /\/bin\/sh.*cannot start/.test(e.message)],
+      [{ workdir: '/no/such/dir' }, (e) => (e instanceof InvalidConfigError || e instanceof NotFoundError) && e.message.includes('/no/such/dir')],
+    ]) {
+      const name = uniqueName('wl');
+      await assert.rejects(Machine.create({ name, image: busybox, ...config }), ok, JSON.stringify(config));
+      assert.ok(!(await Machine.list()).some((x) => x.name === name), `${name} left behind`);
+    }
+  });
+
+  test('invalid workload settings reject with InvalidConfigError', async () => {
+    for (const config of [{ workdir: 'relative' }, { env: { 'A=B': 'x' } }, { env: { '': 'x' } }]) {
+      const name = uniqueName('wl');
+      await assert.rejects(
+        Machine.create({ name, image: busybox, ...config }),
+        (e) => e instanceof InvalidConfigError && e.code === 'INVALID_CONFIG',
+        JSON.stringify(config),
+      );
+      assert.ok(!(await Machine.list()).some((x) => x.name === name), `${name} left behind`);
+    }
+    // `command` is not in the TS API (SPEC §3.4)
+    await assert.rejects(Machine.create({ name: uniqueName('wl'), image: busybox, command: ['sh'] }), NotSupportedError);
   });
 
   test('run() refuses an AbortSignal and a user', async () => {

@@ -13,7 +13,8 @@ use crate::errors::to_py_err;
 use crate::stream::ExecStream;
 use crate::{block, CancelToken};
 
-/// `(exit_code, stdout, stderr, stdout_bytes, stderr_bytes, timed_out)`.
+/// `(exit_code, stdout, stderr, stdout_bytes, stderr_bytes, timed_out, pid)`; `pid` is set for
+/// a background command.
 type ExecOut<'py> = (
     i32,
     String,
@@ -21,6 +22,7 @@ type ExecOut<'py> = (
     Bound<'py, PyBytes>,
     Bound<'py, PyBytes>,
     bool,
+    Option<u32>,
 );
 
 /// `(reference, digest, size, architecture, os)`.
@@ -90,6 +92,7 @@ fn exec_options(
     timeout: Option<f64>,
     user: Option<String>,
     stdin: Option<&Bound<'_, PyBytes>>,
+    background: bool,
 ) -> Result<core::ExecOptions, Error> {
     Ok(core::ExecOptions {
         env: env.unwrap_or_default(),
@@ -97,7 +100,7 @@ fn exec_options(
         timeout: seconds("timeout", timeout)?,
         user,
         stdin: stdin.map(|b| b.as_bytes().to_vec()),
-        background: false,
+        background,
     })
 }
 
@@ -109,6 +112,7 @@ fn exec_out(py: Python<'_>, r: core::ExecResult) -> ExecOut<'_> {
         PyBytes::new(py, &r.stdout_bytes),
         PyBytes::new(py, &r.stderr_bytes),
         r.timed_out,
+        r.pid,
     )
 }
 
@@ -134,8 +138,8 @@ impl Machine {
     #[staticmethod]
     #[pyo3(signature = (*, name=None, image=None, mounts=Vec::new(), ports=Vec::new(), cpus=None,
         memory_mb=None, network=None, storage_gb=None, top_network=None, persistent=false,
-        detach=false, labels=BTreeMap::new(), ready_timeout=None, target=None, base_url=None,
-        api_key=None))]
+        detach=false, labels=BTreeMap::new(), ready_timeout=None, env=BTreeMap::new(),
+        workdir=None, command=None, target=None, base_url=None, api_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
@@ -152,11 +156,22 @@ impl Machine {
         detach: bool,
         labels: BTreeMap<String, String>,
         ready_timeout: Option<f64>,
+        env: BTreeMap<String, String>,
+        workdir: Option<String>,
+        command: Option<Vec<String>>,
         target: Option<String>,
         base_url: Option<String>,
         api_key: Option<String>,
     ) -> PyResult<Self> {
         let conn = check(py, conn_options(target, base_url, api_key))?;
+        // SPEC §3.4: `command` is a non-empty argv. The core reads an empty list as "launch
+        // nothing" (the CLI's use), which the SDK does not offer.
+        if command.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(to_py_err(
+                py,
+                invalid("command must be a non-empty list of non-empty strings".into()),
+            ));
+        }
         let config = core::MachineConfig {
             name,
             image,
@@ -183,9 +198,9 @@ impl Machine {
             detach,
             labels,
             ready_timeout: check(py, seconds("ready_timeout_seconds", ready_timeout))?,
-            env: Default::default(),
-            workdir: None,
-            command: None,
+            env,
+            workdir,
+            command,
         };
         let inner = block(py, None, core::Machine::create(config, conn))?;
         Ok(Self { inner })
@@ -254,8 +269,11 @@ impl Machine {
         self.inner.url()
     }
 
+    /// `background=True` starts the command detached and returns at once with its pid (SPEC
+    /// §3.6). Such a command cannot be given a `cancel` token (SPEC §5: the local
+    /// `AsyncMachine.exec` always attaches one, so it refuses background commands).
     #[pyo3(signature = (argv, *, env=None, workdir=None, timeout=None, user=None, stdin=None,
-        cancel=None))]
+        background=false, cancel=None))]
     #[allow(clippy::too_many_arguments)]
     fn exec<'py>(
         &self,
@@ -266,19 +284,29 @@ impl Machine {
         timeout: Option<f64>,
         user: Option<String>,
         stdin: Option<Bound<'py, PyBytes>>,
+        background: bool,
         cancel: Option<Bound<'py, CancelToken>>,
     ) -> PyResult<ExecOut<'py>> {
         let opts = check(
             py,
-            exec_options(env, workdir, timeout, user, stdin.as_ref()),
+            exec_options(env, workdir, timeout, user, stdin.as_ref(), background),
         )?;
+        if background && cancel.is_some() {
+            // The SPEC's message, verbatim (no "invalid configuration:" prefix of the core's).
+            return Err(crate::errors::new_err(
+                py,
+                "InvalidConfigError",
+                "INVALID_CONFIG",
+                "a background command cannot be cancelled; kill its pid instead",
+            ));
+        }
         let token = cancel.map(|c| c.get().0.clone());
         let r = block(py, token.as_ref(), self.inner.exec(&argv, opts))?;
         Ok(exec_out(py, r))
     }
 
     #[pyo3(signature = (image, argv, *, env=None, workdir=None, timeout=None, user=None,
-        stdin=None, cancel=None))]
+        stdin=None, background=false, cancel=None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         &self,
@@ -290,18 +318,20 @@ impl Machine {
         timeout: Option<f64>,
         user: Option<String>,
         stdin: Option<Bound<'py, PyBytes>>,
+        background: bool,
         cancel: Option<Bound<'py, CancelToken>>,
     ) -> PyResult<ExecOut<'py>> {
         let opts = check(
             py,
-            exec_options(env, workdir, timeout, user, stdin.as_ref()),
+            exec_options(env, workdir, timeout, user, stdin.as_ref(), background),
         )?;
         let token = cancel.map(|c| c.get().0.clone());
         let r = block(py, token.as_ref(), self.inner.run(&image, &argv, opts))?;
         Ok(exec_out(py, r))
     }
 
-    #[pyo3(signature = (argv, *, env=None, workdir=None, timeout=None, user=None, stdin=None))]
+    #[pyo3(signature = (argv, *, env=None, workdir=None, timeout=None, user=None, stdin=None,
+        background=false))]
     #[allow(clippy::too_many_arguments)]
     fn exec_stream(
         &self,
@@ -312,10 +342,11 @@ impl Machine {
         timeout: Option<f64>,
         user: Option<String>,
         stdin: Option<Bound<'_, PyBytes>>,
+        background: bool,
     ) -> PyResult<ExecStream> {
         let opts = check(
             py,
-            exec_options(env, workdir, timeout, user, stdin.as_ref()),
+            exec_options(env, workdir, timeout, user, stdin.as_ref(), background),
         )?;
         let s = block(py, None, self.inner.exec_stream(&argv, opts))?;
         Ok(ExecStream::new(s))

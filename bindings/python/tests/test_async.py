@@ -149,6 +149,28 @@ def test_async_stream_break_and_cancel_kill(machine):
     assert eventually(lambda: not guest_pid_alive(machine, "/tmp/sp2"), 10)
 
 
+def test_async_background_exec_is_refused_locally(machine):
+    # SPEC §5 quirk: the local async exec always attaches a cancel token, and a background
+    # command cannot be cancelled; the synchronous handle starts one.
+    async def main():
+        m = AsyncMachine(machine)
+        with pytest.raises(smol.InvalidConfigError) as ei:
+            await m.exec(["sh", "-c", "touch /tmp/must-not-run"], ExecOptions(background=True))
+        assert str(ei.value) == "a background command cannot be cancelled; kill its pid instead"
+        assert ei.value.code == "INVALID_CONFIG"
+        r = await asyncio.to_thread(
+            m.machine.exec, ["sh", "-c", "exec sleep 600"], ExecOptions(background=True)
+        )
+        assert r.exit_code == 0 and r.pid is not None and r.stdout == f"pid={r.pid}\n"
+        assert (await m.exec(["kill", "-0", str(r.pid)])).exit_code == 0
+        assert (await m.exec(["test", "-e", "/tmp/must-not-run"])).exit_code == 1
+        await m.exec(["kill", str(r.pid)])
+        with pytest.raises(smol.InvalidConfigError):
+            await m.run("busybox", ["true"], ExecOptions(background=True))
+
+    asyncio.run(main())
+
+
 def test_async_errors_are_typed():
     async def main():
         with pytest.raises(smol.NotSupportedError):

@@ -140,9 +140,6 @@ def test_invalid_exec_arguments(machine):
 @pytest.mark.parametrize(
     "kw",
     [
-        {"command": ["sleep", "1"]},
-        {"env": {"A": "1"}},
-        {"workdir": "/tmp"},
         {"user": "nobody"},
         {"credentials": [CredentialSpec(name="gh", env_var="GH", hosts=["x.test"], value="s3cret")]},
         {"egress_interceptor": EgressInterceptor(address="127.0.0.1:1", token="t0ken")},
@@ -170,9 +167,43 @@ def test_unsupported_config_fields_raise(kw):
     _assert_no_machine(name)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        # env / workdir apply to the workload: a bare machine without a command has none
+        {"env": {"A": "1"}},
+        {"workdir": "/tmp"},
+        {"command": ["true"], "workdir": "relative"},
+        {"command": ["true"], "env": {"A=B": "1"}},
+        {"command": ["true"], "env": {"": "1"}},
+        {"command": ["true"], "env": {"A": 1}},
+        {"command": ["true"], "workdir": 7},
+        # a workload that cannot start fails the create
+        {"command": ["no-such-program"]},
+    ],
+    ids=lambda kw: repr(kw)[:40],
+)
+def test_invalid_workload_settings_raise(kw):
+    name = unique()
+    with pytest.raises(smol.InvalidConfigError) as ei:
+        Machine.create(MachineConfig(name=name, **kw))
+    assert ei.value.code == "INVALID_CONFIG"
+    _assert_no_machine(name)
+
+
+def test_a_command_emptied_after_construction_is_refused_at_create():
+    # SPEC §3.4: an empty command is a ValueError; the engine's "launch nothing" is not offered
+    for bad in ([], [""], ["ok", ""], "true"):
+        cfg = MachineConfig(name=unique(), command=["true"])
+        cfg.command = bad
+        with pytest.raises(smol.InvalidConfigError):
+            Machine.create(cfg)
+        _assert_no_machine(cfg.name)
+    with pytest.raises(ValueError):
+        Machine.create({"name": unique(), "command": []})
+
+
 def test_unsupported_options_on_a_machine(machine):
-    with pytest.raises(smol.NotSupportedError):
-        machine.exec(["true"], ExecOptions(background=True))
     with pytest.raises(smol.NotSupportedError):
         machine.stop(drain_secs=1)
     with pytest.raises(smol.NotSupportedError):

@@ -4,7 +4,7 @@ list_images, MachineConfig(image=...), run(image, argv)."""
 from __future__ import annotations
 
 import pytest
-from conftest import unique
+from conftest import eventually, unique
 
 import smol
 from smol import ExecOptions, ImageInfo, Machine, MachineConfig
@@ -56,3 +56,82 @@ def test_run_image_command(machine, registry):
     assert r.exit_code == 4
     with pytest.raises(smol.NotSupportedError):
         machine.run(f"{registry}/test/busybox:latest", ["true"], ExecOptions(user="root"))
+
+
+WORKLOAD_LOG = "/var/log/smol/workload.log"
+
+
+def _wait_for(m: Machine, path: str, want: str, timeout: float = 20.0) -> str:
+    """The text of guest ``path`` once it contains ``want`` (the workload runs in the
+    background), or whatever it holds at the deadline."""
+    got = ""
+
+    def check() -> bool:
+        nonlocal got
+        try:
+            got = m.read_file(path).decode(errors="replace")
+        except smol.NotFoundError:
+            got = ""
+        return want in got
+
+    eventually(check, timeout, 0.1)
+    return got
+
+
+def test_the_image_workload_runs_at_create(registry):
+    # SPEC §3.4: without a command, the image's Entrypoint + Cmd (`sh -c 'cat /etc/motd'`) is
+    # launched at create; its output goes to the workload log.
+    ref = f"{registry}/test/busybox:latest"
+    with Machine.create(MachineConfig(name=unique(), image=ref)) as m:
+        assert _wait_for(m, WORKLOAD_LOG, "motd from layer 3") == "motd from layer 3\n"
+    # env and workdir apply to that workload
+    cfg = MachineConfig(name=unique(), image=ref, env={"SMOL_FIXTURE": "over"}, workdir="/tmp")
+    with Machine.create(cfg) as m:
+        assert _wait_for(m, WORKLOAD_LOG, "motd") == "motd from layer 3\n"
+        # a plain exec keeps the image's own Env and WorkingDir
+        assert m.exec(["sh", "-c", "echo $SMOL_FIXTURE; pwd"]).stdout == "busybox\n/data\n"
+
+
+def test_own_command_with_env_and_workdir_at_create_and_every_boot(registry):
+    ref = f"{registry}/test/busybox:latest"
+    script = (
+        'echo $$ > /root/pid; echo "$GREETING $SMOL_FIXTURE $(pwd)" >> /root/started; '
+        "echo to-the-log; echo err-to-the-log >&2; exec sleep 600"
+    )
+    cfg = MachineConfig(
+        name=unique(), image=ref, command=["sh", "-c", script], env={"GREETING": "hello"},
+        workdir="/tmp",
+    )  # fmt: skip
+    with Machine.create(cfg) as m:
+        line = "hello busybox /tmp\n"
+        assert _wait_for(m, "/root/started", line) == line
+        log = _wait_for(m, WORKLOAD_LOG, "err-to-the-log")
+        assert sorted(log.splitlines()) == ["err-to-the-log", "to-the-log"], log
+        assert "motd" not in log, "the command replaces the image's Cmd"
+        r = m.exec(["sh", "-c", "kill -0 $(cat /root/pid) && echo running"])
+        assert r.stdout == "running\n", "the workload keeps running"
+        # relaunched at every boot
+        m.stop()
+        m.start()
+        assert _wait_for(m, "/root/started", line * 2) == line * 2
+        r = m.exec(["sh", "-c", "kill -0 $(cat /root/pid) && echo running"])
+        assert r.stdout == "running\n"
+
+
+def test_invalid_workloads_of_an_image_raise(registry):
+    ref = f"{registry}/test/busybox:latest"
+    for kw in (
+        {"command": ["no-such-program"]},  # cannot start: the create fails, nothing is left
+        {"workdir": "relative"},
+        {"command": ["sh", "-c", "true"], "env": {"A=B": "x"}},
+    ):
+        name = unique()
+        with pytest.raises(smol.InvalidConfigError) as ei:
+            Machine.create(MachineConfig(name=name, image=ref, **kw))
+        assert ei.value.code == "INVALID_CONFIG", kw
+        if "command" in kw and kw["command"] == ["no-such-program"]:
+            assert "no-such-program" in str(ei.value)
+        assert name not in [s.name for s in Machine.list()]
+    for bad in ([], [""]):
+        with pytest.raises(ValueError):
+            MachineConfig(image=ref, command=bad)

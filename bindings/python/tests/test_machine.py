@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -129,6 +130,56 @@ def test_exec_timeout_gives_124_without_raising(machine):
     assert machine.exec(["sleep", "5"], ExecOptions(timeout=0.0001)).exit_code == 124
     # the machine is still usable
     assert machine.exec(["true"]).exit_code == 0
+
+
+def test_background_exec_returns_at_once_with_its_pid(machine):
+    # SPEC §3.6: started detached; exit 0, stdout "pid=<n>\n", ExecResult.pid; it runs on
+    bg = ExecOptions(background=True)
+    t0 = time.monotonic()
+    r = machine.exec(["sh", "-c", "sleep 2; echo done > /tmp/bg"], bg)
+    assert time.monotonic() - t0 < 2, "returned at once"
+    assert isinstance(r, ExecResult) and isinstance(r.pid, int) and r.pid > 1, r
+    assert (r.exit_code, r.stdout, r.stderr) == (0, f"pid={r.pid}\n", ""), r
+    assert r.success and r.stdout_bytes == f"pid={r.pid}\n".encode()
+    alive = machine.exec(["sh", "-c", f"kill -0 {r.pid} && echo alive"])
+    assert alive.stdout == "alive\n", alive
+    assert eventually(lambda: _read(machine, "/tmp/bg") == b"done\n", 20)
+    # env and workdir apply; a long-running command keeps running until killed
+    r = machine.exec(
+        ["sh", "-c", 'echo "$X $(pwd)" > /root/bg-env; exec sleep 600'],
+        ExecOptions(background=True, env={"X": "from-env"}, workdir="/tmp"),
+    )
+    assert r.pid is not None and r.stdout == f"pid={r.pid}\n"
+    assert eventually(lambda: _read(machine, "/root/bg-env") == b"from-env /tmp\n", 20)
+    for _ in range(2):
+        assert machine.exec(["kill", "-0", str(r.pid)]).exit_code == 0, "still running"
+        time.sleep(0.5)
+    machine.exec(["kill", str(r.pid)]).assert_success()
+    assert eventually(lambda: machine.exec(["kill", "-0", str(r.pid)]).exit_code != 0, 10)
+    # a missing program is reported as exec reports it, without a pid
+    r = machine.exec(["no-such-program"], bg)
+    assert (r.exit_code, r.pid) == (127, None), r
+    # a plain exec has no pid
+    assert machine.exec(["true"]).pid is None
+    # no stdin, no timeout, no streaming, not for run(image)
+    for opts in (
+        ExecOptions(background=True, timeout=5),
+        ExecOptions(background=True, stdin="x"),
+        {"background": True, "timeout": 1},
+    ):
+        with pytest.raises(smol.InvalidConfigError):
+            machine.exec(["true"], opts)
+    with pytest.raises(smol.InvalidConfigError):
+        machine.exec_stream(["true"], bg)
+    with pytest.raises(smol.InvalidConfigError):
+        machine.run("busybox", ["true"], bg)
+
+
+def _read(m: Machine, path: str) -> bytes:
+    try:
+        return m.read_file(path)
+    except smol.NotFoundError:
+        return b""
 
 
 def test_assert_success(machine):

@@ -6,6 +6,11 @@ the call carries a native cancel token that is fired on cancellation, which drop
 operation (the agent kills the command's process group). ``exec_stream`` is an async generator
 that pulls each event in a worker thread; ``break`` (once the generator is collected),
 cancellation or ``aclose()`` kill the command.
+
+SPEC §5 quirk: because ``exec`` always attaches a cancel token, ``await m.exec(cmd,
+ExecOptions(background=True))`` raises ``InvalidConfigError("a background command cannot be
+cancelled; kill its pid instead")``. Start background commands with the synchronous handle, e.g.
+``await asyncio.to_thread(m.machine.exec, cmd, ExecOptions(background=True))``.
 """
 
 from __future__ import annotations
@@ -102,7 +107,9 @@ class AsyncMachine:
     # -- execution ------------------------------------------------------------------------------
 
     async def exec(self, command: Sequence[str], opts: Optional[ExecOptions] = None) -> ExecResult:
-        """Like ``Machine.exec``; cancelling the awaiting task kills the command."""
+        """Like ``Machine.exec``; cancelling the awaiting task kills the command. A background
+        command (``ExecOptions(background=True)``) cannot be cancelled, so it is refused with
+        ``InvalidConfigError`` (SPEC §5); use ``self.machine.exec`` in a thread for one."""
         return await _cancellable(self._m._exec_cancellable, command, opts)
 
     async def run(

@@ -111,8 +111,8 @@ def _conn_kwargs(conn: Optional[ConnectOptions]) -> Dict[str, Any]:
 
 _RESOURCE_UNSUPPORTED = ("allow_cidrs", "allow_hosts", "overlay_gb", "gpu", "gpu_vram_mib", "cuda")
 _CONFIG_UNSUPPORTED = (
-    "command", "env", "workdir", "user", "egress_interceptor", "credentials", "cache_disk",
-    "branchable", "forkable", "checkpoint",
+    "user", "egress_interceptor", "credentials", "cache_disk", "branchable", "forkable",
+    "checkpoint",
 )  # fmt: skip
 # Cloud-only fields the local target accepts and ignores (SPEC §11: an idle auto-stop and a TTL
 # are sweeps of the cloud's control plane; a local machine lives as long as its process, or its
@@ -166,6 +166,18 @@ def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
         "labels": _str_map("labels", config.labels),
         "ready_timeout": float(config.ready_timeout_seconds),
     }
+    # The image workload (SPEC §3.4): ``command`` (else the image's Entrypoint + Cmd) launched
+    # in the background at create and at every boot, with ``env`` and ``workdir``.
+    if config.command is not None:
+        command = _argv(config.command)
+        if not command or not all(command):
+            raise InvalidConfigError("command must be a non-empty list of non-empty strings")
+        kw["command"] = command
+    if config.workdir is not None:
+        if not isinstance(config.workdir, str):
+            raise InvalidConfigError(f"MachineConfig.workdir must be a str, got {config.workdir!r}")
+        kw["workdir"] = config.workdir
+    kw["env"] = _str_map("MachineConfig.env", config.env)
     for f, hi in (("cpus", 1024), ("memory_mb", 1 << 22), ("storage_gb", 1 << 16)):
         v = getattr(r, f)
         kw[f] = None if v is None else _int(f"ResourceSpec.{f}", v, 1, hi)
@@ -179,8 +191,6 @@ def _exec_kwargs(opts: Optional[ExecOptions]) -> Dict[str, Any]:
         opts = ExecOptions(**opts)
     if not isinstance(opts, ExecOptions):
         raise InvalidConfigError(f"opts must be an ExecOptions, got {type(opts).__name__}")
-    if opts.background:
-        raise NotSupportedError("ExecOptions.background is not supported by the local engine yet")
     if opts.output not in (None, "text", "b64", "both"):
         raise InvalidConfigError(f'output must be "text", "b64" or "both", got {opts.output!r}')
     stdin = opts.stdin
@@ -201,6 +211,7 @@ def _exec_kwargs(opts: Optional[ExecOptions]) -> Dict[str, Any]:
         "timeout": None if t is None else float(t),
         "user": opts.user,
         "stdin": stdin,
+        "background": bool(opts.background),
     }
 
 
@@ -215,10 +226,10 @@ def _check_run(image: Any, command: Any, opts: Any) -> List[str]:
 
 
 def _result(t: Tuple[Any, ...], argv: List[str]) -> ExecResult:
-    code, out, err, out_b, err_b, timed_out = t
+    code, out, err, out_b, err_b, timed_out, pid = t
     return ExecResult(
         exit_code=code, stdout=out, stderr=err, stdout_bytes=out_b, stderr_bytes=err_b,
-        timed_out=timed_out, _command=argv,
+        pid=pid, timed_out=timed_out, _command=argv,
     )  # fmt: skip
 
 
@@ -394,7 +405,12 @@ class Machine:
 
     def exec(self, command: Sequence[str], opts: Optional[ExecOptions] = None) -> ExecResult:
         """Runs ``command`` (an argv list) to completion. A non-zero exit is not an exception;
-        a timeout gives exit code 124 and the output so far."""
+        a timeout gives exit code 124 and the output so far.
+
+        With ``ExecOptions(background=True)`` the command is started detached and the call
+        returns at once: exit code 0, stdout ``pid=<n>\n`` and ``pid`` set (a program that cannot
+        start gives its exit code, 127 when not found, and no pid). The command's output is
+        discarded; it takes no stdin and no timeout (``InvalidConfigError``)."""
         argv = _argv(command)
         return _result(self._n.exec(argv, **_exec_kwargs(opts)), argv)
 

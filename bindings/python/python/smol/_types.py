@@ -93,11 +93,18 @@ class EgressInterceptor:
 class MachineConfig:
     """Machine configuration (SPEC §3.4).
 
-    The local engine supports ``name, image, labels, mounts, ports, resources (cpus, memory_mb,
-    network, storage_gb), network, persistent, detach, ready_timeout_seconds, wait_for_ports``.
-    ``auto_stop_seconds`` and ``ttl_seconds`` are cloud-only and ignored by the local target
-    (SPEC §11; they must still be > 0 when set). Setting any other field raises
-    ``NotSupportedError`` at create time.
+    The local engine supports ``name, image, labels, command, mounts, ports, resources (cpus,
+    memory_mb, network, storage_gb), network, persistent, detach, ready_timeout_seconds,
+    wait_for_ports, env, workdir``. ``auto_stop_seconds`` and ``ttl_seconds`` are cloud-only and
+    ignored by the local target (SPEC §11; they must still be > 0 when set). Setting any other
+    field raises ``NotSupportedError`` at create time.
+
+    The workload (SPEC §3.4): ``command`` (a non-empty argv, else ``ValueError`` here), or else
+    the image's Entrypoint + Cmd, is launched in the background at create and at every later
+    boot, with ``env`` over the image's Env and in ``workdir`` (an absolute guest path; else the
+    image's WorkingDir). Its output goes to the guest file ``/var/log/smol/workload.log``. A
+    workload that cannot start fails create with ``InvalidConfigError``, as do ``env`` or
+    ``workdir`` when there is no workload (no command and an image without one, or no image).
     """
 
     name: Optional[str] = None
@@ -142,7 +149,9 @@ class MachineConfig:
 
 @dataclass
 class ExecOptions:
-    """Per-command options (SPEC §3.6). ``timeout`` is in seconds and must be > 0."""
+    """Per-command options (SPEC §3.6). ``timeout`` is in seconds and must be > 0.
+    ``background=True`` starts the command detached (``ExecResult.pid``); it then takes no
+    ``stdin`` and no ``timeout``."""
 
     env: Optional[Dict[str, str]] = None
     workdir: Optional[str] = None
@@ -178,7 +187,8 @@ class ConnectOptions:
 @dataclass
 class ExecResult:
     """Result of a finished command (SPEC §3.7). A non-zero exit is not an exception; a timeout
-    gives exit code 124 (``timed_out`` is then true)."""
+    gives exit code 124 (``timed_out`` is then true). ``pid`` is the guest process id of a
+    command started with ``ExecOptions(background=True)``, else None."""
 
     exit_code: int
     stdout: str = ""
