@@ -325,6 +325,16 @@ async fn the_image_workload_starts_at_create_and_at_every_boot() {
         .await
         .unwrap()
         .is_empty());
+    let mut cfg = config(Some("bad-workdir"));
+    cfg.image = Some(busybox.clone());
+    cfg.workdir = Some("/no/such/dir".into());
+    let e = engine.create_machine(cfg).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    assert!(engine
+        .list_machines(&BTreeMap::new())
+        .await
+        .unwrap()
+        .is_empty());
 
     // invalid workload settings are refused before anything boots
     for bad in [

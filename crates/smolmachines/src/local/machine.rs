@@ -365,7 +365,19 @@ impl LocalMachine {
             exec: req,
             log: Some(WORKLOAD_LOG.into()),
         };
-        let r = self.exec_op(op, &w.argv, &ExecOptions::default()).await?;
+        // A workdir the guest lacks is a bad config, like a program it lacks.
+        let r = self
+            .exec_op(op, &w.argv, &ExecOptions::default())
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { what } => {
+                    Error::invalid(format!("the workload {:?} cannot start: {what}", w.argv))
+                }
+                Error::NotADirectory { detail } => {
+                    Error::invalid(format!("the workload {:?} cannot start: {detail}", w.argv))
+                }
+                other => other,
+            })?;
         if r.exit_code != 0 {
             return Err(Error::invalid(format!(
                 "the workload {:?} cannot start (exit {}): {}",
