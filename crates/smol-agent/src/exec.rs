@@ -143,13 +143,26 @@ fn prepare(req: &ExecRequest, rootfs: Option<&str>) -> Result<Prepared, RemoteEr
             cmd
         }
     };
+    let (home, name) = match &req.user {
+        None => ("/root".to_string(), "root".to_string()),
+        Some(spec) => {
+            if rootfs.is_some() {
+                return Err(crate::serve::invalid("a container run takes no user"));
+            }
+            let id = crate::user::resolve(spec, std::path::Path::new("/"))?;
+            // std sets the groups to just this gid, then gid, then uid, in the child.
+            cmd.uid(id.uid).gid(id.gid);
+            let name = id.name.unwrap_or_else(|| id.uid.to_string());
+            (id.home, name)
+        }
+    };
     cmd.arg0(&req.argv[0])
         .args(&req.argv[1..])
         .env_clear()
         .env("PATH", DEFAULT_PATH)
-        .env("HOME", "/root")
-        .env("USER", "root")
-        .env("LOGNAME", "root")
+        .env("HOME", home)
+        .env("USER", &name)
+        .env("LOGNAME", &name)
         .envs(req.env.iter().map(|(k, v)| (k, v)));
     Ok(Ok(cmd))
 }

@@ -13,6 +13,7 @@ mod port;
 mod raw;
 mod relay;
 mod serve;
+mod user;
 
 use std::time::Duration;
 

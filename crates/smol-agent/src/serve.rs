@@ -234,6 +234,7 @@ mod tests {
             workdir: None,
             timeout_ms,
             stdin,
+            user: None,
         })
     }
 

@@ -38,6 +38,9 @@ struct ExecArgs {
     /// Kill the command after this many seconds (exit code 124).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Run as this user of the image (NAME, UID[:GID] or NAME:GROUP; machines of an image).
+    #[arg(short = 'u', long)]
+    user: Option<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     argv: Vec<String>,
@@ -104,6 +107,9 @@ enum MachineCommand {
         /// Working directory of the workload.
         #[arg(short = 'w', long)]
         workdir: Option<String>,
+        /// User of the workload (default: the image's).
+        #[arg(short = 'u', long)]
+        user: Option<String>,
         /// The workload's argv (replaces the image's Entrypoint + Cmd).
         #[arg(last = true)]
         command: Vec<String>,
@@ -182,6 +188,7 @@ fn exec_options(a: &ExecArgs) -> Result<ExecOptions, Error> {
         env,
         workdir: a.workdir.clone(),
         timeout,
+        user: a.user.clone(),
         ..Default::default()
     })
 }
@@ -254,6 +261,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 image,
                 env,
                 workdir,
+                user,
                 command,
             } => {
                 let mut res = resources(cpus, memory);
@@ -268,6 +276,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                     image,
                     env: key_values("--env", &env)?,
                     workdir,
+                    user,
                     command: (!command.is_empty()).then_some(command),
                     ..Default::default()
                 };

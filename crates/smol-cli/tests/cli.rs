@@ -295,6 +295,13 @@ fn run_in_an_image_from_the_test_registry() {
         assert!(std::time::Instant::now() < deadline, "{}", text(&o.stderr));
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let o = smol(
+        d.path(),
+        &[
+            "machine", "exec", "svc", "-u", "nobody", "-w", "/", "--", "id", "-u",
+        ],
+    );
+    assert_eq!(text(&o.stdout), "65534\n", "{}", text(&o.stderr));
     let o = smol(d.path(), &["machine", "rm", "svc"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
 }

@@ -148,6 +148,9 @@ pub struct ExecRequest {
     pub timeout_ms: Option<u64>,
     /// When true the host sends `Data(Stdin)*` and `Eof(Stdin)`; otherwise stdin is `/dev/null`.
     pub stdin: bool,
+    /// (Generation 2.) Run as this user: a name from the guest's `/etc/passwd`, or
+    /// `uid[:gid]`, or `name:group`; `None` is root.
+    pub user: Option<String>,
 }
 
 /// Category of an error reported by the agent.
@@ -309,8 +312,8 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
-    /// Freezes the encoding of generation 2 (generation 1 plus three appended ops: every frame of
-    /// generation 1 encodes as it did). If this fails, the wire format changed: bump
+    /// Freezes the encoding of generation 2 (generation 1 plus three appended ops and
+    /// `ExecRequest.user`). If this fails, the wire format changed: bump
     /// PROTOCOL_VERSION and update the snapshot deliberately.
     #[test]
     fn wire_snapshot_generation_2() {
@@ -330,6 +333,7 @@ mod tests {
                     workdir: Some("/".into()),
                     timeout_ms: Some(5),
                     stdin: true,
+                    user: Some("u".into()),
                 }),
             },
             Frame::Open {
@@ -373,6 +377,7 @@ mod tests {
                         workdir: None,
                         timeout_ms: None,
                         stdin: false,
+                        user: None,
                     },
                     rootfs: "/m".into(),
                 },
@@ -386,6 +391,7 @@ mod tests {
                         workdir: None,
                         timeout_ms: None,
                         stdin: false,
+                        user: None,
                     },
                     log: Some("/l".into()),
                 },
@@ -418,15 +424,15 @@ mod tests {
             .collect();
         let expected = vec![
             "00010178016bac02",
-            "01010001026c73010141016201012f010501",
+            "01010001026c73010141016201012f010501010175",
             "010201022f6601ed03",
             "010302022f66",
             "010403",
             "010504",
             "010605903f",
             "010706022f690565726f66738020022f6d",
-            "01080701026c7300000000022f6d",
-            "01090801026c730000000001022f6c",
+            "01080701026c730000000000022f6d",
+            "01090801026c73000000000001022f6c",
             "0201010200ff",
             "030100",
             "04018001",

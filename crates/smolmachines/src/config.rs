@@ -111,6 +111,9 @@ pub struct MachineConfig {
     pub env: BTreeMap<String, String>,
     /// Working directory of that workload (default: the image's `WorkingDir`).
     pub workdir: Option<String>,
+    /// User of that workload (name, `uid[:gid]` or `name:group`; default: the image's `User`,
+    /// else root). Needs an image.
+    pub user: Option<String>,
     /// argv of that workload, replacing the image's `Entrypoint` + `Cmd`. An empty list
     /// launches nothing (the CLI's `smol run IMAGE -- argv` runs only argv); the bindings refuse
     /// an empty list as SPEC §3.4 says.
@@ -133,6 +136,14 @@ impl MachineConfig {
                 )));
             }
         }
+        if self.user.as_deref() == Some("") {
+            return Err(Error::invalid("user must not be empty"));
+        }
+        if self.user.is_some() && self.image.is_none() {
+            return Err(Error::invalid(
+                "a workload user needs a machine created from an image",
+            ));
+        }
         if self.env.keys().any(|k| k.is_empty() || k.contains('=')) {
             return Err(Error::invalid(
                 "env names must be non-empty and contain no '='",
@@ -151,7 +162,8 @@ pub struct ExecOptions {
     pub workdir: Option<String>,
     /// Kill the command after this long; the result then has exit code 124.
     pub timeout: Option<Duration>,
-    /// Run as this user (needs an image; not supported on a bare machine).
+    /// Run as this user: a name of the image's `/etc/passwd`, `uid[:gid]` or `name:group`
+    /// (needs a machine created from an image).
     pub user: Option<String>,
     /// Bytes written to the command's stdin, which is then closed.
     pub stdin: Option<Vec<u8>>,
@@ -179,12 +191,10 @@ impl ExecOptions {
                 "a background command takes no stdin and no timeout",
             ));
         }
+        // (whether the machine can take a user at all is the backend's to say)
         match self.user.as_deref() {
             Some("") => Err(Error::invalid("user must not be empty")),
-            Some(_) => Err(Error::invalid(
-                "a per-command user needs a machine created from an image",
-            )),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 

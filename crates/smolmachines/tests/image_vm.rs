@@ -357,3 +357,63 @@ async fn the_image_workload_starts_at_create_and_at_every_boot() {
         assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
     }
 }
+
+/// Per-command and workload users (SPEC §3.4, §3.6), resolved in the image's /etc/passwd.
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_run_as_users_of_the_image() {
+    let reg = common_registry::shared();
+    let (engine, _dir) = engine();
+    // (the image's WorkingDir, /root, is not theirs to enter: a workdir they can)
+    let as_user = |u: &str| ExecOptions {
+        user: Some(u.to_string()),
+        workdir: Some("/tmp".into()),
+        ..Default::default()
+    };
+    let mut cfg = config(Some("users"));
+    cfg.image = Some(reg.reference("library/python:3.12"));
+    cfg.command = Some(sh("id -un > /tmp/workload-user; exec sleep 600"));
+    cfg.user = Some("daemon".into());
+    cfg.workdir = Some("/tmp".into());
+    let m = engine.create_machine(cfg).await.unwrap();
+    let who = "sh -c 'echo $(id -u):$(id -g) $USER $HOME'";
+    let r = m.exec(&sh(who), &as_user("nobody")).await.unwrap();
+    assert_eq!(r.stdout, "65534:65534 nobody /nonexistent\n", "{r:?}");
+    let r = m.exec(&sh(who), &as_user("www-data")).await.unwrap();
+    assert_eq!(r.stdout, "33:33 www-data /var/www\n", "{r:?}");
+    let r = m.exec(&sh(who), &as_user("1234:55")).await.unwrap();
+    assert_eq!(r.stdout, "1234:55 1234 /\n", "{r:?}");
+    let r = m.exec(&sh(who), &ExecOptions::default()).await.unwrap();
+    assert_eq!(r.stdout, "0:0 root /root\n", "root by default: {r:?}");
+    // the user's rights are the kernel's to enforce
+    let r = m
+        .exec(&sh("touch /root/x"), &as_user("nobody"))
+        .await
+        .unwrap();
+    assert_ne!(r.exit_code, 0, "{r:?}");
+    // the workload ran as its user
+    assert_eq!(
+        wait_for(&m, "/tmp/workload-user", "daemon").await,
+        "daemon\n"
+    );
+    // unknown users and groups are typed errors
+    for bad in ["nosuch", "nobody:nosuchgroup"] {
+        let e = m.exec(&sh("true"), &as_user(bad)).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+        assert!(e.to_string().contains("unknown"), "{e}");
+    }
+    m.delete().await.unwrap();
+
+    // a bare machine has no users to pick from; a workload user needs an image
+    let bare = engine.create_machine(config(Some("bare"))).await.unwrap();
+    let e = bare
+        .exec(&sh("true"), &as_user("nobody"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    bare.delete().await.unwrap();
+    let mut cfg = config(Some("bare-user"));
+    cfg.command = Some(sh("true"));
+    cfg.user = Some("nobody".into());
+    let e = engine.create_machine(cfg).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+}

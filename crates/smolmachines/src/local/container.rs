@@ -41,6 +41,7 @@ fn request(m: &Mounted, argv: &[String], opts: &ExecOptions) -> ExecRequest {
         workdir: opts.workdir.clone().or_else(|| m.workdir.clone()),
         timeout_ms: opts.timeout_ms(),
         stdin: opts.stdin.is_some(),
+        user: None,
     }
 }
 

@@ -360,6 +360,7 @@ impl LocalMachine {
             workdir: w.workdir,
             timeout_ms: None,
             stdin: false,
+            user: w.user,
         };
         let op = Op::Spawn {
             exec: req,
@@ -569,7 +570,18 @@ impl LocalMachine {
                 .or_else(|| image.and_then(|i| i.workdir)),
             timeout_ms: opts.timeout_ms(),
             stdin: opts.stdin.is_some(),
+            user: opts.user.clone(),
         }
+    }
+
+    /// A per-command user needs an image (SPEC §3.6: a bare machine refuses it).
+    fn check_user(&self, opts: &ExecOptions) -> Result<()> {
+        if opts.user.is_some() && self.record().image.is_none() {
+            return Err(Error::invalid(
+                "a per-command user needs a machine created from an image",
+            ));
+        }
+        Ok(())
     }
 
     /// Runs an `Op::Exec` / `Op::ExecIn` to completion with [`MachineBackend::exec`]'s
@@ -628,6 +640,7 @@ impl MachineBackend for LocalMachine {
     }
 
     async fn exec(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecResult> {
+        self.check_user(opts)?;
         if opts.background {
             let op = Op::Spawn {
                 exec: self.request(argv, opts),
@@ -652,6 +665,7 @@ impl MachineBackend for LocalMachine {
     }
 
     async fn exec_stream(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecStream> {
+        self.check_user(opts)?;
         let conn = self.conn("exec")?;
         match conn.exec_stream(self.request(argv, opts), opts.stdin.clone()) {
             Ok((rx, kill)) => Ok(ExecStream::new(rx, kill)),

@@ -107,13 +107,16 @@ fn workload(
     config: &MachineConfig,
     image: Option<&record::ImageRecord>,
     image_argv: Vec<String>,
+    image_user: Option<String>,
 ) -> Result<Option<record::Workload>> {
     let argv = config.command.clone().unwrap_or(image_argv);
     if argv.is_empty() {
-        if config.command.is_none() && (!config.env.is_empty() || config.workdir.is_some()) {
+        if config.command.is_none()
+            && (!config.env.is_empty() || config.workdir.is_some() || config.user.is_some())
+        {
             return Err(Error::invalid(
-                "env and workdir apply to the workload launched at create: give a command \
-                 (or an image that has one); per-command settings go in ExecOptions",
+                "env, workdir and user apply to the workload launched at create: give a \
+                 command (or an image that has one); per-command settings go in ExecOptions",
             ));
         }
         return Ok(None);
@@ -127,6 +130,7 @@ fn workload(
             .workdir
             .clone()
             .or_else(|| image.and_then(|i| i.workdir.clone())),
+        user: config.user.clone().or(image_user),
     }))
 }
 
@@ -419,7 +423,7 @@ impl LocalBackend {
                 "the machine's socket path would be {sock_len} bytes (max {MAX_SOCKET_PATH}); set SMOL_RUN_DIR to a shorter directory"
             )));
         }
-        let (image, image_argv) = match &config.image {
+        let (image, image_argv, image_user) = match &config.image {
             Some(reference) => {
                 let store = crate::image::ImageStore::open(&self.home)?;
                 let reference = reference.clone();
@@ -433,11 +437,15 @@ impl LocalBackend {
                     env: p.config.env_map(),
                     workdir: p.config.working_dir.clone().filter(|w| !w.is_empty()),
                 };
-                (Some(rec), argv)
+                (
+                    Some(rec),
+                    argv,
+                    p.config.user.clone().filter(|u| !u.is_empty()),
+                )
             }
-            None => (None, Vec::new()),
+            None => (None, Vec::new(), None),
         };
-        let workload = workload(&config, image.as_ref(), image_argv)?;
+        let workload = workload(&config, image.as_ref(), image_argv, image_user)?;
         let db = self.db()?;
         self.reap()?;
         let detach = config.detach;

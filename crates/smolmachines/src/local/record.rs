@@ -130,6 +130,9 @@ pub struct Workload {
     pub env: BTreeMap<String, String>,
     /// Working directory.
     pub workdir: Option<String>,
+    /// User (`None`: root).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 impl Record {
