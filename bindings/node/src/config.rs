@@ -175,7 +175,6 @@ impl JsConfig {
             });
         }
         let unsupported_fields: &[(&str, bool)] = &[
-            ("MachineConfig.user", set(&self.user)),
             (
                 "MachineConfig.egressInterceptor",
                 self.egress_interceptor
@@ -265,6 +264,7 @@ impl JsConfig {
             env: self.env.unwrap_or_default(),
             workdir: self.workdir,
             command: None,
+            user: self.user,
         })
     }
 }
@@ -339,7 +339,6 @@ mod tests {
     #[test]
     fn fields_the_core_lacks_are_not_supported() {
         for json in [
-            r#"{"user":"root"}"#,
             r#"{"command":["x"]}"#,
             r#"{"credentials":[{"name":"x"}]}"#,
             r#"{"branchable":true}"#,
@@ -362,7 +361,9 @@ mod tests {
         assert_eq!(c.workdir.as_deref(), Some("/srv"));
         assert_eq!(c.command, None);
         let c = config(r#"{"image":"x"}"#).unwrap();
-        assert!(c.env.is_empty() && c.workdir.is_none());
+        assert!(c.env.is_empty() && c.workdir.is_none() && c.user.is_none());
+        let c = config(r#"{"image":"x","user":"nobody"}"#).unwrap();
+        assert_eq!(c.user.as_deref(), Some("nobody"));
         // `command` is Python only (SPEC §3.4)
         let e = config(r#"{"image":"x","command":["sh"]}"#).unwrap_err();
         assert_eq!(e.code(), "NOT_SUPPORTED");

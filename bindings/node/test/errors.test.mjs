@@ -54,7 +54,6 @@ test('invalid configurations reject with InvalidConfigError and create nothing',
 
 test('fields the engine does not support yet reject with NotSupportedError, never ignored', async () => {
   const unsupported = [
-    { user: 'root' },
     { command: ['sleep', '1'] },
     { credentials: [{ name: 'gh', allowedHosts: ['api.github.com'] }] },
     { branchable: true },

@@ -111,6 +111,23 @@ describe('images', () => {
     await assert.rejects(Machine.create({ name: uniqueName('wl'), image: busybox, command: ['sh'] }), NotSupportedError);
   });
 
+  test('users of the image: per command and for the workload', async () => {
+    const python = `${reg}/library/python:3.12`;
+    const u = await Machine.create({ name: uniqueName('usr'), image: python, user: 'daemon', workdir: '/tmp' });
+    try {
+      const r = await u.exec(['sh', '-c', 'echo $(id -u):$(id -g) $USER'], { user: 'nobody', workdir: '/tmp' });
+      assert.equal(r.stdout, '65534:65534 nobody\n');
+      assert.equal((await u.exec(['id', '-u'])).stdout, '0\n');
+      await assert.rejects(u.exec(['true'], { user: 'nosuch', workdir: '/tmp' }), InvalidConfigError);
+    } finally {
+      await u.delete();
+    }
+    const name = uniqueName('usr');
+    await assert.rejects(Machine.create({ name, image: python, user: 'nosuch', workdir: '/tmp' }), InvalidConfigError);
+    // a bare machine has no users to pick from
+    await assert.rejects(m.exec(['true'], { user: 'nobody' }), InvalidConfigError);
+  });
+
   test('run() refuses an AbortSignal and a user', async () => {
     await assert.rejects(m.run(busybox, ['true'], { signal: new AbortController().signal }), NotSupportedError);
     await assert.rejects(m.run(busybox, ['true'], { user: 'root' }), NotSupportedError);

@@ -139,7 +139,7 @@ impl Machine {
     #[pyo3(signature = (*, name=None, image=None, mounts=Vec::new(), ports=Vec::new(), cpus=None,
         memory_mb=None, network=None, storage_gb=None, top_network=None, persistent=false,
         detach=false, labels=BTreeMap::new(), ready_timeout=None, env=BTreeMap::new(),
-        workdir=None, command=None, target=None, base_url=None, api_key=None))]
+        workdir=None, command=None, user=None, target=None, base_url=None, api_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
@@ -159,6 +159,7 @@ impl Machine {
         env: BTreeMap<String, String>,
         workdir: Option<String>,
         command: Option<Vec<String>>,
+        user: Option<String>,
         target: Option<String>,
         base_url: Option<String>,
         api_key: Option<String>,
@@ -201,6 +202,7 @@ impl Machine {
             env,
             workdir,
             command,
+            user,
         };
         let inner = block(py, None, core::Machine::create(config, conn))?;
         Ok(Self { inner })

@@ -140,7 +140,6 @@ def test_invalid_exec_arguments(machine):
 @pytest.mark.parametrize(
     "kw",
     [
-        {"user": "nobody"},
         {"credentials": [CredentialSpec(name="gh", env_var="GH", hosts=["x.test"], value="s3cret")]},
         {"egress_interceptor": EgressInterceptor(address="127.0.0.1:1", token="t0ken")},
         {"cache_disk": object()},

@@ -46,6 +46,26 @@ def test_python_image(registry):
         assert m.exec(["python3", "-c", "print(2**10)"]).assert_success().stdout == "1024\n"
 
 
+def test_users_of_the_image(registry):
+    # SPEC §3.4 / §3.6: a workload user and per-command users, from the image's /etc/passwd.
+    cfg = MachineConfig(
+        name=unique(),
+        image=f"{registry}/library/python:3.12",
+        command=["sh", "-c", "id -un > /tmp/who; exec sleep 600"],
+        user="daemon",
+        workdir="/tmp",
+    )
+    with Machine.create(cfg) as m:
+        assert eventually(lambda: m.exec(["cat", "/tmp/who"]).stdout == "daemon\n")
+        r = m.exec(["sh", "-c", "echo $(id -u):$(id -g) $USER"], ExecOptions(user="nobody", workdir="/tmp"))
+        assert r.stdout == "65534:65534 nobody\n", r
+        assert m.exec(["id", "-u"]).stdout == "0\n"
+        with pytest.raises(smol.InvalidConfigError):
+            m.exec(["true"], ExecOptions(user="nosuch", workdir="/tmp"))
+    with pytest.raises(smol.InvalidConfigError):
+        Machine.create(MachineConfig(name=unique(), command=["true"], user="nobody"))
+
+
 def test_run_image_command(machine, registry):
     # SPEC §4.3: pulls the image if needed and runs the command in a container of it.
     r = machine.run(f"{registry}/test/busybox:latest", ["sh", "-c", "echo $SMOL_FIXTURE; pwd; cat /etc/motd"])

@@ -111,7 +111,7 @@ def _conn_kwargs(conn: Optional[ConnectOptions]) -> Dict[str, Any]:
 
 _RESOURCE_UNSUPPORTED = ("allow_cidrs", "allow_hosts", "overlay_gb", "gpu", "gpu_vram_mib", "cuda")
 _CONFIG_UNSUPPORTED = (
-    "user", "egress_interceptor", "credentials", "cache_disk", "branchable", "forkable",
+    "egress_interceptor", "credentials", "cache_disk", "branchable", "forkable",
     "checkpoint",
 )  # fmt: skip
 # Cloud-only fields the local target accepts and ignores (SPEC §11: an idle auto-stop and a TTL
@@ -178,6 +178,10 @@ def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
             raise InvalidConfigError(f"MachineConfig.workdir must be a str, got {config.workdir!r}")
         kw["workdir"] = config.workdir
     kw["env"] = _str_map("MachineConfig.env", config.env)
+    if config.user is not None:
+        if not isinstance(config.user, str):
+            raise InvalidConfigError(f"MachineConfig.user must be a str, got {config.user!r}")
+        kw["user"] = config.user
     for f, hi in (("cpus", 1024), ("memory_mb", 1 << 22), ("storage_gb", 1 << 16)):
         v = getattr(r, f)
         kw[f] = None if v is None else _int(f"ResourceSpec.{f}", v, 1, hi)

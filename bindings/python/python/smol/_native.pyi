@@ -45,6 +45,7 @@ class Machine:
         env: Mapping[str, str] = ...,
         workdir: Optional[str] = None,
         command: Optional[Sequence[str]] = None,
+        user: Optional[str] = None,
         target: Optional[str] = None,
         base_url: Optional[str] = None,
         api_key: Optional[str] = None,
