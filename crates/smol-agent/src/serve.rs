@@ -125,6 +125,9 @@ where
     }
     // Dropping the set aborts the handlers; exec handlers kill their process groups on drop.
     drop(tasks);
+    // Stop this session's reader before the next session reads the same port: left running it
+    // would take the next host's frames.
+    mux.close("session ended");
 }
 
 async fn handle(stream: Stream, op: Op) {

@@ -262,9 +262,13 @@ where
     let mut frames = FramedRead::new(reader, FrameCodec::default());
     let mut closed = shared.closed.subscribe();
     let reason = loop {
+        // Closed first: once a mux is closed its reader must not take another byte. The agent
+        // serves one port for successive sessions, each with a reader of its own; a reader left
+        // running would steal the next session's frames (an exec that never gets an answer).
         let next = tokio::select! {
-            n = frames.next() => n,
+            biased;
             _ = closed.wait_for(|c| c.is_some()) => return,
+            n = frames.next() => n,
         };
         let frame = match next {
             None => break "peer closed the channel".to_string(),
@@ -429,6 +433,42 @@ mod tests {
         let (ar, aw) = tokio::io::split(a);
         let (br, bw) = tokio::io::split(b);
         (Mux::spawn(ar, aw), Mux::spawn(br, bw))
+    }
+
+    /// A closed mux's reader takes no more bytes: the next mux on the same source gets every
+    /// frame (the agent's next session after a host reconnect).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_reader_leaves_the_next_frames_to_its_successor() {
+        // one socket read through a duplicate descriptor per mux, as the agent reads its port
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = || {
+            let dup = ours.try_clone().unwrap();
+            dup.set_nonblocking(true).unwrap();
+            tokio::net::UnixStream::from_std(dup).unwrap()
+        };
+        theirs.set_nonblocking(true).unwrap();
+        let theirs = tokio::net::UnixStream::from_std(theirs).unwrap();
+        let mut peer = tokio_util::codec::FramedWrite::new(theirs, FrameCodec::default());
+        for round in 0..50u32 {
+            let (old, _old_in) = Mux::spawn(reader(), tokio::io::sink());
+            tokio::task::yield_now().await;
+            old.close("session ended");
+            let (new, mut new_in) = Mux::spawn(reader(), tokio::io::sink());
+            futures::SinkExt::send(
+                &mut peer,
+                Frame::Open {
+                    id: round,
+                    op: Op::Ping,
+                },
+            )
+            .await
+            .unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(5), new_in.recv())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the old reader took the frame"));
+            assert!(matches!(got, Some(Incoming::Open(_, Op::Ping))), "{got:?}");
+            new.close("session ended");
+        }
     }
 
     #[tokio::test]
