@@ -434,6 +434,12 @@ async fn stop_start_and_reconnect() {
     assert_eq!(m.read_file("/tmp/marker").await.unwrap(), b"kept");
     m.reconnect().await.unwrap();
     assert_eq!(run(&m, "echo again").await.stdout, "again\n");
+    // many in a row: each new session gets every frame of its host (the agent's earlier
+    // sessions leave the port alone)
+    for i in 0..10 {
+        m.reconnect().await.unwrap();
+        assert_eq!(run(&m, &format!("echo {i}")).await.stdout, format!("{i}\n"));
+    }
 
     let pid = m.pid().unwrap();
     m.stop().await.unwrap();
