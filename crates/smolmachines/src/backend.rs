@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -131,6 +132,26 @@ pub fn backend_for(conn: &ConnectOptions) -> Result<Arc<dyn Backend>> {
     }
 }
 
+/// Whether host port `port` on 127.0.0.1 takes a connection that stays open ~100 ms (or
+/// answers with data in that time).
+async fn port_ready(port: u16) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(Ok(mut sock)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(100), sock.read(&mut b)).await {
+        Err(_) => true,     // still open, nothing said: a listener holds it
+        Ok(Ok(n)) => n > 0, // a banner: ready; EOF: reset by the relay, nothing listens
+        Ok(Err(_)) => false,
+    }
+}
+
 /// A microVM sandbox. Cheap to clone; every clone drives the same machine.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -211,6 +232,45 @@ impl Machine {
     /// `"created"`, `"running"` or `"stopped"` (`"deleted"` after delete).
     pub async fn state(&self) -> Result<MachineState> {
         self.inner.state().await
+    }
+
+    /// Whether the machine is ready (SPEC §4.2): running, and every published port accepts a
+    /// connection that the guest does not reset at once (the host side accepts before a guest
+    /// listener exists; a connection reset within ~100 ms means nothing listens yet).
+    pub async fn ready(&self) -> Result<bool> {
+        if self.inner.state().await? != MachineState::Running {
+            return Ok(false);
+        }
+        for p in self.inner.ports() {
+            if !port_ready(p.host).await {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Polls [`Machine::ready`] every `interval` until it is true; a `Timeout` error after
+    /// `timeout`.
+    pub async fn wait_until_ready(&self, timeout: Duration, interval: Duration) -> Result<()> {
+        if timeout.is_zero() || interval.is_zero() {
+            return Err(Error::invalid("timeout and interval must be > 0"));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.ready().await? {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "machine {:?} did not become ready in {timeout:?}",
+                        self.name()
+                    ),
+                });
+            }
+            tokio::time::sleep(interval.min(deadline - now)).await;
+        }
     }
 
     /// Public URL (cloud); always `None` locally.

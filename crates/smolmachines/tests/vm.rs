@@ -627,3 +627,40 @@ async fn background_commands_return_at_once_with_their_pid() {
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
     m.delete().await.unwrap();
 }
+
+/// `ready()` / `wait_until_ready()` (SPEC §4.2): running, and every published port has a guest
+/// listener behind it (the host side alone, which accepts at once, does not count).
+#[tokio::test]
+async fn ready_waits_for_the_guest_listeners_of_published_ports() {
+    let (engine, _dir) = engine();
+    let host = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = config(None);
+    cfg.ports = vec![smolmachines::PortSpec { host, guest: 8080 }];
+    let lm = engine.create_machine(cfg).await.unwrap();
+    let m = smolmachines::Machine::from_backend(std::sync::Arc::new(lm.clone()));
+    assert!(
+        !m.ready().await.unwrap(),
+        "nothing listens on guest port 8080 yet"
+    );
+    let e = m
+        .wait_until_ready(Duration::from_millis(400), Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    let bg = ExecOptions {
+        background: true,
+        ..Default::default()
+    };
+    m.exec(&sh("exec nc -ll -p 8080 -e cat"), bg).await.unwrap();
+    m.wait_until_ready(Duration::from_secs(20), Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(m.ready().await.unwrap());
+    m.stop().await.unwrap();
+    assert!(!m.ready().await.unwrap(), "a stopped machine is not ready");
+    m.delete().await.unwrap();
+}
