@@ -40,6 +40,24 @@ pub enum ImageCommand {
 }
 
 /// Runs an image command; returns the exit code.
+/// Makes `image` ready in the cache before a machine boots it, showing the pull on stderr (bars
+/// on a terminal, lines otherwise) when it is not cached yet; nothing when it is.
+pub async fn prepare(image: &str) -> Result<(), Error> {
+    let store = ImageStore::open_default()?;
+    let (progress, done) = if std::io::stderr().is_terminal() {
+        let (p, bars) = bars();
+        (Some(p), Some(bars))
+    } else {
+        (Some(lines()), None)
+    };
+    let result = store.ensure(image, progress).await;
+    if let Some(bars) = done {
+        bars.finish();
+    }
+    result?;
+    Ok(())
+}
+
 pub async fn run(cmd: ImageCommand) -> Result<u8, Error> {
     let store = ImageStore::open_default()?;
     match cmd {

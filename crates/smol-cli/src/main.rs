@@ -236,6 +236,9 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             exec,
         } => {
             exec_options(&exec)?;
+            if let Some(image) = &image {
+                image::prepare(image).await?;
+            }
             let cfg = MachineConfig {
                 image,
                 resources: resources(cpus, memory),
@@ -264,6 +267,9 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 user,
                 command,
             } => {
+                if let Some(image) = &image {
+                    image::prepare(image).await?;
+                }
                 let mut res = resources(cpus, memory);
                 res.storage_gb = storage;
                 let cfg = MachineConfig {

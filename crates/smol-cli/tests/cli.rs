@@ -246,6 +246,16 @@ fn run_in_an_image_from_the_test_registry() {
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "1024\n");
+    // an image not cached yet: `run` shows the pull on stderr, stdout stays the command's
+    let busybox = format!("127.0.0.1:{port}/test/busybox:latest");
+    let o = smol(d.path(), &["run", &busybox, "--", "cat", "/etc/motd"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "motd from layer 3\n");
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("downloaded") && err.contains("block image"),
+        "{err}"
+    );
     let o = smol(
         d.path(),
         &[
