@@ -664,3 +664,28 @@ async fn ready_waits_for_the_guest_listeners_of_published_ports() {
     assert!(!m.ready().await.unwrap(), "a stopped machine is not ready");
     m.delete().await.unwrap();
 }
+
+/// A full guest disk is a typed error that loses nothing: after freeing space, writes work.
+#[tokio::test]
+async fn a_full_guest_disk_is_a_typed_error_and_recoverable() {
+    let (engine, _dir) = engine();
+    let mut cfg = config(None);
+    cfg.resources.storage_gb = Some(1);
+    let m = engine.create_machine(cfg).await.unwrap();
+    m.write_file("/root/kept", b"before", None).await.unwrap();
+    let r = run(&m, "dd if=/dev/zero of=/root/fill bs=1M 2>&1; echo rc=$?").await;
+    assert!(r.stdout.contains("No space left"), "{r:?}");
+    let e = m
+        .write_file("/root/more", &vec![7u8; 4 << 20], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NoSpace { .. }), "{e:?}");
+    assert_eq!(e.code(), "STORAGE_ERROR");
+    assert_eq!(m.read_file("/root/kept").await.unwrap(), b"before");
+    run(&m, "rm /root/fill").await;
+    m.write_file("/root/more", &vec![7u8; 4 << 20], None)
+        .await
+        .unwrap();
+    assert_eq!(m.read_file("/root/more").await.unwrap().len(), 4 << 20);
+    m.delete().await.unwrap();
+}
