@@ -174,6 +174,14 @@ export interface ImageInfo {
 }
 
 /** SPEC §3.10 */
+/** Options of `waitUntilReady` (SPEC §4.2). */
+export interface WaitReadyOptions {
+  /** Give up after this many milliseconds (default 120000): `TimeoutError`. */
+  timeoutMs?: number;
+  /** Poll `ready()` this often, in milliseconds (default 1000). */
+  intervalMs?: number;
+}
+
 export interface PortEndpoint {
   httpUrl: string;
   wsUrl: string;
@@ -253,6 +261,12 @@ export declare class Machine {
   state(): Promise<MachineState>;
   /** Public ingress URL (cloud); null locally. */
   url(): Promise<string | null>;
+  /** Running, and every published guest port has a listener behind it (SPEC §4.2). */
+  ready(): Promise<boolean>;
+  /** When the machine became ready (cloud, RFC 3339); null locally. */
+  readyAt(): Promise<string | null>;
+  /** Polls `ready()` until it is true; rejects with `TimeoutError` (code `TIMEOUT`) after `timeoutMs`. */
+  waitUntilReady(options?: WaitReadyOptions): Promise<void>;
   exec(command: string[], opts?: ExecOptions): Promise<ExecResult>;
   run(image: string, command: string[], opts?: Omit<ExecOptions, 'signal'>): Promise<ExecResult>;
   /** Live output; leaving the loop early kills the command. */

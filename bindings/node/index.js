@@ -285,6 +285,36 @@ class Machine {
     return this[kNative].url() ?? null;
   }
 
+  /** Running, and every published guest port has a listener behind it (SPEC §4.2). */
+  async ready() {
+    return call(() => this[kNative].ready());
+  }
+
+  /** When the machine became ready (cloud, RFC 3339); always null locally. */
+  async readyAt() {
+    return null;
+  }
+
+  /**
+   * Polls `ready()` every `intervalMs` until it is true; rejects with `TimeoutError` (code
+   * `TIMEOUT`) after `timeoutMs`. Both must be numbers > 0 (`InvalidConfigError`).
+   */
+  async waitUntilReady(options = {}) {
+    if (options === undefined || options === null) options = {};
+    if (!isPlainObject(options)) throw new InvalidConfigError('waitUntilReady options must be an object');
+    const { timeoutMs = 120000, intervalMs = 1000, ...rest } = options;
+    const unknown = Object.keys(rest);
+    if (unknown.length) {
+      throw new InvalidConfigError(`unknown waitUntilReady option ${JSON.stringify(unknown[0])} (expected timeoutMs, intervalMs)`);
+    }
+    for (const [what, v] of [['timeoutMs', timeoutMs], ['intervalMs', intervalMs]]) {
+      if (typeof v !== 'number' || !Number.isFinite(v) || !(v > 0)) {
+        throw new InvalidConfigError(`${what} must be a number of milliseconds > 0, got ${String(v)}`);
+      }
+    }
+    return call(() => this[kNative].waitUntilReady(timeoutMs, intervalMs));
+  }
+
   /** Runs argv to completion. Never rejects on a non-zero exit; a timeout gives exit 124. */
   async exec(command, opts = {}) {
     const argv = checkArgv(command);

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -47,6 +47,22 @@ fn exec_opts(json: &str, stdin: Option<Buffer>) -> Result<smolmachines::ExecOpti
     parse::<JsExecOptions>("ExecOptions", json)
         .and_then(|o| o.into_core(stdin.map(|b| b.to_vec())))
         .map_err(to_js)
+}
+
+/// The longest wait `waitUntilReady` takes (longer ones are this, so that a huge value cannot
+/// overflow the core's deadline).
+const LONGEST_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A positive, finite number of milliseconds as a duration (capped at [`LONGEST_WAIT`]).
+fn millis(what: &str, ms: f64) -> Result<Duration> {
+    if !(ms.is_finite() && ms > 0.0) {
+        return Err(to_js(Error::InvalidConfig {
+            message: format!("{what} must be a number of milliseconds > 0, got {ms}"),
+        }));
+    }
+    Ok(Duration::try_from_secs_f64(ms / 1000.0)
+        .unwrap_or(LONGEST_WAIT)
+        .min(LONGEST_WAIT))
 }
 
 /// `localAvailability()` (SPEC §3.10): never throws.
@@ -300,6 +316,24 @@ impl NativeMachine {
     #[napi]
     pub fn url(&self) -> Option<String> {
         self.m().url()
+    }
+
+    /// Running, and every published port has a guest listener behind it (SPEC §4.2).
+    #[napi]
+    pub async fn ready(&self) -> Result<bool> {
+        self.m().ready().await.map_err(to_js)
+    }
+
+    /// Polls `ready()` every `interval_ms` until it is true; `[TIMEOUT]` after `timeout_ms`.
+    /// Both must be finite and > 0 (`[INVALID_CONFIG]`).
+    #[napi]
+    pub async fn wait_until_ready(&self, timeout_ms: f64, interval_ms: f64) -> Result<()> {
+        let timeout = millis("timeoutMs", timeout_ms)?;
+        let interval = millis("intervalMs", interval_ms)?;
+        self.m()
+            .wait_until_ready(timeout, interval)
+            .await
+            .map_err(to_js)
     }
 
     #[napi]

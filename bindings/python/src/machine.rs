@@ -50,6 +50,9 @@ fn summary_out(py: Python<'_>, s: core::MachineSummary) -> PyResult<Bound<'_, Py
     Ok(d)
 }
 
+/// The longest wait `wait_until_ready` takes (longer ones are this).
+const LONGEST_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 fn invalid(message: String) -> Error {
     Error::InvalidConfig { message }
 }
@@ -269,6 +272,36 @@ impl Machine {
 
     fn url(&self) -> Option<String> {
         self.inner.url()
+    }
+
+    /// Running, and every published port has a guest listener behind it (SPEC §4.2). `cancel`
+    /// (used by `AsyncMachine`) abandons the probe.
+    #[pyo3(signature = (cancel=None))]
+    fn ready(&self, py: Python<'_>, cancel: Option<Bound<'_, CancelToken>>) -> PyResult<bool> {
+        let token = cancel.map(|c| c.get().0.clone());
+        block(py, token.as_ref(), self.inner.ready())
+    }
+
+    /// Polls `ready()` every `interval_s` until it is true; `SmolTimeoutError` after
+    /// `timeout_s`. Both must be > 0 (`InvalidConfigError`). `cancel` stops the wait.
+    #[pyo3(signature = (timeout_s, interval_s, cancel=None))]
+    fn wait_until_ready(
+        &self,
+        py: Python<'_>,
+        timeout_s: f64,
+        interval_s: f64,
+        cancel: Option<Bound<'_, CancelToken>>,
+    ) -> PyResult<()> {
+        // Capped (at ~100 years) so that a huge value cannot overflow the core's deadline.
+        let cap = |d: Option<Duration>| d.unwrap_or_default().min(LONGEST_WAIT);
+        let timeout = cap(check(py, seconds("timeout_s", Some(timeout_s)))?);
+        let interval = cap(check(py, seconds("interval_s", Some(interval_s)))?);
+        let token = cancel.map(|c| c.get().0.clone());
+        block(
+            py,
+            token.as_ref(),
+            self.inner.wait_until_ready(timeout, interval),
+        )
     }
 
     /// `background=True` starts the command detached and returns at once with its pid (SPEC

@@ -14,6 +14,7 @@ import {
   type MachineSummary,
   type LocalAvailability,
   type PortEndpoint,
+  type WaitReadyOptions,
 } from 'smolmachines';
 
 const REG = '127.0.0.1:5000';
@@ -129,6 +130,13 @@ export async function extras(machine: Machine): Promise<void> {
   }
   const ev: ExecEvent = { kind: 'exit', exitCode: 0 };
   console.log(ep.httpUrl, res.status, rows[0]?.pid, ev);
+  // readiness (SPEC §4.2)
+  const isReady: boolean = await machine.ready();
+  const readyAt: string | null = await machine.readyAt();
+  await machine.waitUntilReady();
+  await machine.waitUntilReady({ timeoutMs: 30000, intervalMs: 250 });
+  const wait: WaitReadyOptions = { timeoutMs: 1 };
+  console.log(isReady, readyAt, wait);
 }
 
 // Mistakes the declarations must catch.
@@ -141,5 +149,9 @@ export async function mistakes(machine: Machine): Promise<void> {
   const bad: ExecEvent = { kind: 'exit', exit_code: 0 };
   // @ts-expect-error endpoint is synchronous
   await machine.endpoint(8080).then(() => {});
+  // @ts-expect-error waitUntilReady takes timeoutMs (milliseconds), not timeout_s
+  await machine.waitUntilReady({ timeout_s: 5 });
+  // @ts-expect-error ready() is a Promise
+  if (machine.ready() === true) console.log('never');
   console.log(bad);
 }

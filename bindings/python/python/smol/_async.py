@@ -104,6 +104,18 @@ class AsyncMachine:
     async def url(self) -> Optional[str]:
         return self._m.url()
 
+    async def ready(self) -> bool:
+        """Like ``Machine.ready``; cancelling the awaiting task abandons the probe."""
+        return await _cancellable(self._m._ready_cancellable)
+
+    async def ready_at(self) -> Optional[str]:
+        """Always None locally (SPEC §4.2)."""
+        return self._m.ready_at()
+
+    async def wait_until_ready(self, timeout_s: float = 120.0, interval_s: float = 1.0) -> None:
+        """Like ``Machine.wait_until_ready``; cancelling the awaiting task stops the wait."""
+        await _cancellable(self._m._wait_until_ready_cancellable, timeout_s, interval_s)
+
     # -- execution ------------------------------------------------------------------------------
 
     async def exec(self, command: Sequence[str], opts: Optional[ExecOptions] = None) -> ExecResult:
@@ -166,6 +178,17 @@ class AsyncMachine:
     def endpoint(self, port: int, path: Optional[str] = None) -> PortEndpoint:
         """Synchronous (it only builds a URL)."""
         return self._m.endpoint(port, path)
+
+    async def request(
+        self,
+        port: int,
+        path: Optional[str] = None,
+        method: str = "GET",
+        data: Optional[bytes] = None,
+        timeout_s: float = 30.0,
+    ) -> bytes:
+        """Like ``Machine.request``, in a worker thread."""
+        return await asyncio.to_thread(self._m.request, port, path, method, data, timeout_s)
 
     # -- async context manager ------------------------------------------------------------------
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import http.client
+import math
 import os
 import threading
+import urllib.error
+import urllib.request
 import weakref
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -23,7 +27,7 @@ from ._types import (
     PublishedPort,
     ResourceSpec,
 )
-from .errors import InvalidConfigError, NotFoundError, NotSupportedError
+from .errors import InvalidConfigError, NotFoundError, NotSupportedError, SmolError
 
 try:
     from . import _native
@@ -186,6 +190,12 @@ def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
         v = getattr(r, f)
         kw[f] = None if v is None else _int(f"ResourceSpec.{f}", v, 1, hi)
     return kw
+
+
+def _seconds(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+        raise InvalidConfigError(f"{name} must be a number of seconds > 0, got {v!r}")
+    return float(v)
 
 
 def _exec_kwargs(opts: Optional[ExecOptions]) -> Dict[str, Any]:
@@ -405,6 +415,29 @@ class Machine:
         """Public ingress URL (cloud); always None locally."""
         return self._n.url()
 
+    def ready(self) -> bool:
+        """Whether the machine is ready (SPEC §4.2): running, and every published guest port
+        has a listener behind it (a connection to its host port stays open)."""
+        return self._n.ready()
+
+    def _ready_cancellable(self, token: Any) -> bool:
+        return self._n.ready(token)
+
+    def ready_at(self) -> Optional[str]:
+        """When the machine became ready (cloud, RFC 3339); always None locally."""
+        return None
+
+    def wait_until_ready(self, timeout_s: float = 120.0, interval_s: float = 1.0) -> None:
+        """Polls ``ready()`` every ``interval_s`` seconds until it is true; raises
+        ``SmolTimeoutError`` (code ``TIMEOUT``) after ``timeout_s`` seconds. Both must be > 0
+        (``InvalidConfigError``)."""
+        self._n.wait_until_ready(_seconds("timeout_s", timeout_s), _seconds("interval_s", interval_s))
+
+    def _wait_until_ready_cancellable(self, timeout_s: float, interval_s: float, token: Any) -> None:
+        self._n.wait_until_ready(
+            _seconds("timeout_s", timeout_s), _seconds("interval_s", interval_s), token
+        )
+
     # -- execution ------------------------------------------------------------------------------
 
     def exec(self, command: Sequence[str], opts: Optional[ExecOptions] = None) -> ExecResult:
@@ -510,6 +543,56 @@ class Machine:
         _int("port", port, 1, 65535)
         http, ws, headers = self._n.endpoint(port, path)
         return PortEndpoint(http_url=http, ws_url=ws, headers=dict(headers))
+
+    def request(
+        self,
+        port: int,
+        path: Optional[str] = None,
+        method: str = "GET",
+        data: Optional[bytes] = None,
+        timeout_s: float = 30.0,
+    ) -> bytes:
+        """An HTTP request to the published guest ``port`` through ``endpoint(port, path)``;
+        returns the raw response body. ``InvalidConfigError`` when the port is not published;
+        a connection, protocol or HTTP error (status >= 400, with ``status`` set) or a timeout
+        raises ``SmolError`` with code ``NETWORK_ERROR``."""
+        if not isinstance(method, str) or not method:
+            raise InvalidConfigError(f"method must be a non-empty str, got {method!r}")
+        if data is not None:
+            if isinstance(data, str):
+                data = data.encode()
+            else:
+                try:
+                    data = bytes(memoryview(data))
+                except TypeError:
+                    raise InvalidConfigError(
+                        f"data must be bytes or None, got {type(data).__name__}"
+                    ) from None
+        timeout = _seconds("timeout_s", timeout_s)
+        ep = self.endpoint(port, path)
+        req = urllib.request.Request(ep.http_url, data=data, method=method.upper(), headers=ep.headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            body = b""
+            try:
+                body = e.read()
+            except Exception:  # noqa: BLE001 - the status is what matters
+                pass
+            finally:
+                e.close()
+            detail = body[:200].decode("utf-8", "replace").strip()
+            raise SmolError(
+                "NETWORK_ERROR",
+                f"{method.upper()} {ep.http_url} -> HTTP {e.code} {e.reason}" + (f": {detail}" if detail else ""),
+                status=e.code,
+            ) from e
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise SmolError(
+                "NETWORK_ERROR", f"{method.upper()} {ep.http_url} failed: {reason}"
+            ) from e
 
     # -- context manager, repr ------------------------------------------------------------------
 
