@@ -255,7 +255,11 @@ impl Machine {
         if timeout.is_zero() || interval.is_zero() {
             return Err(Error::invalid("timeout and interval must be > 0"));
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        // (a timeout past what the clock can hold waits "forever": a century)
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         loop {
             if self.ready().await? {
                 return Ok(());
