@@ -59,6 +59,19 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
     fn ports(&self) -> Vec<PortSpec> {
         Vec::new()
     }
+    /// Publishes guest TCP port `guest` on host `127.0.0.1:host` (a free port when `None`) of a
+    /// running machine.
+    async fn publish(&self, _guest: u16, _host: Option<u16>) -> Result<PortSpec> {
+        Err(Error::NotSupported {
+            message: "publish is not available on this target".into(),
+        })
+    }
+    /// Stops publishing the ports matching `guest` and/or `host`; open connections carry on.
+    async fn unpublish(&self, _guest: Option<u16>, _host: Option<u16>) -> Result<()> {
+        Err(Error::NotSupported {
+            message: "unpublish is not available on this target".into(),
+        })
+    }
     /// Runs `argv` in a container of `image` inside this machine (local only).
     async fn run(&self, _image: &str, _argv: &[String], _opts: &ExecOptions) -> Result<ExecResult> {
         Err(Error::NotSupported {
@@ -165,6 +178,18 @@ fn check_guest_path(path: &str) -> Result<()> {
         Err(Error::invalid(format!(
             "guest paths must be absolute, got {path:?}"
         )))
+    }
+}
+
+fn check_protocol(protocol: &str) -> Result<()> {
+    match protocol {
+        "tcp" => Ok(()),
+        "udp" => Err(Error::NotSupported {
+            message: "UDP ports are not relayed by the local engine; publish TCP".into(),
+        }),
+        other => Err(Error::invalid(format!(
+            "protocol must be \"tcp\" or \"udp\", got {other:?}"
+        ))),
     }
 }
 
@@ -312,6 +337,32 @@ impl Machine {
             ));
         }
         self.inner.run(image, argv, &opts).await
+    }
+
+    /// Publishes guest port `guest` on host `127.0.0.1:host`, or on a free host port when
+    /// `host` is `None` (SPEC §4.7; `protocol` is `"tcp"`, or `"udp"`, which the local engine
+    /// does not relay). Returns the published port.
+    pub async fn publish(&self, guest: u16, host: Option<u16>, protocol: &str) -> Result<PortSpec> {
+        check_protocol(protocol)?;
+        if guest == 0 || host == Some(0) {
+            return Err(Error::invalid("ports must be 1..=65535"));
+        }
+        self.inner.publish(guest, host).await
+    }
+
+    /// Stops publishing the ports matching `guest` and/or `host` (at least one is needed);
+    /// connections already open carry on. No match is a `NotFound` error.
+    pub async fn unpublish(
+        &self,
+        guest: Option<u16>,
+        host: Option<u16>,
+        protocol: &str,
+    ) -> Result<()> {
+        check_protocol(protocol)?;
+        if guest.is_none() && host.is_none() {
+            return Err(Error::invalid("unpublish needs a guest or a host port"));
+        }
+        self.inner.unpublish(guest, host).await
     }
 
     /// The published ports (host -> guest).

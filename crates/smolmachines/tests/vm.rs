@@ -689,3 +689,65 @@ async fn a_full_guest_disk_is_a_typed_error_and_recoverable() {
     assert_eq!(m.read_file("/root/more").await.unwrap().len(), 4 << 20);
     m.delete().await.unwrap();
 }
+
+/// `publish` / `unpublish` on a running machine (SPEC §4.7).
+#[tokio::test]
+async fn ports_are_published_and_unpublished_at_runtime() {
+    use std::io::Read;
+    let (engine, _dir) = engine();
+    let lm = engine.create_machine(config(None)).await.unwrap();
+    let m = smolmachines::Machine::from_backend(std::sync::Arc::new(lm.clone()));
+    let bg = ExecOptions {
+        background: true,
+        ..Default::default()
+    };
+    m.exec(&sh("exec nc -ll -p 8080 -e echo hi"), bg)
+        .await
+        .unwrap();
+    let p = m.publish(8080, None, "tcp").await.unwrap();
+    assert!(p.host > 0 && p.guest == 8080, "{p:?}");
+    assert_eq!(m.ports(), vec![p]);
+    let fetch = move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", p.host))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = tokio::task::spawn_blocking(fetch).await.unwrap();
+        if got.as_ref().is_ok_and(|s| s == "hi\n") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // bad input
+    let e = m.publish(8081, None, "sctp").await.unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    let e = m.publish(8081, None, "udp").await.unwrap_err();
+    assert!(matches!(e, Error::NotSupported { .. }), "{e:?}");
+    let e = m.publish(8081, Some(p.host), "tcp").await.unwrap_err();
+    assert_eq!(e.code(), "CONFLICT", "{e:?}");
+    let e = m.unpublish(None, None, "tcp").await.unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    let e = m.unpublish(Some(9999), None, "tcp").await.unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    // unpublished: the host port is closed
+    m.unpublish(Some(8080), None, "tcp").await.unwrap();
+    assert!(m.ports().is_empty());
+    let mut refused = false;
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", p.host)).is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "host port {} still accepts", p.host);
+    m.stop().await.unwrap();
+    let e = m.publish(8080, None, "tcp").await.unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    m.delete().await.unwrap();
+}

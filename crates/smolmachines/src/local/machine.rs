@@ -48,7 +48,7 @@ pub(crate) struct Inner {
     conn: Mutex<Option<AgentConn>>,
     vm: Mutex<Option<Vm>>,
     /// Published-port listeners.
-    ports: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    ports: Mutex<Vec<(u16, tokio::task::JoinHandle<()>)>>,
     /// Helper processes of the running VM (virtiofsd per mount).
     helpers: Mutex<Vec<std::process::Child>>,
     /// Lets the port listeners notice the machine is gone.
@@ -620,7 +620,7 @@ impl LocalMachine {
         self.kill_and_wait().await;
         Self::stop_helpers(&self.inner);
         self.set_state(MachineState::Deleted);
-        for t in self.inner.ports.lock().expect("ports lock").drain(..) {
+        for (_, t) in self.inner.ports.lock().expect("ports lock").drain(..) {
             t.abort();
         }
         let _ = std::fs::remove_dir_all(&self.inner.spec.dir);
@@ -715,6 +715,49 @@ impl MachineBackend for LocalMachine {
         Ok(())
     }
 
+    async fn publish(&self, guest: u16, host: Option<u16>) -> Result<crate::config::PortSpec> {
+        if self.current_state() != MachineState::Running {
+            return Err(self.invalid_state("publish a port"));
+        }
+        let listener = super::ports::bind(&[(host.unwrap_or(0), guest)]).await?;
+        let port = listener[0].0.local_addr().map(|a| a.port()).unwrap_or(0);
+        self.serve_ports(listener);
+        self.save_record(|r| r.ports.push((port, guest)));
+        Ok(crate::config::PortSpec { host: port, guest })
+    }
+
+    async fn unpublish(&self, guest: Option<u16>, host: Option<u16>) -> Result<()> {
+        let matches = |h: u16, g: u16| guest.is_none_or(|x| x == g) && host.is_none_or(|x| x == h);
+        let gone: Vec<u16> = self
+            .record()
+            .ports
+            .iter()
+            .filter(|&&(h, g)| matches(h, g))
+            .map(|&(h, _)| h)
+            .collect();
+        if gone.is_empty() {
+            return Err(Error::NotFound {
+                what: format!(
+                    "a published port of machine {:?} with guest {guest:?} and host {host:?}",
+                    self.inner.name
+                ),
+            });
+        }
+        self.inner
+            .ports
+            .lock()
+            .expect("ports lock")
+            .retain(|(h, t)| {
+                let keep = !gone.contains(h);
+                if !keep {
+                    t.abort();
+                }
+                keep
+            });
+        self.save_record(|r| r.ports.retain(|&(h, g)| !matches(h, g)));
+        Ok(())
+    }
+
     fn ports(&self) -> Vec<crate::config::PortSpec> {
         self.record()
             .ports
@@ -750,7 +793,7 @@ impl Drop for Inner {
         if let Some(c) = self.conn.lock().expect("conn lock").take() {
             c.close("machine handle dropped");
         }
-        for t in self.ports.lock().expect("ports lock").drain(..) {
+        for (_, t) in self.ports.lock().expect("ports lock").drain(..) {
             t.abort();
         }
         let state = *self.state.lock().expect("state lock");

@@ -29,7 +29,12 @@ pub async fn bind(ports: &[(u16, u16)]) -> Result<Vec<(TcpListener, u16)>> {
 
 /// Serves bound listeners while the machine lives; `conn` yields the current agent connection
 /// (none while the machine is stopped: clients are then closed at once).
-pub fn serve<F>(listeners: Vec<(TcpListener, u16)>, owner: Weak<()>, conn: F) -> Vec<JoinHandle<()>>
+/// Returns each listener's host port with its task.
+pub fn serve<F>(
+    listeners: Vec<(TcpListener, u16)>,
+    owner: Weak<()>,
+    conn: F,
+) -> Vec<(u16, JoinHandle<()>)>
 where
     F: Fn() -> Option<AgentConn> + Send + Sync + Clone + 'static,
 {
@@ -38,21 +43,27 @@ where
         .map(|(listener, guest)| {
             let conn = conn.clone();
             let owner = owner.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = listener.accept().await else {
-                        return;
-                    };
-                    if owner.strong_count() == 0 {
-                        return;
+            let host = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            (
+                host,
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((sock, _)) = listener.accept().await else {
+                            return;
+                        };
+                        if owner.strong_count() == 0 {
+                            return;
+                        }
+                        if let Some(c) = conn() {
+                            // Each connection is its own task: unpublishing stops the accepting,
+                            // connections already open carry on.
+                            tokio::spawn(async move {
+                                let _ = c.relay(sock, guest).await;
+                            });
+                        }
                     }
-                    if let Some(c) = conn() {
-                        tokio::spawn(async move {
-                            let _ = c.relay(sock, guest).await;
-                        });
-                    }
-                }
-            })
+                }),
+            )
         })
         .collect()
 }
