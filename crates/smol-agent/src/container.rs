@@ -208,8 +208,9 @@ impl Setup {
         })
     }
 
-    /// Enters the container: new mount namespace, private tmpfs, overlay root, `/proc`, `/dev`,
-    /// `/tmp`, chroot, chdir. Runs in the forked child before exec.
+    /// Enters the container: new mount and PID namespaces, private tmpfs, overlay root, `/dev`,
+    /// `/tmp`, then a fork (the command becomes PID 1 of its namespace), its `/proc`, chroot,
+    /// chdir. Runs in the forked child before exec.
     pub fn apply(&self) -> io::Result<()> {
         fn check(r: libc::c_int) -> io::Result<()> {
             if r == 0 {
@@ -234,7 +235,7 @@ impl Setup {
         // SAFETY: plain syscalls on NUL-terminated strings owned by `self`, which outlives
         // them; the data arguments are strings or null.
         unsafe {
-            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID))?;
             check(libc::mount(
                 null,
                 self.slash.as_ptr(),
@@ -260,13 +261,6 @@ impl Setup {
                 self.overlay_opts.as_ptr().cast(),
             ))?;
             mkdir(&self.proc_dir, 0o555)?;
-            check(libc::mount(
-                self.proc_fs.as_ptr(),
-                self.proc_dir.as_ptr(),
-                self.proc_fs.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ))?;
             mkdir(&self.dev_dir, 0o755)?;
             check(libc::mount(
                 self.dev.as_ptr(),
@@ -282,6 +276,37 @@ impl Setup {
                 self.tmpfs.as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV,
                 self.mode_1777.as_ptr().cast(),
+            ))?;
+            // The command runs as PID 1 of its own PID namespace (everything it leaves behind
+            // dies with it), in a child of this process; this one only waits and passes its
+            // status on. Same process group: a timeout or cancel kills both.
+            match libc::fork() {
+                -1 => return Err(io::Error::last_os_error()),
+                0 => {}
+                child => {
+                    // Not ours to keep: the pipe std reports exec failures on (the command's
+                    // copy closes on exec), so the agent learns of the exec at once.
+                    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                    let mut status = 0;
+                    while libc::waitpid(child, &mut status, 0) < 0 {
+                        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                            libc::_exit(126);
+                        }
+                    }
+                    let code = if libc::WIFEXITED(status) {
+                        libc::WEXITSTATUS(status)
+                    } else {
+                        128 + libc::WTERMSIG(status)
+                    };
+                    libc::_exit(code);
+                }
+            }
+            check(libc::mount(
+                self.proc_fs.as_ptr(),
+                self.proc_dir.as_ptr(),
+                self.proc_fs.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
             ))?;
             check(libc::chroot(self.root.as_ptr()))?;
             check(libc::chdir(self.workdir.as_ptr()))?;

@@ -165,6 +165,32 @@ async fn run_executes_in_a_container_of_an_image() {
     let r = m.exec(&sh("ls /etc/scratch"), o()).await.unwrap();
     assert_ne!(r.exit_code, 0, "nor reach the machine's root");
 
+    // its own PID namespace: the command is PID 1 and sees only its own processes, and what it
+    // leaves running in the background ends with it
+    let r = m
+        .run(&busybox, &sh("echo $$; ls /proc | grep -c '^[0-9]'"), o())
+        .await
+        .unwrap();
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some("1"), "{r:?}");
+    let n: u32 = lines.next().unwrap_or_default().parse().unwrap_or(99);
+    assert!(n <= 4, "the container sees {n} processes: {r:?}");
+    m.run(&busybox, &sh("sleep 600 & echo started"), o())
+        .await
+        .unwrap();
+    let r = m
+        .exec(
+            &sh("cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -c 'sleep 60[0]'"),
+            o(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.stdout.trim(),
+        "0",
+        "a container's background process outlived it: {r:?}"
+    );
+
     // exit codes, stdin, a missing command and the timeout behave as exec's
     assert_eq!(
         m.run(&busybox, &sh("exit 7"), o()).await.unwrap().exit_code,
