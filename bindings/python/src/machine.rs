@@ -436,6 +436,34 @@ impl Machine {
             .collect()
     }
 
+    /// Publishes guest port `guest` on host `127.0.0.1:host` (a free host port when `host` is
+    /// None) of the running machine; returns `(host, guest)`. `protocol` is "tcp" ("udp":
+    /// `NotSupportedError` locally; anything else: `InvalidConfigError`).
+    #[pyo3(signature = (guest, host=None, protocol="tcp"))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        guest: u16,
+        host: Option<u16>,
+        protocol: &str,
+    ) -> PyResult<(u16, u16)> {
+        let p = block(py, None, self.inner.publish(guest, host, protocol))?;
+        Ok((p.host, p.guest))
+    }
+
+    /// Stops publishing the ports matching `guest` and/or `host` (one is needed); open
+    /// connections carry on. No match is `NotFoundError`.
+    #[pyo3(signature = (guest=None, host=None, protocol="tcp"))]
+    fn unpublish(
+        &self,
+        py: Python<'_>,
+        guest: Option<u16>,
+        host: Option<u16>,
+        protocol: &str,
+    ) -> PyResult<()> {
+        block(py, None, self.inner.unpublish(guest, host, protocol))
+    }
+
     /// `(http_url, ws_url, headers)`.
     #[pyo3(signature = (port, path=None))]
     fn endpoint<'py>(

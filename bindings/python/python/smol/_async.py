@@ -175,6 +175,18 @@ class AsyncMachine:
     async def ports(self) -> List[PublishedPort]:
         return self._m.ports()
 
+    async def publish(
+        self, guest: int, host: Optional[int] = None, protocol: str = "tcp"
+    ) -> PublishedPort:
+        """Like ``Machine.publish``, in a worker thread."""
+        return await asyncio.to_thread(self._m.publish, guest, host, protocol)
+
+    async def unpublish(
+        self, guest: Optional[int] = None, host: Optional[int] = None, protocol: str = "tcp"
+    ) -> None:
+        """Like ``Machine.unpublish``, in a worker thread."""
+        await asyncio.to_thread(self._m.unpublish, guest, host, protocol)
+
     def endpoint(self, port: int, path: Optional[str] = None) -> PortEndpoint:
         """Synchronous (it only builds a URL)."""
         return self._m.endpoint(port, path)

@@ -74,6 +74,12 @@ def _int(name: str, v: Any, lo: int, hi: int) -> int:
     return v
 
 
+def _protocol(v: Any) -> str:
+    if not isinstance(v, str) or v not in ("tcp", "udp"):
+        raise InvalidConfigError(f'protocol must be "tcp" or "udp", got {v!r}')
+    return v
+
+
 def _str_map(name: str, m: Optional[Mapping[str, str]]) -> Dict[str, str]:
     if m is None:
         return {}
@@ -534,8 +540,37 @@ class Machine:
     # -- ports ----------------------------------------------------------------------------------
 
     def ports(self) -> List[PublishedPort]:
-        """The published ports."""
+        """The published ports, including those published at runtime."""
         return [PublishedPort(guest=g, host=h, protocol="tcp") for (h, g) in self._n.ports()]
+
+    def publish(
+        self, guest: int, host: Optional[int] = None, protocol: str = "tcp"
+    ) -> PublishedPort:
+        """Publishes guest port ``guest`` of the running machine on ``127.0.0.1:host``, or on a
+        free host port when ``host`` is None (SPEC §4.7). Ports must be integers in 1..65535 and
+        ``protocol`` "tcp" or "udp" (``InvalidConfigError``); UDP is not relayed by the local
+        engine (``NotSupportedError``). A busy host port raises ``ConflictError``, a machine that
+        is not running ``InvalidStateError``."""
+        guest = _int("guest", guest, 1, 65535)
+        if host is not None:
+            host = _int("host", host, 1, 65535)
+        h, g = self._n.publish(guest, host, _protocol(protocol))
+        return PublishedPort(guest=g, host=h, protocol="tcp")
+
+    def unpublish(
+        self, guest: Optional[int] = None, host: Optional[int] = None, protocol: str = "tcp"
+    ) -> None:
+        """Stops publishing the ports matching ``guest`` and/or ``host`` (at least one is needed,
+        else ``InvalidConfigError``); connections already open carry on. No published port
+        matching is ``NotFoundError``."""
+        if guest is not None:
+            guest = _int("guest", guest, 1, 65535)
+        if host is not None:
+            host = _int("host", host, 1, 65535)
+        protocol = _protocol(protocol)
+        if guest is None and host is None:
+            raise InvalidConfigError("unpublish needs a guest or a host port")
+        self._n.unpublish(guest, host, protocol)
 
     def endpoint(self, port: int, path: Optional[str] = None) -> PortEndpoint:
         """``http://127.0.0.1:<host port>[/path]`` (and ``ws://``) of a published guest port;
