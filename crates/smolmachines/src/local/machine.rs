@@ -87,6 +87,17 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
+/// Stops port listeners and waits until they are gone, so their host ports are free when the
+/// caller goes on (an aborted task drops its listener only when the runtime gets to it).
+async fn close_ports(tasks: Vec<(u16, tokio::task::JoinHandle<()>)>) {
+    for (_, t) in &tasks {
+        t.abort();
+    }
+    for (_, t) in tasks {
+        let _ = t.await;
+    }
+}
+
 /// Takes the attach lock of a machine directory, waiting up to `wait`.
 pub(crate) async fn lock_attach(
     dir: &std::path::Path,
@@ -620,9 +631,14 @@ impl LocalMachine {
         self.kill_and_wait().await;
         Self::stop_helpers(&self.inner);
         self.set_state(MachineState::Deleted);
-        for (_, t) in self.inner.ports.lock().expect("ports lock").drain(..) {
-            t.abort();
-        }
+        let tasks: Vec<_> = self
+            .inner
+            .ports
+            .lock()
+            .expect("ports lock")
+            .drain(..)
+            .collect();
+        close_ports(tasks).await;
         let _ = std::fs::remove_dir_all(&self.inner.spec.dir);
         let _ = std::fs::remove_dir_all(&self.inner.home_dir);
         let _ = self.inner.db.delete(&self.inner.name);
@@ -743,17 +759,13 @@ impl MachineBackend for LocalMachine {
                 ),
             });
         }
-        self.inner
-            .ports
-            .lock()
-            .expect("ports lock")
-            .retain(|(h, t)| {
-                let keep = !gone.contains(h);
-                if !keep {
-                    t.abort();
-                }
-                keep
-            });
+        let closing: Vec<_> = {
+            let mut ports = self.inner.ports.lock().expect("ports lock");
+            let (closing, kept) = ports.drain(..).partition(|(h, _)| gone.contains(h));
+            *ports = kept;
+            closing
+        };
+        close_ports(closing).await;
         self.save_record(|r| r.ports.retain(|&(h, g)| !matches(h, g)));
         Ok(())
     }
