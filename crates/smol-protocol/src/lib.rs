@@ -277,13 +277,19 @@ pub enum Frame {
         /// What went wrong.
         error: RemoteError,
     },
+    /// (Generation 2.) The sender ends the connection, saying why (it could not decode a
+    /// frame): the receiver fails every open operation with this reason instead of waiting.
+    Goodbye {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Frame {
     /// Stream id a frame belongs to, `None` for connection-level frames.
     pub fn stream_id(&self) -> Option<u32> {
         match self {
-            Frame::Hello(_) => None,
+            Frame::Hello(_) | Frame::Goodbye { .. } => None,
             Frame::Open { id, .. }
             | Frame::Data { id, .. }
             | Frame::Eof { id, .. }
@@ -417,6 +423,7 @@ mod tests {
                 id: 3,
                 error: RemoteError::new(ErrorKind::NoSpace, "m"),
             },
+            Frame::Goodbye { reason: "r".into() },
         ];
         let encoded: Vec<String> = frames
             .iter()
@@ -440,6 +447,7 @@ mod tests {
             "06010101",
             "0702",
             "080305016d",
+            "090172",
         ];
         assert_eq!(encoded, expected);
         for f in frames {

@@ -213,7 +213,9 @@ where
     let mut buf = BytesMut::with_capacity(BATCH);
     let mut closed = shared.closed.subscribe();
     loop {
+        // Frames queued before a close still go out (a goodbye is queued just before one).
         let mut frame = tokio::select! {
+            biased;
             f = rx.recv() => match f { Some(f) => f, None => return },
             _ = closed.wait_for(|c| c.is_some()) => return,
         };
@@ -272,13 +274,22 @@ where
         };
         let frame = match next {
             None => break "peer closed the channel".to_string(),
-            Some(Err(e)) => break format!("read failed: {e}"),
+            Some(Err(e)) => {
+                // Tell the peer, so that its operations fail now instead of waiting for
+                // answers that will never come (the channel itself may stay up).
+                let reason = format!("read failed: {e}");
+                let _ = shared.out.send(Frame::Goodbye {
+                    reason: reason.clone(),
+                });
+                break reason;
+            }
             Some(Ok(f)) => f,
         };
         match frame {
             Frame::Hello(h) => {
                 let _ = incoming.send(Incoming::Hello(h));
             }
+            Frame::Goodbye { reason } => break format!("the peer ended the connection: {reason}"),
             Frame::Open { id, op } => {
                 let stream = shared.register(id);
                 let _ = incoming.send(Incoming::Open(stream, op));
@@ -433,6 +444,48 @@ mod tests {
         let (ar, aw) = tokio::io::split(a);
         let (br, bw) = tokio::io::split(b);
         (Mux::spawn(ar, aw), Mux::spawn(br, bw))
+    }
+
+    /// A frame that does not decode ends the connection with a goodbye to the peer, whose
+    /// open operations then fail at once with the reason (instead of waiting forever).
+    #[tokio::test]
+    async fn an_undecodable_frame_is_answered_with_goodbye() {
+        use tokio::io::AsyncWriteExt;
+        // a raw peer of the agent's mux
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (agent, _ain) = Mux::spawn(ar, aw);
+        let (br, mut bw) = tokio::io::split(b);
+        let mut from_agent = FramedRead::new(br, FrameCodec::default());
+        // a length prefix and bytes that are no frame (variant 200)
+        bw.write_all(&[0, 0, 0, 2, 200, 1]).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), from_agent.next())
+            .await
+            .expect("no goodbye");
+        match got {
+            Some(Ok(Frame::Goodbye { reason })) => {
+                assert!(reason.contains("read failed"), "{reason}")
+            }
+            other => panic!("expected a goodbye, got {other:?}"),
+        }
+        assert!(agent.is_closed());
+
+        // the side that receives a goodbye fails its open operations with the reason
+        let ((host, _hin), (agent, _ain)) = pair();
+        let mut s = host.open(Op::Ping).unwrap();
+        agent
+            .shared
+            .out
+            .send(Frame::Goodbye {
+                reason: "cannot decode".into(),
+            })
+            .unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), s.rx.recv())
+            .await
+            .expect("the operation kept waiting")
+            .unwrap_err();
+        assert!(e.to_string().contains("cannot decode"), "{e}");
+        assert!(host.is_closed());
     }
 
     /// A closed mux's reader takes no more bytes: the next mux on the same source gets every
