@@ -40,16 +40,21 @@ pub enum ImageCommand {
 }
 
 /// Runs an image command; returns the exit code.
-/// Makes `image` ready in the cache before a machine boots it, showing the pull on stderr (bars
-/// on a terminal, lines otherwise) when it is not cached yet; nothing when it is.
-pub async fn prepare(image: &str) -> Result<(), Error> {
-    let store = ImageStore::open_default()?;
-    let (progress, done) = if std::io::stderr().is_terminal() {
+/// Pull progress on stderr: bars on a terminal (finish them when done), plain lines otherwise.
+fn reporter() -> (Option<Progress>, Option<Arc<Bars>>) {
+    if std::io::stderr().is_terminal() {
         let (p, bars) = bars();
         (Some(p), Some(bars))
     } else {
         (Some(lines()), None)
-    };
+    }
+}
+
+/// Makes `image` ready in the cache before a machine boots it, showing the pull on stderr (bars
+/// on a terminal, lines otherwise) when it is not cached yet; nothing when it is.
+pub async fn prepare(image: &str) -> Result<(), Error> {
+    let store = ImageStore::open_default()?;
+    let (progress, done) = reporter();
     let result = store.ensure(image, progress).await;
     if let Some(bars) = done {
         bars.finish();
@@ -62,14 +67,7 @@ pub async fn run(cmd: ImageCommand) -> Result<u8, Error> {
     let store = ImageStore::open_default()?;
     match cmd {
         ImageCommand::Pull { image, quiet } => {
-            let (progress, done) = if quiet {
-                (None, None)
-            } else if std::io::stderr().is_terminal() {
-                let (p, bars) = bars();
-                (Some(p), Some(bars))
-            } else {
-                (Some(lines()), None)
-            };
+            let (progress, done) = if quiet { (None, None) } else { reporter() };
             let result = store.pull(&image, progress).await;
             if let Some(bars) = done {
                 bars.finish();

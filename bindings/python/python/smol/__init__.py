@@ -28,6 +28,7 @@ from ._types import (
     PublishedPort,
     ResourceSpec,
 )
+from . import errors
 from .errors import (
     BootFailedError,
     ConflictError,
@@ -67,16 +68,6 @@ __all__ = [
     "PortSpec",
     "PublishedPort",
     "ResourceSpec",
-    "SmolError",
-    "NotSupportedError",
-    "InvalidConfigError",
-    "ExecutionError",
-    "NotFoundError",
-    "ConflictError",
-    "InvalidStateError",
-    "MachineInterruptedError",
-    "BootFailedError",
-    "SmolTimeoutError",
-    "HypervisorUnavailableError",
+    *errors.__all__,
     "__version__",
 ]

@@ -382,11 +382,8 @@ impl LocalMachine {
             .exec_op(op, &w.argv, &ExecOptions::default())
             .await
             .map_err(|e| match e {
-                Error::NotFound { what } => {
-                    Error::invalid(format!("the workload {:?} cannot start: {what}", w.argv))
-                }
-                Error::NotADirectory { detail } => {
-                    Error::invalid(format!("the workload {:?} cannot start: {detail}", w.argv))
+                Error::NotFound { what: why } | Error::NotADirectory { detail: why } => {
+                    Error::invalid(format!("the workload {:?} cannot start: {why}", w.argv))
                 }
                 other => other,
             })?;
@@ -568,11 +565,19 @@ impl LocalMachine {
 
     /// The agent request for a command: the image's environment under the caller's, and the
     /// image's working directory unless the caller names one.
-    fn request(&self, argv: &[String], opts: &ExecOptions) -> ExecRequest {
+    /// The agent request of an exec: the image's `Env` under `opts.env`, its `WorkingDir`
+    /// unless `opts.workdir`. A per-command user needs an image (SPEC §3.6: a bare machine
+    /// refuses it).
+    fn request(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecRequest> {
         let image = self.inner.record.lock().expect("record lock").image.clone();
+        if opts.user.is_some() && image.is_none() {
+            return Err(Error::invalid(
+                "a per-command user needs a machine created from an image",
+            ));
+        }
         let mut env = image.as_ref().map(|i| i.env.clone()).unwrap_or_default();
         env.extend(opts.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        ExecRequest {
+        Ok(ExecRequest {
             argv: argv.to_vec(),
             env: env.into_iter().collect(),
             workdir: opts
@@ -582,17 +587,7 @@ impl LocalMachine {
             timeout_ms: opts.timeout_ms(),
             stdin: opts.stdin.is_some(),
             user: opts.user.clone(),
-        }
-    }
-
-    /// A per-command user needs an image (SPEC §3.6: a bare machine refuses it).
-    fn check_user(&self, opts: &ExecOptions) -> Result<()> {
-        if opts.user.is_some() && self.record().image.is_none() {
-            return Err(Error::invalid(
-                "a per-command user needs a machine created from an image",
-            ));
-        }
-        Ok(())
+        })
     }
 
     /// Runs an `Op::Exec` / `Op::ExecIn` to completion with [`MachineBackend::exec`]'s
@@ -656,10 +651,9 @@ impl MachineBackend for LocalMachine {
     }
 
     async fn exec(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecResult> {
-        self.check_user(opts)?;
         if opts.background {
             let op = Op::Spawn {
-                exec: self.request(argv, opts),
+                exec: self.request(argv, opts)?,
                 log: None,
             };
             let mut r = self.exec_op(op, argv, opts).await?;
@@ -672,7 +666,7 @@ impl MachineBackend for LocalMachine {
             }
             return Ok(r);
         }
-        self.exec_op(Op::Exec(self.request(argv, opts)), argv, opts)
+        self.exec_op(Op::Exec(self.request(argv, opts)?), argv, opts)
             .await
     }
 
@@ -681,9 +675,9 @@ impl MachineBackend for LocalMachine {
     }
 
     async fn exec_stream(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecStream> {
-        self.check_user(opts)?;
+        let req = self.request(argv, opts)?;
         let conn = self.conn("exec")?;
-        match conn.exec_stream(self.request(argv, opts), opts.stdin.clone()) {
+        match conn.exec_stream(req, opts.stdin.clone()) {
             Ok((rx, kill)) => Ok(ExecStream::new(rx, kill)),
             Err(e) => Err(self.map_err(e).await),
         }
