@@ -14,22 +14,80 @@ command -v cargo >/dev/null || {
   echo "error: cargo not found; install a Rust toolchain (rustup, or Debian's cargo) first" >&2; exit 1; }
 
 # --- system packages -------------------------------------------------------------------------
-pkgs=(qemu-system-x86 qemu-utils e2fsprogs passt dnsmasq-base iproute2 docker-registry skopeo umoci erofs-utils debootstrap zstd jq apache2-utils zlib1g-dev pkg-config linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio
-      busybox-static lz4 kmod file nodejs python3-venv)
+# Every package of scripts/programs.txt, asked for in one apt call: apt keeps, upgrades or
+# downgrades what the machine has as it must, and may remove nothing (--no-remove). What counts
+# is the check after it: every program of the list present and runnable.
+sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+programs="$root/scripts/programs.txt"
+rows() { grep -vE '^[[:space:]]*(#|$)' "$programs"; }
+pkgs=()
+for alts in $(rows | awk '{print $2}' | sort -u); do
+  IFS='|' read -r -a alt <<<"$alts"
+  want=${alt[0]}
+  # `a|b`: b already provides the program (NodeSource's nodejs bundles npm, and Debian's npm
+  # cannot be installed beside it); b is asked for as well, so apt keeps it
+  for b in "${alt[@]:1}"; do
+    dpkg-query -W -f='${Status}' "$b" 2>/dev/null | grep -q "install ok installed" && want=$b
+  done
+  pkgs+=("$want")
+done
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  step "installing ${missing[*]}"
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+# QEMU's packages come from one build: a qemu-utils of another version (a backport) Breaks
+# Debian's qemu-system-common, and apt would remove it to install QEMU. Ask for the version of
+# qemu-system-x86 that apt installs.
+qemu_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
+need_apt=${#missing[@]}
+[ "$(qemu_version qemu-utils)" = "$(qemu_version qemu-system-x86)" ] || need_apt=1
+if [ "$need_apt" -gt 0 ]; then
+  step "apt-get install (missing: ${missing[*]:-none})"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
+  [ -n "$qv" ] && [ "$qv" != "(none)" ] || { echo "error: apt knows no qemu-system-x86 (apt-get update?)" >&2; exit 1; }
+  req=()
+  for p in "${pkgs[@]}"; do
+    case "$p" in qemu-utils|qemu-system-x86|qemu-system-common) req+=("$p=$qv") ;; *) req+=("$p") ;; esac
+  done
+  mkdir -p "$SMOL_CACHE"
+  log="$SMOL_CACHE/apt-install.log"
+  if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-remove --allow-downgrades \
+      -o Dpkg::Progress-Fancy=0 "${req[@]}" >"$log" 2>&1; then
+    tail -30 "$log" >&2
+    echo "error: apt-get install failed (whole log: $log)" >&2; exit 1
+  fi
+  grep -E '^(Unpacking|Setting up) ' "$log" | grep -c '^Setting up' | sed 's/^/    packages set up: /' >&2
+  grep -E 'downgraded|upgraded, ' "$log" | sed 's/^/    /' >&2 || true
 fi
+
+# Verify every program of the list, whatever apt did.
+step "checking every program of scripts/programs.txt"
+bad=()
+while read -r prog alts role args; do
+  if [[ $prog == /* ]]; then
+    [ -e "$prog" ] || { bad+=("$prog (${alts%%|*}, $role): missing"); continue; }
+    [ "$args" = "-" ] && continue
+    bin=$prog
+  else
+    bin=$(command -v "$prog" || true)
+    [ -n "$bin" ] || { bad+=("$prog (${alts%%|*}, $role): not on PATH"); continue; }
+    [ "$args" = "-" ] && continue
+  fi
+  # shellcheck disable=SC2086 # the version argument may be several words
+  "$bin" $args >/dev/null 2>&1 </dev/null || bad+=("$prog (${alts%%|*}, $role): \`$bin $args\` fails")
+done < <(rows)
+if [ ${#bad[@]} -gt 0 ]; then
+  printf '  missing: %s\n' "${bad[@]}" >&2
+  echo "error: the set-up installed its packages but these programs are not usable; try" >&2
+  echo "  $sudo apt-get install $(printf '%s\n' "${bad[@]}" | sed -E 's/^[^(]*\(([^,]*),.*/\1/' | sort -u | tr '\n' ' ')" >&2
+  exit 1
+fi
+echo "    all $(rows | wc -l) programs present; $(qemu-system-x86_64 --version | head -1)" >&2
 
 # --- workspace -------------------------------------------------------------------------------
 step "building the workspace (release)"
-cargo build --release --workspace --exclude smol-agent -q
+cargo build --release -q -p smol-cli
 step "building the guest agent (static)"
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build -q -p smol-agent --profile release-agent --target x86_64-unknown-linux-gnu
@@ -45,7 +103,6 @@ step "Debian cloud kernel (fallback)"
 resolve_cloud() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
 cloudpkg=$(resolve_cloud)
 if [ -z "$cloudpkg" ]; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -qq && cloudpkg=$(resolve_cloud)
 fi
 [ -n "$cloudpkg" ] || { echo "error: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2; exit 1; }

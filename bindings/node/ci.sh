@@ -5,21 +5,16 @@
 # page's samples) and the `node --test` suites against the real local engine; one of them,
 # test/seed.test.mjs, compiles the seed samples with tsc (test/seed/samples.mts, into the ignored
 # test/seed/.build) and executes them.
-# Needs: node >= 18 and npm (Debian: nodejs npm; installed below when npm is missing), cargo,
+# Needs: node >= 18 and npm (Debian: nodejs npm; `make setup` installs them), cargo,
 # and the engine set up (make setup).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 step() { echo "==> $*" >&2; }
 
-if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
-  # Debian's npm conflicts with NodeSource's nodejs (which bundles npm), so it is not in
-  # scripts/setup.sh's list; install it only where there is no npm at all.
-  step "installing Debian's nodejs and npm"
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
-fi
+command -v npm >/dev/null && command -v node >/dev/null || {
+  echo "error: node and npm are needed (scripts/programs.txt; \`make setup\` installs Debian's nodejs and npm)" >&2
+  exit 1; }
 node -e 'if (+process.versions.node.split(".")[0] < 18) { console.error("node >= 18 needed, found " + process.version); process.exit(1) }'
 export npm_config_audit=false npm_config_fund=false npm_config_update_notifier=false
 
