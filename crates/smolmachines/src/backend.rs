@@ -206,7 +206,7 @@ impl Machine {
         if let Some(name) = &config.name {
             crate::config::validate_name(name)?;
         }
-        config.validate_workload()?;
+        config.validate()?;
         if config.ready_timeout.is_some_and(|t| t.is_zero()) {
             return Err(Error::invalid("ready_timeout must be > 0"));
         }

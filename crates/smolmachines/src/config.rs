@@ -1,17 +1,74 @@
 //! Configuration and result types of the `Machine` API (SPEC §2, §3).
+//!
+//! Every SPEC field exists here, whatever the target: [`MachineConfig::validate`] checks values
+//! once for every front end (Rust, CLI, Python, Node, the fleet server), and a backend refuses
+//! the fields it cannot honour with [`MachineConfig::refuse_unsupported`] and its
+//! [`Capabilities`]. The `/v1` REST shapes of these types are in [`crate::wire`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 
+mod support;
+mod validate;
+
+pub use support::{Capabilities, ConfigField, Support};
+
+/// The longest wait any call takes: a deadline past what the clock can hold (a huge timeout
+/// given by a caller) is this, a century, instead of an overflow.
+pub const MAX_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `d`, at most [`MAX_WAIT`].
+pub fn cap_wait(d: Duration) -> Duration {
+    d.min(MAX_WAIT)
+}
+
 /// Which backend a call goes to (SPEC §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Target {
     /// The embedded local engine.
     Local,
     /// A fleet server over REST.
     Cloud,
+}
+
+impl Target {
+    /// `"local"` or `"cloud"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Target::Local => "local",
+            Target::Cloud => "cloud",
+        }
+    }
+
+    /// Parses an optional target as the SDKs give it (`None` resolves by SPEC §2.2).
+    pub fn parse_opt(s: Option<&str>) -> Result<Option<Target>> {
+        s.map(str::parse).transpose()
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = Error;
+    /// `"local"` or `"cloud"`; anything else is `InvalidConfig`.
+    fn from_str(s: &str) -> Result<Target> {
+        match s {
+            "local" => Ok(Target::Local),
+            "cloud" => Ok(Target::Cloud),
+            other => Err(Error::invalid(format!(
+                "target must be \"local\" or \"cloud\" (or unset), got {other:?}"
+            ))),
+        }
+    }
 }
 
 /// Backend selection (SPEC §2.1). The default is the local engine.
@@ -51,47 +108,210 @@ impl ConnectOptions {
     }
 }
 
-/// CPU, memory and network of a machine (SPEC §3.1).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResourceSpec {
-    /// vCPUs (default 1).
-    pub cpus: Option<u32>,
-    /// Memory in MiB (default 512).
-    pub memory_mb: Option<u32>,
-    /// Unrestricted egress; local default off.
-    pub network: Option<bool>,
-    /// Size of the writable disk in GiB (sparse; default 20).
-    pub storage_gb: Option<u32>,
+/// How durably the storage disk acknowledges writes (SPEC §3.1 `disk_durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskDurability {
+    /// Every acknowledged write is on stable storage (the default).
+    Full,
+    /// Writes may be acknowledged before they are durable.
+    Deferred,
 }
 
-/// A host directory mounted into the guest (SPEC §3.2).
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl DiskDurability {
+    /// `"full"` or `"deferred"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DiskDurability::Full => "full",
+            DiskDurability::Deferred => "deferred",
+        }
+    }
+}
+
+impl std::str::FromStr for DiskDurability {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(DiskDurability::Full),
+            "deferred" => Ok(DiskDurability::Deferred),
+            other => Err(Error::invalid(format!(
+                "disk_durability must be \"full\" or \"deferred\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The guest network device of a local machine (SPEC §3.1 `networkBackend`, Node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkBackend {
+    /// Transparent socket impersonation (libkrun).
+    Tsi,
+    /// A virtio-net device.
+    VirtioNet,
+}
+
+impl std::str::FromStr for NetworkBackend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tsi" => Ok(NetworkBackend::Tsi),
+            "virtio-net" => Ok(NetworkBackend::VirtioNet),
+            other => Err(Error::invalid(format!(
+                "network_backend must be \"tsi\" or \"virtio-net\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// CPU, memory, disks and network of a machine (SPEC §3.1). `None` / empty is "the target's
+/// default".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceSpec {
+    /// vCPUs, 1..=[`limits::MAX_CPUS`] (local default 1).
+    pub cpus: Option<u32>,
+    /// Memory in MiB, [`limits::MIN_MEMORY_MB`]..=[`limits::MAX_MEMORY_MB`] (local default
+    /// 512).
+    pub memory_mb: Option<u32>,
+    /// Unrestricted egress; local default off, cloud default the server's (open).
+    pub network: Option<bool>,
+    /// Egress restricted to these CIDRs (setting it turns networking on).
+    pub allow_cidrs: Vec<String>,
+    /// Egress restricted to these host names and their subdomains (enforced at DNS).
+    pub allow_hosts: Vec<String>,
+    /// Size of the writable (storage) disk in GiB, 1..=[`limits::MAX_DISK_GB`] (sparse; default
+    /// 20). The cloud's `resources.diskGb`.
+    pub storage_gb: Option<u32>,
+    /// Size of the overlay disk in GiB (local).
+    pub overlay_gb: Option<u32>,
+    /// A virtio-gpu (Venus) device (local).
+    pub gpu: Option<bool>,
+    /// Its VRAM in MiB (local).
+    pub gpu_vram_mib: Option<u32>,
+    /// How durably the disk acknowledges writes (default full).
+    pub disk_durability: Option<DiskDurability>,
+    /// CUDA driver-API remoting (local).
+    pub cuda: Option<bool>,
+    /// The guest network device (local, Node's `networkBackend`).
+    pub network_backend: Option<NetworkBackend>,
+}
+
+/// The bounds [`MachineConfig::validate`] checks, one place for every front end.
+pub mod limits {
+    /// Most vCPUs of a machine.
+    pub const MAX_CPUS: u32 = 64;
+    /// Least memory of a machine, MiB (the guest kernel needs some).
+    pub const MIN_MEMORY_MB: u32 = 64;
+    /// Most memory of a machine, MiB (1 TiB).
+    pub const MAX_MEMORY_MB: u32 = 1 << 20;
+    /// Largest disk, GiB (16 TiB, the cloud's limit too).
+    pub const MAX_DISK_GB: u32 = 16 * 1024;
+    /// Most published ports of a machine.
+    pub const MAX_PORTS: usize = 64;
+    /// Most credentials of a machine.
+    pub const MAX_CREDENTIALS: usize = 64;
+}
+
+/// A host directory mounted into the guest (SPEC §3.2; local only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MountSpec {
     /// Absolute host path.
     pub source: String,
     /// Absolute guest path.
     pub target: String,
-    /// Mount read-only.
+    /// Mount read-only (the bindings fold the deprecated `readonly` alias into it).
     pub read_only: bool,
+    /// A guest-local working copy, copied back on `sync()`, stop or delete. Not with
+    /// `read_only`.
+    pub staged: bool,
 }
 
 /// A host -> guest TCP port forward (SPEC §3.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortSpec {
-    /// Host port on 127.0.0.1.
+    /// Host port on 127.0.0.1; `0` asks the target to pick one (the cloud always does: it
+    /// ignores the host port).
     pub host: u16,
-    /// Guest port.
+    /// Guest port, 1..=65535.
     pub guest: u16,
 }
 
-/// Machine configuration (SPEC §3.4).
+/// A credential substituted into the headers of HTTPS requests to `hosts`, so that the guest
+/// never sees it (SPEC §3.5, Python's shape, the one that reaches the cloud).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialSpec {
+    /// 1-64 characters of `[a-z0-9_-]`.
+    pub name: String,
+    /// The guest environment variable that holds a placeholder.
+    pub env_var: String,
+    /// Exact host names (no wildcards).
+    pub hosts: Vec<String>,
+    /// The secret (never printed by `Debug`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// HTTP methods it applies to (local only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for CredentialSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialSpec")
+            .field("name", &self.name)
+            .field("env_var", &self.env_var)
+            .field("hosts", &self.hosts)
+            .field("value", &self.value.as_ref().map(|_| "<redacted>"))
+            .field("methods", &self.methods)
+            .finish()
+    }
+}
+
+/// Intercepted egress (SPEC §3.4, §3.10; local only): `address` is `127.0.0.1:port`, `token`
+/// 64 hex digits (never printed by `Debug`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressInterceptor {
+    /// `127.0.0.1:port` of the interceptor.
+    pub address: String,
+    /// Its token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for EgressInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EgressInterceptor")
+            .field("address", &self.address)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A cloud cache disk attached at create (SPEC §7.3; cloud only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheDiskRef {
+    /// The cache disk's name or id.
+    pub cache: String,
+    /// A published version (default: the latest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Where it is mounted in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_path: Option<String>,
+    /// A writable slot instead of a read-only version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub slot: bool,
+}
+
+/// Machine configuration (SPEC §3.4). Which fields a target honours is its
+/// [`Capabilities`]'s to say.
 #[derive(Debug, Clone, Default)]
 pub struct MachineConfig {
     /// Name; generated (`smol-` + 8 hex) when omitted.
     pub name: Option<String>,
-    /// Base image (not yet supported locally).
+    /// Base image (required on the cloud).
     pub image: Option<String>,
-    /// Host directories to mount.
+    /// Host directories to mount (local).
     pub mounts: Vec<MountSpec>,
     /// Port forwards.
     pub ports: Vec<PortSpec>,
@@ -99,14 +319,26 @@ pub struct MachineConfig {
     pub resources: ResourceSpec,
     /// Top-level alias of `resources.network` (the latter wins).
     pub network: Option<bool>,
-    /// Keep the machine record after the process exits.
+    /// Keep the machine record after the process exits (local).
     pub persistent: bool,
-    /// Keep the VM running after the process exits; `Machine::connect` attaches to it.
+    /// Keep the VM running after the process exits; `Machine::connect` attaches to it (local).
     pub detach: bool,
     /// Caller metadata.
     pub labels: BTreeMap<String, String>,
     /// Create's readiness deadline (default 120 s).
     pub ready_timeout: Option<Duration>,
+    /// Whether create also waits for published ports (default true; Python's
+    /// `wait_for_ports`).
+    pub wait_for_ports: Option<bool>,
+    /// Stop after this many idle seconds (cloud; ignored locally, SPEC §11).
+    pub auto_stop_seconds: Option<u64>,
+    /// Delete this many seconds after creation (cloud; ignored locally, SPEC §11).
+    pub ttl_seconds: Option<u64>,
+    /// Start as a live-RAM branch source. `forkable` is its deprecated alias; setting both is
+    /// an error (as the server says).
+    pub branchable: Option<bool>,
+    /// Deprecated alias of `branchable` (the field the cloud client sends).
+    pub forkable: Option<bool>,
     /// Environment of the workload launched at create (over the image's `Env`).
     pub env: BTreeMap<String, String>,
     /// Working directory of that workload (default: the image's `WorkingDir`).
@@ -118,38 +350,60 @@ pub struct MachineConfig {
     /// launches nothing (the CLI's `smol run IMAGE -- argv` runs only argv); the bindings refuse
     /// an empty list as SPEC §3.4 says.
     pub command: Option<Vec<String>>,
+    /// Intercepted egress (local; not with `branchable`).
+    pub egress_interceptor: Option<EgressInterceptor>,
+    /// Credentials substituted into HTTPS requests (SPEC §3.5).
+    pub credentials: Vec<CredentialSpec>,
+    /// A cache disk to attach (cloud).
+    pub cache_disk: Option<CacheDiskRef>,
 }
 
 impl MachineConfig {
-    pub(crate) fn validate_workload(&self) -> Result<()> {
-        if let Some(c) = &self.command {
-            if c.iter().any(|a| a.is_empty()) {
-                return Err(Error::invalid(
-                    "command must be a list of non-empty strings",
-                ));
-            }
+    /// `resources.network`, else the top-level alias.
+    pub fn effective_network(&self) -> Option<bool> {
+        self.resources.network.or(self.network)
+    }
+
+    /// `branchable`, else its alias `forkable`; false when neither is set.
+    pub fn is_branchable(&self) -> bool {
+        self.branchable.or(self.forkable).unwrap_or(false)
+    }
+}
+
+/// What the text and byte fields of a cloud exec response carry (SPEC §3.6 `output`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecOutput {
+    /// Text only (no b64 fields).
+    Text,
+    /// The b64 fields only (empty text).
+    B64,
+    /// Both (the default).
+    Both,
+}
+
+impl ExecOutput {
+    /// `"text"`, `"b64"` or `"both"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ExecOutput::Text => "text",
+            ExecOutput::B64 => "b64",
+            ExecOutput::Both => "both",
         }
-        if let Some(w) = &self.workdir {
-            if !w.starts_with('/') {
-                return Err(Error::invalid(format!(
-                    "workdir must be an absolute guest path, got {w:?}"
-                )));
-            }
+    }
+}
+
+impl std::str::FromStr for ExecOutput {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "text" => Ok(ExecOutput::Text),
+            "b64" => Ok(ExecOutput::B64),
+            "both" => Ok(ExecOutput::Both),
+            other => Err(Error::invalid(format!(
+                "output must be \"text\", \"b64\" or \"both\", got {other:?}"
+            ))),
         }
-        if self.user.as_deref() == Some("") {
-            return Err(Error::invalid("user must not be empty"));
-        }
-        if self.user.is_some() && self.image.is_none() {
-            return Err(Error::invalid(
-                "a workload user needs a machine created from an image",
-            ));
-        }
-        if self.env.keys().any(|k| k.is_empty() || k.contains('=')) {
-            return Err(Error::invalid(
-                "env names must be non-empty and contain no '='",
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -158,7 +412,7 @@ impl MachineConfig {
 pub struct ExecOptions {
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
-    /// Working directory (absolute guest path).
+    /// Working directory (absolute guest path; the cloud's `cwd`).
     pub workdir: Option<String>,
     /// Kill the command after this long; the result then has exit code 124.
     pub timeout: Option<Duration>,
@@ -170,40 +424,23 @@ pub struct ExecOptions {
     /// Start the command detached and return at once: `pid` set, stdout `pid=<n>\n`, exit 0.
     /// Takes no stdin and no timeout; its output is discarded.
     pub background: bool,
+    /// Which output fields the cloud sends (ignored locally: both are always complete).
+    pub output: Option<ExecOutput>,
 }
 
 impl ExecOptions {
-    pub(crate) fn validate(&self) -> Result<()> {
-        if let Some(t) = self.timeout {
-            if t.is_zero() {
-                return Err(Error::invalid("timeout must be > 0"));
-            }
-        }
-        if let Some(w) = &self.workdir {
-            if !w.starts_with('/') {
-                return Err(Error::invalid(format!(
-                    "workdir must be an absolute guest path, got {w:?}"
-                )));
-            }
-        }
-        if self.background && (self.stdin.is_some() || self.timeout.is_some()) {
-            return Err(Error::invalid(
-                "a background command takes no stdin and no timeout",
-            ));
-        }
-        // (whether the machine can take a user at all is the backend's to say)
-        match self.user.as_deref() {
-            Some("") => Err(Error::invalid("user must not be empty")),
-            _ => Ok(()),
-        }
-    }
-
     /// Timeout rounded up to whole milliseconds (SPEC §3.6).
     pub(crate) fn timeout_ms(&self) -> Option<u64> {
         self.timeout.map(|t| {
             let ms = t.as_nanos().div_ceil(1_000_000);
             u64::try_from(ms).unwrap_or(u64::MAX)
         })
+    }
+
+    /// Timeout rounded up to whole seconds (SPEC §3.6: the cloud's `timeoutSeconds`).
+    pub fn timeout_secs(&self) -> Option<u64> {
+        self.timeout
+            .map(|t| t.as_secs() + u64::from(t.subsec_nanos() > 0))
     }
 }
 
@@ -274,12 +511,30 @@ pub enum ExecEvent {
     Stderr(Vec<u8>),
     /// The command ended (last event).
     Exit(i32),
-    /// The stream failed (last event).
-    Error(String),
+    /// The stream failed (last event): the stable code of the error (`INTERRUPTED` when the
+    /// VM or the connection went away) and its message. Bindings raise the exception of the
+    /// code for it (SPEC §3.9's `{"kind": "error", "message"}`, plus `code`).
+    Error {
+        /// The stable code (SPEC §8.2).
+        code: crate::error::ErrorCode,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl ExecEvent {
+    /// The `Error` event of `e`.
+    pub fn error(e: &Error) -> Self {
+        ExecEvent::Error {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// Machine state strings of SPEC §4.2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MachineState {
     /// Record exists, VM not started yet.
     Created,
@@ -299,6 +554,19 @@ impl MachineState {
             MachineState::Running => "running",
             MachineState::Stopped => "stopped",
             MachineState::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::str::FromStr for MachineState {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "created" => Ok(MachineState::Created),
+            "running" => Ok(MachineState::Running),
+            "stopped" => Ok(MachineState::Stopped),
+            "deleted" => Ok(MachineState::Deleted),
+            other => Err(Error::invalid(format!("unknown machine state {other:?}"))),
         }
     }
 }
@@ -334,9 +602,12 @@ pub struct LocalAvailability {
     pub accel: Option<String>,
 }
 
-/// Summary of a machine, as `Machine::list` returns it.
+/// Summary of a machine, as `Machine::list` returns it (SPEC §3.10). The bindings convert it
+/// field by field; [`crate::wire::MachineInfo`] is its REST shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineSummary {
+    /// Id: the name locally, `mach-...` on the cloud.
+    pub id: String,
     /// Name.
     pub name: String,
     /// State.
@@ -363,6 +634,38 @@ pub struct MachineSummary {
     pub storage_gb: u32,
     /// Published ports (host -> guest).
     pub ports: Vec<PortSpec>,
+    /// Started as a branch source.
+    pub branchable: bool,
+}
+
+impl MachineSummary {
+    /// The creation time as RFC 3339 UTC with whole seconds (`2025-01-31T12:00:00Z`, the form
+    /// of the cloud's `createdAt`); `None` for a record without one.
+    pub fn created_at(&self) -> Option<String> {
+        (self.created_unix != 0).then(|| rfc3339(self.created_unix))
+    }
+}
+
+/// `unix` seconds as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC).
+pub fn rfc3339(unix: u64) -> String {
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Validates a machine name: 1-63 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.
@@ -391,73 +694,4 @@ pub fn generate_name() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        assert!(validate_name("worker-1.a_b").is_ok());
-        for bad in ["", "-x", "a/b", "a b", &"x".repeat(64), "..", "ä"] {
-            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
-        }
-        let n = generate_name();
-        assert!(n.starts_with("smol-") && n.len() == 13);
-        assert!(validate_name(&n).is_ok());
-    }
-
-    #[test]
-    fn exec_options_validation_and_rounding() {
-        let o = ExecOptions {
-            timeout: Some(Duration::from_micros(1500)),
-            ..Default::default()
-        };
-        assert_eq!(o.timeout_ms(), Some(2));
-        assert!(o.validate().is_ok());
-        let o = ExecOptions {
-            timeout: Some(Duration::ZERO),
-            ..Default::default()
-        };
-        assert!(matches!(o.validate(), Err(Error::InvalidConfig { .. })));
-        let o = ExecOptions {
-            workdir: Some("tmp".into()),
-            ..Default::default()
-        };
-        assert!(o.validate().is_err());
-        let o = ExecOptions {
-            user: Some(String::new()),
-            ..Default::default()
-        };
-        assert!(o.validate().is_err());
-    }
-
-    #[test]
-    fn target_resolution() {
-        let c = ConnectOptions::default();
-        if std::env::var("SMOL_CLOUD_TOKEN")
-            .unwrap_or_default()
-            .is_empty()
-        {
-            assert_eq!(c.resolve_target(), Target::Local);
-        }
-        let c = ConnectOptions {
-            api_key: Some("smk_x".into()),
-            ..Default::default()
-        };
-        assert_eq!(c.resolve_target(), Target::Cloud);
-        assert!(!format!("{c:?}").contains("smk_x"));
-        let c = ConnectOptions {
-            target: Some(Target::Local),
-            api_key: Some("smk_x".into()),
-            ..Default::default()
-        };
-        assert_eq!(c.resolve_target(), Target::Local);
-    }
-
-    #[test]
-    fn assert_success() {
-        let r = ExecResult::from_bytes(3, false, b"o".to_vec(), b"e".to_vec());
-        let err = r.assert_success(&["false".into()]).unwrap_err();
-        assert!(matches!(err, Error::CommandFailed { exit_code: 3, .. }));
-        assert_eq!(err.to_string(), "command exited with code 3: false");
-    }
-}
+mod tests;

@@ -20,11 +20,14 @@ pub mod config;
 pub mod error;
 pub mod image;
 pub mod local;
+pub mod wire;
 
 pub use backend::{Backend, ExecStream, Machine, MachineBackend};
 pub use config::{
-    ConnectOptions, ExecEvent, ExecOptions, ExecResult, LocalAvailability, MachineConfig,
-    MachineState, MachineSummary, MountSpec, PortEndpoint, PortSpec, ResourceSpec, Target,
+    CacheDiskRef, Capabilities, ConfigField, ConnectOptions, CredentialSpec, DiskDurability,
+    EgressInterceptor, ExecEvent, ExecOptions, ExecOutput, ExecResult, LocalAvailability,
+    MachineConfig, MachineState, MachineSummary, MountSpec, NetworkBackend, PortEndpoint, PortSpec,
+    ResourceSpec, Support, Target, MAX_WAIT,
 };
 pub use error::{Error, Result};
 pub use image::ImageInfo;

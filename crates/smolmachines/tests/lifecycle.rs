@@ -457,6 +457,7 @@ async fn mounts_share_host_directories_and_nothing_else() {
             source: src.into(),
             target: "/w".into(),
             read_only: false,
+            staged: false,
         }];
         let e = engine.create_machine(cfg).await.unwrap_err();
         assert!(matches!(e, Error::MountSource { .. }), "{what}: {e:?}");
@@ -467,6 +468,7 @@ async fn mounts_share_host_directories_and_nothing_else() {
         source: file,
         target: "/w".into(),
         read_only: false,
+        staged: false,
     }];
     assert!(matches!(
         engine.create_machine(cfg).await.unwrap_err(),
@@ -479,11 +481,13 @@ async fn mounts_share_host_directories_and_nothing_else() {
             source: rw.display().to_string(),
             target: "/work".into(),
             read_only: false,
+            staged: false,
         },
         MountSpec {
             source: ro.display().to_string(),
             target: "/ro".into(),
             read_only: true,
+            staged: false,
         },
     ];
     let m = engine.create_machine(cfg).await.unwrap();

@@ -368,36 +368,13 @@ impl LocalBackend {
 
     /// Creates a machine and returns the concrete local handle.
     pub async fn create_machine(&self, config: MachineConfig) -> Result<LocalMachine> {
-        config.validate_workload()?;
-        let network = config.resources.network.or(config.network) == Some(true);
+        // One validation for every front end, then the fields this engine cannot honour.
+        config.validate()?;
+        config.refuse_unsupported(&crate::config::Capabilities::LOCAL)?;
+        let network = config.effective_network() == Some(true);
         let cpus = config.resources.cpus.unwrap_or(DEFAULT_CPUS);
-        if !(1..=64).contains(&cpus) {
-            return Err(Error::invalid(format!("cpus must be 1..=64, got {cpus}")));
-        }
         let memory_mb = config.resources.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
-        if !(64..=1_048_576).contains(&memory_mb) {
-            return Err(Error::invalid(format!(
-                "memory_mb must be 64..=1048576, got {memory_mb}"
-            )));
-        }
         let storage_gb = config.resources.storage_gb.unwrap_or(DEFAULT_STORAGE_GB);
-        if !(1..=16_384).contains(&storage_gb) {
-            return Err(Error::invalid(format!(
-                "storage_gb must be 1..=16384, got {storage_gb}"
-            )));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for p in &config.ports {
-            if p.host == 0 || p.guest == 0 {
-                return Err(Error::invalid("ports must be 1..=65535"));
-            }
-            if !seen.insert(p.host) {
-                return Err(Error::invalid(format!(
-                    "host port {} published twice",
-                    p.host
-                )));
-            }
-        }
         let mounts = mounts::validate(&config.mounts)?;
         let name = match config.name.clone() {
             Some(n) => {
@@ -579,6 +556,8 @@ impl LocalBackend {
             .map(|r| {
                 let vmm = r.vmm.filter(|v| v.alive());
                 MachineSummary {
+                    id: r.name.clone(),
+                    branchable: false,
                     state: if vmm.is_some() {
                         MachineState::Running
                     } else if r.booted {

@@ -147,6 +147,7 @@ mod tests {
             source: source.into(),
             target: target.into(),
             read_only: false,
+            staged: false,
         }
     }
 
