@@ -1,5 +1,13 @@
 //! The typed seam: [`Backend`] (local engine, cloud) and [`MachineBackend`], called alike by the
 //! public [`Machine`], the CLI, the bindings and the fleet server.
+//!
+//! [`Machine`] validates arguments (shapes every target shares: absolute guest paths, argv,
+//! port numbers, protocol names) and calls the backend; everything that depends on the target
+//! (readiness, endpoint URLs, which protocols are relayed, what is not supported there) is
+//! decided behind the seam. The backend is the default one of a [`ConnectOptions`]
+//! ([`backend_for`]) or passed in ([`Machine::create_on`], [`Machine::connect_on`],
+//! [`Machine::open_on`], [`Machine::list_on`]); `crate::fake` is an in-memory test double of
+//! this seam (feature `fake`).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -54,6 +62,23 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
     /// Public URL of the first published port (cloud); `None` locally.
     fn url(&self) -> Option<String> {
         None
+    }
+    /// Whether the machine is ready (SPEC §4.2): running, and (where the target can tell) every
+    /// published port has a listener behind it. The default: running.
+    async fn ready(&self) -> Result<bool> {
+        Ok(self.state().await? == MachineState::Running)
+    }
+    /// The URLs of published guest port `guest_port` (SPEC §4.7), `path` appended. A port that
+    /// is not published is an `InvalidConfig` error.
+    fn endpoint(&self, _guest_port: u16, _path: Option<&str>) -> Result<PortEndpoint> {
+        Err(Error::NotSupported {
+            message: "endpoint is not available on this target".into(),
+        })
+    }
+    /// Whether this target publishes ports of `protocol` (`"tcp"` or `"udp"`, already checked
+    /// by [`Machine`]); `NotSupported` if not. The default relays both.
+    fn check_protocol(&self, _protocol: &str) -> Result<()> {
+        Ok(())
     }
     /// The published ports.
     fn ports(&self) -> Vec<PortSpec> {
@@ -119,7 +144,9 @@ impl ExecStream {
     /// Kills the command; no further events are yielded. Idempotent.
     pub fn kill(&mut self) {
         if let Some(k) = self.kill.take() {
-            let _ = k.send(());
+            if k.send(()).is_err() {
+                tracing::trace!("exec stream killed after its command ended");
+            }
         }
         self.rx.close();
         while self.rx.try_recv().is_ok() {}
@@ -145,26 +172,6 @@ pub fn backend_for(conn: &ConnectOptions) -> Result<Arc<dyn Backend>> {
     }
 }
 
-/// Whether host port `port` on 127.0.0.1 takes a connection that stays open ~100 ms (or
-/// answers with data in that time).
-async fn port_ready(port: u16) -> bool {
-    use tokio::io::AsyncReadExt;
-    let Ok(Ok(mut sock)) = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    else {
-        return false;
-    };
-    let mut b = [0u8; 1];
-    match tokio::time::timeout(Duration::from_millis(100), sock.read(&mut b)).await {
-        Err(_) => true,     // still open, nothing said: a listener holds it
-        Ok(Ok(n)) => n > 0, // a banner: ready; EOF: reset by the relay, nothing listens
-        Ok(Err(_)) => false,
-    }
-}
-
 /// A microVM sandbox. Cheap to clone; every clone drives the same machine.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -181,16 +188,26 @@ fn check_guest_path(path: &str) -> Result<()> {
     }
 }
 
+/// The protocol names of SPEC §4.7; whether the target relays one is the backend's call.
 fn check_protocol(protocol: &str) -> Result<()> {
     match protocol {
-        "tcp" => Ok(()),
-        "udp" => Err(Error::NotSupported {
-            message: "UDP ports are not relayed by the local engine; publish TCP".into(),
-        }),
+        "tcp" | "udp" => Ok(()),
         other => Err(Error::invalid(format!(
             "protocol must be \"tcp\" or \"udp\", got {other:?}"
         ))),
     }
+}
+
+/// The checks of [`Machine::create`] that hold on every target.
+fn check_config(config: &MachineConfig) -> Result<()> {
+    if let Some(name) = &config.name {
+        crate::config::validate_name(name)?;
+    }
+    config.validate()?;
+    if config.ready_timeout.is_some_and(|t| t.is_zero()) {
+        return Err(Error::invalid("ready_timeout must be > 0"));
+    }
+    Ok(())
 }
 
 fn check_argv(argv: &[String]) -> Result<()> {
@@ -201,16 +218,17 @@ fn check_argv(argv: &[String]) -> Result<()> {
 }
 
 impl Machine {
-    /// Creates and starts a machine; returns once its agent answers.
+    /// Creates and starts a machine on the backend of `conn` ([`backend_for`]); returns once
+    /// its agent answers.
     pub async fn create(config: MachineConfig, conn: ConnectOptions) -> Result<Machine> {
-        if let Some(name) = &config.name {
-            crate::config::validate_name(name)?;
-        }
-        config.validate()?;
-        if config.ready_timeout.is_some_and(|t| t.is_zero()) {
-            return Err(Error::invalid("ready_timeout must be > 0"));
-        }
-        let backend = backend_for(&conn)?;
+        check_config(&config)?;
+        Self::create_on(&*backend_for(&conn)?, config).await
+    }
+
+    /// Creates and starts a machine on `backend` (an engine of an explicit home, a fleet
+    /// client, a test double).
+    pub async fn create_on(backend: &dyn Backend, config: MachineConfig) -> Result<Machine> {
+        check_config(&config)?;
         Ok(Machine {
             inner: backend.create(config).await?,
         })
@@ -220,7 +238,13 @@ impl Machine {
     /// if it is stopped.
     pub async fn connect(name: &str, conn: ConnectOptions) -> Result<Machine> {
         crate::config::validate_name(name)?;
-        let backend = backend_for(&conn)?;
+        Self::connect_on(&*backend_for(&conn)?, name).await
+    }
+
+    /// [`Machine::connect`] on `backend`. A machine this process already holds is that same
+    /// live handle.
+    pub async fn connect_on(backend: &dyn Backend, name: &str) -> Result<Machine> {
+        crate::config::validate_name(name)?;
         Ok(Machine {
             inner: backend.connect(name).await?,
         })
@@ -229,7 +253,13 @@ impl Machine {
     /// A handle to an existing machine without booting it (`stop` / `delete` by name).
     pub async fn open(name: &str, conn: ConnectOptions) -> Result<Machine> {
         crate::config::validate_name(name)?;
-        let backend = backend_for(&conn)?;
+        Self::open_on(&*backend_for(&conn)?, name).await
+    }
+
+    /// [`Machine::open`] on `backend`. A machine this process already holds is that same live
+    /// handle, at once.
+    pub async fn open_on(backend: &dyn Backend, name: &str) -> Result<Machine> {
+        crate::config::validate_name(name)?;
         Ok(Machine {
             inner: backend.open(name).await?,
         })
@@ -241,7 +271,15 @@ impl Machine {
         conn: ConnectOptions,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<MachineSummary>> {
-        backend_for(&conn)?.list(labels).await
+        Self::list_on(&*backend_for(&conn)?, labels).await
+    }
+
+    /// [`Machine::list`] on `backend`.
+    pub async fn list_on(
+        backend: &dyn Backend,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<MachineSummary>> {
+        backend.list(labels).await
     }
 
     /// Wraps a backend machine (for backends and tests).
@@ -263,15 +301,7 @@ impl Machine {
     /// connection that the guest does not reset at once (the host side accepts before a guest
     /// listener exists; a connection reset within ~100 ms means nothing listens yet).
     pub async fn ready(&self) -> Result<bool> {
-        if self.inner.state().await? != MachineState::Running {
-            return Ok(false);
-        }
-        for p in self.inner.ports() {
-            if !port_ready(p.host).await {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        self.inner.ready().await
     }
 
     /// Polls [`Machine::ready`] every `interval` until it is true; a `Timeout` error after
@@ -347,6 +377,7 @@ impl Machine {
         if guest == 0 || host == Some(0) {
             return Err(Error::invalid("ports must be 1..=65535"));
         }
+        self.inner.check_protocol(protocol)?;
         self.inner.publish(guest, host).await
     }
 
@@ -362,6 +393,7 @@ impl Machine {
         if guest.is_none() && host.is_none() {
             return Err(Error::invalid("unpublish needs a guest or a host port"));
         }
+        self.inner.check_protocol(protocol)?;
         self.inner.unpublish(guest, host).await
     }
 
@@ -373,30 +405,10 @@ impl Machine {
     /// The URLs of a published guest port (SPEC §4.7): locally `http://127.0.0.1:<host>[/path]`
     /// and its `ws://` twin. A guest port that is not published is an `InvalidConfig` error.
     pub fn endpoint(&self, guest_port: u16, path: Option<&str>) -> Result<PortEndpoint> {
-        let Some(p) = self
-            .inner
-            .ports()
-            .into_iter()
-            .find(|p| p.guest == guest_port)
-        else {
-            return Err(Error::invalid(format!(
-                "guest port {guest_port} is not published on machine {:?}",
-                self.name()
-            )));
-        };
-        let mut http = format!("http://127.0.0.1:{}", p.host);
-        if let Some(path) = path
-            .map(|p| p.trim_start_matches('/'))
-            .filter(|p| !p.is_empty())
-        {
-            http.push('/');
-            http.push_str(path);
+        if guest_port == 0 {
+            return Err(Error::invalid("ports must be 1..=65535"));
         }
-        Ok(PortEndpoint {
-            ws_url: format!("ws{}", &http[4..]),
-            http_url: http,
-            headers: BTreeMap::new(),
-        })
+        self.inner.endpoint(guest_port, path)
     }
 
     /// Runs `argv`, yielding output as it is produced.
@@ -462,3 +474,7 @@ impl Machine {
         self.inner.delete().await
     }
 }
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod tests;

@@ -18,6 +18,8 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub mod image;
 pub mod local;
 pub mod wire;
@@ -29,7 +31,7 @@ pub use config::{
     MachineConfig, MachineState, MachineSummary, MountSpec, NetworkBackend, PortEndpoint, PortSpec,
     ResourceSpec, Support, Target, MAX_WAIT,
 };
-pub use error::{Error, Result};
+pub use error::{Error, ErrorCode, Problem, Result};
 pub use image::ImageInfo;
 
 /// Whether this host can run local machines, and with which accelerator (SPEC §3.10). Never

@@ -1,19 +1,27 @@
 //! The per-machine writable disk: a qcow2 overlay over a formatted, sparse ext4 template made
 //! once per size. Creating a machine's disk is then a `qemu-img create` (milliseconds), and the
 //! qcow2 layer is what later snapshots build on.
+//!
+//! Both are async: `mkfs.ext4` and `qemu-img` run through `tokio::process`, so a create never
+//! blocks a runtime thread.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use tokio::process::Command;
 
 use crate::error::{Error, Result};
 
 /// Label of the ext4 file system; the agent finds the disk by the virtio-blk serial instead.
 pub const SERIAL: &str = "smol-disk";
 
-fn run(cmd: &mut Command, what: &str, path: &Path) -> Result<()> {
-    let out = cmd.output().map_err(|e| Error::Storage {
-        path: path.to_path_buf(),
-        message: format!("{what}: {e} (is it installed?)"),
+async fn run(cmd: &mut Command, what: &str, path: &Path) -> Result<()> {
+    let program = what.split(' ').next().unwrap_or(what);
+    tracing::debug!(command = what, path = %path.display(), "running");
+    let out = cmd.output().await.map_err(|e| {
+        super::programs::spawn_error(program, e, |e| Error::Storage {
+            path: path.to_path_buf(),
+            message: format!("{what}: {e}"),
+        })
     })?;
     if out.status.success() {
         return Ok(());
@@ -32,26 +40,31 @@ fn run(cmd: &mut Command, what: &str, path: &Path) -> Result<()> {
 }
 
 /// The formatted template of `size_gb` GiB under `<home>/templates`, made on first use.
-pub fn template(home: &Path, size_gb: u32) -> Result<PathBuf> {
+pub async fn template(home: &Path, size_gb: u32) -> Result<PathBuf> {
     let dir = home.join("templates");
     let path = dir.join(format!("ext4-{size_gb}g.raw"));
-    if path.is_file() {
+    if tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_file()) {
         return Ok(path);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Storage {
-        path: dir.clone(),
-        message: e.to_string(),
-    })?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| Error::Storage {
+            path: dir.clone(),
+            message: e.to_string(),
+        })?;
     let tmp = dir.join(format!(
         ".ext4-{size_gb}g.{}.{:08x}.tmp",
         std::process::id(),
         rand::random::<u32>()
     ));
-    let f = std::fs::File::create(&tmp).map_err(|e| Error::Storage {
-        path: tmp.clone(),
-        message: e.to_string(),
-    })?;
+    let f = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(|e| Error::Storage {
+            path: tmp.clone(),
+            message: e.to_string(),
+        })?;
     f.set_len(u64::from(size_gb) << 30)
+        .await
         .map_err(|e| Error::Storage {
             path: tmp.clone(),
             message: e.to_string(),
@@ -64,15 +77,16 @@ pub fn template(home: &Path, size_gb: u32) -> Result<PathBuf> {
             .arg(&tmp),
         "mkfs.ext4",
         &tmp,
-    );
+    )
+    .await;
     if let Err(e) = made {
-        let _ = std::fs::remove_file(&tmp);
+        remove_tmp(&tmp).await;
         return Err(e);
     }
     // Publish without ever replacing a template that disks may already be layered on (each
     // mkfs makes a different file system): the first to link it wins, the others use it.
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
+    let linked = tokio::fs::hard_link(&tmp, &path).await;
+    remove_tmp(&tmp).await;
     match linked {
         Ok(()) => Ok(path),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(path),
@@ -83,14 +97,22 @@ pub fn template(home: &Path, size_gb: u32) -> Result<PathBuf> {
     }
 }
 
+async fn remove_tmp(tmp: &Path) {
+    if let Err(e) = tokio::fs::remove_file(tmp).await {
+        tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a template's temporary file");
+    }
+}
+
 /// Creates the machine's disk at `path` over the template of `size_gb`.
-pub fn create(home: &Path, path: &Path, size_gb: u32) -> Result<()> {
-    let base = template(home, size_gb)?;
+pub async fn create(home: &Path, path: &Path, size_gb: u32) -> Result<()> {
+    let base = template(home, size_gb).await?;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::Storage {
-            path: parent.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| Error::Storage {
+                path: parent.to_path_buf(),
+                message: e.to_string(),
+            })?;
     }
     run(
         Command::new("qemu-img")
@@ -100,21 +122,26 @@ pub fn create(home: &Path, path: &Path, size_gb: u32) -> Result<()> {
         "qemu-img create",
         path,
     )
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn concurrent_first_use_makes_one_template() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_use_makes_one_template() {
         let home = tempfile::tempdir().unwrap();
-        let paths: Vec<PathBuf> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| template(home.path(), 1).unwrap()))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let h = home.path().to_path_buf();
+                tokio::spawn(async move { template(&h, 1).await.unwrap() })
+            })
+            .collect();
+        let mut paths = Vec::new();
+        for t in tasks {
+            paths.push(t.await.unwrap());
+        }
         assert!(paths.windows(2).all(|w| w[0] == w[1]));
         let left: Vec<_> = std::fs::read_dir(home.path().join("templates"))
             .unwrap()
@@ -122,18 +149,18 @@ mod tests {
         assert_eq!(left.len(), 1, "temporary files left: {left:?}");
     }
 
-    #[test]
-    fn disk_over_a_shared_template() {
+    #[tokio::test]
+    async fn disk_over_a_shared_template() {
         let home = tempfile::tempdir().unwrap();
         let d1 = home.path().join("m/a/disk.qcow2");
         let d2 = home.path().join("m/b/disk.qcow2");
-        create(home.path(), &d1, 1).unwrap();
-        create(home.path(), &d2, 1).unwrap();
-        let t = template(home.path(), 1).unwrap();
+        create(home.path(), &d1, 1).await.unwrap();
+        create(home.path(), &d2, 1).await.unwrap();
+        let t = template(home.path(), 1).await.unwrap();
         // sparse: a 1 GiB template takes a few MiB
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&t).unwrap().blocks() * 512 < 64 << 20);
-        let info = Command::new("qemu-img")
+        let info = std::process::Command::new("qemu-img")
             .arg("info")
             .arg(&d1)
             .output()
@@ -144,5 +171,27 @@ mod tests {
             "{info}"
         );
         assert!(d2.exists());
+    }
+
+    /// A missing program is a typed error naming it and its package; a failing one a storage
+    /// error (through tokio::process: no panic, no hang).
+    #[tokio::test]
+    async fn a_missing_or_failing_tool_is_a_typed_error() {
+        let home = tempfile::tempdir().unwrap();
+        let e = run(
+            &mut Command::new("/nonexistent/qemu-img"),
+            "qemu-img create",
+            home.path(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, Error::ProgramMissing { program, .. } if program == "qemu-img"),
+            "{e:?}"
+        );
+        let e = run(&mut Command::new("false"), "false", home.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Storage { .. }), "{e:?}");
     }
 }

@@ -1,7 +1,13 @@
 //! A machine of the local engine: one supervised VMM process, one agent connection.
+//!
+//! Its lifecycle is a [`Phase`] changed only through [`Phase::on`]; `start`, `stop` and
+//! `delete` run one at a time per machine (an async lock), so two concurrent `start()`s boot
+//! one VM and a `stop()` racing a `start()` ends in whichever came last. The public
+//! [`MachineState`] is derived from the phase.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -10,7 +16,9 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use super::agent::{AgentConn, AgentError};
+use super::phase::{Event, Phase};
 use super::record::{ProcId, Record};
+use super::registry::Shared;
 use super::state::StateDb;
 use super::vmm::{tail, VmSpec, Vmm};
 use crate::backend::{ExecStream, MachineBackend};
@@ -44,7 +52,13 @@ pub(crate) struct Inner {
     owned: bool,
     ready_timeout: Duration,
     record: Mutex<Record>,
-    state: Mutex<MachineState>,
+    phase: Mutex<Phase>,
+    /// Held by `start`, `stop` and `delete`: one lifecycle operation at a time.
+    lifecycle: tokio::sync::Mutex<()>,
+    /// VMs booted by this handle (tests: concurrent starts boot one).
+    boots: AtomicU32,
+    /// The engine whose live machines this one is among.
+    engine: Arc<Shared>,
     conn: Mutex<Option<AgentConn>>,
     vm: Mutex<Option<Vm>>,
     /// Published-port listeners.
@@ -69,7 +83,7 @@ impl std::fmt::Debug for LocalMachine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalMachine")
             .field("name", &self.inner.name)
-            .field("state", &*self.inner.state.lock().expect("state lock"))
+            .field("phase", &self.phase())
             .finish()
     }
 }
@@ -93,8 +107,54 @@ async fn close_ports(tasks: Vec<(u16, tokio::task::JoinHandle<()>)>) {
     for (_, t) in &tasks {
         t.abort();
     }
-    for (_, t) in tasks {
-        let _ = t.await;
+    for (port, t) in tasks {
+        match t.await {
+            Err(e) if e.is_panic() => tracing::warn!(port, "a port listener panicked"),
+            _ => {}
+        }
+    }
+}
+
+/// Removes a file that may be gone already; other failures are logged.
+fn remove_file_logged(path: &std::path::Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove"),
+    }
+}
+
+/// Removes a directory tree that may be gone already (blocking); other failures are logged.
+fn remove_dir_logged(path: &std::path::Path) {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove"),
+    }
+}
+
+/// Kills helper processes and reaps them (waiting happens off the runtime when there is one).
+fn end_children(mut children: Vec<std::process::Child>) {
+    if children.is_empty() {
+        return;
+    }
+    for c in &mut children {
+        if let Err(e) = c.kill() {
+            tracing::debug!(pid = c.id(), error = %e, "helper already gone");
+        }
+    }
+    let reap = move || {
+        for mut c in children {
+            if let Err(e) = c.wait() {
+                tracing::warn!(pid = c.id(), error = %e, "cannot reap a helper process");
+            }
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn_blocking(reap);
+        }
+        Err(_) => reap(),
     }
 }
 
@@ -140,15 +200,13 @@ pub(crate) struct Parts {
     pub ready_timeout: Duration,
     pub owned: bool,
     pub lock: std::fs::File,
+    pub engine: Arc<Shared>,
+    /// `Creating` for a new machine, `Stopped` for a handle of an existing one.
+    pub phase: Phase,
 }
 
 impl LocalMachine {
     pub(crate) fn new(p: Parts) -> Self {
-        let state = if p.record.booted {
-            MachineState::Stopped
-        } else {
-            MachineState::Created
-        };
         Self {
             inner: Arc::new(Inner {
                 name: p.spec.name.clone(),
@@ -160,7 +218,10 @@ impl LocalMachine {
                 owned: p.owned,
                 ready_timeout: p.ready_timeout,
                 record: Mutex::new(p.record),
-                state: Mutex::new(state),
+                phase: Mutex::new(p.phase),
+                lifecycle: tokio::sync::Mutex::new(()),
+                boots: AtomicU32::new(0),
+                engine: p.engine,
                 conn: Mutex::new(None),
                 vm: Mutex::new(None),
                 ports: Mutex::new(Vec::new()),
@@ -184,27 +245,77 @@ impl LocalMachine {
     }
 
     fn stop_helpers(inner: &Inner) {
-        for mut h in inner.helpers.lock().expect("helpers lock").drain(..) {
-            let _ = h.kill();
-            let _ = h.wait();
-        }
+        let children: Vec<_> = inner
+            .helpers
+            .lock()
+            .expect("helpers lock")
+            .drain(..)
+            .collect();
+        end_children(children);
     }
 
-    fn save_record(&self, f: impl FnOnce(&mut Record)) {
+    /// Changes the record and stores it (on the blocking pool). A failed write is logged: the
+    /// in-memory record stays authoritative for this handle.
+    async fn save_record(&self, f: impl FnOnce(&mut Record)) {
         let rec = {
             let mut r = self.inner.record.lock().expect("record lock");
             f(&mut r);
             r.clone()
         };
-        let _ = self.inner.db.update(&rec);
+        if let Err(e) = self.inner.db.call(move |db| db.update(&rec)).await {
+            tracing::warn!(machine = %self.inner.name, error = %e, "cannot store the machine record");
+        }
     }
 
-    fn set_state(&self, s: MachineState) {
-        *self.inner.state.lock().expect("state lock") = s;
+    /// The lifecycle phase.
+    pub fn phase(&self) -> Phase {
+        *self.inner.phase.lock().expect("phase lock")
+    }
+
+    /// How many VMs this handle has booted.
+    pub fn boots(&self) -> u32 {
+        self.inner.boots.load(Ordering::SeqCst)
+    }
+
+    /// The public state, derived from the phase.
+    pub(crate) fn public_state(&self) -> MachineState {
+        let booted = self.inner.record.lock().expect("record lock").booted;
+        self.phase().public(booted)
     }
 
     fn current_state(&self) -> MachineState {
-        *self.inner.state.lock().expect("state lock")
+        self.public_state()
+    }
+
+    /// Applies `event`; a refused transition is an `InvalidState` error for `op`.
+    fn apply(&self, event: Event, op: &str) -> Result<Phase> {
+        let mut p = self.inner.phase.lock().expect("phase lock");
+        match p.on(event) {
+            Ok(next) => {
+                tracing::debug!(machine = %self.inner.name, from = %*p, to = %next, ?event, "phase");
+                *p = next;
+                Ok(next)
+            }
+            Err(refused) => {
+                drop(p);
+                tracing::debug!(machine = %self.inner.name, %refused, op, "refused");
+                Err(self.invalid_state(op))
+            }
+        }
+    }
+
+    /// Applies an event that reports a fact (the VMM ended, a boot failed); a refusal only
+    /// means the phase already says so, and is logged.
+    fn note(inner: &Inner, event: Event) -> Phase {
+        let mut p = inner.phase.lock().expect("phase lock");
+        match p.on(event) {
+            Ok(next) => {
+                tracing::debug!(machine = %inner.name, from = %*p, to = %next, ?event, "phase");
+                *p = next;
+            }
+            Err(refused) => tracing::debug!(machine = %inner.name, %refused, "ignored"),
+        }
+        *p
     }
 
     fn vm_pid(&self) -> Option<u32> {
@@ -271,39 +382,54 @@ impl LocalMachine {
 
     fn bind_agent_socket(&self) -> Result<UnixListener> {
         let path = self.inner.spec.agent_socket();
-        let _ = std::fs::remove_file(&path);
+        remove_file_logged(&path);
         UnixListener::bind(&path).map_err(|e| Error::io(format!("binding {}", path.display()), e))
     }
 
     /// Watches the VM's exit: marks the machine stopped, ends the agent channel, and removes the
     /// sockets, whichever way the VMM went (clean power-off, crash, SIGKILL from anyone).
-    fn on_exit(weak: &Weak<Inner>, detail: &str) {
-        if let Some(inner) = weak.upgrade() {
-            {
-                let mut st = inner.state.lock().expect("state lock");
-                if *st != MachineState::Deleted {
-                    *st = MachineState::Stopped;
-                }
-            }
-            if let Some(c) = inner.conn.lock().expect("conn lock").take() {
-                c.close(detail);
-            }
-            let _ = std::fs::remove_file(inner.spec.agent_socket());
-            let _ = std::fs::remove_file(inner.spec.qmp_socket());
-            Self::stop_helpers(&inner);
-            let rec = {
-                let mut rec = inner.record.lock().expect("record lock");
-                rec.vmm = None;
-                rec.clone()
-            };
-            if *inner.state.lock().expect("state lock") != MachineState::Deleted {
-                let _ = inner.db.update(&rec);
+    async fn on_exit(weak: &Weak<Inner>, detail: &str) {
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        tracing::info!(machine = %inner.name, detail, "VMM exited");
+        let phase = Self::note(&inner, Event::Exited);
+        if let Some(c) = inner.conn.lock().expect("conn lock").take() {
+            c.close(detail);
+        }
+        remove_file_logged(&inner.spec.agent_socket());
+        remove_file_logged(&inner.spec.qmp_socket());
+        Self::stop_helpers(&inner);
+        let rec = {
+            let mut rec = inner.record.lock().expect("record lock");
+            rec.vmm = None;
+            rec.clone()
+        };
+        if !matches!(phase, Phase::Deleting | Phase::Deleted) {
+            if let Err(e) = inner.db.call(move |db| db.update(&rec)).await {
+                tracing::warn!(machine = %inner.name, error = %e, "cannot store the stopped record");
             }
         }
     }
 
-    /// Starts the VMM and waits for the agent's hello.
+    /// Boots the VM (phase `Booting`, then `Running`, or `Failed`) and launches its workload.
+    /// Callers hold the lifecycle lock (or the only handle).
+    #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
     pub(crate) async fn boot(&self) -> Result<()> {
+        self.apply(Event::Boot, "start")?;
+        self.inner.boots.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = self.boot_vm().await {
+            tracing::warn!(error = %e, "boot failed");
+            Self::note(&self.inner, Event::BootFailed);
+            return Err(e);
+        }
+        self.apply(Event::Booted, "start")?;
+        tracing::info!(pid = self.vm_pid(), "running");
+        self.launch_workload().await
+    }
+
+    /// Starts the VMM and waits for the agent's hello.
+    async fn boot_vm(&self) -> Result<()> {
         let listener = self.bind_agent_socket()?;
         let (mounts, network) = {
             let r = self.inner.record.lock().expect("record lock");
@@ -344,19 +470,23 @@ impl LocalMachine {
         });
         let me = ProcId::current();
         let vmm_id = ProcId::of(pid);
+        // the supervisor first: the VMM may exit while the record is written
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let detail = describe_exit(child.wait().await);
+            Self::on_exit(&weak, &detail).await;
+            // no receiver left: every handle is gone, nobody waits for the exit
+            if exit_tx.send(Some(detail)).is_err() {
+                tracing::trace!("VMM exit seen after the last handle");
+            }
+        });
         self.save_record(|r| {
             r.vmm = vmm_id;
             r.owner = Some(me);
             r.booted = true;
-        });
-        let weak = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            let detail = describe_exit(child.wait().await);
-            Self::on_exit(&weak, &detail);
-            let _ = exit_tx.send(Some(detail));
-        });
-        self.await_agent(listener, exit_rx).await?;
-        self.launch_workload().await
+        })
+        .await;
+        self.await_agent(listener, exit_rx).await
     }
 
     /// Starts the machine's workload (SPEC §3.4) in the background; its output goes to
@@ -437,7 +567,6 @@ impl LocalMachine {
         match outcome {
             Ok(conn) => {
                 *self.inner.conn.lock().expect("conn lock") = Some(conn);
-                self.set_state(MachineState::Running);
                 Ok(())
             }
             Err(reason) => {
@@ -454,7 +583,23 @@ impl LocalMachine {
 
     /// Attaches to the VM of another process: take over its agent socket and wait for QEMU to
     /// reconnect (it retries every second).
+    #[tracing::instrument(skip(self), fields(machine = %self.inner.name, pid = vmm_id.pid))]
     pub(crate) async fn attach(&self, vmm_id: ProcId) -> Result<()> {
+        self.apply(Event::Boot, "attach")?;
+        match self.attach_vm(vmm_id).await {
+            Ok(()) => {
+                self.apply(Event::Booted, "attach")?;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "attach failed");
+                Self::note(&self.inner, Event::BootFailed);
+                Err(e)
+            }
+        }
+    }
+
+    async fn attach_vm(&self, vmm_id: ProcId) -> Result<()> {
         let pid = vmm_id.pid;
         let (exit_tx, exit_rx) = watch::channel(None);
         *self.inner.vm.lock().expect("vm lock") = Some(Vm {
@@ -471,12 +616,22 @@ impl LocalMachine {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let detail = "the VMM exited".to_string();
-            Self::on_exit(&weak, &detail);
-            let _ = exit_tx.send(Some(detail));
+            Self::on_exit(&weak, &detail).await;
+            if exit_tx.send(Some(detail)).is_err() {
+                tracing::trace!("VMM exit seen after the last handle");
+            }
         });
         let listener = self.bind_agent_socket()?;
-        let _ = self.inner.vmm.reconnect_agent(&self.inner.spec).await;
+        self.nudge_reconnect().await;
         self.await_agent(listener, exit_rx).await
+    }
+
+    /// Tells QEMU to reconnect its agent chardev now instead of on its next retry; a failure
+    /// only costs that retry (about a second), so it is logged, not returned.
+    async fn nudge_reconnect(&self) {
+        if let Err(e) = self.inner.vmm.reconnect_agent(&self.inner.spec).await {
+            tracing::debug!(machine = %self.inner.name, error = %e, "chardev-change failed; QEMU retries by itself");
+        }
     }
 
     /// One protocol round trip through the agent (no process, no file): the channel's latency.
@@ -498,7 +653,7 @@ impl LocalMachine {
         let exit_rx = self
             .exit_watch()
             .ok_or_else(|| self.invalid_state("reconnect"))?;
-        let _ = self.inner.vmm.reconnect_agent(&self.inner.spec).await;
+        self.nudge_reconnect().await;
         self.await_agent(listener, exit_rx).await
     }
 
@@ -527,6 +682,9 @@ impl LocalMachine {
         match e {
             AgentError::Remote(r) => Error::from_remote(r),
             AgentError::Unexpected(m) => Error::Protocol { message: m },
+            e @ AgentError::NotSupported(_) => Error::NotSupported {
+                message: e.to_string(),
+            },
             AgentError::Closed(closed) => {
                 let mut detail = format!("agent connection lost ({})", closed.reason);
                 if let Some(mut rx) = self.exit_watch() {
@@ -621,11 +779,13 @@ impl LocalMachine {
         }
     }
 
-    /// Kills the VM and removes everything of the machine: processes, sockets, disk, record.
-    pub(crate) async fn destroy(&self) {
+    /// Kills the VM and removes everything of the machine: processes, sockets, disk, record;
+    /// the machine leaves its engine's live machines.
+    #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
+    pub(crate) async fn destroy(&self) -> Result<()> {
+        Self::note(&self.inner, Event::Delete);
         self.kill_and_wait().await;
         Self::stop_helpers(&self.inner);
-        self.set_state(MachineState::Deleted);
         let tasks: Vec<_> = self
             .inner
             .ports
@@ -634,9 +794,26 @@ impl LocalMachine {
             .drain(..)
             .collect();
         close_ports(tasks).await;
-        let _ = std::fs::remove_dir_all(&self.inner.spec.dir);
-        let _ = std::fs::remove_dir_all(&self.inner.home_dir);
-        let _ = self.inner.db.delete(&self.inner.name);
+        let (dir, home_dir, name) = (
+            self.inner.spec.dir.clone(),
+            self.inner.home_dir.clone(),
+            self.inner.name.clone(),
+        );
+        let removed = self
+            .inner
+            .db
+            .call(move |db| {
+                remove_dir_logged(&dir);
+                remove_dir_logged(&home_dir);
+                db.delete(&name)
+            })
+            .await;
+        self.inner
+            .engine
+            .forget(&self.inner.name, Arc::as_ptr(&self.inner));
+        Self::note(&self.inner, Event::Removed);
+        tracing::info!("deleted");
+        removed
     }
 }
 
@@ -699,29 +876,53 @@ impl MachineBackend for LocalMachine {
         }
     }
 
+    #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
     async fn start(&self) -> Result<()> {
-        match self.current_state() {
-            MachineState::Running => Ok(()),
-            MachineState::Deleted => Err(self.invalid_state("start")),
-            MachineState::Created | MachineState::Stopped => self.boot().await,
+        let _one_at_a_time = self.inner.lifecycle.lock().await;
+        match self.phase() {
+            Phase::Running | Phase::Paused => Ok(()),
+            Phase::Creating | Phase::Stopped | Phase::Failed => self.boot().await,
+            Phase::Booting => {
+                // under the lifecycle lock nobody boots: a boot whose caller gave up
+                tracing::warn!("ending an abandoned boot");
+                self.kill_and_wait().await;
+                Self::note(&self.inner, Event::BootFailed);
+                self.boot().await
+            }
+            Phase::Stopping | Phase::Deleting | Phase::Deleted => Err(self.invalid_state("start")),
         }
     }
 
+    #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
     async fn stop(&self) -> Result<()> {
-        match self.current_state() {
-            MachineState::Deleted => return Err(self.invalid_state("stop")),
-            MachineState::Created | MachineState::Stopped => return Ok(()),
-            MachineState::Running => {}
+        let _one_at_a_time = self.inner.lifecycle.lock().await;
+        match self.phase() {
+            Phase::Deleting | Phase::Deleted => return Err(self.invalid_state("stop")),
+            Phase::Creating | Phase::Stopped | Phase::Failed => return Ok(()),
+            // a stop whose caller gave up carries on here
+            Phase::Stopping => {}
+            Phase::Running | Phase::Paused | Phase::Booting => {
+                if self.phase() != Phase::Booting {
+                    self.apply(Event::Stop, "stop")?;
+                }
+            }
         }
         let conn = self.inner.conn.lock().expect("conn lock").clone();
         let asked = conn.map(|c| c.shutdown().is_ok()).unwrap_or(false);
         if !(asked && self.wait_exit(STOP_TIMEOUT).await) {
-            let _ = self.inner.vmm.quit(&self.inner.spec).await;
+            if let Err(e) = self.inner.vmm.quit(&self.inner.spec).await {
+                tracing::debug!(error = %e, "QMP quit failed; killing the VMM");
+            }
             if !self.wait_exit(KILL_WAIT).await {
                 self.kill_and_wait().await;
             }
         }
-        self.set_state(MachineState::Stopped);
+        if self.phase() == Phase::Booting {
+            Self::note(&self.inner, Event::BootFailed);
+        } else {
+            Self::note(&self.inner, Event::Halted);
+        }
+        tracing::info!("stopped");
         Ok(())
     }
 
@@ -732,7 +933,7 @@ impl MachineBackend for LocalMachine {
         let listener = super::ports::bind(&[(host.unwrap_or(0), guest)]).await?;
         let port = listener[0].0.local_addr().map(|a| a.port()).unwrap_or(0);
         self.serve_ports(listener);
-        self.save_record(|r| r.ports.push((port, guest)));
+        self.save_record(|r| r.ports.push((port, guest))).await;
         Ok(crate::config::PortSpec { host: port, guest })
     }
 
@@ -760,8 +961,41 @@ impl MachineBackend for LocalMachine {
             closing
         };
         close_ports(closing).await;
-        self.save_record(|r| r.ports.retain(|&(h, g)| !matches(h, g)));
+        self.save_record(|r| r.ports.retain(|&(h, g)| !matches(h, g)))
+            .await;
         Ok(())
+    }
+
+    async fn ready(&self) -> Result<bool> {
+        if self.current_state() != MachineState::Running {
+            return Ok(false);
+        }
+        for p in MachineBackend::ports(self) {
+            if !super::ports::ready(p.host).await {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn endpoint(&self, guest_port: u16, path: Option<&str>) -> Result<crate::config::PortEndpoint> {
+        let host = self
+            .record()
+            .ports
+            .iter()
+            .find(|&&(_, g)| g == guest_port)
+            .map(|&(h, _)| h)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "guest port {guest_port} is not published on machine {:?}",
+                    self.inner.name
+                ))
+            })?;
+        Ok(super::ports::endpoint(host, path))
+    }
+
+    fn check_protocol(&self, protocol: &str) -> Result<()> {
+        super::ports::check_protocol(protocol)
     }
 
     fn ports(&self) -> Vec<crate::config::PortSpec> {
@@ -782,12 +1016,13 @@ impl MachineBackend for LocalMachine {
         Ok(self.image_store()?.list()?)
     }
 
+    #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
     async fn delete(&self) -> Result<()> {
-        if self.current_state() == MachineState::Deleted {
+        let _one_at_a_time = self.inner.lifecycle.lock().await;
+        if self.phase() == Phase::Deleted {
             return Ok(());
         }
-        self.destroy().await;
-        Ok(())
+        self.destroy().await
     }
 }
 
@@ -802,25 +1037,56 @@ impl Drop for Inner {
         for (_, t) in self.ports.lock().expect("ports lock").drain(..) {
             t.abort();
         }
-        let state = *self.state.lock().expect("state lock");
-        let rec = self.record.lock().expect("record lock").clone();
-        if !self.owned || rec.persistent || state == MachineState::Deleted {
+        let me: *const Inner = self;
+        let phase = *self.phase.lock().expect("phase lock");
+        let persistent = self.record.lock().expect("record lock").persistent;
+        if !self.owned || persistent || phase == Phase::Deleted {
+            self.engine.forget(&self.name, me);
             return;
         }
         // The last handle of a non-persistent machine this process created: nothing of it may
         // outlive the handle.
+        tracing::info!(machine = %self.name, "last handle dropped: removing the machine");
         if let Some(vm) = self.vm.lock().expect("vm lock").as_ref() {
             if vm.exit.borrow().is_none() {
                 // SAFETY: signals the VMM process this machine started; no memory involved.
                 unsafe { libc::kill(vm.pid as i32, libc::SIGKILL) };
             }
         }
-        for mut h in self.helpers.lock().expect("helpers lock").drain(..) {
-            let _ = h.kill();
-            let _ = h.wait();
+        let helpers: Vec<_> = self
+            .helpers
+            .lock()
+            .expect("helpers lock")
+            .drain(..)
+            .collect();
+        end_children(helpers);
+        // The files and the record go on the blocking pool, holding the name's gate so that a
+        // create or open of the same name waits for them (inline without a runtime).
+        let (dir, home_dir, db, name) = (
+            self.spec.dir.clone(),
+            self.home_dir.clone(),
+            self.db.clone(),
+            self.name.clone(),
+        );
+        let engine = self.engine.clone();
+        let me_addr = me as usize;
+        let gate = self.engine.release(&self.name, me);
+        let cleanup = move || {
+            remove_dir_logged(&dir);
+            remove_dir_logged(&home_dir);
+            if let Err(e) = db.delete(&name) {
+                tracing::warn!(machine = %name, error = %e, "cannot remove the machine record");
+            }
+            engine.drained(&name, me_addr as *const Inner);
+        };
+        match (tokio::runtime::Handle::try_current(), gate) {
+            (Ok(rt), Some(gate)) => {
+                rt.spawn_blocking(move || {
+                    cleanup();
+                    drop(gate);
+                });
+            }
+            _ => cleanup(),
         }
-        let _ = std::fs::remove_dir_all(&self.spec.dir);
-        let _ = std::fs::remove_dir_all(&self.home_dir);
-        let _ = self.db.delete(&self.name);
     }
 }

@@ -1,5 +1,9 @@
 //! The local engine: machines as QEMU processes on this host, supervised by the caller's process
 //! (or left running, `detach`), with their records under the engine's run directory.
+//!
+//! One engine per home per process ([`LocalBackend::open_home`], [`LocalBackend::shared`]):
+//! one state database, and the live machines this process drives, so a second `open` or
+//! `connect` of a held machine is that same handle, at once (see `registry`).
 
 pub mod accel;
 pub mod agent;
@@ -9,18 +13,24 @@ pub mod disk;
 mod machine;
 pub mod mounts;
 pub mod net;
+pub mod phase;
 mod ports;
+pub mod programs;
 pub mod qmp;
+mod reaper;
 pub mod record;
+mod registry;
 pub mod state;
 pub mod vmm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use machine::LocalMachine;
+pub use phase::Phase;
+pub use reaper::REAP_INTERVAL;
 
 use crate::backend::{Backend, MachineBackend};
 use crate::config::{generate_name, MachineConfig, MachineState, MachineSummary, PortSpec, Target};
@@ -92,12 +102,21 @@ pub struct Doctor {
     pub run_dir: PathBuf,
     /// Engine home.
     pub home: PathBuf,
+    /// Every program the engine runs (scripts/programs.txt): present, runnable, version.
+    pub programs: Vec<programs::Check>,
 }
 
 impl Doctor {
-    /// Whether machines can be created on this host.
+    /// Whether machines can be created on this host (every `engine` program is there; a
+    /// missing program of an optional feature, mounts or network, only disables that feature).
     pub fn ok(&self) -> bool {
-        self.accel.is_ok() && self.vmm.is_ok() && self.assets.is_ok()
+        self.accel.is_ok()
+            && self.vmm.is_ok()
+            && self.assets.is_ok()
+            && self
+                .programs
+                .iter()
+                .all(|c| c.ok() || c.program.role != programs::Role::Engine)
     }
 }
 
@@ -159,6 +178,25 @@ pub(crate) fn availability() -> crate::config::LocalAvailability {
             format!("{e}; install QEMU (Debian: apt-get install qemu-system-x86) or set SMOL_QEMU"),
         );
     }
+    if let Some(c) = d
+        .programs
+        .iter()
+        .find(|c| !c.ok() && c.program.role == programs::Role::Engine)
+    {
+        return no(
+            "RUNTIME_NOT_INSTALLED",
+            format!(
+                "{}: {}; install it: apt-get install {}",
+                c.program.program,
+                c.status
+                    .as_ref()
+                    .err()
+                    .map(String::as_str)
+                    .unwrap_or_default(),
+                c.program.package
+            ),
+        );
+    }
     if let Err(e) = d.assets {
         return no(
             "RUNTIME_NOT_INSTALLED",
@@ -173,15 +211,16 @@ pub(crate) fn availability() -> crate::config::LocalAvailability {
     }
 }
 
-/// The local engine backend.
+/// The local engine backend. Cheap to clone: clones (and the `with_*` variants of one) share
+/// the engine of their home and run directory: its state database and its live machines.
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     home: PathBuf,
     run_dir: PathBuf,
     vmm: Arc<dyn Vmm>,
     assets: Option<assets::Assets>,
-    db: Arc<OnceLock<Arc<StateDb>>>,
     passt: Option<PathBuf>,
+    shared: Arc<registry::Shared>,
 }
 
 fn map_accel(e: AccelError) -> Error {
@@ -194,37 +233,68 @@ fn map_accel(e: AccelError) -> Error {
 }
 
 impl LocalBackend {
-    /// The engine configured from the environment (`SMOL_HOME`, `SMOL_RUN_DIR`, ...).
-    pub fn from_env() -> Self {
+    /// This process's engine for `home` and `run_dir` (made on first use, then the same `Arc`).
+    pub fn open_dirs(home: impl AsRef<Path>, run_dir: impl AsRef<Path>) -> Arc<LocalBackend> {
+        let key = (
+            registry::canonical(home.as_ref()),
+            registry::canonical(run_dir.as_ref()),
+        );
+        let (home, run_dir) = key.clone();
+        registry::engine(key, || LocalBackend {
+            home,
+            run_dir,
+            vmm: Arc::new(Qemu::from_env()),
+            assets: None,
+            passt: None,
+            shared: Arc::new(registry::Shared::default()),
+        })
+    }
+
+    /// This process's engine whose home (state database, disks) is `home` and whose run
+    /// directory is `home/run`: the same `Arc` at every call. Engines of different homes do not
+    /// see each other's machines.
+    pub fn open_home(home: impl AsRef<Path>) -> Arc<LocalBackend> {
+        let home = home.as_ref();
+        Self::open_dirs(home, home.join("run"))
+    }
+
+    /// This process's engine configured from the environment (`SMOL_HOME`, `SMOL_RUN_DIR`).
+    pub fn open_env() -> Arc<LocalBackend> {
         let home = assets::smol_home();
-        Self {
-            run_dir: run_dir_for(&home),
-            home,
-            vmm: Arc::new(Qemu::from_env()),
-            assets: None,
-            db: Arc::new(OnceLock::new()),
-            passt: None,
-        }
+        let run_dir = run_dir_for(&home);
+        Self::open_dirs(home, run_dir)
     }
 
-    /// An engine whose home (state database, disks) is `home`, and whose run directory is
-    /// `home/run`. Engines of different homes do not see each other's machines.
+    /// The engine configured from the environment, as a value (a clone of [`Self::open_env`]'s,
+    /// sharing its state and live machines).
+    pub fn from_env() -> Self {
+        (*Self::open_env()).clone()
+    }
+
+    /// [`Self::open_home`] as a value (sharing that engine's state and live machines).
     pub fn at(home: impl Into<PathBuf>) -> Self {
-        let home = home.into();
+        (*Self::open_home(home.into())).clone()
+    }
+
+    /// The same engine with another run directory (the engine of that home and run directory).
+    pub fn with_run_dir(self, dir: impl Into<PathBuf>) -> Self {
+        let other = Self::open_dirs(&self.home, dir.into());
         Self {
-            run_dir: home.join("run"),
-            home,
-            vmm: Arc::new(Qemu::from_env()),
-            assets: None,
-            db: Arc::new(OnceLock::new()),
-            passt: None,
+            run_dir: other.run_dir.clone(),
+            shared: other.shared.clone(),
+            ..self
         }
     }
 
-    /// The same engine with another run directory.
-    pub fn with_run_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.run_dir = dir.into();
-        self
+    /// Whether `other` is the same engine (same home and run directory, one set of live
+    /// machines).
+    pub fn same_engine(&self, other: &LocalBackend) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// The live handle of `name` if this process holds one (cheap: a map lookup).
+    pub fn live_machine(&self, name: &str) -> Option<LocalMachine> {
+        self.shared.live(name)
     }
 
     /// The same engine booting these assets instead of resolving them from the environment.
@@ -249,12 +319,8 @@ impl LocalBackend {
         &self.home
     }
 
-    fn db(&self) -> Result<Arc<StateDb>> {
-        if let Some(db) = self.db.get() {
-            return Ok(db.clone());
-        }
-        let db = Arc::new(StateDb::open(&self.home)?);
-        Ok(self.db.get_or_init(|| db).clone())
+    async fn db(&self) -> Result<Arc<StateDb>> {
+        self.shared.db(&self.home).await
     }
 
     fn machine_run_dir(&self, name: &str) -> PathBuf {
@@ -265,48 +331,64 @@ impl LocalBackend {
         self.home.join("machines").join(name)
     }
 
-    /// Cleans up after processes that died: machines that were not to outlive their process lose
-    /// their VM (if it still runs) and, unless persistent, their record, disk and sockets.
-    /// Runs at every create / connect / list, so the next engine start finds no ghosts.
-    pub fn reap(&self) -> Result<usize> {
-        let db = self.db()?;
-        let mut reaped = 0;
-        for mut rec in db.list(&BTreeMap::new())? {
-            if rec.detach {
-                if rec.vmm.is_some() && !rec.vmm_alive() {
-                    rec.vmm = None;
-                    db.update(&rec)?;
-                }
-                continue;
-            }
-            if rec.owner_alive() {
-                continue;
-            }
-            if let Some(v) = rec.vmm.filter(|v| v.alive()) {
-                // The agent syncs when its host goes away, and powers off by itself after the
-                // linger time; a VMM still here is ended (SIGTERM: QEMU flushes its disks).
-                // SAFETY: signals the recorded VMM process (pid and start time checked).
-                unsafe { libc::kill(v.pid as i32, libc::SIGTERM) };
-            }
-            if rec.persistent {
-                if rec.vmm.is_some() || rec.owner.is_some() {
-                    rec.vmm = None;
-                    rec.owner = None;
-                    db.update(&rec)?;
-                }
-            } else {
-                let _ = std::fs::remove_dir_all(self.machine_run_dir(&rec.name));
-                let _ = std::fs::remove_dir_all(self.machine_home_dir(&rec.name));
-                db.delete(&rec.name)?;
-                reaped += 1;
-            }
+    /// Cleans up after processes that died (see `reaper`): machines that were not to outlive
+    /// their process lose their VM (if it still runs) and, unless persistent, their record,
+    /// disk and sockets. Scans every record; returns how many machines were removed.
+    pub async fn reap(&self) -> Result<usize> {
+        let db = self.db().await?;
+        let (run, home) = (self.machines_dir(), self.home.join("machines"));
+        let n = db
+            .call(move |db| {
+                reaper::reap_all(
+                    db,
+                    &reaper::Dirs {
+                        run: &run,
+                        home: &home,
+                    },
+                )
+            })
+            .await?;
+        *self.shared.last_reap.lock().expect("reap lock") = Some(Instant::now());
+        if n > 0 {
+            tracing::info!(reaped = n, home = %self.home.display(), "reaper");
         }
-        Ok(reaped)
+        Ok(n)
     }
 
-    /// The engine as a shared backend.
+    /// [`Self::reap`] when the engine has not scanned yet or did so [`REAP_INTERVAL`] ago.
+    async fn reap_if_due(&self) -> Result<()> {
+        let due = self
+            .shared
+            .last_reap
+            .lock()
+            .expect("reap lock")
+            .is_none_or(|t| t.elapsed() >= REAP_INTERVAL);
+        if due {
+            self.reap().await?;
+        }
+        Ok(())
+    }
+
+    /// Reaps the one record `rec` if its owner died; true when it is gone.
+    async fn reap_record(&self, db: &Arc<StateDb>, rec: Record) -> Result<bool> {
+        let (run, home) = (self.machines_dir(), self.home.join("machines"));
+        db.call(move |db| {
+            reaper::reap_one(
+                db,
+                &reaper::Dirs {
+                    run: &run,
+                    home: &home,
+                },
+                rec,
+            )
+        })
+        .await
+    }
+
+    /// This process's engine of the environment's home as a backend: the same one at every
+    /// call ([`Self::open_env`]).
     pub fn shared() -> Arc<dyn Backend> {
-        Arc::new(Self::from_env())
+        Self::open_env()
     }
 
     fn machines_dir(&self) -> PathBuf {
@@ -325,6 +407,7 @@ impl LocalBackend {
             assets: assets::resolve().map_err(|e| e.to_string()),
             run_dir: self.run_dir.clone(),
             home: self.home.clone(),
+            programs: programs::check_runtime(),
         }
     }
 
@@ -367,6 +450,7 @@ impl LocalBackend {
     }
 
     /// Creates a machine and returns the concrete local handle.
+    #[tracing::instrument(skip_all, fields(machine = config.name.as_deref().unwrap_or("")))]
     pub async fn create_machine(&self, config: MachineConfig) -> Result<LocalMachine> {
         // One validation for every front end, then the fields this engine cannot honour.
         config.validate()?;
@@ -423,8 +507,11 @@ impl LocalBackend {
             None => (None, Vec::new(), None),
         };
         let workload = workload(&config, image.as_ref(), image_argv, image_user)?;
-        let db = self.db()?;
-        self.reap()?;
+        let db = self.db().await?;
+        self.reap_if_due().await?;
+        // This process creates, attaches and cleans up a name one task at a time.
+        let slot = self.shared.slot(&name);
+        let _gate = slot.gate.clone().lock_owned().await;
         let detach = config.detach;
         let record = Record {
             name: name.clone(),
@@ -453,26 +540,64 @@ impl LocalBackend {
             image,
             workload,
         };
-        // Reserves the name: of two processes creating it, one wins.
-        db.insert(&record)?;
-        let home_dir = self.machine_home_dir(&name);
-        let cleanup = |e: Error| {
-            let _ = std::fs::remove_dir_all(&dir);
-            let _ = std::fs::remove_dir_all(&home_dir);
-            let _ = db.delete(&name);
-            e
+        // Reserves the name: of two processes creating it, one wins. A name whose owner died
+        // is reaped and tried once more.
+        let rec = record.clone();
+        let inserted = match db.call(move |db| db.insert(&rec)).await {
+            Err(Error::Conflict { .. }) => {
+                let n = name.clone();
+                let reaped = match db.call(move |db| db.get(&n)).await? {
+                    Some(old) => self.reap_record(&db, old).await?,
+                    None => true, // deleted meanwhile
+                };
+                if reaped {
+                    let rec = record.clone();
+                    db.call(move |db| db.insert(&rec)).await
+                } else {
+                    Err(Error::Conflict { name: name.clone() })
+                }
+            }
+            other => other,
         };
+        inserted?;
+        tracing::debug!(machine = %name, "name reserved");
+        let home_dir = self.machine_home_dir(&name);
         let prepared = async {
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)
+            match tokio::fs::remove_dir_all(&dir).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot clear a stale run directory")
+                }
+                _ => {}
+            }
+            tokio::fs::create_dir_all(&dir)
+                .await
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-            disk::create(&self.home, &home_dir.join("disk.qcow2"), storage_gb)?;
+            disk::create(&self.home, &home_dir.join("disk.qcow2"), storage_gb).await?;
             let lock = machine::lock_attach(&dir, &name, Duration::ZERO).await?;
             let listeners = ports::bind(&record.ports).await?;
             Ok::<_, Error>((lock, listeners))
         }
         .await;
-        let (lock, listeners) = prepared.map_err(&cleanup)?;
+        let (lock, listeners) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let (dir, home_dir, n) = (dir.clone(), home_dir.clone(), name.clone());
+                let undone = db
+                    .call(move |db| {
+                        for d in [&dir, &home_dir] {
+                            if let Err(e) = std::fs::remove_dir_all(d) {
+                                tracing::debug!(path = %d.display(), error = %e, "cleanup after a failed create");
+                            }
+                        }
+                        db.delete(&n)
+                    })
+                    .await;
+                if let Err(u) = undone {
+                    tracing::warn!(machine = %name, error = %u, "cannot remove the record of a failed create");
+                }
+                return Err(e);
+            }
+        };
         let machine = LocalMachine::new(machine::Parts {
             spec: self.spec_for(&record),
             vmm: self.vmm.clone(),
@@ -483,29 +608,61 @@ impl LocalBackend {
             ready_timeout: config.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT),
             owned: true,
             lock,
+            engine: self.shared.clone(),
+            phase: Phase::Creating,
         });
-        if let Err(e) = machine.boot().await {
-            machine.destroy().await;
+        if let Err(e) = machine.start().await {
+            if let Err(d) = machine.destroy().await {
+                tracing::warn!(machine = %name, error = %d, "cleanup after a failed boot");
+            }
             return Err(e);
         }
         machine.serve_ports(listeners);
+        slot.set(&machine);
         Ok(machine)
     }
 
+    /// A live handle again: `connect` boots it when its VM is not running.
+    async fn reuse(&self, m: LocalMachine, boot: bool) -> Result<LocalMachine> {
+        tracing::debug!(machine = %m.inner.name, "live handle reused");
+        if boot && m.public_state() != MachineState::Running {
+            m.start().await?;
+        }
+        Ok(m)
+    }
+
+    /// The handle of `name`: this process's live one when it holds one (at once), else a new
+    /// one attached to its VM (or booted, `boot`).
+    #[tracing::instrument(skip(self), fields(machine = name))]
     async fn handle(&self, name: &str, boot: bool) -> Result<LocalMachine> {
         crate::config::validate_name(name)?;
-        let db = self.db()?;
-        self.reap()?;
+        let slot = self.shared.slot(name);
+        if let Some(m) = slot.live() {
+            return self.reuse(m, boot).await;
+        }
+        let _gate = slot.gate.clone().lock_owned().await;
+        if let Some(m) = slot.live() {
+            drop(_gate);
+            return self.reuse(m, boot).await;
+        }
+        let db = self.db().await?;
+        self.reap_if_due().await?;
         let not_found = || Error::NotFound {
             what: format!("machine {name:?}"),
         };
-        db.get(name)?.ok_or_else(not_found)?;
+        let n = name.to_string();
+        let rec = db.call(move |db| db.get(&n)).await?.ok_or_else(not_found)?;
+        if self.reap_record(&db, rec).await? {
+            return Err(not_found());
+        }
         let dir = self.machine_run_dir(name);
-        std::fs::create_dir_all(&dir)
+        tokio::fs::create_dir_all(&dir)
+            .await
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let lock = machine::lock_attach(&dir, name, ATTACH_TIMEOUT).await?;
         // the record may have changed while we waited for the lock
-        let record = db.get(name)?.ok_or_else(not_found)?;
+        let n = name.to_string();
+        let record = db.call(move |db| db.get(&n)).await?.ok_or_else(not_found)?;
         let vmm = record.vmm.filter(|v| v.alive());
         let listeners = if vmm.is_some() || boot {
             ports::bind(&record.ports).await?
@@ -522,13 +679,16 @@ impl LocalBackend {
             ready_timeout: ATTACH_TIMEOUT.max(DEFAULT_READY_TIMEOUT),
             owned: false,
             lock,
+            engine: self.shared.clone(),
+            phase: Phase::Stopped,
         });
         match vmm {
             Some(v) => machine.attach(v).await?,
-            None if boot => machine.boot().await?,
+            None if boot => machine.start().await?,
             None => {}
         }
         machine.serve_ports(listeners);
+        slot.set(&machine);
         Ok(machine)
     }
 
@@ -548,10 +708,20 @@ impl LocalBackend {
         &self,
         labels: &BTreeMap<String, String>,
     ) -> Result<Vec<MachineSummary>> {
-        self.reap()?;
-        Ok(self
-            .db()?
-            .list(labels)?
+        let db = self.db().await?;
+        self.reap_if_due().await?;
+        let labels = labels.clone();
+        let records = db.call(move |db| db.list(&labels)).await?;
+        let mut kept = Vec::with_capacity(records.len());
+        for r in records {
+            // a record whose owner died goes now; one whose last handle was just dropped is
+            // on its way out
+            if self.shared.draining(&r.name) || self.reap_record(&db, r.clone()).await? {
+                continue;
+            }
+            kept.push(r);
+        }
+        Ok(kept
             .into_iter()
             .map(|r| {
                 let vmm = r.vmm.filter(|v| v.alive());

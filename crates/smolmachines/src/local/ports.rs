@@ -2,13 +2,65 @@
 //! connection is relayed to `127.0.0.1:<guest>` inside the VM over the agent channel. No guest
 //! network device is involved, so publishing a port opens nothing else.
 
+use std::collections::BTreeMap;
 use std::sync::Weak;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::agent::AgentConn;
+use crate::config::PortEndpoint;
 use crate::error::{Error, Result};
+
+/// Whether host port `port` on 127.0.0.1 takes a connection that stays open ~100 ms (or
+/// answers with data in that time): the host side accepts before a guest listener exists, and
+/// the relay resets a connection at once when nothing listens in the guest.
+pub async fn ready(port: u16) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Ok(Ok(mut sock)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(100), sock.read(&mut b)).await {
+        Err(_) => true,     // still open, nothing said: a listener holds it
+        Ok(Ok(n)) => n > 0, // a banner: ready; EOF: reset by the relay, nothing listens
+        Ok(Err(_)) => false,
+    }
+}
+
+/// The URLs of host port `host` (SPEC §4.7): `http://127.0.0.1:<host>[/path]` and its `ws://`
+/// twin.
+pub fn endpoint(host: u16, path: Option<&str>) -> PortEndpoint {
+    let mut http = format!("http://127.0.0.1:{host}");
+    if let Some(path) = path
+        .map(|p| p.trim_start_matches('/'))
+        .filter(|p| !p.is_empty())
+    {
+        http.push('/');
+        http.push_str(path);
+    }
+    PortEndpoint {
+        ws_url: format!("ws{}", &http[4..]),
+        http_url: http,
+        headers: BTreeMap::new(),
+    }
+}
+
+/// The local engine relays TCP only.
+pub fn check_protocol(protocol: &str) -> Result<()> {
+    match protocol {
+        "tcp" => Ok(()),
+        _ => Err(Error::NotSupported {
+            message: format!("{protocol} ports are not relayed by the local engine; publish TCP"),
+        }),
+    }
+}
 
 /// Binds every host port now, so a busy port fails the create with a typed error.
 pub async fn bind(ports: &[(u16, u16)]) -> Result<Vec<(TcpListener, u16)>> {
@@ -58,7 +110,9 @@ where
                             // Each connection is its own task: unpublishing stops the accepting,
                             // connections already open carry on.
                             tokio::spawn(async move {
-                                let _ = c.relay(sock, guest).await;
+                                if let Err(e) = c.relay(sock, guest).await {
+                                    tracing::debug!(host, guest, error = %e, "port relay ended");
+                                }
                             });
                         }
                     }
@@ -66,4 +120,39 @@ where
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_protocols() {
+        let e = endpoint(8080, Some("/api/x"));
+        assert_eq!(e.http_url, "http://127.0.0.1:8080/api/x");
+        assert_eq!(e.ws_url, "ws://127.0.0.1:8080/api/x");
+        assert_eq!(endpoint(80, Some("/")).http_url, "http://127.0.0.1:80");
+        assert_eq!(endpoint(80, None).ws_url, "ws://127.0.0.1:80");
+        assert!(check_protocol("tcp").is_ok());
+        let e = check_protocol("udp").unwrap_err();
+        assert!(
+            matches!(&e, Error::NotSupported { message } if message.contains("udp")),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listener_is_ready_a_closed_port_is_not() {
+        let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(s);
+        });
+        assert!(ready(port).await);
+        hold.await.unwrap();
+        // nothing listens there any more
+        assert!(!ready(port).await);
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
@@ -29,7 +29,24 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX labels_kv ON labels(key, value);",
 ];
 
-/// The state database.
+/// Runs the blocking `f` (SQLite, file-system work) on tokio's blocking pool, so the async
+/// runtime's threads never wait on the disk. `path` names what it works on, for the error a
+/// panic of `f` becomes.
+pub(crate) async fn blocking<T, F>(path: &Path, f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Storage {
+            path: path.to_path_buf(),
+            message: format!("the engine's storage task failed: {e}"),
+        })?
+}
+
+/// The state database. Its methods block (SQLite); async callers go through
+/// [`StateDb::call`].
 #[derive(Debug)]
 pub struct StateDb {
     conn: Mutex<Connection>,
@@ -91,6 +108,22 @@ impl StateDb {
                 }
             }
         }
+    }
+
+    /// Runs `f` with this database on the blocking pool (see [`blocking`]).
+    pub(crate) async fn call<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    where
+        F: FnOnce(&StateDb) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = self.clone();
+        let path = self.path.clone();
+        blocking(&path, move || f(&db)).await
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn try_open(path: &Path) -> rusqlite::Result<Connection> {
@@ -342,6 +375,28 @@ mod tests {
             });
             assert_eq!(ok, 6);
         }
+    }
+
+    /// The async path: many tasks at once, each on the blocking pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_run_off_the_runtime() {
+        let home = tempfile::tempdir().unwrap();
+        let db = Arc::new(StateDb::open(home.path()).unwrap());
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(
+                    async move { db.call(move |d| d.insert(&record(&format!("m{i}")))).await },
+                )
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let n = db.call(|d| d.list(&BTreeMap::new())).await.unwrap().len();
+        assert_eq!(n, 20);
+        let e = db.call(|d| d.insert(&record("m3"))).await.unwrap_err();
+        assert!(matches!(e, Error::Conflict { .. }), "{e:?}");
     }
 
     #[test]
