@@ -3,8 +3,10 @@
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use smol_protocol::mux::{Incoming, Mux, Stream};
-use smol_protocol::{ErrorKind, Frame, Hello, Op, RemoteError, PORT_NAME, PROTOCOL_VERSION};
+use smol_protocol::mux::{Incoming, Mux, MuxConfig, Stream};
+use smol_protocol::{
+    ErrorKind, Frame, Hello, Op, RemoteError, MIN_PROTOCOL_VERSION, PORT_NAME, PROTOCOL_VERSION,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::init::Config;
@@ -32,6 +34,8 @@ pub fn serve_port(cfg: &Config) -> ! {
     let linger = cfg.linger_ms.map(Duration::from_millis);
     rt.block_on(async move {
         let mut served = false;
+        // The hello of a host that arrived while the previous session was still reading.
+        let mut next_hello = None;
         loop {
             let away_since = tokio::time::Instant::now();
             while !crate::port::host_connected(fd) {
@@ -49,7 +53,7 @@ pub fn serve_port(cfg: &Config) -> ! {
             match crate::port::PortIo::new(fd) {
                 Ok(io) => {
                     let (r, w) = tokio::io::split(io);
-                    session(r, w).await;
+                    next_hello = session(r, w, next_hello.take()).await;
                     // The host went away (it may have died): make everything written so far
                     // durable before anything else can happen to the VM.
                     // SAFETY: sync has no preconditions.
@@ -75,29 +79,46 @@ pub fn serve_unix(path: &str) {
                 return;
             };
             let (r, w) = sock.into_split();
-            tokio::spawn(session(r, w));
+            tokio::spawn(session(r, w, None));
         }
     });
 }
 
-/// Runs one session until the host goes away (or a new host says hello). Operations still
-/// running are cancelled.
-pub async fn session<R, W>(reader: R, writer: W)
+/// Runs one session until the host goes away (or a new host says hello: its hello is
+/// returned, for the next session). Operations still running are cancelled.
+///
+/// `host_hello` is the hello of this session's host when the previous session read it: the
+/// protocol generation is then settled with it before anything is read.
+pub async fn session<R, W>(reader: R, writer: W, host_hello: Option<Hello>) -> Option<Hello>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (mux, mut incoming) = Mux::spawn(reader, writer);
+    let mut greeted = host_hello.is_some();
+    let (mux, mut incoming) = Mux::spawn_with(
+        reader,
+        writer,
+        MuxConfig {
+            peer_hello: host_hello,
+            ..MuxConfig::default()
+        },
+    );
+    if greeted {
+        log_generation(&mux);
+    }
     let hello = || Hello {
         version: PROTOCOL_VERSION,
         software: env!("CARGO_PKG_VERSION").to_string(),
         kernel: crate::init::kernel_release(),
         uptime_ms: uptime_ms(),
+        min_version: MIN_PROTOCOL_VERSION,
     };
     // Unasked, so a host that waits for it sees the agent as soon as the port opens ...
-    let _ = mux.send_hello(hello());
+    if mux.send_hello(hello()).is_err() {
+        eprintln!("smol-agent: the session closed before its hello");
+    }
     let mut tasks = tokio::task::JoinSet::new();
-    let mut host_hello = false;
+    let mut next = None;
     loop {
         tokio::select! {
             inc = incoming.recv() => match inc {
@@ -105,17 +126,21 @@ where
                 // A second hello is a new host whose arrival the port did not show (QEMU swapped
                 // its chardev without a visible disconnect): start a fresh session for it. The
                 // host sends nothing after its hello until it has ours, so nothing is lost.
-                Some(Incoming::Hello(_)) if host_hello => break,
-                Some(Incoming::Hello(h)) => {
-                    host_hello = true;
+                // Its hello goes to the next session, which speaks the new host's generation.
+                Some(Incoming::Hello(h)) if greeted => {
+                    next = Some(h);
+                    break;
+                }
+                Some(Incoming::Hello(_)) => {
+                    greeted = true;
                     // ... and again as the answer to the host's: the unasked one may have gone
                     // to a connection QEMU dropped while it swapped chardevs (its own reconnect
                     // racing `chardev-change`), and a host waits for a hello before anything
                     // else. Hosts ignore hellos after the first.
-                    let _ = mux.send_hello(hello());
-                    if !smol_protocol::compatible(h.version) {
-                        eprintln!("smol-agent: host speaks protocol {}, agent {}", h.version, PROTOCOL_VERSION);
+                    if mux.send_hello(hello()).is_err() {
+                        eprintln!("smol-agent: the session closed before its answering hello");
                     }
+                    log_generation(&mux);
                 }
                 None => break,
             },
@@ -128,6 +153,22 @@ where
     // Stop this session's reader before the next session reads the same port: left running it
     // would take the next host's frames.
     mux.close("session ended");
+    next
+}
+
+/// Says on the console when the host is of another generation (the mux settled it with the
+/// host's hello): an older host is served in its generation, one with nothing in common
+/// refuses this agent.
+fn log_generation(mux: &Mux) {
+    match mux.negotiated() {
+        Some(Ok(g)) if g < PROTOCOL_VERSION => {
+            eprintln!("smol-agent: the host is older: speaking protocol generation {g}")
+        }
+        Some(Err(e)) => {
+            eprintln!("smol-agent: no protocol generation in common with the host: {e}")
+        }
+        _ => {}
+    }
 }
 
 async fn handle(stream: Stream, op: Op) {
@@ -172,7 +213,7 @@ mod tests {
     async fn host() -> Mux {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (ar, aw) = tokio::io::split(a);
-        tokio::spawn(session(ar, aw));
+        tokio::spawn(session(ar, aw, None));
         let (br, bw) = tokio::io::split(b);
         let (mux, mut incoming) = Mux::spawn(br, bw);
         match incoming.recv().await {
@@ -188,7 +229,95 @@ mod tests {
             software: "test".into(),
             kernel: String::new(),
             uptime_ms: 0,
+            min_version: MIN_PROTOCOL_VERSION,
         }
+    }
+
+    /// The hello of a host of generation 1 (before this change: it says no range).
+    fn old_host_hello() -> Hello {
+        Hello {
+            version: 1,
+            software: "old-host".into(),
+            kernel: String::new(),
+            uptime_ms: 0,
+            min_version: 1,
+        }
+    }
+
+    /// A host mux that speaks only generation 1.
+    fn old_host_mux(
+        r: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        w: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    ) -> (Mux, tokio::sync::mpsc::UnboundedReceiver<Incoming>) {
+        Mux::spawn_with(
+            r,
+            w,
+            MuxConfig {
+                speaks: smol_protocol::Generations::only(1),
+                peer_hello: None,
+            },
+        )
+    }
+
+    /// A host of generation 1 (a host from before containers): the agent speaks generation 1
+    /// with it, and its commands run through the real handlers (a generation-1 `Exec` has no
+    /// `user` on the wire: read as generation 2 it would not decode).
+    #[tokio::test]
+    async fn an_older_host_is_served_in_its_generation() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        tokio::spawn(session(ar, aw, None));
+        let (br, bw) = tokio::io::split(b);
+        let (mux, mut incoming) = old_host_mux(br, bw);
+        mux.send_hello(old_host_hello()).unwrap();
+        match incoming.recv().await {
+            Some(Incoming::Hello(h)) => {
+                assert_eq!(h.speaks(), smol_protocol::Generations::CURRENT)
+            }
+            other => panic!("expected hello, got {other:?}"),
+        }
+        assert_eq!(mux.negotiated(), Some(Ok(1)));
+        let mut s = mux
+            .open(exec(&["sh", "-c", "echo $SMOL_T"], None, false))
+            .unwrap();
+        let (out, _, end) = collect(&mut s.rx).await;
+        assert_eq!(out, b"v\n");
+        assert!(matches!(end, Frame::Exit { code: 0, .. }), "{end:?}");
+    }
+
+    /// A new host's hello read by the previous session goes to the next one, which speaks
+    /// that host's generation from its first frame.
+    #[tokio::test]
+    async fn the_next_session_speaks_the_generation_of_the_hello_it_was_given() {
+        // the previous session: a current host, then an old one says hello
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        let previous = tokio::spawn(session(ar, aw, None));
+        let (br, bw) = tokio::io::split(b);
+        let (mux, mut incoming) = Mux::spawn(br, bw);
+        mux.send_hello(host_hello()).unwrap();
+        assert!(matches!(incoming.recv().await, Some(Incoming::Hello(_))));
+        mux.send_hello(old_host_hello()).unwrap();
+        let handed_on = tokio::time::timeout(std::time::Duration::from_secs(5), previous)
+            .await
+            .expect("session did not end")
+            .unwrap()
+            .expect("the new host's hello was not handed on");
+        assert_eq!(handed_on, old_host_hello());
+
+        // the next session on the port: the old host sends no hello again
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        tokio::spawn(session(ar, aw, Some(handed_on)));
+        let (br, bw) = tokio::io::split(b);
+        let (mux, mut incoming) = old_host_mux(br, bw);
+        assert!(matches!(incoming.recv().await, Some(Incoming::Hello(_))));
+        let mut s = mux
+            .open(exec(&["sh", "-c", "echo $SMOL_T"], None, false))
+            .unwrap();
+        let (out, _, end) = collect(&mut s.rx).await;
+        assert_eq!(out, b"v\n");
+        assert!(matches!(end, Frame::Exit { code: 0, .. }), "{end:?}");
     }
 
     /// A host that connects while the port never showed the previous one leave says hello in
@@ -197,7 +326,7 @@ mod tests {
     async fn a_second_host_hello_ends_the_session() {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (ar, aw) = tokio::io::split(a);
-        let agent = tokio::spawn(session(ar, aw));
+        let agent = tokio::spawn(session(ar, aw, None));
         let (br, bw) = tokio::io::split(b);
         let (mux, mut incoming) = Mux::spawn(br, bw);
         mux.send_hello(host_hello()).unwrap();
@@ -206,10 +335,15 @@ mod tests {
         assert!(matches!(s.rx.recv().await.unwrap(), Frame::Done { .. }));
         assert!(!agent.is_finished());
         mux.send_hello(host_hello()).unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), agent)
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), agent)
             .await
             .expect("session did not end")
             .unwrap();
+        assert_eq!(
+            next,
+            Some(host_hello()),
+            "the new host's hello goes to the next session"
+        );
     }
 
     /// The agent's unasked hello can be lost (it went to a connection QEMU dropped): the
@@ -218,7 +352,7 @@ mod tests {
     async fn the_agent_answers_the_host_hello() {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (ar, aw) = tokio::io::split(a);
-        tokio::spawn(session(ar, aw));
+        tokio::spawn(session(ar, aw, None));
         let (br, bw) = tokio::io::split(b);
         let (mux, mut incoming) = Mux::spawn(br, bw);
         // the unasked hello, taken as lost

@@ -3,12 +3,17 @@
 //! `Data` frames take a fast path with the same bytes on the wire: the decoder hands out the
 //! payload as a slice of the frame buffer, and [`encode_data_header`] lets a writer send the
 //! payload straight from its own buffer. Under TCG every guest-side copy of a payload costs
-//! throughput, so these matter.
+//! throughput, so these matter. `Data` frames are the same in every generation; every other
+//! frame is encoded and decoded as the codec's protocol generation does ([`crate::generation`]).
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use crate::{Chan, Frame, MAX_FRAME};
+use crate::generation::{self, NotInGeneration};
+use crate::{Chan, Frame, MAX_FRAME, PROTOCOL_VERSION};
 
 /// postcard's index of the `Data` variant of [`Frame`].
 const DATA_VARIANT: u8 = 2;
@@ -91,21 +96,46 @@ pub enum CodecError {
     /// A frame did not decode: the peers disagree on the protocol.
     #[error("malformed frame: {0}")]
     Malformed(#[from] postcard::Error),
+    /// The frame does not exist in the codec's generation.
+    #[error(transparent)]
+    NotInGeneration(#[from] NotInGeneration),
 }
 
-/// tokio-util codec turning a byte stream into [`Frame`]s and back.
+/// tokio-util codec turning a byte stream into [`Frame`]s and back, in one protocol generation
+/// (which a [`crate::mux::Mux`] changes once the hellos agreed on one).
 #[derive(Debug)]
 pub struct FrameCodec {
     inner: LengthDelimitedCodec,
+    generation: Arc<AtomicU16>,
 }
 
 impl Default for FrameCodec {
+    /// A codec of the newest generation, [`PROTOCOL_VERSION`].
     fn default() -> Self {
+        Self::new(PROTOCOL_VERSION)
+    }
+}
+
+impl FrameCodec {
+    /// A codec of `generation`.
+    pub fn new(generation: u16) -> Self {
+        Self::shared(Arc::new(AtomicU16::new(generation)))
+    }
+
+    /// A codec whose generation is whatever `generation` holds when a frame is encoded or
+    /// decoded (a mux sets it once negotiated).
+    pub fn shared(generation: Arc<AtomicU16>) -> Self {
         Self {
             inner: LengthDelimitedCodec::builder()
                 .max_frame_length(MAX_FRAME)
                 .new_codec(),
+            generation,
         }
+    }
+
+    /// The generation frames are encoded and decoded in now.
+    pub fn generation(&self) -> u16 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 
@@ -121,7 +151,7 @@ impl Decoder for FrameCodec {
                     postcard::Error::DeserializeBadEncoding,
                 )),
             },
-            Some(buf) => Ok(Some(postcard::from_bytes(&buf)?)),
+            Some(buf) => Ok(Some(generation::decode(&buf, self.generation())?)),
             None => Ok(None),
         }
     }
@@ -136,7 +166,7 @@ impl Encoder<Frame> for FrameCodec {
             dst.extend_from_slice(data);
             return Ok(());
         }
-        let buf = postcard::to_allocvec(&frame)?;
+        let buf = generation::encode(frame, self.generation())?;
         self.inner.encode(Bytes::from(buf), dst)?;
         Ok(())
     }

@@ -8,18 +8,34 @@
 //! payloads are neither copied into nor out of a frame buffer ([`codec`]).
 //!
 //! # Versioning
-//! [`PROTOCOL_VERSION`] is a single generation counter. Both sides send [`Hello`] first; a host
-//! refuses an agent whose generation it does not speak ([`compatible`]). The wire encoding of each
-//! generation is frozen by the snapshot test in this crate: new fields or variants mean a new
-//! generation, and variants are only ever appended.
+//! [`PROTOCOL_VERSION`] is a single generation counter; this crate speaks every generation from
+//! [`MIN_PROTOCOL_VERSION`] to it ([`Generations::CURRENT`]). Both sides send [`Hello`] first,
+//! saying the range they speak; each side then speaks the lower of the two newest generations
+//! ([`negotiate`]), and the [`mux`] encodes every frame the way that generation did
+//! ([`generation`]). An operation the negotiated generation does not have is refused on the
+//! sending side ([`NotInGeneration`]), never sent. The wire encoding of each generation is frozen
+//! by a snapshot test in this crate: new fields or variants mean a new generation, and variants
+//! are only ever appended. `VERSIONING.md` next to this crate's manifest has the rules.
 
 pub mod codec;
+pub mod generation;
 pub mod mux;
+
+#[cfg(test)]
+mod interop;
+#[cfg(test)]
+mod snapshots;
+
+pub use generation::{negotiate, Generations, NotInGeneration, VersionMismatch};
 
 use serde::{Deserialize, Serialize};
 
-/// Protocol generation spoken by this crate.
+/// Newest protocol generation spoken by this crate.
 pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Oldest protocol generation this crate still speaks: a peer whose newest generation is older
+/// is refused. See `VERSIONING.md` for how long a generation stays accepted.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 /// Name of the virtio-serial port that carries the protocol.
 pub const PORT_NAME: &str = "smol.agent";
@@ -40,15 +56,21 @@ pub const EXIT_CANNOT_EXECUTE: i32 = 126;
 /// Exit code of a command that was not found (as a shell reports it).
 pub const EXIT_NOT_FOUND: i32 = 127;
 
-/// Whether a peer speaking generation `other` can talk to this crate.
+/// Whether this crate speaks generation `other` (one of [`Generations::CURRENT`]).
 pub fn compatible(other: u16) -> bool {
-    other == PROTOCOL_VERSION
+    Generations::CURRENT.contains(other)
 }
 
 /// First frame each side sends on a new connection.
+///
+/// Its encoding is the same in every generation (it is read before a generation is agreed):
+/// the four fields of generation 1, then `min_version`. Fields are only ever appended here, and
+/// a decoder ignores the bytes after the fields it knows, so every generation reads every
+/// generation's hello; a hello without `min_version` (generation 1 and early generation-2 peers
+/// sent none) means the sender speaks only `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// Protocol generation of the sender.
+    /// Newest protocol generation the sender speaks.
     pub version: u16,
     /// Software version of the sender (crate version).
     pub software: String,
@@ -56,6 +78,20 @@ pub struct Hello {
     pub kernel: String,
     /// Guest uptime in milliseconds when the hello was sent; 0 from the host.
     pub uptime_ms: u64,
+    /// Oldest protocol generation the sender speaks (equal to `version` when the peer did not
+    /// say).
+    pub min_version: u16,
+}
+
+impl Hello {
+    /// The generations the sender speaks, `min_version..=version` (a `min_version` above
+    /// `version` is taken as `version`).
+    pub fn speaks(&self) -> Generations {
+        Generations {
+            min: self.min_version.min(self.version),
+            max: self.version,
+        }
+    }
 }
 
 /// Sub-channel of a stream that a [`Frame::Data`] or [`Frame::Eof`] belongs to.
@@ -133,6 +169,42 @@ pub enum Op {
         /// Guest file that collects its output.
         log: Option<String>,
     },
+}
+
+/// A protocol feature (an operation, a field, a frame) and the generation that added it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Feature {
+    /// What it is, for messages (`"MountImage"`, `"ExecRequest.user"`).
+    pub name: &'static str,
+    /// The oldest generation that has it.
+    pub since: u16,
+}
+
+impl Feature {
+    const fn new(name: &'static str, since: u16) -> Self {
+        Self { name, since }
+    }
+}
+
+impl Op {
+    /// The newest feature this operation uses: it can only be sent to a peer that speaks
+    /// generation `since` or newer.
+    pub fn feature(&self) -> Feature {
+        match self {
+            Op::Exec(ExecRequest { user: Some(_), .. }) => {
+                Feature::new("Exec with a user (ExecRequest.user)", 2)
+            }
+            Op::Exec(_) => Feature::new("Exec", 1),
+            Op::WriteFile { .. } => Feature::new("WriteFile", 1),
+            Op::ReadFile { .. } => Feature::new("ReadFile", 1),
+            Op::Ping => Feature::new("Ping", 1),
+            Op::Shutdown => Feature::new("Shutdown", 1),
+            Op::Connect { .. } => Feature::new("Connect", 1),
+            Op::MountImage { .. } => Feature::new("MountImage (container images)", 2),
+            Op::ExecIn { .. } => Feature::new("ExecIn (containers)", 2),
+            Op::Spawn { .. } => Feature::new("Spawn (background commands)", 2),
+        }
+    }
 }
 
 /// A command to run in the guest.
@@ -286,6 +358,22 @@ pub enum Frame {
 }
 
 impl Frame {
+    /// The newest feature this frame uses (for an `Open`, its operation's).
+    pub fn feature(&self) -> Feature {
+        match self {
+            Frame::Hello(_) => Feature::new("Hello", 1),
+            Frame::Open { op, .. } => op.feature(),
+            Frame::Data { .. } => Feature::new("Data", 1),
+            Frame::Eof { .. } => Feature::new("Eof", 1),
+            Frame::Credit { .. } => Feature::new("Credit", 1),
+            Frame::Cancel { .. } => Feature::new("Cancel", 1),
+            Frame::Exit { .. } => Feature::new("Exit", 1),
+            Frame::Done { .. } => Feature::new("Done", 1),
+            Frame::Error { .. } => Feature::new("Error", 1),
+            Frame::Goodbye { .. } => Feature::new("Goodbye", 2),
+        }
+    }
+
     /// Stream id a frame belongs to, `None` for connection-level frames.
     pub fn stream_id(&self) -> Option<u32> {
         match self {
@@ -314,148 +402,6 @@ impl Frame {
 mod tests {
     use super::*;
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-
-    /// Freezes the encoding of generation 2 (generation 1 plus three appended ops and
-    /// `ExecRequest.user`). If this fails, the wire format changed: bump
-    /// PROTOCOL_VERSION and update the snapshot deliberately.
-    #[test]
-    fn wire_snapshot_generation_2() {
-        assert_eq!(PROTOCOL_VERSION, 2);
-        let frames = vec![
-            Frame::Hello(Hello {
-                version: 1,
-                software: "x".into(),
-                kernel: "k".into(),
-                uptime_ms: 300,
-            }),
-            Frame::Open {
-                id: 1,
-                op: Op::Exec(ExecRequest {
-                    argv: vec!["ls".into()],
-                    env: vec![("A".into(), "b".into())],
-                    workdir: Some("/".into()),
-                    timeout_ms: Some(5),
-                    stdin: true,
-                    user: Some("u".into()),
-                }),
-            },
-            Frame::Open {
-                id: 2,
-                op: Op::WriteFile {
-                    path: "/f".into(),
-                    mode: Some(0o755),
-                },
-            },
-            Frame::Open {
-                id: 3,
-                op: Op::ReadFile { path: "/f".into() },
-            },
-            Frame::Open {
-                id: 4,
-                op: Op::Ping,
-            },
-            Frame::Open {
-                id: 5,
-                op: Op::Shutdown,
-            },
-            Frame::Open {
-                id: 6,
-                op: Op::Connect { port: 8080 },
-            },
-            Frame::Open {
-                id: 7,
-                op: Op::MountImage {
-                    path: "/i".into(),
-                    fstype: "erofs".into(),
-                    size: 4096,
-                    target: "/m".into(),
-                },
-            },
-            Frame::Open {
-                id: 8,
-                op: Op::ExecIn {
-                    exec: ExecRequest {
-                        argv: vec!["ls".into()],
-                        env: vec![],
-                        workdir: None,
-                        timeout_ms: None,
-                        stdin: false,
-                        user: None,
-                    },
-                    rootfs: "/m".into(),
-                },
-            },
-            Frame::Open {
-                id: 9,
-                op: Op::Spawn {
-                    exec: ExecRequest {
-                        argv: vec!["ls".into()],
-                        env: vec![],
-                        workdir: None,
-                        timeout_ms: None,
-                        stdin: false,
-                        user: None,
-                    },
-                    log: Some("/l".into()),
-                },
-            },
-            Frame::Data {
-                id: 1,
-                chan: Chan::Stdout,
-                data: bytes::Bytes::from_static(&[0, 255]),
-            },
-            Frame::Eof {
-                id: 1,
-                chan: Chan::Stdin,
-            },
-            Frame::Credit { id: 1, bytes: 128 },
-            Frame::Cancel { id: 1 },
-            Frame::Exit {
-                id: 1,
-                code: -1,
-                timed_out: true,
-            },
-            Frame::Done { id: 2 },
-            Frame::Error {
-                id: 3,
-                error: RemoteError::new(ErrorKind::NoSpace, "m"),
-            },
-            Frame::Goodbye { reason: "r".into() },
-        ];
-        let encoded: Vec<String> = frames
-            .iter()
-            .map(|f| hex(&postcard::to_allocvec(f).unwrap()))
-            .collect();
-        let expected = vec![
-            "00010178016bac02",
-            "01010001026c73010141016201012f010501010175",
-            "010201022f6601ed03",
-            "010302022f66",
-            "010403",
-            "010504",
-            "010605903f",
-            "010706022f690565726f66738020022f6d",
-            "01080701026c730000000000022f6d",
-            "01090801026c73000000000001022f6c",
-            "0201010200ff",
-            "030100",
-            "04018001",
-            "0501",
-            "06010101",
-            "0702",
-            "080305016d",
-            "090172",
-        ];
-        assert_eq!(encoded, expected);
-        for f in frames {
-            let back: Frame = postcard::from_bytes(&postcard::to_allocvec(&f).unwrap()).unwrap();
-            assert_eq!(back, f);
-        }
-    }
-
     #[test]
     fn io_errors_map_to_kinds() {
         let e = std::io::Error::from_raw_os_error(21);
@@ -469,6 +415,34 @@ mod tests {
     #[test]
     fn version_gate() {
         assert!(compatible(PROTOCOL_VERSION));
+        assert!(compatible(MIN_PROTOCOL_VERSION));
         assert!(!compatible(PROTOCOL_VERSION + 1));
+        assert!(!compatible(MIN_PROTOCOL_VERSION - 1));
+    }
+
+    /// What each generation added, as the sending side checks it.
+    #[test]
+    fn features_name_their_generation() {
+        let req = |user: Option<&str>| ExecRequest {
+            argv: vec!["true".into()],
+            env: vec![],
+            workdir: None,
+            timeout_ms: None,
+            stdin: false,
+            user: user.map(str::to_string),
+        };
+        assert_eq!(Op::Exec(req(None)).feature().since, 1);
+        assert_eq!(Op::Exec(req(Some("u"))).feature().since, 2);
+        assert_eq!(Op::Connect { port: 1 }.feature().since, 1);
+        let spawn = Op::Spawn {
+            exec: req(None),
+            log: None,
+        };
+        assert_eq!(
+            spawn.feature(),
+            Feature::new("Spawn (background commands)", 2)
+        );
+        assert_eq!(Frame::Goodbye { reason: "r".into() }.feature().since, 2);
+        assert_eq!(Frame::Done { id: 1 }.feature().since, 1);
     }
 }

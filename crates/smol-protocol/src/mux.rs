@@ -9,10 +9,17 @@
 //! Why not yamux or h2: every operation needs typed events (stdout, stderr, exit, error) rather
 //! than one opaque byte pipe, and under TCG each frame costs guest CPU, so the frame layout is kept
 //! to one postcard header plus large chunks. Framing and serialization are tokio-util and postcard.
+//!
+//! Each mux speaks a range of protocol generations ([`MuxConfig::speaks`]). The first hello it
+//! reads from the peer settles the generation of the connection ([`crate::negotiate`]): from then
+//! on every frame is written and read the way that generation does, and [`Mux::open`] refuses an
+//! operation the generation does not have ([`OpenError::NotInGeneration`]) instead of sending
+//! it. Until then (and when the hellos have no generation in common, [`Mux::negotiated`]) the
+//! mux speaks the newest generation of its range.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -21,7 +28,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::codec::{Encoder, FramedRead};
 
 use crate::codec::{encode_data_header, FrameCodec};
-use crate::{Chan, Frame, Hello, Op, MAX_CHUNK, STREAM_WINDOW};
+use crate::generation::{self, Generations, NotInGeneration, VersionMismatch};
+use crate::{Chan, ErrorKind, Frame, Hello, Op, RemoteError, MAX_CHUNK, STREAM_WINDOW};
 
 /// The connection is gone (peer closed, I/O error or malformed frame).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -29,6 +37,28 @@ use crate::{Chan, Frame, Hello, Op, MAX_CHUNK, STREAM_WINDOW};
 pub struct Closed {
     /// Why the connection ended, as far as this side knows.
     pub reason: String,
+}
+
+/// Why [`Mux::open`] did not open a stream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OpenError {
+    /// The connection is gone.
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    /// The generation spoken with the peer does not have this operation (or a field it uses):
+    /// nothing was sent.
+    #[error(transparent)]
+    NotInGeneration(#[from] NotInGeneration),
+}
+
+/// How a [`Mux`] talks to its peer.
+#[derive(Debug, Clone, Default)]
+pub struct MuxConfig {
+    /// The protocol generations this side speaks ([`Generations::CURRENT`] by default).
+    pub speaks: Generations,
+    /// The peer's hello when another reader took it already (the agent's next session after a
+    /// host said hello to the previous one): the generation is negotiated at once.
+    pub peer_hello: Option<Hello>,
 }
 
 /// Something the peer started.
@@ -50,9 +80,60 @@ struct Shared {
     routes: Mutex<HashMap<u32, Route>>,
     next_id: AtomicU32,
     closed: watch::Sender<Option<String>>,
+    /// What this side speaks.
+    speaks: Generations,
+    /// The generation both codecs use now: `speaks.max` until negotiated.
+    generation: Arc<AtomicU16>,
+    /// The outcome of the negotiation with the peer's first hello.
+    negotiation: OnceLock<Result<u16, VersionMismatch>>,
 }
 
 impl Shared {
+    fn generation(&self) -> u16 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Settles the generation with the peer's first hello; later hellos change nothing.
+    fn negotiate(&self, hello: &Hello) -> &Result<u16, VersionMismatch> {
+        self.negotiation.get_or_init(|| {
+            let outcome = generation::negotiate(self.speaks, hello);
+            match &outcome {
+                Ok(g) => {
+                    self.generation.store(*g, Ordering::Release);
+                    tracing::debug!(
+                        generation = g,
+                        peer = %hello.speaks(),
+                        ours = %self.speaks,
+                        "protocol generation negotiated"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "no protocol generation in common"),
+            }
+            outcome
+        })
+    }
+
+    /// A frame the generation cannot carry is not written: an `Open` fails its own stream at
+    /// once (the mux refuses those earlier, but one opened before the hellos may get here), any
+    /// other is dropped with a log line (a `Goodbye` to a generation-1 peer: the connection
+    /// closes all the same).
+    fn refuse(&self, frame: Frame, why: NotInGeneration) {
+        match frame {
+            Frame::Open { id, .. } => {
+                let error = RemoteError::new(ErrorKind::Unsupported, why.to_string());
+                if let Some(r) = self.routes.lock().expect("routes lock").get(&id) {
+                    if r.tx.send(Frame::Error { id, error }).is_err() {
+                        tracing::debug!(id, "stream refused by generation was already dropped");
+                    }
+                }
+            }
+            Frame::Goodbye { reason } => {
+                tracing::debug!(%reason, %why, "goodbye not sent to this peer's generation")
+            }
+            other => tracing::warn!(frame = ?other, %why, "frame not sent"),
+        }
+    }
+
     fn close(&self, reason: String) {
         self.closed.send_if_modified(|c| {
             if c.is_none() {
@@ -127,9 +208,22 @@ impl std::fmt::Debug for Mux {
 }
 
 impl Mux {
-    /// Starts the reader and writer tasks on the current tokio runtime. Returns the handle and
-    /// the receiver of what the peer starts.
+    /// Starts the reader and writer tasks on the current tokio runtime, speaking every
+    /// generation of this crate. Returns the handle and the receiver of what the peer starts.
     pub fn spawn<R, W>(reader: R, writer: W) -> (Mux, mpsc::UnboundedReceiver<Incoming>)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::spawn_with(reader, writer, MuxConfig::default())
+    }
+
+    /// [`Mux::spawn`] with a configuration.
+    pub fn spawn_with<R, W>(
+        reader: R,
+        writer: W,
+        config: MuxConfig,
+    ) -> (Mux, mpsc::UnboundedReceiver<Incoming>)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -141,7 +235,14 @@ impl Mux {
             routes: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             closed,
+            speaks: config.speaks,
+            generation: Arc::new(AtomicU16::new(config.speaks.max)),
+            negotiation: OnceLock::new(),
         });
+        if let Some(hello) = &config.peer_hello {
+            // Before the reader starts: the next frame it reads is in the agreed generation.
+            shared.negotiate(hello);
+        }
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(shared.clone(), writer, out_rx));
         tokio::spawn(read_loop(shared.clone(), reader, in_tx));
@@ -153,15 +254,42 @@ impl Mux {
         self.send(Frame::Hello(hello))
     }
 
-    /// Opens a stream for `op` (host side).
-    pub fn open(&self, op: Op) -> Result<Stream, Closed> {
+    /// Opens a stream for `op` (host side). An operation the generation spoken with the peer
+    /// does not have is refused here ([`OpenError::NotInGeneration`]) and nothing is sent.
+    pub fn open(&self, op: Op) -> Result<Stream, OpenError> {
         if self.is_closed() {
-            return Err(self.shared.closed_error());
+            return Err(self.shared.closed_error().into());
+        }
+        let feature = op.feature();
+        let generation = self.generation();
+        if feature.since > generation {
+            return Err(OpenError::NotInGeneration(NotInGeneration {
+                feature: feature.name,
+                needs: feature.since,
+                generation,
+            }));
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let stream = self.shared.register(id);
         self.send(Frame::Open { id, op })?;
         Ok(stream)
+    }
+
+    /// The generation frames are written and read in now: the negotiated one, or the newest
+    /// this side speaks before the peer's hello (or when the hellos had none in common).
+    pub fn generation(&self) -> u16 {
+        self.shared.generation()
+    }
+
+    /// The generations this side speaks.
+    pub fn speaks(&self) -> Generations {
+        self.shared.speaks
+    }
+
+    /// The outcome of the negotiation, once the peer's first hello arrived (it is settled
+    /// before that hello is handed out as [`Incoming::Hello`]).
+    pub fn negotiated(&self) -> Option<Result<u16, VersionMismatch>> {
+        self.shared.negotiation.get().cloned()
     }
 
     fn send(&self, frame: Frame) -> Result<(), Closed> {
@@ -180,7 +308,9 @@ impl Mux {
     pub async fn closed(&self) -> Closed {
         let mut rx = self.shared.closed.subscribe();
         // wait_for only fails if the sender is gone, which cannot happen while `self` lives.
-        let _ = rx.wait_for(|c| c.is_some()).await;
+        if rx.wait_for(|c| c.is_some()).await.is_err() {
+            tracing::debug!("close watch dropped");
+        }
         self.shared.closed_error()
     }
 
@@ -209,7 +339,7 @@ async fn write_loop<W>(shared: Arc<Shared>, mut writer: W, mut rx: mpsc::Unbound
 where
     W: AsyncWrite + Unpin,
 {
-    let mut codec = FrameCodec::default();
+    let mut codec = FrameCodec::shared(shared.generation.clone());
     let mut buf = BytesMut::with_capacity(BATCH);
     let mut closed = shared.closed.subscribe();
     loop {
@@ -229,9 +359,13 @@ where
                         writer.write_all(&data).await?;
                     }
                     other => {
-                        codec
-                            .encode(other, &mut buf)
-                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        if let Err(why) = generation::check(&other, codec.generation()) {
+                            shared.refuse(other, why);
+                        } else {
+                            codec
+                                .encode(other, &mut buf)
+                                .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        }
                         if buf.len() >= BATCH {
                             writer.write_all(&buf).await?;
                             buf.clear();
@@ -261,7 +395,9 @@ async fn read_loop<R>(shared: Arc<Shared>, reader: R, incoming: mpsc::UnboundedS
 where
     R: AsyncRead + Unpin,
 {
-    let mut frames = FramedRead::new(reader, FrameCodec::default());
+    // The codec reads the generation for every frame: once the first hello settled it, the
+    // next frame (still in the read buffer, decoded lazily) is read in the agreed one.
+    let mut frames = FramedRead::new(reader, FrameCodec::shared(shared.generation.clone()));
     let mut closed = shared.closed.subscribe();
     let reason = loop {
         // Closed first: once a mux is closed its reader must not take another byte. The agent
@@ -278,21 +414,32 @@ where
                 // Tell the peer, so that its operations fail now instead of waiting for
                 // answers that will never come (the channel itself may stay up).
                 let reason = format!("read failed: {e}");
-                let _ = shared.out.send(Frame::Goodbye {
-                    reason: reason.clone(),
-                });
+                if shared
+                    .out
+                    .send(Frame::Goodbye {
+                        reason: reason.clone(),
+                    })
+                    .is_err()
+                {
+                    tracing::debug!("writer gone; no goodbye sent");
+                }
                 break reason;
             }
             Some(Ok(f)) => f,
         };
         match frame {
             Frame::Hello(h) => {
-                let _ = incoming.send(Incoming::Hello(h));
+                shared.negotiate(&h);
+                if incoming.send(Incoming::Hello(h)).is_err() {
+                    tracing::debug!("hello dropped: nobody takes incoming frames");
+                }
             }
             Frame::Goodbye { reason } => break format!("the peer ended the connection: {reason}"),
             Frame::Open { id, op } => {
                 let stream = shared.register(id);
-                let _ = incoming.send(Incoming::Open(stream, op));
+                if incoming.send(Incoming::Open(stream, op)).is_err() {
+                    tracing::debug!(id, "stream dropped: nobody takes incoming frames");
+                }
             }
             Frame::Credit { id, bytes } => {
                 if let Some(r) = shared.routes.lock().expect("routes lock").get(&id) {
@@ -302,7 +449,9 @@ where
             other => {
                 let id = other.stream_id().unwrap_or_default();
                 if let Some(r) = shared.routes.lock().expect("routes lock").get(&id) {
-                    let _ = r.tx.send(other);
+                    if r.tx.send(other).is_err() {
+                        tracing::trace!(id, "frame for a dropped stream");
+                    }
                 }
             }
         }
@@ -413,7 +562,14 @@ impl StreamReceiver {
                     self.consumed += data.len() as u32;
                     if self.consumed >= CREDIT_BATCH {
                         let bytes = std::mem::take(&mut self.consumed);
-                        let _ = self.shared.out.send(Frame::Credit { id: self.id, bytes });
+                        if self
+                            .shared
+                            .out
+                            .send(Frame::Credit { id: self.id, bytes })
+                            .is_err()
+                        {
+                            tracing::debug!(id = self.id, "credit not sent: connection closed");
+                        }
                     }
                 }
                 Ok(frame)
@@ -533,6 +689,7 @@ mod tests {
                 software: "t".into(),
                 kernel: String::new(),
                 uptime_ms: 0,
+                min_version: 1,
             })
             .unwrap();
         let mut s = host.open(Op::Ping).unwrap();
@@ -615,6 +772,44 @@ mod tests {
         // the agent sees its peer vanish, which releases the blocked sender.
         agent.closed().await;
         assert!(blocked.await.unwrap().is_err());
+    }
+
+    /// An operation queued before the hellos settled on a generation that lacks it is never
+    /// written: its stream fails at once with the reason.
+    #[tokio::test]
+    async fn an_open_queued_before_the_hello_is_refused_by_the_writer() {
+        let ((host, _hin), (_agent, mut ain)) = pair();
+        let mut s = host
+            .open(Op::MountImage {
+                path: "/i".into(),
+                fstype: "erofs".into(),
+                size: 1,
+                target: "/m".into(),
+            })
+            .unwrap();
+        // the writer has not run yet (current-thread runtime): a generation-1 peer's hello
+        host.shared.negotiate(&Hello {
+            version: 1,
+            software: "old".into(),
+            kernel: String::new(),
+            uptime_ms: 0,
+            min_version: 1,
+        });
+        assert_eq!(host.generation(), 1);
+        match tokio::time::timeout(Duration::from_secs(5), s.rx.recv()).await {
+            Ok(Ok(Frame::Error { error, .. })) => {
+                assert_eq!(error.kind, crate::ErrorKind::Unsupported);
+                assert!(error.message.contains("MountImage"), "{}", error.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        // the peer got nothing, and the connection still works
+        let mut p = host.open(Op::Ping).unwrap();
+        match ain.recv().await.unwrap() {
+            Incoming::Open(gs, Op::Ping) => gs.tx.send(Frame::Done { id: gs.id() }).unwrap(),
+            other => panic!("{other:?}"),
+        }
+        assert!(p.rx.recv().await.unwrap().is_terminal());
     }
 
     #[tokio::test]

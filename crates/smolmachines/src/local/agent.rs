@@ -1,10 +1,20 @@
 //! Host side of the agent channel: accept the VM's connection, check the agent's hello, and run
 //! operations as multiplexed streams.
+//!
+//! The host speaks every protocol generation of `smol-protocol` ([`Generations::CURRENT`]) and
+//! settles on the agent's newest one if that is older than its own: a machine whose initramfs
+//! (or restored checkpoint) carries an older agent keeps working, with the operations of its
+//! generation; one that needs a newer generation fails with [`AgentError::NotSupported`]
+//! before anything is sent. An agent older than [`MIN_PROTOCOL_VERSION`], or newer and unable
+//! to go down to this host's generation, is refused at the hello ([`ConnectError`]).
 
 use std::time::Duration;
 
-use smol_protocol::mux::{Closed, Incoming, Mux, Stream, StreamSender};
-use smol_protocol::{Chan, ExecRequest, Frame, Hello, Op, RemoteError, PROTOCOL_VERSION};
+use smol_protocol::mux::{Closed, Incoming, Mux, OpenError, Stream, StreamSender};
+use smol_protocol::{
+    Chan, ExecRequest, Frame, Generations, Hello, NotInGeneration, Op, RemoteError,
+    VersionMismatch, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,6 +32,26 @@ pub enum AgentError {
     /// The agent sent something the protocol does not allow here.
     #[error("unexpected frame from the agent: {0}")]
     Unexpected(String),
+    /// The agent's protocol generation does not have this operation (or a field it uses);
+    /// nothing was sent.
+    #[error(
+        "{} is not supported by this machine's agent (protocol generation {}; it needs \
+         generation {} or newer): boot the machine with the current initramfs (make setup \
+         installs it)",
+        .0.feature,
+        .0.generation,
+        .0.needs
+    )]
+    NotSupported(NotInGeneration),
+}
+
+impl From<OpenError> for AgentError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Closed(c) => AgentError::Closed(c),
+            OpenError::NotInGeneration(n) => AgentError::NotSupported(n),
+        }
+    }
 }
 
 /// Errors while waiting for the agent to come up.
@@ -36,16 +66,46 @@ pub enum ConnectError {
     /// The channel ended before the hello.
     #[error("the agent channel closed before the hello")]
     Closed,
-    /// The agent speaks another protocol generation.
+    /// The agent speaks only generations older than the oldest this host still speaks.
     #[error(
-        "agent speaks protocol {agent}, host speaks {host}: rebuild the initramfs (make setup)"
+        "the agent speaks protocol generation {agent}, older than the oldest this host speaks \
+         ({host}): rebuild the initramfs with this host's agent (make setup) and boot the \
+         machine again"
     )]
-    Version {
-        /// Agent's generation.
-        agent: u16,
-        /// Ours.
-        host: u16,
+    AgentTooOld {
+        /// What the agent speaks.
+        agent: Generations,
+        /// What this host speaks.
+        host: Generations,
     },
+    /// The agent speaks only generations newer than the newest this host speaks.
+    #[error(
+        "the agent speaks protocol generation {agent} and cannot go down to {newest}, the \
+         newest this host speaks ({host}): use the smol that built the initramfs, or rebuild \
+         the initramfs with this one (make setup) and boot the machine again",
+        newest = host.max
+    )]
+    AgentTooNew {
+        /// What the agent speaks.
+        agent: Generations,
+        /// What this host speaks.
+        host: Generations,
+    },
+}
+
+impl From<VersionMismatch> for ConnectError {
+    fn from(m: VersionMismatch) -> Self {
+        match m {
+            VersionMismatch::PeerTooOld { peer, ours } => ConnectError::AgentTooOld {
+                agent: peer,
+                host: ours,
+            },
+            VersionMismatch::PeerTooNew { peer, ours } => ConnectError::AgentTooNew {
+                agent: peer,
+                host: ours,
+            },
+        }
+    }
 }
 
 /// A live connection to a guest agent.
@@ -101,12 +161,16 @@ impl AgentConn {
         let (mux, mut incoming) = Mux::spawn(r, w);
         // Our hello first: an agent still in a session with a previous host takes it as the
         // start of a new session and answers with its own. Nothing else is sent until then.
-        let _ = mux.send_hello(Hello {
+        let ours = Hello {
             version: PROTOCOL_VERSION,
             software: env!("CARGO_PKG_VERSION").to_string(),
             kernel: String::new(),
             uptime_ms: 0,
-        });
+            min_version: MIN_PROTOCOL_VERSION,
+        };
+        if mux.send_hello(ours).is_err() {
+            return Err(ConnectError::Closed);
+        }
         let hello = loop {
             match incoming.recv().await {
                 Some(Incoming::Hello(h)) => break h,
@@ -114,16 +178,35 @@ impl AgentConn {
                 None => return Err(ConnectError::Closed),
             }
         };
-        if !smol_protocol::compatible(hello.version) {
-            mux.close("incompatible agent");
-            return Err(ConnectError::Version {
-                agent: hello.version,
-                host: PROTOCOL_VERSION,
-            });
+        // The mux settled the generation with this (its first) hello before handing it out.
+        let negotiated = mux
+            .negotiated()
+            .unwrap_or_else(|| smol_protocol::negotiate(mux.speaks(), &hello));
+        let generation = match negotiated {
+            Ok(g) => g,
+            Err(mismatch) => {
+                mux.close("no protocol generation in common with the agent");
+                return Err(mismatch.into());
+            }
+        };
+        if generation < PROTOCOL_VERSION {
+            tracing::info!(
+                generation,
+                agent = %hello.speaks(),
+                agent_software = %hello.software,
+                "the agent is older than the host: speaking its protocol generation"
+            );
+        } else {
+            tracing::debug!(generation, "agent protocol generation");
         }
         // Keep draining the incoming queue so it never grows (the agent opens no streams).
         tokio::spawn(async move { while incoming.recv().await.is_some() {} });
         Ok(AgentConn { mux, hello })
+    }
+
+    /// The protocol generation spoken with the agent.
+    pub fn generation(&self) -> u16 {
+        self.mux.generation()
     }
 
     /// Ends the connection from the host side.
@@ -405,3 +488,6 @@ fn terminal(frame: Frame) -> Result<(), AgentError> {
         other => Err(AgentError::Unexpected(format!("{other:?}"))),
     }
 }
+
+#[cfg(test)]
+mod generation_tests;
