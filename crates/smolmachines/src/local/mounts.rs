@@ -51,13 +51,13 @@ pub fn validate(specs: &[MountSpec]) -> Result<Vec<MountRecord>> {
         });
     }
     if !out.is_empty() && !virtiofsd().is_file() {
-        return Err(Error::MountSource {
-            source_path: out[0].source.display().to_string(),
-            reason: format!(
-                "{} not found (Debian: apt-get install qemu-system-x86; or set SMOL_VIRTIOFSD)",
+        return Err(super::programs::missing(
+            "/usr/lib/qemu/virtiofsd",
+            format!(
+                "{} is not there (or set SMOL_VIRTIOFSD)",
                 virtiofsd().display()
             ),
-        });
+        ));
     }
     Ok(out)
 }

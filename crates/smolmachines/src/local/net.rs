@@ -101,9 +101,11 @@ pub fn spawn(dir: &Path, binary: &Path) -> Result<Child> {
     let fail = |reason: String| Error::NotSupported {
         message: format!("guest networking unavailable: {reason} (Debian: apt-get install passt)"),
     };
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| fail(format!("starting {}: {e}", binary.display())))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        super::programs::spawn_error("passt", e, |e| {
+            fail(format!("starting {}: {e}", binary.display()))
+        })
+    })?;
     let t0 = Instant::now();
     while !sock.exists() {
         if let Ok(Some(status)) = child.try_wait() {
