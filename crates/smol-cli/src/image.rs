@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use smolmachines::image::{ImageStore, LayerStatus, Progress, PullEvent};
+use smolmachines::image::{LayerStatus, Progress, PullEvent};
+use smolmachines::local::LocalBackend;
 use smolmachines::Error;
 
 /// `smol image ...`
@@ -53,7 +54,7 @@ fn reporter() -> (Option<Progress>, Option<Arc<Bars>>) {
 /// Makes `image` ready in the cache before a machine boots it, showing the pull on stderr (bars
 /// on a terminal, lines otherwise) when it is not cached yet; nothing when it is.
 pub async fn prepare(image: &str) -> Result<(), Error> {
-    let store = ImageStore::open_default()?;
+    let store = LocalBackend::open_env().image_store()?;
     let (progress, done) = reporter();
     let result = store.ensure(image, progress).await;
     if let Some(bars) = done {
@@ -64,7 +65,7 @@ pub async fn prepare(image: &str) -> Result<(), Error> {
 }
 
 pub async fn run(cmd: ImageCommand) -> Result<u8, Error> {
-    let store = ImageStore::open_default()?;
+    let store = LocalBackend::open_env().image_store()?;
     match cmd {
         ImageCommand::Pull { image, quiet } => {
             let (progress, done) = if quiet { (None, None) } else { reporter() };

@@ -292,6 +292,11 @@ impl LocalBackend {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
+    /// The image cache of this engine's home (pull, list, remove, prune).
+    pub fn image_store(&self) -> Result<crate::image::ImageStore> {
+        Ok(crate::image::ImageStore::open(&self.home)?)
+    }
+
     /// The live handle of `name` if this process holds one (cheap: a map lookup).
     pub fn live_machine(&self, name: &str) -> Option<LocalMachine> {
         self.shared.live(name)
