@@ -161,7 +161,7 @@ export type ExecEvent =
   | { kind: 'stdout'; data: string }
   | { kind: 'stderr'; data: string }
   | { kind: 'exit'; exitCode: number }
-  | { kind: 'error'; message: string };
+  | { kind: 'error'; message: string; code: string; error: SmolError };
 
 /** SPEC §3.8 */
 export interface ImageInfo {
@@ -286,15 +286,56 @@ export declare class Machine {
   ports(): PortSpec[];
 }
 
-/** Base of every error (SPEC §8): `code` is stable. */
+/** Options of the error constructors. */
+export interface SmolErrorOptions {
+  hint?: string;
+  cause?: unknown;
+  status?: number;
+  problemCode?: string;
+  retryable?: boolean;
+  retryAfterS?: number;
+}
+/**
+ * Base of every error (SPEC §8): `code` is stable. Errors of the engine or the cloud also carry
+ * their typed fields (those of the error's kind), as the /v1 problem body names them.
+ */
 export declare class SmolError extends Error {
-  constructor(code: string, message: string, options?: { hint?: string; cause?: unknown });
+  constructor(code: string, message: string, options?: SmolErrorOptions);
   readonly code: string;
   /** What to do about it, when the engine knows. */
   readonly hint?: string;
+  /** The HTTP status of the error on the /v1 API (the response's for a cloud error). */
+  status?: number;
+  /** The problem body's `code` (`machine_interrupted`, `not_found`, ...). */
+  problemCode?: string;
+  /** Whether trying again may succeed. */
+  retryable?: boolean;
+  /** Seconds the service asked to wait (`Retry-After`). */
+  retryAfterS?: number;
+  /** A host port (CONFLICT of a published port). */
+  port?: number;
+  /** The end of the console and VMM logs (BOOT_FAILED). */
+  logTail?: string;
+  /** The machine's name (CONFLICT, INVALID_STATE, INTERRUPTED, BOOT_FAILED). */
+  machine?: string;
+  /** The machine's state and the operation refused (INVALID_STATE). */
+  state?: string;
+  operation?: string;
+  /** A guest path, engine file, mount source or asset. */
+  path?: string;
+  /** The error's main text (what was not found, why). */
+  reason?: string;
+  /** A host program and its Debian package (RUNTIME_NOT_INSTALLED). */
+  program?: string;
+  package?: string;
+  neededFor?: string;
+  /** The missing credential scope (FORBIDDEN). */
+  scope?: string;
+  /** An image registry. */
+  registry?: string;
 }
 declare class CodedError extends SmolError {
-  constructor(message: string, options?: { hint?: string; cause?: unknown });
+  constructor(message: string, options?: SmolErrorOptions);
 }
 /** NOT_SUPPORTED */
 export declare class NotSupportedError extends CodedError {}
@@ -312,7 +353,7 @@ export declare class ExecutionError extends SmolError {
 export declare class NotFoundError extends CodedError {}
 /** INVALID_STATE */
 export declare class InvalidStateError extends CodedError {}
-/** INTERRUPTED: the VM stopped during the operation */
+/** INTERRUPTED (local) or MACHINE_INTERRUPTED (cloud): the VM stopped during the operation */
 export declare class InterruptedError extends CodedError {}
 /** CONFLICT */
 export declare class ConflictError extends CodedError {}
@@ -334,8 +375,20 @@ export declare class PermissionDeniedError extends CodedError {}
 export declare class IsADirectoryError extends CodedError {}
 /** NETWORK_ERROR */
 export declare class NetworkError extends CodedError {}
+/** RUNTIME_NOT_INSTALLED: a host program the engine runs is missing (`program`, `package`) */
+export declare class RuntimeNotInstalledError extends CodedError {}
+/** UNAUTHORIZED: no, unknown or expired API key (HTTP 401) */
+export declare class UnauthorizedError extends CodedError {}
+/** FORBIDDEN: the API key lacks a scope (`scope`, HTTP 403) */
+export declare class ForbiddenError extends CodedError {}
+/** PAYMENT_REQUIRED: billing or budget (HTTP 402) */
+export declare class PaymentRequiredError extends CodedError {}
+/** RATE_LIMITED: too many requests (HTTP 429, `retryAfterS`) */
+export declare class RateLimitedError extends CodedError {}
+/** CONNECTION: the service cannot be reached */
+export declare class ConnectionError extends CodedError {}
 
-/** Parses a native "[CODE] message" error into the SmolError subclass of its code. */
+/** Turns a native error (its JSON payload, or "[CODE] message") into the SmolError subclass of its code. */
 export declare function wrapNativeError(err: unknown): SmolError;
 /** Same as Machine.localAvailability(). */
 export declare function localAvailability(): LocalAvailability;

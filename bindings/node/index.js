@@ -230,22 +230,10 @@ class Machine {
     const connJson = toJson('ConnectOptions', conn);
     const labels = toJson('labels', (options || {}).labels);
     const rows = await call(() => n.list(connJson, labels));
-    return rows.map((r) => ({
-      id: r.name,
-      name: r.name,
-      state: r.state,
-      labels: r.labels,
-      image: r.image ?? undefined,
-      persistent: r.persistent,
-      detached: r.detached,
-      branchable: false,
-      // RFC 3339 UTC with whole seconds, the form of the cloud's createdAt
-      createdAt: r.createdUnix > 0 ? new Date(r.createdUnix * 1000).toISOString().replace(/\.\d{3}Z$/, 'Z') : undefined,
-      pid: r.pid ?? undefined,
-      accel: r.accel,
-      resources: { cpus: r.cpus, memoryMib: r.memoryMb, storageGib: r.storageGb || undefined },
-      ports: r.ports.map((p) => ({ guest: p.guest, host: p.host, protocol: 'tcp' })),
-    }));
+    // The native rows are already MachineSummary objects (mapped once, in the core's terms);
+    // an absent optional field is `undefined`, not `null`.
+    const defined = (o) => Object.fromEntries(Object.entries(o).filter(([, v]) => v != null));
+    return rows.map((r) => ({ ...defined(r), resources: defined(r.resources) }));
   }
 
   /** Whether this host can run local machines (SPEC §3.10). Never throws. */
@@ -352,7 +340,8 @@ class Machine {
 
   /**
    * Streams a command's output: `{kind:'stdout'|'stderr', data}`, then `{kind:'exit', exitCode}`
-   * (or `{kind:'error', message}`). Leaving the loop early kills the command.
+   * (or `{kind:'error', message, code, error}`: `throw ev.error` throws the typed error of the
+   * code). Leaving the loop early kills the command.
    */
   execStream(command, opts = {}) {
     // argument errors, like every other error, surface on the first iteration
@@ -464,7 +453,11 @@ async function* streamEvents(handle, command, opts) {
           if (tail) yield { kind, data: tail };
         }
         if (ev.kind === 'exit') yield { kind: 'exit', exitCode: ev.exitCode };
-        else yield { kind: 'error', message: ev.message };
+        else {
+          // SPEC §3.9's event, plus the stable code and its typed error (`throw ev.error`)
+          const code = ev.code || 'SMOLVM_ERROR';
+          yield { kind: 'error', message: ev.message, code, error: errors.smolError(code, ev.message) };
+        }
         return;
       }
     }
@@ -495,6 +488,16 @@ module.exports = {
   PermissionDeniedError: errors.PermissionDeniedError,
   IsADirectoryError: errors.IsADirectoryError,
   NetworkError: errors.NetworkError,
+  RuntimeNotInstalledError: errors.RuntimeNotInstalledError,
+  UnauthorizedError: errors.UnauthorizedError,
+  ForbiddenError: errors.ForbiddenError,
+  PaymentRequiredError: errors.PaymentRequiredError,
+  RateLimitedError: errors.RateLimitedError,
+  ConnectionError: errors.ConnectionError,
   wrapNativeError,
   localAvailability: () => Machine.localAvailability(),
+  // Not public API: the typed error of an HTTP error response (status, body bytes, Retry-After)
+  // through the core's Error::from_problem (tests; the cloud client later).
+  _errorFromProblem: (status, body, retryAfter) =>
+    wrapNativeError(new Error(nativeOrThrow()._errorFromProblem(status, Buffer.from(body), retryAfter ?? null))),
 };

@@ -21,6 +21,12 @@ export const {
   PermissionDeniedError,
   IsADirectoryError,
   NetworkError,
+  RuntimeNotInstalledError,
+  UnauthorizedError,
+  ForbiddenError,
+  PaymentRequiredError,
+  RateLimitedError,
+  ConnectionError,
   wrapNativeError,
   localAvailability,
 } = smol;

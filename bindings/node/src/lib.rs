@@ -1,8 +1,8 @@
 //! Native half of the npm package `smolmachines`: a thin napi-rs layer over the Rust core
 //! (`smolmachines::Machine`). Every I/O call is an async fn run on napi's tokio runtime, so the
-//! JS event loop never waits on a VM. Errors leave as `"[CODE] message"` (SPEC §8.2), plus
-//! `\x1f` and the core's hint when it has one; `index.js` turns that into the typed `SmolError`
-//! subclass in one place. Options arrive as JSON text (parsed with serde in `config`), so an
+//! JS event loop never waits on a VM. Errors leave as a JSON payload with their code and typed
+//! fields (`errors.rs`); `errors.js` turns that into the typed `SmolError` subclass in one
+//! place. Options arrive as JSON text (parsed with serde in `config`), so an
 //! unknown or mistyped field is a typed error instead of being dropped.
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,26 +16,13 @@ use smolmachines::{Error, ExecResult, Machine};
 use tokio::sync::watch;
 
 mod config;
+mod errors;
 mod stream;
 
 use config::{parse, JsConfig, JsConnect, JsExecOptions};
+pub use errors::error_from_problem;
+use errors::to_js;
 pub use stream::NativeExecStream;
-
-/// A core error as a JS error whose message starts with `[CODE]` (SPEC §8.2).
-fn to_js(e: Error) -> napi::Error {
-    let mut msg = format!("[{}] {e}", e.code());
-    if let Error::BootFailed { log_tail, .. } = &e {
-        if !log_tail.is_empty() {
-            msg.push_str("\n--- console / VMM log ---\n");
-            msg.push_str(log_tail.trim_end());
-        }
-    }
-    if let Some(h) = e.hint() {
-        msg.push('\u{1f}');
-        msg.push_str(&h);
-    }
-    napi::Error::new(Status::GenericFailure, msg)
-}
 
 fn conn_from(json: &str) -> Result<smolmachines::ConnectOptions> {
     parse::<JsConnect>("ConnectOptions", json)

@@ -14,28 +14,36 @@ use tokio::sync::{Mutex, Notify};
 const BATCH: usize = 64;
 
 /// One stream event: `stdout`/`stderr` with `data`, `exit` with `exitCode`, `error` with
-/// `message`.
+/// `message` and the stable `code` (`index.js` adds the typed error of the code).
 #[napi(object)]
 pub struct NativeEvent {
     pub kind: String,
     pub data: Option<Buffer>,
     pub exit_code: Option<i32>,
     pub message: Option<String>,
+    pub code: Option<String>,
 }
 
 impl From<ExecEvent> for NativeEvent {
     fn from(ev: ExecEvent) -> Self {
-        let (kind, data, exit_code, message) = match ev {
-            ExecEvent::Stdout(d) => ("stdout", Some(d.into()), None, None),
-            ExecEvent::Stderr(d) => ("stderr", Some(d.into()), None, None),
-            ExecEvent::Exit(c) => ("exit", None, Some(c), None),
-            ExecEvent::Error(m) => ("error", None, None, Some(m)),
+        let (kind, data, exit_code, message, code) = match ev {
+            ExecEvent::Stdout(d) => ("stdout", Some(d.into()), None, None, None),
+            ExecEvent::Stderr(d) => ("stderr", Some(d.into()), None, None, None),
+            ExecEvent::Exit(c) => ("exit", None, Some(c), None, None),
+            ExecEvent::Error { code, message } => (
+                "error",
+                None,
+                None,
+                Some(message),
+                Some(code.as_str().to_string()),
+            ),
         };
         Self {
             kind: kind.to_string(),
             data,
             exit_code,
             message,
+            code,
         }
     }
 }

@@ -77,7 +77,6 @@ where
         Err(Stop::Signal(e)) => Err(e),
         Err(Stop::Cancelled) => Err(errors::new_err(
             py,
-            "SmolError",
             "CANCELLED",
             "the operation was cancelled",
         )),
@@ -138,5 +137,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<machine::Machine>()?;
     m.add_class::<stream::ExecStream>()?;
     m.add_function(wrap_pyfunction!(local_availability, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::error_from_problem, m)?)?;
     Ok(())
 }

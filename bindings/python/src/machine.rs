@@ -330,7 +330,6 @@ impl Machine {
             // The SPEC's message, verbatim (no "invalid configuration:" prefix of the core's).
             return Err(crate::errors::new_err(
                 py,
-                "InvalidConfigError",
                 "INVALID_CONFIG",
                 "a background command cannot be cancelled; kill its pid instead",
             ));

@@ -73,7 +73,8 @@ struct Decoders {
 }
 
 /// Iterator of event dicts: `{"kind": "stdout"|"stderr", "data": str}`, then
-/// `{"kind": "exit", "exit_code": int}` or `{"kind": "error", "message": str}`.
+/// `{"kind": "exit", "exit_code": int}` or `{"kind": "error", "message": str, "code": str,
+/// "error": SmolError}` (the typed exception of the code, for `raise ev["error"]`).
 #[pyclass(frozen, module = "smol._native")]
 pub(crate) struct ExecStream {
     stream: Arc<tokio::sync::Mutex<Option<CoreStream>>>,
@@ -111,9 +112,13 @@ impl ExecStream {
                 d.set_item("kind", "exit")?;
                 d.set_item("exit_code", code)?;
             }
-            ExecEvent::Error(message) => {
+            ExecEvent::Error { code, message } => {
+                // SPEC §3.9's event, plus the stable code and the typed exception of it
+                let exc = crate::errors::coded_err(py, code, &message).into_value(py);
                 d.set_item("kind", "error")?;
                 d.set_item("message", message)?;
+                d.set_item("code", code.as_str())?;
+                d.set_item("error", exc)?;
             }
         }
         Ok(d)

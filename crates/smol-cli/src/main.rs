@@ -208,9 +208,7 @@ async fn stream(m: &Machine, a: &ExecArgs) -> Result<i32, Error> {
                 let _ = err.flush();
             }
             ExecEvent::Exit(code) => return Ok(code),
-            ExecEvent::Error(msg) => {
-                return Err(Error::Guest { message: msg });
-            }
+            ExecEvent::Error { code, message } => return Err(Error::coded(code, message)),
         }
     }
     Err(Error::Guest {

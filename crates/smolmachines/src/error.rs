@@ -1,6 +1,17 @@
-//! The one public error type of the Rust API, with the stable codes of SPEC §8.2.
+//! The one public error type of the Rust API, with the stable codes of SPEC §8.2 / §8.3
+//! ([`ErrorCode`]), their HTTP statuses and RFC 9457 problem bodies ([`Problem`]).
+//!
+//! An error crosses the /v1 API as `Error::to_problem` and comes back as
+//! `Error::from_problem`: the same variant, code and typed fields (see `error/problem.rs`).
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+mod code;
+mod problem;
+
+pub use code::{ErrorCode, UnknownErrorCode};
+pub use problem::{parse_retry_after, Problem};
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -128,6 +139,18 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// A host program the engine runs (scripts/programs.txt) is missing or does not run.
+    #[error("{program} is needed {needed_for} but {problem} (Debian package {package})")]
+    ProgramMissing {
+        /// The program (a name on PATH or an absolute path).
+        program: String,
+        /// The Debian package that provides it.
+        package: String,
+        /// What needs it ("to create a machine", "for mounts", ...).
+        needed_for: String,
+        /// What is wrong ("it is not installed", "`qemu-img --version` fails: ...").
+        problem: String,
+    },
     /// A guest asset (kernel, initramfs) is missing.
     #[error("{what} not found at {}", path.display())]
     AssetMissing {
@@ -157,6 +180,67 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An image registry failed, or served content that does not match its digest.
+    #[error("{message}")]
+    Registry {
+        /// The registry host, when known.
+        registry: Option<String>,
+        /// What failed.
+        message: String,
+    },
+    /// The service refused the request's credential: none, unknown or expired (HTTP 401).
+    #[error("unauthorized: {message}")]
+    Unauthorized {
+        /// What the service said.
+        message: String,
+    },
+    /// The credential is valid but lacks a permission (HTTP 403, e.g. `missing scope: ...`).
+    #[error("forbidden: {message}")]
+    Forbidden {
+        /// What the service said.
+        message: String,
+        /// The missing scope, when the service named one (`machine:exec`).
+        scope: Option<String>,
+    },
+    /// Billing or budget refuses the request (HTTP 402).
+    #[error("payment required: {message}")]
+    PaymentRequired {
+        /// What the service said.
+        message: String,
+    },
+    /// Too many requests (HTTP 429); try again after `retry_after` when it is known.
+    #[error("rate limited: {message}")]
+    RateLimited {
+        /// What the service said.
+        message: String,
+        /// How long the service asks to wait (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
+    /// The service cannot be reached, or the connection dropped mid-response (DNS, connect,
+    /// TLS, a stream cut off).
+    #[error("connection failed: {message}")]
+    Connection {
+        /// What failed.
+        message: String,
+    },
+    /// An error known by its code and message only: another server's HTTP error whose body
+    /// names none of the variants above with its fields (plain text, an unknown `code`), or a
+    /// stream's error event. Its code comes from the body's `code` or the status (SPEC §8.3).
+    #[error("{}", coded_display(*status, message))]
+    Coded {
+        /// The stable code.
+        code: ErrorCode,
+        /// The HTTP status (the code's for errors that did not come over HTTP).
+        status: u16,
+        /// The message (an HTTP body's sentence: `detail`, `error`, `message` or `title`).
+        message: String,
+        /// The problem body's `code`, as sent (`machine_interrupted`).
+        problem_code: Option<String>,
+        /// The body's `retryable`, else whether the status is 408/429/502/503/504.
+        retryable: bool,
+        /// `Retry-After` (or the body's `retryAfterS`).
+        retry_after: Option<Duration>,
+    },
     /// `ExecResult::assert_success` on a non-zero exit.
     #[error("command exited with code {exit_code}: {command}")]
     CommandFailed {
@@ -172,26 +256,89 @@ pub enum Error {
 }
 
 impl Error {
-    /// Stable code (SPEC §8.2), mapped to typed exceptions by the bindings.
-    pub fn code(&self) -> &'static str {
+    /// Stable code (SPEC §8.2, §8.3), mapped to typed exceptions by the bindings.
+    pub fn code(&self) -> ErrorCode {
+        use ErrorCode as C;
         match self {
-            Error::InvalidConfig { .. } | Error::NotADirectory { .. } => "INVALID_CONFIG",
-            Error::NotSupported { .. } => "NOT_SUPPORTED",
-            Error::NotFound { .. } | Error::AssetMissing { .. } => "NOT_FOUND",
-            Error::IsADirectory { .. } => "IS_A_DIRECTORY",
-            Error::PermissionDenied { .. } => "PERMISSION_DENIED",
-            Error::NoSpace { .. } | Error::Storage { .. } => "STORAGE_ERROR",
-            Error::PortUnavailable { .. } => "CONFLICT",
-            Error::MountSource { .. } => "MOUNT_ERROR",
-            Error::Conflict { .. } => "CONFLICT",
-            Error::InvalidState { .. } => "INVALID_STATE",
-            Error::Interrupted { .. } => "INTERRUPTED",
-            Error::BootFailed { .. } => "BOOT_FAILED",
-            Error::Timeout { .. } => "TIMEOUT",
-            Error::HypervisorUnavailable { .. } => "HYPERVISOR_UNAVAILABLE",
-            Error::KvmUnavailable { .. } => "KVM_UNAVAILABLE",
-            Error::Protocol { .. } | Error::Guest { .. } | Error::Io { .. } => "SMOLVM_ERROR",
-            Error::CommandFailed { .. } => "COMMAND_FAILED",
+            Error::InvalidConfig { .. } | Error::NotADirectory { .. } => C::InvalidConfig,
+            Error::NotSupported { .. } => C::NotSupported,
+            Error::NotFound { .. } | Error::AssetMissing { .. } => C::NotFound,
+            Error::IsADirectory { .. } => C::IsADirectory,
+            Error::PermissionDenied { .. } => C::PermissionDenied,
+            Error::NoSpace { .. } | Error::Storage { .. } => C::StorageError,
+            Error::PortUnavailable { .. } => C::Conflict,
+            Error::MountSource { .. } => C::MountError,
+            Error::Conflict { .. } => C::Conflict,
+            Error::InvalidState { .. } => C::InvalidState,
+            Error::Interrupted { .. } => C::Interrupted,
+            Error::BootFailed { .. } => C::BootFailed,
+            Error::Timeout { .. } => C::Timeout,
+            Error::HypervisorUnavailable { .. } => C::HypervisorUnavailable,
+            Error::KvmUnavailable { .. } => C::KvmUnavailable,
+            Error::Protocol { .. }
+            | Error::Guest { .. }
+            | Error::Io { .. }
+            | Error::Registry { .. } => C::SmolvmError,
+            Error::CommandFailed { .. } => C::CommandFailed,
+            Error::ProgramMissing { .. } => C::RuntimeNotInstalled,
+            Error::Unauthorized { .. } => C::Unauthorized,
+            Error::Forbidden { .. } => C::Forbidden,
+            Error::PaymentRequired { .. } => C::PaymentRequired,
+            Error::RateLimited { .. } => C::RateLimited,
+            Error::Connection { .. } => C::Connection,
+            Error::Coded { code, .. } => *code,
+        }
+    }
+
+    /// An error known only by its code and message ([`Error::Coded`]), e.g. a stream's
+    /// [`ExecEvent::Error`](crate::ExecEvent::Error).
+    pub fn coded(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error::Coded {
+            code,
+            status: code.http_status(),
+            message: message.into(),
+            problem_code: None,
+            retryable: code.retryable(),
+            retry_after: None,
+        }
+    }
+
+    /// The HTTP status of this error on the /v1 API: the response's for [`Error::Coded`], else
+    /// [`ErrorCode::http_status`] of its code.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::Coded { status, .. } => *status,
+            e => e.code().http_status(),
+        }
+    }
+
+    /// Whether trying again may succeed (SPEC §8.1 `retryable`).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::Coded { retryable, .. } => *retryable,
+            e => e.code().retryable(),
+        }
+    }
+
+    /// How long to wait before trying again, when the service said (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::RateLimited { retry_after, .. } | Error::Coded { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
+
+    /// The problem body's `code` (SPEC §10.1): what the service sent for [`Error::Coded`], else
+    /// [`ErrorCode::problem_code`].
+    pub fn problem_code(&self) -> String {
+        match self {
+            Error::Coded {
+                problem_code: Some(p),
+                ..
+            } => p.clone(),
+            e => e.code().problem_code(),
         }
     }
 
@@ -202,6 +349,9 @@ impl Error {
                 "run `make setup` (or scripts/setup.sh) to build the guest kernel and initramfs, \
                  or point SMOL_KERNEL / SMOL_INITRD at them"
                     .into()
+            }
+            Error::ProgramMissing { package, .. } => {
+                format!("install it: apt-get install {package} (or run `make setup`); `smol doctor` checks every program")
             }
             Error::HypervisorUnavailable { .. } => {
                 "install QEMU (Debian: apt-get install qemu-system-x86) or set SMOL_QEMU".into()
@@ -226,6 +376,16 @@ impl Error {
             }
             Error::InvalidState { .. } => "`smol machine ls` shows the machine's state".into(),
             Error::Interrupted { .. } => "the VM exited; create a new machine".into(),
+            Error::Unauthorized { .. } => {
+                "check the API key (ConnectOptions.api_key or SMOL_CLOUD_TOKEN)".into()
+            }
+            Error::Forbidden { scope: Some(s), .. } => {
+                format!("use an API key with the {s} scope")
+            }
+            Error::RateLimited {
+                retry_after: Some(d),
+                ..
+            } => format!("try again in {} s", d.as_secs_f64()),
             _ => return None,
         })
     }
@@ -258,6 +418,15 @@ impl Error {
             K::Unsupported => Error::NotSupported { message: m },
             K::Io => Error::Guest { message: m },
         }
+    }
+}
+
+/// `Error::Coded`'s message: the message, or `HTTP 503` when there is none.
+fn coded_display(status: u16, message: &str) -> String {
+    if message.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        message.to_string()
     }
 }
 

@@ -33,14 +33,20 @@ from .errors import (
     BootFailedError,
     ConflictError,
     ExecutionError,
+    ForbiddenError,
     HypervisorUnavailableError,
     InvalidConfigError,
     InvalidStateError,
     MachineInterruptedError,
     NotFoundError,
     NotSupportedError,
+    PaymentRequiredError,
+    RateLimitedError,
+    RuntimeNotInstalledError,
+    SmolConnectionError,
     SmolError,
     SmolTimeoutError,
+    UnauthorizedError,
 )
 
 try:

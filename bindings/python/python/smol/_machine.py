@@ -481,7 +481,8 @@ class Machine:
     ) -> "Iterator[Dict[str, Any]]":
         """Runs ``command``, yielding ``{"kind": "stdout"|"stderr", "data": str}`` as output is
         produced, then ``{"kind": "exit", "exit_code": int}`` (or ``{"kind": "error",
-        "message": str}``). The returned ``ExecStream`` kills the command on ``kill()``,
+        "message": str, "code": str, "error": SmolError}``: ``raise ev["error"]`` raises the
+        typed exception of the code). The returned ``ExecStream`` kills the command on ``kill()``,
         ``close()``, ``with``-exit or garbage collection."""
         return self._n.exec_stream(_argv(command), **_exec_kwargs(opts))
 

@@ -1,28 +1,40 @@
 """The exception hierarchy of smol (SPEC §8.1).
 
-Every error of the Rust core is turned into one of these classes in a single place
-(``bindings/python/src/errors.rs``), which picks the class from the core's error variant and
-passes its stable ``code`` (SPEC §8.2)::
+Every error of the Rust core reaches Python through one function (``_from_native``, called by
+``bindings/python/src/errors.rs``), which picks the class from the error's stable ``code``
+(SPEC §8.2, §8.3) in one table (``_CLASS_BY_CODE``) and sets its typed fields::
 
-    SmolError                      .code, .message, .hint
-     ├─ NotSupportedError           NOT_SUPPORTED
-     ├─ InvalidConfigError          INVALID_CONFIG (also a ValueError)
-     ├─ ExecutionError              COMMAND_FAILED (only from ExecResult.assert_success)
-     ├─ NotFoundError               NOT_FOUND (machine, guest path, asset)
-     ├─ ConflictError               CONFLICT (name taken, host port busy)
-     ├─ InvalidStateError           INVALID_STATE (e.g. exec on a stopped machine)
-     ├─ MachineInterruptedError     INTERRUPTED (the VM ended during the operation)
-     ├─ BootFailedError             BOOT_FAILED (.log_tail)
+    SmolError                      .code, .message, .hint, .status, .problem_code, .retryable,
+     │                             .retry_after_s (+ the typed fields of the error, below)
+     ├─ NotSupportedError           NOT_SUPPORTED, UNSUPPORTED_PLATFORM
+     ├─ InvalidConfigError          INVALID_CONFIG, CONFIG_ERROR (also a ValueError)
+     ├─ ExecutionError              COMMAND_FAILED (.command, .exit_code, .stdout, .stderr)
+     ├─ NotFoundError               NOT_FOUND (machine, guest path, image, asset)
+     ├─ ConflictError               CONFLICT (name taken: .machine; host port busy: .port)
+     ├─ InvalidStateError           INVALID_STATE (.machine, .state, .operation)
+     ├─ MachineInterruptedError     INTERRUPTED, MACHINE_INTERRUPTED (the VM ended during it)
+     ├─ BootFailedError             BOOT_FAILED (.machine, .log_tail)
      ├─ SmolTimeoutError            TIMEOUT
-     └─ HypervisorUnavailableError  HYPERVISOR_UNAVAILABLE, KVM_UNAVAILABLE
+     ├─ HypervisorUnavailableError  HYPERVISOR_UNAVAILABLE, KVM_UNAVAILABLE
+     ├─ RuntimeNotInstalledError    RUNTIME_NOT_INSTALLED (.program, .package)
+     ├─ UnauthorizedError           UNAUTHORIZED (no, unknown or expired API key)
+     ├─ ForbiddenError              FORBIDDEN (.scope: the key lacks it)
+     ├─ PaymentRequiredError        PAYMENT_REQUIRED
+     ├─ RateLimitedError            RATE_LIMITED (.retry_after_s)
+     └─ SmolConnectionError         CONNECTION (the service cannot be reached)
 
 Other codes (``STORAGE_ERROR``, ``MOUNT_ERROR``, ``IS_A_DIRECTORY``, ``PERMISSION_DENIED``,
-``SMOLVM_ERROR``, ``CANCELLED``) arrive as a plain ``SmolError`` with that ``code``.
+``NETWORK_ERROR``, ``SMOLVM_ERROR``, ``CANCELLED``, codes added later) arrive as a plain
+``SmolError`` with that ``code``.
+
+``status`` is the HTTP status of the error on the /v1 API (the response's for a cloud error),
+``problem_code`` the problem body's ``code`` (``machine_interrupted``), ``retryable`` whether
+trying again may succeed, ``retry_after_s`` how long the service asked to wait.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Type
 
 __all__ = [
     "SmolError",
@@ -36,6 +48,12 @@ __all__ = [
     "BootFailedError",
     "SmolTimeoutError",
     "HypervisorUnavailableError",
+    "RuntimeNotInstalledError",
+    "UnauthorizedError",
+    "ForbiddenError",
+    "PaymentRequiredError",
+    "RateLimitedError",
+    "SmolConnectionError",
 ]
 
 
@@ -45,6 +63,10 @@ class SmolError(Exception):
     code: str
     message: str
     hint: Optional[str]
+    status: Optional[int]
+    problem_code: Optional[str]
+    retryable: bool
+    retry_after_s: Optional[float]
 
     def __init__(
         self,
@@ -105,13 +127,14 @@ class InvalidConfigError(_Coded, ValueError):
 
 
 class NotFoundError(_Coded):
-    """A machine, guest path or engine asset does not exist."""
+    """A machine, guest path, image or engine asset does not exist."""
 
     default_code = "NOT_FOUND"
 
 
 class ConflictError(_Coded):
-    """A machine with this name exists, or a host port to publish is taken."""
+    """A machine with this name exists (``machine``), or a host port to publish is taken
+    (``port``)."""
 
     default_code = "CONFLICT"
 
@@ -123,7 +146,8 @@ class InvalidStateError(_Coded):
 
 
 class MachineInterruptedError(_Coded):
-    """The VM stopped (crashed, was killed, or was stopped) while the operation was in flight."""
+    """The VM stopped (crashed, was killed, or was stopped) while the operation was in flight.
+    Code ``INTERRUPTED`` locally, ``MACHINE_INTERRUPTED`` from the cloud (SPEC §8.3)."""
 
     default_code = "INTERRUPTED"
 
@@ -136,7 +160,7 @@ class BootFailedError(_Coded):
 
 
 class SmolTimeoutError(_Coded):
-    """A deadline passed (readiness, a wedged guest)."""
+    """A deadline passed (readiness, a wedged guest, an HTTP request)."""
 
     default_code = "TIMEOUT"
 
@@ -145,6 +169,42 @@ class HypervisorUnavailableError(_Coded):
     """QEMU or the requested accelerator cannot be used on this host."""
 
     default_code = "HYPERVISOR_UNAVAILABLE"
+
+
+class RuntimeNotInstalledError(_Coded):
+    """A host program the engine runs is missing (``program``, Debian ``package``)."""
+
+    default_code = "RUNTIME_NOT_INSTALLED"
+
+
+class UnauthorizedError(_Coded):
+    """The service refused the API key: none, unknown or expired (HTTP 401)."""
+
+    default_code = "UNAUTHORIZED"
+
+
+class ForbiddenError(_Coded):
+    """The API key lacks a permission (HTTP 403); ``scope`` names it when the service did."""
+
+    default_code = "FORBIDDEN"
+
+
+class PaymentRequiredError(_Coded):
+    """Billing or budget refuses the request (HTTP 402)."""
+
+    default_code = "PAYMENT_REQUIRED"
+
+
+class RateLimitedError(_Coded):
+    """Too many requests (HTTP 429); ``retry_after_s`` says how long to wait when known."""
+
+    default_code = "RATE_LIMITED"
+
+
+class SmolConnectionError(_Coded):
+    """The service cannot be reached, or the connection dropped (DNS, connect, TLS)."""
+
+    default_code = "CONNECTION"
 
 
 class ExecutionError(SmolError):
@@ -159,21 +219,58 @@ class ExecutionError(SmolError):
         self.stderr = stderr
 
 
-def _from_native(cls_name: str, code: str, message: str, extra: Dict[str, Any]) -> SmolError:
-    """Called by the native module (errors.rs) to build the exception it picked."""
-    cls = globals().get(cls_name, SmolError)
+#: The one mapping from a stable code to its class; other codes are a plain ``SmolError``.
+_CLASS_BY_CODE: Dict[str, Type[SmolError]] = {
+    "NOT_SUPPORTED": NotSupportedError,
+    "UNSUPPORTED_PLATFORM": NotSupportedError,
+    "INVALID_CONFIG": InvalidConfigError,
+    "CONFIG_ERROR": InvalidConfigError,
+    "COMMAND_FAILED": ExecutionError,
+    "NOT_FOUND": NotFoundError,
+    "CONFLICT": ConflictError,
+    "INVALID_STATE": InvalidStateError,
+    "INTERRUPTED": MachineInterruptedError,
+    "MACHINE_INTERRUPTED": MachineInterruptedError,
+    "BOOT_FAILED": BootFailedError,
+    "TIMEOUT": SmolTimeoutError,
+    "HYPERVISOR_UNAVAILABLE": HypervisorUnavailableError,
+    "KVM_UNAVAILABLE": HypervisorUnavailableError,
+    "RUNTIME_NOT_INSTALLED": RuntimeNotInstalledError,
+    "UNAUTHORIZED": UnauthorizedError,
+    "FORBIDDEN": ForbiddenError,
+    "PAYMENT_REQUIRED": PaymentRequiredError,
+    "RATE_LIMITED": RateLimitedError,
+    "CONNECTION": SmolConnectionError,
+}
+
+#: Keyword arguments of ``SmolError.__init__`` among the native fields.
+_INIT_FIELDS = ("status", "problem_code", "retryable", "retry_after_s", "hint")
+
+
+def _from_native(code: str, message: str, fields: Dict[str, Any]) -> SmolError:
+    """Called by the native module (errors.rs) with an error's code, message and typed fields
+    (``hint``, ``status``, ``problem_code``, ``retryable``, ``retry_after_s``, ``port``,
+    ``exit_code``, ``log_tail``, ...): builds the exception of the code."""
+    cls = _CLASS_BY_CODE.get(code, SmolError)
+    fields = dict(fields)
+    kw = {k: fields.pop(k) for k in _INIT_FIELDS if k in fields}
     e: SmolError
     if cls is ExecutionError:
         e = ExecutionError(
-            extra.pop("command", ""),
-            extra.pop("exit_code", -1),
-            extra.pop("stdout", ""),
-            extra.pop("stderr", ""),
+            fields.pop("command", ""),
+            fields.pop("exit_code", -1),
+            fields.pop("stdout", ""),
+            fields.pop("stderr", ""),
         )
-    elif cls is SmolError or not issubclass(cls, _Coded):
-        e = SmolError(code, message)
+        if message:
+            e.message = message
+            e.args = (message,)
+        for k, v in kw.items():
+            setattr(e, k, v)
+    elif issubclass(cls, _Coded):
+        e = cls(message, code=code, **kw)
     else:
-        e = cls(message, code=code)
-    for k, v in extra.items():
+        e = SmolError(code, message, **kw)
+    for k, v in fields.items():
         setattr(e, k, v)
     return e

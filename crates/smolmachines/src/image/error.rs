@@ -156,6 +156,19 @@ impl ImageError {
     }
 }
 
+/// The Debian package in a [`ImageError::Tool`] message of a missing program
+/// (`not installed (Debian: apt-get install erofs-utils)`).
+fn package_in(message: &str) -> Option<&str> {
+    let rest = message.split("apt-get install ").nth(1)?;
+    let pkg = rest.split(|c: char| c == ')' || c.is_whitespace()).next()?;
+    (!pkg.is_empty()).then_some(pkg)
+}
+
+/// Image errors keep their kind: a missing image is `NOT_FOUND`, refused credentials
+/// `UNAUTHORIZED`, an unreachable registry `CONNECTION` (or `TIMEOUT`), a registry's own
+/// failure or bad content `Error::Registry`, a bad reference or image `INVALID_CONFIG`, an image
+/// for another platform or format `NOT_SUPPORTED`, a full cache `STORAGE_ERROR`, a missing
+/// mkfs `RUNTIME_NOT_INSTALLED`.
 impl From<ImageError> for Error {
     fn from(e: ImageError) -> Self {
         let message = e.to_string();
@@ -166,37 +179,45 @@ impl From<ImageError> for Error {
             ImageError::NotPulled { .. } => Error::NotFound { what: message },
             ImageError::InvalidReference { .. }
             | ImageError::UnsafePath { .. }
-            | ImageError::InvalidImage { .. }
-            | ImageError::UnsupportedMediaType { .. }
-            | ImageError::NoMatchingPlatform { .. } => Error::InvalidConfig { message },
-            ImageError::Unauthorized { .. } => Error::PermissionDenied { detail: message },
+            | ImageError::InvalidImage { .. } => Error::InvalidConfig { message },
+            ImageError::UnsupportedMediaType { .. } | ImageError::NoMatchingPlatform { .. } => {
+                Error::NotSupported { message }
+            }
+            ImageError::Unauthorized { .. } => Error::Unauthorized { message },
             ImageError::NoSpace { path } => Error::Storage {
                 path,
                 message: "no space left on the host's disk for the image cache (nothing \
                           half-written was kept)"
                     .into(),
             },
-            ImageError::RegistryUnreachable {
-                registry,
-                attempts,
-                reason,
-            } => {
-                let kind = if reason.contains("timed out") || reason.contains("timeout") {
-                    std::io::ErrorKind::TimedOut
+            ImageError::RegistryUnreachable { reason, .. } => {
+                if reason.contains("timed out") || reason.contains("timeout") {
+                    Error::Timeout { what: message }
                 } else {
-                    std::io::ErrorKind::NotConnected
-                };
-                Error::Io {
-                    context: format!(
-                        "image registry {registry} is unreachable after {attempts} attempt(s)"
-                    ),
-                    source: std::io::Error::new(kind, reason),
+                    Error::Connection { message }
                 }
             }
             ImageError::Io { context, source } => Error::Io { context, source },
-            ImageError::Registry { .. }
-            | ImageError::DigestMismatch { .. }
-            | ImageError::Tool { .. } => Error::Protocol { message },
+            ImageError::Registry { registry, .. } => Error::Registry {
+                registry: Some(registry),
+                message,
+            },
+            ImageError::DigestMismatch { .. } => Error::Registry {
+                registry: None,
+                message,
+            },
+            ImageError::Tool { tool, message: m } => match package_in(&m) {
+                Some(package) if m.starts_with("not installed") => Error::ProgramMissing {
+                    package: package.to_string(),
+                    program: tool,
+                    needed_for: "to build an image's block file".into(),
+                    problem: "it is not installed".into(),
+                },
+                _ => Error::Io {
+                    context: format!("{tool} failed"),
+                    source: std::io::Error::other(m),
+                },
+            },
         }
     }
 }
@@ -204,6 +225,7 @@ impl From<ImageError> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     #[test]
     fn maps_into_crate_errors_with_stable_codes() {
@@ -227,6 +249,78 @@ mod tests {
         }
         .into();
         assert_eq!(e.code(), "INVALID_CONFIG");
+    }
+
+    #[test]
+    fn registry_failures_keep_their_kind() {
+        let e: Error = ImageError::Unauthorized {
+            registry: "r.example".into(),
+            reference: "r.example/x:1".into(),
+            detail: "401".into(),
+        }
+        .into();
+        assert!(matches!(e, Error::Unauthorized { .. }), "{e:?}");
+        assert_eq!(e.code(), ErrorCode::Unauthorized);
+        assert!(e.to_string().contains("r.example/x:1"), "{e}");
+        let e: Error = ImageError::RegistryUnreachable {
+            registry: "127.0.0.1:9".into(),
+            attempts: 3,
+            reason: "connection refused".into(),
+        }
+        .into();
+        assert_eq!(e.code(), ErrorCode::Connection);
+        assert!(e.retryable());
+        assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
+        let e: Error = ImageError::RegistryUnreachable {
+            registry: "10.255.255.1".into(),
+            attempts: 3,
+            reason: "operation timed out".into(),
+        }
+        .into();
+        assert_eq!(e.code(), ErrorCode::Timeout);
+        let e: Error = ImageError::Registry {
+            registry: "r.example".into(),
+            message: "500 Internal Server Error".into(),
+        }
+        .into();
+        assert!(
+            matches!(&e, Error::Registry { registry: Some(r), .. } if r == "r.example"),
+            "{e:?}"
+        );
+        assert_ne!(e.code(), ErrorCode::Unauthorized);
+        assert!(!matches!(e, Error::Protocol { .. }));
+        let e: Error = ImageError::DigestMismatch {
+            what: "layer".into(),
+            expected: "sha256:aa".into(),
+            actual: "sha256:bb".into(),
+        }
+        .into();
+        assert!(matches!(e, Error::Registry { registry: None, .. }), "{e:?}");
+        let e: Error = ImageError::NoMatchingPlatform {
+            reference: "x".into(),
+            wanted: "linux/amd64".into(),
+            available: "linux/arm64".into(),
+        }
+        .into();
+        assert_eq!(e.code(), ErrorCode::NotSupported);
+        let e: Error = ImageError::Tool {
+            tool: "mkfs.erofs".into(),
+            message: "not installed (Debian: apt-get install erofs-utils)".into(),
+        }
+        .into();
+        assert!(
+            matches!(&e, Error::ProgramMissing { program, package, .. }
+                if program == "mkfs.erofs" && package == "erofs-utils"),
+            "{e:?}"
+        );
+        assert_eq!(e.code(), ErrorCode::RuntimeNotInstalled);
+        let e: Error = ImageError::Tool {
+            tool: "mkfs.erofs".into(),
+            message: "bad superblock (exit status: 1)".into(),
+        }
+        .into();
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert!(e.to_string().contains("bad superblock"), "{e}");
     }
 
     #[test]

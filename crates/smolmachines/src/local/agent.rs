@@ -19,6 +19,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::ExecEvent;
+use crate::error::ErrorCode;
 
 /// Errors of one agent operation.
 #[derive(Debug, thiserror::Error)]
@@ -316,9 +317,13 @@ impl AgentConn {
                 if s.tx.send_data(Chan::Stdin, &data).await.is_err()
                     || s.tx.send_eof(Chan::Stdin).is_err()
                 {
-                    let _ = ev_tx
-                        .send(ExecEvent::Error("agent connection closed".into()))
-                        .await;
+                    let ev = ExecEvent::Error {
+                        code: ErrorCode::Interrupted,
+                        message: "agent connection closed while sending stdin".into(),
+                    };
+                    if ev_tx.send(ev).await.is_err() {
+                        tracing::debug!("exec stream dropped before its stdin error");
+                    }
                     return;
                 }
             }
@@ -339,9 +344,17 @@ impl AgentConn {
                         ..
                     }) => (ExecEvent::Stderr(Vec::from(data)), false),
                     Ok(Frame::Exit { code, .. }) => (ExecEvent::Exit(code), true),
-                    Ok(Frame::Error { error, .. }) => (ExecEvent::Error(error.message), true),
+                    Ok(Frame::Error { error, .. }) => {
+                        (ExecEvent::error(&crate::Error::from_remote(error)), true)
+                    }
                     Ok(_) => continue,
-                    Err(closed) => (ExecEvent::Error(closed.to_string()), true),
+                    Err(closed) => (
+                        ExecEvent::Error {
+                            code: ErrorCode::Interrupted,
+                            message: closed.to_string(),
+                        },
+                        true,
+                    ),
                 };
                 if last {
                     g.done = true;
