@@ -29,21 +29,21 @@ export interface ResourceSpec {
   network?: boolean;
   /** Writable disk in GiB (sparse; default 20). */
   storageGb?: number;
-  /** Not supported yet. */
+  /** Egress only to these CIDRs (cloud; the local engine rejects it with NotSupportedError). */
   allowCidrs?: string[];
-  /** Not supported yet. */
+  /** Egress only to these hosts and their subdomains (cloud; NotSupportedError locally). */
   allowHosts?: string[];
-  /** Not supported yet. */
+  /** Overlay disk in GiB (NotSupportedError locally for now). */
   overlayGb?: number;
-  /** Not supported yet. */
+  /** virtio-gpu (NotSupportedError locally for now). */
   gpu?: boolean;
-  /** Not supported yet. */
+  /** NotSupportedError locally for now. */
   gpuVramMib?: number;
-  /** Not supported yet. */
+  /** NotSupportedError locally for now. */
   cuda?: boolean;
-  /** Not supported yet. */
+  /** The local engine uses virtio-net; "tsi" rejects with NotSupportedError. */
   networkBackend?: 'tsi' | 'virtio-net';
-  /** Only "full" is supported. */
+  /** "deferred" is cloud only (NotSupportedError locally). */
   diskDurability?: 'full' | 'deferred';
 }
 
@@ -54,12 +54,13 @@ export interface MountSpec {
   readOnly?: boolean;
   /** @deprecated alias of readOnly; wins when set. */
   readonly?: boolean;
-  /** Not supported yet. */
+  /** A guest-local working copy (NotSupportedError locally for now). */
   staged?: boolean;
 }
 
 /** Host (127.0.0.1) -> guest TCP port (SPEC §3.3). */
 export interface PortSpec {
+  /** 0 asks the target to pick one (the cloud always does; NotSupportedError locally at create). */
   host: number;
   guest: number;
 }
@@ -83,12 +84,18 @@ export interface MachineConfig {
   autoStopSeconds?: number;
   /** Cloud only; ignored locally (SPEC §11). */
   ttlSeconds?: number;
-  /** Not supported yet (rejects when true). */
+  /** Start as a branch source (`branchable ?? forkable ?? checkpoint`; NotSupportedError locally for now). */
   branchable?: boolean;
-  /** @deprecated alias of branchable. Not supported yet (rejects when true). */
+  /** @deprecated alias of branchable. */
   forkable?: boolean;
-  /** @deprecated alias of branchable. Not supported yet (rejects when true). */
+  /** @deprecated alias of branchable. */
   checkpoint?: boolean;
+  /** argv of the image workload, replacing the image's Entrypoint + Cmd. */
+  command?: string[];
+  /** Create waits for published ports too (default true; the local engine returns once the agent answers). */
+  waitForPorts?: boolean;
+  /** A cloud cache disk (SPEC §7.3; NotSupportedError locally). */
+  cacheDisk?: CacheDiskRef;
   /**
    * Environment of the image workload (the image's Entrypoint + Cmd, launched in the background at
    * create and at every boot; SPEC §3.4), over the image's Env. Its output goes to the guest file
@@ -98,23 +105,38 @@ export interface MachineConfig {
   env?: Record<string, string>;
   /** Working directory of that workload (an absolute guest path; default the image's WorkingDir). */
   workdir?: string;
-  /** Not supported yet. */
+  /** User of that workload (a name, `uid[:gid]` or `name:group`); needs an image. */
   user?: string;
-  /** Not supported yet. */
+  /** NotSupportedError locally for now; not with branchable. */
   egressInterceptor?: EgressInterceptor;
-  /** Not supported yet (rejects when non-empty). */
-  credentials?: CredentialBinding[];
+  /** Credentials substituted into HTTPS requests (SPEC §3.5; NotSupportedError locally for now). */
+  credentials?: CredentialSpec[];
   /** Create's readiness deadline in seconds (default 120). */
   readyTimeoutSeconds?: number;
 }
 
-export interface CredentialBinding {
+/** A credential (SPEC §3.5, the shape that reaches the cloud). */
+export interface CredentialSpec {
+  /** 1-64 characters of [a-z0-9_-]. */
   name: string;
-  allowedHosts?: string[];
-  setHeader?: string;
-  environmentVariable?: string;
-  methods?: string[];
+  /** The guest variable holding a placeholder. */
+  envVar: string;
+  /** Exact host names (no wildcards). */
+  hosts: string[];
   value?: string;
+  /** HTTP verbs (local only). */
+  methods?: string[];
+}
+
+/** @deprecated the credential shape is CredentialSpec. */
+export type CredentialBinding = CredentialSpec;
+
+/** A cloud cache disk attached at create (SPEC §7.3). */
+export interface CacheDiskRef {
+  cache: string;
+  version?: number;
+  mountPath?: string;
+  slot?: boolean;
 }
 
 /** Per-command options (SPEC §3.6). */

@@ -1,14 +1,17 @@
 //! The JS shapes of SPEC §2-§3 (camelCase), parsed from the JSON the JS wrapper sends, and
-//! turned into the core's types. Unknown fields are `INVALID_CONFIG` (a typo must not be ignored);
-//! SPEC fields the core does not implement yet are `NOT_SUPPORTED` when set to anything but their
-//! default, never silently dropped.
+//! turned into the core's types. This module only converts shapes: unknown fields are
+//! `INVALID_CONFIG` (a typo must not be ignored), values are checked by the core
+//! (`MachineConfig::validate`), and a field the target cannot honour is refused by its backend
+//! (`NOT_SUPPORTED` naming the field and the target), never here.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 use smolmachines::{
-    ConnectOptions, Error, ExecOptions, MachineConfig, MountSpec, PortSpec, ResourceSpec, Target,
+    CacheDiskRef, ConnectOptions, CredentialSpec, DiskDurability, EgressInterceptor, Error,
+    ExecOptions, ExecOutput, MachineConfig, MountSpec, NetworkBackend, PortSpec, ResourceSpec,
+    Target,
 };
 
 type Result<T> = std::result::Result<T, Error>;
@@ -16,15 +19,6 @@ type Result<T> = std::result::Result<T, Error>;
 fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidConfig {
         message: message.into(),
-    }
-}
-
-fn unsupported(field: &str) -> Error {
-    Error::NotSupported {
-        message: format!(
-            "{field} is not supported by the local engine yet; leave it unset (it is not ignored \
-             silently)"
-        ),
     }
 }
 
@@ -49,28 +43,19 @@ pub struct JsConnect {
 impl JsConnect {
     /// The core's options; the backend is resolved by the core (`backend_for`).
     pub fn into_core(self) -> Result<ConnectOptions> {
-        let target = match self.target.as_deref() {
-            None => None,
-            Some("local") => Some(Target::Local),
-            Some("cloud") => Some(Target::Cloud),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "target must be \"local\" or \"cloud\", got {other:?}"
-                )))
-            }
-        };
         let conn = ConnectOptions {
-            target,
+            target: Target::parse_opt(self.target.as_deref())?,
             base_url: self.base_url,
             api_key: self.api_key,
         };
         if self.egress_interceptor.is_some_and(|v| !v.is_null()) {
-            if conn.resolve_target() == Target::Cloud {
-                return Err(Error::NotSupported {
-                    message: "egressInterceptor is local-only".into(),
-                });
-            }
-            return Err(unsupported("ConnectOptions.egressInterceptor"));
+            // (ConnectOptions has no interceptor in the core yet)
+            return Err(Error::NotSupported {
+                message: format!(
+                    "ConnectOptions.egressInterceptor is not supported on the {} target",
+                    conn.resolve_target()
+                ),
+            });
         }
         Ok(conn)
     }
@@ -90,8 +75,8 @@ struct JsResources {
     gpu: Option<bool>,
     gpu_vram_mib: Option<u32>,
     cuda: Option<bool>,
-    network_backend: Option<String>,
-    disk_durability: Option<String>,
+    network_backend: Option<NetworkBackend>,
+    disk_durability: Option<DiskDurability>,
 }
 
 /// `MountSpec` (SPEC §3.2).
@@ -101,7 +86,7 @@ struct JsMount {
     source: String,
     target: String,
     read_only: Option<bool>,
-    /// Deprecated alias; wins when set.
+    /// Deprecated alias; wins when set (`readOnly ?? readonly`, SPEC §3.2).
     readonly: Option<bool>,
     staged: Option<bool>,
 }
@@ -114,8 +99,29 @@ struct JsPort {
     guest: u16,
 }
 
-/// `MachineConfig` (SPEC §3.4, TS fields, plus the Python-only ones (`command`, `cacheDisk`) so
-/// that they are refused rather than reported as typos).
+/// `CredentialSpec` (SPEC §3.5, the shape that reaches the cloud).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JsCredential {
+    name: String,
+    env_var: String,
+    hosts: Vec<String>,
+    value: Option<String>,
+    methods: Option<Vec<String>>,
+}
+
+/// `CacheDiskRef` (SPEC §7.3).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JsCacheDisk {
+    cache: String,
+    version: Option<u64>,
+    mount_path: Option<String>,
+    slot: Option<bool>,
+}
+
+/// `MachineConfig` (SPEC §3.4, TS fields, plus the Python-only ones (`command`, `cacheDisk`,
+/// `credentials`, `waitForPorts`) in camelCase).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JsConfig {
@@ -129,9 +135,9 @@ pub struct JsConfig {
     persistent: Option<bool>,
     detach: Option<bool>,
     /// Cloud only; ignored by the local target (SPEC §11).
-    auto_stop_seconds: Option<f64>,
+    auto_stop_seconds: Option<u64>,
     /// Cloud only; ignored by the local target (SPEC §11).
-    ttl_seconds: Option<f64>,
+    ttl_seconds: Option<u64>,
     branchable: Option<bool>,
     forkable: Option<bool>,
     checkpoint: Option<bool>,
@@ -139,19 +145,12 @@ pub struct JsConfig {
     workdir: Option<String>,
     user: Option<String>,
     command: Option<Vec<String>>,
-    egress_interceptor: Option<serde_json::Value>,
-    credentials: Option<Vec<serde_json::Value>>,
-    cache_disk: Option<serde_json::Value>,
+    egress_interceptor: Option<EgressInterceptor>,
+    credentials: Option<Vec<JsCredential>>,
+    cache_disk: Option<JsCacheDisk>,
+    wait_for_ports: Option<bool>,
     /// Create's readiness deadline in seconds (SPEC: fixed 120 s in Node; accepted here).
     ready_timeout_seconds: Option<f64>,
-}
-
-fn set<T>(v: &Option<T>) -> bool {
-    v.is_some()
-}
-
-fn non_empty<T>(v: &Option<Vec<T>>) -> bool {
-    v.as_ref().is_some_and(|v| !v.is_empty())
 }
 
 fn seconds(what: &str, s: f64) -> Result<Duration> {
@@ -162,70 +161,19 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
 }
 
 impl JsConfig {
-    /// The core's config, or the first field that cannot be honoured.
+    /// The core's config (shapes only: the core validates it and the backend refuses what it
+    /// cannot honour).
     pub fn into_core(self) -> Result<MachineConfig> {
-        if set(&self.command) {
-            // SPEC §3.4: `command` is a Python-only field; the TS workload is the image's
-            // Entrypoint + Cmd. Refused (not read as a typo, not ignored).
-            return Err(Error::NotSupported {
-                message: "MachineConfig.command is not part of the TypeScript API (SPEC §3.4); \
-                          the workload launched at create is the image's Entrypoint + Cmd (use \
-                          exec() for other commands)"
-                    .into(),
-            });
-        }
-        let unsupported_fields: &[(&str, bool)] = &[
-            (
-                "MachineConfig.egressInterceptor",
-                self.egress_interceptor
-                    .as_ref()
-                    .is_some_and(|v| !v.is_null()),
-            ),
-            ("MachineConfig.credentials", non_empty(&self.credentials)),
-            (
-                "MachineConfig.cacheDisk",
-                self.cache_disk.as_ref().is_some_and(|v| !v.is_null()),
-            ),
-            ("MachineConfig.branchable", self.branchable == Some(true)),
-            ("MachineConfig.forkable", self.forkable == Some(true)),
-            ("MachineConfig.checkpoint", self.checkpoint == Some(true)),
-            (
-                "MountSpec.staged",
-                self.mounts.iter().flatten().any(|m| m.staged == Some(true)),
-            ),
-        ];
-        if let Some((field, _)) = unsupported_fields.iter().find(|(_, on)| *on) {
-            return Err(unsupported(field));
-        }
         let r = self.resources.unwrap_or_default();
-        let unsupported_resources: &[(&str, bool)] = &[
-            ("ResourceSpec.allowCidrs", non_empty(&r.allow_cidrs)),
-            ("ResourceSpec.allowHosts", non_empty(&r.allow_hosts)),
-            ("ResourceSpec.overlayGb", set(&r.overlay_gb)),
-            ("ResourceSpec.gpu", r.gpu == Some(true)),
-            ("ResourceSpec.gpuVramMib", set(&r.gpu_vram_mib)),
-            ("ResourceSpec.cuda", r.cuda == Some(true)),
-            ("ResourceSpec.networkBackend", set(&r.network_backend)),
-            (
-                "ResourceSpec.diskDurability",
-                r.disk_durability.as_deref().is_some_and(|d| d != "full"),
-            ),
-        ];
-        if let Some((field, _)) = unsupported_resources.iter().find(|(_, on)| *on) {
-            return Err(unsupported(field));
-        }
-        for (what, v) in [
-            ("autoStopSeconds", self.auto_stop_seconds),
-            ("ttlSeconds", self.ttl_seconds),
-        ] {
-            if let Some(s) = v {
-                seconds(what, s)?;
-            }
-        }
         let ready_timeout = self
             .ready_timeout_seconds
             .map(|s| seconds("readyTimeoutSeconds", s))
             .transpose()?;
+        // SPEC §3.4: `branchable ?? forkable ?? checkpoint`, one field in the core.
+        let branchable = self
+            .branchable
+            .or(self.forkable)
+            .or(self.checkpoint.filter(|c| *c));
         Ok(MachineConfig {
             name: self.name,
             image: self.image,
@@ -237,6 +185,7 @@ impl JsConfig {
                     source: m.source,
                     target: m.target,
                     read_only: m.readonly.or(m.read_only).unwrap_or(false),
+                    staged: m.staged.unwrap_or(false),
                 })
                 .collect(),
             ports: self
@@ -252,19 +201,49 @@ impl JsConfig {
                 cpus: r.cpus,
                 memory_mb: r.memory_mb,
                 network: r.network,
+                allow_cidrs: r.allow_cidrs.unwrap_or_default(),
+                allow_hosts: r.allow_hosts.unwrap_or_default(),
                 storage_gb: r.storage_gb,
+                overlay_gb: r.overlay_gb,
+                gpu: r.gpu,
+                gpu_vram_mib: r.gpu_vram_mib,
+                disk_durability: r.disk_durability,
+                cuda: r.cuda,
+                network_backend: r.network_backend,
             },
             network: self.network,
             persistent: self.persistent.unwrap_or(false),
             detach: self.detach.unwrap_or(false),
             labels: self.labels.unwrap_or_default(),
             ready_timeout,
-            // The image workload's environment and working directory (SPEC §3.4); the core
-            // checks them (absolute workdir, env names, a workload to apply to).
+            wait_for_ports: self.wait_for_ports,
+            auto_stop_seconds: self.auto_stop_seconds,
+            ttl_seconds: self.ttl_seconds,
+            branchable,
+            forkable: None,
             env: self.env.unwrap_or_default(),
             workdir: self.workdir,
-            command: None,
             user: self.user,
+            command: self.command,
+            egress_interceptor: self.egress_interceptor,
+            credentials: self
+                .credentials
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| CredentialSpec {
+                    name: c.name,
+                    env_var: c.env_var,
+                    hosts: c.hosts,
+                    value: c.value,
+                    methods: c.methods,
+                })
+                .collect(),
+            cache_disk: self.cache_disk.map(|c| CacheDiskRef {
+                cache: c.cache,
+                version: c.version,
+                mount_path: c.mount_path,
+                slot: c.slot.unwrap_or(false),
+            }),
         })
     }
 }
@@ -278,19 +257,12 @@ pub struct JsExecOptions {
     timeout: Option<f64>,
     user: Option<String>,
     /// Cloud only: ignored locally (SPEC §3.6).
-    output: Option<String>,
+    output: Option<ExecOutput>,
 }
 
 impl JsExecOptions {
     /// The core's options, with `stdin`.
     pub fn into_core(self, stdin: Option<Vec<u8>>) -> Result<ExecOptions> {
-        if let Some(o) = self.output.as_deref() {
-            if !matches!(o, "text" | "b64" | "both") {
-                return Err(invalid(format!(
-                    "output must be \"text\", \"b64\" or \"both\", got {o:?}"
-                )));
-            }
-        }
         Ok(ExecOptions {
             env: self.env.unwrap_or_default(),
             workdir: self.workdir,
@@ -298,6 +270,7 @@ impl JsExecOptions {
             user: self.user,
             stdin,
             background: false,
+            output: self.output,
         })
     }
 }
@@ -332,25 +305,87 @@ mod tests {
         assert_eq!(e.code(), "INVALID_CONFIG");
         let e = config(r#"{"resources":{"cpus":-1}}"#).unwrap_err();
         assert_eq!(e.code(), "INVALID_CONFIG");
-        let e = config(r#"{"ttlSeconds":0}"#).unwrap_err();
-        assert_eq!(e.code(), "INVALID_CONFIG");
+        // a value out of range is the core's to refuse, with the core's limits
+        let e = config(r#"{"resources":{"cpus":1000}}"#)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("resources.cpus"), "{e}");
     }
 
     #[test]
-    fn fields_the_core_lacks_are_not_supported() {
+    fn every_spec_field_reaches_the_core_and_the_local_backend_refuses_what_it_lacks() {
+        use smolmachines::Capabilities;
+        let c = config(
+            r#"{"image":"x","branchable":true,"autoStopSeconds":60,"ttlSeconds":600,
+                "waitForPorts":false,"command":["sh"],
+                "credentials":[{"name":"gh","envVar":"T","hosts":["api.github.com"],"value":"v"}],
+                "cacheDisk":{"cache":"deps","mountPath":"/cache"},
+                "resources":{"allowHosts":["pypi.org"],"allowCidrs":["10.0.0.0/8"],
+                             "diskDurability":"deferred","networkBackend":"virtio-net",
+                             "gpu":true,"overlayGb":3},
+                "mounts":[{"source":"/s","target":"/t","staged":true}]}"#,
+        )
+        .unwrap();
+        assert!(c.is_branchable());
+        assert_eq!((c.auto_stop_seconds, c.ttl_seconds), (Some(60), Some(600)));
+        assert_eq!(c.command, Some(vec!["sh".to_string()]));
+        assert_eq!(c.credentials[0].env_var, "T");
+        assert_eq!(
+            c.cache_disk.as_ref().unwrap().mount_path.as_deref(),
+            Some("/cache")
+        );
+        assert_eq!(c.resources.allow_hosts, vec!["pypi.org".to_string()]);
+        assert_eq!(c.resources.disk_durability, Some(DiskDurability::Deferred));
+        assert!(c.mounts[0].staged);
+        c.validate().unwrap();
+        // the conversion refuses nothing; the local backend does, naming field and target
+        let e = c.refuse_unsupported(&Capabilities::LOCAL).unwrap_err();
+        assert_eq!(e.code(), "NOT_SUPPORTED");
+        assert!(e.to_string().contains("local target"), "{e}");
         for json in [
-            r#"{"command":["x"]}"#,
-            r#"{"credentials":[{"name":"x"}]}"#,
+            r#"{"credentials":[{"name":"x","envVar":"T","hosts":["h"]}]}"#,
             r#"{"branchable":true}"#,
+            r#"{"forkable":true}"#,
+            r#"{"checkpoint":true}"#,
             r#"{"resources":{"gpu":true}}"#,
             r#"{"resources":{"allowHosts":["a.example"]}}"#,
             r#"{"mounts":[{"source":"/s","target":"/t","staged":true}]}"#,
             r#"{"egressInterceptor":{"address":"127.0.0.1:1","token":"x"}}"#,
         ] {
-            let e = config(json).unwrap_err();
-            assert_eq!(e.code(), "NOT_SUPPORTED", "{json}: {e}");
+            let c = config(json).unwrap();
+            assert!(
+                c.unsupported_on(&Capabilities::LOCAL).is_some(),
+                "{json} accepted locally"
+            );
         }
-        assert!(config(r#"{"env":{},"credentials":[],"branchable":false}"#).is_ok());
+        // aliases: `branchable ?? forkable ?? checkpoint`
+        let c = config(r#"{"branchable":false,"forkable":true}"#).unwrap();
+        assert!(!c.is_branchable());
+        let c = config(r#"{"checkpoint":false}"#).unwrap();
+        assert_eq!(c.unsupported_on(&Capabilities::LOCAL), None);
+        // ignored locally (SPEC §11)
+        let c = config(r#"{"autoStopSeconds":5,"ttlSeconds":9}"#).unwrap();
+        assert_eq!(c.unsupported_on(&Capabilities::LOCAL), None);
+        assert_eq!(
+            config(r#"{"env":{},"credentials":[],"branchable":false}"#)
+                .unwrap()
+                .unsupported_on(&Capabilities::LOCAL),
+            None
+        );
+        // enum shapes are checked here (type conversion), values by the core
+        for bad in [
+            r#"{"resources":{"diskDurability":"sometimes"}}"#,
+            r#"{"resources":{"networkBackend":"x"}}"#,
+            r#"{"ttlSeconds":1.5}"#,
+        ] {
+            assert_eq!(config(bad).unwrap_err().code(), "INVALID_CONFIG", "{bad}");
+        }
+        let e = config(r#"{"ttlSeconds":0}"#)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.code(), "INVALID_CONFIG");
     }
 
     #[test]
@@ -364,10 +399,9 @@ mod tests {
         assert!(c.env.is_empty() && c.workdir.is_none() && c.user.is_none());
         let c = config(r#"{"image":"x","user":"nobody"}"#).unwrap();
         assert_eq!(c.user.as_deref(), Some("nobody"));
-        // `command` is Python only (SPEC §3.4)
-        let e = config(r#"{"image":"x","command":["sh"]}"#).unwrap_err();
-        assert_eq!(e.code(), "NOT_SUPPORTED");
-        assert!(e.to_string().contains("command"), "{e}");
+        // `command` (Python's in SPEC §3.4) is taken too
+        let c = config(r#"{"image":"x","command":["sh"]}"#).unwrap();
+        assert_eq!(c.command, Some(vec!["sh".to_string()]));
         // shapes are still checked
         let e = config(r#"{"env":{"A":1}}"#).unwrap_err();
         assert_eq!(e.code(), "INVALID_CONFIG");

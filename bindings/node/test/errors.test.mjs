@@ -36,6 +36,12 @@ test('invalid configurations reject with InvalidConfigError and create nothing',
     { labels: { team: 1 } },
     { readyTimeoutSeconds: 0 },
     { persistent: 'yes' },
+    // the core's one validation, its limits, and its alias rule
+    { resources: { cpus: 1000 } },
+    { resources: { allowCidrs: ['not-a-cidr'] } },
+    { ttlSeconds: 0 },
+    { resources: { diskDurability: 'sometimes' } },
+    { credentials: [{ name: 'Bad Name', envVar: 'T', hosts: ['h.example'] }] },
   ];
   for (const config of bad) {
     await assert.rejects(
@@ -52,26 +58,32 @@ test('invalid configurations reject with InvalidConfigError and create nothing',
   assert.deepEqual([...after].filter((n) => !before.has(n)), []);
 });
 
-test('fields the engine does not support yet reject with NotSupportedError, never ignored', async () => {
+test('fields the engine does not support yet reject with NotSupportedError naming field and target', async () => {
   const unsupported = [
-    { command: ['sleep', '1'] },
-    { credentials: [{ name: 'gh', allowedHosts: ['api.github.com'] }] },
-    { branchable: true },
-    { forkable: true },
-    { checkpoint: true },
-    { egressInterceptor: { address: '127.0.0.1:1', token: 'a'.repeat(64) } },
-    { resources: { gpu: true } },
-    { resources: { cuda: true } },
-    { resources: { overlayGb: 5 } },
-    { resources: { allowHosts: ['example.com'] } },
-    { resources: { allowCidrs: ['10.0.0.0/8'] } },
-    { resources: { diskDurability: 'deferred' } },
-    { mounts: [{ source: '/tmp', target: '/mnt', staged: true }] },
+    [{ credentials: [{ name: 'gh', envVar: 'GH_TOKEN', hosts: ['api.github.com'] }] }, 'credentials'],
+    [{ branchable: true }, 'branchable'],
+    [{ forkable: true }, 'branchable'],
+    [{ checkpoint: true }, 'branchable'],
+    [{ egressInterceptor: { address: '127.0.0.1:1', token: 'a'.repeat(64) } }, 'egressInterceptor'],
+    [{ cacheDisk: { cache: 'deps' } }, 'cacheDisk'],
+    [{ resources: { gpu: true } }, 'resources.gpu'],
+    [{ resources: { cuda: true } }, 'resources.cuda'],
+    [{ resources: { overlayGb: 5 } }, 'resources.overlayGb'],
+    [{ resources: { allowHosts: ['example.com'] } }, 'resources.allowHosts'],
+    [{ resources: { allowCidrs: ['10.0.0.0/8'] } }, 'resources.allowCidrs'],
+    [{ resources: { diskDurability: 'deferred' } }, 'resources.diskDurability'],
+    [{ resources: { networkBackend: 'tsi' } }, 'resources.networkBackend'],
+    [{ ports: [{ host: 0, guest: 80 }] }, 'ports[].host = 0'],
+    [{ mounts: [{ source: '/tmp', target: '/mnt', staged: true }] }, 'mounts[].staged'],
   ];
-  for (const config of unsupported) {
+  for (const [config, field] of unsupported) {
     await assert.rejects(
       Machine.create({ name: uniqueName('ns'), ...config }),
-      (e) => e instanceof NotSupportedError && e.code === 'NOT_SUPPORTED',
+      (e) =>
+        e instanceof NotSupportedError &&
+        e.code === 'NOT_SUPPORTED' &&
+        e.message.includes(field) &&
+        e.message.includes('local target'),
       JSON.stringify(config),
     );
   }

@@ -8,6 +8,7 @@ from conftest import unique
 
 import smol
 from smol import (
+    CacheDiskRef,
     ConnectOptions,
     CredentialSpec,
     EgressInterceptor,
@@ -40,15 +41,27 @@ def test_bad_machine_name(bad):
 @pytest.mark.parametrize(
     "kw",
     [
-        {"ports": [PortSpec(host=0, guest=80)]},
+        {"ports": [PortSpec(host=8080, guest=0)]},
         {"ports": [PortSpec(host=8080, guest=70000)]},
         {"resources": ResourceSpec(cpus=0)},
+        # the core's one limit (Python used to allow 1024 and then the core refused 65)
+        {"resources": ResourceSpec(cpus=65)},
         {"resources": ResourceSpec(memory_mb=-1)},
+        {"resources": ResourceSpec(storage_gb=16385)},
+        {"resources": ResourceSpec(allow_cidrs=["not-a-cidr"])},
+        {"resources": ResourceSpec(disk_durability="sometimes")},
         {"labels": {"k": 1}},
         {"mounts": [MountSpec(source="/tmp", target="relative")]},
+        {"credentials": [CredentialSpec(name="Bad Name", env_var="T", hosts=["h.test"])]},
+        {"credentials": [CredentialSpec(name="ok", env_var="T", hosts=["*.h.test"])]},
+        {"egress_interceptor": EgressInterceptor(address="127.0.0.1:1", token="short")},
+        {"branchable": True, "egress_interceptor": EgressInterceptor("127.0.0.1:1", "ab" * 32)},
+        {"cache_disk": object()},
     ],
-    ids=["host-port-0", "guest-port-range", "cpus-0", "memory-negative", "label-type",
-         "mount-target-relative"],
+    ids=["guest-port-0", "guest-port-range", "cpus-0", "cpus-65", "memory-negative",
+         "storage-too-big", "bad-cidr", "bad-durability", "label-type", "mount-target-relative",
+         "credential-name", "credential-wildcard", "interceptor-token", "interceptor-branchable",
+         "cache-disk-type"],
 )  # fmt: skip
 def test_invalid_config_values(kw):
     name = unique()
@@ -138,31 +151,36 @@ def test_invalid_exec_arguments(machine):
 
 
 @pytest.mark.parametrize(
-    "kw",
+    "kw,field",
     [
-        {"credentials": [CredentialSpec(name="gh", env_var="GH", hosts=["x.test"], value="s3cret")]},
-        {"egress_interceptor": EgressInterceptor(address="127.0.0.1:1", token="t0ken")},
-        {"cache_disk": object()},
-        {"branchable": True},
-        {"forkable": True},
-        {"checkpoint": True},
-        {"resources": ResourceSpec(gpu=True)},
-        {"resources": ResourceSpec(cuda=True)},
-        {"resources": ResourceSpec(gpu_vram_mib=512)},
-        {"resources": ResourceSpec(overlay_gb=5)},
-        {"resources": ResourceSpec(allow_hosts=["example.com"])},
-        {"resources": ResourceSpec(allow_cidrs=["10.0.0.0/8"])},
-        {"resources": ResourceSpec(disk_durability="deferred")},
-        {"mounts": [MountSpec(source="/tmp", target="/mnt", staged=True)]},
+        ({"credentials": [CredentialSpec(name="gh", env_var="GH", hosts=["x.test"], value="s3cret")]}, "credentials"),
+        ({"egress_interceptor": EgressInterceptor(address="127.0.0.1:1", token="ab" * 32)}, "egress_interceptor"),
+        ({"cache_disk": CacheDiskRef(cache="deps")}, "cache_disk"),
+        ({"branchable": True}, "branchable"),
+        ({"forkable": True}, "branchable"),
+        ({"checkpoint": True}, "branchable"),
+        ({"ports": [PortSpec(host=0, guest=80)]}, "ports[].host = 0"),
+        ({"resources": ResourceSpec(gpu=True)}, "resources.gpu"),
+        ({"resources": ResourceSpec(cuda=True)}, "resources.cuda"),
+        ({"resources": ResourceSpec(gpu_vram_mib=512)}, "resources.gpu_vram_mib"),
+        ({"resources": ResourceSpec(overlay_gb=5)}, "resources.overlay_gb"),
+        ({"resources": ResourceSpec(allow_hosts=["example.com"])}, "resources.allow_hosts"),
+        ({"resources": ResourceSpec(allow_cidrs=["10.0.0.0/8"])}, "resources.allow_cidrs"),
+        ({"resources": ResourceSpec(disk_durability="deferred")}, "resources.disk_durability"),
+        ({"mounts": [MountSpec(source="/tmp", target="/mnt", staged=True)]}, "mounts[].staged"),
     ],
-    ids=lambda kw: next(iter(kw)) if "resources" not in kw else repr(kw["resources"])[13:40],
+    ids=lambda c: c[1] if isinstance(c, str) else "",
 )
-def test_unsupported_config_fields_raise(kw):
+def test_unsupported_config_fields_raise(kw, field):
+    # accepted by the core's validation, refused by the local engine before anything boots,
+    # naming the field and the target
     name = unique()
     with pytest.raises(smol.NotSupportedError) as ei:
         Machine.create(MachineConfig(name=name, **kw))
     assert ei.value.code == "NOT_SUPPORTED"
-    assert "s3cret" not in str(ei.value) and "t0ken" not in str(ei.value)
+    msg = str(ei.value)
+    assert field in msg and "local target" in msg, msg
+    assert "s3cret" not in msg and "abab" not in msg
     _assert_no_machine(name)
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "PortSpec",
     "CredentialSpec",
     "EgressInterceptor",
+    "CacheDiskRef",
     "MachineConfig",
     "ExecOptions",
     "ConnectOptions",
@@ -72,7 +73,9 @@ class PortSpec:
 
 @dataclass
 class CredentialSpec:
-    """A credential substituted into HTTPS requests (SPEC §3.5). Not supported locally yet."""
+    """A credential substituted into HTTPS requests to ``hosts`` (SPEC §3.5): ``name`` is 1-64
+    characters of ``[a-z0-9_-]``, ``hosts`` exact host names. The local engine refuses it with
+    ``NotSupportedError`` for now."""
 
     name: str
     env_var: str
@@ -90,14 +93,31 @@ class EgressInterceptor:
 
 
 @dataclass
+class CacheDiskRef:
+    """A cloud cache disk attached at create (SPEC §7.3); the local engine refuses it with
+    ``NotSupportedError``."""
+
+    cache: str
+    version: Optional[int] = None
+    mount_path: Optional[str] = None
+    slot: bool = False
+
+
+@dataclass
 class MachineConfig:
     """Machine configuration (SPEC §3.4).
 
-    The local engine supports ``name, image, labels, command, mounts, ports, resources (cpus,
-    memory_mb, network, storage_gb), network, persistent, detach, ready_timeout_seconds,
-    wait_for_ports, env, workdir``. ``auto_stop_seconds`` and ``ttl_seconds`` are cloud-only and
-    ignored by the local target (SPEC §11; they must still be > 0 when set). Setting any other
-    field raises ``NotSupportedError`` at create time.
+    Every SPEC field is here and reaches the engine's core, which validates values once for
+    every front end (``InvalidConfigError``, e.g. ``cpus`` 1..64, ``memory_mb`` 64..1048576,
+    ``storage_gb`` 1..16384, ``branchable`` and ``forkable`` are one field). A field the target
+    cannot honour is refused by it with ``NotSupportedError`` naming the field and the target.
+    The local engine honours ``name, image, labels, command, mounts, ports, resources (cpus,
+    memory_mb, network, storage_gb), network, persistent, detach, ready_timeout_seconds, env,
+    workdir, user``; it ignores ``auto_stop_seconds``, ``ttl_seconds`` (cloud sweeps, SPEC §11;
+    still checked: > 0) and ``wait_for_ports``; it refuses the rest for now (``allow_cidrs``,
+    ``allow_hosts``, ``branchable``, ``credentials``, ``egress_interceptor``, ``cache_disk``,
+    ``gpu``, ``cuda``, ``overlay_gb``, ``disk_durability="deferred"``, staged mounts, a host
+    port 0).
 
     The workload (SPEC §3.4): ``command`` (a non-empty argv, else ``ValueError`` here), or else
     the image's Entrypoint + Cmd, is launched in the background at create and at every later
@@ -129,7 +149,7 @@ class MachineConfig:
     user: Optional[str] = None
     egress_interceptor: Optional[EgressInterceptor] = None
     credentials: Optional[List[CredentialSpec]] = None
-    cache_disk: Optional[object] = None
+    cache_disk: Optional[CacheDiskRef] = None
 
     def __post_init__(self) -> None:
         if self.command is not None and (
