@@ -240,7 +240,11 @@ pub async fn run(
             }
             f = rx.recv() => match f {
                 Ok(Frame::Data { chan: Chan::Stdin, data, .. }) => {
-                    if let Some(s) = &stdin_tx { let _ = s.send(data); }
+                    // A failed send: the writer ended because the command closed its stdin;
+                    // the rest is dropped, as the writer does.
+                    if stdin_tx.as_ref().is_some_and(|s| s.send(data).is_err()) {
+                        stdin_tx = None;
+                    }
                 }
                 Ok(Frame::Eof { chan: Chan::Stdin, .. }) => stdin_tx = None,
                 Ok(Frame::Cancel { .. }) => guard.kill(),
@@ -249,9 +253,17 @@ pub async fn run(
             }
         }
     };
-    let _ = exited_tx.send(true);
-    let _ = out.await;
-    let _ = err.await;
+    // send_replace: the pumps may be gone already (their pipe ended), which is no error.
+    exited_tx.send_replace(true);
+    for (pump, chan) in [(out, "stdout"), (err, "stderr")] {
+        if let Err(e) = pump.await {
+            // Only a panic (the agent's release build aborts instead) or a cancelled task.
+            crate::quiet::warn(
+                format_args!("exec {}: the {chan} pump failed", req.argv[0]),
+                e,
+            );
+        }
+    }
     // The command ended normally: whatever it left in the background may keep running.
     guard.armed = timed_out;
     let status = status.map_err(|e| RemoteError::from_io(&e, "wait"))?;

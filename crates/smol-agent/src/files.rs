@@ -91,7 +91,7 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
     }
     .await;
     if result.is_err() && !in_place {
-        let _ = fs::remove_file(&tmp);
+        crate::quiet::remove_quietly(&tmp);
     }
     result.map(|_| Frame::Done { id: tx.id() })
 }

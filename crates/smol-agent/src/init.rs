@@ -4,6 +4,8 @@ use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
+use crate::quiet;
+
 /// Settings read from the kernel command line (`smol.*` words).
 #[derive(Debug, Default)]
 pub struct Config {
@@ -28,7 +30,12 @@ pub struct Config {
 /// Mounts, creating the target; failures are logged (an API file system already mounted is
 /// not one).
 fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
-    let _ = fs::create_dir_all(target);
+    if !quiet::logged(
+        format_args!("creating {target}"),
+        fs::create_dir_all(target),
+    ) {
+        return;
+    }
     if let Err(e) = mount_checked(src, target, fstype, flags, data) {
         if !e.contains("busy") {
             eprintln!("smol-agent: {e}");
@@ -187,7 +194,7 @@ fn root_on_disk(image: Option<&str>) -> Result<(), String> {
     )?;
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("/.smol/root{m}");
-        let _ = fs::create_dir_all(&target);
+        fs::create_dir_all(&target).map_err(|e| format!("{target}: {e}"))?;
         mount_checked(m, &target, "", libc::MS_MOVE, "")?;
     }
     chdir_chroot("/.smol/root").map_err(|e| format!("switching root: {e}"))
@@ -302,20 +309,40 @@ pub fn setup() -> Config {
         ("/dev/stdout", "/proc/self/fd/1"),
         ("/dev/stderr", "/proc/self/fd/2"),
     ] {
-        let _ = std::os::unix::fs::symlink(target, link);
+        match std::os::unix::fs::symlink(target, link) {
+            Ok(()) => {}
+            // The initramfs (or the disk, on a later boot) may have it already.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => quiet::warn(format_args!("linking {link} to {target}"), e),
+        }
     }
-    let _ = fs::create_dir_all("/root");
-    let _ = fs::set_permissions("/root", fs::Permissions::from_mode(0o700));
+    if quiet::logged("creating /root", fs::create_dir_all("/root")) {
+        quiet::logged(
+            "making /root private",
+            fs::set_permissions("/root", fs::Permissions::from_mode(0o700)),
+        );
+    }
     let name = cfg.name.as_bytes();
     // SAFETY: pointer and length describe a valid byte slice.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
-    let _ = fs::write("/etc/hostname", format!("{}\n", cfg.name));
+    quiet::logged(
+        "writing /etc/hostname",
+        fs::write("/etc/hostname", format!("{}\n", cfg.name)),
+    );
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
     if cfg.net {
-        let _ = fs::write("/etc/resolv.conf", "nameserver 10.0.2.3\n");
+        quiet::logged(
+            "writing /etc/resolv.conf (the guest has no DNS)",
+            fs::write("/etc/resolv.conf", "nameserver 10.0.2.3\n"),
+        );
     }
     for (tag, target, ro) in &cfg.mounts {
-        let _ = fs::create_dir_all(target);
+        if !quiet::logged(
+            format_args!("creating mount point {target} of {tag}"),
+            fs::create_dir_all(target),
+        ) {
+            continue;
+        }
         let flags = if *ro { libc::MS_RDONLY } else { 0 };
         if let Err(e) = mount_checked(tag, target, "virtiofs", flags, "") {
             eprintln!("smol-agent: {e}");

@@ -10,6 +10,7 @@ mod exec;
 mod files;
 mod init;
 mod port;
+mod quiet;
 mod raw;
 mod relay;
 mod serve;

@@ -135,10 +135,9 @@ impl AsyncRead for PortIo {
                     buf.advance(n);
                     total += n;
                 }
-                Ok(Err(e)) if total > 0 => {
-                    let _ = e;
-                    return Poll::Ready(Ok(()));
-                }
+                // Hand over what was read first. The error is not lost: readiness stays set,
+                // so the next call reads again and a lasting error is returned then.
+                Ok(Err(_)) if total > 0 => return Poll::Ready(Ok(())),
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 Err(_would_block) if total > 0 => return Poll::Ready(Ok(())),
                 Err(_would_block) => continue,

@@ -16,7 +16,10 @@ pub async fn connect(stream: Stream, port: u16) -> Result<Frame, RemoteError> {
     let sock = TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| RemoteError::from_io(&e, &format!("connect to guest port {port}")))?;
-    let _ = sock.set_nodelay(true);
+    if let Err(e) = sock.set_nodelay(true) {
+        // Still a working connection, only with Nagle's delays.
+        crate::quiet::warn(format_args!("guest port {port}: setting TCP_NODELAY"), e);
+    }
     let (mut r, mut w) = sock.into_split();
     let up = async {
         loop {
@@ -46,7 +49,17 @@ pub async fn connect(stream: Stream, port: u16) -> Result<Frame, RemoteError> {
                 Frame::Eof {
                     chan: Chan::Stdin, ..
                 } => {
-                    let _ = w.shutdown().await;
+                    // The host's side ended: half-close toward the guest program, which may
+                    // still answer. A peer gone already (NotConnected) is the expected
+                    // failure; the other direction sees it on its own.
+                    match w.shutdown().await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {}
+                        Err(e) => crate::quiet::warn(
+                            format_args!("guest port {port}: shutting down the write side"),
+                            e,
+                        ),
+                    }
                     return Ok::<(), RemoteError>(());
                 }
                 Frame::Cancel { .. } => return Err(closed("connection closed by the host")),
