@@ -16,6 +16,7 @@
 //! supervised by this process) or, later, a fleet server. See `docs/ARCHITECTURE.md`.
 
 pub mod backend;
+mod cleanup;
 pub mod config;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]

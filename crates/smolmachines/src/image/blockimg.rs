@@ -6,6 +6,7 @@ use std::process::Command;
 
 use super::error::{ImageError, ImageResult};
 use super::store::disk_usage;
+use crate::cleanup::{remove_if_present, remove_quietly};
 
 /// File system of the block image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,7 +76,10 @@ pub(crate) fn build(src: &Path, dest: &Path, format: RootfsFormat) -> ImageResul
             // Room for metadata (inode tables, directories, bitmaps) and some slack.
             let mut size = bytes + bytes / 5 + inodes * 512 + (16 << 20);
             for attempt in 0..3 {
-                let _ = std::fs::remove_file(dest);
+                // What a previous attempt left (mkfs.ext4 -F would reuse a file it cannot
+                // replace); a path that cannot be cleared is this build's error.
+                remove_if_present(dest)
+                    .map_err(|e| ImageError::io_at("clear the block image path", dest, e))?;
                 let mut c = Command::new("mkfs.ext4");
                 c.args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-m", "0"])
                     .args(["-b", "4096", "-L", "smol-rootfs"])
@@ -130,7 +134,7 @@ fn run(tool: &str, package: &str, mut c: Command, dest: &Path) -> ImageResult<()
     if out.status.success() {
         return Ok(());
     }
-    let _ = std::fs::remove_file(dest);
+    remove_quietly(dest, "a failed block image");
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     if stderr.contains("No space left on device") {
         return Err(ImageError::NoSpace {
@@ -141,4 +145,30 @@ fn run(tool: &str, package: &str, mut c: Command, dest: &Path) -> ImageResult<()
         tool: tool.to_string(),
         message: format!("{} ({})", stderr, out.status),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_that_cannot_be_cleared_is_an_error_before_mkfs_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("rootfs");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("hello"), b"hi").unwrap();
+        // The destination is a directory with content: not removable as a file.
+        let dest = d.path().join("image.ext4");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("keep"), b"x").unwrap();
+        let e = build(&src, &dest, RootfsFormat::Ext4).unwrap_err();
+        match &e {
+            ImageError::Io { context, .. } => {
+                assert!(context.contains("clear the block image path"), "{e}");
+                assert!(context.contains("image.ext4"), "{e}");
+            }
+            other => panic!("expected an I/O error naming the path, got {other:?}"),
+        }
+        assert!(dest.join("keep").exists());
+    }
 }

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SendError, SyncSender};
 use std::thread::JoinHandle;
 
 use super::oci::{LayerCompression, Sha256};
@@ -33,11 +33,7 @@ impl LayerStream {
             .spawn(move || -> io::Result<String> {
                 let mut dec = match decompress(compression, br) {
                     Ok(d) => d,
-                    Err(e) => {
-                        let msg = e.to_string();
-                        let _ = tx.send(Err(e));
-                        return Err(io::Error::other(msg));
-                    }
+                    Err(e) => return Err(report(&tx, e)),
                 };
                 let mut h = Sha256::new();
                 loop {
@@ -49,11 +45,7 @@ impl LayerStream {
                             Ok(0) => break,
                             Ok(k) => n += k,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => {
-                                let msg = e.to_string();
-                                let _ = tx.send(Err(e));
-                                return Err(io::Error::other(msg));
-                            }
+                            Err(e) => return Err(report(&tx, e)),
                         }
                     }
                     if n == 0 {
@@ -62,8 +54,8 @@ impl LayerStream {
                     buf.truncate(n);
                     h.update(&buf);
                     if tx.send(Ok(buf)).is_err() {
-                        // The reader gave up (an error on its side): stop.
-                        return Err(io::Error::other("layer reader closed"));
+                        // The reader gave up (an error on its side, or dropped): stop.
+                        return Err(reader_closed());
                     }
                 }
             })?;
@@ -116,10 +108,33 @@ impl Drop for LayerStream {
         // Closing the channel stops the helper at its next chunk; wait for it so no thread
         // outlives the unpack.
         self.rx.take();
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
+        match self.worker.take().map(|w| w.join()) {
+            None | Some(Ok(Ok(_))) => {}
+            // The expected end of a stream dropped half-way.
+            Some(Ok(Err(e))) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            // An error the reader never read (it stopped first): nobody else will see it.
+            Some(Ok(Err(e))) => {
+                tracing::debug!(error = %e, "layer stream dropped; its decompression had failed")
+            }
+            Some(Err(_)) => tracing::warn!("layer decompression thread panicked"),
         }
     }
+}
+
+/// The helper's error when the reader is gone (BrokenPipe: what `Drop` expects).
+fn reader_closed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "layer reader closed")
+}
+
+/// Hands a decompression error to the reader and returns a copy of it for the helper's
+/// result. A reader gone already (closed channel) is the expected case: logged at debug.
+fn report(tx: &SyncSender<io::Result<Vec<u8>>>, e: io::Error) -> io::Error {
+    // Kind Other: BrokenPipe stays unambiguous (the reader closed).
+    let copy = io::Error::other(e.to_string());
+    if let Err(SendError(Err(e))) = tx.send(Err(e)) {
+        tracing::debug!(error = %e, "layer reader gone before a decompression error");
+    }
+    copy
 }
 
 #[cfg(test)]

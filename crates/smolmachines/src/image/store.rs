@@ -289,7 +289,7 @@ impl Cache {
             sync_dir(dest.parent().unwrap_or(Path::new(".")))
         })();
         if res.is_err() {
-            let _ = fs::remove_file(&tmp);
+            crate::cleanup::remove_quietly(&tmp, "a temporary file");
         }
         res
     }
@@ -496,7 +496,7 @@ impl Drop for BlobWriter {
     fn drop(&mut self) {
         if !self.committed {
             drop(self.file.take());
-            let _ = fs::remove_file(&self.path);
+            crate::cleanup::remove_quietly(&self.path, "an unfinished blob");
         }
     }
 }

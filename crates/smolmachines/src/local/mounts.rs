@@ -75,7 +75,14 @@ pub fn socket(dir: &Path, i: usize) -> PathBuf {
 /// Starts the daemon of mount `i` and waits for its socket.
 pub fn spawn(dir: &Path, i: usize, m: &MountRecord) -> Result<Child> {
     let sock = socket(dir, i);
-    let _ = std::fs::remove_file(&sock);
+    // A stale socket left in place would end the wait below at once, before the daemon
+    // listens.
+    crate::cleanup::remove_if_present(&sock).map_err(|e| {
+        Error::io(
+            format!("removing the stale virtiofsd socket {}", sock.display()),
+            e,
+        )
+    })?;
     let log_path = dir.join(format!("virtiofsd{i}.log"));
     let log = std::fs::File::create(&log_path).map_err(|e| Error::io("virtiofsd log", e))?;
     let daemon = virtiofsd();
@@ -127,7 +134,7 @@ pub fn spawn(dir: &Path, i: usize, m: &MountRecord) -> Result<Child> {
             });
         }
         if t0.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
+            crate::cleanup::kill_quietly(&mut child, "virtiofsd");
             return Err(Error::MountSource {
                 source_path: m.source.display().to_string(),
                 reason: "virtiofsd did not start within 10 s".into(),
@@ -185,5 +192,35 @@ mod tests {
             let ok = validate(&[spec(src, "/w")]).unwrap();
             assert_eq!(ok[0].source, std::fs::canonicalize(d.path()).unwrap());
         }
+    }
+
+    #[test]
+    fn a_stale_socket_that_cannot_be_removed_is_an_error_before_the_daemon_starts() {
+        let d = tempfile::tempdir().unwrap();
+        // In the way of the socket: a directory with content (not removable as a file).
+        // Left there, it would end the wait for the socket at once.
+        let sock = socket(d.path(), 0);
+        std::fs::create_dir(&sock).unwrap();
+        std::fs::write(sock.join("x"), b"x").unwrap();
+        let m = MountRecord {
+            source: d.path().to_path_buf(),
+            target: "/w".into(),
+            read_only: false,
+        };
+        match spawn(d.path(), 0, &m) {
+            Err(Error::Io { context, .. }) => {
+                assert!(context.contains("stale virtiofsd socket"), "{context}");
+                assert!(context.contains("fs0.sock"), "{context}");
+            }
+            Err(other) => panic!("expected an I/O error naming the socket, got {other:?}"),
+            Ok(mut child) => {
+                crate::cleanup::kill_quietly(&mut child, "virtiofsd");
+                panic!("virtiofsd started although its socket path was in the way");
+            }
+        }
+        assert!(
+            !d.path().join("virtiofsd0.log").exists(),
+            "nothing was started"
+        );
     }
 }

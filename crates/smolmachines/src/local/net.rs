@@ -82,7 +82,13 @@ pub fn args(sock: &Path) -> Vec<String> {
 pub fn spawn(dir: &Path, binary: &Path) -> Result<Child> {
     let sock = socket(dir);
     prepare_dir(&sock)?;
-    let _ = std::fs::remove_file(&sock);
+    // A stale socket left in place would end the wait below at once, before passt listens.
+    crate::cleanup::remove_if_present(&sock).map_err(|e| {
+        Error::io(
+            format!("removing the stale passt socket {}", sock.display()),
+            e,
+        )
+    })?;
     let log_path = dir.join("passt.log");
     let log = std::fs::File::create(&log_path).map_err(|e| Error::io("passt log", e))?;
     let mut cmd = Command::new(binary);
@@ -115,7 +121,7 @@ pub fn spawn(dir: &Path, binary: &Path) -> Result<Child> {
             )));
         }
         if t0.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
+            crate::cleanup::kill_quietly(&mut child, "passt");
             return Err(fail("passt did not start within 10 s".into()));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -139,5 +145,27 @@ mod tests {
         // DNS is forwarded to the host's resolver; an explicit -D list would break that
         assert!(a.windows(2).any(|w| w == ["--dns-forward", DNS]));
         assert!(!a.iter().any(|x| x == "-D" || x == "--dns"));
+    }
+
+    #[test]
+    fn a_stale_socket_that_cannot_be_removed_is_an_error_before_passt_starts() {
+        let d = tempfile::tempdir().unwrap();
+        // In the way of the socket: a directory with content (not removable as a file).
+        // Left there, it would end the wait for the socket at once.
+        let sock = socket(d.path());
+        std::fs::create_dir_all(&sock).unwrap();
+        std::fs::write(sock.join("x"), b"x").unwrap();
+        match spawn(d.path(), Path::new("/bin/true")) {
+            Err(Error::Io { context, .. }) => {
+                assert!(context.contains("stale passt socket"), "{context}");
+                assert!(context.contains("passt.sock"), "{context}");
+            }
+            Err(other) => panic!("expected an I/O error naming the socket, got {other:?}"),
+            Ok(mut child) => {
+                crate::cleanup::kill_quietly(&mut child, "true");
+                panic!("spawn returned a helper although its socket path was in the way");
+            }
+        }
+        assert!(!d.path().join("passt.log").exists(), "nothing was started");
     }
 }
