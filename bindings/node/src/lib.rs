@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use smolmachines::{Error, ExecResult, Machine};
+use smolmachines::{Error, ExecResult, Machine, MAX_WAIT};
 use tokio::sync::watch;
 
 mod config;
 mod errors;
+mod log;
 mod stream;
 
 use config::{parse, JsConfig, JsConnect, JsExecOptions};
@@ -36,20 +37,15 @@ fn exec_opts(json: &str, stdin: Option<Buffer>) -> Result<smolmachines::ExecOpti
         .map_err(to_js)
 }
 
-/// The longest wait `waitUntilReady` takes (longer ones are this, so that a huge value cannot
-/// overflow the core's deadline).
-const LONGEST_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
-/// A positive, finite number of milliseconds as a duration (capped at [`LONGEST_WAIT`]).
+/// A positive, finite number of milliseconds as a duration (capped at the core's
+/// [`MAX_WAIT`], so that a huge value cannot overflow the core's deadline).
 fn millis(what: &str, ms: f64) -> Result<Duration> {
     if !(ms.is_finite() && ms > 0.0) {
         return Err(to_js(Error::InvalidConfig {
             message: format!("{what} must be a number of milliseconds > 0, got {ms}"),
         }));
     }
-    Ok(Duration::try_from_secs_f64(ms / 1000.0)
-        .unwrap_or(LONGEST_WAIT)
-        .min(LONGEST_WAIT))
+    Ok(Duration::try_from_secs_f64(ms / 1000.0).map_or(MAX_WAIT, smolmachines::config::cap_wait))
 }
 
 /// `localAvailability()` (SPEC §3.10): never throws.
@@ -92,25 +88,74 @@ pub async fn connect(name: String, conn: String) -> Result<NativeMachine> {
     Ok(NativeMachine::new(m))
 }
 
-/// One row of `Machine.list`.
+/// Sizes of a listed machine (SPEC §3.10 `MachineSizes`).
+#[napi(object)]
+pub struct NativeSizes {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Writable disk in GiB (absent when unknown).
+    pub storage_gib: Option<u32>,
+}
+
+/// A published port of a listed machine (SPEC §3.10 `PublishedPort`).
+#[napi(object)]
+pub struct NativePublishedPort {
+    pub guest: u32,
+    pub host: Option<u32>,
+    pub protocol: String,
+}
+
+/// One row of `Machine.list`, already in the SDK's `MachineSummary` shape (SPEC §3.10):
+/// `index.js` returns it as it is.
 #[napi(object)]
 pub struct NativeSummary {
+    pub id: String,
     pub name: String,
     pub state: String,
-    pub cpus: u32,
-    pub memory_mb: u32,
-    pub pid: Option<u32>,
-    pub accel: String,
     pub labels: HashMap<String, String>,
-    pub persistent: bool,
-    pub detached: bool,
     /// The image reference the machine was created from.
     pub image: Option<String>,
-    /// Seconds since the Unix epoch (0 when unknown).
-    pub created_unix: f64,
-    /// Writable disk in GiB.
-    pub storage_gb: u32,
-    pub ports: Vec<NativePort>,
+    pub persistent: bool,
+    pub detached: bool,
+    pub branchable: bool,
+    /// RFC 3339 UTC with whole seconds, the form of the cloud's `createdAt`.
+    pub created_at: Option<String>,
+    pub pid: Option<u32>,
+    pub accel: Option<String>,
+    pub resources: NativeSizes,
+    pub ports: Vec<NativePublishedPort>,
+}
+
+impl From<smolmachines::MachineSummary> for NativeSummary {
+    fn from(r: smolmachines::MachineSummary) -> Self {
+        NativeSummary {
+            created_at: r.created_at(),
+            id: r.id,
+            name: r.name,
+            state: r.state.as_str().to_string(),
+            labels: r.labels.into_iter().collect(),
+            image: r.image,
+            persistent: r.persistent,
+            detached: r.detached,
+            branchable: r.branchable,
+            pid: r.pid,
+            accel: Some(r.accel).filter(|a| !a.is_empty()),
+            resources: NativeSizes {
+                cpus: r.cpus,
+                memory_mib: r.memory_mb,
+                storage_gib: Some(r.storage_gb).filter(|&g| g > 0),
+            },
+            ports: r
+                .ports
+                .iter()
+                .map(|p| NativePublishedPort {
+                    guest: p.guest.into(),
+                    host: Some(p.host.into()),
+                    protocol: "tcp".into(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Every machine of the selected backend carrying all of `labels` (JSON object).
@@ -119,31 +164,7 @@ pub async fn list(conn: String, labels: String) -> Result<Vec<NativeSummary>> {
     let conn = conn_from(&conn)?;
     let labels: BTreeMap<String, String> = parse("labels", &labels).map_err(to_js)?;
     let rows = Machine::list(conn, &labels).await.map_err(to_js)?;
-    Ok(rows
-        .into_iter()
-        .map(|r| NativeSummary {
-            name: r.name,
-            state: r.state.as_str().to_string(),
-            cpus: r.cpus,
-            memory_mb: r.memory_mb,
-            pid: r.pid,
-            accel: r.accel,
-            labels: r.labels.into_iter().collect(),
-            persistent: r.persistent,
-            detached: r.detached,
-            image: r.image,
-            created_unix: r.created_unix as f64,
-            storage_gb: r.storage_gb,
-            ports: r
-                .ports
-                .iter()
-                .map(|p| NativePort {
-                    host: p.host.into(),
-                    guest: p.guest.into(),
-                })
-                .collect(),
-        })
-        .collect())
+    Ok(rows.into_iter().map(NativeSummary::from).collect())
 }
 
 /// A finished command; `index.js` adds the strings, `success`, `output`, `assertSuccess`.

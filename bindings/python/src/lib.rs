@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 mod errors;
+mod log;
 mod machine;
 mod stream;
 
@@ -138,5 +139,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::ExecStream>()?;
     m.add_function(wrap_pyfunction!(local_availability, m)?)?;
     m.add_function(wrap_pyfunction!(errors::error_from_problem, m)?)?;
+    log::register(m)?;
     Ok(())
 }

@@ -25,33 +25,41 @@ type ExecOut<'py> = (
     Option<u32>,
 );
 
+/// `(name, env_var, hosts, value, methods)` of a `smol.CredentialSpec`.
+type Credential = (
+    String,
+    String,
+    Vec<String>,
+    Option<String>,
+    Option<Vec<String>>,
+);
+
 /// `(reference, digest, size, architecture, os)`.
 type ImageOut = (String, String, u64, String, String);
 
-/// One row of `Machine.list` as a dict with the keys of [`core::MachineSummary`]: `name, state,
-/// cpus, memory_mb, pid, accel, labels, persistent, detached, image, created_unix, storage_gb,
-/// ports` (`[(host, guest)]`). `smol.Machine.list` turns it into a `MachineSummary`.
+/// One row of `Machine.list` as the keyword arguments of `smol.MachineSummary` (SPEC §3.10),
+/// mapped once here: `id, name, state, labels, image, persistent, detached, branchable,
+/// created_at, pid, accel`, `resources` as `(cpus, memory_mib, storage_gib)` and `ports` as
+/// `[(guest, host, protocol)]` (the dataclasses are built from those tuples).
 fn summary_out(py: Python<'_>, s: core::MachineSummary) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
+    d.set_item("created_at", s.created_at())?;
+    d.set_item("id", s.id)?;
     d.set_item("name", s.name)?;
     d.set_item("state", s.state.as_str())?;
-    d.set_item("cpus", s.cpus)?;
-    d.set_item("memory_mb", s.memory_mb)?;
-    d.set_item("pid", s.pid)?;
-    d.set_item("accel", s.accel)?;
     d.set_item("labels", s.labels)?;
+    d.set_item("image", s.image)?;
     d.set_item("persistent", s.persistent)?;
     d.set_item("detached", s.detached)?;
-    d.set_item("image", s.image)?;
-    d.set_item("created_unix", s.created_unix)?;
-    d.set_item("storage_gb", s.storage_gb)?;
-    let ports: Vec<(u16, u16)> = s.ports.iter().map(|p| (p.host, p.guest)).collect();
+    d.set_item("branchable", s.branchable)?;
+    d.set_item("pid", s.pid)?;
+    d.set_item("accel", Some(s.accel).filter(|a| !a.is_empty()))?;
+    let storage = Some(s.storage_gb).filter(|&g| g > 0);
+    d.set_item("resources", (s.cpus, s.memory_mb, storage))?;
+    let ports: Vec<(u16, u16, &str)> = s.ports.iter().map(|p| (p.guest, p.host, "tcp")).collect();
     d.set_item("ports", ports)?;
     Ok(d)
 }
-
-/// The longest wait `wait_until_ready` takes (longer ones are this).
-const LONGEST_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 fn invalid(message: String) -> Error {
     Error::InvalidConfig { message }
@@ -72,18 +80,8 @@ fn conn_options(
     base_url: Option<String>,
     api_key: Option<String>,
 ) -> Result<core::ConnectOptions, Error> {
-    let target = match target.as_deref() {
-        None => None,
-        Some("local") => Some(core::Target::Local),
-        Some("cloud") => Some(core::Target::Cloud),
-        Some(other) => {
-            return Err(invalid(format!(
-                "target must be \"local\", \"cloud\" or None, got {other:?}"
-            )))
-        }
-    };
     Ok(core::ConnectOptions {
-        target,
+        target: core::Target::parse_opt(target.as_deref())?,
         base_url,
         api_key,
     })
@@ -96,6 +94,7 @@ fn exec_options(
     user: Option<String>,
     stdin: Option<&Bound<'_, PyBytes>>,
     background: bool,
+    output: Option<String>,
 ) -> Result<core::ExecOptions, Error> {
     Ok(core::ExecOptions {
         env: env.unwrap_or_default(),
@@ -104,6 +103,7 @@ fn exec_options(
         user,
         stdin: stdin.map(|b| b.as_bytes().to_vec()),
         background,
+        output: output.as_deref().map(str::parse).transpose()?,
     })
 }
 
@@ -142,13 +142,17 @@ impl Machine {
     #[pyo3(signature = (*, name=None, image=None, mounts=Vec::new(), ports=Vec::new(), cpus=None,
         memory_mb=None, network=None, storage_gb=None, top_network=None, persistent=false,
         detach=false, labels=BTreeMap::new(), ready_timeout=None, env=BTreeMap::new(),
-        workdir=None, command=None, user=None, target=None, base_url=None, api_key=None))]
+        workdir=None, command=None, user=None, allow_cidrs=Vec::new(), allow_hosts=Vec::new(),
+        overlay_gb=None, gpu=None, gpu_vram_mib=None, disk_durability=None, cuda=None,
+        auto_stop_seconds=None, ttl_seconds=None, branchable=None, wait_for_ports=None,
+        egress_interceptor=None, credentials=Vec::new(), cache_disk=None, target=None,
+        base_url=None, api_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
         name: Option<String>,
         image: Option<String>,
-        mounts: Vec<(String, String, bool)>,
+        mounts: Vec<(String, String, bool, bool)>,
         ports: Vec<(u16, u16)>,
         cpus: Option<u32>,
         memory_mb: Option<u32>,
@@ -163,6 +167,20 @@ impl Machine {
         workdir: Option<String>,
         command: Option<Vec<String>>,
         user: Option<String>,
+        allow_cidrs: Vec<String>,
+        allow_hosts: Vec<String>,
+        overlay_gb: Option<u32>,
+        gpu: Option<bool>,
+        gpu_vram_mib: Option<u32>,
+        disk_durability: Option<String>,
+        cuda: Option<bool>,
+        auto_stop_seconds: Option<u64>,
+        ttl_seconds: Option<u64>,
+        branchable: Option<bool>,
+        wait_for_ports: Option<bool>,
+        egress_interceptor: Option<(String, String)>,
+        credentials: Vec<Credential>,
+        cache_disk: Option<(String, Option<u64>, Option<String>, bool)>,
         target: Option<String>,
         base_url: Option<String>,
         api_key: Option<String>,
@@ -176,15 +194,19 @@ impl Machine {
                 invalid("command must be a non-empty list of non-empty strings".into()),
             ));
         }
+        // Shapes only: the core validates (`MachineConfig::validate`) and the backend refuses
+        // the fields it cannot honour.
+        let disk_durability = check(py, disk_durability.as_deref().map(str::parse).transpose())?;
         let config = core::MachineConfig {
             name,
             image,
             mounts: mounts
                 .into_iter()
-                .map(|(source, target, read_only)| core::MountSpec {
+                .map(|(source, target, read_only, staged)| core::MountSpec {
                     source,
                     target,
                     read_only,
+                    staged,
                 })
                 .collect(),
             ports: ports
@@ -195,17 +217,50 @@ impl Machine {
                 cpus,
                 memory_mb,
                 network,
+                allow_cidrs,
+                allow_hosts,
                 storage_gb,
+                overlay_gb,
+                gpu,
+                gpu_vram_mib,
+                disk_durability,
+                cuda,
+                network_backend: None,
             },
             network: top_network,
             persistent,
             detach,
             labels,
             ready_timeout: check(py, seconds("ready_timeout_seconds", ready_timeout))?,
+            wait_for_ports,
+            auto_stop_seconds,
+            ttl_seconds,
+            branchable,
+            forkable: None,
             env,
             workdir,
             command,
             user,
+            egress_interceptor: egress_interceptor
+                .map(|(address, token)| core::EgressInterceptor { address, token }),
+            credentials: credentials
+                .into_iter()
+                .map(
+                    |(name, env_var, hosts, value, methods)| core::CredentialSpec {
+                        name,
+                        env_var,
+                        hosts,
+                        value,
+                        methods,
+                    },
+                )
+                .collect(),
+            cache_disk: cache_disk.map(|(cache, version, mount_path, slot)| core::CacheDiskRef {
+                cache,
+                version,
+                mount_path,
+                slot,
+            }),
         };
         let inner = block(py, None, core::Machine::create(config, conn))?;
         Ok(Self { inner })
@@ -260,6 +315,20 @@ impl Machine {
         list.into_iter().map(|s| summary_out(py, s)).collect()
     }
 
+    /// `"local"` or `"cloud"`: the target a call with these options goes to (SPEC §2.2, the
+    /// core's one rule).
+    #[staticmethod]
+    #[pyo3(signature = (*, target=None, base_url=None, api_key=None))]
+    fn resolve_target(
+        py: Python<'_>,
+        target: Option<String>,
+        base_url: Option<String>,
+        api_key: Option<String>,
+    ) -> PyResult<&'static str> {
+        let conn = check(py, conn_options(target, base_url, api_key))?;
+        Ok(conn.resolve_target().as_str())
+    }
+
     #[getter]
     fn name(&self) -> &str {
         self.inner.name()
@@ -293,7 +362,7 @@ impl Machine {
         cancel: Option<Bound<'_, CancelToken>>,
     ) -> PyResult<()> {
         // Capped (at ~100 years) so that a huge value cannot overflow the core's deadline.
-        let cap = |d: Option<Duration>| d.unwrap_or_default().min(LONGEST_WAIT);
+        let cap = |d: Option<Duration>| core::config::cap_wait(d.unwrap_or_default());
         let timeout = cap(check(py, seconds("timeout_s", Some(timeout_s)))?);
         let interval = cap(check(py, seconds("interval_s", Some(interval_s)))?);
         let token = cancel.map(|c| c.get().0.clone());
@@ -308,7 +377,7 @@ impl Machine {
     /// §3.6). Such a command cannot be given a `cancel` token (SPEC §5: the local
     /// `AsyncMachine.exec` always attaches one, so it refuses background commands).
     #[pyo3(signature = (argv, *, env=None, workdir=None, timeout=None, user=None, stdin=None,
-        background=false, cancel=None))]
+        background=false, output=None, cancel=None))]
     #[allow(clippy::too_many_arguments)]
     fn exec<'py>(
         &self,
@@ -320,11 +389,20 @@ impl Machine {
         user: Option<String>,
         stdin: Option<Bound<'py, PyBytes>>,
         background: bool,
+        output: Option<String>,
         cancel: Option<Bound<'py, CancelToken>>,
     ) -> PyResult<ExecOut<'py>> {
         let opts = check(
             py,
-            exec_options(env, workdir, timeout, user, stdin.as_ref(), background),
+            exec_options(
+                env,
+                workdir,
+                timeout,
+                user,
+                stdin.as_ref(),
+                background,
+                output,
+            ),
         )?;
         if background && cancel.is_some() {
             // The SPEC's message, verbatim (no "invalid configuration:" prefix of the core's).
@@ -340,7 +418,7 @@ impl Machine {
     }
 
     #[pyo3(signature = (image, argv, *, env=None, workdir=None, timeout=None, user=None,
-        stdin=None, background=false, cancel=None))]
+        stdin=None, background=false, output=None, cancel=None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         &self,
@@ -353,11 +431,20 @@ impl Machine {
         user: Option<String>,
         stdin: Option<Bound<'py, PyBytes>>,
         background: bool,
+        output: Option<String>,
         cancel: Option<Bound<'py, CancelToken>>,
     ) -> PyResult<ExecOut<'py>> {
         let opts = check(
             py,
-            exec_options(env, workdir, timeout, user, stdin.as_ref(), background),
+            exec_options(
+                env,
+                workdir,
+                timeout,
+                user,
+                stdin.as_ref(),
+                background,
+                output,
+            ),
         )?;
         let token = cancel.map(|c| c.get().0.clone());
         let r = block(py, token.as_ref(), self.inner.run(&image, &argv, opts))?;
@@ -365,7 +452,7 @@ impl Machine {
     }
 
     #[pyo3(signature = (argv, *, env=None, workdir=None, timeout=None, user=None, stdin=None,
-        background=false))]
+        background=false, output=None))]
     #[allow(clippy::too_many_arguments)]
     fn exec_stream(
         &self,
@@ -377,10 +464,19 @@ impl Machine {
         user: Option<String>,
         stdin: Option<Bound<'_, PyBytes>>,
         background: bool,
+        output: Option<String>,
     ) -> PyResult<ExecStream> {
         let opts = check(
             py,
-            exec_options(env, workdir, timeout, user, stdin.as_ref(), background),
+            exec_options(
+                env,
+                workdir,
+                timeout,
+                user,
+                stdin.as_ref(),
+                background,
+                output,
+            ),
         )?;
         let s = block(py, None, self.inner.exec_stream(&argv, opts))?;
         Ok(ExecStream::new(s))

@@ -147,7 +147,7 @@ fn lines() -> Progress {
     let reported = Mutex::new(std::collections::HashSet::new());
     Arc::new(move |ev: &PullEvent| {
         let mut err = std::io::stderr().lock();
-        let _ = match ev {
+        let written = match ev {
             PullEvent::Resolved {
                 reference,
                 digest,
@@ -193,6 +193,10 @@ fn lines() -> Progress {
                 writeln!(err, "making the {} block image", format.fstype())
             }
         };
+        if let Err(e) = written {
+            // progress is best-effort: the pull goes on without its reader
+            tracing::debug!(error = %e, "pull progress not written to stderr");
+        }
     })
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use smolmachines::local::LocalBackend;
+use smolmachines::local::{programs, LocalBackend};
 use smolmachines::{
     ConnectOptions, Error, ExecEvent, ExecOptions, Machine, MachineConfig, PortSpec, ResourceSpec,
 };
@@ -23,6 +23,10 @@ const EXIT_SMOL_ERROR: u8 = 125;
     about = "microVM sandboxes: run commands in fresh Linux VMs"
 )]
 struct Cli {
+    /// Log on stderr: -v info, -vv debug, -vvv trace (SMOL_LOG or RUST_LOG, e.g.
+    /// `smolmachines=debug`, take precedence).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -200,12 +204,25 @@ async fn stream(m: &Machine, a: &ExecArgs) -> Result<i32, Error> {
     while let Some(ev) = s.next_event().await {
         match ev {
             ExecEvent::Stdout(d) => {
-                let _ = out.write_all(&d);
-                let _ = out.flush();
+                if let Err(e) = out.write_all(&d).and_then(|()| out.flush()) {
+                    // Our reader went away (`smol run ... | head`): the command ends with us, as
+                    // a pipeline's writer does on SIGPIPE (exit status 128 + 13).
+                    s.kill();
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        tracing::debug!("stdout closed; the command was killed");
+                        return Ok(128 + libc_sigpipe());
+                    }
+                    return Err(Error::Io {
+                        context: "writing the command's output to stdout".into(),
+                        source: e,
+                    });
+                }
             }
             ExecEvent::Stderr(d) => {
-                let _ = err.write_all(&d);
-                let _ = err.flush();
+                if let Err(e) = err.write_all(&d).and_then(|()| err.flush()) {
+                    // nowhere left to report it but the log
+                    tracing::warn!(error = %e, "writing the command's stderr failed");
+                }
             }
             ExecEvent::Exit(code) => return Ok(code),
             ExecEvent::Error { code, message } => return Err(Error::coded(code, message)),
@@ -214,6 +231,11 @@ async fn stream(m: &Machine, a: &ExecArgs) -> Result<i32, Error> {
     Err(Error::Guest {
         message: "the command's stream ended without an exit status".into(),
     })
+}
+
+/// SIGPIPE's number (13 on Linux).
+const fn libc_sigpipe() -> i32 {
+    13
 }
 
 fn resources(cpus: Option<u32>, memory: Option<u32>) -> ResourceSpec {
@@ -331,7 +353,8 @@ async fn run(cli: Cli) -> Result<u8, Error> {
         },
         Command::Image { command } => image::run(command).await,
         Command::Doctor => {
-            let d = LocalBackend::from_env().doctor();
+            // the engine `machine` commands use (backend_for: this home, this run dir)
+            let d = LocalBackend::open_env().doctor();
             match &d.accel {
                 Ok(a) => println!("accelerator: {} ({})", a.accel.as_str(), a.reason),
                 Err(e) => println!("accelerator: unusable: {e}"),
@@ -348,10 +371,37 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 Err(e) => println!("assets:      missing: {e}"),
             }
             println!("run dir:     {}", d.run_dir.display());
+            println!("programs (scripts/programs.txt):");
+            for c in &d.programs {
+                let p = c.program;
+                match &c.status {
+                    Ok(v) => println!("  ok       {:<24} {v}", p.program),
+                    Err(e) => println!(
+                        "  {:<8} {:<24} {e} (Debian package {}; needed {})",
+                        if p.role == programs::Role::Engine {
+                            "MISSING"
+                        } else {
+                            "missing"
+                        },
+                        p.program,
+                        p.package,
+                        p.role.needed_for()
+                    ),
+                }
+            }
+            let apt = programs::apt_line(&d.programs);
             if d.ok() {
-                println!("ok: this host can run machines");
+                match &apt {
+                    None => println!("ok: this host can run machines"),
+                    Some(line) => println!(
+                        "ok: this host can run machines, without the features above; for them: {line}"
+                    ),
+                }
                 Ok(0)
             } else {
+                if let Some(line) = apt {
+                    println!("install what is missing: {line}");
+                }
                 println!(
                     "not ready: run `make setup` (installs QEMU, builds the kernel and initramfs)"
                 );
@@ -361,8 +411,38 @@ async fn run(cli: Cli) -> Result<u8, Error> {
     }
 }
 
+/// The CLI's log subscriber: stderr, filtered by `SMOL_LOG` / `RUST_LOG`, else by `-v`.
+fn init_logs(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let from_env = ["SMOL_LOG", "RUST_LOG"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.trim().is_empty());
+    let default = match verbose {
+        0 => "warn",
+        1 => "warn,smolmachines=info,smol=info",
+        2 => "info,smolmachines=debug,smol=debug",
+        _ => "debug,smolmachines=trace,smol=trace",
+    };
+    let filter = match from_env.as_deref().map(EnvFilter::try_new) {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            eprintln!("warning: SMOL_LOG/RUST_LOG is not a log filter ({e}); using {default:?}");
+            EnvFilter::new(default)
+        }
+        None => EnvFilter::new(default),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logs(cli.verbose);
+    tracing::debug!(version = env!("CARGO_PKG_VERSION"), "smol starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

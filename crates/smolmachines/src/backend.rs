@@ -314,7 +314,7 @@ impl Machine {
         let now = tokio::time::Instant::now();
         let deadline = now
             .checked_add(timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+            .unwrap_or_else(|| now + crate::config::MAX_WAIT);
         loop {
             if self.ready().await? {
                 return Ok(());

@@ -6,15 +6,42 @@ use std::time::Duration;
 use smolmachines::local::{assets, LocalBackend, LocalMachine};
 use smolmachines::{ExecOptions, ExecResult, MachineBackend, MachineConfig, ResourceSpec};
 
-/// An engine whose machines live in a fresh temporary run directory.
-pub fn engine() -> (LocalBackend, tempfile::TempDir) {
+/// The guest assets of `make setup`, or `None` (with one message per test binary saying why the
+/// VM tests skip) when this checkout was never set up. Under `make test` / CI
+/// (`SMOL_VM_TESTS=required`) missing assets fail the test instead: VM tests never skip there.
+pub fn vm_assets() -> Option<assets::Assets> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match assets::resolve() {
+        Ok(a) => Some(a),
+        Err(e) if std::env::var("SMOL_VM_TESTS").as_deref() == Ok("required") => {
+            panic!("the VM tests are required (SMOL_VM_TESTS=required) but {e}: run `make setup`")
+        }
+        Err(e) => {
+            // written to the real stderr, past the test harness's capture
+            SAID.call_once(|| {
+                use std::io::Write;
+                writeln!(
+                    std::io::stderr(),
+                    "skipping the VM tests of this binary: {e}. They boot real microVMs with the \
+                     guest kernel and initramfs of `make setup`: run it first \
+                     (SMOL_VM_TESTS=required turns this skip into a failure, as CI does)."
+                )
+                .expect("stderr")
+            });
+            None
+        }
+    }
+}
+
+/// An engine whose machines live in a fresh temporary run directory (`None`: no assets, see
+/// [`vm_assets`]).
+pub fn engine() -> Option<(LocalBackend, tempfile::TempDir)> {
+    let assets = vm_assets()?;
     let dir = tempfile::Builder::new()
         .prefix("smt")
         .tempdir_in("/tmp")
         .expect("tempdir");
-    let assets = assets::resolve()
-        .expect("guest assets missing: run `make setup` before the VM tests (they boot real VMs)");
-    (LocalBackend::at(dir.path()).with_assets(assets), dir)
+    Some((LocalBackend::at(dir.path()).with_assets(assets), dir))
 }
 
 pub fn argv(words: &[&str]) -> Vec<String> {

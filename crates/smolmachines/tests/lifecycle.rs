@@ -10,11 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{argv, config, run, sh};
-use smolmachines::local::{assets, LocalBackend};
+use smolmachines::local::LocalBackend;
 use smolmachines::{Error, ExecOptions, MachineBackend, MachineState, PortSpec};
 
 fn engine_at(home: &std::path::Path) -> LocalBackend {
-    LocalBackend::at(home).with_assets(assets::resolve().expect("assets: run `make setup`"))
+    LocalBackend::at(home)
+        .with_assets(common::vm_assets().expect("the guest assets of `make setup`"))
 }
 
 fn home() -> tempfile::TempDir {
@@ -61,6 +62,9 @@ fn ready_line(c: &mut Child) -> String {
 #[test]
 #[ignore = "helper: runs only as a child process of the other tests"]
 fn child_process_entry() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let Ok(mode) = std::env::var("SMOL_TEST_CHILD") else {
         return;
     };
@@ -129,6 +133,9 @@ fn alive(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn persistent_machine_outlives_its_process_and_boots_again_on_connect() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let h = home();
     let mut c = child("persistent-exit", h.path(), "");
     let line = ready_line(&mut c);
@@ -167,6 +174,9 @@ async fn persistent_machine_outlives_its_process_and_boots_again_on_connect() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_process_leaves_no_ghosts_and_loses_no_synced_data() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let h = home();
     let mut c = child("killed", h.path(), "");
     let line = ready_line(&mut c);
@@ -198,6 +208,9 @@ async fn a_sigkilled_process_leaves_no_ghosts_and_loses_no_synced_data() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_machines_from_two_processes_at_once() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let h = home();
     let mut a = child("create-ten", h.path(), "a");
     let mut b = child("create-ten", h.path(), "b");
@@ -232,6 +245,9 @@ async fn twenty_machines_from_two_processes_at_once() {
 
 #[tokio::test]
 async fn labels_filter_the_list() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let h = home();
     let engine = engine_at(h.path());
     let mut a = config(Some("la"));
@@ -267,6 +283,9 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn published_ports_relay_many_connections_and_large_transfers() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let h = home();
     let engine = engine_at(h.path());
     let (echo, web, closed) = (free_port(), free_port(), free_port());
@@ -378,6 +397,9 @@ fn umount(dir: &std::path::Path) {
 
 #[tokio::test]
 async fn engine_home_on_a_read_only_or_full_disk_is_a_clear_error() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let h = home();
     let ro = h.path().join("ro");
     std::fs::create_dir_all(&ro).unwrap();
@@ -411,6 +433,9 @@ async fn engine_home_on_a_read_only_or_full_disk_is_a_clear_error() {
 
 #[tokio::test]
 async fn written_files_survive_stop_and_start() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let h = home();
     let engine = engine_at(h.path());
     let m = engine.create_machine(config(None)).await.unwrap();
@@ -437,6 +462,9 @@ async fn written_files_survive_stop_and_start() {
 
 #[tokio::test]
 async fn mounts_share_host_directories_and_nothing_else() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     use smolmachines::MountSpec;
     let h = home();
     let engine = engine_at(h.path());
@@ -682,6 +710,9 @@ impl Drop for NetLab {
 
 #[tokio::test]
 async fn network_is_off_by_default_and_never_reaches_host_loopback() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     let h = home();
     let lab = NetLab::new();
     let engine = engine_at(h.path()).with_passt(lab.passt_wrapper(h.path()));

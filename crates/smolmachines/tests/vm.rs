@@ -16,7 +16,9 @@ use smolmachines::{
 
 #[tokio::test]
 async fn exec_semantics() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let m = engine
         .create_machine(config(Some("exec-sem")))
         .await
@@ -100,7 +102,9 @@ async fn exec_semantics() {
 
 #[tokio::test]
 async fn exec_stream_delivers_output_while_the_command_runs() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let m = engine.create_machine(config(None)).await.unwrap();
     // The command cannot finish until the test, having seen its first line, writes /tmp/go.
     let script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second >&2; exit 7";
@@ -139,7 +143,9 @@ async fn exec_stream_delivers_output_while_the_command_runs() {
 
 #[tokio::test]
 async fn files_are_byte_exact_and_errors_are_typed() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let m = engine.create_machine(config(None)).await.unwrap();
 
     // 64 MiB of pseudo-random bytes, checked on both sides
@@ -208,7 +214,9 @@ fn hex(b: &[u8]) -> String {
 
 #[tokio::test]
 async fn resources_and_names() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let mut cfg = config(Some("sized"));
     cfg.resources = ResourceSpec {
         cpus: Some(2),
@@ -252,7 +260,9 @@ async fn resources_and_names() {
 
 #[tokio::test]
 async fn vmm_killed_during_exec_gives_a_typed_error_and_leaves_nothing() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let m = engine.create_machine(config(None)).await.unwrap();
     let pid = m.pid().unwrap();
     let sock = m.dir().join("agent.sock");
@@ -289,7 +299,9 @@ async fn vmm_killed_during_exec_gives_a_typed_error_and_leaves_nothing() {
 
 #[tokio::test]
 async fn agent_that_never_answers_fails_within_the_ready_timeout() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let mut assets = smolmachines::local::assets::resolve().unwrap();
     // An initramfs whose /init is a shell that never starts the agent.
     let stage = tempfile::tempdir().unwrap();
@@ -381,7 +393,9 @@ fn qemu_processes_in(dir: &std::path::Path) -> usize {
 
 #[tokio::test]
 async fn two_machines_and_ten_concurrent_execs() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let (a, b) = tokio::join!(
         engine.create_machine(config(Some("twin-a"))),
         engine.create_machine(config(Some("twin-b")))
@@ -426,7 +440,9 @@ async fn two_machines_and_ten_concurrent_execs() {
 
 #[tokio::test]
 async fn stop_start_and_reconnect() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let m = engine.create_machine(config(None)).await.unwrap();
     // the agent survives the host going away and coming back
     m.write_file("/tmp/marker", b"kept", None).await.unwrap();
@@ -459,7 +475,9 @@ async fn stop_start_and_reconnect() {
 
 #[tokio::test]
 async fn detached_machine_is_reachable_from_a_new_handle() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let mut cfg = config(Some("detached"));
     cfg.detach = true;
     let m = engine.create_machine(cfg).await.unwrap();
@@ -496,7 +514,9 @@ async fn detached_machine_is_reachable_from_a_new_handle() {
 
 #[tokio::test]
 async fn debian_cloud_kernel_fallback_boots() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let dir = smolmachines::local::assets::smol_home().join("assets");
     let assets = smolmachines::local::assets::resolve_from(&dir, Some("cloud"), None)
         .expect("cloud kernel assets missing: run `make setup`");
@@ -520,6 +540,9 @@ async fn debian_cloud_kernel_fallback_boots() {
 
 #[tokio::test]
 async fn public_api_end_to_end() {
+    if common::vm_assets().is_none() {
+        return;
+    }
     use smolmachines::{ConnectOptions, MachineConfig, Target};
     // The default backend (local, environment-configured) behind the Machine seam.
     let m = Machine::create(MachineConfig::default(), ConnectOptions::default())
@@ -578,7 +601,9 @@ async fn public_api_end_to_end() {
 /// runs on; it takes no stdin, no timeout and cannot be streamed.
 #[tokio::test]
 async fn background_commands_return_at_once_with_their_pid() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let lm = engine.create_machine(config(None)).await.unwrap();
     let m = smolmachines::Machine::from_backend(std::sync::Arc::new(lm.clone()));
     let bg = ExecOptions {
@@ -632,7 +657,9 @@ async fn background_commands_return_at_once_with_their_pid() {
 /// listener behind it (the host side alone, which accepts at once, does not count).
 #[tokio::test]
 async fn ready_waits_for_the_guest_listeners_of_published_ports() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let host = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -668,7 +695,9 @@ async fn ready_waits_for_the_guest_listeners_of_published_ports() {
 /// A full guest disk is a typed error that loses nothing: after freeing space, writes work.
 #[tokio::test]
 async fn a_full_guest_disk_is_a_typed_error_and_recoverable() {
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let mut cfg = config(None);
     cfg.resources.storage_gb = Some(1);
     let m = engine.create_machine(cfg).await.unwrap();
@@ -694,7 +723,9 @@ async fn a_full_guest_disk_is_a_typed_error_and_recoverable() {
 #[tokio::test]
 async fn ports_are_published_and_unpublished_at_runtime() {
     use std::io::Read;
-    let (engine, _dir) = engine();
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let lm = engine.create_machine(config(None)).await.unwrap();
     let m = smolmachines::Machine::from_backend(std::sync::Arc::new(lm.clone()));
     let bg = ExecOptions {

@@ -9,9 +9,11 @@ The API is the smolmachines ``Machine`` API (module ``smol``): synchronous ``Mac
 microVMs driven by the Rust core inside this process; no daemon).
 """
 
+from . import _log
 from ._async import AsyncMachine
 from ._machine import ExecStream, Machine, local_availability
 from ._types import (
+    CacheDiskRef,
     ConnectOptions,
     CredentialSpec,
     EgressInterceptor,
@@ -59,6 +61,7 @@ __all__ = [
     "AsyncMachine",
     "ExecStream",
     "local_availability",
+    "CacheDiskRef",
     "ConnectOptions",
     "CredentialSpec",
     "EgressInterceptor",
@@ -77,3 +80,5 @@ __all__ = [
     *errors.__all__,
     "__version__",
 ]
+
+_log.start()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import atexit
-import datetime
 import http.client
 import math
-import os
 import threading
 import urllib.error
 import urllib.request
@@ -14,7 +12,10 @@ import weakref
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._types import (
+    CacheDiskRef,
     ConnectOptions,
+    CredentialSpec,
+    EgressInterceptor,
     ExecOptions,
     ExecResult,
     ImageInfo,
@@ -56,22 +57,23 @@ def _need_native() -> Any:
 # ---- argument checks (what the Rust core cannot see: Python types, unsupported fields) -------
 
 
-def _unsupported(obj: object, fields: Sequence[str], where: str) -> None:
-    for f in fields:
-        v = getattr(obj, f, None)
-        if v is None or v is False or (isinstance(v, (list, dict)) and not v):
-            continue
-        raise NotSupportedError(
-            f"{where}.{f} is not supported by the local engine yet (got {v!r} ...)"
-            if f not in ("credentials", "egress_interceptor")
-            else f"{where}.{f} is not supported by the local engine yet"
-        )
-
-
-def _int(name: str, v: Any, lo: int, hi: int) -> int:
+def _int(name: str, v: Any, lo: int = 0, hi: int = (1 << 32) - 1) -> int:
+    """A Python int that fits the native field (type conversion only; the core checks values)."""
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise InvalidConfigError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
     return v
+
+
+def _opt_int(name: str, v: Any, hi: int = (1 << 32) - 1) -> Optional[int]:
+    return None if v is None else _int(name, v, 0, hi)
+
+
+def _str_list(name: str, v: Any) -> List[str]:
+    if v is None:
+        return []
+    if isinstance(v, (str, bytes)) or not all(isinstance(x, str) for x in v):
+        raise InvalidConfigError(f"{name} must be a list of str, got {v!r}")
+    return list(v)
 
 
 def _protocol(v: Any) -> str:
@@ -112,58 +114,36 @@ def _conn_kwargs(conn: Optional[ConnectOptions]) -> Dict[str, Any]:
         conn = ConnectOptions(**conn)
     if not isinstance(conn, ConnectOptions):
         raise InvalidConfigError(f"conn must be a ConnectOptions, got {type(conn).__name__}")
-    if conn.target not in (None, "local", "cloud"):
-        raise InvalidConfigError(f'target must be "local", "cloud" or None, got {conn.target!r}')
     if conn.egress_interceptor is not None:
         raise NotSupportedError("ConnectOptions.egress_interceptor is not supported yet")
     return {"target": conn.target, "base_url": conn.base_url, "api_key": conn.api_key}
 
 
-_RESOURCE_UNSUPPORTED = ("allow_cidrs", "allow_hosts", "overlay_gb", "gpu", "gpu_vram_mib", "cuda")
-_CONFIG_UNSUPPORTED = (
-    "egress_interceptor", "credentials", "cache_disk", "branchable", "forkable",
-    "checkpoint",
-)  # fmt: skip
-# Cloud-only fields the local target accepts and ignores (SPEC §11: an idle auto-stop and a TTL
-# are sweeps of the cloud's control plane; a local machine lives as long as its process, or its
-# persistent/detached record, says). They are still checked, so a typo'd value is not hidden.
-_CONFIG_CLOUD_IGNORED = ("auto_stop_seconds", "ttl_seconds")
-
-
 def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
+    """The native create's keyword arguments: shapes only. Values are checked by the core's one
+    validation, and a field the target cannot honour is refused by its backend
+    (``NotSupportedError`` naming the field and the target)."""
     if config is None:
         config = MachineConfig()
     elif isinstance(config, Mapping):
         config = MachineConfig(**config)
     if not isinstance(config, MachineConfig):
         raise InvalidConfigError(f"config must be a MachineConfig, got {type(config).__name__}")
-    _unsupported(config, _CONFIG_UNSUPPORTED, "MachineConfig")
-    for f in _CONFIG_CLOUD_IGNORED:
-        v = getattr(config, f)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            raise InvalidConfigError(f"MachineConfig.{f} must be a number of seconds > 0, got {v!r}")
     r = config.resources if config.resources is not None else ResourceSpec()
     if isinstance(r, Mapping):
         r = ResourceSpec(**r)
-    _unsupported(r, _RESOURCE_UNSUPPORTED, "ResourceSpec")
-    if r.disk_durability not in (None, "full"):
-        raise NotSupportedError(
-            f"ResourceSpec.disk_durability={r.disk_durability!r} is not supported locally"
-        )
     mounts = []
     for m in config.mounts or []:
         if isinstance(m, Mapping):
             m = MountSpec(**m)
-        if m.staged:
-            raise NotSupportedError("MountSpec.staged is not supported by the local engine yet")
         if not isinstance(m.source, str) or not isinstance(m.target, str):
             raise InvalidConfigError(f"mount source and target must be str, got {m!r}")
-        mounts.append((m.source, m.target, bool(m.effective_read_only)))
+        mounts.append((m.source, m.target, bool(m.effective_read_only), bool(m.staged)))
     ports = []
     for p in config.ports or []:
         if isinstance(p, Mapping):
             p = PortSpec(**p)
-        ports.append((_int("PortSpec.host", p.host, 1, 65535), _int("PortSpec.guest", p.guest, 1, 65535)))
+        ports.append((_int("PortSpec.host", p.host, 0, 65535), _int("PortSpec.guest", p.guest, 0, 65535)))
     kw: Dict[str, Any] = {
         "name": config.name,
         "image": config.image,
@@ -175,14 +155,23 @@ def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
         "detach": bool(config.detach),
         "labels": _str_map("labels", config.labels),
         "ready_timeout": float(config.ready_timeout_seconds),
+        "wait_for_ports": bool(config.wait_for_ports),
+        "allow_cidrs": _str_list("ResourceSpec.allow_cidrs", r.allow_cidrs),
+        "allow_hosts": _str_list("ResourceSpec.allow_hosts", r.allow_hosts),
+        "gpu": r.gpu,
+        "cuda": r.cuda,
+        "disk_durability": r.disk_durability,
+        # SPEC §3.4: __post_init__ folded branchable / checkpoint into forkable
+        "branchable": bool(config.forkable) if config.forkable or config.branchable is not None else None,
     }
+    for f in ("cpus", "memory_mb", "storage_gb", "overlay_gb", "gpu_vram_mib"):
+        kw[f] = _opt_int(f"ResourceSpec.{f}", getattr(r, f))
+    for f in ("auto_stop_seconds", "ttl_seconds"):
+        kw[f] = _opt_int(f"MachineConfig.{f}", getattr(config, f), (1 << 64) - 1)
     # The image workload (SPEC §3.4): ``command`` (else the image's Entrypoint + Cmd) launched
     # in the background at create and at every boot, with ``env`` and ``workdir``.
     if config.command is not None:
-        command = _argv(config.command)
-        if not command or not all(command):
-            raise InvalidConfigError("command must be a non-empty list of non-empty strings")
-        kw["command"] = command
+        kw["command"] = _argv(config.command)
     if config.workdir is not None:
         if not isinstance(config.workdir, str):
             raise InvalidConfigError(f"MachineConfig.workdir must be a str, got {config.workdir!r}")
@@ -192,9 +181,30 @@ def _create_kwargs(config: Optional[MachineConfig]) -> Dict[str, Any]:
         if not isinstance(config.user, str):
             raise InvalidConfigError(f"MachineConfig.user must be a str, got {config.user!r}")
         kw["user"] = config.user
-    for f, hi in (("cpus", 1024), ("memory_mb", 1 << 22), ("storage_gb", 1 << 16)):
-        v = getattr(r, f)
-        kw[f] = None if v is None else _int(f"ResourceSpec.{f}", v, 1, hi)
+    if config.egress_interceptor is not None:
+        i = config.egress_interceptor
+        if isinstance(i, Mapping):
+            i = EgressInterceptor(**i)
+        if not isinstance(i, EgressInterceptor):
+            raise InvalidConfigError(f"egress_interceptor must be an EgressInterceptor, got {type(i).__name__}")
+        kw["egress_interceptor"] = (i.address, i.token)
+    creds = []
+    for c in config.credentials or []:
+        if isinstance(c, Mapping):
+            c = CredentialSpec(**c)
+        if not isinstance(c, CredentialSpec):
+            raise InvalidConfigError(f"credentials must be CredentialSpecs, got {type(c).__name__}")
+        creds.append((c.name, c.env_var, _str_list("CredentialSpec.hosts", c.hosts), c.value,
+                      None if c.methods is None else _str_list("CredentialSpec.methods", c.methods)))  # fmt: skip
+    kw["credentials"] = creds
+    if config.cache_disk is not None:
+        d = config.cache_disk
+        if isinstance(d, Mapping):
+            d = CacheDiskRef(**d)
+        if not isinstance(d, CacheDiskRef):
+            raise InvalidConfigError(f"cache_disk must be a CacheDiskRef, got {type(d).__name__}")
+        kw["cache_disk"] = (d.cache, _opt_int("CacheDiskRef.version", d.version, (1 << 64) - 1),
+                            d.mount_path, bool(d.slot))  # fmt: skip
     return kw
 
 
@@ -211,8 +221,6 @@ def _exec_kwargs(opts: Optional[ExecOptions]) -> Dict[str, Any]:
         opts = ExecOptions(**opts)
     if not isinstance(opts, ExecOptions):
         raise InvalidConfigError(f"opts must be an ExecOptions, got {type(opts).__name__}")
-    if opts.output not in (None, "text", "b64", "both"):
-        raise InvalidConfigError(f'output must be "text", "b64" or "both", got {opts.output!r}')
     stdin = opts.stdin
     if isinstance(stdin, str):
         stdin = stdin.encode()
@@ -232,6 +240,7 @@ def _exec_kwargs(opts: Optional[ExecOptions]) -> Dict[str, Any]:
         "user": opts.user,
         "stdin": stdin,
         "background": bool(opts.background),
+        "output": opts.output,
     }
 
 
@@ -253,30 +262,14 @@ def _result(t: Tuple[Any, ...], argv: List[str]) -> ExecResult:
     )  # fmt: skip
 
 
-def _rfc3339(unix: int) -> Optional[str]:
-    """``2024-05-01T12:00:00Z`` (UTC, whole seconds), the form of the cloud's ``createdAt``;
-    None for a record without a creation time."""
-    if not unix:
-        return None
-    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _summary(r: Dict[str, Any]) -> MachineSummary:
+    """A native row (mapped once, in the core's terms) as the dataclass."""
+    cpus, memory_mib, storage_gib = r.pop("resources")
+    ports = [PublishedPort(guest=g, host=h, protocol=p) for (g, h, p) in r.pop("ports")]
     return MachineSummary(
-        id=r["name"],
-        name=r["name"],
-        state=r["state"],
-        labels=dict(r["labels"]),
-        image=r["image"],
-        persistent=r["persistent"],
-        detached=r["detached"],
-        created_at=_rfc3339(r["created_unix"]),
-        pid=r["pid"],
-        resources=MachineSizes(
-            cpus=r["cpus"], memory_mib=r["memory_mb"], storage_gib=r["storage_gb"] or None
-        ),
-        ports=[PublishedPort(guest=g, host=h, protocol="tcp") for (h, g) in r["ports"]],
-        accel=r["accel"],
+        **r,
+        resources=MachineSizes(cpus=cpus, memory_mib=memory_mib, storage_gib=storage_gib),
+        ports=ports,
     )
 
 
@@ -291,11 +284,7 @@ _lock = threading.Lock()
 
 def _held(name: str, conn: Dict[str, Any]) -> Any:
     """The native handle this process holds for ``name`` when the target is local."""
-    target = conn.get("target")
-    cloud = target == "cloud" or (
-        target is None and (conn.get("api_key") or os.environ.get("SMOL_CLOUD_TOKEN"))
-    )
-    if cloud:
+    if _need_native().Machine.resolve_target(**conn) == "cloud":
         return None
     with _lock:
         n = _handles.get(name)

@@ -7,8 +7,9 @@ __version__: str
 # (exit_code, stdout, stderr, stdout_bytes, stderr_bytes, timed_out, pid)
 _ExecOut = Tuple[int, str, str, bytes, bytes, bool, Optional[int]]
 _ImageOut = Tuple[str, str, int, str, str]
-# keys: name, state, cpus, memory_mb, pid, accel, labels, persistent, detached, image,
-# created_unix, storage_gb, ports ([(host, guest)])
+# keys: the MachineSummary fields id, name, state, labels, image, persistent, detached,
+# branchable, created_at, pid, accel; resources (cpus, memory_mib, storage_gib) and ports
+# ([(guest, host, protocol)]) as tuples
 _SummaryOut = Dict[str, Any]
 
 class CancelToken:
@@ -31,7 +32,7 @@ class Machine:
         *,
         name: Optional[str] = None,
         image: Optional[str] = None,
-        mounts: Sequence[Tuple[str, str, bool]] = ...,
+        mounts: Sequence[Tuple[str, str, bool, bool]] = ...,
         ports: Sequence[Tuple[int, int]] = ...,
         cpus: Optional[int] = None,
         memory_mb: Optional[int] = None,
@@ -46,10 +47,28 @@ class Machine:
         workdir: Optional[str] = None,
         command: Optional[Sequence[str]] = None,
         user: Optional[str] = None,
+        allow_cidrs: Sequence[str] = ...,
+        allow_hosts: Sequence[str] = ...,
+        overlay_gb: Optional[int] = None,
+        gpu: Optional[bool] = None,
+        gpu_vram_mib: Optional[int] = None,
+        disk_durability: Optional[str] = None,
+        cuda: Optional[bool] = None,
+        auto_stop_seconds: Optional[int] = None,
+        ttl_seconds: Optional[int] = None,
+        branchable: Optional[bool] = None,
+        wait_for_ports: Optional[bool] = None,
+        egress_interceptor: Optional[Tuple[str, str]] = None,
+        # (name, env_var, hosts, value, methods)
+        credentials: Sequence[Tuple[str, str, Sequence[str], Optional[str], Optional[Sequence[str]]]] = ...,
+        # (cache, version, mount_path, slot)
+        cache_disk: Optional[Tuple[str, Optional[int], Optional[str], bool]] = None,
         target: Optional[str] = None,
         base_url: Optional[str] = None,
         api_key: Optional[str] = None,
     ) -> "Machine": ...
+    @staticmethod
+    def resolve_target(*, target: Optional[str] = None, base_url: Optional[str] = None, api_key: Optional[str] = None) -> str: ...
     @staticmethod
     def connect(name: str, *, target: Optional[str] = None, base_url: Optional[str] = None, api_key: Optional[str] = None) -> "Machine": ...
     @staticmethod
@@ -62,9 +81,9 @@ class Machine:
     def url(self) -> Optional[str]: ...
     def ready(self, cancel: Optional[CancelToken] = None) -> bool: ...
     def wait_until_ready(self, timeout_s: float, interval_s: float, cancel: Optional[CancelToken] = None) -> None: ...
-    def exec(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, workdir: Optional[str] = None, timeout: Optional[float] = None, user: Optional[str] = None, stdin: Optional[bytes] = None, background: bool = False, cancel: Optional[CancelToken] = None) -> _ExecOut: ...
-    def run(self, image: str, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, workdir: Optional[str] = None, timeout: Optional[float] = None, user: Optional[str] = None, stdin: Optional[bytes] = None, background: bool = False, cancel: Optional[CancelToken] = None) -> _ExecOut: ...
-    def exec_stream(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, workdir: Optional[str] = None, timeout: Optional[float] = None, user: Optional[str] = None, stdin: Optional[bytes] = None, background: bool = False) -> ExecStream: ...
+    def exec(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, workdir: Optional[str] = None, timeout: Optional[float] = None, user: Optional[str] = None, stdin: Optional[bytes] = None, background: bool = False, output: Optional[str] = None, cancel: Optional[CancelToken] = None) -> _ExecOut: ...
+    def run(self, image: str, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, workdir: Optional[str] = None, timeout: Optional[float] = None, user: Optional[str] = None, stdin: Optional[bytes] = None, background: bool = False, output: Optional[str] = None, cancel: Optional[CancelToken] = None) -> _ExecOut: ...
+    def exec_stream(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, workdir: Optional[str] = None, timeout: Optional[float] = None, user: Optional[str] = None, stdin: Optional[bytes] = None, background: bool = False, output: Optional[str] = None) -> ExecStream: ...
     def read_file(self, path: str) -> bytes: ...
     def write_file(self, path: str, data: bytes, mode: Optional[int] = None) -> None: ...
     def pull_image(self, image: str) -> _ImageOut: ...
@@ -83,3 +102,6 @@ def local_availability() -> Tuple[bool, Optional[str], Optional[str], Optional[s
 # the typed exception of an HTTP error response (status, body bytes, Retry-After) through the
 # core's Error::from_problem
 def _error_from_problem(status: int, body: bytes, retry_after: Optional[str] = None) -> BaseException: ...
+def _next_logs(timeout_s: float, max: int = ...) -> List[Tuple[int, str, str]]: ...
+def _set_log_level(levelno: int) -> None: ...
+def _emit_log(levelno: int, message: str) -> None: ...
