@@ -1,12 +1,21 @@
-//! `Op::WriteFile` and `Op::ReadFile`.
+//! `Op::WriteFile`, `Op::ReadFile` and `Op::ReadFileStream`.
+//!
+//! File system calls run off the agent's (single-threaded) event loop: on the blocking pool,
+//! and a read's chunks on a thread of its own, each step within [`STALL`]. A file that never
+//! answers fails its own operation and every other operation goes on being served.
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use smol_protocol::mux::Stream;
 use smol_protocol::{Chan, ErrorKind, Frame, RemoteError, MAX_CHUNK};
+use tokio::sync::mpsc;
+
+#[cfg(doc)]
+use smol_protocol::READ_FILE_LIMIT;
 
 fn absolute(path: &str) -> Result<&Path, RemoteError> {
     if !path.starts_with('/') {
@@ -21,11 +30,32 @@ fn closed(e: impl std::fmt::Display) -> RemoteError {
     RemoteError::new(ErrorKind::Io, e.to_string())
 }
 
-/// Writes the bytes that follow on `stream` to `path`. A regular file is replaced atomically
-/// (written beside it, then renamed), so a failed write leaves the old content intact.
-pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Frame, RemoteError> {
-    let Stream { tx, mut rx } = stream;
-    let target = absolute(path)?;
+/// Runs the file system step `f` on the blocking pool within [`STALL`] (`doing` and `path`
+/// name it when it stalls).
+async fn off_loop<T: Send + 'static>(
+    doing: &str,
+    path: &str,
+    f: impl FnOnce() -> Result<T, RemoteError> + Send + 'static,
+) -> Result<T, RemoteError> {
+    match tokio::time::timeout(STALL, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => Err(closed(join)),
+        Err(_) => Err(stalled(path, doing)),
+    }
+}
+
+/// Where a write goes: the open file, the path written (`tmp`, beside `target` unless the
+/// target is written in place), and the final mode.
+struct Dest {
+    file: fs::File,
+    tmp: PathBuf,
+    target: PathBuf,
+    in_place: bool,
+    mode: u32,
+}
+
+fn prepare_write(path: &str, mode: Option<u32>, id: u32) -> Result<Dest, RemoteError> {
+    let target = Path::new(path);
     // Write through a symlink to its target.
     let target: PathBuf = match fs::symlink_metadata(target) {
         Ok(m) if m.file_type().is_symlink() => {
@@ -58,16 +88,40 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
-        target.with_file_name(format!(".{name}.smol-{}", tx.id()))
+        target.with_file_name(format!(".{name}.smol-{id}"))
     };
-    let io_err = |e: std::io::Error| RemoteError::from_io(&e, path);
-    let mut file = fs::OpenOptions::new()
+    let file = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(mode)
         .open(&tmp)
-        .map_err(io_err)?;
+        .map_err(|e| RemoteError::from_io(&e, path))?;
+    Ok(Dest {
+        file,
+        tmp,
+        target,
+        in_place,
+        mode,
+    })
+}
+
+/// Writes the bytes that follow on `stream` to `path`. A regular file is replaced atomically
+/// (written beside it, then renamed), so a failed write leaves the old content intact. Every
+/// file system step runs off the event loop, within [`STALL`].
+pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Frame, RemoteError> {
+    let Stream { tx, mut rx } = stream;
+    absolute(path)?;
+    let (owned, id) = (path.to_string(), tx.id());
+    let Dest {
+        file,
+        tmp,
+        target,
+        in_place,
+        mode,
+    } = off_loop("opening", path, move || prepare_write(&owned, mode, id)).await?;
+    let io_err = |path: &str, e: std::io::Error| RemoteError::from_io(&e, path);
+    let mut file = Some(file);
     let result: Result<(), RemoteError> = async {
         loop {
             match rx.recv().await.map_err(closed)? {
@@ -75,7 +129,17 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
                     chan: Chan::File,
                     data,
                     ..
-                } => file.write_all(&data).map_err(io_err)?,
+                } => {
+                    let mut f = file.take().expect("the file is back after each write");
+                    let p = path.to_string();
+                    file = Some(
+                        off_loop("writing", path, move || {
+                            f.write_all(&data).map_err(|e| io_err(&p, e))?;
+                            Ok(f)
+                        })
+                        .await?,
+                    );
+                }
                 Frame::Eof {
                     chan: Chan::File, ..
                 } => break,
@@ -83,9 +147,15 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
                 _ => {}
             }
         }
+        drop(file.take());
         if !in_place {
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io_err)?;
-            fs::rename(&tmp, &target).map_err(io_err)?;
+            let (tmp, target, p) = (tmp.clone(), target.clone(), path.to_string());
+            off_loop("renaming", path, move || {
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+                    .map_err(|e| io_err(&p, e))?;
+                fs::rename(&tmp, &target).map_err(|e| io_err(&p, e))
+            })
+            .await?;
         }
         Ok(())
     }
@@ -96,35 +166,190 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
     result.map(|_| Frame::Done { id: tx.id() })
 }
 
-/// Sends the content of `path` on `stream`.
-pub async fn read(stream: Stream, path: &str) -> Result<Frame, RemoteError> {
-    let Stream { tx, mut rx } = stream;
-    let p = absolute(path)?;
-    let io_err = |e: std::io::Error| RemoteError::from_io(&e, path);
-    let meta = fs::metadata(p).map_err(io_err)?;
-    if meta.is_dir() {
+/// How long one step of a file operation (an open, a chunk read or written) may take in the
+/// guest before the agent gives up on the operation (a file on a wedged file system, a device
+/// that never answers). The host has its own, shorter deadline for reads; this one also ends
+/// the operation for an older host that would wait for ever.
+const STALL: Duration = Duration::from_secs(60);
+
+/// What kind of file `t` is, for messages.
+fn kind_of(t: fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Refuses anything but a regular file: `path` (symlinks resolved, named in the message) is of
+/// type `t`.
+fn refuse_type(path: &str, t: fs::FileType) -> Result<(), RemoteError> {
+    if t.is_file() {
+        return Ok(());
+    }
+    if t.is_dir() {
         return Err(RemoteError::new(
             ErrorKind::IsADirectory,
             format!("{path}: is a directory"),
         ));
     }
-    let mut file = fs::File::open(p).map_err(io_err)?;
+    let resolved = fs::canonicalize(path)
+        .ok()
+        .filter(|r| r.as_os_str() != path)
+        .map(|r| format!(" (resolves to {})", r.display()))
+        .unwrap_or_default();
+    Err(RemoteError::new(
+        ErrorKind::Unsupported,
+        format!(
+            "{path}{resolved} is {}: only regular files can be read (read a device or a pipe \
+             with exec, e.g. head -c)",
+            kind_of(t)
+        ),
+    ))
+}
+
+fn too_large(path: &str, size: Option<u64>, limit: u64) -> RemoteError {
+    let size = match size {
+        Some(s) => format!("is {s} bytes"),
+        None => format!("grew past {limit} bytes while being read"),
+    };
+    RemoteError::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "{path} {size}, over the read limit of {limit} bytes: read it with \
+             read_file_stream"
+        ),
+    )
+}
+
+/// Opens `path` for reading if it is a regular file (symlinks followed) of at most `limit`
+/// bytes. The type is checked before the open (opening some devices has effects) and again on
+/// the open file (the path may have changed in between); `O_NONBLOCK` keeps the open from
+/// waiting for a FIFO's writer, and reads of streams that honour it (`/proc/kmsg`) from
+/// waiting for data.
+fn open_regular(path: &str, limit: Option<u64>) -> Result<fs::File, RemoteError> {
+    let io_err = |e: std::io::Error| RemoteError::from_io(&e, path);
+    refuse_type(path, fs::metadata(path).map_err(io_err)?.file_type())?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    refuse_type(path, meta.file_type())?;
+    if let Some(limit) = limit.filter(|&l| meta.len() > l) {
+        return Err(too_large(path, Some(meta.len()), limit));
+    }
+    Ok(file)
+}
+
+/// Reads `file` in chunks on a thread of its own (a read that blocks never holds the agent's
+/// event loop), at most `max` bytes in all; the chunks arrive on the returned channel, which
+/// ends at the end of the file. The thread ends after its current read once the receiver is
+/// gone.
+fn reader(
+    mut file: fs::File,
+    max: u64,
+) -> std::io::Result<mpsc::Receiver<std::io::Result<Vec<u8>>>> {
+    let (tx, rx) = mpsc::channel(2);
+    std::thread::Builder::new()
+        .name("smol-read".into())
+        .spawn(move || {
+            let mut left = max;
+            while left > 0 {
+                let mut buf = Vec::with_capacity(MAX_CHUNK);
+                let r = (&mut file)
+                    .take(left.min(MAX_CHUNK as u64))
+                    .read_to_end(&mut buf);
+                let last = !matches!(r, Ok(n) if n > 0);
+                if let Ok(n) = r {
+                    left -= n as u64;
+                    if n == 0 {
+                        return;
+                    }
+                }
+                if tx.blocking_send(r.map(|_| buf)).is_err() || last {
+                    return;
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
+/// Sends the content of the regular file `path` on `stream`: at most `limit` bytes
+/// (`Op::ReadFile`: [`READ_FILE_LIMIT`]; a bigger file is refused before anything is sent,
+/// one that grows past it while read fails at `limit + 1`), or all of it (`None`,
+/// `Op::ReadFileStream`). Anything but a regular file is refused (`Unsupported`, naming the
+/// path, what it resolves to and its type). The file is opened and read off the event loop,
+/// each chunk within [`STALL`].
+pub async fn read(stream: Stream, path: &str, limit: Option<u64>) -> Result<Frame, RemoteError> {
+    let Stream { tx, mut rx } = stream;
+    absolute(path)?;
+    let owned = path.to_string();
+    let file = tokio::select! {
+        r = off_loop("opening", path, move || open_regular(&owned, limit)) => r?,
+        _ = cancelled(&mut rx) => return Err(closed("read cancelled by the host")),
+    };
+    let mut chunks = reader(file, limit.map_or(u64::MAX, |l| l.saturating_add(1)))
+        .map_err(|e| RemoteError::from_io(&e, "starting a reader thread"))?;
+    let mut total = 0u64;
     loop {
-        let mut buf = Vec::with_capacity(MAX_CHUNK);
-        let n = (&mut file)
-            .take(MAX_CHUNK as u64)
-            .read_to_end(&mut buf)
-            .map_err(io_err)?;
-        if n == 0 {
-            break;
+        let chunk = tokio::select! {
+            c = tokio::time::timeout(STALL, chunks.recv()) => match c {
+                Ok(c) => c,
+                Err(_) => return Err(stalled(path, "reading")),
+            },
+            _ = cancelled(&mut rx) => return Err(closed("read cancelled by the host")),
+        };
+        let buf = match chunk {
+            None => break,
+            Some(Ok(buf)) => buf,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(RemoteError::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{path} has no data to read without waiting: it is a stream, not a \
+                         file's content (read it with exec, e.g. timeout 1 cat {path})"
+                    ),
+                ))
+            }
+            Some(Err(e)) => return Err(RemoteError::from_io(&e, path)),
+        };
+        total += buf.len() as u64;
+        if let Some(limit) = limit.filter(|&l| total > l) {
+            return Err(too_large(path, None, limit));
         }
         tokio::select! {
             r = tx.send_owned(Chan::File, buf) => r.map_err(closed)?,
-            f = rx.recv() => match f {
-                Ok(Frame::Cancel { .. }) | Err(_) => return Err(closed("read cancelled by the host")),
-                Ok(_) => {}
-            },
+            _ = cancelled(&mut rx) => return Err(closed("read cancelled by the host")),
         }
     }
     Ok(Frame::Done { id: tx.id() })
+}
+
+/// Waits for the host to cancel the stream (or the session to end); other frames are ignored.
+async fn cancelled(rx: &mut smol_protocol::mux::StreamReceiver) {
+    loop {
+        match rx.recv().await {
+            Ok(Frame::Cancel { .. }) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn stalled(path: &str, doing: &str) -> RemoteError {
+    RemoteError::new(
+        ErrorKind::Io,
+        format!("{path}: {doing} made no progress for {STALL:?} in the guest: gave up"),
+    )
 }

@@ -185,7 +185,10 @@ async fn handle(stream: Stream, op: Op) {
             target,
         } => crate::container::mount_image(stream, path, fstype, size, target).await,
         Op::WriteFile { path, mode } => crate::files::write(stream, &path, mode).await,
-        Op::ReadFile { path } => crate::files::read(stream, &path).await,
+        Op::ReadFile { path } => {
+            crate::files::read(stream, &path, Some(smol_protocol::READ_FILE_LIMIT)).await
+        }
+        Op::ReadFileStream { path } => crate::files::read(stream, &path, None).await,
         Op::Ping => Ok(Frame::Done { id }),
         Op::Connect { port } => crate::relay::connect(stream, port).await,
         Op::Shutdown => {
@@ -573,6 +576,71 @@ mod tests {
                 f => panic!("{f:?}"),
             }
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Only regular files are read (devices, FIFOs and symlinks to them are refused at once,
+    /// naming the path and its type); a file over the limit is refused before any byte; a
+    /// stream read has no limit.
+    #[tokio::test]
+    async fn reads_refuse_non_regular_files_and_big_ones() {
+        let mux = host().await;
+        let dir = std::env::temp_dir().join(format!("smol-agent-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo touches no memory of ours.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let link = dir.join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let big = dir.join("big");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(smol_protocol::READ_FILE_LIMIT + 1).unwrap(); // sparse
+        let cases = [
+            (
+                "/dev/zero".to_string(),
+                ErrorKind::Unsupported,
+                "a character device",
+            ),
+            (
+                fifo.to_str().unwrap().into(),
+                ErrorKind::Unsupported,
+                "a FIFO",
+            ),
+            (
+                link.to_str().unwrap().into(),
+                ErrorKind::Unsupported,
+                "resolves to /dev/zero",
+            ),
+            (
+                big.to_str().unwrap().into(),
+                ErrorKind::InvalidInput,
+                "268435457 bytes, over the read limit of 268435456 bytes",
+            ),
+        ];
+        for (path, kind, says) in cases {
+            let mut s = mux.open(Op::ReadFile { path: path.clone() }).unwrap();
+            let start = std::time::Instant::now();
+            match s.rx.recv().await.unwrap() {
+                Frame::Error { error, .. } => {
+                    assert_eq!(error.kind, kind, "{error:?}");
+                    assert!(
+                        error.message.contains(says) && error.message.contains(&path),
+                        "{error:?}"
+                    );
+                }
+                f => panic!("{path}: {f:?}"),
+            }
+            assert!(start.elapsed() < Duration::from_secs(5));
+        }
+        // the stream read has no limit: the first chunk of the big file comes
+        let mut s = mux
+            .open(Op::ReadFileStream {
+                path: big.to_str().unwrap().into(),
+            })
+            .unwrap();
+        assert!(matches!(s.rx.recv().await.unwrap(), Frame::Data { .. }));
+        drop(s);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -31,7 +31,7 @@ pub use generation::{negotiate, Generations, NotInGeneration, VersionMismatch};
 use serde::{Deserialize, Serialize};
 
 /// Newest protocol generation spoken by this crate.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Oldest protocol generation this crate still speaks: a peer whose newest generation is older
 /// is refused. See `VERSIONING.md` for how long a generation stays accepted.
@@ -48,6 +48,12 @@ pub const MAX_CHUNK: usize = 256 * 1024;
 
 /// Largest encoded frame accepted by the codec.
 pub const MAX_FRAME: usize = MAX_CHUNK + 64 * 1024;
+
+/// Most bytes an `Op::ReadFile` answers (256 MiB): the agent refuses a larger file with
+/// `Error(InvalidInput)` naming its size and this limit before it sends any of it, and stops a
+/// file that grows past it while being read at `limit + 1` bytes. `Op::ReadFileStream` has no
+/// limit. Changing it is a behaviour of both sides: the host enforces it too, for older agents.
+pub const READ_FILE_LIMIT: u64 = 256 * 1024 * 1024;
 
 /// Exit code of a command killed because its timeout expired (the `timeout(1)` convention).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -119,7 +125,10 @@ pub enum Op {
         /// Permission bits; `None` keeps an existing file's mode, else 0o644.
         mode: Option<u32>,
     },
-    /// Read a file. Answered by `Data(File)*` then `Done` (or `Error`).
+    /// Read a file. Answered by `Data(File)*` then `Done` (or `Error`). Since generation 3 the
+    /// agent reads only regular files (symlinks followed; anything else is `Error(Unsupported)`
+    /// naming the path and its type) of at most [`READ_FILE_LIMIT`] bytes
+    /// (`Error(InvalidInput)` naming the size and the limit).
     ReadFile {
         /// Absolute guest path.
         path: String,
@@ -169,6 +178,13 @@ pub enum Op {
         /// Guest file that collects its output.
         log: Option<String>,
     },
+    /// (Generation 3.) Read a regular file of any size as a stream: answered like `ReadFile`
+    /// (non-regular files refused the same way) but without [`READ_FILE_LIMIT`]; the host's
+    /// credit paces the agent.
+    ReadFileStream {
+        /// Absolute guest path.
+        path: String,
+    },
 }
 
 /// A protocol feature (an operation, a field, a frame) and the generation that added it.
@@ -203,6 +219,7 @@ impl Op {
             Op::MountImage { .. } => Feature::new("MountImage (container images)", 2),
             Op::ExecIn { .. } => Feature::new("ExecIn (containers)", 2),
             Op::Spawn { .. } => Feature::new("Spawn (background commands)", 2),
+            Op::ReadFileStream { .. } => Feature::new("ReadFileStream (streaming file reads)", 3),
         }
     }
 }
@@ -443,6 +460,8 @@ mod tests {
             Feature::new("Spawn (background commands)", 2)
         );
         assert_eq!(Frame::Goodbye { reason: "r".into() }.feature().since, 2);
+        let stream = Op::ReadFileStream { path: "/f".into() };
+        assert_eq!(stream.feature().since, 3);
         assert_eq!(Frame::Done { id: 1 }.feature().since, 1);
     }
 }

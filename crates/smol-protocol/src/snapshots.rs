@@ -260,6 +260,19 @@ fn generation_2() -> Vec<(Frame, &'static str)> {
     ]
 }
 
+/// Every frame of generation 3 (generation 2 plus `ReadFileStream`) and its bytes.
+fn generation_3() -> Vec<(Frame, &'static str)> {
+    let mut frames = generation_2();
+    frames.push((
+        Frame::Open {
+            id: 10,
+            op: Op::ReadFileStream { path: "/f".into() },
+        },
+        "010a09022f66",
+    ));
+    frames
+}
+
 /// Checks one generation's snapshot in both directions, through the codec as a mux uses it.
 fn check(generation: u16, snapshot: Vec<(Frame, &'static str)>) {
     use tokio_util::codec::{Decoder, Encoder};
@@ -298,8 +311,30 @@ fn wire_snapshot_generation_1() {
 
 #[test]
 fn wire_snapshot_generation_2() {
-    assert_eq!(PROTOCOL_VERSION, 2, "a new generation: add its snapshot");
     check(2, generation_2());
+}
+
+#[test]
+fn wire_snapshot_generation_3() {
+    assert_eq!(PROTOCOL_VERSION, 3, "a new generation: add its snapshot");
+    check(3, generation_3());
+}
+
+/// What generation 3 added is refused for a generation-2 peer (never sent), by name.
+#[test]
+fn generation_3_frames_are_refused_for_generation_2() {
+    let refused: Vec<&str> = generation_3()
+        .into_iter()
+        .filter_map(|(frame, _)| match encode(frame, 2) {
+            Ok(_) => None,
+            Err(CodecError::NotInGeneration(n)) => {
+                assert_eq!((n.needs, n.generation), (3, 2));
+                Some(n.feature)
+            }
+            Err(e) => panic!("{e}"),
+        })
+        .collect();
+    assert_eq!(refused, ["ReadFileStream (streaming file reads)"]);
 }
 
 /// What generation 2 added is refused for a generation-1 peer (never sent), by name.
