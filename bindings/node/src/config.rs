@@ -153,11 +153,10 @@ pub struct JsConfig {
     ready_timeout_seconds: Option<f64>,
 }
 
+/// Seconds from JS as a deadline: the core's one conversion (a huge value is the longest wait,
+/// `MAX_WAIT`; NaN, infinite or <= 0 is `InvalidConfig`).
 fn seconds(what: &str, s: f64) -> Result<Duration> {
-    if s.is_nan() || s <= 0.0 {
-        return Err(invalid(format!("{what} must be > 0, got {s}")));
-    }
-    Duration::try_from_secs_f64(s).map_err(|e| invalid(format!("{what}: {e}")))
+    smolmachines::config::seconds(what, s)
 }
 
 impl JsConfig {
@@ -433,5 +432,11 @@ mod tests {
             assert_eq!(e.code(), "INVALID_CONFIG", "{bad}");
         }
         assert!(parse::<JsExecOptions>("opts", r#"{"cwd":"/"}"#).is_err());
+        // a huge timeout is the longest wait, not an error
+        let o = parse::<JsExecOptions>("opts", r#"{"timeout":1e300}"#)
+            .unwrap()
+            .into_core(None)
+            .unwrap();
+        assert_eq!(o.timeout, Some(smolmachines::MAX_WAIT));
     }
 }

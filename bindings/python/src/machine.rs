@@ -65,14 +65,10 @@ fn invalid(message: String) -> Error {
     Error::InvalidConfig { message }
 }
 
+/// Seconds from Python as a deadline: the core's one conversion (a huge value is the longest
+/// wait, `MAX_WAIT`; NaN, infinite or <= 0 is `InvalidConfig`).
 fn seconds(what: &str, s: Option<f64>) -> Result<Option<Duration>, Error> {
-    match s {
-        None => Ok(None),
-        Some(s) if s.is_finite() && s > 0.0 => Duration::try_from_secs_f64(s)
-            .map(Some)
-            .map_err(|_| invalid(format!("{what} must be > 0 seconds, got {s}"))),
-        Some(s) => Err(invalid(format!("{what} must be > 0 seconds, got {s}"))),
-    }
+    s.map(|s| core::config::seconds(what, s)).transpose()
 }
 
 fn conn_options(
@@ -361,10 +357,9 @@ impl Machine {
         interval_s: f64,
         cancel: Option<Bound<'_, CancelToken>>,
     ) -> PyResult<()> {
-        // Capped (at ~100 years) so that a huge value cannot overflow the core's deadline.
-        let cap = |d: Option<Duration>| core::config::cap_wait(d.unwrap_or_default());
-        let timeout = cap(check(py, seconds("timeout_s", Some(timeout_s)))?);
-        let interval = cap(check(py, seconds("interval_s", Some(interval_s)))?);
+        // (a huge value is capped at ~100 years, so it cannot overflow the core's deadline)
+        let timeout = check(py, core::config::seconds("timeout_s", timeout_s))?;
+        let interval = check(py, core::config::seconds("interval_s", interval_s))?;
         let token = cancel.map(|c| c.get().0.clone());
         block(
             py,

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use smolmachines::local::{programs, LocalBackend};
@@ -62,6 +61,10 @@ enum Command {
         /// Memory in MiB.
         #[arg(long)]
         memory: Option<u32>,
+        /// Give the machine a network (outbound; off by default, only `lo`). Host services
+        /// bound to 0.0.0.0 are reachable through the host's own address: see the README.
+        #[arg(long)]
+        network: bool,
         #[command(flatten)]
         exec: ExecArgs,
     },
@@ -95,6 +98,10 @@ enum MachineCommand {
         /// Writable disk size in GiB (sparse).
         #[arg(long)]
         storage: Option<u32>,
+        /// Give the machine a network (outbound; off by default, only `lo`). Host services
+        /// bound to 0.0.0.0 are reachable through the host's own address: see the README.
+        #[arg(long)]
+        network: bool,
         /// Publish a guest TCP port on host 127.0.0.1: HOST:GUEST, repeatable.
         #[arg(short = 'p', long = "port", value_name = "HOST:GUEST")]
         ports: Vec<String>,
@@ -179,15 +186,11 @@ fn port_specs(items: &[String]) -> Result<Vec<PortSpec>, Error> {
 
 fn exec_options(a: &ExecArgs) -> Result<ExecOptions, Error> {
     let env = key_values("--env", &a.env)?;
-    let timeout = match a.timeout {
-        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
-        Some(t) => {
-            return Err(Error::InvalidConfig {
-                message: format!("--timeout must be > 0, got {t}"),
-            })
-        }
-        None => None,
-    };
+    // the core's conversion: a huge value is the longest wait, <= 0 / NaN an error
+    let timeout = a
+        .timeout
+        .map(|t| smolmachines::config::seconds("--timeout", t))
+        .transpose()?;
     Ok(ExecOptions {
         env,
         workdir: a.workdir.clone(),
@@ -238,10 +241,11 @@ const fn libc_sigpipe() -> i32 {
     13
 }
 
-fn resources(cpus: Option<u32>, memory: Option<u32>) -> ResourceSpec {
+fn resources(cpus: Option<u32>, memory: Option<u32>, network: bool) -> ResourceSpec {
     ResourceSpec {
         cpus,
         memory_mb: memory,
+        network: network.then_some(true),
         ..Default::default()
     }
 }
@@ -253,6 +257,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             image,
             cpus,
             memory,
+            network,
             exec,
         } => {
             exec_options(&exec)?;
@@ -261,7 +266,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             }
             let cfg = MachineConfig {
                 image,
-                resources: resources(cpus, memory),
+                resources: resources(cpus, memory, network),
                 // argv replaces the image's command: its Entrypoint/Cmd is not launched
                 command: Some(Vec::new()),
                 ..Default::default()
@@ -279,6 +284,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 cpus,
                 memory,
                 storage,
+                network,
                 ports,
                 labels,
                 image,
@@ -290,7 +296,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 if let Some(image) = &image {
                     image::prepare(image).await?;
                 }
-                let mut res = resources(cpus, memory);
+                let mut res = resources(cpus, memory, network);
                 res.storage_gb = storage;
                 let cfg = MachineConfig {
                     name,

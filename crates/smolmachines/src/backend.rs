@@ -211,10 +211,7 @@ fn check_config(config: &MachineConfig) -> Result<()> {
 }
 
 fn check_argv(argv: &[String]) -> Result<()> {
-    if argv.is_empty() || argv[0].is_empty() {
-        return Err(Error::invalid("command must be a non-empty argv list"));
-    }
-    Ok(())
+    crate::config::check_argv("command", argv)
 }
 
 impl Machine {

@@ -16,6 +16,8 @@ mod support;
 mod validate;
 
 pub use support::{Capabilities, ConfigField, Support};
+pub(crate) use validate::argv as check_argv;
+pub use validate::seconds;
 
 /// The longest wait any call takes: a deadline past what the clock can hold (a huge timeout
 /// given by a caller) is this, a century, instead of an overflow.

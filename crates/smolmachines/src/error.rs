@@ -360,7 +360,9 @@ impl Error {
                 "unset SMOL_ACCEL (or set SMOL_ACCEL=tcg) to run under emulation".into()
             }
             Error::BootFailed { .. } => {
-                "check the log above; `smol doctor` shows the kernel, accelerator and QEMU in use"
+                "the guest console's last lines are in this error's log_tail (Python e.log_tail, \
+                 Node err.logTail; the CLI prints them above); `smol doctor` shows the kernel, \
+                 accelerator and QEMU in use"
                     .into()
             }
             Error::Storage { .. } => {

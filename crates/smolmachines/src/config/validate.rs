@@ -2,12 +2,13 @@
 //! refuse, whoever sends them (Rust callers, the CLI, the bindings, the fleet server). Whether a
 //! target can honour a field is [`super::Capabilities`]'s question, not this one.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use super::limits::{
     MAX_CPUS, MAX_CREDENTIALS, MAX_DISK_GB, MAX_MEMORY_MB, MAX_PORTS, MIN_MEMORY_MB,
 };
-use super::{validate_name, CredentialSpec, ExecOptions, MachineConfig};
+use super::{validate_name, CredentialSpec, ExecOptions, MachineConfig, MAX_WAIT};
 use crate::error::{Error, Result};
 
 fn range(what: &str, v: Option<u32>, lo: u32, hi: u32) -> Result<()> {
@@ -20,6 +21,11 @@ fn range(what: &str, v: Option<u32>, lo: u32, hi: u32) -> Result<()> {
 }
 
 fn absolute(what: &str, path: &str) -> Result<()> {
+    if path.contains('\0') {
+        return Err(Error::invalid(format!(
+            "{what} {path:?} contains a NUL byte"
+        )));
+    }
     if path.starts_with('/') {
         Ok(())
     } else {
@@ -38,13 +44,93 @@ fn non_empty_items(what: &str, items: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn env_names<'a>(what: &str, mut names: impl Iterator<Item = &'a String>) -> Result<()> {
-    if names.any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
+fn env_names<'a>(what: &str, names: impl Iterator<Item = &'a String>) -> Result<()> {
+    for k in names {
+        let why = if k.is_empty() {
+            "is empty"
+        } else if k.contains('=') {
+            "contains '=' (the guest would read it as another name and value)"
+        } else if k.contains('\0') {
+            "contains a NUL byte"
+        } else {
+            continue;
+        };
         return Err(Error::invalid(format!(
-            "{what} names must be non-empty and contain no '='"
+            "{what} name {k:?} {why}: names must be non-empty, without '=' or NUL"
         )));
     }
     Ok(())
+}
+
+/// Names and values of an environment: see [`env_names`]; a value cannot hold a NUL byte
+/// (execve would cut it there).
+fn env(what: &str, env: &BTreeMap<String, String>) -> Result<()> {
+    env_names(what, env.keys())?;
+    match env.iter().find(|(_, v)| v.contains('\0')) {
+        Some((k, _)) => Err(Error::invalid(format!(
+            "{what} value of {k:?} contains a NUL byte, which a process environment cannot hold"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// An argv every target can pass to execve: not empty, a non-empty program, no NUL byte in
+/// any argument (`InvalidConfig` naming the index).
+pub(crate) fn argv(what: &str, argv: &[String]) -> Result<()> {
+    if argv.first().is_none_or(|a| a.is_empty()) {
+        return Err(Error::invalid(format!(
+            "{what} must be a non-empty argv list"
+        )));
+    }
+    if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
+        return Err(Error::invalid(format!(
+            "{what} argument {i} contains a NUL byte, which a process argument cannot hold"
+        )));
+    }
+    Ok(())
+}
+
+/// Guest paths a mount would hide or break the guest on: `/` and the kernel's own file
+/// systems (the agent needs them).
+const RESERVED_TARGETS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+fn mount_target(t: &str) -> Result<()> {
+    absolute("mount target", t)?;
+    let clean = t.trim_end_matches('/');
+    let parts: Vec<&str> = clean.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err(Error::invalid(format!(
+            "mount target {t:?} must not contain '.' or '..' components"
+        )));
+    }
+    let normal = format!("/{}", parts.join("/"));
+    if normal == "/" {
+        return Err(Error::invalid(
+            "mount target \"/\" would hide the guest's root: mount on a directory like /mnt/data",
+        ));
+    }
+    if let Some(r) = RESERVED_TARGETS
+        .iter()
+        .find(|r| normal == **r || normal.starts_with(&format!("{r}/")))
+    {
+        return Err(Error::invalid(format!(
+            "mount target {t:?} is under {r}, which the guest kernel provides: mount on another \
+             directory, like /mnt/data"
+        )));
+    }
+    Ok(())
+}
+
+/// A number of seconds from a binding or the CLI as a deadline: NaN, infinite, zero or negative
+/// is `InvalidConfig`; a finite value too large for a [`Duration`] (`1e300`) is [`MAX_WAIT`], as
+/// every wait is capped.
+pub fn seconds(what: &str, s: f64) -> Result<Duration> {
+    if !(s.is_finite() && s > 0.0) {
+        return Err(Error::invalid(format!(
+            "{what} must be a finite number of seconds > 0, got {s}"
+        )));
+    }
+    Ok(Duration::try_from_secs_f64(s).map_or(MAX_WAIT, super::cap_wait))
 }
 
 fn credential(c: &CredentialSpec) -> Result<()> {
@@ -139,7 +225,7 @@ impl MachineConfig {
             if m.source.is_empty() {
                 return Err(Error::invalid("mount source must not be empty"));
             }
-            absolute("mount target", &m.target)?;
+            mount_target(&m.target)?;
             if m.staged && m.read_only {
                 return Err(Error::invalid(format!(
                     "mount {:?}: a staged mount cannot be read-only",
@@ -215,6 +301,11 @@ impl MachineConfig {
                     "command must be a list of non-empty strings",
                 ));
             }
+            if let Some(i) = c.iter().position(|a| a.contains('\0')) {
+                return Err(Error::invalid(format!(
+                    "command argument {i} contains a NUL byte, which a process argument cannot hold"
+                )));
+            }
         }
         if let Some(w) = &self.workdir {
             absolute("workdir", w)?;
@@ -227,7 +318,7 @@ impl MachineConfig {
                 "a workload user needs a machine created from an image",
             ));
         }
-        env_names("env", self.env.keys())
+        env("env", &self.env)
     }
 }
 
@@ -260,7 +351,7 @@ impl ExecOptions {
         if let Some(w) = &self.workdir {
             absolute("workdir", w)?;
         }
-        env_names("env", self.env.keys())?;
+        env("env", &self.env)?;
         if self.background && (self.stdin.is_some() || self.timeout.is_some()) {
             return Err(Error::invalid(
                 "a background command takes no stdin and no timeout",
@@ -270,6 +361,116 @@ impl ExecOptions {
         match self.user.as_deref() {
             Some("") => Err(Error::invalid("user must not be empty")),
             _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MountSpec;
+
+    fn message(r: Result<()>) -> String {
+        match r {
+            Err(Error::InvalidConfig { message }) => message,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    fn exec_env(k: &str, v: &str) -> ExecOptions {
+        ExecOptions {
+            env: [(k.to_string(), v.to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn env_names_and_values_are_refused_by_name() {
+        let m = message(exec_env("A=B", "c").validate());
+        assert!(m.contains("\"A=B\"") && m.contains("'='"), "{m}");
+        let m = message(exec_env("", "c").validate());
+        assert!(m.contains("name \"\" is empty"), "{m}");
+        let m = message(exec_env("A\0B", "c").validate());
+        assert!(m.contains("NUL"), "{m}");
+        let m = message(exec_env("GOOD", "x\0y").validate());
+        assert!(m.contains("\"GOOD\"") && m.contains("NUL"), "{m}");
+        assert!(exec_env("GOOD", "b=c").validate().is_ok());
+        let cfg = MachineConfig {
+            env: [("X=Y".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        };
+        assert!(message(cfg.validate()).contains("\"X=Y\""));
+        let cfg = MachineConfig {
+            env: [("X".to_string(), "a\0".to_string())].into(),
+            ..Default::default()
+        };
+        assert!(message(cfg.validate()).contains("NUL"));
+    }
+
+    #[test]
+    fn argv_with_a_nul_names_the_argument() {
+        let a = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(argv("command", &a(&["echo", "hi"])).is_ok());
+        let m = message(argv("command", &a(&["echo", "a", "b\0c"])));
+        assert!(m.contains("argument 2") && m.contains("NUL"), "{m}");
+        assert!(message(argv("command", &a(&[]))).contains("non-empty"));
+        assert!(message(argv("command", &a(&[""]))).contains("non-empty"));
+        let cfg = MachineConfig {
+            command: Some(a(&["sh", "x\0"])),
+            ..Default::default()
+        };
+        assert!(message(cfg.validate()).contains("argument 1"));
+        let o = ExecOptions {
+            workdir: Some("/tmp\0x".into()),
+            ..Default::default()
+        };
+        assert!(message(o.validate()).contains("NUL"));
+    }
+
+    #[test]
+    fn mount_targets_of_the_kernel_and_root_are_refused() {
+        let cfg = |t: &str| MachineConfig {
+            mounts: vec![MountSpec {
+                source: "/srv".into(),
+                target: t.into(),
+                read_only: false,
+                staged: false,
+            }],
+            ..Default::default()
+        };
+        for bad in [
+            "/",
+            "//",
+            "/proc",
+            "/proc/",
+            "/sys",
+            "/sys/fs/x",
+            "/dev",
+            "/dev/shm",
+            "/./dev",
+            "/mnt/../proc",
+            "relative",
+        ] {
+            message(cfg(bad).validate());
+        }
+        assert!(message(cfg("/proc/1").validate()).contains("under /proc"));
+        for ok in ["/mnt/data", "/devices", "/process", "/system", "/work"] {
+            assert!(cfg(ok).validate().is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn seconds_caps_huge_values_and_refuses_the_rest() {
+        assert_eq!(seconds("t", 1.5).unwrap(), Duration::from_millis(1500));
+        assert_eq!(seconds("t", 1e300).unwrap(), MAX_WAIT);
+        assert_eq!(seconds("t", 1e10).unwrap(), MAX_WAIT);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            match seconds("timeout", bad) {
+                Err(Error::InvalidConfig { message }) => {
+                    assert!(message.starts_with("timeout must be"), "{message}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 }

@@ -23,18 +23,38 @@ pub fn virtiofsd() -> PathBuf {
 pub fn validate(specs: &[MountSpec]) -> Result<Vec<MountRecord>> {
     let mut out: Vec<MountRecord> = Vec::new();
     for m in specs {
-        let bad = |reason: &str| Error::MountSource {
-            source_path: m.source.clone(),
-            reason: reason.to_string(),
+        let src = &m.source;
+        if !src.starts_with('/') {
+            return Err(Error::invalid(format!(
+                "mount source {src:?} must be an absolute host path (like {:?})",
+                std::path::absolute(src)
+                    .map_or_else(|_| "/path/to/dir".into(), |p| p.display().to_string())
+            )));
+        }
+        let meta = match std::fs::metadata(src) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound {
+                    what: format!("mount source {src} (no such host directory)"),
+                })
+            }
+            Err(e) => {
+                return Err(Error::MountSource {
+                    source_path: src.clone(),
+                    reason: e.to_string(),
+                })
+            }
         };
-        if !m.source.starts_with('/') {
-            return Err(bad("the host path must be absolute"));
-        }
-        let meta = std::fs::metadata(&m.source).map_err(|e| bad(&e.to_string()))?;
         if !meta.is_dir() {
-            return Err(bad("not a directory (only directories can be mounted)"));
+            return Err(Error::invalid(format!(
+                "mount source {src} is not a directory: only directories can be mounted \
+                 (mount its parent, or copy the file in with write_file)"
+            )));
         }
-        let source = std::fs::canonicalize(&m.source).map_err(|e| bad(&e.to_string()))?;
+        let source = std::fs::canonicalize(src).map_err(|e| Error::MountSource {
+            source_path: src.clone(),
+            reason: e.to_string(),
+        })?;
         let t = &m.target;
         if !t.starts_with('/') || t == "/" || t.contains(|c: char| c == ':' || c.is_whitespace()) {
             return Err(Error::invalid(format!(
@@ -164,18 +184,25 @@ mod tests {
         let src = d.path().to_str().unwrap();
         let file = d.path().join("f");
         std::fs::write(&file, "x").unwrap();
-        assert!(matches!(
-            validate(&[spec("rel/dir", "/w")]),
-            Err(Error::MountSource { .. })
-        ));
-        assert!(matches!(
-            validate(&[spec("/no/such/dir", "/w")]),
-            Err(Error::MountSource { .. })
-        ));
-        assert!(matches!(
-            validate(&[spec(file.to_str().unwrap(), "/w")]),
-            Err(Error::MountSource { .. })
-        ));
+        match validate(&[spec("rel/dir", "/w")]) {
+            Err(Error::InvalidConfig { message }) => {
+                assert!(
+                    message.contains("\"rel/dir\" must be an absolute"),
+                    "{message}"
+                )
+            }
+            other => panic!("a relative source: {other:?}"),
+        }
+        match validate(&[spec("/no/such/dir", "/w")]) {
+            Err(Error::NotFound { what }) => assert!(what.contains("/no/such/dir"), "{what}"),
+            other => panic!("a missing source: {other:?}"),
+        }
+        match validate(&[spec(file.to_str().unwrap(), "/w")]) {
+            Err(Error::InvalidConfig { message }) => {
+                assert!(message.contains("is not a directory"), "{message}")
+            }
+            other => panic!("a file as source: {other:?}"),
+        }
         assert!(matches!(
             validate(&[spec(src, "w")]),
             Err(Error::InvalidConfig { .. })

@@ -103,9 +103,7 @@ impl CommandBody {
             CommandLine::Argv(a) => a,
             CommandLine::Shell(s) => vec!["sh".into(), "-c".into(), s],
         };
-        if argv.first().is_none_or(|a| a.is_empty()) {
-            return Err(Error::invalid("command must be a non-empty argv list"));
-        }
+        crate::config::check_argv("command", &argv)?;
         let opts = ExecOptions {
             env: self.env,
             workdir: self.cwd,
