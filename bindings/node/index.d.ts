@@ -165,7 +165,7 @@ export declare class ExecResult {
   /** Byte-exact. */
   readonly stdoutBytes: Buffer;
   readonly stderrBytes: Buffer;
-  /** Always false locally. */
+  /** stdout went past the cap (16 MiB locally, 1 MiB of text in the cloud); the rest was dropped. */
   readonly stdoutTruncated: boolean;
   readonly stderrTruncated: boolean;
   /** True when the timeout killed the command (exit code 124). */

@@ -105,14 +105,15 @@ function generateName() {
 
 /** Result of a finished command (SPEC §3.7). A non-zero exit is not an error. */
 class ExecResult {
-  constructor(exitCode, stdoutBytes, stderrBytes, timedOut = false, command = undefined) {
+  constructor(exitCode, stdoutBytes, stderrBytes, timedOut = false, command = undefined, truncated = [false, false]) {
     this.exitCode = exitCode;
     this.stdout = stdoutBytes.toString('utf8');
     this.stderr = stderrBytes.toString('utf8');
     this.stdoutBytes = stdoutBytes;
     this.stderrBytes = stderrBytes;
-    this.stdoutTruncated = false;
-    this.stderrTruncated = false;
+    // each stream is capped at 16 MiB locally (1 MiB of text in the cloud)
+    this.stdoutTruncated = truncated[0];
+    this.stderrTruncated = truncated[1];
     this.timedOut = timedOut;
     this.success = exitCode === 0;
     this.output = this.stdout + this.stderr;
@@ -127,7 +128,10 @@ class ExecResult {
 }
 
 function execResult(r, argv) {
-  return new ExecResult(r.exitCode, r.stdout, r.stderr, r.timedOut, argv);
+  return new ExecResult(r.exitCode, r.stdout, r.stderr, r.timedOut, argv, [
+    r.stdoutTruncated,
+    r.stderrTruncated,
+  ]);
 }
 
 // --- SIGINT / SIGTERM: stop this process's local machines, then re-raise (SPEC §6) -----------

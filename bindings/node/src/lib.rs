@@ -173,6 +173,8 @@ pub struct NativeExecResult {
     pub exit_code: i32,
     pub stdout: Buffer,
     pub stderr: Buffer,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
     pub timed_out: bool,
 }
 
@@ -182,6 +184,8 @@ impl From<ExecResult> for NativeExecResult {
             exit_code: r.exit_code,
             stdout: r.stdout_bytes.into(),
             stderr: r.stderr_bytes.into(),
+            stdout_truncated: r.stdout_truncated,
+            stderr_truncated: r.stderr_truncated,
             timed_out: r.timed_out,
         }
     }

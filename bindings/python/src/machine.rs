@@ -13,14 +13,15 @@ use crate::errors::to_py_err;
 use crate::stream::ExecStream;
 use crate::{block, CancelToken};
 
-/// `(exit_code, stdout, stderr, stdout_bytes, stderr_bytes, timed_out, pid)`; `pid` is set for
-/// a background command.
+/// `(exit_code, stdout_bytes, stderr_bytes, stdout_truncated, stderr_truncated, timed_out,
+/// pid)`; `pid` is set for a background command. The text is decoded once, in Python, from the
+/// bytes (one copy of the output crosses, not a `str` and a `bytes` of each stream).
 type ExecOut<'py> = (
     i32,
-    String,
-    String,
     Bound<'py, PyBytes>,
     Bound<'py, PyBytes>,
+    bool,
+    bool,
     bool,
     Option<u32>,
 );
@@ -104,14 +105,30 @@ fn exec_options(
 }
 
 fn exec_out(py: Python<'_>, r: core::ExecResult) -> ExecOut<'_> {
+    let core::ExecResult {
+        exit_code,
+        stdout,
+        stderr,
+        stdout_bytes,
+        stderr_bytes,
+        stdout_truncated,
+        stderr_truncated,
+        timed_out,
+        pid,
+    } = r;
+    // The core's text copies are not needed here: free them before the bytes are copied.
+    drop((stdout, stderr));
+    let out = PyBytes::new(py, &stdout_bytes);
+    drop(stdout_bytes);
+    let err = PyBytes::new(py, &stderr_bytes);
     (
-        r.exit_code,
-        r.stdout,
-        r.stderr,
-        PyBytes::new(py, &r.stdout_bytes),
-        PyBytes::new(py, &r.stderr_bytes),
-        r.timed_out,
-        r.pid,
+        exit_code,
+        out,
+        err,
+        stdout_truncated,
+        stderr_truncated,
+        timed_out,
+        pid,
     )
 }
 

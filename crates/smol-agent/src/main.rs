@@ -55,17 +55,19 @@ fn tune_malloc() {
 
 /// PID 1 loop: fork the agent, reap every child, restart the agent when it exits.
 fn supervise(cfg: &init::Config) -> ! {
+    let mut restarted = false;
     loop {
         // SAFETY: PID 1 is single-threaded here (no runtime started yet), so fork is sound; the
         // child only calls async-signal-safe code until it builds its own runtime.
         let child = unsafe { libc::fork() };
         if child == 0 {
-            serve::serve_port(cfg);
+            serve::serve_port(cfg, restarted);
         }
         if child < 0 {
             eprintln!("smol-agent: fork failed; serving from PID 1");
-            serve::serve_port(cfg);
+            serve::serve_port(cfg, restarted);
         }
+        restarted = true;
         loop {
             let mut status = 0;
             // SAFETY: waitpid with a valid pointer to a local int.

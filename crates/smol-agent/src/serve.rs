@@ -26,14 +26,18 @@ fn uptime_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Serves the virtio-serial port forever, one session per host connection.
-pub fn serve_port(cfg: &Config) -> ! {
+/// Serves the virtio-serial port forever, one session per host connection. `restarted`: PID 1
+/// started this agent again after the previous one died (see [`end_dead_session`]).
+pub fn serve_port(cfg: &Config, restarted: bool) -> ! {
     let port = crate::port::open(PORT_NAME);
     let fd = port.as_raw_fd();
     let rt = runtime();
     let linger = cfg.linger_ms.map(Duration::from_millis);
     rt.block_on(async move {
-        let mut served = false;
+        if restarted {
+            end_dead_session(fd).await;
+        }
+        let mut served = restarted;
         // The hello of a host that arrived while the previous session was still reading.
         let mut next_hello = None;
         loop {
@@ -66,6 +70,31 @@ pub fn serve_port(cfg: &Config) -> ! {
             }
         }
     })
+}
+
+/// A host still connected when the agent restarts waits on the operations of the agent that
+/// died: tell it (a `Goodbye` saying the agent restarted), so that it fails them at once and
+/// connects again, then wait (up to 500 ms) for it to close its end before serving the next
+/// session on a fresh connection.
+async fn end_dead_session(fd: std::os::fd::RawFd) {
+    if !crate::port::host_connected(fd) {
+        return;
+    }
+    eprintln!("smol-agent: restarted; ending the host's session with the previous agent");
+    match crate::port::PortIo::new(fd) {
+        Ok(io) => {
+            let (r, w) = tokio::io::split(io);
+            let (mux, _incoming) = Mux::spawn(r, w);
+            mux.say_goodbye(smol_protocol::mux::AGENT_RESTARTED);
+            // the writer sends the queued goodbye before it stops
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(e) => eprintln!("smol-agent: port: {e}"),
+    }
+    let since = tokio::time::Instant::now();
+    while crate::port::host_connected(fd) && since.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Serves one session per connection on a unix socket (the agent outside a VM, for tests).

@@ -505,3 +505,78 @@ fn a_closed_stdout_ends_the_command() {
     };
     assert_eq!(status.code(), Some(141));
 }
+
+/// A command that kills the guest's agent ends `smol run` at once (it hung for good): the
+/// agent restarted, the command's stream ends with `Interrupted` and exit code 125.
+#[test]
+fn run_ends_when_its_command_kills_the_agent() {
+    if !vm_ready() {
+        return;
+    }
+    let d = run_dir();
+    let mut child = cmd(d.path())
+        .args([
+            "run",
+            "--timeout",
+            "5",
+            "--",
+            "sh",
+            "-c",
+            "kill -9 -1; sleep 30",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run smol");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for smol") {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(90) {
+            child.kill().expect("kill smol");
+            panic!("smol run hung after its command killed the agent");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let o = child.wait_with_output().expect("smol output");
+    eprintln!("smol run ended after {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(125), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("agent restarted"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+/// `--network` on `smol run` and `smol machine create` gives the machine its network device
+/// (eth0, up); without it there is only `lo`.
+#[test]
+fn network_is_turned_on_by_a_flag() {
+    if !vm_ready() {
+        return;
+    }
+    let d = run_dir();
+    // eth0's state, or no-eth0 (lo, and the kernel's sit0, are always there)
+    let script = "cat /sys/class/net/eth0/operstate 2>/dev/null || echo no-eth0";
+    let o = smol(d.path(), &["run", "--", "sh", "-c", script]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "no-eth0\n");
+    let o = smol(d.path(), &["run", "--network", "--", "sh", "-c", script]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "up\n");
+
+    let o = smol(
+        d.path(),
+        &["machine", "create", "--name", "net1", "--network"],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = smol(
+        d.path(),
+        &["machine", "exec", "net1", "--", "sh", "-c", script],
+    );
+    let rm = smol(d.path(), &["machine", "rm", "net1"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "up\n");
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+}

@@ -29,7 +29,7 @@ use tokio_util::codec::{Encoder, FramedRead};
 
 use crate::codec::{encode_data_header, FrameCodec};
 use crate::generation::{self, Generations, NotInGeneration, VersionMismatch};
-use crate::{Chan, ErrorKind, Frame, Hello, Op, RemoteError, MAX_CHUNK, STREAM_WINDOW};
+use crate::{Chan, ErrorKind, Frame, Hello, Op, RemoteError, MAX_CHUNK, MAX_FRAME, STREAM_WINDOW};
 
 /// The connection is gone (peer closed, I/O error or malformed frame).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,6 +37,20 @@ use crate::{Chan, ErrorKind, Frame, Hello, Op, RemoteError, MAX_CHUNK, STREAM_WI
 pub struct Closed {
     /// Why the connection ended, as far as this side knows.
     pub reason: String,
+}
+
+/// The `Goodbye` reason of an agent that PID 1 started again after the previous one died: the
+/// host's session with the dead agent is over (its operations fail at once) and the host
+/// connects to the new agent.
+pub const AGENT_RESTARTED: &str =
+    "the guest agent restarted (its previous process was killed or crashed)";
+
+impl Closed {
+    /// Whether the peer ended the connection because the guest agent restarted
+    /// ([`AGENT_RESTARTED`]).
+    pub fn agent_restarted(&self) -> bool {
+        self.reason.contains(AGENT_RESTARTED)
+    }
 }
 
 /// Why [`Mux::open`] did not open a stream.
@@ -49,6 +63,16 @@ pub enum OpenError {
     /// nothing was sent.
     #[error(transparent)]
     NotInGeneration(#[from] NotInGeneration),
+    /// The operation encodes to a frame larger than the peer accepts ([`MAX_FRAME`]): nothing
+    /// was sent and the connection is unaffected. Such a frame on the wire would end the
+    /// connection (the peer's codec refuses it).
+    #[error("the request encodes to {size} bytes, over the protocol's limit of {limit} bytes")]
+    TooLarge {
+        /// The encoded size of the `Open` frame, in bytes.
+        size: usize,
+        /// The largest frame the peer accepts ([`MAX_FRAME`]).
+        limit: usize,
+    },
 }
 
 /// How a [`Mux`] talks to its peer.
@@ -131,6 +155,31 @@ impl Shared {
                 tracing::debug!(%reason, %why, "goodbye not sent to this peer's generation")
             }
             other => tracing::warn!(frame = ?other, %why, "frame not sent"),
+        }
+    }
+
+    /// A frame that could not be encoded (over [`MAX_FRAME`]) is not written: an `Open` fails
+    /// its own stream, another frame of a stream is replaced by an `Error` for the peer, so
+    /// neither side waits for an answer that will not come; the connection stays up.
+    fn unsendable(
+        &self,
+        id: Option<u32>,
+        open: bool,
+        why: &str,
+        codec: &mut FrameCodec,
+        buf: &mut BytesMut,
+    ) {
+        tracing::warn!(id, error = why, "frame not sent: it does not encode");
+        let Some(id) = id else { return };
+        let error = RemoteError::new(ErrorKind::Io, format!("a frame was not sent: {why}"));
+        if open {
+            if let Some(r) = self.routes.lock().expect("routes lock").get(&id) {
+                if r.tx.send(Frame::Error { id, error }).is_err() {
+                    tracing::debug!(id, "unsendable stream was already dropped");
+                }
+            }
+        } else if let Err(e) = codec.encode(Frame::Error { id, error }, buf) {
+            tracing::warn!(id, error = %e, "error frame not sent either");
         }
     }
 
@@ -270,8 +319,18 @@ impl Mux {
             }));
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame::Open { id, op };
+        // A frame over the peer's limit would end the connection at the peer's codec (and with
+        // it every other operation): refuse it here, before anything is sent.
+        let size = encoded_len(&frame, generation);
+        if size > MAX_FRAME {
+            return Err(OpenError::TooLarge {
+                size,
+                limit: MAX_FRAME,
+            });
+        }
         let stream = self.shared.register(id);
-        self.send(Frame::Open { id, op })?;
+        self.send(frame)?;
         Ok(stream)
     }
 
@@ -319,10 +378,42 @@ impl Mux {
         self.shared.close(reason.to_string());
     }
 
+    /// Whether `other` is a handle of this same connection.
+    pub fn same(&self, other: &Mux) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Ends the connection from this side and tells the peer why (a `Goodbye` with `reason`,
+    /// written before the writer stops): the peer's operations fail at once with it.
+    pub fn say_goodbye(&self, reason: &str) {
+        if self
+            .send(Frame::Goodbye {
+                reason: reason.to_string(),
+            })
+            .is_err()
+        {
+            tracing::debug!("connection already closed; no goodbye sent");
+        }
+        self.close(reason);
+    }
+
     /// Number of open streams (for tests and diagnostics).
     pub fn open_streams(&self) -> usize {
         self.shared.routes.lock().expect("routes lock").len()
     }
+}
+
+/// The encoded size of `frame` in `generation`, without the length prefix (0 when it does not
+/// encode at all: the writer then refuses it).
+fn encoded_len(frame: &Frame, generation: u16) -> usize {
+    let encoded = if generation <= 1 {
+        generation::encode(frame.clone(), generation).map(|b| b.len())
+    } else {
+        postcard::to_allocvec(frame)
+            .map(|b| b.len())
+            .map_err(Into::into)
+    };
+    encoded.unwrap_or(0)
 }
 
 /// Consumed bytes are handed back as credit in batches of this size: small enough that the
@@ -362,9 +453,13 @@ where
                         if let Err(why) = generation::check(&other, codec.generation()) {
                             shared.refuse(other, why);
                         } else {
-                            codec
-                                .encode(other, &mut buf)
-                                .map_err(|e| std::io::Error::other(e.to_string()))?;
+                            let (id, open) =
+                                (other.stream_id(), matches!(other, Frame::Open { .. }));
+                            if let Err(e) = codec.encode(other, &mut buf) {
+                                // Nothing of it was written (the codec checks first): the
+                                // connection stays up and only this frame's stream fails.
+                                shared.unsendable(id, open, &e.to_string(), &mut codec, &mut buf);
+                            }
                         }
                         if buf.len() >= BATCH {
                             writer.write_all(&buf).await?;
@@ -810,6 +905,56 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(p.rx.recv().await.unwrap().is_terminal());
+    }
+
+    /// A request over the frame limit is refused at `open`, nothing is sent, and the
+    /// connection keeps working; a too-big answer is replaced by an error for the peer.
+    #[tokio::test]
+    async fn frames_over_the_limit_fail_their_stream_not_the_connection() {
+        let ((host, _hin), (_agent, mut ain)) = pair();
+        let big = crate::ExecRequest {
+            argv: vec!["true".into()],
+            env: vec![("BIG".into(), "x".repeat(400 * 1024))],
+            workdir: None,
+            timeout_ms: None,
+            stdin: false,
+            user: None,
+        };
+        match host.open(Op::Exec(big)) {
+            Err(OpenError::TooLarge { size, limit }) => {
+                assert!(size > 400 * 1024, "{size}");
+                assert_eq!(limit, MAX_FRAME);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(host.open_streams(), 0);
+        // the agent answers a ping with an error too big to send: the host gets an error
+        let mut p = host.open(Op::Ping).unwrap();
+        let gs = match ain.recv().await.unwrap() {
+            Incoming::Open(gs, Op::Ping) => gs,
+            other => panic!("{other:?}"),
+        };
+        let huge = RemoteError::new(ErrorKind::Io, "y".repeat(MAX_FRAME + 1));
+        gs.tx
+            .send(Frame::Error {
+                id: gs.id(),
+                error: huge,
+            })
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), p.rx.recv()).await {
+            Ok(Ok(Frame::Error { error, .. })) => {
+                assert!(error.message.contains("not sent"), "{}", error.message)
+            }
+            other => panic!("{other:?}"),
+        }
+        // both sides still talk
+        let mut p = host.open(Op::Ping).unwrap();
+        match ain.recv().await.unwrap() {
+            Incoming::Open(gs, Op::Ping) => gs.tx.send(Frame::Done { id: gs.id() }).unwrap(),
+            other => panic!("{other:?}"),
+        }
+        assert!(p.rx.recv().await.unwrap().is_terminal());
+        assert!(!host.is_closed());
     }
 
     #[tokio::test]

@@ -446,22 +446,32 @@ impl ExecOptions {
     }
 }
 
+/// How much of each output stream a buffered local `exec` / `run` keeps: 16 MiB of stdout and
+/// 16 MiB of stderr. The command runs on past the cap; the rest of its output is read and
+/// dropped (never buffered) and [`ExecResult::stdout_truncated`] / `stderr_truncated` say so.
+/// For more, use `exec_stream` (flow-controlled, any size) or write to a file and `read_file`.
+pub const MAX_BUFFERED_OUTPUT: usize = 16 * 1024 * 1024;
+
 /// Result of a finished command (SPEC §3.7). A non-zero exit is not an error.
+///
+/// Output is capped per stream: locally at [`MAX_BUFFERED_OUTPUT`] (16 MiB) bytes, in the
+/// cloud at 1 MiB of text (with the full bytes in base64 when asked for); a capped stream has
+/// its `*_truncated` flag set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecResult {
     /// Exit code; 124 when the timeout killed the command, 127 when it was not found.
     pub exit_code: i32,
-    /// stdout as lossy UTF-8.
+    /// stdout as lossy UTF-8 (decoded once from `stdout_bytes`).
     pub stdout: String,
     /// stderr as lossy UTF-8.
     pub stderr: String,
-    /// stdout, byte-exact.
+    /// stdout, byte-exact, up to the cap.
     pub stdout_bytes: Vec<u8>,
-    /// stderr, byte-exact.
+    /// stderr, byte-exact, up to the cap.
     pub stderr_bytes: Vec<u8>,
-    /// Always false locally (the cloud caps output).
+    /// stdout went past the cap ([`MAX_BUFFERED_OUTPUT`] locally): the rest was dropped.
     pub stdout_truncated: bool,
-    /// Always false locally.
+    /// stderr went past the cap.
     pub stderr_truncated: bool,
     /// True when the timeout killed the command.
     pub timed_out: bool,

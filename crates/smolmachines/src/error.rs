@@ -377,6 +377,13 @@ impl Error {
                 "pick another name, or remove it with `smol machine rm`".into()
             }
             Error::InvalidState { .. } => "`smol machine ls` shows the machine's state".into(),
+            Error::Interrupted { detail, .. }
+                if detail.contains(smol_protocol::mux::AGENT_RESTARTED) =>
+            {
+                "the machine is still running and reconnects to the new agent: run the \
+                 operation again"
+                    .into()
+            }
             Error::Interrupted { .. } => "the VM exited; create a new machine".into(),
             Error::Unauthorized { .. } => {
                 "check the API key (ConnectOptions.api_key or SMOL_CLOUD_TOKEN)".into()

@@ -19,7 +19,6 @@ pub mod backend;
 mod cleanup;
 pub mod config;
 pub mod error;
-mod file_reader;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod image;
@@ -31,10 +30,9 @@ pub use config::{
     CacheDiskRef, Capabilities, ConfigField, ConnectOptions, CredentialSpec, DiskDurability,
     EgressInterceptor, ExecEvent, ExecOptions, ExecOutput, ExecResult, LocalAvailability,
     MachineConfig, MachineState, MachineSummary, MountSpec, NetworkBackend, PortEndpoint, PortSpec,
-    ResourceSpec, Support, Target, MAX_WAIT,
+    ResourceSpec, Support, Target, MAX_BUFFERED_OUTPUT, MAX_WAIT,
 };
 pub use error::{Error, ErrorCode, Problem, Result};
-pub use file_reader::FileReader;
 pub use image::ImageInfo;
 
 /// Whether this host can run local machines, and with which accelerator (SPEC §3.10). Never

@@ -76,6 +76,13 @@ def _str_list(name: str, v: Any) -> List[str]:
     return list(v)
 
 
+def _guest_path(v: Any) -> str:
+    """A guest path argument: a str (the core checks that it is absolute)."""
+    if not isinstance(v, str):
+        raise InvalidConfigError(f"path must be an absolute guest path (a str), got {v!r}")
+    return v
+
+
 def _protocol(v: Any) -> str:
     if not isinstance(v, str) or v not in ("tcp", "udp"):
         raise InvalidConfigError(f'protocol must be "tcp" or "udp", got {v!r}')
@@ -255,9 +262,12 @@ def _check_run(image: Any, command: Any, opts: Any) -> List[str]:
 
 
 def _result(t: Tuple[Any, ...], argv: List[str]) -> ExecResult:
-    code, out, err, out_b, err_b, timed_out, pid = t
+    # The text is decoded once from the bytes (invalid UTF-8 becomes U+FFFD).
+    code, out_b, err_b, out_cut, err_cut, timed_out, pid = t
     return ExecResult(
-        exit_code=code, stdout=out, stderr=err, stdout_bytes=out_b, stderr_bytes=err_b,
+        exit_code=code, stdout=out_b.decode("utf-8", "replace"),
+        stderr=err_b.decode("utf-8", "replace"), stdout_truncated=out_cut,
+        stderr_truncated=err_cut, stdout_bytes=out_b, stderr_bytes=err_b,
         pid=pid, timed_out=timed_out, _command=argv,
     )  # fmt: skip
 
@@ -479,11 +489,12 @@ class Machine:
 
     def read_file(self, path: str) -> bytes:
         """The bytes of the absolute guest ``path``."""
-        return self._n.read_file(path)
+        return self._n.read_file(_guest_path(path))
 
     def write_file(self, path: str, data: Union[str, bytes], mode: Optional[int] = None) -> None:
         """Writes ``data`` (a str is UTF-8 encoded) to the absolute guest ``path``, creating
         parent directories, with permission ``mode`` (default 0o644)."""
+        path = _guest_path(path)
         if isinstance(data, str):
             data = data.encode()
         elif not isinstance(data, bytes):

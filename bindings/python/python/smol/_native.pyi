@@ -4,8 +4,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 __version__: str
 
-# (exit_code, stdout, stderr, stdout_bytes, stderr_bytes, timed_out, pid)
-_ExecOut = Tuple[int, str, str, bytes, bytes, bool, Optional[int]]
+# (exit_code, stdout_bytes, stderr_bytes, stdout_truncated, stderr_truncated, timed_out, pid)
+_ExecOut = Tuple[int, bytes, bytes, bool, bool, bool, Optional[int]]
 _ImageOut = Tuple[str, str, int, str, str]
 # keys: the MachineSummary fields id, name, state, labels, image, persistent, detached,
 # branchable, created_at, pid, accel; resources (cpus, memory_mib, storage_gib) and ports

@@ -208,7 +208,12 @@ class ConnectOptions:
 class ExecResult:
     """Result of a finished command (SPEC §3.7). A non-zero exit is not an exception; a timeout
     gives exit code 124 (``timed_out`` is then true). ``pid`` is the guest process id of a
-    command started with ``ExecOptions(background=True)``, else None."""
+    command started with ``ExecOptions(background=True)``, else None.
+
+    Output is capped per stream: locally at 16 MiB of bytes (the core's
+    ``MAX_BUFFERED_OUTPUT``), in the cloud at 1 MiB of text. Past the cap the command runs on,
+    the rest of that stream is dropped and ``stdout_truncated`` / ``stderr_truncated`` is true;
+    use ``exec_stream`` for more."""
 
     exit_code: int
     stdout: str = ""

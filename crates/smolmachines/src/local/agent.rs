@@ -18,7 +18,7 @@ use smol_protocol::{
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::ExecEvent;
+use crate::config::{ExecEvent, MAX_BUFFERED_OUTPUT};
 use crate::error::ErrorCode;
 
 /// Errors of one agent operation.
@@ -44,6 +44,19 @@ pub enum AgentError {
         .0.needs
     )]
     NotSupported(NotInGeneration),
+    /// The request does not fit in one protocol frame (argv and env together, encoded);
+    /// nothing was sent and the connection is unaffected.
+    #[error(
+        "the request is {size} bytes encoded (argv, env and options), over the agent channel's \
+         limit of {limit} bytes per request: pass large values through stdin or a file \
+         (write_file) instead"
+    )]
+    TooLarge {
+        /// The encoded size, in bytes.
+        size: usize,
+        /// The limit ([`smol_protocol::MAX_FRAME`]).
+        limit: usize,
+    },
 }
 
 impl From<OpenError> for AgentError {
@@ -51,6 +64,7 @@ impl From<OpenError> for AgentError {
         match e {
             OpenError::Closed(c) => AgentError::Closed(c),
             OpenError::NotInGeneration(n) => AgentError::NotSupported(n),
+            OpenError::TooLarge { size, limit } => AgentError::TooLarge { size, limit },
         }
     }
 }
@@ -105,6 +119,43 @@ impl From<VersionMismatch> for ConnectError {
                 agent: peer,
                 host: ours,
             },
+        }
+    }
+}
+
+/// A finished buffered command, as the agent reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// Exit code.
+    pub code: i32,
+    /// True when the guest's timeout killed the command.
+    pub timed_out: bool,
+    /// stdout, at most [`MAX_BUFFERED_OUTPUT`] bytes.
+    pub stdout: Vec<u8>,
+    /// stderr, at most [`MAX_BUFFERED_OUTPUT`] bytes.
+    pub stderr: Vec<u8>,
+    /// stdout went past the cap: the rest was read and dropped.
+    pub stdout_truncated: bool,
+    /// stderr went past the cap.
+    pub stderr_truncated: bool,
+}
+
+/// One output stream of a buffered command: kept up to the cap, then counted and dropped.
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    truncated: bool,
+    dropped: u64,
+}
+
+impl Capped {
+    fn push(&mut self, data: &[u8]) {
+        let room = MAX_BUFFERED_OUTPUT.saturating_sub(self.bytes.len());
+        let keep = data.len().min(room);
+        self.bytes.extend_from_slice(&data[..keep]);
+        if keep < data.len() {
+            self.truncated = true;
+            self.dropped += (data.len() - keep) as u64;
         }
     }
 }
@@ -215,6 +266,11 @@ impl AgentConn {
         self.mux.close(reason);
     }
 
+    /// Whether `other` is this same connection (a clone of it).
+    pub fn same(&self, other: &AgentConn) -> bool {
+        self.mux.same(&other.mux)
+    }
+
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.mux.is_closed()
@@ -243,45 +299,59 @@ impl AgentConn {
         Ok(())
     }
 
-    /// Runs a command to completion; returns (exit code, timed out, stdout, stderr).
+    /// Runs a command to completion, keeping at most [`MAX_BUFFERED_OUTPUT`] bytes of each
+    /// stream.
     pub async fn exec(
         &self,
         req: ExecRequest,
         stdin: Option<Vec<u8>>,
-    ) -> Result<(i32, bool, Vec<u8>, Vec<u8>), AgentError> {
+    ) -> Result<ExecOutcome, AgentError> {
         self.exec_op(Op::Exec(req), stdin).await
     }
 
-    /// [`AgentConn::exec`] of an `Op::Exec` or `Op::ExecIn`.
-    pub async fn exec_op(
-        &self,
-        op: Op,
-        stdin: Option<Vec<u8>>,
-    ) -> Result<(i32, bool, Vec<u8>, Vec<u8>), AgentError> {
+    /// [`AgentConn::exec`] of an `Op::Exec` or `Op::ExecIn`. Output past the cap of a stream
+    /// is still read (so the command runs on, its pipe never fills) and dropped; the stream is
+    /// marked truncated.
+    pub async fn exec_op(&self, op: Op, stdin: Option<Vec<u8>>) -> Result<ExecOutcome, AgentError> {
         let mut s = self.mux.open(op)?;
         let mut g = guard(&s);
         if let Some(data) = stdin {
             s.tx.send_data(Chan::Stdin, &data).await?;
             s.tx.send_eof(Chan::Stdin)?;
         }
-        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (mut out, mut err) = (Capped::default(), Capped::default());
         loop {
             match s.rx.recv().await? {
                 Frame::Data {
                     chan: Chan::Stdout,
                     data,
                     ..
-                } => out.extend_from_slice(&data),
+                } => out.push(&data),
                 Frame::Data {
                     chan: Chan::Stderr,
                     data,
                     ..
-                } => err.extend_from_slice(&data),
+                } => err.push(&data),
                 Frame::Exit {
                     code, timed_out, ..
                 } => {
                     g.done = true;
-                    return Ok((code, timed_out, out, err));
+                    if out.truncated || err.truncated {
+                        tracing::info!(
+                            stdout_dropped = out.dropped,
+                            stderr_dropped = err.dropped,
+                            cap = MAX_BUFFERED_OUTPUT,
+                            "buffered exec output truncated at the cap"
+                        );
+                    }
+                    return Ok(ExecOutcome {
+                        code,
+                        timed_out,
+                        stdout: out.bytes,
+                        stderr: err.bytes,
+                        stdout_truncated: out.truncated,
+                        stderr_truncated: err.truncated,
+                    });
                 }
                 Frame::Error { error, .. } => {
                     g.done = true;
@@ -293,13 +363,16 @@ impl AgentConn {
     }
 
     /// Starts a command and returns its events as they come. Dropping the receiver (or sending
-    /// on the kill channel) cancels the command.
+    /// on the kill channel) cancels the command. Past `deadline` (the command's timeout plus a
+    /// grace, for a guest that cannot enforce it) the stream ends with a `TIMEOUT` error event
+    /// and the command is cancelled.
     pub fn exec_stream(
         &self,
         req: ExecRequest,
         stdin: Option<Vec<u8>>,
+        deadline: Option<Duration>,
     ) -> Result<(mpsc::Receiver<ExecEvent>, oneshot::Sender<()>), AgentError> {
-        self.exec_stream_op(Op::Exec(req), stdin)
+        self.exec_stream_op(Op::Exec(req), stdin, deadline)
     }
 
     /// [`AgentConn::exec_stream`] of an `Op::Exec` or `Op::ExecIn`.
@@ -307,12 +380,20 @@ impl AgentConn {
         &self,
         op: Op,
         stdin: Option<Vec<u8>>,
+        deadline: Option<Duration>,
     ) -> Result<(mpsc::Receiver<ExecEvent>, oneshot::Sender<()>), AgentError> {
         let mut s = self.mux.open(op)?;
         let (ev_tx, ev_rx) = mpsc::channel(16);
         let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let mut g = guard(&s);
+            let expired = async move {
+                match deadline {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             if let Some(data) = stdin {
                 if s.tx.send_data(Chan::Stdin, &data).await.is_err()
                     || s.tx.send_eof(Chan::Stdin).is_err()
@@ -331,6 +412,20 @@ impl AgentConn {
                 let frame = tokio::select! {
                     f = s.rx.recv() => f,
                     _ = &mut kill_rx => return, // the guard cancels the command
+                    _ = &mut expired => {
+                        // the guard cancels the command
+                        let message = format!(
+                            "the command did not end within {:?} (its timeout and a grace): \
+                             the guest did not answer",
+                            deadline.unwrap_or_default()
+                        );
+                        tracing::warn!(%message, "exec stream deadline");
+                        let ev = ExecEvent::Error { code: ErrorCode::Timeout, message };
+                        if ev_tx.send(ev).await.is_err() {
+                            tracing::debug!("exec stream dropped before its deadline error");
+                        }
+                        return;
+                    }
                 };
                 let (event, last) = match frame {
                     Ok(Frame::Data {
@@ -402,6 +497,7 @@ impl AgentConn {
         terminal(frame)
     }
 
+    /// Reads `path` from the guest.
     /// Mounts the guest image file `path` (`size` bytes, `fstype`) read-only on `target`.
     pub async fn mount_image(
         &self,
@@ -420,6 +516,24 @@ impl AgentConn {
         let r = terminal(s.rx.recv().await?);
         g.done = true;
         r
+    }
+
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
+        let mut s = self.mux.open(Op::ReadFile {
+            path: path.to_string(),
+        })?;
+        let mut g = guard(&s);
+        let mut buf = Vec::new();
+        loop {
+            match s.rx.recv().await? {
+                Frame::Data { data, .. } => buf.extend_from_slice(&data),
+                other => {
+                    g.done = true;
+                    terminal(other)?;
+                    return Ok(buf);
+                }
+            }
+        }
     }
 }
 
@@ -485,6 +599,3 @@ fn terminal(frame: Frame) -> Result<(), AgentError> {
 
 #[cfg(test)]
 mod generation_tests;
-mod read;
-
-pub use read::{ReadError, READ_IDLE_TIMEOUT};

@@ -33,17 +33,15 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long an operation that lost its channel waits to learn whether the VM exited.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
-/// How long the guest gets, beyond its linger time, to power off by itself once its owner is
-/// gone before the watchdog ends the VMM.
-const POWER_OFF_GRACE: Duration = Duration::from_secs(4);
+/// How long past its timeout a command may take before the host gives up on it (a guest that
+/// cannot enforce the timeout): `exec` fails with `Timeout`, `exec_stream` ends with a `TIMEOUT`
+/// error event.
+pub(crate) const EXEC_GRACE: Duration = Duration::from_secs(10);
 
 struct Vm {
     pid: u32,
     /// `Some(description)` once the VMM process has exited.
     exit: watch::Receiver<Option<String>>,
-    /// The owner's end of the VM's watchdog tie (machines that must not outlive their owner):
-    /// dropped with this handle or this process, the watchdog ends the VM (`local::watchdog`).
-    _tie: Option<std::os::fd::OwnedFd>,
 }
 
 pub(crate) struct Inner {
@@ -439,33 +437,6 @@ impl LocalMachine {
         self.launch_workload().await
     }
 
-    /// The watchdog that ends the VM and its helpers when this handle or process goes away,
-    /// whatever the guest does (`None` for a detached machine, which outlives its process).
-    fn start_watchdog(&self, vmm: Option<ProcId>) -> Result<Option<super::watchdog::Watchdog>> {
-        let spec = &self.inner.spec;
-        let (Some(linger_ms), Some(vmm)) = (spec.linger_ms, vmm) else {
-            return Ok(None);
-        };
-        let helpers: Vec<ProcId> = self
-            .inner
-            .helpers
-            .lock()
-            .expect("helpers lock")
-            .iter()
-            .filter_map(|c| ProcId::of(c.id()))
-            .collect();
-        let grace = Duration::from_millis(linger_ms) + POWER_OFF_GRACE;
-        super::watchdog::start(vmm, &helpers, grace, &spec.dir.join("watchdog.log"))
-            .map(Some)
-            .map_err(|e| Error::BootFailed {
-                name: self.inner.name.clone(),
-                reason: format!(
-                    "cannot start the watchdog that ends the VM with its owner (/bin/sh): {e}"
-                ),
-                log_tail: String::new(),
-            })
-    }
-
     /// Starts the VMM and waits for the agent's hello.
     async fn boot_vm(&self) -> Result<()> {
         let listener = self.bind_agent_socket()?;
@@ -501,40 +472,17 @@ impl LocalMachine {
                 },
             })?;
         let pid = child.id().unwrap_or(0);
-        let vmm_id = ProcId::of(pid);
-        let watchdog = match self.start_watchdog(vmm_id) {
-            Ok(w) => w,
-            Err(e) => {
-                if let Err(k) = child.start_kill() {
-                    tracing::debug!(pid, error = %k, "VMM already gone");
-                }
-                Self::stop_helpers(&self.inner);
-                return Err(e);
-            }
-        };
-        let (tie, watchdog) = match watchdog {
-            Some(w) => (Some(w.tie), Some(w.process)),
-            None => (None, None),
-        };
         let (exit_tx, exit_rx) = watch::channel(None);
         *self.inner.vm.lock().expect("vm lock") = Some(Vm {
             pid,
             exit: exit_rx.clone(),
-            _tie: tie,
         });
         let me = ProcId::current();
-        let console = self.inner.spec.console_log();
+        let vmm_id = ProcId::of(pid);
         // the supervisor first: the VMM may exit while the record is written
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            let status = child.wait().await;
-            end_children(watchdog.into_iter().collect());
-            // A guest kernel panic ends QEMU like a power-off (status 0): the console says which.
-            let crash = match &status {
-                Ok(s) if s.code().is_some() => super::vmm::crash_report(&console),
-                _ => None,
-            };
-            let detail = crash.unwrap_or_else(|| describe_exit(status));
+            let detail = describe_exit(child.wait().await);
             Self::on_exit(&weak, &detail).await;
             // no receiver left: every handle is gone, nobody waits for the exit
             if exit_tx.send(Some(detail)).is_err() {
@@ -627,6 +575,7 @@ impl LocalMachine {
         drop(listener);
         match outcome {
             Ok(conn) => {
+                self.watch_agent(conn.clone());
                 *self.inner.conn.lock().expect("conn lock") = Some(conn);
                 Ok(())
             }
@@ -640,6 +589,38 @@ impl LocalMachine {
                 })
             }
         }
+    }
+
+    /// When the guest agent restarts (PID 1 started it again after it died, and it said
+    /// goodbye to this session), connects to the new agent, so that the next operation works:
+    /// the session's operations have failed with `Interrupted` already.
+    fn watch_agent(&self, conn: AgentConn) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let closed = conn.closed().await;
+            if !closed.agent_restarted() {
+                return;
+            }
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let m = LocalMachine { inner };
+            let _one_at_a_time = m.inner.lifecycle.lock().await;
+            let current = m.inner.conn.lock().expect("conn lock").clone();
+            let ours = current.is_some_and(|c| c.same(&conn));
+            if !ours || m.phase() != Phase::Running {
+                return;
+            }
+            tracing::warn!(machine = %m.inner.name, "the guest agent restarted; connecting to the new one");
+            match m.reconnect().await {
+                Ok(()) => {
+                    tracing::info!(machine = %m.inner.name, "connected to the restarted agent")
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %m.inner.name, error = %e, "could not connect to the restarted agent")
+                }
+            }
+        });
     }
 
     /// Attaches to the VM of another process: take over its agent socket and wait for QEMU to
@@ -666,7 +647,6 @@ impl LocalMachine {
         *self.inner.vm.lock().expect("vm lock") = Some(Vm {
             pid,
             exit: exit_rx.clone(),
-            _tie: None,
         });
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
@@ -747,6 +727,14 @@ impl LocalMachine {
             e @ AgentError::NotSupported(_) => Error::NotSupported {
                 message: e.to_string(),
             },
+            e @ AgentError::TooLarge { .. } => Error::InvalidConfig {
+                message: e.to_string(),
+            },
+            // The VM is up: no wait for an exit that will not come.
+            AgentError::Closed(closed) if closed.agent_restarted() => Error::Interrupted {
+                name: self.inner.name.clone(),
+                detail: closed.reason,
+            },
             AgentError::Closed(closed) => {
                 let mut detail = format!("agent connection lost ({})", closed.reason);
                 if let Some(mut rx) = self.exit_watch() {
@@ -820,22 +808,21 @@ impl LocalMachine {
     ) -> Result<ExecResult> {
         let conn = self.conn("exec")?;
         let fut = conn.exec_op(op, opts.stdin.clone());
-        // Safety net if the guest cannot enforce the timeout (a wedged VM): give up 10 s later.
+        // Safety net if the guest cannot enforce the timeout (a wedged VM): give up a grace later.
         let outcome = match opts.timeout {
-            Some(t) => tokio::time::timeout(t + Duration::from_secs(10), fut)
+            Some(t) => tokio::time::timeout(t + EXEC_GRACE, fut)
                 .await
                 .map_err(|_| Error::Timeout {
-                    what: format!(
-                        "{:?} did not end {:?} after its timeout",
-                        argv,
-                        Duration::from_secs(10)
-                    ),
+                    what: format!("{argv:?} did not end {EXEC_GRACE:?} after its timeout"),
                 })?,
             None => fut.await,
         };
         match outcome {
-            Ok((code, timed_out, out, err)) => {
-                Ok(ExecResult::from_bytes(code, timed_out, out, err))
+            Ok(o) => {
+                let mut r = ExecResult::from_bytes(o.code, o.timed_out, o.stdout, o.stderr);
+                r.stdout_truncated = o.stdout_truncated;
+                r.stderr_truncated = o.stderr_truncated;
+                Ok(r)
             }
             Err(e) => Err(self.map_err(e).await),
         }

@@ -3,19 +3,7 @@
 
 use smol_protocol::Op;
 
-use super::super::agent::{ReadError, READ_IDLE_TIMEOUT};
 use super::*;
-
-impl LocalMachine {
-    /// Maps a failed read: the agent's errors as every agent error, the host's limits as they
-    /// are.
-    async fn map_read_err(&self, e: ReadError) -> Error {
-        match e {
-            ReadError::Agent(e) => self.map_err(e).await,
-            ReadError::Host(e) => e,
-        }
-    }
-}
 
 #[async_trait::async_trait]
 impl MachineBackend for LocalMachine {
@@ -54,7 +42,9 @@ impl MachineBackend for LocalMachine {
     async fn exec_stream(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecStream> {
         let req = self.request(argv, opts)?;
         let conn = self.conn("exec")?;
-        match conn.exec_stream(req, opts.stdin.clone()) {
+        // The same safety net as a buffered exec: the timeout plus a grace.
+        let deadline = opts.timeout.map(|t| t + super::EXEC_GRACE);
+        match conn.exec_stream(req, opts.stdin.clone(), deadline) {
             Ok((rx, kill)) => Ok(ExecStream::new(rx, kill)),
             Err(e) => Err(self.map_err(e).await),
         }
@@ -70,35 +60,11 @@ impl MachineBackend for LocalMachine {
 
     async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         let conn = self.conn("read a file")?;
-        let limit = smol_protocol::READ_FILE_LIMIT;
-        match conn.read_file(path, limit, READ_IDLE_TIMEOUT).await {
+        match conn.read_file(path).await {
             Ok(b) => Ok(b),
-            Err(e) => Err(self.map_read_err(e).await),
+            Err(e) => Err(self.map_err(e).await),
         }
     }
-
-    async fn read_file_stream(&self, path: &str) -> Result<crate::FileReader> {
-        let conn = self.conn("read a file")?;
-        let mut chunks = match conn.read_file_stream(path, READ_IDLE_TIMEOUT) {
-            Ok(rx) => rx,
-            Err(e) => return Err(self.map_err(e).await),
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let machine = self.clone();
-        tokio::spawn(async move {
-            while let Some(item) = chunks.recv().await {
-                let item = match item {
-                    Ok(chunk) => Ok(chunk),
-                    Err(e) => Err(machine.map_read_err(e).await),
-                };
-                if tx.send(item).await.is_err() {
-                    return; // the reader was dropped: dropping `chunks` cancels the read
-                }
-            }
-        });
-        Ok(crate::FileReader::new(rx))
-    }
-
 
     #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
     async fn start(&self) -> Result<()> {

@@ -22,7 +22,6 @@ pub mod record;
 mod registry;
 pub mod state;
 pub mod vmm;
-mod watchdog;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

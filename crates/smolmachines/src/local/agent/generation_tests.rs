@@ -83,7 +83,8 @@ async fn a_generation_1_agent_is_accepted_and_spoken_to_in_generation_1() {
     assert_eq!(conn.generation(), 1);
     assert_eq!(conn.hello.software, "old-agent");
 
-    let (code, _, out, _) = conn.exec(req(None), None).await.unwrap();
+    let r = conn.exec(req(None), None).await.unwrap();
+    let (code, out) = (r.code, r.stdout);
     assert_eq!((code, out.as_slice()), (0, &b"echo ok"[..]));
     conn.ping().await.unwrap();
 
@@ -126,7 +127,8 @@ async fn a_current_agent_speaks_the_newest_generation() {
     tokio::spawn(fake_agent(path, Generations::CURRENT));
     let conn = AgentConn::accept(&listener, DEADLINE).await.unwrap();
     assert_eq!(conn.generation(), PROTOCOL_VERSION);
-    let (code, _, out, _) = conn.exec(req(Some("root")), None).await.unwrap();
+    let r = conn.exec(req(Some("root")), None).await.unwrap();
+    let (code, out) = (r.code, r.stdout);
     assert_eq!((code, out.as_slice()), (0, &b"echo ok"[..]));
 }
 
