@@ -276,6 +276,14 @@ fn network_up() {
     }
 }
 
+/// The guest's memory-backed mounts: (target, mode, size in percent of RAM). Together they take
+/// at most half of RAM (tested: filling all of them leaves the guest running).
+pub const TMPFS: [(&str, &str, u32); 3] = [
+    ("/tmp", "1777", 30),
+    ("/dev/shm", "1777", 15),
+    ("/run", "0755", 5),
+];
+
 /// Prepares the guest system. Called once, by PID 1.
 pub fn setup() -> Config {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
@@ -302,9 +310,18 @@ pub fn setup() -> Config {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         "gid=5,mode=620,ptmxmode=666",
     );
-    mount("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777");
-    mount("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777");
-    mount("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755");
+    // Each tmpfs would default to half of RAM: filled together they took 150 % of it and the
+    // kernel panicked ("System is deadlocked on memory"). Capped at half of RAM in total, a full
+    // /tmp or /dev/shm is ENOSPC and the other half stays for the kernel and the processes.
+    for (target, mode, size) in TMPFS {
+        mount(
+            "tmpfs",
+            target,
+            "tmpfs",
+            nosuid_nodev,
+            &format!("mode={mode},size={size}%"),
+        );
+    }
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
         ("/dev/stdin", "/proc/self/fd/0"),
@@ -372,6 +389,13 @@ pub fn power_off() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_backed_mounts_take_at_most_half_of_ram_together() {
+        let total: u32 = TMPFS.iter().map(|(_, _, pct)| pct).sum();
+        assert!(total <= 50, "{total} % of RAM");
+        assert!(TMPFS.iter().all(|(_, _, pct)| *pct > 0));
+    }
 
     #[test]
     fn cmdline_words() {

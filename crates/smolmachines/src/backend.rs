@@ -53,6 +53,10 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
     async fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<()>;
     /// Reads a guest file.
     async fn read_file(&self, path: &str) -> Result<Vec<u8>>;
+    /// Reads a guest file as a stream. The default: `NotSupported`.
+    async fn read_file_stream(&self, _path: &str) -> Result<crate::FileReader> {
+        Err(crate::file_reader::not_supported())
+    }
     /// Boots a stopped machine.
     async fn start(&self) -> Result<()>;
     /// Stops the machine (clean guest power-off, killed after a timeout).
@@ -437,10 +441,28 @@ impl Machine {
         self.inner.write_file(path, data.as_ref(), mode).await
     }
 
-    /// Reads the absolute guest `path`, byte-exact.
+    /// Reads the absolute guest `path`, byte-exact. Only regular files are read (symlinks are
+    /// followed): a device, FIFO or socket is [`Error::NotSupported`] naming the path and its
+    /// type. A file of more than [`READ_FILE_LIMIT`](smol_protocol::READ_FILE_LIMIT) bytes
+    /// (256 MiB) is [`Error::InvalidConfig`] naming its size and the limit, refused before it
+    /// is read (one that grows past it while read stops there): use
+    /// [`Machine::read_file_stream`] for bigger files. A read that receives nothing from the
+    /// guest for 30 s (a wedged file system) is cancelled with [`Error::Timeout`].
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         check_guest_path(path)?;
         self.inner.read_file(path).await
+    }
+
+    /// Reads the absolute guest `path` as a stream of chunks of any size ([`FileReader`],
+    /// also an `AsyncRead`), paced by the caller: memory stays bounded whatever the file's
+    /// size. The same rules as [`Machine::read_file`] otherwise (regular files only, the idle
+    /// deadline); no size limit. Needs an agent of protocol generation 3 (else
+    /// `NotSupported`).
+    ///
+    /// [`FileReader`]: crate::FileReader
+    pub async fn read_file_stream(&self, path: &str) -> Result<crate::FileReader> {
+        check_guest_path(path)?;
+        self.inner.read_file_stream(path).await
     }
 
     /// Pulls `image` into the engine's image cache (SPEC §4.5; local only).

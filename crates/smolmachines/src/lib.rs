@@ -19,6 +19,7 @@ pub mod backend;
 mod cleanup;
 pub mod config;
 pub mod error;
+mod file_reader;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod image;
@@ -33,6 +34,7 @@ pub use config::{
     ResourceSpec, Support, Target, MAX_BUFFERED_OUTPUT, MAX_WAIT,
 };
 pub use error::{Error, ErrorCode, Problem, Result};
+pub use file_reader::FileReader;
 pub use image::ImageInfo;
 
 /// Whether this host can run local machines, and with which accelerator (SPEC §3.10). Never

@@ -497,7 +497,6 @@ impl AgentConn {
         terminal(frame)
     }
 
-    /// Reads `path` from the guest.
     /// Mounts the guest image file `path` (`size` bytes, `fstype`) read-only on `target`.
     pub async fn mount_image(
         &self,
@@ -516,24 +515,6 @@ impl AgentConn {
         let r = terminal(s.rx.recv().await?);
         g.done = true;
         r
-    }
-
-    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
-        let mut s = self.mux.open(Op::ReadFile {
-            path: path.to_string(),
-        })?;
-        let mut g = guard(&s);
-        let mut buf = Vec::new();
-        loop {
-            match s.rx.recv().await? {
-                Frame::Data { data, .. } => buf.extend_from_slice(&data),
-                other => {
-                    g.done = true;
-                    terminal(other)?;
-                    return Ok(buf);
-                }
-            }
-        }
     }
 }
 
@@ -599,3 +580,6 @@ fn terminal(frame: Frame) -> Result<(), AgentError> {
 
 #[cfg(test)]
 mod generation_tests;
+mod read;
+
+pub use read::{ReadError, READ_IDLE_TIMEOUT};

@@ -37,11 +37,17 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// cannot enforce the timeout): `exec` fails with `Timeout`, `exec_stream` ends with a `TIMEOUT`
 /// error event.
 pub(crate) const EXEC_GRACE: Duration = Duration::from_secs(10);
+/// How long the guest gets, beyond its linger time, to power off by itself once its owner is
+/// gone before the watchdog ends the VMM.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(4);
 
 struct Vm {
     pid: u32,
     /// `Some(description)` once the VMM process has exited.
     exit: watch::Receiver<Option<String>>,
+    /// The owner's end of the VM's watchdog tie (machines that must not outlive their owner):
+    /// dropped with this handle or this process, the watchdog ends the VM (`local::watchdog`).
+    _tie: Option<std::os::fd::OwnedFd>,
 }
 
 pub(crate) struct Inner {
@@ -437,6 +443,33 @@ impl LocalMachine {
         self.launch_workload().await
     }
 
+    /// The watchdog that ends the VM and its helpers when this handle or process goes away,
+    /// whatever the guest does (`None` for a detached machine, which outlives its process).
+    fn start_watchdog(&self, vmm: Option<ProcId>) -> Result<Option<super::watchdog::Watchdog>> {
+        let spec = &self.inner.spec;
+        let (Some(linger_ms), Some(vmm)) = (spec.linger_ms, vmm) else {
+            return Ok(None);
+        };
+        let helpers: Vec<ProcId> = self
+            .inner
+            .helpers
+            .lock()
+            .expect("helpers lock")
+            .iter()
+            .filter_map(|c| ProcId::of(c.id()))
+            .collect();
+        let grace = Duration::from_millis(linger_ms) + POWER_OFF_GRACE;
+        super::watchdog::start(vmm, &helpers, grace, &spec.dir.join("watchdog.log"))
+            .map(Some)
+            .map_err(|e| Error::BootFailed {
+                name: self.inner.name.clone(),
+                reason: format!(
+                    "cannot start the watchdog that ends the VM with its owner (/bin/sh): {e}"
+                ),
+                log_tail: String::new(),
+            })
+    }
+
     /// Starts the VMM and waits for the agent's hello.
     async fn boot_vm(&self) -> Result<()> {
         let listener = self.bind_agent_socket()?;
@@ -472,17 +505,40 @@ impl LocalMachine {
                 },
             })?;
         let pid = child.id().unwrap_or(0);
+        let vmm_id = ProcId::of(pid);
+        let watchdog = match self.start_watchdog(vmm_id) {
+            Ok(w) => w,
+            Err(e) => {
+                if let Err(k) = child.start_kill() {
+                    tracing::debug!(pid, error = %k, "VMM already gone");
+                }
+                Self::stop_helpers(&self.inner);
+                return Err(e);
+            }
+        };
+        let (tie, watchdog) = match watchdog {
+            Some(w) => (Some(w.tie), Some(w.process)),
+            None => (None, None),
+        };
         let (exit_tx, exit_rx) = watch::channel(None);
         *self.inner.vm.lock().expect("vm lock") = Some(Vm {
             pid,
             exit: exit_rx.clone(),
+            _tie: tie,
         });
         let me = ProcId::current();
-        let vmm_id = ProcId::of(pid);
+        let console = self.inner.spec.console_log();
         // the supervisor first: the VMM may exit while the record is written
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            let detail = describe_exit(child.wait().await);
+            let status = child.wait().await;
+            end_children(watchdog.into_iter().collect());
+            // A guest kernel panic ends QEMU like a power-off (status 0): the console says which.
+            let crash = match &status {
+                Ok(s) if s.code().is_some() => super::vmm::crash_report(&console),
+                _ => None,
+            };
+            let detail = crash.unwrap_or_else(|| describe_exit(status));
             Self::on_exit(&weak, &detail).await;
             // no receiver left: every handle is gone, nobody waits for the exit
             if exit_tx.send(Some(detail)).is_err() {
@@ -647,6 +703,7 @@ impl LocalMachine {
         *self.inner.vm.lock().expect("vm lock") = Some(Vm {
             pid,
             exit: exit_rx.clone(),
+            _tie: None,
         });
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {

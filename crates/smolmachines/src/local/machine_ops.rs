@@ -3,7 +3,19 @@
 
 use smol_protocol::Op;
 
+use super::super::agent::{ReadError, READ_IDLE_TIMEOUT};
 use super::*;
+
+impl LocalMachine {
+    /// Maps a failed read: the agent's errors as every agent error, the host's limits as they
+    /// are.
+    async fn map_read_err(&self, e: ReadError) -> Error {
+        match e {
+            ReadError::Agent(e) => self.map_err(e).await,
+            ReadError::Host(e) => e,
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl MachineBackend for LocalMachine {
@@ -60,11 +72,35 @@ impl MachineBackend for LocalMachine {
 
     async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         let conn = self.conn("read a file")?;
-        match conn.read_file(path).await {
+        let limit = smol_protocol::READ_FILE_LIMIT;
+        match conn.read_file(path, limit, READ_IDLE_TIMEOUT).await {
             Ok(b) => Ok(b),
-            Err(e) => Err(self.map_err(e).await),
+            Err(e) => Err(self.map_read_err(e).await),
         }
     }
+
+    async fn read_file_stream(&self, path: &str) -> Result<crate::FileReader> {
+        let conn = self.conn("read a file")?;
+        let mut chunks = match conn.read_file_stream(path, READ_IDLE_TIMEOUT) {
+            Ok(rx) => rx,
+            Err(e) => return Err(self.map_err(e).await),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let machine = self.clone();
+        tokio::spawn(async move {
+            while let Some(item) = chunks.recv().await {
+                let item = match item {
+                    Ok(chunk) => Ok(chunk),
+                    Err(e) => Err(machine.map_read_err(e).await),
+                };
+                if tx.send(item).await.is_err() {
+                    return; // the reader was dropped: dropping `chunks` cancels the read
+                }
+            }
+        });
+        Ok(crate::FileReader::new(rx))
+    }
+
 
     #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
     async fn start(&self) -> Result<()> {

@@ -22,6 +22,7 @@ pub mod record;
 mod registry;
 pub mod state;
 pub mod vmm;
+mod watchdog;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

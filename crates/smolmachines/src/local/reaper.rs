@@ -34,6 +34,31 @@ fn remove_dir(path: &Path) {
     }
 }
 
+/// How long a persistent machine's VMM may outlive its owner before the reaper ends it: the
+/// guest's linger, the watchdog's grace, and a margin.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(15);
+
+/// Whether the VMM `pid` of `name`, first seen orphaned by this process's reaper, has had
+/// [`ORPHAN_GRACE`] to end by itself.
+fn orphan_grace_over(name: &str, pid: u32) -> bool {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+    static SEEN: OnceLock<Mutex<HashMap<(String, u32), Instant>>> = OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .expect("orphan map lock");
+    let first = *seen
+        .entry((name.to_string(), pid))
+        .or_insert_with(Instant::now);
+    let over = first.elapsed() >= ORPHAN_GRACE;
+    if over {
+        seen.remove(&(name.to_string(), pid));
+    }
+    over
+}
+
 /// Reaps `rec` if its owner died. True when the record is gone (a non-persistent machine);
 /// blocking (SQLite, `/proc`, the file system).
 pub(crate) fn reap_one(db: &StateDb, dirs: &Dirs<'_>, mut rec: Record) -> Result<bool> {
@@ -50,7 +75,14 @@ pub(crate) fn reap_one(db: &StateDb, dirs: &Dirs<'_>, mut rec: Record) -> Result
     }
     if let Some(v) = rec.vmm.filter(|v| v.alive()) {
         // The agent syncs when its host goes away, and powers off by itself after the linger
-        // time; a VMM still here is ended (SIGTERM: QEMU flushes its disks).
+        // time (and the owner's watchdog ends the VMM soon after, whatever the guest does). A
+        // persistent machine's guest gets that time: ended at once, it would lose what it had
+        // not synced yet, and a `connect` meanwhile attaches to it. A VMM still there after
+        // ORPHAN_GRACE is ended (SIGTERM: QEMU flushes its disks).
+        if rec.persistent && !orphan_grace_over(&rec.name, v.pid) {
+            tracing::debug!(machine = %rec.name, pid = v.pid, "reaper: owner gone, the guest is powering off");
+            return Ok(false);
+        }
         tracing::info!(machine = %rec.name, pid = v.pid, "reaper: ending the VMM of a dead owner");
         // SAFETY: signals the recorded VMM process (pid and start time checked); no memory.
         if unsafe { libc::kill(v.pid as i32, libc::SIGTERM) } != 0 {
@@ -148,5 +180,50 @@ mod tests {
         );
         // nothing left to do
         assert_eq!(reap_all(&db, &dirs).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_persistent_guest_gets_time_to_power_off_before_its_vmm_is_ended() {
+        let home = tempfile::tempdir().unwrap();
+        let db = StateDb::open(home.path()).unwrap();
+        let (run, mhome) = (home.path().join("run"), home.path().join("machines"));
+        let dirs = Dirs {
+            run: &run,
+            home: &mhome,
+        };
+        let me = ProcId::current();
+        let dead = ProcId {
+            pid: me.pid,
+            start: me.start + 1,
+        };
+        // stand-ins for two VMMs: real processes the reaper may signal
+        let mut kept_vmm = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut ended_vmm = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut kept = rec("kept", true, Some(dead));
+        kept.vmm = ProcId::of(kept_vmm.id());
+        let mut gone = rec("gone", false, Some(dead));
+        gone.vmm = ProcId::of(ended_vmm.id());
+        db.insert(&kept).unwrap();
+        db.insert(&gone).unwrap();
+        assert_eq!(reap_all(&db, &dirs).unwrap(), 1);
+        // the ephemeral machine's VMM is ended at once
+        let status = ended_vmm.wait().unwrap();
+        assert!(!status.success(), "{status:?}");
+        // the persistent one keeps its VMM (and its record says so) within the grace
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            kept_vmm.try_wait().unwrap().is_none(),
+            "ended before its grace"
+        );
+        let rec = db.get("kept").unwrap().unwrap();
+        assert_eq!(rec.vmm, kept.vmm, "a live VMM must stay in the record");
+        kept_vmm.kill().unwrap();
+        kept_vmm.wait().unwrap();
     }
 }

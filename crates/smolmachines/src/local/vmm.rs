@@ -350,6 +350,9 @@ impl Vmm for Qemu {
 
     fn spawn(&self, spec: &VmSpec) -> Result<tokio::process::Child, VmmError> {
         let bin = self.resolved()?;
+        // QEMU truncates the console file: the previous boot's (a panic, say) is kept aside.
+        keep_previous(&spec.console_log());
+        keep_previous(&spec.vmm_log());
         let log_path = spec.vmm_log();
         let log = std::fs::File::create(&log_path).map_err(|source| VmmError::Log {
             path: log_path.clone(),
@@ -404,12 +407,75 @@ impl Vmm for Qemu {
     }
 }
 
-/// Last `lines` lines of a log file, for error messages.
+/// The previous boot's copy of a log file: `console.log` -> `console.log.1`.
+pub fn previous(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".1");
+    path.with_file_name(name)
+}
+
+/// Moves a log file of the previous boot to [`previous`] (replacing the one before it), so that
+/// a new boot does not wipe what the last one printed. A log that is not there is fine.
+fn keep_previous(path: &Path) {
+    match std::fs::rename(path, previous(path)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep the previous boot's log")
+        }
+    }
+}
+
+/// How much of the end of a log file [`tail`] reads: a guest can make its console log huge.
+const TAIL_BYTES: u64 = 64 * 1024;
+
+/// Last `lines` lines of a log file (within its last 64 KiB), for error messages.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = Vec::new();
+    let read = std::fs::File::open(path).and_then(|mut f| {
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
+        f.take(TAIL_BYTES).read_to_end(&mut text)
+    });
+    if let Err(e) = read {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::debug!(path = %path.display(), error = %e, "cannot read the log");
+        }
+    }
     let text = String::from_utf8_lossy(&text);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// How many console lines a crash report carries.
+const CRASH_LINES: usize = 20;
+
+/// If the guest's console says its kernel panicked (with `panic=-1` and `-no-reboot` a panic
+/// ends QEMU with status 0, like a power-off): "the VM crashed: <panic line>" and the console's
+/// last lines. `None` when the console shows no panic.
+pub fn crash_report(console: &Path) -> Option<String> {
+    let last = tail(console, 400);
+    let lines: Vec<&str> = last.lines().collect();
+    let at = lines
+        .iter()
+        .rposition(|l| l.contains("Kernel panic - not syncing"))?;
+    let panic = lines[at].trim();
+    let panic = panic
+        .find("Kernel panic")
+        .map_or(panic, |i| &panic[i..])
+        .trim_end_matches(" ]---");
+    // the panic line and what follows (the trace), or the last lines when they include it
+    let from = lines.len().saturating_sub(CRASH_LINES).min(at);
+    let shown: Vec<&str> = lines[from..]
+        .iter()
+        .take(2 * CRASH_LINES)
+        .copied()
+        .collect();
+    Some(format!(
+        "the VM crashed: {panic} (its kernel panicked); the guest console's last lines:\n{}",
+        shown.join("\n")
+    ))
 }
 
 #[cfg(test)]
@@ -489,6 +555,65 @@ mod tests {
         assert!(!cmdline.contains("noapictimer"));
         assert!(!cmdline.contains("acpi=off"));
         assert!(!cmdline.contains("tsc_early_khz"), "KVM has kvmclock");
+    }
+
+    #[test]
+    fn a_panic_on_the_console_is_a_crash_report_with_its_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let console = d.path().join("console.log");
+        // a clean boot and power-off: no crash
+        std::fs::write(
+            &console,
+            "[    0.1] smol-agent: up\n[    9.0] reboot: Power down\n",
+        )
+        .unwrap();
+        assert_eq!(crash_report(&console), None);
+        assert_eq!(crash_report(&d.path().join("none")), None);
+        let mut text = String::new();
+        for i in 0..100 {
+            text.push_str(&format!("[ {i}.0] Mem-Info line {i}\n"));
+        }
+        text.push_str("[ 2.2] Kernel panic - not syncing: System is deadlocked on memory\n");
+        for i in 0..60 {
+            text.push_str(&format!("[ 2.3] trace {i}\n"));
+        }
+        text.push_str(
+            "[ 2.4] ---[ end Kernel panic - not syncing: System is deadlocked on memory ]---\n",
+        );
+        std::fs::write(&console, text).unwrap();
+        let r = crash_report(&console).unwrap();
+        let first = r.lines().next().unwrap();
+        assert!(
+            first.starts_with(
+                "the VM crashed: Kernel panic - not syncing: System is deadlocked on memory ("
+            ),
+            "{first}"
+        );
+        assert!(
+            r.contains("trace 59") && r.contains("---[ end Kernel panic"),
+            "{r}"
+        );
+        assert!(r.lines().count() <= CRASH_LINES + 1, "{r}");
+    }
+
+    #[test]
+    fn the_previous_boots_log_is_kept_and_the_tail_reads_only_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("console.log");
+        assert_eq!(previous(&log), d.path().join("console.log.1"));
+        keep_previous(&log); // nothing there yet: fine
+        std::fs::write(&log, "boot 1\n").unwrap();
+        keep_previous(&log);
+        std::fs::write(&log, "boot 2\n").unwrap();
+        keep_previous(&log);
+        assert!(!log.exists());
+        assert_eq!(std::fs::read_to_string(previous(&log)).unwrap(), "boot 2\n");
+        // a huge log: only its end is read
+        let mut big = "x".repeat(10 * TAIL_BYTES as usize);
+        big.push_str("\nsecond to last\nlast\n");
+        std::fs::write(&log, big).unwrap();
+        assert_eq!(tail(&log, 2), "second to last\nlast");
+        assert_eq!(tail(&d.path().join("none"), 2), "");
     }
 
     #[test]
