@@ -26,6 +26,8 @@ export interface ResourceSpec {
   cpus?: number;
   memoryMb?: number;
   /** Unrestricted egress; local default off. */
+  /** Egress (local default off). The guest cannot reach host loopback services, but does reach
+   *  host services bound to 0.0.0.0 through the host's own address (no egress policy yet). */
   network?: boolean;
   /** Writable disk in GiB (sparse; default 20). */
   storageGb?: number;

@@ -557,8 +557,10 @@ fn network_is_turned_on_by_a_flag() {
         return;
     }
     let d = run_dir();
-    // eth0's state, or no-eth0 (lo, and the kernel's sit0, are always there)
-    let script = "cat /sys/class/net/eth0/operstate 2>/dev/null || echo no-eth0";
+    // whether eth0 is administratively up (IFF_UP, set by the agent), or no-eth0 (lo, and the
+    // kernel's sit0, are always there)
+    let script = "f=$(cat /sys/class/net/eth0/flags 2>/dev/null) || { echo no-eth0; exit; }; \
+                  [ $((f & 1)) = 1 ] && echo up || echo \"down $f\"";
     let o = smol(d.path(), &["run", "--", "sh", "-c", script]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "no-eth0\n");

@@ -175,7 +175,10 @@ pub struct ResourceSpec {
     /// Memory in MiB, [`limits::MIN_MEMORY_MB`]..=[`limits::MAX_MEMORY_MB`] (local default
     /// 512).
     pub memory_mb: Option<u32>,
-    /// Unrestricted egress; local default off, cloud default the server's (open).
+    /// Unrestricted egress; local default off, cloud default the server's (open). Locally the
+    /// guest cannot reach the host's loopback services, but it does reach host services bound
+    /// to `0.0.0.0` (or another host address) through the host's own address: bind what the
+    /// guest must not see to `127.0.0.1` (no egress policy yet).
     pub network: Option<bool>,
     /// Egress restricted to these CIDRs (setting it turns networking on).
     pub allow_cidrs: Vec<String>,

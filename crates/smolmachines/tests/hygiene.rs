@@ -198,3 +198,33 @@ async fn space_freed_in_the_guest_is_given_back_to_the_host() {
     );
     m.delete().await.unwrap();
 }
+
+/// A machine that cannot boot is `BootFailed` whose hint says where its log is (the error's
+/// `log_tail`, which the bindings expose as `e.log_tail` / `err.logTail`), not "check the log
+/// above", which only the CLI prints.
+#[tokio::test]
+async fn boot_failed_says_where_its_log_is() {
+    let Some(mut assets) = common::vm_assets() else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("smt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let bogus = dir.path().join("not-an-initramfs.cpio");
+    std::fs::write(&bogus, b"not a cpio archive").unwrap();
+    assets.initrd = bogus;
+    let engine = smolmachines::local::LocalBackend::at(dir.path()).with_assets(assets);
+    let mut cfg = config(None);
+    cfg.ready_timeout = Some(Duration::from_secs(20));
+    let e = Machine::create_on(&engine, cfg).await.err().unwrap();
+    let Error::BootFailed { log_tail, .. } = &e else {
+        panic!("expected BootFailed, got {e:?}");
+    };
+    assert!(!log_tail.trim().is_empty(), "the console's last lines");
+    let hint = e.hint().unwrap_or_default();
+    assert!(
+        hint.contains("log_tail") && hint.contains("e.log_tail") && !hint.contains("log above"),
+        "{hint}"
+    );
+}

@@ -76,6 +76,13 @@ def _str_list(name: str, v: Any) -> List[str]:
     return list(v)
 
 
+def _guest_path(v: Any) -> str:
+    """A guest path argument: a str (the core checks that it is absolute)."""
+    if not isinstance(v, str):
+        raise InvalidConfigError(f"path must be an absolute guest path (a str), got {v!r}")
+    return v
+
+
 def _protocol(v: Any) -> str:
     if not isinstance(v, str) or v not in ("tcp", "udp"):
         raise InvalidConfigError(f'protocol must be "tcp" or "udp", got {v!r}')
@@ -482,11 +489,12 @@ class Machine:
 
     def read_file(self, path: str) -> bytes:
         """The bytes of the absolute guest ``path``."""
-        return self._n.read_file(path)
+        return self._n.read_file(_guest_path(path))
 
     def write_file(self, path: str, data: Union[str, bytes], mode: Optional[int] = None) -> None:
         """Writes ``data`` (a str is UTF-8 encoded) to the absolute guest ``path``, creating
         parent directories, with permission ``mode`` (default 0o644)."""
+        path = _guest_path(path)
         if isinstance(data, str):
             data = data.encode()
         elif not isinstance(data, bytes):

@@ -36,6 +36,8 @@ class ResourceSpec:
 
     cpus: Optional[int] = None
     memory_mb: Optional[int] = None
+    #: Egress (local default off). The guest cannot reach host loopback services, but does reach
+    #: host services bound to 0.0.0.0 through the host's own address (no egress policy yet).
     network: Optional[bool] = None
     allow_cidrs: Optional[List[str]] = None
     allow_hosts: Optional[List[str]] = None
