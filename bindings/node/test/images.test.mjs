@@ -107,8 +107,8 @@ describe('images', () => {
       );
       assert.ok(!(await Machine.list()).some((x) => x.name === name), `${name} left behind`);
     }
-    // `command` is not in the TS API (SPEC §3.4)
-    await assert.rejects(Machine.create({ name: uniqueName('wl'), image: busybox, command: ['sh'] }), NotSupportedError);
+    // `command` (SPEC §3.4) must be a non-empty argv of non-empty strings
+    await assert.rejects(Machine.create({ name: uniqueName('wl'), image: busybox, command: [''] }), InvalidConfigError);
   });
 
   test('users of the image: per command and for the workload', async () => {

@@ -19,9 +19,9 @@ pub mod backend;
 mod cleanup;
 pub mod config;
 pub mod error;
-mod file_reader;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+mod file_reader;
 pub mod image;
 pub mod local;
 pub mod wire;

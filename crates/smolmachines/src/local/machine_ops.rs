@@ -101,7 +101,6 @@ impl MachineBackend for LocalMachine {
         Ok(crate::FileReader::new(rx))
     }
 
-
     #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
     async fn start(&self) -> Result<()> {
         let _one_at_a_time = self.inner.lifecycle.lock().await;
