@@ -215,7 +215,7 @@ fn errors_are_one_line_with_a_hint() {
 
     let o = smol(d.path(), &["run", "--timeout", "0", "--", "true"]);
     assert_eq!(o.status.code(), Some(125));
-    assert!(text(&o.stderr).contains("--timeout must be > 0"));
+    assert!(text(&o.stderr).contains("--timeout must be a finite number of seconds > 0"));
 
     let o = cmd(d.path())
         .args(["run", "--", "true"])
