@@ -1,0 +1,384 @@
+//! The fleet's state: one SQLite database (`<home>/fleet.db`, WAL) holding tenants, API keys
+//! and machines. Every call runs on tokio's blocking pool ([`Db::call`]).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::FleetError;
+use crate::keys;
+
+/// The schema version this build writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE tenants (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE api_keys (
+    id          TEXT PRIMARY KEY,
+    tenant_id   TEXT NOT NULL REFERENCES tenants(id),
+    key_hash    TEXT NOT NULL UNIQUE,
+    prefix      TEXT NOT NULL,
+    scopes      TEXT NOT NULL,
+    description TEXT,
+    created_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+);
+CREATE TABLE machines (
+    id          TEXT PRIMARY KEY,
+    tenant_id   TEXT NOT NULL REFERENCES tenants(id),
+    name        TEXT NOT NULL,
+    engine_name TEXT NOT NULL UNIQUE,
+    spec        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    UNIQUE (tenant_id, name)
+);
+";
+
+/// A tenant's key as listed (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    /// `key-…`.
+    pub id: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// The first characters of the key, for display.
+    pub prefix: String,
+    /// Space-separated scopes.
+    pub scopes: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds, when revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// A machine of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineRow {
+    /// `mach-…`, what the API names it by.
+    pub id: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// The tenant's name for it (unique per tenant).
+    pub name: String,
+    /// Its name in the engine.
+    pub engine_name: String,
+    /// The create body as accepted (JSON), for what the engine does not keep.
+    pub spec: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// The database, shared.
+#[derive(Debug, Clone)]
+pub struct Db {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Unix seconds of the database as the core's RFC 3339 form.
+pub fn rfc3339(unix: i64) -> String {
+    smolmachines::config::rfc3339(u64::try_from(unix).unwrap_or(0))
+}
+
+/// `prefix` + 16 random lower-case hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+impl Db {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Db, FleetError> {
+        let conn = Connection::open(path).map_err(|e| FleetError::db("open the database", e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| FleetError::db("set the busy timeout", e))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| FleetError::db("enable WAL", e))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(|e| FleetError::db("enable foreign keys", e))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| FleetError::db("read the schema version", e))?;
+        if version > SCHEMA_VERSION {
+            return Err(FleetError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < 1 {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
+            ))
+            .map_err(|e| FleetError::db("create the schema", e))?;
+        }
+        Ok(Db {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection on the blocking pool.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, FleetError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, FleetError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = conn.lock().map_err(|_| FleetError::Poisoned)?;
+            f(&guard)
+        })
+        .await
+        .map_err(|e| FleetError::Join(e.to_string()))?
+    }
+
+    /// Runs `f` on the connection on this thread (the CLI, start-up).
+    pub fn call_sync<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, FleetError>,
+    ) -> Result<T, FleetError> {
+        let guard = self.conn.lock().map_err(|_| FleetError::Poisoned)?;
+        f(&guard)
+    }
+}
+
+/// Whether any tenant exists.
+pub fn has_tenants(c: &Connection) -> Result<bool, FleetError> {
+    c.query_row("SELECT EXISTS (SELECT 1 FROM tenants)", [], |r| r.get(0))
+        .map_err(|e| FleetError::db("count tenants", e))
+}
+
+/// Creates a tenant; its id.
+pub fn create_tenant(c: &Connection, name: &str) -> Result<String, FleetError> {
+    let id = new_id("ten-");
+    c.execute(
+        "INSERT INTO tenants (id, name, created_at) VALUES (?1, ?2, ?3)",
+        params![id, name, now()],
+    )
+    .map_err(|e| FleetError::db("create a tenant", e))?;
+    Ok(id)
+}
+
+/// Whether tenant `id` exists.
+pub fn tenant_exists(c: &Connection, id: &str) -> Result<bool, FleetError> {
+    c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM tenants WHERE id = ?1)",
+        [id],
+        |r| r.get(0),
+    )
+    .map_err(|e| FleetError::db("look up a tenant", e))
+}
+
+/// Creates a key for `tenant_id`; `(key id, the key)`. The key is returned once and only
+/// its hash is stored.
+pub fn create_key(
+    c: &Connection,
+    tenant_id: &str,
+    scopes: &str,
+    description: Option<&str>,
+) -> Result<(String, String), FleetError> {
+    let key = keys::generate();
+    let id = new_id("key-");
+    c.execute(
+        "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, scopes, description, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            id,
+            tenant_id,
+            keys::hash(&key),
+            keys::display_prefix(&key),
+            scopes,
+            description,
+            now()
+        ],
+    )
+    .map_err(|e| FleetError::db("store a key", e))?;
+    Ok((id, key))
+}
+
+/// The tenant of the unrevoked key whose hash is `key_hash`.
+pub fn tenant_of_key(c: &Connection, key_hash: &str) -> Result<Option<String>, FleetError> {
+    let row: Option<(String, String)> = c
+        .query_row(
+            "SELECT key_hash, tenant_id FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
+            [key_hash],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(|e| FleetError::db("look up a key", e))?;
+    Ok(row
+        .filter(|(stored, _)| keys::constant_time_eq(stored.as_bytes(), key_hash.as_bytes()))
+        .map(|(_, tenant)| tenant))
+}
+
+/// Every key (all tenants), oldest first.
+pub fn list_keys(c: &Connection) -> Result<Vec<KeyRow>, FleetError> {
+    let mut st = c
+        .prepare(
+            "SELECT id, tenant_id, prefix, scopes, created_at, revoked_at FROM api_keys
+             ORDER BY created_at, id",
+        )
+        .map_err(|e| FleetError::db("list keys", e))?;
+    let rows = st
+        .query_map([], |r| {
+            Ok(KeyRow {
+                id: r.get(0)?,
+                tenant_id: r.get(1)?,
+                prefix: r.get(2)?,
+                scopes: r.get(3)?,
+                created_at: r.get(4)?,
+                revoked_at: r.get(5)?,
+            })
+        })
+        .map_err(|e| FleetError::db("list keys", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::db("list keys", e))
+}
+
+/// Revokes key `id`; whether it existed and was live.
+pub fn revoke_key(c: &Connection, id: &str) -> Result<bool, FleetError> {
+    let n = c
+        .execute(
+            "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+            params![id, now()],
+        )
+        .map_err(|e| FleetError::db("revoke a key", e))?;
+    Ok(n == 1)
+}
+
+/// Reserves `name` for a new machine of `tenant_id`: `Ok(false)` when the tenant already has
+/// a machine of that name.
+pub fn insert_machine(c: &Connection, m: &MachineRow) -> Result<bool, FleetError> {
+    let t = now();
+    match c.execute(
+        "INSERT INTO machines (id, tenant_id, name, engine_name, spec, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        params![m.id, m.tenant_id, m.name, m.engine_name, m.spec, t],
+    ) {
+        Ok(_) => Ok(true),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(FleetError::db("store a machine", e)),
+    }
+}
+
+fn machine_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRow> {
+    Ok(MachineRow {
+        id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        name: r.get(2)?,
+        engine_name: r.get(3)?,
+        spec: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+const MACHINE_COLUMNS: &str = "id, tenant_id, name, engine_name, spec, created_at";
+
+/// Machine `id` of `tenant_id` (another tenant's is `None`, as a missing one).
+pub fn machine(
+    c: &Connection,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Option<MachineRow>, FleetError> {
+    c.query_row(
+        &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?1 AND tenant_id = ?2"),
+        [id, tenant_id],
+        machine_row,
+    )
+    .optional()
+    .map_err(|e| FleetError::db("look up a machine", e))
+}
+
+/// The machines of `tenant_id`, oldest first.
+pub fn machines(c: &Connection, tenant_id: &str) -> Result<Vec<MachineRow>, FleetError> {
+    let mut st = c
+        .prepare(&format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines WHERE tenant_id = ?1 ORDER BY created_at, id"
+        ))
+        .map_err(|e| FleetError::db("list machines", e))?;
+    let rows = st
+        .query_map([tenant_id], machine_row)
+        .map_err(|e| FleetError::db("list machines", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::db("list machines", e))
+}
+
+/// Removes machine `id`'s record.
+pub fn delete_machine(c: &Connection, id: &str) -> Result<(), FleetError> {
+    c.execute("DELETE FROM machines WHERE id = ?1", [id])
+        .map_err(|e| FleetError::db("remove a machine", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_found_by_hash_and_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("fleet.db")).unwrap();
+        db.call_sync(|c| {
+            assert!(!has_tenants(c)?);
+            let t = create_tenant(c, "a")?;
+            let (id, key) = create_key(c, &t, "admin", None)?;
+            assert_eq!(tenant_of_key(c, &keys::hash(&key))?, Some(t.clone()));
+            assert_eq!(tenant_of_key(c, &keys::hash("smk_other"))?, None);
+            let listed = list_keys(c)?;
+            assert_eq!(listed.len(), 1);
+            assert!(key.starts_with(&listed[0].prefix));
+            // the key itself is nowhere in the database
+            assert!(listed[0].prefix.len() < key.len());
+            assert!(revoke_key(c, &id)?);
+            assert!(!revoke_key(c, &id)?);
+            assert_eq!(tenant_of_key(c, &keys::hash(&key))?, None);
+            Ok(())
+        })
+        .unwrap();
+        // reopening keeps everything (the schema is not made twice)
+        let db = Db::open(&dir.path().join("fleet.db")).unwrap();
+        assert!(db.call_sync(has_tenants).unwrap());
+    }
+
+    #[test]
+    fn machine_names_are_unique_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("fleet.db")).unwrap();
+        db.call_sync(|c| {
+            let a = create_tenant(c, "a")?;
+            let b = create_tenant(c, "b")?;
+            let row = |id: &str, t: &str, name: &str| MachineRow {
+                id: id.into(),
+                tenant_id: t.into(),
+                name: name.into(),
+                engine_name: id.into(),
+                spec: "{}".into(),
+                created_at: 0,
+            };
+            assert!(insert_machine(c, &row("mach-1", &a, "web"))?);
+            assert!(!insert_machine(c, &row("mach-2", &a, "web"))?);
+            assert!(insert_machine(c, &row("mach-3", &b, "web"))?);
+            assert!(machine(c, &a, "mach-1")?.is_some());
+            assert!(machine(c, &b, "mach-1")?.is_none());
+            assert_eq!(machines(c, &a)?.len(), 1);
+            delete_machine(c, "mach-1")?;
+            assert!(machine(c, &a, "mach-1")?.is_none());
+            Ok(())
+        })
+        .unwrap();
+    }
+}

@@ -1,0 +1,138 @@
+//! The server's own errors (its database, start-up) and the one way any error becomes an HTTP
+//! response: [`ApiError`], a `smolmachines::Error` sent as the core's problem+json.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use smolmachines::{Error, ErrorCode};
+
+/// What can go wrong in the fleet's own machinery.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// A database step failed.
+    #[error("fleet database: cannot {what}: {source}")]
+    Db {
+        /// The step.
+        what: &'static str,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer server.
+    #[error("fleet database schema {found} is newer than this server's ({supported}); upgrade smolfleet")]
+    SchemaTooNew {
+        /// Its version.
+        found: i64,
+        /// Ours.
+        supported: i64,
+    },
+    /// A thread panicked while holding the database.
+    #[error("fleet database lock poisoned by a panic")]
+    Poisoned,
+    /// A blocking task did not finish.
+    #[error("fleet blocking task failed: {0}")]
+    Join(String),
+    /// A file or socket step failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FleetError {
+    pub(crate) fn db(what: &'static str, source: rusqlite::Error) -> FleetError {
+        FleetError::Db { what, source }
+    }
+}
+
+impl From<FleetError> for Error {
+    fn from(e: FleetError) -> Error {
+        Error::coded(ErrorCode::SmolvmError, e.to_string())
+    }
+}
+
+/// An error answered as `application/problem+json` with the status of its code, from
+/// [`Error::to_problem`] (and `Retry-After` when the error carries one).
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl ApiError {
+    /// A body that is not JSON (400).
+    pub fn malformed(detail: impl std::fmt::Display) -> ApiError {
+        ApiError(Error::InvalidConfig {
+            message: format!("malformed JSON body: {detail}"),
+        })
+    }
+
+    /// A JSON body that does not satisfy the schema (422).
+    pub fn unprocessable(detail: impl std::fmt::Display) -> ApiError {
+        ApiError(Error::Coded {
+            code: ErrorCode::InvalidConfig,
+            status: 422,
+            message: detail.to_string(),
+            problem_code: None,
+            retryable: false,
+            retry_after: None,
+        })
+    }
+
+    /// A body over `limit` bytes (413).
+    pub fn too_large(what: &str, limit: usize) -> ApiError {
+        ApiError(Error::Coded {
+            code: ErrorCode::InvalidConfig,
+            status: 413,
+            message: format!("{what} is larger than the limit of {limit} bytes"),
+            problem_code: None,
+            retryable: false,
+            retry_after: None,
+        })
+    }
+
+    /// Machine `id` does not exist for this tenant (404).
+    pub fn machine_not_found(id: &str) -> ApiError {
+        ApiError(Error::NotFound {
+            what: format!("machine {id}"),
+        })
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        tracing::error!(error = %e, "fleet internal error");
+        ApiError(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.0.to_problem();
+        let status =
+            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self.0, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self.0, "request refused");
+        }
+        let mut resp = (status, problem.to_json()).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(after) = self.0.retry_after() {
+            let secs = after.as_secs_f64().ceil() as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}

@@ -1,0 +1,26 @@
+//! smolfleet: the self-hostable fleet server. One process speaks the `/v1` REST API of SPEC
+//! §10 (the shapes of [`smolmachines::wire`], errors from the core's one mapping) over an
+//! embedded SQLite database (tenants, API keys, machines) and the local engine as its node.
+//!
+//! * [`Fleet::open`] opens a home (`fleet.db`, `engine/`), creating the first tenant and its
+//!   admin key on first start; [`Fleet::router`] is the HTTP service; [`Fleet::serve`] runs it.
+//! * Machines are created detached and persistent on the engine: they outlive the server, and
+//!   a restarted server finds them again through its database.
+//! * [`testing::spawn`] starts a server on `127.0.0.1:0` for tests (ours and other crates').
+
+mod db;
+mod error;
+mod http;
+pub mod keys;
+mod routes;
+mod server;
+pub mod testing;
+
+pub use db::{rfc3339, Db, KeyRow, MachineRow};
+pub use error::{ApiError, FleetError};
+pub use server::{Fleet, Tenant, FILE_LIMIT, JSON_LIMIT};
+
+/// Database operations for the admin CLI (`smolfleet keys ...`).
+pub mod admin {
+    pub use crate::db::{create_key, create_tenant, list_keys, revoke_key, tenant_exists};
+}

@@ -1,0 +1,209 @@
+//! The fleet: its database, its node (the local engine of `<home>/engine`), the live machine
+//! handles, and the HTTP service over them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use smolmachines::local::LocalBackend;
+use smolmachines::{Error, Machine, MachineState};
+use tokio::net::TcpListener;
+
+use crate::db::{self, Db};
+use crate::error::FleetError;
+use crate::{http, routes};
+
+/// The most a JSON request body may hold (413 past it).
+pub const JSON_LIMIT: usize = 8 << 20;
+/// The most a file upload or download may hold (413 past it; SPEC §10.5.5).
+pub const FILE_LIMIT: usize = 100 << 20;
+
+/// The scopes of the bootstrap key.
+const ADMIN_SCOPES: &str =
+    "admin machine:create machine:read machine:exec machine:delete machine:files";
+
+/// The tenant of an authenticated request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+/// A fleet server's state; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    home: PathBuf,
+    db: Db,
+    engine: Arc<LocalBackend>,
+    /// Live handles by engine name (one open/attach per machine per server lifetime).
+    handles: tokio::sync::Mutex<HashMap<String, Machine>>,
+    started: Instant,
+}
+
+impl Fleet {
+    /// Opens the fleet of `home` (created if missing): `fleet.db` and the engine home
+    /// `engine/`. On the first start it creates a tenant and an admin key and returns the key
+    /// (shown once; only its hash is kept).
+    pub fn open(home: &Path) -> Result<(Fleet, Option<String>), FleetError> {
+        std::fs::create_dir_all(home).map_err(|source| FleetError::Io {
+            context: format!("create the fleet home {}", home.display()),
+            source,
+        })?;
+        let db = Db::open(&home.join("fleet.db"))?;
+        let bootstrap = db.call_sync(|c| {
+            if db::has_tenants(c)? {
+                return Ok(None);
+            }
+            let tenant = db::create_tenant(c, "default")?;
+            let (_, key) = db::create_key(c, &tenant, ADMIN_SCOPES, Some("bootstrap"))?;
+            tracing::info!(tenant = %tenant, "first start: created the default tenant and its admin key");
+            Ok(Some(key))
+        })?;
+        let engine = LocalBackend::open_home(home.join("engine"));
+        Ok((
+            Fleet {
+                inner: Arc::new(Inner {
+                    home: home.to_path_buf(),
+                    db,
+                    engine,
+                    handles: tokio::sync::Mutex::new(HashMap::new()),
+                    started: Instant::now(),
+                }),
+            },
+            bootstrap,
+        ))
+    }
+
+    /// The fleet's home.
+    pub fn home(&self) -> &Path {
+        &self.inner.home
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// The node's engine.
+    pub fn engine(&self) -> &Arc<LocalBackend> {
+        &self.inner.engine
+    }
+
+    /// Seconds since this server started.
+    pub fn uptime_secs(&self) -> u64 {
+        self.inner.started.elapsed().as_secs()
+    }
+
+    /// A new tenant named `name` and an admin key for it: `(tenant id, key)`.
+    pub async fn create_tenant(&self, name: &str) -> Result<(String, String), FleetError> {
+        let name = name.to_string();
+        self.db()
+            .call(move |c| {
+                let t = db::create_tenant(c, &name)?;
+                let (_, key) = db::create_key(c, &t, ADMIN_SCOPES, None)?;
+                Ok((t, key))
+            })
+            .await
+    }
+
+    /// The live handle of engine machine `name` (opened on first use, not booted).
+    pub(crate) async fn handle(&self, name: &str) -> Result<Machine, Error> {
+        if let Some(m) = self.inner.handles.lock().await.get(name) {
+            return Ok(m.clone());
+        }
+        let m = Machine::open_on(&**self.engine(), name).await?;
+        Ok(self
+            .inner
+            .handles
+            .lock()
+            .await
+            .entry(name.to_string())
+            .or_insert(m)
+            .clone())
+    }
+
+    /// Keeps `m` as the live handle of engine machine `name`.
+    pub(crate) async fn keep(&self, name: &str, m: Machine) {
+        self.inner.handles.lock().await.insert(name.to_string(), m);
+    }
+
+    /// Forgets the handle of engine machine `name`.
+    pub(crate) async fn forget(&self, name: &str) {
+        self.inner.handles.lock().await.remove(name);
+    }
+
+    /// The live handle of engine machine `name`, booted if it is not running.
+    pub(crate) async fn running(&self, name: &str) -> Result<Machine, Error> {
+        let m = self.handle(name).await?;
+        if m.state().await? != MachineState::Running {
+            tracing::info!(machine = %name, "starting a stopped machine");
+            m.start().await?;
+        }
+        Ok(m)
+    }
+
+    /// The HTTP service: `/health`, `/livez`, `/readyz` and the `/v1` machine routes, behind
+    /// authentication and the request id.
+    pub fn router(&self) -> Router {
+        let files = get(routes::read_file)
+            .put(routes::write_file)
+            .layer(DefaultBodyLimit::max(FILE_LIMIT));
+        Router::new()
+            .route("/health", get(routes::health))
+            .route("/livez", get(routes::livez))
+            .route("/readyz", get(routes::readyz))
+            .route(
+                "/v1/machines",
+                post(routes::create_machine).get(routes::list_machines),
+            )
+            .route(
+                "/v1/machines/{id}",
+                get(routes::get_machine).delete(routes::delete_machine),
+            )
+            .route("/v1/machines/{id}/start", post(routes::start_machine))
+            .route("/v1/machines/{id}/stop", post(routes::stop_machine))
+            .route("/v1/machines/{id}/exec", post(routes::exec))
+            .route("/v1/machines/{id}/files/{*path}", files)
+            .fallback(routes::not_found)
+            .layer(DefaultBodyLimit::max(JSON_LIMIT))
+            .layer(axum::middleware::from_fn(http::declared_length))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                http::authenticate,
+            ))
+            .layer(axum::middleware::from_fn(http::request_id))
+            .with_state(self.clone())
+    }
+
+    /// Serves the API on `listener` until the task is dropped or `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), FleetError> {
+        use axum::serve::ListenerExt;
+        let addr = listener.local_addr().map_err(|source| FleetError::Io {
+            context: "read the listener's address".into(),
+            source,
+        })?;
+        tracing::info!(%addr, home = %self.home().display(), "smolfleet serving");
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| FleetError::Io {
+                context: format!("serve on {addr}"),
+                source,
+            })
+    }
+}

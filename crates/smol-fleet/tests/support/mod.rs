@@ -1,0 +1,118 @@
+//! Helpers of the fleet's HTTP tests: a reqwest client (no proxy), problem checks, a raw
+//! oversized request.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use reqwest::{Client, Response, StatusCode};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub fn client() -> Client {
+    Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("reqwest client")
+}
+
+pub fn content_type(r: &Response) -> String {
+    r.headers()
+        .get("content-type")
+        .map(|v| v.to_str().expect("ascii content-type").to_string())
+        .unwrap_or_default()
+}
+
+/// A JSON 2xx: status, `application/json` exactly, the body.
+pub async fn json_ok(r: Response, status: StatusCode) -> Value {
+    let ct = content_type(&r);
+    let got = r.status();
+    let text = r.text().await.expect("body");
+    assert_eq!(got, status, "{text}");
+    assert_eq!(ct, "application/json", "{text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// A problem+json error of `status` whose `code` is `code`; the body.
+pub async fn problem(r: Response, status: StatusCode, code: &str) -> Value {
+    let ct = content_type(&r);
+    let got = r.status();
+    let text = r.text().await.expect("body");
+    assert_eq!(got, status, "{text}");
+    assert_eq!(ct, "application/problem+json", "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(v["code"], code, "{text}");
+    assert_eq!(v["status"], status.as_u16(), "{text}");
+    assert!(
+        v["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{text}"
+    );
+    v
+}
+
+/// A 401 with an empty body.
+pub async fn unauthorized(r: Response) {
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().get("x-request-id").is_some());
+    assert_eq!(r.bytes().await.expect("body").len(), 0);
+}
+
+/// Sends `method path` declaring a body of `len` bytes but sending none of it (the server
+/// must refuse it from the header alone) and returns the status and the response text.
+pub async fn oversized(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    len: usize,
+) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/octet-stream\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+    );
+    let writer = tokio::spawn(async move {
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        // keep the write half open until the answer came
+        std::future::pending::<()>().await;
+        drop(wr);
+    });
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut tmp = [0u8; 8192];
+        loop {
+            match rd.read(&mut tmp).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+            if let Some(end) = find(&buf, b"\r\n\r\n") {
+                let headers = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let clen = headers
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + clen {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    assert!(read.is_ok(), "no answer to the oversized request");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, text)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
