@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import net from 'node:net';
 import {
   Machine,
   SmolError,
@@ -109,24 +110,41 @@ test('env and workdir of a machine without a workload reject with InvalidConfigE
   assert.deepEqual([...after].filter((n) => !before.has(n)), []);
 });
 
-test('the cloud target rejects with NotSupportedError instead of falling back to local', async () => {
+/** A loopback URL nothing listens on: a cloud call there fails at once. */
+async function closedUrl() {
+  const srv = net.createServer();
+  await new Promise((resolve) => srv.listen(0, '127.0.0.1', resolve));
+  const { port } = srv.address();
+  await new Promise((resolve) => srv.close(resolve));
+  return `http://127.0.0.1:${port}`;
+}
+
+test('the cloud target goes to the cloud and never falls back to local', async () => {
   const before = await machineNames();
-  const isNotSupported = (e) => e instanceof NotSupportedError && e.code === 'NOT_SUPPORTED' && /cloud/.test(e.message);
-  await assert.rejects(Machine.create({}, { target: 'cloud' }), isNotSupported);
-  await assert.rejects(Machine.create({ image: 'python:3.12' }, { target: 'cloud', apiKey: 'smk_test' }), isNotSupported);
-  await assert.rejects(Machine.create({}, { apiKey: 'smk_test' }), isNotSupported);
-  await assert.rejects(Machine.connect('mach-123', { target: 'cloud' }), isNotSupported);
-  await assert.rejects(Machine.list({ target: 'cloud' }), isNotSupported);
+  const url = await closedUrl();
+  const is = (code) => (e) => e instanceof SmolError && e.code === code && !/smk_test/.test(e.message);
+  await assert.rejects(Machine.create({}, { target: 'cloud' }), is('INVALID_CONFIG')); // no key
+  await assert.rejects(
+    Machine.create({ image: 'python:3.12' }, { target: 'cloud', apiKey: 'smk_test', baseUrl: url }),
+    is('CONNECTION'),
+  );
+  await assert.rejects(Machine.create({}, { apiKey: 'smk_test', baseUrl: url }), is('INVALID_CONFIG')); // no image
+  await assert.rejects(Machine.connect('mach-123', { target: 'cloud' }), is('INVALID_CONFIG'));
+  await assert.rejects(Machine.list({ target: 'cloud', apiKey: 'smk_test', baseUrl: url }), is('CONNECTION'));
   const saved = process.env.SMOL_CLOUD_TOKEN;
+  const savedUrl = process.env.SMOL_CLOUD_URL;
   process.env.SMOL_CLOUD_TOKEN = 'smk_from_env';
+  process.env.SMOL_CLOUD_URL = url;
   try {
-    await assert.rejects(Machine.create(), isNotSupported);
-    await assert.rejects(Machine.list(), isNotSupported);
+    await assert.rejects(Machine.create(), is('INVALID_CONFIG'));
+    await assert.rejects(Machine.list(), is('CONNECTION'));
     // an explicit local target wins over the key
     assert.ok(Array.isArray(await Machine.list({ target: 'local' })));
   } finally {
     if (saved === undefined) delete process.env.SMOL_CLOUD_TOKEN;
     else process.env.SMOL_CLOUD_TOKEN = saved;
+    if (savedUrl === undefined) delete process.env.SMOL_CLOUD_URL;
+    else process.env.SMOL_CLOUD_URL = savedUrl;
   }
   assert.ok(Array.isArray(await Machine.list({ target: 'local', apiKey: 'smk_test' })));
   const after = await machineNames();

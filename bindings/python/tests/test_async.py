@@ -173,7 +173,7 @@ def test_async_background_exec_is_refused_locally(machine):
 
 def test_async_errors_are_typed():
     async def main():
-        with pytest.raises(smol.NotSupportedError):
+        with pytest.raises(smol.InvalidConfigError):  # the cloud target without a key
             await AsyncMachine.create(None, smol.ConnectOptions(target="cloud"))
         with pytest.raises(smol.InvalidConfigError):
             await AsyncMachine.create(MachineConfig(name="bad/name"))

@@ -234,28 +234,44 @@ def test_unsupported_options_on_a_machine(machine):
     assert machine.exec(["echo", "x"], ExecOptions(output="text")).stdout_bytes == b"x\n"
 
 
-def test_cloud_target_is_not_supported_and_never_falls_back(monkeypatch):
+def _closed_url() -> str:
+    """A loopback URL nothing listens on: a cloud call there fails at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_cloud_target_goes_to_the_cloud_and_never_falls_back(monkeypatch):
     name = unique()
+    url = _closed_url()
+    with pytest.raises(smol.InvalidConfigError) as ei:  # no key
+        Machine.create(MachineConfig(name=name), ConnectOptions(target="cloud"))
+    assert "api_key" in str(ei.value)
     for conn in (
-        ConnectOptions(target="cloud"),
-        ConnectOptions(api_key="smk_supersecret"),
-        ConnectOptions(target="cloud", api_key="smk_supersecret", base_url="https://x.test"),
+        ConnectOptions(api_key="smk_supersecret", base_url=url),
+        ConnectOptions(target="cloud", api_key="smk_supersecret", base_url=url),
     ):
-        with pytest.raises(smol.NotSupportedError) as ei:
+        with pytest.raises(smol.InvalidConfigError) as ei:  # no image
             Machine.create(MachineConfig(name=name), conn)
-        assert ei.value.code == "NOT_SUPPORTED" and "supersecret" not in str(ei.value)
-        with pytest.raises(smol.NotSupportedError):
+        assert "supersecret" not in str(ei.value)
+        with pytest.raises(smol.SmolConnectionError) as ei:
             Machine.connect(name, conn)
-        with pytest.raises(smol.NotSupportedError):
+        assert ei.value.code == "CONNECTION" and "supersecret" not in str(ei.value)
+        with pytest.raises(smol.SmolConnectionError):
             Machine.list(conn)
     monkeypatch.setenv("SMOL_CLOUD_TOKEN", "smk_fromenv")
-    with pytest.raises(smol.NotSupportedError):
+    monkeypatch.setenv("SMOL_CLOUD_URL", url)
+    with pytest.raises(smol.InvalidConfigError):
         Machine.create(MachineConfig(name=name))
-    with pytest.raises(smol.NotSupportedError):
+    with pytest.raises(smol.SmolConnectionError):
         Machine.list()
     # an explicit local target wins over the key
     assert isinstance(Machine.list(ConnectOptions(target="local", api_key="smk_x")), list)
     monkeypatch.delenv("SMOL_CLOUD_TOKEN")
+    monkeypatch.delenv("SMOL_CLOUD_URL")
     _assert_no_machine(name)
     with pytest.raises(smol.InvalidConfigError):
         Machine.list(ConnectOptions(target="mars"))

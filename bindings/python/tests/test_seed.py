@@ -1,6 +1,7 @@
 """The Python samples of the seed API page (shared/seed/machine-api.txt), as written, with the
 image names pointed at the local test registry, host paths at a temporary directory, and
-machine names made unique. The cloud samples check the typed NotSupportedError."""
+machine names made unique. The cloud samples go to the configured server (none listens here:
+a typed connection error)."""
 
 from __future__ import annotations
 
@@ -67,11 +68,16 @@ def test_creation_with_configuration(tmp_path):
         machine.delete()
 
 
-def test_cloud_samples_raise_not_supported():
-    with pytest.raises(smol.NotSupportedError):
+def test_cloud_samples_go_to_the_configured_server():
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(smol.SmolConnectionError):
         Machine.create(
             MachineConfig(image="python:3.12"),
-            ConnectOptions(target="cloud", api_key="smk_..."),
+            ConnectOptions(target="cloud", api_key="smk_...", base_url=url),
         )
 
 

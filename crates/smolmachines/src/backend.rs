@@ -168,11 +168,7 @@ impl futures::Stream for ExecStream {
 pub fn backend_for(conn: &ConnectOptions) -> Result<Arc<dyn Backend>> {
     match conn.resolve_target() {
         Target::Local => Ok(crate::local::LocalBackend::shared()),
-        Target::Cloud => Err(Error::NotSupported {
-            message: "the cloud target (smolfleet) is not available in this build yet; \
-                      use the local engine (target local, and unset SMOL_CLOUD_TOKEN)"
-                .into(),
-        }),
+        Target::Cloud => Ok(Arc::new(crate::cloud::CloudBackend::from_options(conn)?)),
     }
 }
 

@@ -17,6 +17,7 @@
 
 pub mod backend;
 mod cleanup;
+pub mod cloud;
 pub mod config;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]
@@ -27,6 +28,7 @@ pub mod local;
 pub mod wire;
 
 pub use backend::{Backend, ExecStream, Machine, MachineBackend};
+pub use cloud::CloudBackend;
 pub use config::{
     CacheDiskRef, Capabilities, ConfigField, ConnectOptions, CredentialSpec, DiskDurability,
     EgressInterceptor, ExecEvent, ExecOptions, ExecOutput, ExecResult, LocalAvailability,

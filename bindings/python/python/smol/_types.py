@@ -187,8 +187,8 @@ class ExecOptions:
 @dataclass
 class ConnectOptions:
     """Backend selection (SPEC §2.1). Local by default; ``target="cloud"``, an ``api_key`` or
-    ``SMOL_CLOUD_TOKEN`` select the cloud, which this build does not have yet
-    (``NotSupportedError``). The key never appears in ``repr``."""
+    ``SMOL_CLOUD_TOKEN`` select the cloud (a smolfleet server at ``base_url``, else
+    ``SMOL_CLOUD_URL``, else https://api.smolmachines.com). The key never appears in ``repr``."""
 
     target: Optional[str] = None
     base_url: Optional[str] = None
