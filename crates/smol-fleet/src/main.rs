@@ -156,7 +156,7 @@ fn keys(cmd: KeysCmd, home: PathBuf) -> AnyResult {
                 )?;
                 Ok((tenant, id, key))
             })?;
-            println!("tenant {tenant}\nkey id {id}\nkey {key}");
+            println!("tenant: {tenant}\nkey id: {id}\nkey: {key}");
         }
         KeysCmd::List => {
             for k in db.call_sync(admin::list_keys)? {

@@ -1,0 +1,89 @@
+//! `smolfleet keys create|list|revoke` against a home, and the keys they make used on a
+//! server over that home (no VM needed).
+
+mod support;
+
+use std::process::Command;
+
+use reqwest::StatusCode;
+use support::{client, json_ok, unauthorized};
+
+fn smolfleet(home: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_smolfleet"))
+        .args(args)
+        .arg("--home")
+        .arg(home)
+        .env("SMOL_LOG", "warn")
+        .output()
+        .expect("run smolfleet");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn field<'a>(out: &'a str, name: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name:?} in {out}"))
+        .trim()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_created_listed_and_revoked() {
+    let home = tempfile::tempdir().unwrap();
+    // a key for a new tenant on a home no server has opened yet
+    let (ok, out, err) = smolfleet(home.path(), &["keys", "create", "--name", "acme"]);
+    assert!(ok, "{out}{err}");
+    let key = field(&out, "key: ").to_string();
+    let key_id = field(&out, "key id: ").to_string();
+    let tenant = field(&out, "tenant: ").to_string();
+    assert!(smol_fleet::keys::well_formed(&key), "{out}");
+    assert!(
+        key_id.starts_with("key-") && tenant.starts_with("ten-"),
+        "{out}"
+    );
+    // a second key for the same tenant; an unknown tenant is refused
+    let (ok, out2, err) = smolfleet(home.path(), &["keys", "create", "--tenant", &tenant]);
+    assert!(ok, "{out2}{err}");
+    assert_eq!(field(&out2, "tenant: "), tenant);
+    let key2 = field(&out2, "key: ").to_string();
+    let (ok, _, err) = smolfleet(home.path(), &["keys", "create", "--tenant", "ten-nope"]);
+    assert!(!ok && err.contains("ten-nope"), "{err}");
+
+    // the listing shows prefixes, never a key
+    let (ok, list, err) = smolfleet(home.path(), &["keys", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        list.contains(&key_id) && list.contains(&key[..12]),
+        "{list}"
+    );
+    assert!(!list.contains(&key) && !list.contains(&key2), "{list}");
+
+    // the server over this home: both keys work, the first one stops working once revoked,
+    // the second (same tenant) still does, sees the same (empty) machine list
+    let srv = smol_fleet::testing::spawn(home.path()).await.unwrap();
+    assert!(srv.admin_key.is_none(), "a tenant exists: no bootstrap key");
+    let c = client();
+    let machines = format!("{}/v1/machines", srv.base_url);
+    for k in [&key, &key2] {
+        json_ok(
+            c.get(&machines).bearer_auth(k).send().await.unwrap(),
+            StatusCode::OK,
+        )
+        .await;
+    }
+    let (ok, out, err) = smolfleet(home.path(), &["keys", "revoke", &key_id]);
+    assert!(ok && out.contains(&key_id), "{out}{err}");
+    unauthorized(c.get(&machines).bearer_auth(&key).send().await.unwrap()).await;
+    json_ok(
+        c.get(&machines).bearer_auth(&key2).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    let (ok, _, err) = smolfleet(home.path(), &["keys", "revoke", &key_id]);
+    assert!(!ok && err.contains(&key_id), "{err}");
+    let (_, list, _) = smolfleet(home.path(), &["keys", "list"]);
+    assert!(list.contains("revoked"), "{list}");
+}
