@@ -655,3 +655,53 @@ fn loopback_bases_bypass_proxies() {
         assert_eq!(super::http::is_loopback(base), lo, "{base}");
     }
 }
+
+#[tokio::test]
+async fn a_timed_out_or_abandoned_create_deletes_the_machine() {
+    let s = stand(|req, _| match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/v1/machines") => json_reply(201, machine_json("stopped", false)),
+        ("POST", _) => json_reply(200, machine_json("started", false)),
+        ("DELETE", _) => reply(204, "text/plain", ""),
+        // a published port that never answers: never ready
+        _ => json_reply(
+            200,
+            json!({"id": "mach-1", "name": "smol-ab", "state": "started", "ready": false,
+                   "ports": [{"port": 80, "hostPort": null}]}),
+        ),
+    })
+    .await;
+    let deletes = |s: &Stand| s.seen().iter().filter(|r| r.method == "DELETE").count();
+    let config = MachineConfig {
+        image: Some("alpine".into()),
+        ready_timeout: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let e = Machine::create_on(&s.backend(), config.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Timeout);
+    assert!(
+        e.to_string()
+            .contains("machine smol-ab not ready after 1s (state=started)"),
+        "{e}"
+    );
+    assert_eq!(deletes(&s), 1);
+
+    // the caller gives up: the dropped create still deletes what it made
+    let config = MachineConfig {
+        ready_timeout: Some(Duration::from_secs(60)),
+        ..config
+    };
+    let b = s.backend();
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), Machine::create_on(&b, config))
+        .await
+        .is_err();
+    assert!(gave_up);
+    for _ in 0..100 {
+        if deletes(&s) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(deletes(&s), 2, "{:?}", s.seen());
+}
