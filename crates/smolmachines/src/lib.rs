@@ -13,7 +13,8 @@
 //! ```
 //!
 //! [`Machine`] runs on a [`Backend`]: the embedded local engine ([`local`], QEMU microVMs
-//! supervised by this process) or, later, a fleet server. See `docs/ARCHITECTURE.md`.
+//! supervised by this process) or a smolfleet server over REST ([`cloud`]). See
+//! `docs/ARCHITECTURE.md`.
 
 pub mod backend;
 mod cleanup;
