@@ -14,6 +14,7 @@ mod http;
 pub mod keys;
 mod routes;
 mod server;
+mod stream;
 pub mod testing;
 
 pub use db::{rfc3339, Db, KeyRow, MachineRow};

@@ -59,7 +59,7 @@ pub async fn not_found() -> ApiError {
 }
 
 /// Machine `id` of the request's tenant, or 404.
-async fn row_of(fleet: &Fleet, tenant: &Tenant, id: &str) -> ApiResult<MachineRow> {
+pub(crate) async fn row_of(fleet: &Fleet, tenant: &Tenant, id: &str) -> ApiResult<MachineRow> {
     let (t, i) = (tenant.0.clone(), id.to_string());
     fleet
         .db()

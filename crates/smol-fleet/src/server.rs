@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::db::{self, Db};
 use crate::error::FleetError;
-use crate::{http, routes};
+use crate::{http, routes, stream};
 
 /// The most a JSON request body may hold (413 past it).
 pub const JSON_LIMIT: usize = 8 << 20;
@@ -169,6 +169,7 @@ impl Fleet {
             .route("/v1/machines/{id}/start", post(routes::start_machine))
             .route("/v1/machines/{id}/stop", post(routes::stop_machine))
             .route("/v1/machines/{id}/exec", post(routes::exec))
+            .route("/v1/machines/{id}/exec/stream", post(stream::exec_stream))
             .route("/v1/machines/{id}/files/{*path}", files)
             .fallback(routes::not_found)
             .layer(DefaultBodyLimit::max(JSON_LIMIT))

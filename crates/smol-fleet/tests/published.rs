@@ -1,6 +1,6 @@
 //! The published Python client, `smolmachines` 1.32.2 from PyPI, unmodified, in a venv of its
 //! own under `target/published-client/`, drives a real fleet (real VMs, the test registry):
-//! create -> exec (exit code, 124) -> write/read 1 MiB -> list by label -> stop -> connect ->
+//! create -> exec (exit code, 124) -> exec_stream -> write/read 1 MiB -> list by label -> stop -> connect ->
 //! exec (auto-start) -> delete -> NOT_FOUND, and a bad key -> UNAUTHORIZED.
 //!
 //! The venv is made on first use (`pip download --no-deps smolmachines==1.32.2`); without

@@ -25,6 +25,12 @@ try:
     r = m.exec(["busybox", "sleep", "30"], ExecOptions(timeout=1))
     assert r.exit_code == 124, r
 
+    events = list(m.exec_stream(["sh", "-c", "echo a; echo b >&2; exit 5"]))
+    out = "".join(e["data"] for e in events if e["kind"] == "stdout")
+    err = "".join(e["data"] for e in events if e["kind"] == "stderr")
+    assert (out, err) == ("a\n", "b\n"), events
+    assert events[-1] == {"kind": "exit", "exit_code": 5}, events
+
     data = os.urandom(1 << 20)
     m.write_file("/data/blob.bin", data)
     assert m.read_file("/data/blob.bin") == data
