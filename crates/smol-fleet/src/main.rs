@@ -108,6 +108,13 @@ fn serve(listen: SocketAddr, home: PathBuf) -> AnyResult {
         .build()?;
     rt.block_on(async move {
         let (fleet, bootstrap) = Fleet::open(&home)?;
+        if !listen.ip().is_loopback() {
+            tracing::warn!(
+                %listen,
+                "listening beyond loopback over plain HTTP: API keys cross the network in clear; \
+                 put a TLS proxy in front"
+            );
+        }
         let listener = tokio::net::TcpListener::bind(listen).await?;
         if let Some(key) = bootstrap {
             // the one time the key is shown: stdout, not the log
