@@ -159,6 +159,10 @@ pub async fn create_machine(
         })
     })?;
     config.name = Some(id.clone());
+    // the node picks the host side of each published port (loopback, relayed by the engine)
+    for p in config.ports.iter_mut().filter(|p| p.host == 0) {
+        p.host = free_port()?;
+    }
     config.detach = true;
     config.persistent = true;
     config.ready_timeout = Some(READY_TIMEOUT);
@@ -211,6 +215,27 @@ pub async fn create_machine(
         .ok_or_else(|| ApiError::machine_not_found(&id))?;
     let info = info_of_row(&fleet, &created).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+/// A host port free on 127.0.0.1 right now (the engine binds it at create; a port taken in
+/// between fails the create with the engine's `PortUnavailable`).
+fn free_port() -> ApiResult<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| {
+        ApiError(Error::Io {
+            context: "find a free host port".into(),
+            source,
+        })
+    })?;
+    let port = l
+        .local_addr()
+        .map_err(|source| {
+            ApiError(Error::Io {
+                context: "find a free host port".into(),
+                source,
+            })
+        })?
+        .port();
+    Ok(port)
 }
 
 /// `GET /v1/machines[?label=k%3Dv…]`: the tenant's machines carrying every label.

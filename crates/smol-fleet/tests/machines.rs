@@ -45,6 +45,7 @@ async fn create_exec_files_stop_autostart_delete() {
             "resources": {"diskGb": null},
             "autoStopSeconds": null, "ttlSeconds": null, "forkable": false,
             "labels": {"team": "a", "tier": "x y"},
+            "ports": [{"port": 8080}],
             "someFieldFromTheFuture": {"a": 1},
         }))
         .send()
@@ -61,6 +62,13 @@ async fn create_exec_files_stop_autostart_delete() {
     assert_eq!(m["source"]["reference"], image.as_str(), "{m}");
     assert_eq!(m["labels"]["team"], "a", "{m}");
     assert!(m.get("pid").is_none() && m.get("accel").is_none(), "{m}");
+    // a published port: the node picked a host port
+    assert_eq!(m["ports"][0]["port"], 8080, "{m}");
+    let host_port = m["ports"][0]["hostPort"].as_u64().expect("hostPort") as u16;
+    // the node listens there (on loopback)
+    tokio::net::TcpStream::connect(("127.0.0.1", host_port))
+        .await
+        .expect("the published port's host listener");
     let mpath = |p: &str| url(&format!("/v1/machines/{id}{p}"));
 
     // the same name again is 409 (conflict), nothing booted for it
