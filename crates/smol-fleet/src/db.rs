@@ -206,19 +206,40 @@ pub fn create_key(
     Ok((id, key))
 }
 
-/// The tenant of the unrevoked key whose hash is `key_hash`.
-pub fn tenant_of_key(c: &Connection, key_hash: &str) -> Result<Option<String>, FleetError> {
-    let row: Option<(String, String)> = c
+/// An unrevoked key as authentication finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthKey {
+    /// `key-…` (what the rate limit counts by).
+    pub id: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// Space-separated scopes.
+    pub scopes: String,
+}
+
+/// The unrevoked key whose hash is `key_hash`.
+pub fn key_of_hash(c: &Connection, key_hash: &str) -> Result<Option<AuthKey>, FleetError> {
+    let row: Option<(String, AuthKey)> = c
         .query_row(
-            "SELECT key_hash, tenant_id FROM api_keys WHERE key_hash = ?1 AND revoked_at IS NULL",
+            "SELECT key_hash, id, tenant_id, scopes FROM api_keys
+             WHERE key_hash = ?1 AND revoked_at IS NULL",
             [key_hash],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    AuthKey {
+                        id: r.get(1)?,
+                        tenant_id: r.get(2)?,
+                        scopes: r.get(3)?,
+                    },
+                ))
+            },
         )
         .optional()
         .map_err(|e| FleetError::db("look up a key", e))?;
     Ok(row
         .filter(|(stored, _)| keys::constant_time_eq(stored.as_bytes(), key_hash.as_bytes()))
-        .map(|(_, tenant)| tenant))
+        .map(|(_, k)| k))
 }
 
 /// Every key (all tenants), oldest first.
@@ -336,8 +357,13 @@ mod tests {
             assert!(!has_tenants(c)?);
             let t = create_tenant(c, "a")?;
             let (id, key) = create_key(c, &t, "admin", None)?;
-            assert_eq!(tenant_of_key(c, &keys::hash(&key))?, Some(t.clone()));
-            assert_eq!(tenant_of_key(c, &keys::hash("smk_other"))?, None);
+            let found = key_of_hash(c, &keys::hash(&key))?.expect("the key");
+            assert_eq!(
+                (found.id.as_str(), found.tenant_id.as_str()),
+                (id.as_str(), t.as_str())
+            );
+            assert_eq!(found.scopes, "admin");
+            assert_eq!(key_of_hash(c, &keys::hash("smk_other"))?, None);
             let listed = list_keys(c)?;
             assert_eq!(listed.len(), 1);
             assert!(key.starts_with(&listed[0].prefix));
@@ -345,7 +371,7 @@ mod tests {
             assert!(listed[0].prefix.len() < key.len());
             assert!(revoke_key(c, &id)?);
             assert!(!revoke_key(c, &id)?);
-            assert_eq!(tenant_of_key(c, &keys::hash(&key))?, None);
+            assert_eq!(key_of_hash(c, &keys::hash(&key))?, None);
             Ok(())
         })
         .unwrap();

@@ -123,6 +123,8 @@ impl IntoResponse for ApiError {
             tracing::debug!(status = status.as_u16(), error = %self.0, "request refused");
         }
         let mut resp = (status, problem.to_json()).into_response();
+        resp.extensions_mut()
+            .insert(crate::metrics::ErrorTag(self.0.code().as_str()));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),

@@ -1,19 +1,21 @@
 //! The HTTP contract every route shares: `x-request-id`, Bearer authentication (401 with an
-//! empty body on every path without a valid key), JSON bodies (malformed 400, schema 422,
-//! too large 413), raw query parsing.
+//! empty body on every path without a valid key), the per-key rate limit (429) and scopes
+//! (403, the table of `scopes.rs`), JSON bodies (malformed 400, schema 422, too large 413),
+//! raw query parsing.
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
+use smolmachines::Error;
 
 use crate::db::{self, new_id};
 use crate::error::ApiError;
-use crate::keys;
 use crate::server::{Fleet, Tenant};
+use crate::{keys, scopes};
 
 /// The request id header.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -76,16 +78,47 @@ pub async fn authenticate(State(fleet): State<Fleet>, mut req: Request, next: Ne
         return unauthorized();
     };
     let hash = keys::hash(key);
-    let tenant = fleet.db().call(move |c| db::tenant_of_key(c, &hash)).await;
-    match tenant {
-        Ok(Some(t)) => {
-            req.extensions_mut().insert(Tenant(t));
-            next.run(req).await
+    let found = fleet.db().call(move |c| db::key_of_hash(c, &hash)).await;
+    let key = match found {
+        Ok(Some(k)) => k,
+        Ok(None) => return unauthorized(),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    // the rate limit counts every authenticated request of the key, refused ones included
+    let remaining = match fleet.limiter().take(&key.id, std::time::Instant::now()) {
+        Ok(n) => n,
+        Err(refused) => {
+            tracing::debug!(key = %key.id, "rate limited");
+            let rate = fleet.limiter().rate();
+            return ApiError(Error::RateLimited {
+                message: format!(
+                    "more than {} requests a second with this key",
+                    rate.per_second
+                ),
+                retry_after: Some(refused.retry_after),
+            })
+            .into_response();
         }
-        Ok(None) => unauthorized(),
-        Err(e) => ApiError::from(e).into_response(),
+    };
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    if let Some(scope) = route.and_then(|r| scopes::required(req.method(), &r)) {
+        if !scopes::grants(&key.scopes, scope) {
+            tracing::debug!(key = %key.id, scope, "missing scope");
+            return scopes::forbidden(scope);
+        }
     }
+    req.extensions_mut().insert(Tenant(key.tenant_id));
+    let mut resp = next.run(req).await;
+    resp.headers_mut()
+        .insert(RATELIMIT_REMAINING, HeaderValue::from(remaining));
+    resp
 }
+
+/// The tokens left in the key's bucket, on every authenticated response (SPEC §10.1).
+pub const RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";
 
 /// Refuses a request whose declared `content-length` is over its route's limit before any of
 /// the body is read (413); a body without a length is cut at the same limit while read.

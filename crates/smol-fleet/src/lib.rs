@@ -12,13 +12,17 @@ mod db;
 mod error;
 mod http;
 pub mod keys;
+pub mod limit;
+mod metrics;
 mod routes;
+pub mod scopes;
 mod server;
 mod stream;
 pub mod testing;
 
-pub use db::{rfc3339, Db, KeyRow, MachineRow};
+pub use db::{rfc3339, AuthKey, Db, KeyRow, MachineRow};
 pub use error::{ApiError, FleetError};
+pub use limit::RateLimit;
 pub use server::{Fleet, Tenant, FILE_LIMIT, JSON_LIMIT};
 
 /// Database operations for the admin CLI (`smolfleet keys ...`).

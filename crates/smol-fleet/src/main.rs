@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use smol_fleet::{admin, Db, Fleet};
+use smol_fleet::{admin, Db, Fleet, RateLimit};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,10 @@ enum Cmd {
         /// The fleet's home: fleet.db and the engine's machines.
         #[arg(long)]
         home: Option<PathBuf>,
+        /// Requests a second each API key may make (a token bucket holding one second's
+        /// worth); past it, 429 with Retry-After.
+        #[arg(long, value_name = "N/s", default_value = "1000/s")]
+        rate_limit: RateLimit,
     },
     /// Manages API keys.
     Keys {
@@ -52,6 +56,11 @@ enum KeysCmd {
         /// What the key is for.
         #[arg(long)]
         description: Option<String>,
+        /// A scope the key holds (repeat it, or comma-separate): machine:create,
+        /// machine:read, machine:exec, machine:delete, machine:files, volume:read,
+        /// usage:read, admin (implies all). Default: every scope but admin.
+        #[arg(long = "scope", value_delimiter = ',')]
+        scopes: Vec<String>,
     },
     /// Lists keys (prefixes only).
     List,
@@ -88,7 +97,11 @@ fn main() -> ExitCode {
     init_logs();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Serve { listen, home } => serve(listen, home.unwrap_or_else(default_home)),
+        Cmd::Serve {
+            listen,
+            home,
+            rate_limit,
+        } => serve(listen, home.unwrap_or_else(default_home), rate_limit),
         Cmd::Keys { cmd, home } => keys(cmd, home.unwrap_or_else(default_home)),
     };
     match result {
@@ -102,12 +115,13 @@ fn main() -> ExitCode {
 
 type AnyResult = Result<(), Box<dyn std::error::Error>>;
 
-fn serve(listen: SocketAddr, home: PathBuf) -> AnyResult {
+fn serve(listen: SocketAddr, home: PathBuf, rate_limit: RateLimit) -> AnyResult {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let (fleet, bootstrap) = Fleet::open(&home)?;
+        fleet.set_rate_limit(rate_limit);
         if !listen.ip().is_loopback() {
             tracing::warn!(
                 %listen,
@@ -140,7 +154,9 @@ fn keys(cmd: KeysCmd, home: PathBuf) -> AnyResult {
             tenant,
             name,
             description,
+            scopes,
         } => {
+            let scopes = smol_fleet::scopes::normalize(&scopes)?;
             let (tenant, id, key) = db.call_sync(|c| {
                 let tenant = match tenant {
                     Some(t) if admin::tenant_exists(c, &t)? => t,
@@ -155,15 +171,10 @@ fn keys(cmd: KeysCmd, home: PathBuf) -> AnyResult {
                     }
                     None => admin::create_tenant(c, &name)?,
                 };
-                let (id, key) = admin::create_key(
-                    c,
-                    &tenant,
-                    "machine:create machine:read machine:exec machine:delete machine:files",
-                    description.as_deref(),
-                )?;
+                let (id, key) = admin::create_key(c, &tenant, &scopes, description.as_deref())?;
                 Ok((tenant, id, key))
             })?;
-            println!("tenant: {tenant}\nkey id: {id}\nkey: {key}");
+            println!("tenant: {tenant}\nkey id: {id}\nscopes: {scopes}\nkey: {key}");
         }
         KeysCmd::List => {
             for k in db.call_sync(admin::list_keys)? {

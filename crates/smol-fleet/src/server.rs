@@ -15,7 +15,9 @@ use tokio::net::TcpListener;
 
 use crate::db::{self, Db};
 use crate::error::FleetError;
-use crate::{http, routes, stream};
+use crate::limit::{Limiter, RateLimit};
+use crate::metrics::Metrics;
+use crate::{http, metrics, routes, scopes, stream};
 
 /// The most a JSON request body may hold (413 past it).
 pub const JSON_LIMIT: usize = 8 << 20;
@@ -23,8 +25,7 @@ pub const JSON_LIMIT: usize = 8 << 20;
 pub const FILE_LIMIT: usize = 100 << 20;
 
 /// The scopes of the bootstrap key.
-const ADMIN_SCOPES: &str =
-    "admin machine:create machine:read machine:exec machine:delete machine:files";
+const ADMIN_SCOPES: &str = scopes::ADMIN;
 
 /// The tenant of an authenticated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,8 @@ struct Inner {
     /// Live handles by engine name (one open/attach per machine per server lifetime).
     handles: tokio::sync::Mutex<HashMap<String, Machine>>,
     started: Instant,
+    limiter: Limiter,
+    metrics: Metrics,
 }
 
 impl Fleet {
@@ -74,6 +77,8 @@ impl Fleet {
                     engine,
                     handles: tokio::sync::Mutex::new(HashMap::new()),
                     started: Instant::now(),
+                    limiter: Limiter::new(crate::limit::DEFAULT_RATE),
+                    metrics: Metrics::default(),
                 }),
             },
             bootstrap,
@@ -93,6 +98,20 @@ impl Fleet {
     /// The node's engine.
     pub fn engine(&self) -> &Arc<LocalBackend> {
         &self.inner.engine
+    }
+
+    /// The per-key rate limit.
+    pub fn limiter(&self) -> &Limiter {
+        &self.inner.limiter
+    }
+
+    /// Sets the per-key rate limit (`smolfleet serve --rate-limit`).
+    pub fn set_rate_limit(&self, rate: RateLimit) {
+        self.inner.limiter.set(rate);
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Seconds since this server started.
@@ -158,6 +177,7 @@ impl Fleet {
             .route("/health", get(routes::health))
             .route("/livez", get(routes::livez))
             .route("/readyz", get(routes::readyz))
+            .route("/metrics", get(metrics::metrics))
             .route(
                 "/v1/machines",
                 post(routes::create_machine).get(routes::list_machines),
@@ -177,6 +197,10 @@ impl Fleet {
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 http::authenticate,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                metrics::observe,
             ))
             .layer(axum::middleware::from_fn(http::request_id))
             .with_state(self.clone())
