@@ -45,6 +45,11 @@ step "npm ci in bindings/node (dev dependencies)"
 step "tsc --noEmit on the seed samples"
 (cd "$here" && node_modules/.bin/tsc --noEmit -p test/types)
 
+# the fleet server the cloud tests (test/cloud.test.mjs) start on loopback
+step "cargo build --release -p smol-fleet (smolfleet, for the cloud tests)"
+(cd "$root" && cargo build --release -p smol-fleet)
+export SMOLFLEET=${SMOLFLEET:-${CARGO_TARGET_DIR:-$root/target}/release/smolfleet}
+
 step "node --test (with the seed samples compiled by tsc and executed: test/seed.test.mjs)"
 cd "$here"
 node --test test/*.test.mjs

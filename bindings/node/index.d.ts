@@ -279,8 +279,10 @@ export declare class Machine {
   static localAvailability(): LocalAvailability;
 
   readonly name: string;
-  /** Locally the name. */
+  /** The target's id: locally the name, on the cloud the server's `mach-…`. */
   readonly id: string;
+  /** Where the machine is. */
+  readonly target: 'local' | 'cloud';
 
   state(): Promise<MachineState>;
   /** Public ingress URL (cloud); null locally. */

@@ -263,9 +263,14 @@ class Machine {
     return this._name;
   }
 
-  /** Locally the name (cloud machines have `mach-…` ids). */
+  /** The target's id: locally the name, on the cloud the server's `mach-…`. */
   get id() {
-    return this._name;
+    return this[kNative].id;
+  }
+
+  /** `'local'` or `'cloud'`: where this machine is. */
+  get target() {
+    return this[kNative].target;
   }
 
   async state() {

@@ -22,5 +22,9 @@ fi
 echo "==> pip install ./bindings/python pytest" >&2
 "$venv/bin/pip" install -q ./bindings/python pytest
 "$venv/bin/python" -c 'import smol; print("smol", smol.__version__, "local_availability:", smol.local_availability())'
+# the fleet server the cloud tests (tests/test_cloud.py) start on loopback
+echo "==> cargo build --release -p smol-fleet (smolfleet, for the cloud tests)" >&2
+cargo build --release -p smol-fleet
+export SMOLFLEET=${SMOLFLEET:-${CARGO_TARGET_DIR:-$root/target}/release/smolfleet}
 echo "==> pytest bindings/python/tests" >&2
 exec "$venv/bin/python" -m pytest bindings/python/tests -q -rfE --durations=8 "$@"

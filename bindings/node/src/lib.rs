@@ -319,6 +319,18 @@ impl NativeMachine {
         self.m().name().to_string()
     }
 
+    /// The target's id: the name locally, `mach-…` on the cloud.
+    #[napi(getter)]
+    pub fn id(&self) -> String {
+        self.m().id().to_string()
+    }
+
+    /// `"local"` or `"cloud"`: where this machine is.
+    #[napi(getter)]
+    pub fn target(&self) -> String {
+        self.m().target().as_str().to_string()
+    }
+
     #[napi]
     pub async fn state(&self) -> Result<String> {
         let s = self.m().state().await.map_err(to_js)?;

@@ -347,6 +347,18 @@ impl Machine {
         self.inner.name()
     }
 
+    /// The target's id: the name locally, `mach-…` on the cloud.
+    #[getter]
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    /// `"local"` or `"cloud"`: where this machine is.
+    #[getter]
+    fn target(&self) -> &'static str {
+        self.inner.target().as_str()
+    }
+
     fn state(&self, py: Python<'_>) -> PyResult<String> {
         let s = block(py, None, self.inner.state())?;
         Ok(s.as_str().to_string())

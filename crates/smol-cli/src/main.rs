@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use smolmachines::local::{programs, LocalBackend};
 use smolmachines::{
     ConnectOptions, Error, ExecEvent, ExecOptions, Machine, MachineConfig, PortSpec, ResourceSpec,
+    Target,
 };
 
 mod image;
@@ -26,6 +27,11 @@ struct Cli {
     /// `smolmachines=debug`, take precedence).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Use the cloud target (a smolfleet server) for `run` and `machine`: the server is
+    /// SMOL_CLOUD_URL (default https://api.smolmachines.com), the API key SMOL_CLOUD_TOKEN
+    /// (which alone also selects the cloud, SPEC 2.2). Local otherwise.
+    #[arg(long, global = true)]
+    cloud: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,6 +61,9 @@ enum Command {
     Run {
         /// Image to run the command in (pulled on first use); a bare machine when omitted.
         image: Option<String>,
+        /// The image, as a flag (the same as the argument; the cloud target needs one).
+        #[arg(long = "image", value_name = "IMAGE", conflicts_with = "image")]
+        image_flag: Option<String>,
         /// vCPUs.
         #[arg(long)]
         cpus: Option<u32>,
@@ -250,18 +259,46 @@ fn resources(cpus: Option<u32>, memory: Option<u32>, network: bool) -> ResourceS
     }
 }
 
+/// The one `ConnectOptions` of this invocation: `--cloud` forces the cloud target; otherwise
+/// the core's rule (SPEC 2.2: SMOL_CLOUD_TOKEN selects the cloud, else local). The key and
+/// base URL come from SMOL_CLOUD_TOKEN / SMOL_CLOUD_URL in the core, never from argv (a key on
+/// a command line is visible to every user of the host).
+fn connect_options(cloud: bool) -> ConnectOptions {
+    ConnectOptions {
+        target: cloud.then_some(Target::Cloud),
+        ..Default::default()
+    }
+}
+
+/// `smol image` and `smol doctor` are about this host: refused with `--cloud` rather than
+/// silently answering for the local engine.
+fn local_only(cloud: bool, what: &str) -> Result<(), Error> {
+    if cloud {
+        return Err(Error::NotSupported {
+            message: format!(
+                "`smol {what}` with --cloud (it is about this host's engine; drop --cloud)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<u8, Error> {
-    let local = ConnectOptions::default();
+    let conn = connect_options(cli.cloud);
+    let on_cloud = conn.resolve_target() == Target::Cloud;
     match cli.command {
         Command::Run {
             image,
+            image_flag,
             cpus,
             memory,
             network,
             exec,
         } => {
             exec_options(&exec)?;
-            if let Some(image) = &image {
+            let image = image.or(image_flag);
+            if let Some(image) = image.as_ref().filter(|_| !on_cloud) {
+                // pulled here first to show progress; the cloud pulls on its node
                 image::prepare(image).await?;
             }
             let cfg = MachineConfig {
@@ -271,7 +308,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 command: Some(Vec::new()),
                 ..Default::default()
             };
-            let m = Machine::create(cfg, local).await?;
+            let m = Machine::create(cfg, conn).await?;
             let result = stream(&m, &exec).await;
             let deleted = m.delete().await;
             let code = result?;
@@ -293,7 +330,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 user,
                 command,
             } => {
-                if let Some(image) = &image {
+                if let Some(image) = image.as_ref().filter(|_| !on_cloud) {
                     image::prepare(image).await?;
                 }
                 let mut res = resources(cpus, memory, network);
@@ -312,18 +349,18 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                     command: (!command.is_empty()).then_some(command),
                     ..Default::default()
                 };
-                let m = Machine::create(cfg, local).await?;
+                let m = Machine::create(cfg, conn).await?;
                 println!("{}", m.name());
                 Ok(0)
             }
             MachineCommand::Exec { name, exec } => {
                 exec_options(&exec)?;
-                let m = Machine::connect(&name, local).await?;
+                let m = Machine::connect(&name, conn).await?;
                 let code = stream(&m, &exec).await?;
                 Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255))
             }
             MachineCommand::Ls { labels } => {
-                let list = Machine::list(local, &key_values("--label", &labels)?).await?;
+                let list = Machine::list(conn, &key_values("--label", &labels)?).await?;
                 println!(
                     "{:<24} {:<8} {:>4} {:>8} {:<4} {:>8}",
                     "NAME", "STATE", "CPUS", "MEMORY", "ACCEL", "PID"
@@ -335,30 +372,34 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                         m.state.as_str(),
                         m.cpus,
                         m.memory_mb,
-                        m.accel,
+                        if m.accel.is_empty() { "-" } else { &m.accel },
                         m.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
                     );
                 }
                 Ok(0)
             }
             MachineCommand::Start { name } => {
-                Machine::open(&name, local).await?.start().await?;
+                Machine::open(&name, conn).await?.start().await?;
                 Ok(0)
             }
             MachineCommand::Stop { name } => {
-                Machine::open(&name, local).await?.stop().await?;
+                Machine::open(&name, conn).await?.stop().await?;
                 Ok(0)
             }
             MachineCommand::Rm { names } => {
                 for name in names {
-                    Machine::open(&name, local.clone()).await?.delete().await?;
+                    Machine::open(&name, conn.clone()).await?.delete().await?;
                     println!("{name}");
                 }
                 Ok(0)
             }
         },
-        Command::Image { command } => image::run(command).await,
+        Command::Image { command } => {
+            local_only(cli.cloud, "image")?;
+            image::run(command).await
+        }
         Command::Doctor => {
+            local_only(cli.cloud, "doctor")?;
             // the engine `machine` commands use (backend_for: this home, this run dir)
             let d = LocalBackend::open_env().doctor();
             match &d.accel {

@@ -43,6 +43,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 pub trait MachineBackend: Send + Sync + std::fmt::Debug {
     /// Machine name.
     fn name(&self) -> &str;
+    /// The target's id of the machine: the name locally, `mach-…` on the cloud.
+    fn id(&self) -> &str {
+        self.name()
+    }
+    /// Which target the machine is on.
+    fn target(&self) -> Target {
+        Target::Local
+    }
     /// Current state.
     async fn state(&self) -> Result<MachineState>;
     /// Runs a command to completion.
@@ -287,6 +295,16 @@ impl Machine {
     /// Machine name.
     pub fn name(&self) -> &str {
         self.inner.name()
+    }
+
+    /// The target's id: the name locally, `mach-…` on the cloud.
+    pub fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    /// Which target the machine is on.
+    pub fn target(&self) -> Target {
+        self.inner.target()
     }
 
     /// `"created"`, `"running"` or `"stopped"` (`"deleted"` after delete).

@@ -4,7 +4,8 @@
 // Programs a sample names that the test images lack are swapped for ones they have, as in
 // bindings/python/tests/test_seed.py (whose approach and scope this mirrors): `python` ->
 // `python3`, `node script.js` -> a python3 one-liner, `pip install numpy` -> a shell script. The
-// cloud samples check the typed NotSupportedError (this build has no cloud).
+// cloud samples go to a loopback port nothing listens on: a typed ConnectionError (never a
+// local machine); test/cloud.test.mjs runs them, and the rest in cloud mode, against a fleet.
 //
 // test/seed.test.mjs compiles this file with tsc (test/seed/tsconfig.json, into the ignored
 // test/seed/.build) and registers these tests with node:test. The declarations-only check of the
@@ -14,7 +15,8 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { Machine, NotSupportedError, type ExecResult, type ImageInfo } from 'smolmachines';
+import { createServer } from 'node:net';
+import { Machine, ConnectionError, type ExecResult, type ImageInfo } from 'smolmachines';
 
 export interface SeedContext {
   /** `127.0.0.1:<port>` of the test registry (started on first use, stopped with the process). */
@@ -23,7 +25,20 @@ export interface SeedContext {
   unique(tag: string): string;
 }
 
-const notSupported = (e: unknown): boolean => e instanceof NotSupportedError && e.code === 'NOT_SUPPORTED';
+const connectionError = (e: unknown): boolean => e instanceof ConnectionError && e.code === 'CONNECTION';
+
+/** `http://127.0.0.1:<port>` of a loopback port that was free a moment ago (nothing listens). */
+function closedLoopbackUrl(): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      const port = typeof a === 'object' && a ? a.port : 0;
+      s.close(() => resolve(`http://127.0.0.1:${port}`));
+    });
+  });
+}
 
 /** Runs `fn` with process.stdout captured (console.log writes there too); returns what it wrote. */
 async function captureStdout(fn: () => Promise<void>): Promise<string> {
@@ -119,28 +134,30 @@ export function seedTests(ctx: SeedContext): void {
     }
   });
 
-  test('Choosing a backend: the cloud sample is a NotSupportedError, never a local machine', async () => {
+  test('Choosing a backend: the cloud sample goes to the configured server, never a local machine', async () => {
+    const baseUrl = await closedLoopbackUrl();
     await assert.rejects(async () => {
       // Cloud — image is required on the cloud target
       const machine = await Machine.create(
         { image: 'python:3.12', resources: { cpus: 2, memoryMb: 1024 } },
-        { target: 'cloud', apiKey: 'smk_...' },
+        { target: 'cloud', apiKey: 'smk_...', baseUrl },
       );
       console.log(await machine.url()); // public ingress URL (cloud)
-    }, notSupported);
+    }, connectionError);
   });
 
-  test('fork(): the cloud sample is a NotSupportedError at create', async () => {
+  test('fork(): the cloud sample goes to the configured server at create', async () => {
     // The sample goes on with `const clone = await golden.fork('clone-1');`, which is not
     // reached: creating the golden on the cloud target rejects first (and Machine has no fork()
     // in this build).
+    const baseUrl = await closedLoopbackUrl();
     await assert.rejects(async () => {
       const golden = await Machine.create(
         { image: 'python:3.12', forkable: true },
-        { target: 'cloud', apiKey: 'smk_...' },
+        { target: 'cloud', apiKey: 'smk_...', baseUrl },
       );
       await golden.delete();
-    }, notSupported);
+    }, connectionError);
   });
 
   describe('on one machine', () => {

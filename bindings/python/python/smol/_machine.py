@@ -409,8 +409,13 @@ class Machine:
 
     @property
     def id(self) -> str:
-        """Locally the name."""
-        return self._name
+        """The target's id: locally the name, on the cloud the server's ``mach-…``."""
+        return self._n.id
+
+    @property
+    def target(self) -> str:
+        """``"local"`` or ``"cloud"``: where this machine is."""
+        return self._n.target
 
     def state(self) -> str:
         """``"created"``, ``"running"``, ``"stopped"`` (``"deleted"`` after delete)."""
@@ -639,7 +644,9 @@ class Machine:
         self.delete()
 
     def __repr__(self) -> str:
-        return f"Machine(name={self._name!r}, target='local')"
+        n = self._native
+        target = n.target if n is not None else "released"
+        return f"Machine(name={self._name!r}, target={target!r})"
 
 
 def local_availability() -> Tuple[bool, Optional[str], Optional[str]]:

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::http::{encode_path, encode_segment, Client, Req, FILE_LIMIT, LONG_TIMEOUT};
 use crate::backend::{ExecStream, MachineBackend};
-use crate::config::{ExecOptions, ExecResult, MachineState, PortEndpoint, PortSpec};
+use crate::config::{ExecOptions, ExecResult, MachineState, PortEndpoint, PortSpec, Target};
 use crate::error::{Error, ErrorCode, Result};
 use crate::wire::{CommandBody, ExecResponse, MachineInfo, SetPortsBody};
 
@@ -376,6 +376,14 @@ impl Drop for DeleteGuard {
 impl MachineBackend for CloudMachine {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn target(&self) -> Target {
+        Target::Cloud
     }
 
     async fn state(&self) -> Result<MachineState> {
