@@ -14,6 +14,7 @@ mod http;
 pub mod keys;
 pub mod limit;
 mod metrics;
+pub mod openapi;
 mod routes;
 pub mod scopes;
 mod server;

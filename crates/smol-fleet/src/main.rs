@@ -33,6 +33,8 @@ enum Cmd {
         #[arg(long, value_name = "N/s", default_value = "1000/s")]
         rate_limit: RateLimit,
     },
+    /// Prints the OpenAPI document (as checked in at crates/smol-fleet/openapi.json).
+    Openapi,
     /// Manages API keys.
     Keys {
         #[command(subcommand)]
@@ -103,6 +105,10 @@ fn main() -> ExitCode {
             rate_limit,
         } => serve(listen, home.unwrap_or_else(default_home), rate_limit),
         Cmd::Keys { cmd, home } => keys(cmd, home.unwrap_or_else(default_home)),
+        Cmd::Openapi => {
+            print!("{}", smol_fleet::openapi::document_json());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,7 @@ use crate::db::{self, Db};
 use crate::error::FleetError;
 use crate::limit::{Limiter, RateLimit};
 use crate::metrics::Metrics;
-use crate::{http, metrics, routes, scopes, stream};
+use crate::{http, metrics, openapi, routes, scopes, stream};
 
 /// The most a JSON request body may hold (413 past it).
 pub const JSON_LIMIT: usize = 8 << 20;
@@ -178,6 +178,7 @@ impl Fleet {
             .route("/livez", get(routes::livez))
             .route("/readyz", get(routes::readyz))
             .route("/metrics", get(metrics::metrics))
+            .route("/openapi.json", get(openapi::openapi_json))
             .route(
                 "/v1/machines",
                 post(routes::create_machine).get(routes::list_machines),

@@ -111,6 +111,7 @@ impl ConnectOptions {
 }
 
 /// How durably the storage disk acknowledges writes (SPEC §3.1 `disk_durability`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskDurability {
@@ -292,6 +293,7 @@ impl std::fmt::Debug for EgressInterceptor {
 }
 
 /// A cloud cache disk attached at create (SPEC §7.3; cloud only).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheDiskRef {

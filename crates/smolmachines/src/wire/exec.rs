@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 pub const TEXT_CAP: usize = 1 << 20;
 
 /// `command`: an argv, or a shell string (run with `sh -c`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum CommandLine {
@@ -41,6 +42,7 @@ fn ceil_seconds<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u
 
 /// `MachineCommandRequest`. Serialized as the Python client sends it: `command`, `env`, `cwd`
 /// and `timeoutSeconds` always (`{}` / `null`), `user`, `background` and `stdin` only when set.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CommandBody {
@@ -123,6 +125,7 @@ impl CommandBody {
 
 /// `MachineExecResponse`. Every field reads as its default when absent (an absent `exitCode`
 /// is 0, as the clients read it).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecResponse {

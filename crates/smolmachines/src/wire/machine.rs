@@ -12,6 +12,7 @@ use crate::config::{
 use crate::error::{Error, Result};
 
 /// What a machine boots from (`source`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
     /// `image` or `smolmachine`.
@@ -25,6 +26,7 @@ pub struct Source {
 }
 
 /// The kind of a [`Source`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
@@ -35,6 +37,7 @@ pub enum SourceKind {
 }
 
 /// `network` of a create body or a record.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum NetworkMode {
@@ -47,6 +50,7 @@ pub enum NetworkMode {
 }
 
 /// `{"mode": ..., "cidrs": [...], "hosts": [...]}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkPolicy {
     /// The mode.
@@ -92,6 +96,7 @@ impl NetworkPolicy {
 
 /// `resources` of a create body: `diskGb` is always sent (`null` when unset), the rest only
 /// when set.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateResources {
@@ -111,6 +116,7 @@ pub struct CreateResources {
 
 /// A port asked for: `{"port": guest}` (create, `PUT .../ports`), with `hostPort` in branch
 /// bodies.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortRequest {
@@ -122,6 +128,7 @@ pub struct PortRequest {
 }
 
 /// `PUT /v1/machines/{id}/ports`: the complete desired set (TCP).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetPortsBody {
     /// The ports.
@@ -183,6 +190,7 @@ fn is_false(b: &bool) -> bool {
 /// `POST /v1/machines` (SPEC §10.3). Serialized as the Python client sends it: `name`,
 /// `resources.diskGb`, `autoStopSeconds`, `ttlSeconds` always (`null` when unset), `forkable`
 /// always, everything else only when set.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateMachineBody {
@@ -407,6 +415,7 @@ impl TryFrom<CreateMachineBody> for MachineConfig {
 }
 
 /// `resources` of a record.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineResources {
@@ -422,6 +431,7 @@ pub struct MachineResources {
 }
 
 /// A published port of a record: `hostPort` is `null` until placed.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortInfo {
@@ -442,6 +452,7 @@ fn tcp() -> String {
 /// The machine record (`MachineInfo`, SPEC §10.2). `id` and `state` are required; everything
 /// else reads as its default when absent or `null`. `persistent`, `detached`, `pid` and `accel`
 /// are this engine's additions for local machines (absent on the cloud).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineInfo {
