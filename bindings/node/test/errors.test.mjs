@@ -13,6 +13,7 @@ import {
   InterruptedError,
   InvalidStateError,
   MountError,
+  NotFoundError,
   wrapNativeError,
 } from 'smolmachines';
 import { uniqueName, alive, runChild } from './helpers.mjs';
@@ -103,7 +104,7 @@ test('env and workdir of a machine without a workload reject with InvalidConfigE
   }
   // `command` (SPEC §3.4, Python's; taken by this package too) must be a non-empty argv
   await assert.rejects(
-    Machine.create({ name: uniqueName('wl'), command: [] }),
+    Machine.create({ name: uniqueName('wl'), command: [''] }),
     (e) => e instanceof InvalidConfigError && /command/.test(e.message),
   );
   const after = await machineNames();
@@ -183,10 +184,10 @@ test('a killed VMM: the running exec fails with InterruptedError, the next with 
   });
 });
 
-test('a mount of a missing host directory is a MountError', async () => {
+test('a mount of a missing host directory is a NotFoundError naming it', async () => {
   await assert.rejects(
     Machine.create({ name: uniqueName('mnt'), mounts: [{ source: '/nonexistent/smol-node-test', target: '/mnt/x' }] }),
-    (e) => e instanceof MountError && e.code === 'MOUNT_ERROR',
+    (e) => e instanceof NotFoundError && e.code === 'NOT_FOUND' && e.message.includes('/nonexistent/smol-node-test'),
   );
 });
 
