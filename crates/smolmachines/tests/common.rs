@@ -69,3 +69,21 @@ pub async fn run(m: &LocalMachine, script: &str) -> ExecResult {
     };
     m.exec(&sh(script), &opts).await.expect("exec")
 }
+
+/// QEMU processes whose command line names `dir` (an engine's run directory).
+pub fn qemu_processes_in(dir: &std::path::Path) -> usize {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).to_string())
+        .filter(|c| c.contains("qemu") && c.contains(&needle))
+        .count()
+}

@@ -6,27 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{config, engine, run};
+use common::{config, engine, qemu_processes_in, run};
 use smolmachines::local::{LocalBackend, Phase};
 use smolmachines::{Backend, Machine, MachineBackend, MachineState};
-
-/// QEMU processes whose command line names `dir` (the engine's run directory).
-fn qemu_processes_in(dir: &std::path::Path) -> usize {
-    let needle = dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .chars()
-                .all(|c| c.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).to_string())
-        .filter(|c| c.contains("qemu") && c.contains(&needle))
-        .count()
-}
 
 #[tokio::test]
 async fn a_held_machine_opens_as_the_same_handle_at_once() {

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{argv, config, engine, run, sh};
+use common::{argv, config, engine, qemu_processes_in, run, sh};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use smolmachines::local::record::pid_alive;
@@ -371,24 +371,6 @@ async fn agent_that_never_answers_fails_within_the_ready_timeout() {
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(qemu_processes_in(engine.run_dir()), 0);
-}
-
-/// QEMU processes whose command line mentions `dir`.
-fn qemu_processes_in(dir: &std::path::Path) -> usize {
-    let needle = dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .chars()
-                .all(|c| c.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).to_string())
-        .filter(|c| c.contains("qemu") && c.contains(&needle))
-        .count()
 }
 
 #[tokio::test]
