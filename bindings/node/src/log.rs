@@ -5,11 +5,7 @@
 /// Installs the stderr subscriber if `SMOL_LOG` / `RUST_LOG` asks for one.
 pub(crate) fn init_from_env() {
     use tracing_subscriber::EnvFilter;
-    let Some(spec) = ["SMOL_LOG", "RUST_LOG"]
-        .iter()
-        .filter_map(|v| std::env::var(v).ok())
-        .find(|v| !v.trim().is_empty())
-    else {
+    let Some(spec) = smolmachines::log_filter_from_env() else {
         return;
     };
     let filter = match EnvFilter::try_new(&spec) {

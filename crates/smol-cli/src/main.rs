@@ -461,10 +461,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
 /// The CLI's log subscriber: stderr, filtered by `SMOL_LOG` / `RUST_LOG`, else by `-v`.
 fn init_logs(verbose: u8) {
     use tracing_subscriber::EnvFilter;
-    let from_env = ["SMOL_LOG", "RUST_LOG"]
-        .iter()
-        .filter_map(|v| std::env::var(v).ok())
-        .find(|v| !v.trim().is_empty());
+    let from_env = smolmachines::log_filter_from_env();
     let default = match verbose {
         0 => "warn",
         1 => "warn,smolmachines=info,smol=info",

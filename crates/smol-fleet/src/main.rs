@@ -86,9 +86,14 @@ fn default_home() -> PathBuf {
 
 fn init_logs() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SMOL_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match smolmachines::log_filter_from_env().map(|s| EnvFilter::try_new(&s)) {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            eprintln!("smolfleet: SMOL_LOG/RUST_LOG is not a log filter ({e}); logging at info");
+            EnvFilter::new("info")
+        }
+        None => EnvFilter::new("info"),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -45,3 +45,13 @@ pub use image::ImageInfo;
 pub fn local_availability() -> LocalAvailability {
     local::availability()
 }
+
+/// The log filter the front ends (CLI, Node addon, fleet server) read from the environment:
+/// `SMOL_LOG`, else `RUST_LOG`, the first that is set and not blank (an `EnvFilter` directive
+/// string such as `smolmachines=debug`).
+pub fn log_filter_from_env() -> Option<String> {
+    ["SMOL_LOG", "RUST_LOG"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.trim().is_empty())
+}
