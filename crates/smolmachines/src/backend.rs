@@ -59,6 +59,22 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
     async fn exec_stream(&self, argv: &[String], opts: &ExecOptions) -> Result<ExecStream>;
     /// Writes a guest file.
     async fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<()>;
+    /// Writes a guest file from a stream of chunks. The default collects them and calls
+    /// [`MachineBackend::write_file`] (memory grows with the file); a backend that can send
+    /// chunks as they come overrides it.
+    async fn write_file_stream(
+        &self,
+        path: &str,
+        mut chunks: FileChunks,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        use futures::StreamExt;
+        let mut data = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            data.extend_from_slice(&chunk?);
+        }
+        self.write_file(path, &data, mode).await
+    }
     /// Reads a guest file.
     async fn read_file(&self, path: &str) -> Result<Vec<u8>>;
     /// Reads a guest file as a stream. The default: `NotSupported`.
@@ -130,6 +146,10 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
         })
     }
 }
+
+/// The bytes of a streamed file write ([`Machine::write_file_stream`]), chunk by chunk; an
+/// error ends the stream and fails (and cancels) the write with that error.
+pub type FileChunks = futures::stream::BoxStream<'static, Result<Vec<u8>>>;
 
 /// Live output of a command: `Stdout`/`Stderr` chunks as produced, then one `Exit` (or `Error`).
 /// Dropping it, or calling [`ExecStream::kill`], kills the command.
@@ -453,6 +473,27 @@ impl Machine {
             )));
         }
         self.inner.write_file(path, data.as_ref(), mode).await
+    }
+
+    /// Writes the bytes of `chunks` to the absolute guest `path` as they arrive (parents are
+    /// created), with `mode` or 0o644. The local engine sends each chunk on to the agent, paced
+    /// by its flow control, so memory stays bounded whatever the size; other targets may
+    /// collect the chunks first. A regular guest file is replaced only once every byte arrived:
+    /// an error of `chunks` (returned as it is) or of the guest leaves the old content.
+    pub async fn write_file_stream(
+        &self,
+        path: &str,
+        chunks: FileChunks,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        check_guest_path(path)?;
+        if mode.is_some_and(|m| m > 0o7777) {
+            return Err(Error::invalid(format!(
+                "mode {:o} is not a permission mode",
+                mode.unwrap_or(0)
+            )));
+        }
+        self.inner.write_file_stream(path, chunks, mode).await
     }
 
     /// Reads the absolute guest `path`, byte-exact. Only regular files are read (symlinks are

@@ -28,7 +28,7 @@ pub mod image;
 pub mod local;
 pub mod wire;
 
-pub use backend::{Backend, ExecStream, Machine, MachineBackend};
+pub use backend::{Backend, ExecStream, FileChunks, Machine, MachineBackend};
 pub use cloud::CloudBackend;
 pub use config::{
     CacheDiskRef, Capabilities, ConfigField, ConnectOptions, CredentialSpec, DiskDurability,

@@ -581,5 +581,7 @@ fn terminal(frame: Frame) -> Result<(), AgentError> {
 #[cfg(test)]
 mod generation_tests;
 mod read;
+mod write;
 
 pub use read::{ReadError, READ_IDLE_TIMEOUT};
+pub use write::WriteError;

@@ -3,7 +3,7 @@
 
 use smol_protocol::Op;
 
-use super::super::agent::{ReadError, READ_IDLE_TIMEOUT};
+use super::super::agent::{ReadError, WriteError, READ_IDLE_TIMEOUT};
 use super::*;
 
 impl LocalMachine {
@@ -67,6 +67,20 @@ impl MachineBackend for LocalMachine {
         match conn.write_file(path, data, mode).await {
             Ok(()) => Ok(()),
             Err(e) => Err(self.map_err(e).await),
+        }
+    }
+
+    async fn write_file_stream(
+        &self,
+        path: &str,
+        chunks: crate::FileChunks,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        let conn = self.conn("write a file")?;
+        match conn.write_file_stream(path, mode, chunks).await {
+            Ok(()) => Ok(()),
+            Err(WriteError::Agent(e)) => Err(self.map_err(e).await),
+            Err(WriteError::Source(e)) => Err(e),
         }
     }
 
