@@ -121,33 +121,9 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
         mode,
     } = off_loop("opening", path, move || prepare_write(&owned, mode, id)).await?;
     let io_err = |path: &str, e: std::io::Error| RemoteError::from_io(&e, path);
-    let mut file = Some(file);
     let result: Result<(), RemoteError> = async {
-        loop {
-            match rx.recv().await.map_err(closed)? {
-                Frame::Data {
-                    chan: Chan::File,
-                    data,
-                    ..
-                } => {
-                    let mut f = file.take().expect("the file is back after each write");
-                    let p = path.to_string();
-                    file = Some(
-                        off_loop("writing", path, move || {
-                            f.write_all(&data).map_err(|e| io_err(&p, e))?;
-                            Ok(f)
-                        })
-                        .await?,
-                    );
-                }
-                Frame::Eof {
-                    chan: Chan::File, ..
-                } => break,
-                Frame::Cancel { .. } => return Err(closed("write cancelled by the host")),
-                _ => {}
-            }
-        }
-        drop(file.take());
+        let file = receive_into(&mut rx, file, path).await?;
+        drop(file);
         if !in_place {
             let (tmp, target, p) = (tmp.clone(), target.clone(), path.to_string());
             off_loop("renaming", path, move || {
@@ -164,6 +140,74 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
         crate::quiet::remove_quietly(&tmp);
     }
     result.map(|_| Frame::Done { id: tx.id() })
+}
+
+/// The most bytes received and not yet written a write holds in the guest; past it the
+/// agent stops taking frames (and so, through the stream's credit, the host stops sending).
+const WRITE_AHEAD: usize = 4 * MAX_CHUNK;
+
+/// A write of chunks running on the blocking pool; it gives the file back.
+type Pending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<fs::File, RemoteError>> + Send>>;
+
+/// Writes `chunks` to `file` on the blocking pool within [`STALL`].
+fn write_chunks(mut file: fs::File, chunks: Vec<bytes::Bytes>, path: &str) -> Pending {
+    let path = path.to_string();
+    Box::pin(async move {
+        let p = path.clone();
+        off_loop("writing", &path, move || {
+            for c in &chunks {
+                file.write_all(c)
+                    .map_err(|e| RemoteError::from_io(&e, &p))?;
+            }
+            Ok(file)
+        })
+        .await
+    })
+}
+
+/// Receives the `File` data of a write and writes it to `file`, pipelined: while one batch
+/// of chunks is written off the event loop, the next is received (at most [`WRITE_AHEAD`]
+/// bytes), so the loop and the disk work at once and the hand-offs to the blocking pool are
+/// one per batch, not one per chunk. Returns the file once the host's `Eof` is written.
+async fn receive_into(
+    rx: &mut smol_protocol::mux::StreamReceiver,
+    file: fs::File,
+    path: &str,
+) -> Result<fs::File, RemoteError> {
+    let mut idle = Some(file);
+    let mut pending: Option<Pending> = None;
+    let mut batch: Vec<bytes::Bytes> = Vec::new();
+    let mut held = 0usize;
+    let mut eof = false;
+    loop {
+        if let Some(f) = idle.take() {
+            if !batch.is_empty() {
+                held = 0;
+                pending = Some(write_chunks(f, std::mem::take(&mut batch), path));
+            } else if eof {
+                return Ok(f);
+            } else {
+                idle = Some(f);
+            }
+        }
+        let room = !eof && held < WRITE_AHEAD;
+        tokio::select! {
+            done = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                pending = None;
+                idle = Some(done?);
+            }
+            frame = rx.recv(), if room => match frame.map_err(closed)? {
+                Frame::Data { chan: Chan::File, data, .. } => {
+                    held += data.len();
+                    batch.push(data);
+                }
+                Frame::Eof { chan: Chan::File, .. } => eof = true,
+                Frame::Cancel { .. } => return Err(closed("write cancelled by the host")),
+                _ => {}
+            },
+        }
+    }
 }
 
 /// How long one step of a file operation (an open, a chunk read or written) may take in the
@@ -253,38 +297,60 @@ fn open_regular(path: &str, limit: Option<u64>) -> Result<fs::File, RemoteError>
     Ok(file)
 }
 
+/// Chunks a reader thread hands over at once: one wake-up of the event loop per this many
+/// chunks, not one per chunk.
+const READ_BATCH: usize = 4;
+
 /// Reads `file` in chunks on a thread of its own (a read that blocks never holds the agent's
-/// event loop), at most `max` bytes in all; the chunks arrive on the returned channel, which
-/// ends at the end of the file. The thread ends after its current read once the receiver is
-/// gone.
-fn reader(
-    mut file: fs::File,
-    max: u64,
-) -> std::io::Result<mpsc::Receiver<std::io::Result<Vec<u8>>>> {
+/// event loop), at most `max` bytes in all; batches of up to [`READ_BATCH`] chunks arrive on
+/// the returned channel, which ends at the end of the file (an error comes after the chunks
+/// read before it). The thread ends after its current batch once the receiver is gone.
+fn reader(mut file: fs::File, max: u64) -> std::io::Result<mpsc::Receiver<ReadBatch>> {
     let (tx, rx) = mpsc::channel(2);
     std::thread::Builder::new()
         .name("smol-read".into())
         .spawn(move || {
             let mut left = max;
-            while left > 0 {
-                let mut buf = Vec::with_capacity(MAX_CHUNK);
-                let r = (&mut file)
-                    .take(left.min(MAX_CHUNK as u64))
-                    .read_to_end(&mut buf);
-                let last = !matches!(r, Ok(n) if n > 0);
-                if let Ok(n) = r {
-                    left -= n as u64;
-                    if n == 0 {
-                        return;
+            loop {
+                let mut chunks = Vec::with_capacity(READ_BATCH);
+                let mut failed = None;
+                let mut end = left == 0;
+                while !end && chunks.len() < READ_BATCH {
+                    let want = left.min(MAX_CHUNK as u64);
+                    let mut buf = Vec::with_capacity(want as usize);
+                    match (&mut file).take(want).read_to_end(&mut buf) {
+                        Ok(n) => {
+                            left -= n as u64;
+                            // short of what was asked: the end of the file
+                            end = (n as u64) < want || left == 0;
+                            if n > 0 {
+                                chunks.push(buf);
+                            }
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            end = true;
+                        }
                     }
                 }
-                if tx.blocking_send(r.map(|_| buf)).is_err() || last {
+                if !chunks.is_empty() && tx.blocking_send(Ok(chunks)).is_err() {
+                    return; // the operation ended (cancelled or failed)
+                }
+                if let Some(e) = failed {
+                    // a receiver that is gone ended the operation with its own outcome
+                    let _delivered = tx.blocking_send(Err(e)).is_ok();
+                    return;
+                }
+                if end {
                     return;
                 }
             }
         })?;
     Ok(rx)
 }
+
+/// What a reader thread hands over: chunks in order, or the error that ended the read.
+type ReadBatch = std::io::Result<Vec<Vec<u8>>>;
 
 /// Sends the content of the regular file `path` on `stream`: at most `limit` bytes
 /// (`Op::ReadFile`: [`READ_FILE_LIMIT`]; a bigger file is refused before anything is sent,
@@ -311,9 +377,9 @@ pub async fn read(stream: Stream, path: &str, limit: Option<u64>) -> Result<Fram
             },
             _ = cancelled(&mut rx) => return Err(closed("read cancelled by the host")),
         };
-        let buf = match chunk {
+        let chunks = match chunk {
             None => break,
-            Some(Ok(buf)) => buf,
+            Some(Ok(chunks)) => chunks,
             Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 return Err(RemoteError::new(
                     ErrorKind::Unsupported,
@@ -325,13 +391,15 @@ pub async fn read(stream: Stream, path: &str, limit: Option<u64>) -> Result<Fram
             }
             Some(Err(e)) => return Err(RemoteError::from_io(&e, path)),
         };
-        total += buf.len() as u64;
-        if let Some(limit) = limit.filter(|&l| total > l) {
-            return Err(too_large(path, None, limit));
-        }
-        tokio::select! {
-            r = tx.send_owned(Chan::File, buf) => r.map_err(closed)?,
-            _ = cancelled(&mut rx) => return Err(closed("read cancelled by the host")),
+        for buf in chunks {
+            total += buf.len() as u64;
+            if let Some(limit) = limit.filter(|&l| total > l) {
+                return Err(too_large(path, None, limit));
+            }
+            tokio::select! {
+                r = tx.send_owned(Chan::File, buf) => r.map_err(closed)?,
+                _ = cancelled(&mut rx) => return Err(closed("read cancelled by the host")),
+            }
         }
     }
     Ok(Frame::Done { id: tx.id() })

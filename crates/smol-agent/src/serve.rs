@@ -608,6 +608,61 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// The pipelined write keeps the order of chunks of any size, across many batches; a write
+    /// the host cancels half-way leaves the old content and no temporary file.
+    #[tokio::test]
+    async fn pipelined_writes_keep_order_and_a_cancelled_one_keeps_the_old_content() {
+        let mux = host().await;
+        let dir = std::env::temp_dir().join(format!("smol-agent-pipe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.bin");
+        let p = path.to_str().unwrap().to_string();
+        let mut data = Vec::new();
+        let mut s = mux
+            .open(Op::WriteFile {
+                path: p.clone(),
+                mode: None,
+            })
+            .unwrap();
+        // chunk sizes 1 .. MAX_CHUNK, mixed, some 6 MiB in all (several WRITE_AHEADs)
+        let mut n = 0u32;
+        while data.len() < 6 << 20 {
+            n += 1;
+            let size = ((n as usize * 7919) % smol_protocol::MAX_CHUNK) + 1;
+            let chunk: Vec<u8> = (0..size).map(|i| (i as u32 ^ n) as u8).collect();
+            s.tx.send_data(Chan::File, &chunk).await.unwrap();
+            data.extend(chunk);
+        }
+        s.tx.send_eof(Chan::File).unwrap();
+        assert!(matches!(s.rx.recv().await.unwrap(), Frame::Done { .. }));
+        assert!(std::fs::read(&path).unwrap() == data, "content differs");
+
+        let mut s = mux
+            .open(Op::WriteFile {
+                path: p.clone(),
+                mode: None,
+            })
+            .unwrap();
+        s.tx.send_data(Chan::File, &vec![1u8; 3 << 20])
+            .await
+            .unwrap();
+        s.tx.send(Frame::Cancel { id: s.tx.id() }).unwrap();
+        match s.rx.recv().await.unwrap() {
+            Frame::Error { error, .. } => assert!(error.message.contains("cancelled"), "{error:?}"),
+            f => panic!("{f:?}"),
+        }
+        assert!(
+            std::fs::read(&path).unwrap() == data,
+            "the old content was lost"
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("f.bin")]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// Only regular files are read (devices, FIFOs and symlinks to them are refused at once,
     /// naming the path and its type); a file over the limit is refused before any byte; a
     /// stream read has no limit.

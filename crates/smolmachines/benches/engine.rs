@@ -6,7 +6,12 @@
 //!    (the agent in `smol.mode=raw`: no framing, no multiplexing).
 //! 3. write_file / read_file of 64 MiB, against raw channel throughput in each direction.
 //!
+//! 4. With `SMOL_BENCH_COMPARE_INITRD=<initramfs>` (e.g. one built by `scripts/dev-initramfs.sh`
+//!    from an older commit): write_file / read_file again, this agent against that one, runs
+//!    interleaved in the same process, so a change to the file path shows as a ratio.
+//!
 //! Run with `make bench` (or `cargo bench -p smolmachines --bench engine`). Needs `make setup`.
+//! `SMOL_BENCH_ONLY=files` runs only 3. and 4.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -20,6 +25,7 @@ use smolmachines::{ExecOptions, MachineBackend, MachineConfig};
 const BOOTS: usize = 5;
 const ROUND_TRIPS: usize = 200;
 const BIG: usize = 64 * 1024 * 1024;
+const COMPARE_ROUNDS: usize = 5;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -173,6 +179,62 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// connect to a stopped persistent machine -> first exec, against a fresh create; and the host
 /// memory an idle machine costs beyond what its guest touched.
+/// One write_file and one read_file of `data` on `m`: (write MiB/s, read MiB/s).
+async fn file_round(m: &dyn MachineBackend, data: &[u8]) -> (f64, f64) {
+    let mib = data.len() as f64 / 1048576.0;
+    let t0 = Instant::now();
+    m.write_file("/tmp/big", data, None).await.unwrap();
+    let w = mib / t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let back = m.read_file("/tmp/big").await.unwrap();
+    let r = mib / t0.elapsed().as_secs_f64();
+    assert_eq!(back.len(), data.len());
+    (w, r)
+}
+
+/// 4.: this agent's file throughput against the agent of the initramfs at `other`, in
+/// alternating rounds on two machines of the same kernel.
+async fn compare_agents(dir: &std::path::Path, other: std::path::PathBuf) {
+    let ours = assets::resolve().unwrap();
+    let theirs = assets::Assets {
+        initrd: other.clone(),
+        ..ours.clone()
+    };
+    let a = LocalBackend::at(dir.join("ours"));
+    let b = LocalBackend::at(dir.join("theirs")).with_assets(theirs);
+    let ma = a.create_machine(MachineConfig::default()).await.unwrap();
+    let mb = b.create_machine(MachineConfig::default()).await.unwrap();
+    let data = vec![0x5au8; BIG];
+    let (mut wa, mut ra, mut wb, mut rb) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..COMPARE_ROUNDS {
+        let (w, r) = file_round(&mb, &data).await;
+        wb.push(w);
+        rb.push(r);
+        let (w, r) = file_round(&ma, &data).await;
+        wa.push(w);
+        ra.push(r);
+    }
+    ma.delete().await.unwrap();
+    mb.delete().await.unwrap();
+    println!("agent comparison against {}:", other.display());
+    println!("  this agent  write {wa:.0?} read {ra:.0?} MiB/s");
+    println!("  that agent  write {wb:.0?} read {rb:.0?} MiB/s");
+    row(
+        "write_file 64 MiB vs that agent (median)",
+        median(wa),
+        median(wb),
+        "MiB/s",
+        ">= 1.0x",
+    );
+    row(
+        "read_file 64 MiB vs that agent (median)",
+        median(ra),
+        median(rb),
+        "MiB/s",
+        ">= 1.0x",
+    );
+}
+
 async fn lifecycle(engine: &LocalBackend) {
     let t = vec!["true".to_string()];
     let opts = ExecOptions::default();
@@ -242,6 +304,25 @@ async fn main() {
     let engine = LocalBackend::at(tmp.path());
     let choice = accel::detect().unwrap();
     println!("accelerator: {} ({})", choice.accel.as_str(), choice.reason);
+    let files_only = std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "files");
+    let compare = std::env::var_os("SMOL_BENCH_COMPARE_INITRD").map(std::path::PathBuf::from);
+    if files_only {
+        if let Some(other) = compare {
+            compare_agents(tmp.path(), other).await;
+        } else {
+            let m = engine
+                .create_machine(MachineConfig::default())
+                .await
+                .unwrap();
+            let data = vec![0x5au8; BIG];
+            for _ in 0..3 {
+                let (w, r) = file_round(&m, &data).await;
+                println!("write_file {w:.0} MiB/s  read_file {r:.0} MiB/s");
+            }
+            m.delete().await.unwrap();
+        }
+        return;
+    }
 
     // 1. boot
     let mut bare = Vec::new();
@@ -350,4 +431,7 @@ async fn main() {
         ">= 0.8x",
     );
     lifecycle(&engine).await;
+    if let Some(other) = compare {
+        compare_agents(tmp.path(), other).await;
+    }
 }
