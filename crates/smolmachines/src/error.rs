@@ -121,6 +121,19 @@ pub enum Error {
         /// Last lines of the guest console and QEMU's stderr, for diagnosis.
         log_tail: String,
     },
+    /// The guest agent and this host share no protocol generation (an initramfs built by an
+    /// older or newer smol): the machine did not boot.
+    #[error("machine {name:?} failed to boot: {reason}")]
+    AgentIncompatible {
+        /// Machine name.
+        name: String,
+        /// The generations the agent speaks (`1..=3`).
+        agent: String,
+        /// The generations this host speaks.
+        host: String,
+        /// Which side is older, and what to do.
+        reason: String,
+    },
     /// A deadline passed.
     #[error("timed out: {what}")]
     Timeout {
@@ -271,7 +284,7 @@ impl Error {
             Error::Conflict { .. } => C::Conflict,
             Error::InvalidState { .. } => C::InvalidState,
             Error::Interrupted { .. } => C::Interrupted,
-            Error::BootFailed { .. } => C::BootFailed,
+            Error::BootFailed { .. } | Error::AgentIncompatible { .. } => C::BootFailed,
             Error::Timeout { .. } => C::Timeout,
             Error::HypervisorUnavailable { .. } => C::HypervisorUnavailable,
             Error::KvmUnavailable { .. } => C::KvmUnavailable,
@@ -363,6 +376,11 @@ impl Error {
                 "the guest console's last lines are in this error's log_tail (Python e.log_tail, \
                  Node err.logTail; the CLI prints them above); `smol doctor` shows the kernel, \
                  accelerator and QEMU in use"
+                    .into()
+            }
+            Error::AgentIncompatible { .. } => {
+                "rebuild the guest initramfs with this smol (`make setup`, or scripts/setup.sh), \
+                 or point SMOL_INITRD at one it built; `smol doctor` shows the assets in use"
                     .into()
             }
             Error::Storage { .. } => {

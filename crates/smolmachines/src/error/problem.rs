@@ -80,6 +80,12 @@ pub struct Problem {
     /// The command's stderr (`COMMAND_FAILED`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stderr: Option<String>,
+    /// The protocol generations a guest agent speaks (an incompatible agent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_protocol: Option<String>,
+    /// The protocol generations the host speaks (an incompatible agent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_protocol: Option<String>,
     /// A host program (`RUNTIME_NOT_INSTALLED`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub program: Option<String>,
@@ -127,6 +133,8 @@ const MEMBERS: &[(&str, Ty)] = &[
     ("reason", Ty::Str),
     ("machine", Ty::Str),
     ("state", Ty::Str),
+    ("agentProtocol", Ty::Str),
+    ("hostProtocol", Ty::Str),
     ("operation", Ty::Str),
     ("port", Ty::Num),
     ("path", Ty::Str),
@@ -349,6 +357,18 @@ impl Error {
                 p.log_tail = Some(log_tail.clone());
                 "bootFailed"
             }
+            Error::AgentIncompatible {
+                name,
+                agent,
+                host,
+                reason,
+            } => {
+                p.machine = Some(name.clone());
+                p.agent_protocol = Some(agent.clone());
+                p.host_protocol = Some(host.clone());
+                p.reason = Some(reason.clone());
+                "agentIncompatible"
+            }
             Error::Timeout { what } => {
                 p.reason = Some(what.clone());
                 "timeout"
@@ -556,6 +576,12 @@ fn exact(
             reason: reason()?,
             log_tail: s(&p.log_tail).unwrap_or_default(),
         },
+        "agentIncompatible" => Error::AgentIncompatible {
+            name: s(&p.machine)?,
+            agent: s(&p.agent_protocol)?,
+            host: s(&p.host_protocol)?,
+            reason: reason()?,
+        },
         "timeout" => Error::Timeout { what: reason()? },
         "hypervisorUnavailable" => Error::HypervisorUnavailable { message: reason()? },
         "kvmUnavailable" => Error::KvmUnavailable { message: reason()? },
@@ -661,6 +687,12 @@ mod tests {
                 name: s("web"),
                 reason: s("the agent never answered"),
                 log_tail: s("[    0.1] Linux version 6.1\nKernel panic"),
+            },
+            Error::AgentIncompatible {
+                name: s("web"),
+                agent: s("0"),
+                host: s("1..=3"),
+                reason: s("the agent speaks protocol generation 0, older than ..."),
             },
             Error::Timeout {
                 what: s("readiness of web"),

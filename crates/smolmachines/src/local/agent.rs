@@ -108,6 +108,23 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// The typed error of an agent that shares no protocol generation with this host (`None`
+    /// for every other failure to connect).
+    pub fn incompatible(&self, name: &str) -> Option<crate::Error> {
+        match self {
+            ConnectError::AgentTooOld { agent, host }
+            | ConnectError::AgentTooNew { agent, host } => Some(crate::Error::AgentIncompatible {
+                name: name.to_string(),
+                agent: agent.to_string(),
+                host: host.to_string(),
+                reason: self.to_string(),
+            }),
+            ConnectError::Timeout(_) | ConnectError::Io(_) | ConnectError::Closed => None,
+        }
+    }
+}
+
 impl From<VersionMismatch> for ConnectError {
     fn from(m: VersionMismatch) -> Self {
         match m {

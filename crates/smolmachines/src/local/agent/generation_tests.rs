@@ -184,4 +184,21 @@ async fn an_agent_older_than_the_oldest_generation_is_refused() {
     let msg = e.to_string();
     assert!(msg.contains("protocol generation 0"), "{msg}");
     assert!(msg.contains("make setup"), "{msg}");
+    // what a caller of create gets: its own type, code BOOT_FAILED, typed generations
+    let typed = e.incompatible("web").expect("an incompatible agent");
+    let crate::Error::AgentIncompatible {
+        name,
+        agent,
+        host,
+        reason,
+    } = &typed
+    else {
+        panic!("{typed:?}")
+    };
+    assert_eq!((name.as_str(), agent.as_str()), ("web", "0"));
+    assert_eq!(host, &Generations::CURRENT.to_string());
+    assert_eq!(reason, &msg);
+    assert_eq!(typed.code(), "BOOT_FAILED");
+    assert!(typed.hint().unwrap().contains("make setup"));
+    assert!(ConnectError::Closed.incompatible("web").is_none());
 }
