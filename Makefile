@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 SMOL := target/release/smol
 
-.PHONY: setup run test lint unit bench clean-cache test-python test-node test-readme
+.PHONY: setup run test lint unit bench clean-cache test-python test-node test-readme test-fleet-schema
 
 setup:
 	@scripts/setup.sh
@@ -22,7 +22,12 @@ lint:
 unit:
 	cargo test --workspace --release
 
-test: setup lint unit test-python test-node test-readme
+test: setup lint unit test-python test-node test-readme test-fleet-schema
+
+# Schemathesis against a running `smolfleet serve` (fresh home, loopback): no 5xx, status codes
+# and response bodies as openapi.json says; bounded (scripts/schemathesis.sh says how)
+test-fleet-schema: setup
+	scripts/schemathesis.sh
 
 # The CLI quick start of README.md, every `$ smol ...` line as printed
 test-readme: setup

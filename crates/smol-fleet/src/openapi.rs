@@ -6,7 +6,7 @@
 
 use axum::http::Method;
 use axum::Json;
-use smolmachines::wire::{CommandBody, CreateMachineBody, ExecResponse, MachineInfo};
+use smolmachines::wire::{CommandBody, CreateMachineBody, ExecResponse, MachineInfo, SetPortsBody};
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
@@ -127,10 +127,10 @@ pub const OPERATIONS: &[Operation] = &[
         Method::DELETE,
         "/v1/machines/{id}",
         "deleteMachine",
-        "Delete a machine",
+        "Delete a machine (204)",
         Shape::Empty,
-        200,
-        Shape::AnyJson,
+        204,
+        Shape::Empty,
     ),
     (
         Method::POST,
@@ -181,10 +181,38 @@ pub const OPERATIONS: &[Operation] = &[
         Method::PUT,
         "/v1/machines/{id}/files/{*path}",
         "writeFile",
-        "Write a file (100 MiB at most)",
+        "Write a file (100 MiB at most; 204)",
+        Shape::Bytes,
+        204,
+        Shape::Empty,
+    ),
+    (
+        Method::PUT,
+        "/v1/machines/{id}/ports",
+        "setPorts",
+        "Publish exactly these guest ports (TCP; starts a stopped machine)",
+        Shape::Json("SetPortsBody"),
+        200,
+        Shape::Json("MachineInfo"),
+    ),
+    // the connect bridge takes any method and WebSocket upgrades; two are listed
+    (
+        Method::GET,
+        "/v1/machines/{id}/connect/{port}/{*path}",
+        "connectGet",
+        "Proxy to a published guest port (any method, WebSocket upgrades; also connect/{port})",
+        Shape::Empty,
+        200,
+        Shape::Bytes,
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/connect/{port}/{*path}",
+        "connectPost",
+        "Proxy to a published guest port (the body streams to the guest)",
         Shape::Bytes,
         200,
-        Shape::AnyJson,
+        Shape::Bytes,
     ),
 ];
 
@@ -231,7 +259,24 @@ fn content(shape: Shape) -> Option<(&'static str, utoipa::openapi::Content)> {
                     .build(),
             ))),
         ),
-        Shape::Events => ("text/event-stream", schema(string())),
+        // OpenAPI 3.1 has no `itemSchema`: the schema describes each event (as schemathesis
+        // and other tools read it), `exit` last with `{"exitCode": N}` as its data
+        Shape::Events => (
+            "text/event-stream",
+            schema(RefOr::T(Schema::Object(
+                ObjectBuilder::new()
+                    .property(
+                        "event",
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .enum_values(Some(["stdout", "stderr", "exit", "error"])),
+                    )
+                    .required("event")
+                    .property("data", string())
+                    .required("data")
+                    .build(),
+            ))),
+        ),
         Shape::Text => ("text/plain; version=0.0.4", schema(string())),
     })
 }
@@ -267,7 +312,7 @@ pub fn document() -> OpenApi {
         let mut op = OperationBuilder::new()
             .operation_id(Some(*id))
             .summary(Some(*summary));
-        for name in ["id", "path"] {
+        for name in ["id", "port", "path"] {
             if path.contains(&format!("{{{name}}}")) {
                 op = op.parameter(
                     ParameterBuilder::new()
@@ -279,10 +324,15 @@ pub fn document() -> OpenApi {
             }
         }
         if let Some((ct, c)) = content(*request) {
+            // no bytes at all are a file's empty content, not a missing body
+            let required = match request {
+                Shape::Bytes => Required::False,
+                _ => Required::True,
+            };
             op = op.request_body(Some(
                 RequestBodyBuilder::new()
                     .content(ct, c)
-                    .required(Some(Required::True))
+                    .required(Some(required))
                     .build(),
             ));
         }
@@ -322,6 +372,7 @@ pub fn document() -> OpenApi {
     add::<MachineInfo>(&mut schemas);
     add::<CommandBody>(&mut schemas);
     add::<ExecResponse>(&mut schemas);
+    add::<SetPortsBody>(&mut schemas);
     schemas.sort_by(|a, b| a.0.cmp(&b.0));
     schemas.dedup_by(|a, b| a.0 == b.0);
     let components = ComponentsBuilder::new()

@@ -51,8 +51,9 @@ pub struct CommandBody {
     /// Extra environment.
     #[serde(default, deserialize_with = "nullable")]
     pub env: BTreeMap<String, String>,
-    /// Working directory.
+    /// Working directory (an absolute guest path).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^/"))]
     pub cwd: Option<String>,
     /// Whole seconds (the result is exit 124 past it).
     #[serde(default, deserialize_with = "ceil_seconds")]
@@ -62,6 +63,7 @@ pub struct CommandBody {
     pub stdin: Option<String>,
     /// Run as this user (the response echoes it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub user: Option<String>,
     /// Start detached: stdout `pid=<n>`.
     #[serde(
