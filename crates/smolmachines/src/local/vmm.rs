@@ -310,10 +310,14 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         ]);
     }
     if let Some(disk) = &spec.disk {
+        // werror/rerror=report: a host write that fails (the host disk is full) is an I/O
+        // error in the guest, where the command that wrote sees it; QEMU's default for
+        // ENOSPC pauses the whole VM, so every later exec would hang until its deadline.
         a.extend([
             "-drive".into(),
             format!(
-                "if=none,id=disk0,file={},format=qcow2,cache=writeback,discard=unmap",
+                "if=none,id=disk0,file={},format=qcow2,cache=writeback,discard=unmap,\
+                 werror=report,rerror=report",
                 disk.display()
             ),
             "-device".into(),
