@@ -161,3 +161,38 @@ async fn the_default_backend_is_one_engine_per_home() {
         .with_run_dir(home.path().join("run"))
         .same_engine(&x));
 }
+
+#[tokio::test]
+async fn a_streamed_write_collects_on_a_backend_without_streaming() {
+    let fake = FakeBackend::new();
+    let m = Machine::create_on(&fake, named("stream")).await.unwrap();
+    let chunks = futures::stream::iter([Ok(b"ab".to_vec()), Ok(Vec::new()), Ok(b"c".to_vec())]);
+    m.write_file_stream("/tmp/s", Box::pin(chunks), None)
+        .await
+        .unwrap();
+    assert_eq!(m.read_file("/tmp/s").await.unwrap(), b"abc");
+    // the source's error is the write's, and nothing is written
+    let failing = futures::stream::iter([
+        Ok(b"x".to_vec()),
+        Err(Error::Connection {
+            message: "client went away".into(),
+        }),
+    ]);
+    let e = m
+        .write_file_stream("/tmp/t", Box::pin(failing), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Connection { .. }), "{e:?}");
+    assert!(m.read_file("/tmp/t").await.is_err());
+    // the same checks as write_file, before any chunk is read
+    let none = || Box::pin(futures::stream::empty()) as crate::FileChunks;
+    assert!(matches!(
+        m.write_file_stream("relative", none(), None).await,
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        m.write_file_stream("/tmp/x", none(), Some(0o17777)).await,
+        Err(Error::InvalidConfig { .. })
+    ));
+    m.delete().await.unwrap();
+}

@@ -425,13 +425,7 @@ impl MachineBackend for CloudMachine {
 
     async fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<()> {
         if data.len() > FILE_LIMIT {
-            return Err(Error::coded(
-                ErrorCode::SmolvmError,
-                format!(
-                    "{path}: {} bytes is over the cloud's limit of {FILE_LIMIT} bytes per file",
-                    data.len()
-                ),
-            ));
+            return Err(over_limit(path, data.len()));
         }
         let req = Req::put(file_path(&self.id, path))
             .raw(data.to_vec())
@@ -447,6 +441,25 @@ impl MachineBackend for CloudMachine {
             }
         }
         Ok(())
+    }
+
+    /// Collects the chunks (the published client sends a file as one body with its length)
+    /// and stops at the cloud's limit: memory holds at most [`FILE_LIMIT`] bytes.
+    async fn write_file_stream(
+        &self,
+        path: &str,
+        mut chunks: crate::FileChunks,
+        mode: Option<u32>,
+    ) -> Result<()> {
+        use futures::StreamExt;
+        let mut data = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            data.extend_from_slice(&chunk?);
+            if data.len() > FILE_LIMIT {
+                return Err(over_limit(path, data.len()));
+            }
+        }
+        self.write_file(path, &data, mode).await
     }
 
     async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
@@ -541,4 +554,12 @@ impl MachineBackend for CloudMachine {
         let keep: Vec<PortSpec> = ports.into_iter().filter(|p| !hit(p)).collect();
         self.set_ports(&keep).await
     }
+}
+
+/// A file over the cloud's limit, refused on this side (as the published client does).
+fn over_limit(path: &str, len: usize) -> Error {
+    Error::coded(
+        ErrorCode::SmolvmError,
+        format!("{path}: {len} bytes is over the cloud's limit of {FILE_LIMIT} bytes per file"),
+    )
 }
