@@ -10,7 +10,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -38,6 +38,17 @@ CREATE TABLE machines (
     updated_at  INTEGER NOT NULL,
     UNIQUE (tenant_id, name)
 );
+";
+
+/// Version 2: the lifetime of a machine (SPEC §10.6), enforced by the sweeper: the idle
+/// stop, the deadline of its TTL (unix seconds, `NULL` without one), deletion on stop, and
+/// its last activity (unix seconds) as last flushed.
+const SCHEMA_V2: &str = "
+ALTER TABLE machines ADD COLUMN auto_stop_seconds INTEGER;
+ALTER TABLE machines ADD COLUMN ttl_seconds INTEGER;
+ALTER TABLE machines ADD COLUMN expires_at INTEGER;
+ALTER TABLE machines ADD COLUMN ephemeral INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE machines ADD COLUMN last_activity_at INTEGER;
 ";
 
 /// A tenant's key as listed (never the key itself).
@@ -72,6 +83,16 @@ pub struct MachineRow {
     pub spec: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// Stop after this many idle seconds.
+    pub auto_stop_seconds: Option<u64>,
+    /// Delete this many seconds after `created_at`.
+    pub ttl_seconds: Option<u64>,
+    /// `created_at + ttl_seconds` (unix seconds), set when the row is stored.
+    pub expires_at: Option<i64>,
+    /// Deleted when it stops.
+    pub ephemeral: bool,
+    /// Unix seconds of the last activity the sweeper flushed (`None`: none yet).
+    pub last_activity_at: Option<i64>,
 }
 
 /// The database, shared.
@@ -80,7 +101,8 @@ pub struct Db {
     conn: Arc<Mutex<Connection>>,
 }
 
-fn now() -> i64 {
+/// Unix seconds now.
+pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -121,6 +143,12 @@ impl Db {
                 "BEGIN; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
             ))
             .map_err(|e| FleetError::db("create the schema", e))?;
+        }
+        if version < 2 {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
+            ))
+            .map_err(|e| FleetError::db("migrate the schema to version 2", e))?;
         }
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
@@ -281,10 +309,25 @@ pub fn revoke_key(c: &Connection, id: &str) -> Result<bool, FleetError> {
 /// a machine of that name.
 pub fn insert_machine(c: &Connection, m: &MachineRow) -> Result<bool, FleetError> {
     let t = now();
+    let secs = |v: Option<u64>| v.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+    let expires = secs(m.ttl_seconds).map(|ttl| t.saturating_add(ttl));
     match c.execute(
-        "INSERT INTO machines (id, tenant_id, name, engine_name, spec, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        params![m.id, m.tenant_id, m.name, m.engine_name, m.spec, t],
+        "INSERT INTO machines (id, tenant_id, name, engine_name, spec, created_at, updated_at,
+                               auto_stop_seconds, ttl_seconds, expires_at, ephemeral,
+                               last_activity_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?6)",
+        params![
+            m.id,
+            m.tenant_id,
+            m.name,
+            m.engine_name,
+            m.spec,
+            t,
+            secs(m.auto_stop_seconds),
+            secs(m.ttl_seconds),
+            expires,
+            m.ephemeral
+        ],
     ) {
         Ok(_) => Ok(true),
         Err(rusqlite::Error::SqliteFailure(e, _))
@@ -304,10 +347,16 @@ fn machine_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRow> {
         engine_name: r.get(3)?,
         spec: r.get(4)?,
         created_at: r.get(5)?,
+        auto_stop_seconds: r.get::<_, Option<i64>>(6)?.map(|v| v.max(0) as u64),
+        ttl_seconds: r.get::<_, Option<i64>>(7)?.map(|v| v.max(0) as u64),
+        expires_at: r.get(8)?,
+        ephemeral: r.get(9)?,
+        last_activity_at: r.get(10)?,
     })
 }
 
-const MACHINE_COLUMNS: &str = "id, tenant_id, name, engine_name, spec, created_at";
+const MACHINE_COLUMNS: &str = "id, tenant_id, name, engine_name, spec, created_at, \
+     auto_stop_seconds, ttl_seconds, expires_at, ephemeral, last_activity_at";
 
 /// Machine `id` of `tenant_id` (another tenant's is `None`, as a missing one).
 pub fn machine(
@@ -336,6 +385,49 @@ pub fn machines(c: &Connection, tenant_id: &str) -> Result<Vec<MachineRow>, Flee
         .map_err(|e| FleetError::db("list machines", e))?;
     rows.collect::<Result<Vec<_>, _>>()
         .map_err(|e| FleetError::db("list machines", e))
+}
+
+/// Every machine with a lifetime to enforce (an idle stop, a TTL or `ephemeral`), all
+/// tenants, oldest first.
+pub fn swept_machines(c: &Connection) -> Result<Vec<MachineRow>, FleetError> {
+    let mut st = c
+        .prepare(&format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines
+             WHERE auto_stop_seconds IS NOT NULL OR expires_at IS NOT NULL OR ephemeral != 0
+             ORDER BY created_at, id"
+        ))
+        .map_err(|e| FleetError::db("list the machines to sweep", e))?;
+    let rows = st
+        .query_map([], machine_row)
+        .map_err(|e| FleetError::db("list the machines to sweep", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::db("list the machines to sweep", e))
+}
+
+/// Every machine of every tenant (the test server's teardown).
+pub fn all_machines(c: &Connection) -> Result<Vec<MachineRow>, FleetError> {
+    let mut st = c
+        .prepare(&format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines ORDER BY created_at, id"
+        ))
+        .map_err(|e| FleetError::db("list all machines", e))?;
+    let rows = st
+        .query_map([], machine_row)
+        .map_err(|e| FleetError::db("list all machines", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::db("list all machines", e))
+}
+
+/// Records the last activity (unix seconds) of machines by id.
+pub fn set_last_activity(c: &Connection, seen: &[(String, i64)]) -> Result<(), FleetError> {
+    let mut st = c
+        .prepare("UPDATE machines SET last_activity_at = ?2 WHERE id = ?1")
+        .map_err(|e| FleetError::db("record machine activity", e))?;
+    for (id, at) in seen {
+        st.execute(params![id, at])
+            .map_err(|e| FleetError::db("record machine activity", e))?;
+    }
+    Ok(())
 }
 
 /// Removes machine `id`'s record.
@@ -381,6 +473,54 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_database_gains_the_lifetime_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!(
+                "BEGIN; {SCHEMA_V1} PRAGMA user_version = 1;
+                 INSERT INTO tenants VALUES ('ten-1', 'a', 1);
+                 INSERT INTO machines VALUES ('mach-1', 'ten-1', 'old', 'mach-1', '{{}}', 5, 5);
+                 COMMIT;"
+            ))
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        db.call_sync(|c| {
+            let old = machine(c, "ten-1", "mach-1")?.expect("the old machine");
+            assert_eq!(
+                (old.auto_stop_seconds, old.ttl_seconds, old.expires_at),
+                (None, None, None)
+            );
+            assert!(!old.ephemeral);
+            // no lifetime: nothing to sweep
+            assert!(swept_machines(c)?.is_empty());
+            let version: i64 = c
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, SCHEMA_VERSION);
+            let mut row = old.clone();
+            row.id = "mach-2".into();
+            row.engine_name = "mach-2".into();
+            row.name = "new".into();
+            row.ttl_seconds = Some(60);
+            row.ephemeral = true;
+            assert!(insert_machine(c, &row)?);
+            let new = machine(c, "ten-1", "mach-2")?.unwrap();
+            assert_eq!(new.expires_at, Some(new.created_at + 60));
+            assert_eq!(new.last_activity_at, Some(new.created_at));
+            set_last_activity(c, &[("mach-2".into(), new.created_at + 7)])?;
+            let swept = swept_machines(c)?;
+            assert_eq!(swept.len(), 1);
+            assert_eq!(swept[0].last_activity_at, Some(new.created_at + 7));
+            assert!(swept[0].ephemeral);
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
     fn machine_names_are_unique_per_tenant() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("fleet.db")).unwrap();
@@ -394,6 +534,11 @@ mod tests {
                 engine_name: id.into(),
                 spec: "{}".into(),
                 created_at: 0,
+                auto_stop_seconds: None,
+                ttl_seconds: None,
+                expires_at: None,
+                ephemeral: false,
+                last_activity_at: None,
             };
             assert!(insert_machine(c, &row("mach-1", &a, "web"))?);
             assert!(!insert_machine(c, &row("mach-2", &a, "web"))?);

@@ -31,6 +31,14 @@ pub enum FleetError {
     /// A blocking task did not finish.
     #[error("fleet blocking task failed: {0}")]
     Join(String),
+    /// A TLS certificate or key file is missing, unreadable or wrong.
+    #[error("TLS file {}: {message}", file.display())]
+    Tls {
+        /// The file.
+        file: std::path::PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A file or socket step failed.
     #[error("{context}: {source}")]
     Io {
@@ -48,8 +56,32 @@ impl FleetError {
     }
 }
 
+impl FleetError {
+    /// Whether the step failed because the fleet's disk is full (SQLite's `SQLITE_FULL`,
+    /// `ENOSPC` / `EDQUOT`).
+    pub fn disk_full(&self) -> bool {
+        match self {
+            FleetError::Db { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            FleetError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl From<FleetError> for Error {
     fn from(e: FleetError) -> Error {
+        if e.disk_full() {
+            // 507 storage_error: the client can tell "no room" from a bug
+            return Error::Storage {
+                path: "fleet.db".into(),
+                message: format!("the fleet's disk is full: {e}"),
+            };
+        }
         Error::coded(ErrorCode::SmolvmError, e.to_string())
     }
 }
@@ -114,27 +146,34 @@ impl From<FleetError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let problem = self.0.to_problem();
-        let status =
-            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), error = %self.0, "request failed");
-        } else {
-            tracing::debug!(status = status.as_u16(), error = %self.0, "request refused");
-        }
-        let mut resp = (status, problem.to_json()).into_response();
-        resp.extensions_mut()
-            .insert(crate::metrics::ErrorTag(self.0.code().as_str()));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(after) = self.0.retry_after() {
-            let secs = after.as_secs_f64().ceil() as u64;
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-        }
-        resp
+        problem_response(&self.0, None)
     }
+}
+
+/// The problem+json response of `e` (its `hint` replaced by `hint` when given).
+pub(crate) fn problem_response(e: &Error, hint: Option<String>) -> Response {
+    let mut problem = e.to_problem();
+    if hint.is_some() {
+        problem.hint = hint;
+    }
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), error = %e, "request failed");
+    } else {
+        tracing::debug!(status = status.as_u16(), error = %e, "request refused");
+    }
+    let mut resp = (status, problem.to_json()).into_response();
+    resp.extensions_mut()
+        .insert(crate::metrics::ErrorTag(e.code().as_str()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(after) = e.retry_after() {
+        let secs = after.as_secs_f64().ceil() as u64;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    resp
 }

@@ -11,20 +11,25 @@
 mod db;
 mod error;
 mod http;
+pub mod ingress;
 pub mod keys;
 pub mod limit;
 mod metrics;
 pub mod openapi;
+mod proxy;
 mod routes;
 pub mod scopes;
 mod server;
 mod stream;
+pub mod sweeper;
 pub mod testing;
+pub mod tls;
 
 pub use db::{rfc3339, AuthKey, Db, KeyRow, MachineRow};
 pub use error::{ApiError, FleetError};
 pub use limit::RateLimit;
 pub use server::{Fleet, Tenant, FILE_LIMIT, JSON_LIMIT};
+pub use sweeper::{Busy, SweepReport};
 
 /// Database operations for the admin CLI (`smolfleet keys ...`).
 pub mod admin {

@@ -32,6 +32,32 @@ enum Cmd {
         /// worth); past it, 429 with Retry-After.
         #[arg(long, value_name = "N/s", default_value = "1000/s")]
         rate_limit: RateLimit,
+        /// The domain of published ports' public URLs: a request for
+        /// `{port}-{machineId}.DOMAIN` (with the API key) goes to that guest port. The
+        /// default, localhost, works on this host (`*.localhost` is loopback).
+        #[arg(long, value_name = "DOMAIN", default_value = "localhost")]
+        apps_domain: String,
+        /// The scheme of those URLs: http or https (default: https with --tls-cert, else
+        /// http; say https behind a TLS proxy).
+        #[arg(long, value_name = "SCHEME")]
+        apps_scheme: Option<String>,
+        /// The port of those URLs (default: the port the server listens on).
+        #[arg(long, value_name = "PORT")]
+        apps_port: Option<u16>,
+        /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Allow plain HTTP on a non-loopback --listen address (API keys then cross the
+        /// network in clear).
+        #[arg(long, conflicts_with = "tls_cert")]
+        insecure_no_tls: bool,
+        /// How often idle stops, TTLs and ephemeral machines are enforced (`15s`, `500ms`,
+        /// `2m`; a bare number is seconds).
+        #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_interval)]
+        sweep_interval: std::time::Duration,
     },
     /// Prints the OpenAPI document (as checked in at crates/smol-fleet/openapi.json).
     Openapi,
@@ -108,7 +134,33 @@ fn main() -> ExitCode {
             listen,
             home,
             rate_limit,
-        } => serve(listen, home.unwrap_or_else(default_home), rate_limit),
+            apps_domain,
+            apps_scheme,
+            apps_port,
+            tls_cert,
+            tls_key,
+            insecure_no_tls,
+            sweep_interval,
+        } => {
+            let edge = Edge {
+                tls: tls_cert.zip(tls_key),
+                insecure_no_tls,
+                sweep_interval,
+            };
+            let apps_scheme = apps_scheme
+                .unwrap_or_else(|| if edge.tls.is_some() { "https" } else { "http" }.to_string());
+            smol_fleet::ingress::Apps::new(&apps_domain, &apps_scheme, apps_port)
+                .map_err(Into::into)
+                .and_then(|apps| {
+                    serve(
+                        listen,
+                        home.unwrap_or_else(default_home),
+                        rate_limit,
+                        apps,
+                        edge,
+                    )
+                })
+        }
         Cmd::Keys { cmd, home } => keys(cmd, home.unwrap_or_else(default_home)),
         Cmd::Openapi => {
             print!("{}", smol_fleet::openapi::document_json());
@@ -126,18 +178,70 @@ fn main() -> ExitCode {
 
 type AnyResult = Result<(), Box<dyn std::error::Error>>;
 
-fn serve(listen: SocketAddr, home: PathBuf, rate_limit: RateLimit) -> AnyResult {
+/// `15s`, `500ms`, `2m` or a bare number of seconds; at least 100 ms.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let s = s.trim();
+    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 15s, 500ms or 2m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+    };
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s:?} is too short: at least 100ms"));
+    }
+    Ok(d)
+}
+
+/// TLS, its opt-out and the sweep interval of `smolfleet serve`.
+struct Edge {
+    /// `(certificate, key)` PEM files.
+    tls: Option<(PathBuf, PathBuf)>,
+    insecure_no_tls: bool,
+    sweep_interval: std::time::Duration,
+}
+
+fn serve(
+    listen: SocketAddr,
+    home: PathBuf,
+    rate_limit: RateLimit,
+    apps: smol_fleet::ingress::Apps,
+    edge: Edge,
+) -> AnyResult {
+    if edge.tls.is_none() && !listen.ip().is_loopback() && !edge.insecure_no_tls {
+        return Err(format!(
+            "refusing to serve plain HTTP on {listen}, beyond loopback: API keys would cross the \
+             network in clear. Give --tls-cert FILE --tls-key FILE, listen on 127.0.0.1 behind \
+             a TLS proxy, or pass --insecure-no-tls to do it anyway"
+        )
+        .into());
+    }
+    // a bad certificate or key fails the start, naming the file
+    let tls = match &edge.tls {
+        Some((cert, key)) => Some(smol_fleet::tls::server_config(cert, key)?),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let (fleet, bootstrap) = Fleet::open(&home)?;
         fleet.set_rate_limit(rate_limit);
-        if !listen.ip().is_loopback() {
+        fleet.set_sweep_interval(edge.sweep_interval);
+        fleet.set_apps(apps);
+        if tls.is_none() && !listen.ip().is_loopback() {
             tracing::warn!(
                 %listen,
-                "listening beyond loopback over plain HTTP: API keys cross the network in clear; \
-                 put a TLS proxy in front"
+                "--insecure-no-tls: listening beyond loopback over plain HTTP; API keys cross \
+                 the network in clear"
             );
         }
         let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -145,7 +249,8 @@ fn serve(listen: SocketAddr, home: PathBuf, rate_limit: RateLimit) -> AnyResult 
             // the one time the key is shown: stdout, not the log
             println!("bootstrap admin key (shown once, store it now): {key}");
         }
-        println!("listening on http://{}", listener.local_addr()?);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("listening on {scheme}://{}", listener.local_addr()?);
         let shutdown = async {
             if let Err(e) = tokio::signal::ctrl_c().await {
                 tracing::error!(error = %e, "cannot wait for ctrl-c");
@@ -153,7 +258,10 @@ fn serve(listen: SocketAddr, home: PathBuf, rate_limit: RateLimit) -> AnyResult 
             }
             tracing::info!("ctrl-c: shutting down (machines keep running)");
         };
-        fleet.serve(listener, shutdown).await?;
+        match tls {
+            Some(config) => fleet.serve_tls(listener, config, shutdown).await?,
+            None => fleet.serve(listener, shutdown).await?,
+        }
         Ok(())
     })
 }

@@ -3,16 +3,17 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt;
 use serde_json::json;
 use smolmachines::config::{generate_name, validate_name};
 use smolmachines::wire::{CommandBody, CreateMachineBody, ExecResponse, MachineInfo};
-use smolmachines::{Error, ExecOutput, Machine, MachineSummary};
+use smolmachines::{Error, ExecOutput, FileChunks, Machine, MachineSummary};
 
 use crate::db::{self, new_id, MachineRow};
 use crate::error::ApiError;
@@ -100,7 +101,11 @@ fn info_of(row: &MachineRow, summary: Option<&MachineSummary>) -> MachineInfo {
         info.workdir = spec.workdir;
         info.labels = spec.labels;
     }
-    info.ephemeral = false;
+    info.ephemeral = row.ephemeral;
+    info.auto_stop_seconds = row.auto_stop_seconds;
+    info.ttl_seconds = row.ttl_seconds;
+    // as of the last sweep (activity is flushed to the database once a sweep)
+    info.last_activity_at = row.last_activity_at.map(db::rfc3339);
     info.capabilities = Some(BTreeMap::from([
         ("exec".to_string(), true),
         ("branch".to_string(), false),
@@ -120,9 +125,11 @@ async fn summaries(fleet: &Fleet) -> ApiResult<BTreeMap<String, MachineSummary>>
     Ok(all.into_iter().map(|s| (s.name.clone(), s)).collect())
 }
 
-async fn info_of_row(fleet: &Fleet, row: &MachineRow) -> ApiResult<MachineInfo> {
+pub(crate) async fn info_of_row(fleet: &Fleet, row: &MachineRow) -> ApiResult<MachineInfo> {
     let all = summaries(fleet).await?;
-    Ok(info_of(row, all.get(&row.engine_name)))
+    let mut info = info_of(row, all.get(&row.engine_name));
+    crate::ingress::finish(fleet, row, &mut info).await;
+    Ok(info)
 }
 
 /// `POST /v1/machines`: a machine from `source.reference`, created and booted on the node
@@ -133,27 +140,40 @@ pub async fn create_machine(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = body_bytes(body, "the request body", JSON_LIMIT)?;
+    crate::sweeper::validate_lifetimes(&body)?;
     let req: CreateMachineBody = parse_json(&body)?;
     if req.source.reference.trim().is_empty() {
         return Err(ApiError::unprocessable(
             "source.reference: a machine needs an image (source {\"type\": \"image\", \"reference\": ...})",
         ));
     }
-    for (field, set) in [
-        ("autoStopSeconds", req.auto_stop_seconds.is_some()),
-        ("ttlSeconds", req.ttl_seconds.is_some()),
-    ] {
-        if set {
-            return Err(ApiError(Error::NotSupported {
-                message: format!("{field} is not enforced by this server yet; leave it null"),
-            }));
-        }
+    // a tenant names registry images only: a local source (`dir:`, `oci:`, `docker-archive:`,
+    // a path) would boot a machine over the server host's own files
+    // (a path that is not there is refused too: the answer must not tell what exists)
+    use smolmachines::image::{ImageError, ImageSource};
+    if matches!(
+        ImageSource::parse(&req.source.reference),
+        Ok(ImageSource::OciLayout { .. }
+            | ImageSource::DockerArchive { .. }
+            | ImageSource::Dir { .. })
+            | Err(ImageError::NotFound { .. })
+    ) {
+        return Err(ApiError::unprocessable(format!(
+            "source.reference {:?}: this server takes registry references only \
+             (REGISTRY/REPOSITORY:TAG), not files on its host",
+            req.source.reference
+        )));
     }
     if let Some(n) = &req.name {
         validate_name(n)?;
     }
     let id = new_id("mach-");
-    let mut config = req.clone().into_config(|name| {
+    // the fleet enforces these itself (sweeper.rs); the node's machine has no lifetime
+    let mut for_node = req.clone();
+    for_node.ephemeral = None;
+    for_node.auto_stop_seconds = None;
+    for_node.ttl_seconds = None;
+    let mut config = for_node.into_config(|name| {
         Err(Error::NotSupported {
             message: format!("credential {name:?}: this server has no credential store yet"),
         })
@@ -181,7 +201,14 @@ pub async fn create_machine(
         engine_name: id.clone(),
         spec,
         created_at: 0,
+        auto_stop_seconds: req.auto_stop_seconds,
+        ttl_seconds: req.ttl_seconds,
+        expires_at: None,
+        ephemeral: req.ephemeral == Some(true),
+        last_activity_at: None,
     };
+    // in flight until created: the sweeper leaves a half-made machine alone
+    let _busy = fleet.busy(&id).await;
     let attempts = if req.name.is_some() { 1 } else { NAME_ATTEMPTS };
     let mut reserved = false;
     for _ in 0..attempts {
@@ -256,12 +283,15 @@ pub async fn list_machines(
     let t = tenant.0.clone();
     let rows = fleet.db().call(move |c| db::machines(c, &t)).await?;
     let all = summaries(&fleet).await?;
-    Ok(Json(
-        rows.iter()
-            .map(|r| info_of(r, all.get(&r.engine_name)))
-            .filter(|i| want.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
-            .collect(),
-    ))
+    let mut out = Vec::new();
+    for r in &rows {
+        let mut info = info_of(r, all.get(&r.engine_name));
+        if want.iter().all(|(k, v)| info.labels.get(k) == Some(v)) {
+            crate::ingress::finish(&fleet, r, &mut info).await;
+            out.push(info);
+        }
+    }
+    Ok(Json(out))
 }
 
 /// `GET /v1/machines/{id}`.
@@ -281,16 +311,7 @@ pub async fn delete_machine(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let row = row_of(&fleet, &tenant, &id).await?;
-    match fleet.handle(&row.engine_name).await {
-        Ok(m) => m.delete().await?,
-        Err(Error::NotFound { .. }) => {
-            tracing::warn!(machine = %id, "the node has no such machine; removing its record")
-        }
-        Err(e) => return Err(ApiError(e)),
-    }
-    fleet.forget(&row.engine_name).await;
-    let i = row.id.clone();
-    fleet.db().call(move |c| db::delete_machine(c, &i)).await?;
+    fleet.destroy(&row).await?;
     tracing::info!(machine = %id, "deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -303,10 +324,13 @@ pub async fn start_machine(
 ) -> ApiResult<Json<MachineInfo>> {
     let row = row_of(&fleet, &tenant, &id).await?;
     fleet.running(&row.engine_name).await?;
+    // a started machine's idle clock starts now
+    fleet.touch(&row.engine_name);
     Ok(Json(info_of_row(&fleet, &row).await?))
 }
 
-/// `POST /v1/machines/{id}/stop`: a clean power-off (the disk stays); idempotent.
+/// `POST /v1/machines/{id}/stop`: a clean power-off (the disk stays); idempotent. An
+/// ephemeral machine is deleted once stopped (its record comes back as `deleted`).
 pub async fn stop_machine(
     State(fleet): State<Fleet>,
     Extension(tenant): Extension<Tenant>,
@@ -316,6 +340,12 @@ pub async fn stop_machine(
     let m = fleet.handle(&row.engine_name).await?;
     if m.state().await? == smolmachines::MachineState::Running {
         m.stop().await?;
+    }
+    if fleet.delete_if_ephemeral(&row).await? {
+        let mut info = info_of(&row, None);
+        info.state = "deleted".into();
+        info.ready = Some(false);
+        return Ok(Json(info));
     }
     Ok(Json(info_of_row(&fleet, &row).await?))
 }
@@ -339,6 +369,7 @@ pub async fn exec(
     let user = cmd.user.clone();
     let background = cmd.background;
     let (argv, opts) = cmd.into_exec(output)?;
+    let _busy = fleet.busy(&row.engine_name).await;
     let m = fleet.running(&row.engine_name).await?;
     let t0 = Instant::now();
     let r = m.exec(&argv, opts).await?;
@@ -366,22 +397,76 @@ fn guest_path(suffix: &str) -> ApiResult<String> {
     Ok(format!("/{trimmed}"))
 }
 
-/// `PUT /v1/machines/{id}/files/{path}`: writes the raw body (at most 100 MiB); 204.
+/// `PUT /v1/machines/{id}/files/{path}`: streams the raw body into the guest file as it
+/// arrives (the server holds a chunk at a time, not the file); 204. A body over 100 MiB is 413
+/// (refused from its `content-length`, or once the bytes read pass the limit: the write is
+/// cancelled and the guest keeps the old content).
 pub async fn write_file(
     State(fleet): State<Fleet>,
     Extension(tenant): Extension<Tenant>,
     Path((id, path)): Path<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> ApiResult<StatusCode> {
-    let body = body_bytes(body, "the file", FILE_LIMIT)?;
     let row = row_of(&fleet, &tenant, &id).await?;
     let path = guest_path(&path)?;
+    let _busy = fleet.busy(&row.engine_name).await;
     let m = fleet.running(&row.engine_name).await?;
-    m.write_file(&path, &body, None).await?;
+    m.write_file_stream(&path, upload_chunks(body, &path), None)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/machines/{id}/files/{path}`: the file's raw bytes (413 past 100 MiB).
+/// The chunks of an upload, failing with the 413 problem once they pass [`FILE_LIMIT`] and
+/// with `Connection` when the client's body breaks off.
+fn upload_chunks(body: Body, path: &str) -> FileChunks {
+    let path = path.to_string();
+    let mut total = 0usize;
+    body.into_data_stream()
+        .map(move |chunk| match chunk {
+            Ok(b) => {
+                total += b.len();
+                if total > FILE_LIMIT {
+                    tracing::debug!(%path, "upload over the limit: cancelled");
+                    Err(ApiError::too_large("the file", FILE_LIMIT).0)
+                } else {
+                    Ok(Vec::from(b))
+                }
+            }
+            Err(e) => Err(Error::Connection {
+                message: format!("the upload of {path} broke off: {e}"),
+            }),
+        })
+        .boxed()
+}
+
+/// How long the size probe of a download may take.
+const SIZE_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The size of the guest file `path` (symlinks followed) by `stat` in the guest, or `None`
+/// when the guest cannot tell (no `stat` in its image, not a file: the read says why).
+async fn guest_size(m: &Machine, path: &str) -> Option<u64> {
+    let argv = ["stat", "-L", "-c", "%s", "--", path].map(String::from);
+    let opts = smolmachines::ExecOptions {
+        timeout: Some(SIZE_PROBE_TIMEOUT),
+        ..Default::default()
+    };
+    match m.exec(&argv, opts).await {
+        Ok(r) if r.exit_code == 0 => r.stdout.trim().parse().ok(),
+        Ok(r) => {
+            tracing::debug!(%path, exit = r.exit_code, stderr = %r.stderr.trim(), "no size from stat");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(%path, error = %e, "no size from stat");
+            None
+        }
+    }
+}
+
+/// `GET /v1/machines/{id}/files/{path}`: the file's raw bytes, streamed from the guest as the
+/// client takes them. What fails before the first byte (no such file: 404; over 100 MiB by
+/// its size: 413) is a problem; a file that grows past the limit while sent is cut off there
+/// (the response ends without its last chunk, so the client sees a broken body).
 pub async fn read_file(
     State(fleet): State<Fleet>,
     Extension(tenant): Extension<Tenant>,
@@ -389,28 +474,46 @@ pub async fn read_file(
 ) -> ApiResult<Response> {
     let row = row_of(&fleet, &tenant, &id).await?;
     let path = guest_path(&path)?;
+    let busy = fleet.busy(&row.engine_name).await;
     let m = fleet.running(&row.engine_name).await?;
-    let data = match m.read_file_stream(&path).await {
-        Ok(mut reader) => {
-            let mut data = Vec::new();
-            while let Some(chunk) = reader.next_chunk().await {
-                data.extend_from_slice(&chunk?);
-                if data.len() > FILE_LIMIT {
-                    // dropping the reader cancels the read in the guest
-                    return Err(ApiError::too_large(&path, FILE_LIMIT));
-                }
-            }
-            data
-        }
+    let mut reader = match m.read_file_stream(&path).await {
+        Ok(reader) => reader,
         Err(Error::NotSupported { message }) => {
             tracing::debug!(%message, "streamed read unavailable; reading whole");
             let data = m.read_file(&path).await?;
             if data.len() > FILE_LIMIT {
                 return Err(ApiError::too_large(&path, FILE_LIMIT));
             }
-            data
+            return Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response());
         }
         Err(e) => return Err(ApiError(e)),
     };
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+    // the first chunk says whether the file can be read at all; the size, whether it fits
+    let (first, size) = tokio::join!(reader.next_chunk(), guest_size(&m, &path));
+    let first = first.transpose()?;
+    if size.is_some_and(|n| n > FILE_LIMIT as u64) {
+        // dropping the reader cancels the read in the guest
+        return Err(ApiError::too_large(&path, FILE_LIMIT));
+    }
+    let mut sent = 0usize;
+    let chunks = futures::stream::iter(first.map(Ok))
+        .chain(futures::stream::unfold(reader, |mut r| async move {
+            r.next_chunk().await.map(|c| (c, r))
+        }))
+        .map(move |chunk| {
+            // the machine is busy until the body is sent (or dropped)
+            let _busy = &busy;
+            let chunk = chunk?;
+            sent += chunk.len();
+            if sent > FILE_LIMIT {
+                tracing::warn!(%path, "the file grew past the limit while sent: cut off");
+                return Err(ApiError::too_large(&path, FILE_LIMIT).0);
+            }
+            Ok(Bytes::from(chunk))
+        });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(chunks),
+    )
+        .into_response())
 }

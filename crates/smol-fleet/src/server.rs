@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post, put};
 use axum::Router;
 use smolmachines::local::LocalBackend;
 use smolmachines::{Error, Machine, MachineState};
@@ -47,6 +47,12 @@ struct Inner {
     started: Instant,
     limiter: Limiter,
     metrics: Metrics,
+    /// Where the public URLs of published ports live (`ingress.rs`).
+    apps: std::sync::RwLock<crate::ingress::Apps>,
+    /// The port `serve` listens on (0 before).
+    listen_port: std::sync::atomic::AtomicU16,
+    /// Activity, operations in flight and the sweep interval (`sweeper.rs`).
+    lifetimes: crate::sweeper::Lifetimes,
 }
 
 impl Fleet {
@@ -79,6 +85,9 @@ impl Fleet {
                     started: Instant::now(),
                     limiter: Limiter::new(crate::limit::DEFAULT_RATE),
                     metrics: Metrics::default(),
+                    apps: Default::default(),
+                    listen_port: Default::default(),
+                    lifetimes: Default::default(),
                 }),
             },
             bootstrap,
@@ -112,6 +121,43 @@ impl Fleet {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    pub(crate) fn lifetimes(&self) -> &crate::sweeper::Lifetimes {
+        &self.inner.lifetimes
+    }
+
+    /// Where the public URLs of published ports live.
+    pub fn apps(&self) -> crate::ingress::Apps {
+        match self.inner.apps.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Sets the apps domain, scheme and port (`smolfleet serve --apps-domain ...`).
+    pub fn set_apps(&self, apps: crate::ingress::Apps) {
+        match self.inner.apps.write() {
+            Ok(mut a) => *a = apps,
+            Err(poisoned) => *poisoned.into_inner() = apps,
+        }
+    }
+
+    /// The port this server listens on, once serving.
+    pub fn listen_port(&self) -> Option<u16> {
+        Some(
+            self.inner
+                .listen_port
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .filter(|p| *p != 0)
+    }
+
+    /// Records the port this server listens on (`serve`, `serve_tls`).
+    pub(crate) fn set_listen_port(&self, port: u16) {
+        self.inner
+            .listen_port
+            .store(port, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Seconds since this server started.
@@ -163,6 +209,7 @@ impl Fleet {
         if m.state().await? != MachineState::Running {
             tracing::info!(machine = %name, "starting a stopped machine");
             m.start().await?;
+            crate::ingress::rebind(&m).await;
         }
         Ok(m)
     }
@@ -192,9 +239,27 @@ impl Fleet {
             .route("/v1/machines/{id}/exec", post(routes::exec))
             .route("/v1/machines/{id}/exec/stream", post(stream::exec_stream))
             .route("/v1/machines/{id}/files/{*path}", files)
+            .route("/v1/machines/{id}/ports", put(crate::ingress::set_ports))
+            .route(
+                "/v1/machines/{id}/connect/{port}",
+                any(crate::proxy::connect),
+            )
+            .route(
+                "/v1/machines/{id}/connect/{port}/",
+                any(crate::proxy::connect),
+            )
+            .route(
+                "/v1/machines/{id}/connect/{port}/{*path}",
+                any(crate::proxy::connect),
+            )
             .fallback(routes::not_found)
             .layer(DefaultBodyLimit::max(JSON_LIMIT))
             .layer(axum::middleware::from_fn(http::declared_length))
+            // host- and header-routed ingress: after authentication, before any body limit
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                crate::proxy::by_host,
+            ))
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 http::authenticate,
@@ -207,7 +272,8 @@ impl Fleet {
             .with_state(self.clone())
     }
 
-    /// Serves the API on `listener` until the task is dropped or `shutdown` resolves.
+    /// Serves the API on `listener` until the task is dropped or `shutdown` resolves; the
+    /// sweeper (`sweeper.rs`) runs as long as this does.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -219,6 +285,10 @@ impl Fleet {
             source,
         })?;
         tracing::info!(%addr, home = %self.home().display(), "smolfleet serving");
+        self.inner
+            .listen_port
+            .store(addr.port(), std::sync::atomic::Ordering::Relaxed);
+        let _sweeper = crate::sweeper::start(self.clone());
         let listener = listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::warn!(error = %e, "cannot set TCP_NODELAY");

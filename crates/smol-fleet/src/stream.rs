@@ -67,6 +67,8 @@ fn incomplete_tail(b: &[u8]) -> usize {
 }
 
 struct Pump {
+    /// The command is in flight until the response body is done or dropped.
+    _busy: crate::sweeper::Busy,
     stream: ExecStream,
     stdout: Utf8Carry,
     stderr: Utf8Carry,
@@ -131,9 +133,11 @@ pub async fn exec_stream(
     let row = row_of(&fleet, &tenant, &id).await?;
     let cmd: CommandBody = parse_json(&body)?;
     let (argv, opts) = cmd.into_exec(None)?;
+    let busy = fleet.busy(&row.engine_name).await;
     let m = fleet.running(&row.engine_name).await?;
     let stream = m.exec_stream(&argv, opts).await?;
     let pump = Pump {
+        _busy: busy,
         stream,
         stdout: Utf8Carry::default(),
         stderr: Utf8Carry::default(),
