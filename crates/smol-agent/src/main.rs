@@ -8,6 +8,7 @@
 mod container;
 mod exec;
 mod files;
+mod identity;
 mod init;
 mod port;
 mod quiet;

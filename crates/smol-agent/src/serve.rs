@@ -218,6 +218,7 @@ async fn handle(stream: Stream, op: Op) {
             crate::files::read(stream, &path, Some(smol_protocol::READ_FILE_LIMIT)).await
         }
         Op::ReadFileStream { path } => crate::files::read(stream, &path, None).await,
+        Op::Identity { hostname, seed } => crate::identity::apply(id, &hostname, &seed),
         Op::Ping => Ok(Frame::Done { id }),
         Op::Connect { port } => crate::relay::connect(stream, port).await,
         Op::Shutdown => {

@@ -31,7 +31,7 @@ pub use generation::{negotiate, Generations, NotInGeneration, VersionMismatch};
 use serde::{Deserialize, Serialize};
 
 /// Newest protocol generation spoken by this crate.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Oldest protocol generation this crate still speaks: a peer whose newest generation is older
 /// is refused. See `VERSIONING.md` for how long a generation stays accepted.
@@ -185,6 +185,17 @@ pub enum Op {
         /// Absolute guest path.
         path: String,
     },
+    /// (Generation 4.) Give a cloned guest its own identity (a branch of a running machine
+    /// shares its source's memory): set the hostname (and `/etc/hostname`) to `hostname`, mix
+    /// `seed` (host randomness, credited as entropy) into the kernel's RNG and reseed it at once
+    /// (`RNDADDENTROPY` + `RNDRESEEDCRNG`), so that two clones never produce the same random
+    /// bytes. Answered by `Done` (or `Error`).
+    Identity {
+        /// The new hostname (the machine's name).
+        hostname: String,
+        /// Host randomness to mix into the guest RNG (32..=512 bytes).
+        seed: Vec<u8>,
+    },
 }
 
 /// A protocol feature (an operation, a field, a frame) and the generation that added it.
@@ -220,6 +231,7 @@ impl Op {
             Op::ExecIn { .. } => Feature::new("ExecIn (containers)", 2),
             Op::Spawn { .. } => Feature::new("Spawn (background commands)", 2),
             Op::ReadFileStream { .. } => Feature::new("ReadFileStream (streaming file reads)", 3),
+            Op::Identity { .. } => Feature::new("Identity (hostname and RNG reseed of a clone)", 4),
         }
     }
 }
@@ -462,6 +474,11 @@ mod tests {
         assert_eq!(Frame::Goodbye { reason: "r".into() }.feature().since, 2);
         let stream = Op::ReadFileStream { path: "/f".into() };
         assert_eq!(stream.feature().since, 3);
+        let identity = Op::Identity {
+            hostname: "h".into(),
+            seed: vec![1],
+        };
+        assert_eq!(identity.feature().since, 4);
         assert_eq!(Frame::Done { id: 1 }.feature().since, 1);
     }
 }

@@ -273,6 +273,22 @@ fn generation_3() -> Vec<(Frame, &'static str)> {
     frames
 }
 
+/// Every frame of generation 4 (generation 3 plus `Identity`) and its bytes.
+fn generation_4() -> Vec<(Frame, &'static str)> {
+    let mut frames = generation_3();
+    frames.push((
+        Frame::Open {
+            id: 11,
+            op: Op::Identity {
+                hostname: "h".into(),
+                seed: vec![1, 2],
+            },
+        },
+        "010b0a0168020102",
+    ));
+    frames
+}
+
 /// Checks one generation's snapshot in both directions, through the codec as a mux uses it.
 fn check(generation: u16, snapshot: Vec<(Frame, &'static str)>) {
     use tokio_util::codec::{Decoder, Encoder};
@@ -316,8 +332,30 @@ fn wire_snapshot_generation_2() {
 
 #[test]
 fn wire_snapshot_generation_3() {
-    assert_eq!(PROTOCOL_VERSION, 3, "a new generation: add its snapshot");
     check(3, generation_3());
+}
+
+#[test]
+fn wire_snapshot_generation_4() {
+    assert_eq!(PROTOCOL_VERSION, 4, "a new generation: add its snapshot");
+    check(4, generation_4());
+}
+
+/// What generation 4 added is refused for a generation-3 peer (never sent), by name.
+#[test]
+fn generation_4_frames_are_refused_for_generation_3() {
+    let refused: Vec<&str> = generation_4()
+        .into_iter()
+        .filter_map(|(frame, _)| match encode(frame, 3) {
+            Ok(_) => None,
+            Err(CodecError::NotInGeneration(n)) => {
+                assert_eq!((n.needs, n.generation), (4, 3));
+                Some(n.feature)
+            }
+            Err(e) => panic!("{e}"),
+        })
+        .collect();
+    assert_eq!(refused, ["Identity (hostname and RNG reseed of a clone)"]);
 }
 
 /// What generation 3 added is refused for a generation-2 peer (never sent), by name.

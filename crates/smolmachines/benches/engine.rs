@@ -45,6 +45,8 @@ fn spec(dir: &std::path::Path, name: &str) -> VmSpec {
         mounts: vec![],
         network: false,
         image: None,
+        ram_file: None,
+        restore: None,
     }
 }
 

@@ -133,6 +133,30 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
                 .into(),
         })
     }
+    /// Stops the machine's vCPUs; it keeps its memory (SPEC §4.2 `pause`). The default:
+    /// `NotSupported`.
+    async fn pause(&self) -> Result<()> {
+        Err(Error::NotSupported {
+            message: "pause is not available on this target".into(),
+        })
+    }
+    /// Lets a paused machine go on. The default: `NotSupported`.
+    async fn resume(&self) -> Result<()> {
+        Err(Error::NotSupported {
+            message: "resume is not available on this target".into(),
+        })
+    }
+    /// A running copy-on-write clone of this running, branchable machine named `name` (SPEC
+    /// §4.8 `branch`). The default: `NotSupported`.
+    async fn branch(
+        &self,
+        _name: &str,
+        _opts: &crate::config::BranchOptions,
+    ) -> Result<Arc<dyn MachineBackend>> {
+        Err(Error::NotSupported {
+            message: "branch is not available on this target".into(),
+        })
+    }
     /// Pulls an image into the engine's image cache (local only).
     async fn pull_image(&self, _image: &str) -> Result<crate::image::ImageInfo> {
         Err(Error::NotSupported {
@@ -327,7 +351,7 @@ impl Machine {
         self.inner.target()
     }
 
-    /// `"created"`, `"running"` or `"stopped"` (`"deleted"` after delete).
+    /// `"created"`, `"running"`, `"paused"` or `"stopped"` (`"deleted"` after delete).
     pub async fn state(&self) -> Result<MachineState> {
         self.inner.state().await
     }
@@ -531,6 +555,49 @@ impl Machine {
     /// The images in the engine's image cache (SPEC §4.5; local only).
     pub async fn list_images(&self) -> Result<Vec<crate::image::ImageInfo>> {
         self.inner.list_images().await
+    }
+
+    /// Pauses the machine: its vCPUs stop, it keeps its memory; its state is `paused`, and
+    /// exec and file operations are [`Error::InvalidState`] until [`Machine::resume`]. `stop`
+    /// and `delete` work on a paused machine.
+    pub async fn pause(&self) -> Result<()> {
+        self.inner.pause().await
+    }
+
+    /// Lets a paused machine go on where it was.
+    pub async fn resume(&self) -> Result<()> {
+        self.inner.resume().await
+    }
+
+    /// A running clone of this running, branchable machine (`MachineConfig.branchable`), named
+    /// `name`: the source's memory, processes, files and disk as of the branch instant, its
+    /// own hostname and a reseeded RNG. The source keeps running (its vCPUs stop only for the
+    /// branch's pause window). `ports` are the clone's published ports; empty publishes each
+    /// of the source's guest ports on a free host port. See [`Machine::branch_with`].
+    pub async fn branch(&self, name: &str, ports: Vec<PortSpec>) -> Result<Machine> {
+        self.branch_with(
+            name,
+            crate::config::BranchOptions {
+                ports,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Machine::branch`] with every option (a clone that is a branch source too).
+    pub async fn branch_with(
+        &self,
+        name: &str,
+        opts: crate::config::BranchOptions,
+    ) -> Result<Machine> {
+        crate::config::validate_name(name)?;
+        if opts.ports.iter().any(|p| p.guest == 0) {
+            return Err(Error::invalid("guest ports must be 1..=65535"));
+        }
+        Ok(Machine {
+            inner: self.inner.branch(name, &opts).await?,
+        })
     }
 
     /// Boots a stopped machine again.

@@ -561,6 +561,8 @@ pub enum MachineState {
     Stopped,
     /// Deleted; every further operation fails.
     Deleted,
+    /// VM paused (`pause()`): its vCPUs are stopped, it keeps its memory; `resume()` goes on.
+    Paused,
 }
 
 impl MachineState {
@@ -571,6 +573,7 @@ impl MachineState {
             MachineState::Running => "running",
             MachineState::Stopped => "stopped",
             MachineState::Deleted => "deleted",
+            MachineState::Paused => "paused",
         }
     }
 }
@@ -583,6 +586,7 @@ impl std::str::FromStr for MachineState {
             "running" => Ok(MachineState::Running),
             "stopped" => Ok(MachineState::Stopped),
             "deleted" => Ok(MachineState::Deleted),
+            "paused" => Ok(MachineState::Paused),
             other => Err(Error::invalid(format!("unknown machine state {other:?}"))),
         }
     }
@@ -592,6 +596,16 @@ impl std::fmt::Display for MachineState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Options of [`Machine::branch_with`](crate::Machine::branch_with) (SPEC §4.8).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BranchOptions {
+    /// Ports published on the clone (host -> guest). Empty: each port the source publishes is
+    /// published again on a free host port.
+    pub ports: Vec<PortSpec>,
+    /// The clone is a branch source too (its RAM in a file of its own).
+    pub branchable: bool,
 }
 
 /// Where a published port is reached (SPEC §3.10).

@@ -31,10 +31,10 @@ pub mod wire;
 pub use backend::{Backend, ExecStream, FileChunks, Machine, MachineBackend};
 pub use cloud::CloudBackend;
 pub use config::{
-    CacheDiskRef, Capabilities, ConfigField, ConnectOptions, CredentialSpec, DiskDurability,
-    EgressInterceptor, ExecEvent, ExecOptions, ExecOutput, ExecResult, LocalAvailability,
-    MachineConfig, MachineState, MachineSummary, MountSpec, NetworkBackend, PortEndpoint, PortSpec,
-    ResourceSpec, Support, Target, MAX_BUFFERED_OUTPUT, MAX_WAIT,
+    BranchOptions, CacheDiskRef, Capabilities, ConfigField, ConnectOptions, CredentialSpec,
+    DiskDurability, EgressInterceptor, ExecEvent, ExecOptions, ExecOutput, ExecResult,
+    LocalAvailability, MachineConfig, MachineState, MachineSummary, MountSpec, NetworkBackend,
+    PortEndpoint, PortSpec, ResourceSpec, Support, Target, MAX_BUFFERED_OUTPUT, MAX_WAIT,
 };
 pub use error::{Error, ErrorCode, Problem, Result};
 pub use file_reader::FileReader;

@@ -197,7 +197,9 @@ fn local_support(f: ConfigField) -> Support {
     use ConfigField::*;
     match f {
         Name | Image | Labels | Command | Env | Workdir | User | Mounts | Ports | Cpus
-        | MemoryMb | StorageGb | Network | Persistent | Detach | ReadyTimeout => Support::Honoured,
+        | MemoryMb | StorageGb | Network | Persistent | Detach | ReadyTimeout | Branchable => {
+            Support::Honoured
+        }
         // SPEC §11: sweeps of the cloud's control plane; a local machine lives as long as its
         // process (or its persistent / detached record) says. Create returns once the agent
         // answers; readiness of ports is `wait_until_ready`'s.
@@ -213,7 +215,6 @@ fn local_support(f: ConfigField) -> Support {
         | Cuda
         | DiskDurabilityDeferred
         | NetworkBackendTsi
-        | Branchable
         | EgressInterceptor
         | Credentials
         | CredentialMethods => Support::Refused,

@@ -260,8 +260,6 @@ fn the_local_engine_refuses_what_it_cannot_honour_naming_field_and_target() {
             "resources.allow_cidrs",
             Box::new(|c| c.resources.allow_cidrs = vec!["10.0.0.0/8".into()]),
         ),
-        ("branchable", Box::new(|c| c.branchable = Some(true))),
-        ("branchable", Box::new(|c| c.forkable = Some(true))),
         (
             "credentials",
             Box::new(move |c| c.credentials = vec![cred.clone()]),
@@ -335,6 +333,17 @@ fn the_local_engine_refuses_what_it_cannot_honour_naming_field_and_target() {
     c.resources.cpus = Some(2);
     assert!(c.refuse_unsupported(&Capabilities::LOCAL).is_ok());
     assert_eq!(c.unsupported_on(&Capabilities::LOCAL), None);
+    // branch sources are honoured locally (issue 12), by either name
+    for alias in [false, true] {
+        let mut b = c.clone();
+        b.branchable = None;
+        if alias {
+            b.forkable = Some(true);
+        } else {
+            b.branchable = Some(true);
+        }
+        assert!(b.refuse_unsupported(&Capabilities::LOCAL).is_ok());
+    }
     // the cloud's table: host mounts and workload users are refused there
     c.user = Some("app".into());
     c.image = Some("x".into());

@@ -307,6 +307,19 @@ impl AgentConn {
         r
     }
 
+    /// Gives a cloned guest its own identity: hostname, and the kernel RNG reseeded with
+    /// `seed` (generation 4; an older agent is `NotSupported`).
+    pub async fn identity(&self, hostname: &str, seed: Vec<u8>) -> Result<(), AgentError> {
+        let mut s = self.mux.open(Op::Identity {
+            hostname: hostname.to_string(),
+            seed,
+        })?;
+        let mut g = guard(&s);
+        let r = terminal(s.rx.recv().await?);
+        g.done = true;
+        r
+    }
+
     /// Asks the guest to flush and power off. No answer is expected.
     pub fn shutdown(&self) -> Result<(), AgentError> {
         let s = self.mux.open(Op::Shutdown)?;

@@ -125,6 +125,22 @@ pub async fn create(home: &Path, path: &Path, size_gb: u32) -> Result<()> {
     .await
 }
 
+/// Creates the disk of a clone at `path`: a qcow2 overlay whose backing file is `backing`, a
+/// frozen qcow2 layer named relative to `path`'s directory (so a machine's chain of layers is
+/// self-contained in its directory, each layer a hard link: see `local::branch`).
+pub async fn create_overlay(path: &Path, backing: &str) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    run(
+        Command::new("qemu-img")
+            .current_dir(dir)
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing])
+            .arg(path),
+        "qemu-img create",
+        path,
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

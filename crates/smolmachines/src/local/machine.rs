@@ -414,6 +414,10 @@ impl LocalMachine {
         }
         remove_file_logged(&inner.spec.agent_socket());
         remove_file_logged(&inner.spec.qmp_socket());
+        // a branch source's RAM file: its clones have their own copies
+        if let Some(ram) = &inner.spec.ram_file {
+            remove_file_logged(ram);
+        }
         Self::stop_helpers(&inner);
         let rec = {
             let mut rec = inner.record.lock().expect("record lock");
@@ -472,6 +476,20 @@ impl LocalMachine {
 
     /// Starts the VMM and waits for the agent's hello.
     async fn boot_vm(&self) -> Result<()> {
+        self.start_vm(None).await
+    }
+
+    /// Starts the VMM: a boot, or (`clone`: how its RAM is mapped, and the source's saved
+    /// device state) a branch's clone, whose device state is loaded over QMP before it runs;
+    /// then waits for the agent's hello.
+    async fn start_vm(
+        &self,
+        clone: Option<(&super::vmm::Restore, &std::path::Path)>,
+    ) -> Result<()> {
+        if let Some(dir) = self.inner.spec.ram_file.as_ref().and_then(|f| f.parent()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
         let listener = self.bind_agent_socket()?;
         let (mounts, network) = {
             let r = self.inner.record.lock().expect("record lock");
@@ -490,20 +508,24 @@ impl LocalMachine {
                 }
             }
         }
-        let mut child = self
-            .inner
-            .vmm
-            .spawn(&self.inner.spec)
-            .map_err(|e| match e {
-                super::vmm::VmmError::BinaryMissing { .. } => Error::HypervisorUnavailable {
-                    message: e.to_string(),
-                },
-                other => Error::BootFailed {
-                    name: self.inner.name.clone(),
-                    reason: other.to_string(),
-                    log_tail: String::new(),
-                },
-            })?;
+        let spawn_spec = match clone {
+            Some((restore, _)) => {
+                let mut spec = self.inner.spec.clone();
+                spec.restore = Some(restore.clone());
+                std::borrow::Cow::Owned(spec)
+            }
+            None => std::borrow::Cow::Borrowed(&self.inner.spec),
+        };
+        let mut child = self.inner.vmm.spawn(&spawn_spec).map_err(|e| match e {
+            super::vmm::VmmError::BinaryMissing { .. } => Error::HypervisorUnavailable {
+                message: e.to_string(),
+            },
+            other => Error::BootFailed {
+                name: self.inner.name.clone(),
+                reason: other.to_string(),
+                log_tail: String::new(),
+            },
+        })?;
         let pid = child.id().unwrap_or(0);
         let vmm_id = ProcId::of(pid);
         let watchdog = match self.start_watchdog(vmm_id) {
@@ -551,6 +573,17 @@ impl LocalMachine {
             r.booted = true;
         })
         .await;
+        if let Some((_, state)) = clone {
+            if let Err(reason) = self.load_state(state, exit_rx.clone()).await {
+                let log_tail = self.log_tail();
+                self.kill_and_wait().await;
+                return Err(Error::BootFailed {
+                    name: self.inner.name.clone(),
+                    reason,
+                    log_tail,
+                });
+            }
+        }
         self.await_agent(listener, exit_rx).await
     }
 
@@ -910,12 +943,14 @@ impl LocalMachine {
             self.inner.home_dir.clone(),
             self.inner.name.clone(),
         );
+        let ram_dir = self.inner.ram_dir();
         let removed = self
             .inner
             .db
             .call(move |db| {
                 remove_dir_logged(&dir);
                 remove_dir_logged(&home_dir);
+                remove_dir_logged(&ram_dir);
                 db.delete(&name)
             })
             .await;
@@ -930,6 +965,14 @@ impl LocalMachine {
 
 #[path = "machine_ops.rs"]
 mod ops;
+
+#[path = "pause.rs"]
+mod pause;
+
+#[path = "branch.rs"]
+mod branch;
+
+pub use branch::BranchReport;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -976,9 +1019,11 @@ impl Drop for Inner {
         let engine = self.engine.clone();
         let me_addr = me as usize;
         let gate = self.engine.release(&self.name, me);
+        let ram_dir = self.ram_dir();
         let cleanup = move || {
             remove_dir_logged(&dir);
             remove_dir_logged(&home_dir);
+            remove_dir_logged(&ram_dir);
             if let Err(e) = db.delete(&name) {
                 tracing::warn!(machine = %name, error = %e, "cannot remove the machine record");
             }

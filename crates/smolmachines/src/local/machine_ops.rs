@@ -141,8 +141,12 @@ impl MachineBackend for LocalMachine {
             // a stop whose caller gave up carries on here
             Phase::Stopping => {}
             Phase::Running | Phase::Paused | Phase::Booting => {
+                let paused = self.phase() == Phase::Paused;
                 if self.phase() != Phase::Booting {
                     self.apply(Event::Stop, "stop")?;
+                }
+                if paused {
+                    self.unpause_for_stop().await;
                 }
             }
         }
@@ -253,6 +257,24 @@ impl MachineBackend for LocalMachine {
 
     async fn list_images(&self) -> Result<Vec<crate::image::ImageInfo>> {
         Ok(self.image_store()?.list()?)
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.pause_vm().await
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.resume_vm().await
+    }
+
+    async fn branch(
+        &self,
+        name: &str,
+        opts: &crate::config::BranchOptions,
+    ) -> Result<std::sync::Arc<dyn MachineBackend>> {
+        Ok(std::sync::Arc::new(
+            self.branch_machine(name, opts).await?.0,
+        ))
     }
 
     #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]

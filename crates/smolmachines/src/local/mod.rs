@@ -17,6 +17,7 @@ pub mod phase;
 mod ports;
 pub mod programs;
 pub mod qmp;
+pub mod ram;
 mod reaper;
 pub mod record;
 mod registry;
@@ -29,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use machine::LocalMachine;
+pub use machine::{BranchReport, LocalMachine};
 pub use phase::Phase;
 pub use reaper::REAP_INTERVAL;
 
@@ -452,6 +453,10 @@ impl LocalBackend {
                 .image
                 .as_ref()
                 .map(|i| (i.rootfs.clone(), i.fstype.clone())),
+            ram_file: rec
+                .branchable
+                .then(|| ram::dir(&self.machines_dir(), &rec.name).join(ram::FILE)),
+            restore: None,
         }
     }
 
@@ -545,6 +550,7 @@ impl LocalBackend {
             booted: false,
             image,
             workload,
+            branchable: config.is_branchable(),
         };
         // Reserves the name: of two processes creating it, one wins. A name whose owner died
         // is reaped and tried once more.
@@ -733,7 +739,7 @@ impl LocalBackend {
                 let vmm = r.vmm.filter(|v| v.alive());
                 MachineSummary {
                     id: r.name.clone(),
-                    branchable: false,
+                    branchable: r.branchable,
                     state: if vmm.is_some() {
                         MachineState::Running
                     } else if r.booted {

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! `Exited` during `Booting` leaves the phase to the boot, which ends in `Booted` or
-//! `BootFailed`. `Paused` is reserved for snapshots and branch/fork (nothing pauses yet).
+//! `BootFailed`. `Paused` is `pause()` (vCPUs stopped over QMP, `resume()` goes on); a branch
+//! stops the source's vCPUs for its pause window without leaving `Running`.
 //! The public [`MachineState`] is derived from the phase ([`Phase::public`]).
 
 use crate::config::MachineState;
@@ -26,7 +27,7 @@ pub enum Phase {
     Booting,
     /// The VM runs and its agent answers.
     Running,
-    /// The VM is paused (snapshots, branch/fork; reserved).
+    /// The VM is paused (`pause()`): vCPUs stopped, memory kept.
     Paused,
     /// A stop is under way.
     Stopping,
@@ -55,9 +56,9 @@ pub enum Event {
     Halted,
     /// The VMM process ended, whoever ended it.
     Exited,
-    /// Pause the VM (reserved).
+    /// Pause the VM.
     Pause,
-    /// Resume a paused VM (reserved).
+    /// Resume a paused VM.
     Resume,
     /// A delete begins.
     Delete,
@@ -112,8 +113,9 @@ impl Phase {
         match self {
             Phase::Creating => MachineState::Created,
             Phase::Booting | Phase::Stopped | Phase::Failed => idle,
-            // a paused or stopping VM still exists; MachineState has no word for either yet
-            Phase::Running | Phase::Paused | Phase::Stopping => MachineState::Running,
+            Phase::Paused => MachineState::Paused,
+            // a stopping VM still exists; MachineState has no word for it
+            Phase::Running | Phase::Stopping => MachineState::Running,
             Phase::Deleting | Phase::Deleted => MachineState::Deleted,
         }
     }
@@ -248,6 +250,7 @@ mod tests {
         assert_eq!(P::Booting.public(true), MachineState::Stopped);
         assert_eq!(P::Running.public(true), MachineState::Running);
         assert_eq!(P::Stopping.public(true), MachineState::Running);
+        assert_eq!(P::Paused.public(true), MachineState::Paused);
         assert_eq!(P::Deleting.public(true), MachineState::Deleted);
         assert_eq!(P::Deleted.public(false), MachineState::Deleted);
     }

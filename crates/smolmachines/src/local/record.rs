@@ -119,6 +119,9 @@ pub struct Record {
     /// The workload launched in the background at every boot.
     #[serde(default)]
     pub workload: Option<Workload>,
+    /// A branch source: its RAM lives in a file (`MachineConfig.branchable`).
+    #[serde(default)]
+    pub branchable: bool,
 }
 
 /// The image workload (`Entrypoint` + `Cmd`, or `MachineConfig.command`) of a machine.

@@ -304,6 +304,7 @@ mod tests {
             booted: false,
             image: None,
             workload: None,
+            branchable: false,
         }
     }
 

@@ -34,6 +34,22 @@ pub struct VmSpec {
     pub network: bool,
     /// Read-only root file system image and its type: the lower layer of the guest's root.
     pub image: Option<(PathBuf, String)>,
+    /// Guest RAM in this file (`memory-backend-file`, `share=on`, on tmpfs): a branch source
+    /// (`local::ram`). `None`: anonymous RAM (a memfd with mounts).
+    pub ram_file: Option<PathBuf>,
+    /// Start as a clone (a branch) instead of booting: see [`Restore`].
+    pub restore: Option<Restore>,
+}
+
+/// How a clone's VMM starts: its RAM mapped from the frozen copy of the source's, and
+/// `-incoming defer` (the device state is loaded over QMP, `local::branch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restore {
+    /// The frozen RAM file.
+    pub ram: PathBuf,
+    /// `share=on` (the clone's own RAM file, so it is a branch source too) or `share=off`
+    /// (`MAP_PRIVATE` of the frozen file: copy on write, its pages shared with other clones).
+    pub shared: bool,
 }
 
 impl VmSpec {
@@ -215,8 +231,27 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         KernelFlavor::DebianCloud => "microvm",
     }
     .to_string();
-    // vhost-user (virtiofsd) needs guest RAM it can map: a shared memfd
-    if !spec.mounts.is_empty() {
+    // vhost-user (virtiofsd) needs guest RAM it can map: a shared memfd (or the RAM file of a
+    // branch source, which it can map too); a branch source's RAM is a file on tmpfs
+    let ram_backend = match (&spec.restore, &spec.ram_file) {
+        (Some(r), _) => Some(format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+            spec.memory_mb,
+            r.ram.display(),
+            if r.shared { "on" } else { "off" }
+        )),
+        (None, Some(f)) => Some(format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+            spec.memory_mb,
+            f.display()
+        )),
+        (None, None) if !spec.mounts.is_empty() => Some(format!(
+            "memory-backend-memfd,id=mem,size={}M,share=on",
+            spec.memory_mb
+        )),
+        (None, None) => None,
+    };
+    if ram_backend.is_some() {
         machine.push_str(",memory-backend=mem");
     }
     let mut a: Vec<String> = vec![
@@ -264,14 +299,13 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", spec.qmp_socket().display()),
     ]);
+    if let Some(backend) = ram_backend {
+        a.extend(["-object".into(), backend]);
+    }
+    if spec.restore.is_some() {
+        a.extend(["-incoming".into(), "defer".into()]);
+    }
     if !spec.mounts.is_empty() {
-        a.extend([
-            "-object".into(),
-            format!(
-                "memory-backend-memfd,id=mem,size={}M,share=on",
-                spec.memory_mb
-            ),
-        ]);
         for i in 0..spec.mounts.len() {
             a.extend([
                 "-chardev".into(),
@@ -506,7 +540,43 @@ mod tests {
             mounts: vec![("/work".into(), true)],
             network: false,
             image: Some(("/img/r.erofs".into(), "erofs".into())),
+            ram_file: None,
+            restore: None,
         }
+    }
+
+    #[test]
+    fn a_branch_source_has_its_ram_in_a_shared_file_and_a_clone_starts_incoming() {
+        let mut s = spec(KernelFlavor::Smol, Accel::Tcg);
+        s.mounts.clear();
+        let plain = qemu_args(&s, None).join(" ");
+        assert!(!plain.contains("memory-backend") && !plain.contains("-incoming"));
+        s.ram_file = Some("/dev/shm/x/m1/ram".into());
+        let joined = qemu_args(&s, None).join(" ");
+        assert!(
+            joined.contains("microvm,acpi=off,memory-backend=mem"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "-object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/x/m1/ram,share=on"
+            ),
+            "{joined}"
+        );
+        assert!(!joined.contains("-incoming"));
+        s.restore = Some(Restore {
+            ram: "/dev/shm/x/c1/base".into(),
+            shared: false,
+        });
+        let joined = qemu_args(&s, None).join(" ");
+        assert!(
+            joined.contains(
+                "memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/x/c1/base,share=off"
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("-incoming defer"), "{joined}");
+        assert_eq!(joined.matches("memory-backend-").count(), 1, "{joined}");
     }
 
     #[test]

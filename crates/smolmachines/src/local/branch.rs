@@ -1,0 +1,477 @@
+//! `branch()`: a running copy-on-write clone of a running, branchable local machine.
+//!
+//! A branch source (`MachineConfig.branchable`) has its guest RAM in a file on tmpfs, mapped
+//! `share=on` (`local::ram`). A branch (TCG-NOTES §5 C and D):
+//!
+//! 1. *Before the pause:* the clone's record (the name reserved), directories, attach lock and
+//!    port listeners are made; nothing of the source changes.
+//! 2. *Pause window* (the source's vCPUs stopped, QMP `stop`, which drains and flushes its
+//!    disk): at once and in parallel, the device state is migrated with `x-ignore-shared` (RAM
+//!    is not in the stream: ~30 KB) to `<clone run dir>/branch.state`, the RAM file is copied
+//!    to the clone's RAM directory and the source's qcow2 to `<clone home>/base-<id>.qcow2`,
+//!    both sparse (data extents only). Then QMP `cont`: the source goes on with its own files.
+//!    The window is what the copies cost (the RAM the guest has touched, its disk layer).
+//! 3. *The clone* gets a qcow2 overlay `disk.qcow2` over the frozen layer, and its QEMU starts
+//!    with the frozen RAM file and `-incoming defer`; the device state is loaded over QMP, the
+//!    clone continues (`cont`), its agent (in a session with the source's host, as far as it
+//!    knows) takes the clone's hello as a new session, and gets its own hostname and a
+//!    reseeded kernel RNG (`Op::Identity`, protocol generation 4).
+//!
+//! *Memory:* a clone that is not branchable maps the frozen copy `share=off` (`MAP_PRIVATE`,
+//! copy on write) and the file is unlinked once its QEMU has it mapped: the kernel keeps the
+//! pages while the mapping lives, so nothing has to be reference-counted. A branchable clone
+//! (`BranchOptions.branchable`) maps the copy `share=on` as its own RAM file instead.
+//! *Disk:* the frozen layer and every layer below it (the source's own `base-*.qcow2`) are
+//! hard links in the clone's home directory, named relative to it in the qcow2 headers: each
+//! machine's chain is self-contained and the file system counts the references, so deleting
+//! the source or a sibling leaves a clone working, and clones of clones work. The bottom of
+//! every chain is the shared ext4 template, which is never removed.
+//!
+//! Not branchable: a stopped or paused source (`InvalidState` naming its state), one created
+//! without `branchable` (`InvalidState` "not branchable"), one with mounts (`InvalidConfig`:
+//! virtio-fs shares block migration). Commands running in the source at the branch instant
+//! keep running there; in the clone, the agent session they belonged to ends, so their copies
+//! are killed (the agent kills a session's process groups). Background processes (`Spawn`,
+//! the workload) run on in both. A clone is a new machine of this process: not persistent,
+//! not detached, the source's labels, resources, image and workload.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::super::qmp::Qmp;
+use super::super::ram;
+use super::super::record::now_unix;
+use super::super::vmm::Restore;
+use super::*;
+use crate::config::BranchOptions;
+
+/// How long a device-state migration (save or load) may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Migration bandwidth: QEMU's default (32 MiB/s) would make even a small stream slow.
+const MAX_BANDWIDTH: u64 = 10 << 30;
+/// Name of the saved device state in the clone's run directory.
+const STATE_FILE: &str = "branch.state";
+/// Bytes of host randomness a clone's RNG is reseeded with.
+const SEED_BYTES: usize = 32;
+
+/// What one branch took and copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BranchReport {
+    /// How long the source's vCPUs were stopped.
+    pub pause: Duration,
+    /// Bytes of RAM copied (the data extents of the source's RAM file).
+    pub ram_bytes: u64,
+    /// Bytes of the source's disk layer copied.
+    pub disk_bytes: u64,
+    /// From the call until the clone's agent answered with its new identity.
+    pub total: Duration,
+}
+
+/// What the pause window produced.
+struct Frozen {
+    pause: Duration,
+    ram_bytes: u64,
+    disk_bytes: u64,
+}
+
+fn quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+/// Polls `query-migrate` until the migration completed; its error otherwise.
+async fn wait_migration(qmp: &mut Qmp, side: &str) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + MIGRATE_TIMEOUT;
+    loop {
+        let r = qmp
+            .execute("query-migrate", None)
+            .await
+            .map_err(|e| format!("{side}: query-migrate: {e}"))?;
+        match r["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            s @ ("failed" | "cancelled") => {
+                return Err(format!(
+                    "{side}: migration {s}: {}",
+                    r["error-desc"].as_str().unwrap_or("no detail")
+                ))
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{side}: the migration did not end in {MIGRATE_TIMEOUT:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn migration_setup(qmp: &mut Qmp, side: &str) -> std::result::Result<(), String> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": true}
+        ]})),
+    )
+    .await
+    .map_err(|e| format!("{side}: enabling x-ignore-shared: {e}"))?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({"max-bandwidth": MAX_BANDWIDTH})),
+    )
+    .await
+    .map_err(|e| format!("{side}: setting the migration bandwidth: {e}"))?;
+    Ok(())
+}
+
+/// Copies on the blocking pool.
+async fn copy_blocking(src: PathBuf, dst: PathBuf) -> std::result::Result<u64, String> {
+    let what = format!("copying {} to {}", src.display(), dst.display());
+    match tokio::task::spawn_blocking(move || ram::copy_sparse(&src, &dst)).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(e) => Err(format!("{what}: the copy panicked: {e}")),
+    }
+}
+
+/// Waits until `path` exists (the migration's `cat` wrote it and renamed it into place).
+async fn wait_file(path: &Path) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + MIGRATE_TIMEOUT;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err(format!("{} was not written", path.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// The directory a machine's disk layers live in, and its `base-*.qcow2` layers.
+fn layers(home: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(home)? {
+        let e = e?;
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("base-") && n.ends_with(".qcow2") {
+            out.push(e.path());
+        }
+    }
+    Ok(out)
+}
+
+impl LocalMachine {
+    /// [`MachineBackend::branch`](crate::MachineBackend::branch) with what the branch took: a
+    /// running clone named `name` (see the module documentation).
+    #[tracing::instrument(skip(self, opts), fields(machine = %self.inner.name, clone = name))]
+    pub async fn branch_machine(
+        &self,
+        name: &str,
+        opts: &BranchOptions,
+    ) -> Result<(LocalMachine, BranchReport)> {
+        let started = Instant::now();
+        crate::config::validate_name(name)?;
+        let _one_at_a_time = self.inner.lifecycle.lock().await;
+        if self.phase() != Phase::Running {
+            return Err(self.invalid_state("branch"));
+        }
+        let source = self.record();
+        let Some(src_ram) = self
+            .inner
+            .spec
+            .ram_file
+            .clone()
+            .filter(|_| source.branchable)
+        else {
+            return Err(Error::InvalidState {
+                name: self.inner.name.clone(),
+                state: "running but not branchable (create it with branchable: true)".into(),
+                op: "branch".into(),
+            });
+        };
+        if !source.mounts.is_empty() {
+            return Err(Error::invalid(format!(
+                "machine {:?} has mounts: a machine with virtio-fs shares cannot be branched \
+                 (the shares block the device-state migration); create the source without mounts",
+                self.inner.name
+            )));
+        }
+        let machines = self.inner.spec.dir.parent().unwrap_or(Path::new("/"));
+        let homes = self.inner.home_dir.parent().unwrap_or(Path::new("/"));
+        let (dir, home) = (machines.join(name), homes.join(name));
+        let sock_len = dir.join("agent.sock").as_os_str().len();
+        if sock_len > super::super::MAX_SOCKET_PATH {
+            return Err(Error::invalid(format!(
+                "the clone's socket path would be {sock_len} bytes; set SMOL_RUN_DIR to a shorter directory"
+            )));
+        }
+        let ports: Vec<(u16, u16)> = if opts.ports.is_empty() {
+            source.ports.iter().map(|&(_, g)| (0, g)).collect()
+        } else {
+            opts.ports.iter().map(|p| (p.host, p.guest)).collect()
+        };
+        let slot = self.inner.engine.slot(name);
+        let _gate = slot.gate.clone().lock_owned().await;
+        let mut record = Record {
+            name: name.to_string(),
+            persistent: false,
+            detach: false,
+            ports: Vec::new(),
+            created_unix: now_unix(),
+            vmm: None,
+            owner: Some(ProcId::current()),
+            booted: false,
+            branchable: opts.branchable,
+            ..source.clone()
+        };
+        let rec = record.clone();
+        self.inner.db.call(move |db| db.insert(&rec)).await?;
+        let ram_dir = ram::dir(machines, name);
+        let prepared = async {
+            for d in [&dir, &home, &ram_dir] {
+                tokio::fs::create_dir_all(d)
+                    .await
+                    .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+            }
+            let lock = lock_attach(&dir, name, Duration::ZERO).await?;
+            let listeners = super::super::ports::bind(&ports).await?;
+            Ok::<_, Error>((lock, listeners))
+        }
+        .await;
+        let (lock, listeners) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let (dirs, db, n) = (
+                    [dir.clone(), home.clone(), ram_dir.clone()],
+                    self.inner.db.clone(),
+                    name.to_string(),
+                );
+                let undone = db
+                    .call(move |db| {
+                        for d in &dirs {
+                            remove_dir_logged(d);
+                        }
+                        db.delete(&n)
+                    })
+                    .await;
+                if let Err(u) = undone {
+                    tracing::warn!(error = %u, "cannot remove the record of a failed branch");
+                }
+                return Err(e);
+            }
+        };
+        record.ports = listeners
+            .iter()
+            .map(|(l, g)| (l.local_addr().map(|a| a.port()).unwrap_or(0), *g))
+            .collect();
+        let mut spec = self.inner.spec.clone();
+        spec.name = name.to_string();
+        spec.dir = dir.clone();
+        spec.disk = Some(home.join("disk.qcow2"));
+        spec.linger_ms = Some(super::super::LINGER.as_millis() as u64);
+        spec.ram_file = opts.branchable.then(|| ram_dir.join(ram::FILE));
+        spec.restore = None;
+        let clone = LocalMachine::new(Parts {
+            spec,
+            vmm: self.inner.vmm.clone(),
+            db: self.inner.db.clone(),
+            passt: self.inner.passt.clone(),
+            home_dir: home.clone(),
+            record,
+            ready_timeout: self.inner.ready_timeout,
+            owned: true,
+            lock,
+            engine: self.inner.engine.clone(),
+            phase: Phase::Creating,
+        });
+        match self.make_clone(&clone, &src_ram, opts.branchable).await {
+            Ok(frozen) => {
+                clone.serve_ports(listeners);
+                slot.set(&clone);
+                let report = BranchReport {
+                    pause: frozen.pause,
+                    ram_bytes: frozen.ram_bytes,
+                    disk_bytes: frozen.disk_bytes,
+                    total: started.elapsed(),
+                };
+                tracing::info!(
+                    pause_ms = report.pause.as_secs_f64() * 1e3,
+                    ram_mib = report.ram_bytes >> 20,
+                    disk_mib = report.disk_bytes >> 20,
+                    total_ms = report.total.as_secs_f64() * 1e3,
+                    "branched"
+                );
+                Ok((clone, report))
+            }
+            Err(e) => {
+                drop(listeners);
+                if let Err(d) = clone.destroy().await {
+                    tracing::warn!(error = %d, "cleanup after a failed branch");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Freezes the source into the clone's files, then starts the clone.
+    async fn make_clone(
+        &self,
+        clone: &LocalMachine,
+        src_ram: &Path,
+        branchable: bool,
+    ) -> Result<Frozen> {
+        let cname = clone.inner.name.clone();
+        let failed = |reason: String| Error::BootFailed {
+            name: cname.clone(),
+            reason: format!("branch of {:?}: {reason}", self.inner.name),
+            log_tail: String::new(),
+        };
+        let cram = clone.inner.ram_dir();
+        let frozen_ram = if branchable {
+            cram.join(ram::FILE)
+        } else {
+            cram.join("base.ram")
+        };
+        let layer = format!("base-{:016x}.qcow2", rand::random::<u64>());
+        let chome = clone.inner.home_dir.clone();
+        let state = clone.inner.spec.dir.join(STATE_FILE);
+        let src_disk = self
+            .inner
+            .spec
+            .disk
+            .clone()
+            .ok_or_else(|| failed("the source has no disk".into()))?;
+        let frozen = self
+            .freeze(src_ram, &frozen_ram, &src_disk, &chome.join(&layer), &state)
+            .await
+            .map_err(failed)?;
+        // the clone's disk: its own overlay over the frozen layer, every layer below linked in
+        let below = layers(&self.inner.home_dir)
+            .map_err(|e| failed(format!("listing the source's disk layers: {e}")))?;
+        for l in below {
+            let to = chome.join(l.file_name().unwrap_or_default());
+            std::fs::hard_link(&l, &to)
+                .map_err(|e| failed(format!("linking {} to {}: {e}", l.display(), to.display())))?;
+        }
+        super::super::disk::create_overlay(&chome.join("disk.qcow2"), &layer).await?;
+        let restore = Restore {
+            ram: frozen_ram.clone(),
+            shared: branchable,
+        };
+        clone.apply(Event::Boot, "branch")?;
+        clone.inner.boots.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = clone.start_vm(Some((&restore, &state))).await {
+            Self::note(&clone.inner, Event::BootFailed);
+            return Err(e);
+        }
+        clone.apply(Event::Booted, "branch")?;
+        // QEMU has the frozen RAM mapped (or it is the clone's own RAM file): the state file and
+        // a private base are no longer needed by name
+        remove_file_logged(&state);
+        if !branchable {
+            remove_file_logged(&frozen_ram);
+        }
+        let conn = clone.conn("branch")?;
+        let seed: Vec<u8> = (0..SEED_BYTES).map(|_| rand::random::<u8>()).collect();
+        if let Err(e) = conn.identity(&clone.inner.name, seed).await {
+            return Err(clone.map_err(e).await);
+        }
+        Ok(frozen)
+    }
+
+    /// The pause window: stop the source's vCPUs, save its device state and copy its RAM and
+    /// disk layer in parallel, let it go on. The source runs again whatever happened.
+    async fn freeze(
+        &self,
+        src_ram: &Path,
+        ram_to: &Path,
+        src_disk: &Path,
+        disk_to: &Path,
+        state: &Path,
+    ) -> std::result::Result<Frozen, String> {
+        let mut qmp = Qmp::connect(&self.inner.spec.qmp_socket())
+            .await
+            .map_err(|e| format!("source: QMP: {e}"))?;
+        migration_setup(&mut qmp, "source").await?;
+        let tmp = state.with_extension("tmp");
+        let uri = format!(
+            "exec:cat > {} && mv {} {}",
+            quote(&tmp),
+            quote(&tmp),
+            quote(state)
+        );
+        let t0 = Instant::now();
+        qmp.execute("stop", None)
+            .await
+            .map_err(|e| format!("source: stop: {e}"))?;
+        let save = async {
+            qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+                .await
+                .map_err(|e| format!("source: migrate: {e}"))?;
+            wait_migration(&mut qmp, "source").await?;
+            wait_file(state).await
+        };
+        let (saved, ram, disk) = tokio::join!(
+            save,
+            copy_blocking(src_ram.to_path_buf(), ram_to.to_path_buf()),
+            copy_blocking(src_disk.to_path_buf(), disk_to.to_path_buf()),
+        );
+        let cont = qmp.execute("cont", None).await;
+        let pause = t0.elapsed();
+        if let Err(e) = cont {
+            tracing::error!(machine = %self.inner.name, error = %e, "the source could not be resumed after a branch; trying again");
+            self.qmp_command("cont", "resume after a branch")
+                .await
+                .map_err(|e| format!("source: cont: {e}"))?;
+        }
+        saved?;
+        Ok(Frozen {
+            pause,
+            ram_bytes: ram?,
+            disk_bytes: disk?,
+        })
+    }
+
+    /// A clone's VMM is up with `-incoming defer`: load the saved device state and let it run.
+    /// The error is the reason its boot failed.
+    pub(super) async fn load_state(
+        &self,
+        state: &Path,
+        exit: watch::Receiver<Option<String>>,
+    ) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + MIGRATE_TIMEOUT;
+        let mut qmp = loop {
+            match Qmp::connect(&self.inner.spec.qmp_socket()).await {
+                Ok(q) => break q,
+                Err(e) => {
+                    if let Some(d) = exit.borrow().clone() {
+                        return Err(format!("{d} before its device state was loaded"));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(format!("clone: QMP: {e}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        };
+        migration_setup(&mut qmp, "clone").await?;
+        qmp.execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": format!("exec:cat {}", quote(state)) })),
+        )
+        .await
+        .map_err(|e| format!("clone: migrate-incoming: {e}"))?;
+        wait_migration(&mut qmp, "clone").await?;
+        qmp.execute("cont", None)
+            .await
+            .map_err(|e| format!("clone: cont: {e}"))?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// The directory of this machine's RAM files (a branch source's RAM, a clone's frozen
+    /// base): `local::ram::dir`, the run directory itself when that is on tmpfs.
+    pub(super) fn ram_dir(&self) -> PathBuf {
+        let machines = self.spec.dir.parent().unwrap_or(Path::new("/"));
+        ram::dir(machines, &self.name)
+    }
+}

@@ -1,0 +1,191 @@
+//! Guest RAM in a file, for branch sources (`MachineConfig.branchable`), and the sparse copies
+//! that freeze it (and a disk layer) at a branch.
+//!
+//! A branchable machine's RAM is a QEMU `memory-backend-file` with `share=on` on tmpfs: the
+//! guest's memory is the file's pages, so a migration with `x-ignore-shared` saves only the
+//! device state and a copy of the file is the memory at that instant (TCG-NOTES §5 C). The file
+//! is `<run dir>/machines/<name>/ram` when the run directory is on tmpfs, else
+//! `/dev/shm/smol-<uid>-<hash of the run directory>/<name>/ram` (a file on a disk file system
+//! would make every guest write a disk write-back). The directory goes with the machine.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Name of a branchable machine's RAM file in its RAM directory.
+pub const FILE: &str = "ram";
+/// `statfs` magic of tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Whether `path` is on tmpfs.
+pub fn on_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    st.f_type as i64 == TMPFS_MAGIC
+}
+
+/// The directory of machine `name`'s RAM files, `machines` being the engine's
+/// `<run dir>/machines` (see the module documentation).
+pub fn dir(machines: &Path, name: &str) -> PathBuf {
+    // the run directory itself may not exist yet: look at the closest existing ancestor
+    let probe = machines
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if on_tmpfs(probe) {
+        return machines.join(name);
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let mut h: u32 = 0x811c_9dc5;
+    for b in machines.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    PathBuf::from(format!("/dev/shm/smol-{uid}-{h:08x}")).join(name)
+}
+
+fn storage(path: &Path, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        Error::NoSpace {
+            detail: format!("copying to {}: {e}", path.display()),
+        }
+    } else {
+        Error::Storage {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Copies `src` to a new file `dst` (same length), only its data extents: holes stay holes,
+/// so a sparse RAM file of a 512 MiB guest that touched 60 MiB costs 60 MiB. Blocking.
+pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
+    let from = std::fs::File::open(src).map_err(|e| storage(src, e))?;
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(|e| storage(dst, e))?;
+    let len = from.metadata().map_err(|e| storage(src, e))?.len();
+    to.set_len(len).map_err(|e| storage(dst, e))?;
+    let fi = from.as_raw_fd();
+    let mut copied = 0u64;
+    let mut at: i64 = 0;
+    while (at as u64) < len {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(fi, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `at`
+            }
+            return Err(storage(src, e));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fi, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(storage(src, std::io::Error::last_os_error()));
+        }
+        copy_range(&from, &to, data as u64, (hole - data) as u64, dst)?;
+        copied += (hole - data) as u64;
+        at = hole;
+    }
+    Ok(copied)
+}
+
+/// Copies `n` bytes at `off` of `from` to the same offset of `to`: `copy_file_range`, else
+/// (a kernel or file system without it) `pread` / `pwrite`.
+fn copy_range(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    off: u64,
+    n: u64,
+    dst: &Path,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (mut done, mut fallback) = (0u64, false);
+    while done < n {
+        if !fallback {
+            let mut oi = (off + done) as i64;
+            let mut oo = (off + done) as i64;
+            let want = (n - done).min(1 << 30) as usize;
+            // SAFETY: both descriptors are ours; the offsets are plain integers we own.
+            let r = unsafe {
+                libc::copy_file_range(from.as_raw_fd(), &mut oi, to.as_raw_fd(), &mut oo, want, 0)
+            };
+            if r > 0 {
+                done += r as u64;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match (r, e.raw_os_error()) {
+                (0, _) => return Err(storage(dst, std::io::ErrorKind::UnexpectedEof.into())),
+                (_, Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    tracing::debug!(error = %e, "copy_file_range unavailable; copying by hand");
+                    fallback = true;
+                    continue;
+                }
+                _ => return Err(storage(dst, e)),
+            }
+        }
+        let mut buf = vec![0u8; (n - done).min(1 << 20) as usize];
+        let got = from
+            .read_at(&mut buf, off + done)
+            .map_err(|e| storage(dst, e))?;
+        if got == 0 {
+            return Err(storage(dst, std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        to.write_all_at(&buf[..got], off + done)
+            .map_err(|e| storage(dst, e))?;
+        done += got as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    #[test]
+    fn a_sparse_copy_keeps_content_and_holes() {
+        let d = tempfile::tempdir_in("/dev/shm").unwrap();
+        let src = d.path().join("src");
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[7u8; 8192], 1 << 20).unwrap();
+        f.write_all_at(b"end", (64 << 20) - 3).unwrap();
+        drop(f);
+        let dst = d.path().join("dst");
+        copy_sparse(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        // holes stayed holes: far less than 64 MiB allocated
+        assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 1 << 20);
+        // never over an existing file
+        assert!(copy_sparse(&src, &dst).is_err());
+    }
+
+    #[test]
+    fn ram_lives_on_tmpfs() {
+        assert!(on_tmpfs(Path::new("/dev/shm")));
+        let d = dir(Path::new("/nonexistent-smol-test/run/machines"), "m1");
+        let probe = if on_tmpfs(Path::new("/")) {
+            PathBuf::from("/nonexistent-smol-test/run/machines/m1")
+        } else {
+            d.clone()
+        };
+        assert_eq!(d, probe);
+        assert!(d.ends_with("m1"));
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        assert_eq!(dir(shm.path(), "m2"), shm.path().join("m2"));
+    }
+}

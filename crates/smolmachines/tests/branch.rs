@@ -1,0 +1,391 @@
+//! VM tests of pause / resume and branch (issue 12, local engine): real QEMU microVMs, a
+//! branchable source's RAM in a file on tmpfs, clones started from its frozen copy.
+//! Run with the agent of this tree: `SMOL_INITRD=$(scripts/dev-initramfs.sh) cargo test
+//! --release -p smolmachines --test branch` (the clone's identity needs protocol generation 4).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{config, engine, qemu_processes_in, run};
+use smolmachines::local::{LocalBackend, LocalMachine};
+use smolmachines::{BranchOptions, Error, ExecOptions, Machine, MachineBackend, MachineState};
+
+/// A branchable machine named `name`.
+async fn source(engine: &LocalBackend, name: &str) -> LocalMachine {
+    let mut c = config(Some(name));
+    c.branchable = Some(true);
+    c.resources.memory_mb = Some(256);
+    engine
+        .create_machine(c)
+        .await
+        .expect("create a branchable machine")
+}
+
+async fn branch(src: &LocalMachine, name: &str) -> LocalMachine {
+    src.branch_machine(name, &BranchOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("branch {name}: {e}"))
+        .0
+}
+
+/// stdout of `script`, which must succeed.
+async fn out(m: &LocalMachine, script: &str) -> String {
+    let r = run(m, script).await;
+    assert_eq!(r.exit_code, 0, "{script}: {r:?}");
+    r.stdout.trim().to_string()
+}
+
+fn invalid_state(e: &Error) -> Option<&str> {
+    match e {
+        Error::InvalidState { state, .. } => Some(state),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn pause_resume_and_what_a_paused_machine_refuses() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let m = engine.create_machine(config(Some("pz"))).await.unwrap();
+    let handle = Machine::from_backend(Arc::new(m.clone()));
+    out(&m, "echo 1 > /tmp/before").await;
+    handle.pause().await.unwrap();
+    assert_eq!(handle.state().await.unwrap(), MachineState::Paused);
+    assert_eq!(handle.state().await.unwrap().as_str(), "paused");
+    assert!(!handle.ready().await.unwrap());
+    handle
+        .pause()
+        .await
+        .expect("pausing a paused machine is a no-op");
+    let e = handle
+        .exec(&common::sh("true"), ExecOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_state(&e), Some("paused"), "{e:?}");
+    assert!(e.to_string().contains("paused"), "{e}");
+    let e = handle.read_file("/tmp/before").await.unwrap_err();
+    assert_eq!(invalid_state(&e), Some("paused"), "{e:?}");
+    let e = handle.write_file("/tmp/x", b"x", None).await.unwrap_err();
+    assert_eq!(invalid_state(&e), Some("paused"), "{e:?}");
+    // the VMM is still there, with its memory
+    assert!(m.pid().is_some_and(smolmachines::local::record::pid_alive));
+    handle.resume().await.unwrap();
+    assert_eq!(handle.state().await.unwrap(), MachineState::Running);
+    assert_eq!(out(&m, "cat /tmp/before").await, "1");
+    handle
+        .resume()
+        .await
+        .expect("resuming a running machine is a no-op");
+    // a paused machine stops (cleanly: resumed first) and boots again
+    handle.pause().await.unwrap();
+    handle.stop().await.unwrap();
+    assert_eq!(handle.state().await.unwrap(), MachineState::Stopped);
+    let e = handle.pause().await.unwrap_err();
+    assert_eq!(invalid_state(&e), Some("stopped"), "{e:?}");
+    let e = handle.resume().await.unwrap_err();
+    assert_eq!(invalid_state(&e), Some("stopped"), "{e:?}");
+    handle.start().await.unwrap();
+    assert_eq!(out(&m, "echo up").await, "up");
+    // and a paused machine is deleted
+    handle.pause().await.unwrap();
+    handle.delete().await.unwrap();
+    assert_eq!(handle.state().await.unwrap(), MachineState::Deleted);
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn a_clone_has_the_sources_memory_and_disk_then_they_diverge() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "bsrc").await;
+    // random data in the guest's tmpfs (RAM) and on its disk, and a process that runs on
+    let mem = out(
+        &src,
+        "head -c 24000000 /dev/urandom > /tmp/mem && sha256sum /tmp/mem | cut -d' ' -f1",
+    )
+    .await;
+    let disk = out(
+        &src,
+        "mkdir -p /data && head -c 8000000 /dev/urandom > /data/disk && \
+         sha256sum /data/disk | cut -d' ' -f1",
+    )
+    .await;
+    let r = src
+        .exec(
+            &common::sh("while true; do sleep 1; done"),
+            &ExecOptions {
+                background: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let pid = r.pid.expect("a background pid");
+    // through the seam, as every front end calls it
+    let clone = Machine::from_backend(Arc::new(src.clone()))
+        .branch("bclone", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(clone.name(), "bclone");
+    assert_eq!(clone.state().await.unwrap(), MachineState::Running);
+    let clone = engine
+        .live_machine("bclone")
+        .expect("the clone is a live machine");
+    // the source kept running
+    assert_eq!(src.state().await.unwrap(), MachineState::Running);
+    for m in [&src, &clone] {
+        assert_eq!(
+            out(m, "sha256sum /tmp/mem | cut -d' ' -f1").await,
+            mem,
+            "{}",
+            m.dir().display()
+        );
+        assert_eq!(out(m, "sha256sum /data/disk | cut -d' ' -f1").await, disk);
+        // the background process was copied with the memory
+        assert_eq!(
+            out(m, &format!("kill -0 {pid} && echo alive")).await,
+            "alive"
+        );
+    }
+    assert_eq!(
+        out(&clone, "hostname; cat /etc/hostname").await,
+        "bclone\nbclone"
+    );
+    assert_eq!(out(&src, "hostname").await, "bsrc");
+    // diverge: each one's writes are its own, in memory and on disk
+    out(
+        &src,
+        "echo src > /tmp/who; echo src > /data/who; echo only-src > /tmp/s; sync",
+    )
+    .await;
+    out(
+        &clone,
+        "echo clone > /tmp/who; echo clone > /data/who; sync",
+    )
+    .await;
+    for (m, who) in [(&src, "src"), (&clone, "clone")] {
+        // dropping the page cache makes the disk answer
+        assert_eq!(
+            out(
+                m,
+                "echo 3 > /proc/sys/vm/drop_caches; cat /tmp/who /data/who"
+            )
+            .await,
+            format!("{who}\n{who}")
+        );
+    }
+    let r = run(&clone, "cat /tmp/s").await;
+    assert_ne!(
+        r.exit_code, 0,
+        "a file written in the source after the branch: {r:?}"
+    );
+    assert_eq!(
+        out(
+            &clone,
+            "echo 3 > /proc/sys/vm/drop_caches; sha256sum /data/disk | cut -d' ' -f1"
+        )
+        .await,
+        disk
+    );
+    // files through the agent
+    clone
+        .write_file("/tmp/f", b"clone file", None)
+        .await
+        .unwrap();
+    assert_eq!(clone.read_file("/tmp/f").await.unwrap(), b"clone file");
+    assert!(src.read_file("/tmp/f").await.is_err());
+    // the source deleted: the clone keeps working, its disk layers are its own
+    src.delete().await.unwrap();
+    assert_eq!(
+        out(
+            &clone,
+            "echo 3 > /proc/sys/vm/drop_caches; sha256sum /data/disk /tmp/mem | cut -d' ' -f1"
+        )
+        .await,
+        format!("{disk}\n{mem}")
+    );
+    out(&clone, "head -c 4000000 /dev/urandom > /data/more && sync").await;
+    // stop and boot again: a cold boot of the clone's own disk chain
+    clone.stop().await.unwrap();
+    clone.start().await.unwrap();
+    assert_eq!(
+        out(&clone, "cat /data/who; hostname").await,
+        "clone\nbclone"
+    );
+    assert_eq!(
+        out(&clone, "sha256sum /data/disk | cut -d' ' -f1").await,
+        disk
+    );
+    clone.delete().await.unwrap();
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn two_clones_read_different_random_bytes() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "rsrc").await;
+    let a = branch(&src, "ra").await;
+    let b = branch(&src, "rb").await;
+    let read = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let (ra, rb, rs) = (
+        out(&a, read).await,
+        out(&b, read).await,
+        out(&src, read).await,
+    );
+    assert_eq!(ra.len(), 64, "{ra}");
+    assert_ne!(ra, rb, "two clones produced the same random bytes");
+    assert_ne!(ra, rs);
+    assert_ne!(rb, rs);
+    assert_eq!(out(&a, "hostname").await, "ra");
+    assert_eq!(out(&b, "hostname").await, "rb");
+    for m in [a, b, src] {
+        m.delete().await.unwrap();
+    }
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn what_cannot_be_branched_is_a_typed_error() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let opts = BranchOptions::default();
+    // not branchable
+    let plain = engine.create_machine(config(Some("nb"))).await.unwrap();
+    let e = plain.branch_machine("nb-c", &opts).await.unwrap_err();
+    assert!(
+        invalid_state(&e).is_some_and(|s| s.contains("not branchable")),
+        "{e:?}"
+    );
+    assert_eq!(e.code(), "INVALID_STATE");
+    assert!(engine.live_machine("nb-c").is_none());
+    plain.delete().await.unwrap();
+    // branchable, but paused, then stopped
+    let src = source(&engine, "bs").await;
+    MachineBackend::pause(&src).await.unwrap();
+    let e = src.branch_machine("bs-c", &opts).await.unwrap_err();
+    assert_eq!(invalid_state(&e), Some("paused"), "{e:?}");
+    MachineBackend::resume(&src).await.unwrap();
+    MachineBackend::stop(&src).await.unwrap();
+    let e = src.branch_machine("bs-c", &opts).await.unwrap_err();
+    assert_eq!(invalid_state(&e), Some("stopped"), "{e:?}");
+    // a stopped branch source boots again (a fresh RAM file) and branches
+    MachineBackend::start(&src).await.unwrap();
+    out(&src, "echo again > /tmp/a").await;
+    // the name of an existing machine
+    let e = src.branch_machine("bs", &opts).await.unwrap_err();
+    assert!(matches!(e, Error::Conflict { .. }), "{e:?}");
+    let c = branch(&src, "bs-c").await;
+    assert_eq!(out(&c, "cat /tmp/a").await, "again");
+    // the refused branches left nothing behind
+    c.delete().await.unwrap();
+    src.delete().await.unwrap();
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+    assert!(engine
+        .list_machines(&Default::default())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_source_with_mounts_is_refused_at_branch_time() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    if !std::path::Path::new(&smolmachines::local::mounts::virtiofsd()).exists() {
+        eprintln!("skipping: no virtiofsd");
+        return;
+    }
+    let share = tempfile::tempdir().unwrap();
+    std::fs::write(share.path().join("f"), "host").unwrap();
+    let mut c = config(Some("bm"));
+    c.branchable = Some(true);
+    c.mounts = vec![smolmachines::MountSpec {
+        source: share.path().display().to_string(),
+        target: "/mnt/share".into(),
+        read_only: true,
+        staged: false,
+    }];
+    let m = engine.create_machine(c).await.unwrap();
+    assert_eq!(out(&m, "cat /mnt/share/f").await, "host");
+    let e = m
+        .branch_machine("bm-c", &BranchOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    assert!(e.to_string().contains("mounts"), "{e}");
+    m.delete().await.unwrap();
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
+
+#[tokio::test]
+async fn clones_of_clones_and_four_at_once() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "gen0").await;
+    out(
+        &src,
+        "mkdir -p /data && echo 0 > /data/gen && echo 0 > /tmp/gen && sync",
+    )
+    .await;
+    let (g1, _) = src
+        .branch_machine(
+            "gen1",
+            &BranchOptions {
+                branchable: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    out(&g1, "echo 1 >> /data/gen && echo 1 >> /tmp/gen && sync").await;
+    let g2 = branch(&g1, "gen2").await;
+    // the middle generation and the source go: the grandchild's chain is its own
+    g1.delete().await.unwrap();
+    src.delete().await.unwrap();
+    assert_eq!(
+        out(
+            &g2,
+            "echo 3 > /proc/sys/vm/drop_caches; cat /data/gen /tmp/gen; hostname"
+        )
+        .await,
+        "0\n1\n0\n1\ngen2"
+    );
+    // a branch of a clone that is not branchable is refused
+    let e = g2
+        .branch_machine("gen3", &BranchOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        invalid_state(&e).is_some_and(|s| s.contains("not branchable")),
+        "{e:?}"
+    );
+    g2.delete().await.unwrap();
+
+    // four clones asked for at once, all running together
+    let src = source(&engine, "many").await;
+    out(&src, "echo shared > /tmp/s").await;
+    let names = ["m1", "m2", "m3", "m4"];
+    let opts = BranchOptions::default();
+    let made = futures::future::join_all(names.iter().map(|n| src.branch_machine(n, &opts))).await;
+    let clones: Vec<LocalMachine> = made.into_iter().map(|r| r.unwrap().0).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for (m, n) in clones.iter().zip(names) {
+        assert_eq!(out(m, "cat /tmp/s; hostname").await, format!("shared\n{n}"));
+        seen.insert(out(m, "head -c 16 /dev/urandom | od -An -tx1").await);
+    }
+    assert_eq!(seen.len(), 4, "clones shared random bytes: {seen:?}");
+    assert_eq!(qemu_processes_in(dir.path()), 5);
+    for m in clones {
+        m.delete().await.unwrap();
+    }
+    src.delete().await.unwrap();
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
