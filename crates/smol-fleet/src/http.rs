@@ -71,7 +71,9 @@ fn public(req: &Request) -> bool {
 /// Admits a request with a valid key (its [`Tenant`] put in the extensions); anything else
 /// is 401 with an empty body, whatever the path.
 pub async fn authenticate(State(fleet): State<Fleet>, mut req: Request, next: Next) -> Response {
-    if public(&req) {
+    // a host- or header-routed ingress request needs a key whatever its path (`proxy.rs`)
+    let ingress = fleet.apps().route(req.headers()).is_some();
+    if public(&req) && !ingress {
         return next.run(req).await;
     }
     let Some(key) = bearer(&req).filter(|k| keys::well_formed(k)) else {
@@ -104,7 +106,12 @@ pub async fn authenticate(State(fleet): State<Fleet>, mut req: Request, next: Ne
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string());
-    if let Some(scope) = route.and_then(|r| scopes::required(req.method(), &r)) {
+    let scope = if ingress {
+        Some(scopes::INGRESS)
+    } else {
+        route.and_then(|r| scopes::required(req.method(), &r))
+    };
+    if let Some(scope) = scope {
         if !scopes::grants(&key.scopes, scope) {
             tracing::debug!(key = %key.id, scope, "missing scope");
             return scopes::forbidden(scope);
@@ -122,7 +129,15 @@ pub const RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";
 
 /// Refuses a request whose declared `content-length` is over its route's limit before any of
 /// the body is read (413); a body without a length is cut at the same limit while read.
+/// Proxied requests (`…/connect/…`) have no limit: their bodies stream to the guest.
 pub async fn declared_length(req: Request, next: Next) -> Response {
+    if req
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|p| p.as_str().starts_with("/v1/machines/{id}/connect/"))
+    {
+        return next.run(req).await;
+    }
     let files = req.uri().path().contains("/files/");
     let (what, limit) = if files {
         ("the file", crate::server::FILE_LIMIT)

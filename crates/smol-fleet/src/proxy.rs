@@ -7,6 +7,8 @@
 //! * Every form needs the API key of the machine's tenant (another tenant's machine is 404,
 //!   as everywhere) and the `machine:exec` scope. The caller's `Authorization` and the routing
 //!   headers are not passed to the guest; `x-forwarded-host` / `x-forwarded-proto` are added.
+//! * Each proxied request holds the machine busy (`Fleet::busy`, activity for the idle stop of
+//!   `sweeper.rs`) until its answer's body or its upgraded connection ends.
 //! * Bodies stream both ways (one HTTP/1 client connection per request, frames passed as they
 //!   come, so server-sent events arrive as sent); a WebSocket (any `Upgrade`) is passed on and
 //!   the two upgraded connections are then copied into each other.
@@ -18,6 +20,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use hyper_util::rt::TokioIo;
 use smolmachines::{Error, ErrorCode, MachineState};
 
@@ -188,6 +191,8 @@ async fn proxy(
     req: Request,
 ) -> Result<Response, Refusal> {
     let row = crate::routes::row_of(fleet, tenant, id).await?;
+    // activity for the sweeper's idle stop, held while the answer or the upgrade lasts
+    let busy = fleet.busy(&row.engine_name).await;
     let m = fleet.handle(&row.engine_name).await?;
     let state = m.state().await?;
     if state != MachineState::Running {
@@ -239,9 +244,15 @@ async fn proxy(
     if let Some(h) = parts.headers.get(header::HOST) {
         headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
     }
+    // (the scheme of the apps URLs: https when this server serves TLS or sits behind a TLS proxy)
+    let scheme = if fleet.apps().scheme == "https" {
+        "https"
+    } else {
+        "http"
+    };
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
+        HeaderValue::from_static(scheme),
     );
     let uri: Uri = path
         .parse()
@@ -286,6 +297,7 @@ async fn proxy(
         let guest_side = hyper::upgrade::on(&mut resp);
         let (machine, guest) = (id.to_string(), port);
         tokio::spawn(async move {
+            let _busy = busy;
             match tokio::try_join!(client_side, guest_side) {
                 Ok((c, g)) => {
                     let (mut c, mut g) = (TokioIo::new(c), TokioIo::new(g));
@@ -314,7 +326,12 @@ async fn proxy(
     }
     let (mut parts, body) = resp.into_parts();
     parts.headers = forwardable(&parts.headers, false, false);
-    Ok(Response::from_parts(parts, Body::new(body)))
+    // each frame passed on as it comes; the machine counts as busy until the body ends
+    let frames = Body::new(body).into_data_stream().map(move |frame| {
+        let _busy = &busy;
+        frame
+    });
+    Ok(Response::from_parts(parts, Body::from_stream(frames)))
 }
 
 #[cfg(test)]

@@ -20,6 +20,17 @@ pub const ALL: &[&str] = &[
     ADMIN,
 ];
 
+/// What ingress needs: the connect routes (any method), host- and header-routed requests and
+/// `PUT …/ports` (reaching into a machine, as an exec does).
+pub const INGRESS: &str = "machine:exec";
+
+/// The routes any method of which needs [`INGRESS`].
+const INGRESS_ROUTES: &[&str] = &[
+    "/v1/machines/{id}/connect/{port}",
+    "/v1/machines/{id}/connect/{port}/",
+    "/v1/machines/{id}/connect/{port}/{*path}",
+];
+
 /// What each route needs: `(method, route pattern as the router matched it, scope)`. A route
 /// that is not here needs only a valid key (`/livez`, `/readyz`, `/openapi.json`, unknown
 /// paths). Starting and stopping count as exec: an exec starts a stopped machine anyway.
@@ -46,11 +57,15 @@ pub const ROUTE_SCOPES: &[(Method, &str, &str)] = &[
         "/v1/machines/{id}/files/{*path}",
         "machine:files",
     ),
+    (Method::PUT, "/v1/machines/{id}/ports", INGRESS),
     (Method::GET, "/metrics", ADMIN),
 ];
 
 /// The scope `method route` needs, if any.
 pub fn required(method: &Method, route: &str) -> Option<&'static str> {
+    if INGRESS_ROUTES.contains(&route) {
+        return Some(INGRESS);
+    }
     ROUTE_SCOPES
         .iter()
         .find(|(m, r, _)| m == method && *r == route)

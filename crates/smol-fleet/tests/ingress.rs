@@ -193,6 +193,8 @@ async fn http_sse_websockets_and_failures_through_every_ingress_form() {
         .send()
         .await
         .unwrap();
+    // the guest's length goes through (not re-chunked)
+    assert_eq!(r.content_length(), Some(blob.len() as u64));
     assert!(get_ok(r).await == blob, "connect route: other bytes");
     let by_name = reqwest::Client::builder()
         .no_proxy()
@@ -665,4 +667,77 @@ async fn published_ports_survive_server_restarts_running_and_stopped() {
     if let Err(e) = run {
         std::panic::resume_unwind(e.into_panic());
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_ingress_form_needs_a_key_and_the_exec_scope() {
+    let home = tempfile::tempdir().unwrap();
+    let srv = spawn(home.path()).await.unwrap();
+    let admin = srv.admin_key.clone().unwrap();
+    let reader = srv
+        .fleet
+        .db()
+        .call_sync(|c| {
+            let tenant = smol_fleet::admin::list_keys(c)?[0].tenant_id.clone();
+            smol_fleet::admin::create_key(c, &tenant, "machine:read", None)
+        })
+        .unwrap()
+        .1;
+    let id = "mach-0000000000000000";
+    let base = &srv.base_url;
+    let host = format!("8080-{id}.localhost:{}", srv.addr.port());
+    let c = client();
+    let forms = |key: Option<&str>| {
+        let with = |r: reqwest::RequestBuilder| match key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        };
+        vec![
+            with(c.get(format!("{base}/v1/machines/{id}/connect/8080/x"))),
+            with(
+                c.post(format!("{base}/v1/machines/{id}/connect/8080"))
+                    .body("x"),
+            ),
+            // the public /health path, host-routed, is a guest's path: it needs the key too
+            with(c.get(format!("{base}/health")).header("host", &host)),
+            with(
+                c.get(format!("{base}/health"))
+                    .header("x-smol-machine", id)
+                    .header("x-smol-port", "8080"),
+            ),
+            with(
+                c.put(format!("{base}/v1/machines/{id}/ports"))
+                    .json(&json!({"ports": []})),
+            ),
+        ]
+    };
+    for r in forms(None) {
+        unauthorized(r.send().await.unwrap()).await;
+    }
+    for r in forms(Some(&reader)) {
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.text().await.unwrap(), "missing scope: machine:exec");
+    }
+    for r in forms(Some(&admin)) {
+        problem(r.send().await.unwrap(), StatusCode::NOT_FOUND, "not_found").await;
+    }
+    // the API itself still answers on its own host, and routing headers must name a port
+    let r = c.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = c
+        .get(format!("{base}/x"))
+        .bearer_auth(&admin)
+        .header("x-smol-machine", id)
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::BAD_REQUEST, "invalid_config").await;
+    let r = c
+        .get(format!("{base}/v1/machines/{id}/connect/0/x"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::BAD_REQUEST, "invalid_config").await;
 }
