@@ -321,3 +321,20 @@ fn keys(cmd: KeysCmd, home: PathBuf) -> AnyResult {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_interval;
+    use std::time::Duration;
+
+    #[test]
+    fn sweep_intervals_parse_with_units_and_a_floor() {
+        assert_eq!(parse_interval("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_interval("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "s", "10ms", "0", "1h", "-1s", "1.5s"] {
+            assert!(parse_interval(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

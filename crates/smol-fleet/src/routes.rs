@@ -104,7 +104,7 @@ fn info_of(row: &MachineRow, summary: Option<&MachineSummary>) -> MachineInfo {
     info.ephemeral = row.ephemeral;
     info.auto_stop_seconds = row.auto_stop_seconds;
     info.ttl_seconds = row.ttl_seconds;
-    // as of the last sweep (activity is flushed to the database once a sweep)
+    // as stored (Fleet::finish_lifetime puts this server's newer activity in)
     info.last_activity_at = row.last_activity_at.map(db::rfc3339);
     info.capabilities = Some(BTreeMap::from([
         ("exec".to_string(), true),
@@ -128,6 +128,7 @@ async fn summaries(fleet: &Fleet) -> ApiResult<BTreeMap<String, MachineSummary>>
 pub(crate) async fn info_of_row(fleet: &Fleet, row: &MachineRow) -> ApiResult<MachineInfo> {
     let all = summaries(fleet).await?;
     let mut info = info_of(row, all.get(&row.engine_name));
+    fleet.finish_lifetime(row, &mut info);
     crate::ingress::finish(fleet, row, &mut info).await;
     Ok(info)
 }
@@ -286,6 +287,7 @@ pub async fn list_machines(
     let mut out = Vec::new();
     for r in &rows {
         let mut info = info_of(r, all.get(&r.engine_name));
+        fleet.finish_lifetime(r, &mut info);
         if want.iter().all(|(k, v)| info.labels.get(k) == Some(v)) {
             crate::ingress::finish(&fleet, r, &mut info).await;
             out.push(info);

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use smolmachines::wire::MachineInfo;
 use smolmachines::{Error, Machine, MachineState};
 use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
@@ -218,6 +219,18 @@ impl Fleet {
         Busy {
             entry,
             _shared: shared,
+        }
+    }
+
+    /// Sets `lastActivityAt` of `row`'s record to this server's latest knowledge (the
+    /// database has it as of the last sweep).
+    pub(crate) fn finish_lifetime(&self, row: &MachineRow, info: &mut MachineInfo) {
+        if let Some(ms) = self
+            .lifetimes()
+            .existing(&row.engine_name)
+            .and_then(|e| e.last_ms())
+        {
+            info.last_activity_at = Some(db::rfc3339(ms / 1000));
         }
     }
 

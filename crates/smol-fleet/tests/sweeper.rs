@@ -170,6 +170,17 @@ async fn auto_stop_stops_an_idle_machine_and_activity_resets_the_clock() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // the record shows the activity (RFC 3339 sorts as time)
+    let before = m["lastActivityAt"]
+        .as_str()
+        .expect("lastActivityAt")
+        .to_string();
+    let g = api.get(&id).await.unwrap();
+    let after = g["lastActivityAt"]
+        .as_str()
+        .expect("lastActivityAt")
+        .to_string();
+    assert!(after > before, "{before} -> {after}");
     // an exec in flight keeps it busy: one lasting twice the idle period completes
     let r = api
         .exec(
