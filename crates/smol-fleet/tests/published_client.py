@@ -37,6 +37,20 @@ try:
     m.write_file("/data/a b?.txt", "spaced")
     assert m.read_file("/data/a b?.txt") == b"spaced"
 
+    # ingress: an app in the guest, published, reached through request() / endpoint(), named by url()
+    r = m.exec(["sh", "-c", "mkdir -p /srv && echo from-the-guest > /srv/index.html && busybox httpd -p 8080 -h /srv"])
+    assert r.exit_code == 0, r
+    p = m.publish(8080)
+    assert (p.guest, p.protocol) == (8080, "tcp") and p.host, p
+    assert [x.guest for x in m.ports()] == [8080], m.ports()
+    assert m.url() is not None and m.url().startswith("http://8080-"), m.url()
+    assert m.request(8080, "index.html") == b"from-the-guest\n"
+    assert m.request(8080, "/index.html", method="HEAD") == b""
+    ep = m.endpoint(8080, "index.html")
+    assert ep.http_url == f"{base}/v1/machines/{m.id}/connect/8080/index.html", ep
+    m.unpublish(8080)
+    assert m.ports() == [] and m.url() is None, (m.ports(), m.url())
+
     listed = Machine.list(conn, labels={"suite": "published"})
     assert [s.name for s in listed] == [m.name], listed
 
