@@ -41,6 +41,7 @@ test-python: setup
 bench: setup
 	cargo bench -p smolmachines --bench engine
 	cargo bench -p smolmachines --bench image
+	cargo bench -p smol-fleet --bench fleet
 
 clean-cache:
 	rm -rf "$${SMOL_CACHE:-$$HOME/.cache/smol}"
