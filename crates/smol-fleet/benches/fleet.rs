@@ -15,7 +15,7 @@
 //!
 //! Run with `make bench` (or `cargo bench -p smol-fleet --bench fleet`). Needs `make setup`.
 //! `SMOL_BENCH_RUNS=N` (default 3) scales it: N creates per side, 20·N execs per side, a
-//! (4 + 2·N) s load per side. Timings never fail the run.
+//! (4 + 2·N) s load per side (in two alternating halves). Timings never fail the run.
 
 #[path = "../../smolmachines/tests/common.rs"]
 mod common;
@@ -332,9 +332,18 @@ async fn bench(home: &Path, guarded: &Path) {
                 .expect("open on the engine"),
         );
     }
-    let secs = 4.0 + 2.0 * runs as f64;
-    let (http_rate, http_lat) = load(|i| http_clients[i].clone(), secs).await;
-    let (local_rate, local_lat) = load(|i| local_machines[i % MACHINES].clone(), secs).await;
+    // in alternating halves, so that both sides see the same drift in the host's load
+    let secs = (4.0 + 2.0 * runs as f64) / 2.0;
+    let (mut http_lat, mut local_lat) = (Vec::new(), Vec::new());
+    let (mut http_rate, mut local_rate) = (0.0, 0.0);
+    for _ in 0..2 {
+        let (rate, lat) = load(|i| http_clients[i].clone(), secs).await;
+        http_rate += rate / 2.0;
+        http_lat.extend(lat);
+        let (rate, lat) = load(|i| local_machines[i % MACHINES].clone(), secs).await;
+        local_rate += rate / 2.0;
+        local_lat.extend(lat);
+    }
     drop(http_clients);
     drop(local_machines);
     drop(local_first);
