@@ -11,7 +11,10 @@
 //!    interleaved in the same process, so a change to the file path shows as a ratio.
 //!
 //! Run with `make bench` (or `cargo bench -p smolmachines --bench engine`). Needs `make setup`.
-//! `SMOL_BENCH_ONLY=files` runs only 3. and 4.
+//! 5. branch (issue 12): `branch` call -> first exec in the clone, against cold create -> first
+//!    exec in the same run, and the source's pause window (printed, never asserted).
+//!
+//! `SMOL_BENCH_ONLY=files` runs only 3. and 4.; `SMOL_BENCH_ONLY=branch` only 5.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -237,6 +240,59 @@ async fn compare_agents(dir: &std::path::Path, other: std::path::PathBuf) {
     );
 }
 
+/// 5.: branch -> first exec in the clone against cold create -> first exec, and the pause window
+/// of the source (a 512 MiB guest that has booted and run a few commands).
+async fn branching(engine: &LocalBackend) {
+    let t = vec!["true".to_string()];
+    let opts = ExecOptions::default();
+    let (mut cold, mut clone, mut pause, mut ram) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    let src = engine
+        .create_machine(MachineConfig {
+            name: Some("branch-src".into()),
+            branchable: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    src.exec(&t, &opts).await.unwrap();
+    for i in 0..BOOTS {
+        let t0 = Instant::now();
+        let m = engine
+            .create_machine(MachineConfig {
+                name: Some(format!("cold-{i}")),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        m.exec(&t, &opts).await.unwrap();
+        cold.push(t0.elapsed().as_secs_f64());
+        m.delete().await.unwrap();
+        let t0 = Instant::now();
+        let (c, report) = src
+            .branch_machine(&format!("clone-{i}"), &Default::default())
+            .await
+            .unwrap();
+        c.exec(&t, &opts).await.unwrap();
+        clone.push(t0.elapsed().as_secs_f64());
+        pause.push(report.pause.as_secs_f64() * 1e3);
+        ram = report.ram_bytes >> 20;
+        c.delete().await.unwrap();
+    }
+    row(
+        "branch -> first exec in the clone",
+        median(clone),
+        median(cold),
+        "s",
+        "<= 0.05 (baseline: cold create)",
+    );
+    println!(
+        "source pause window during branch: median {:.1} ms, max {:.1} ms ({ram} MiB of RAM copied; target <= 40 ms)",
+        median(pause.clone()),
+        pause.iter().cloned().fold(0.0, f64::max)
+    );
+    src.delete().await.unwrap();
+}
+
 async fn lifecycle(engine: &LocalBackend) {
     let t = vec!["true".to_string()];
     let opts = ExecOptions::default();
@@ -307,6 +363,10 @@ async fn main() {
     let choice = accel::detect().unwrap();
     println!("accelerator: {} ({})", choice.accel.as_str(), choice.reason);
     let files_only = std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "files");
+    if std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "branch") {
+        branching(&engine).await;
+        return;
+    }
     let compare = std::env::var_os("SMOL_BENCH_COMPARE_INITRD").map(std::path::PathBuf::from);
     if files_only {
         if let Some(other) = compare {
@@ -433,6 +493,7 @@ async fn main() {
         ">= 0.8x",
     );
     lifecycle(&engine).await;
+    branching(&engine).await;
     if let Some(other) = compare {
         compare_agents(tmp.path(), other).await;
     }

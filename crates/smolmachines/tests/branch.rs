@@ -249,6 +249,40 @@ async fn two_clones_read_different_random_bytes() {
     assert_eq!(qemu_processes_in(dir.path()), 0);
 }
 
+/// The kernel reseeds its CRNG from the input pool at most every 60 s once it has been up for
+/// 120 s (before that, every half uptime): only then would two clones of one source, without
+/// the reseed of `Op::Identity`, read the same bytes. So this one waits for that uptime (a
+/// wait, not a timing assertion; ~2 minutes).
+#[tokio::test]
+async fn clones_of_a_long_running_source_read_different_random_bytes() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "lsrc").await;
+    let wait = "while [ $(cut -d. -f1 /proc/uptime) -lt 125 ]; do sleep 1; done; echo up";
+    let r = src
+        .exec(
+            &common::sh(wait),
+            &ExecOptions {
+                timeout: Some(std::time::Duration::from_secs(300)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "up\n", "{r:?}");
+    let a = branch(&src, "la").await;
+    let b = branch(&src, "lb").await;
+    let read = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let (ra, rb) = (out(&a, read).await, out(&b, read).await);
+    assert_eq!(ra.len(), 64, "{ra}");
+    assert_ne!(ra, rb, "two clones produced the same random bytes");
+    for m in [a, b, src] {
+        m.delete().await.unwrap();
+    }
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
+
 #[tokio::test]
 async fn what_cannot_be_branched_is_a_typed_error() {
     let Some((engine, dir)) = engine() else {

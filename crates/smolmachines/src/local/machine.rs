@@ -950,7 +950,7 @@ impl LocalMachine {
             .call(move |db| {
                 remove_dir_logged(&dir);
                 remove_dir_logged(&home_dir);
-                remove_dir_logged(&ram_dir);
+                super::ram::remove_dir(&ram_dir);
                 db.delete(&name)
             })
             .await;
@@ -1023,7 +1023,7 @@ impl Drop for Inner {
         let cleanup = move || {
             remove_dir_logged(&dir);
             remove_dir_logged(&home_dir);
-            remove_dir_logged(&ram_dir);
+            super::ram::remove_dir(&ram_dir);
             if let Err(e) = db.delete(&name) {
                 tracing::warn!(machine = %name, error = %e, "cannot remove the machine record");
             }

@@ -53,6 +53,25 @@ pub fn dir(machines: &Path, name: &str) -> PathBuf {
     PathBuf::from(format!("/dev/shm/smol-{uid}-{h:08x}")).join(name)
 }
 
+/// Removes a machine's RAM directory (blocking) and, when it was under `/dev/shm`, the engine's
+/// directory there once it is empty. A directory that is gone already is fine.
+pub fn remove_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot remove a RAM directory")
+        }
+    }
+    let Some(root) = dir.parent().filter(|p| p.starts_with("/dev/shm")) else {
+        return;
+    };
+    if let Err(e) = std::fs::remove_dir(root) {
+        // another machine of the engine still has its directory there
+        tracing::trace!(path = %root.display(), error = %e, "RAM root kept");
+    }
+}
+
 fn storage(path: &Path, e: std::io::Error) -> Error {
     if e.raw_os_error() == Some(libc::ENOSPC) {
         Error::NoSpace {

@@ -104,9 +104,7 @@ pub(crate) fn reap_one(db: &StateDb, dirs: &Dirs<'_>, mut rec: Record) -> Result
     tracing::info!(machine = %rec.name, "reaper: removing a machine whose owner died");
     remove_dir(&dirs.run.join(&rec.name));
     remove_dir(&dirs.home.join(&rec.name));
-    if rec.branchable {
-        remove_dir(&super::ram::dir(dirs.run, &rec.name));
-    }
+    super::ram::remove_dir(&super::ram::dir(dirs.run, &rec.name));
     db.delete(&rec.name)?;
     Ok(true)
 }
