@@ -20,6 +20,9 @@ use super::phase::{Event, Phase};
 use super::record::{ProcId, Record};
 use super::registry::Shared;
 use super::state::StateDb;
+use super::teardown::{
+    close_ports, describe_exit, end_children, remove_dir_logged, remove_file_logged,
+};
 use super::vmm::{tail, VmSpec, Vmm};
 use crate::backend::{ExecStream, MachineBackend};
 use crate::config::{ExecOptions, ExecResult, MachineState};
@@ -95,76 +98,6 @@ impl std::fmt::Debug for LocalMachine {
             .field("name", &self.inner.name)
             .field("phase", &self.phase())
             .finish()
-    }
-}
-
-fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => format!("the VMM exited with status {c}"),
-            (None, Some(9)) => "the VMM was killed (SIGKILL)".into(),
-            (None, Some(sig)) => format!("the VMM was killed by signal {sig}"),
-            _ => "the VMM exited".into(),
-        },
-        Err(e) => format!("waiting for the VMM failed: {e}"),
-    }
-}
-
-/// Stops port listeners and waits until they are gone, so their host ports are free when the
-/// caller goes on (an aborted task drops its listener only when the runtime gets to it).
-async fn close_ports(tasks: Vec<(u16, tokio::task::JoinHandle<()>)>) {
-    for (_, t) in &tasks {
-        t.abort();
-    }
-    for (port, t) in tasks {
-        match t.await {
-            Err(e) if e.is_panic() => tracing::warn!(port, "a port listener panicked"),
-            _ => {}
-        }
-    }
-}
-
-/// Removes a file that may be gone already; other failures are logged.
-fn remove_file_logged(path: &std::path::Path) {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove"),
-    }
-}
-
-/// Removes a directory tree that may be gone already (blocking); other failures are logged.
-fn remove_dir_logged(path: &std::path::Path) {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove"),
-    }
-}
-
-/// Kills helper processes and reaps them (waiting happens off the runtime when there is one).
-fn end_children(mut children: Vec<std::process::Child>) {
-    if children.is_empty() {
-        return;
-    }
-    for c in &mut children {
-        if let Err(e) = c.kill() {
-            tracing::debug!(pid = c.id(), error = %e, "helper already gone");
-        }
-    }
-    let reap = move || {
-        for mut c in children {
-            if let Err(e) = c.wait() {
-                tracing::warn!(pid = c.id(), error = %e, "cannot reap a helper process");
-            }
-        }
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) => {
-            h.spawn_blocking(reap);
-        }
-        Err(_) => reap(),
     }
 }
 

@@ -22,6 +22,7 @@ mod reaper;
 pub mod record;
 mod registry;
 pub mod state;
+mod teardown;
 pub mod vmm;
 mod watchdog;
 
