@@ -245,8 +245,16 @@ test('seed: Best Practices: try/finally, reuse machines', { skip }, async () => 
   assert.ok(!(await Machine.list(conn)).some((r) => r.name === machine.name));
 });
 
-test('seed: Images (pullImage, listImages) and run()', {
-  skip: skip || 'pullImage / listImages / run(image) are not on the cloud target yet (no /v1 images routes in the fleet)',
-}, () => {});
+test('seed: Images (pullImage, listImages) and run() are local only: NotSupportedError', { skip }, async () => {
+  const machine = await Machine.create({ image }, conn);
+  try {
+    await assert.rejects(machine.pullImage(image), (e) => e instanceof NotSupportedError && /pull_?image/i.test(e.message));
+    await assert.rejects(machine.listImages(), NotSupportedError);
+    await assert.rejects(machine.run(image, ['true']), (e) => e instanceof NotSupportedError && /run/.test(e.message));
+    assert.equal((await machine.exec(['echo', 'still'])).stdout, 'still\n');
+  } finally {
+    await machine.delete();
+  }
+});
 
 test('seed: fork()', { skip: skip || 'fork() (forkable golden machines) is not in the SDK or the fleet yet' }, () => {});

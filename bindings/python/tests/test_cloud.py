@@ -318,9 +318,17 @@ def test_seed_context_manager_sample(cloud, image):
         Machine.open(name, cloud)
 
 
-@pytest.mark.skip(reason="pull_image / list_images / run(image) are not on the cloud target yet (no /v1 images routes in the fleet)")
-def test_seed_images_and_run_samples():
-    pass
+def test_seed_images_and_run_samples_are_local_only(cloud, image):
+    """SPEC §4.5 and run(): images are local only; on the cloud each is NotSupportedError
+    naming the call, and the machine goes on working."""
+    with Machine.create(MachineConfig(image=image), cloud) as machine:
+        with pytest.raises(smol.NotSupportedError, match="pull_image"):
+            machine.pull_image(image)
+        with pytest.raises(smol.NotSupportedError):
+            machine.list_images()
+        with pytest.raises(smol.NotSupportedError, match="run"):
+            machine.run(image, ["true"])
+        assert machine.exec(["echo", "still"]).stdout == "still\n"
 
 
 @pytest.mark.skip(reason="fork() (forkable golden machines) is not in the SDK or the fleet yet")
