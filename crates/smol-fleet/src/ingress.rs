@@ -179,6 +179,19 @@ static SET_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The guest ports of a `PUT …/ports` body: a `ports` array is required (422 without), each
 /// `port` 1..=65535 (400), TCP only (501); a port named twice counts once.
+/// The most guest ports one machine of the fleet publishes (SPEC §10.2).
+pub const MAX_PORTS: usize = 4;
+
+/// A published set over [`MAX_PORTS`] is 422, naming the limit.
+pub(crate) fn check_port_count(n: usize) -> Result<(), ApiError> {
+    if n > MAX_PORTS {
+        return Err(ApiError::unprocessable(format!(
+            "ports: a machine publishes at most {MAX_PORTS} guest ports, got {n}"
+        )));
+    }
+    Ok(())
+}
+
 fn wanted_ports(body: &[u8]) -> Result<Vec<u16>, ApiError> {
     let raw: serde_json::Value = parse_json(body)?;
     let Some(list) = raw.get("ports").filter(|p| !p.is_null()) else {
@@ -210,6 +223,7 @@ fn wanted_ports(body: &[u8]) -> Result<Vec<u16>, ApiError> {
             want.push(port);
         }
     }
+    check_port_count(want.len())?;
     Ok(want)
 }
 

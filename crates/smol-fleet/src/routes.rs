@@ -168,6 +168,7 @@ pub async fn create_machine(
     if let Some(n) = &req.name {
         validate_name(n)?;
     }
+    crate::ingress::check_port_count(req.ports.len())?;
     let id = new_id("mach-");
     // the fleet enforces these itself (sweeper.rs); the node's machine has no lifetime
     let mut for_node = req.clone();

@@ -220,6 +220,38 @@ async fn request_ids_and_body_errors() {
         .await;
         assert!(p["detail"].as_str().unwrap().len() > 5, "{p}");
     }
+    // more than 4 published ports (SPEC §10.2): 422 naming the limit, at create and on
+    // PUT …/ports, before any engine work (no machine is looked up or made)
+    let five = json!([{"port": 1}, {"port": 2}, {"port": 3}, {"port": 4}, {"port": 5}]);
+    let r = c
+        .post(&machines)
+        .bearer_auth(&key)
+        .json(&json!({"source": {"type": "image", "reference": "x"}, "ports": five}))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_config").await;
+    assert!(p["detail"].as_str().unwrap().contains("at most 4"), "{p}");
+    let r = c
+        .put(format!("{machines}/mach-none/ports"))
+        .bearer_auth(&key)
+        .json(&json!({ "ports": five }))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_config").await;
+    assert!(p["detail"].as_str().unwrap().contains("at most 4"), "{p}");
+    // four are taken (then the machine is looked up: 404)
+    let four = json!({"ports": [{"port": 1}, {"port": 2}, {"port": 3}, {"port": 4}]});
+    let r = c
+        .put(format!("{machines}/mach-none/ports"))
+        .bearer_auth(&key)
+        .json(&four)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
     // an invalid name is the core's InvalidConfig (400), before any engine work
     let r = c
         .post(&machines)
