@@ -283,6 +283,51 @@ async fn clones_of_a_long_running_source_read_different_random_bytes() {
     assert_eq!(qemu_processes_in(dir.path()), 0);
 }
 
+/// A command running in the source at the branch instant runs to its end there; in the clone,
+/// the agent session it belonged to ends, so its copy is killed (docs/BRANCH.md); both channels
+/// carry on.
+#[tokio::test]
+async fn a_command_running_at_the_branch_goes_on_in_the_source_only() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "esrc").await;
+    let mut stream = src
+        .exec_stream(
+            &common::sh("echo start; sleep 3; echo end; touch /tmp/ended"),
+            &ExecOptions::default(),
+        )
+        .await
+        .unwrap();
+    match stream.next_event().await {
+        Some(smolmachines::ExecEvent::Stdout(b)) => assert_eq!(b, b"start\n"),
+        other => panic!("{other:?}"),
+    }
+    let clone = branch(&src, "eclone").await;
+    let mut rest = Vec::new();
+    let code = loop {
+        match stream.next_event().await {
+            Some(smolmachines::ExecEvent::Stdout(b)) => rest.extend(b),
+            Some(smolmachines::ExecEvent::Exit(c)) => break c,
+            other => panic!("the source's command: {other:?}"),
+        }
+    };
+    assert_eq!((code, rest.as_slice()), (0, b"end\n".as_slice()));
+    // in the clone, no copy of the command is left, and it never finished
+    let r = run(
+        &clone,
+        "sleep 4; ps -o args | grep -c '^sleep 3' ; ls /tmp/ended",
+    )
+    .await;
+    assert_eq!(r.stdout, "0\n", "{r:?}");
+    assert_ne!(r.exit_code, 0, "{r:?}");
+    assert_eq!(out(&src, "ls /tmp/ended").await, "/tmp/ended");
+    for m in [clone, src] {
+        m.delete().await.unwrap();
+    }
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
+
 #[tokio::test]
 async fn what_cannot_be_branched_is_a_typed_error() {
     let Some((engine, dir)) = engine() else {
