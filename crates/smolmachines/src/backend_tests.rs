@@ -196,3 +196,38 @@ async fn a_streamed_write_collects_on_a_backend_without_streaming() {
     ));
     m.delete().await.unwrap();
 }
+
+#[tokio::test]
+async fn branch_arguments_are_checked_before_the_backend_and_pause_defaults_to_not_supported() {
+    let fake = FakeBackend::new();
+    let m = Machine::create_on(&fake, named("src")).await.unwrap();
+    let e = m.branch("Bad Name", Vec::new()).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    let e = m
+        .branch(
+            "c1",
+            vec![PortSpec {
+                host: 8080,
+                guest: 0,
+            }],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    // a backend without them says so, by operation
+    let e = m.branch("c1", Vec::new()).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::NotSupported { message } if message.contains("branch")),
+        "{e:?}"
+    );
+    for (e, op) in [
+        (m.pause().await.unwrap_err(), "pause"),
+        (m.resume().await.unwrap_err(), "resume"),
+    ] {
+        assert!(
+            matches!(&e, Error::NotSupported { message } if message.contains(op)),
+            "{e:?}"
+        );
+    }
+    m.delete().await.unwrap();
+}
