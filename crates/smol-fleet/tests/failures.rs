@@ -101,6 +101,12 @@ async fn a_machine_deleted_during_an_exec() {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{p}");
         assert_eq!(p["code"], "machine_interrupted", "{p}");
         assert_eq!(p["machine"], id.as_str(), "{p}");
+        // it says the machine was deleted, not how its VMM ended
+        let detail = p["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("deleted") && !detail.contains("SIGKILL"),
+            "{p}"
+        );
         let r = get(&srv, &c, &format!("/v1/machines/{id}")).await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert!(qemu_pids(&id).is_empty(), "a VMM outlived the delete");

@@ -493,7 +493,18 @@ impl LocalMachine {
                 Ok(s) if s.code().is_some() => super::vmm::crash_report(&console),
                 _ => None,
             };
-            let detail = crash.unwrap_or_else(|| describe_exit(status));
+            let deleted = weak.upgrade().is_some_and(|i| {
+                matches!(
+                    *i.phase.lock().expect("phase lock"),
+                    Phase::Deleting | Phase::Deleted
+                )
+            });
+            let detail = match crash {
+                Some(c) => c,
+                // the kill was the delete's: say so, not how the VMM ended
+                None if deleted => "the machine was deleted".to_string(),
+                None => describe_exit(status),
+            };
             Self::on_exit(&weak, &detail).await;
             // no receiver left: every handle is gone, nobody waits for the exit
             if exit_tx.send(Some(detail)).is_err() {
