@@ -344,9 +344,6 @@ mod tests {
         assert!(e.to_string().contains("local target"), "{e}");
         for json in [
             r#"{"credentials":[{"name":"x","envVar":"T","hosts":["h"]}]}"#,
-            r#"{"branchable":true}"#,
-            r#"{"forkable":true}"#,
-            r#"{"checkpoint":true}"#,
             r#"{"resources":{"gpu":true}}"#,
             r#"{"resources":{"allowHosts":["a.example"]}}"#,
             r#"{"mounts":[{"source":"/s","target":"/t","staged":true}]}"#,
@@ -357,6 +354,16 @@ mod tests {
                 c.unsupported_on(&Capabilities::LOCAL).is_some(),
                 "{json} accepted locally"
             );
+        }
+        // branchable machines (and their aliases) run locally
+        for json in [
+            r#"{"branchable":true}"#,
+            r#"{"forkable":true}"#,
+            r#"{"checkpoint":true}"#,
+        ] {
+            let c = config(json).unwrap();
+            assert!(c.is_branchable(), "{json}");
+            assert_eq!(c.unsupported_on(&Capabilities::LOCAL), None, "{json}");
         }
         // aliases: `branchable ?? forkable ?? checkpoint`
         let c = config(r#"{"branchable":false,"forkable":true}"#).unwrap();

@@ -60,12 +60,18 @@ test('invalid configurations reject with InvalidConfigError and create nothing',
   assert.deepEqual([...after].filter((n) => !before.has(n)), []);
 });
 
+test('branchable machines run locally (the alias forkable too)', async () => {
+  const m = await Machine.create({ name: uniqueName('br'), forkable: true });
+  try {
+    assert.equal((await m.exec(['echo', 'ok'])).stdout, 'ok\n');
+  } finally {
+    await m.delete();
+  }
+});
+
 test('fields the engine does not support yet reject with NotSupportedError naming field and target', async () => {
   const unsupported = [
     [{ credentials: [{ name: 'gh', envVar: 'GH_TOKEN', hosts: ['api.github.com'] }] }, 'credentials'],
-    [{ branchable: true }, 'branchable'],
-    [{ forkable: true }, 'branchable'],
-    [{ checkpoint: true }, 'branchable'],
     [{ egressInterceptor: { address: '127.0.0.1:1', token: 'a'.repeat(64) } }, 'egressInterceptor'],
     [{ cacheDisk: { cache: 'deps' } }, 'cacheDisk'],
     [{ resources: { gpu: true } }, 'resources.gpu'],
