@@ -33,10 +33,14 @@ need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found (Debian: apt-get i
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# A port below the kernel's ephemeral range (whose ports any outgoing connection may take
+# between this check and the registry's bind), free now.
 free_port() {
-    local p
+    local p low=32768
+    [ -r /proc/sys/net/ipv4/ip_local_port_range ] && read -r low _ </proc/sys/net/ipv4/ip_local_port_range
+    [ "$low" -gt 21000 ] || low=32768
     for _ in $(seq 1 200); do
-        p=$(( 20000 + RANDOM % 30000 ))
+        p=$(( 20000 + RANDOM % (low - 20000) ))
         port_in_use "$p" || { echo "$p"; return 0; }
     done
     die "no free port"
@@ -248,20 +252,11 @@ fixtures() {
     push "oci:$py:3.12" "$host/library/python:3.12"
 }
 
-start() {
-    local port="" watch="" fixtures=1 auth=""
-    while [ $# -gt 0 ]; do
-        case $1 in
-            --port) port=$2; shift 2 ;;
-            --auth) auth=$2; fixtures=0; shift 2 ;;
-            --watch) watch=$2; shift 2 ;;
-            --no-fixtures) fixtures=0; shift ;;
-            *) die "unknown option $1" ;;
-        esac
-    done
-    need docker-registry docker-registry
-    [ -n "$port" ] || port=$(free_port)
-    local dir; dir=$(mktemp -d "${TMPDIR:-/tmp}/smol-registry.XXXXXX")
+# launch PORT AUTH: a registry in a new directory ($dir, the caller's) on 127.0.0.1:PORT;
+# fails when it exits before it answers (its log is $dir/registry.log).
+launch() {
+    local port=$1 auth=$2
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/smol-registry.XXXXXX")
     mkdir -p "$dir/data"
     cat >"$dir/config.yml" <<EOF
 version: 0.1
@@ -286,8 +281,38 @@ EOF
     echo $! >"$dir/pid"
     for _ in $(seq 1 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
-        kill -0 "$(cat "$dir/pid")" 2>/dev/null || { cat "$dir/registry.log" >&2; die "registry exited"; }
+        kill -0 "$(cat "$dir/pid")" 2>/dev/null || return 1
         sleep 0.05
+    done
+    # an answer from another listener on the port would hide the registry's failed bind
+    sleep 0.1
+    kill -0 "$(cat "$dir/pid")" 2>/dev/null
+}
+
+start() {
+    local port="" watch="" fixtures=1 auth=""
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --port) port=$2; shift 2 ;;
+            --auth) auth=$2; fixtures=0; shift 2 ;;
+            --watch) watch=$2; shift 2 ;;
+            --no-fixtures) fixtures=0; shift ;;
+            *) die "unknown option $1" ;;
+        esac
+    done
+    need docker-registry docker-registry
+    # a port picked here may be taken before the registry binds it: then pick another
+    local fixed=$port attempt dir
+    for attempt in 1 2 3 4 5; do
+        [ -n "$fixed" ] || port=$(free_port)
+        if launch "$port" "$auth"; then break; fi
+        if [ -n "$fixed" ] || [ "$attempt" = 5 ] || ! grep -q "address already in use" "$dir/registry.log"; then
+            cat "$dir/registry.log" >&2
+            rm -rf "$dir"
+            die "registry exited"
+        fi
+        echo "test-registry: port $port was taken before the registry bound it; trying another" >&2
+        rm -rf "$dir"
     done
     if [ -n "$watch" ]; then
         # Stop the registry once the owner goes (tests cannot clean up after themselves).
