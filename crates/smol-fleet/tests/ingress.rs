@@ -6,6 +6,7 @@
 //! and the failure cases. The Rust cloud client (`ports`, `publish`, `url`, `endpoint`) runs
 //! against the same machine.
 
+mod child;
 #[path = "../../smolmachines/tests/common.rs"]
 mod common;
 #[path = "../../smolmachines/tests/common_registry/mod.rs"]
@@ -523,40 +524,9 @@ async fn http_sse_websockets_and_failures_through_every_ingress_form() {
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
 }
 
-/// A `smolfleet serve` child: its base URL and the key it printed (if any).
-async fn serve(home: &Path) -> (tokio::process::Child, String, Option<String>) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smolfleet"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--home"])
-        .arg(home)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .env("SMOL_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn smolfleet");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut key = None;
-    let url = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if let Some(k) = line.split_whitespace().find(|w| w.starts_with("smk_")) {
-                key = Some(k.to_string());
-            }
-            if let Some(u) = line.strip_prefix("listening on ") {
-                return u.to_string();
-            }
-        }
-        panic!("smolfleet exited before listening");
-    })
-    .await
-    .expect("smolfleet did not start");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url, key)
-}
-
 async fn restart_scenario(home: PathBuf, image: String) {
     let c = client();
-    let (mut first, base, key) = serve(&home).await;
+    let (mut first, base, key) = child::spawn(&home).await;
     let key = key.expect("the first start prints the bootstrap key");
     let r = c
         .post(format!("{base}/v1/machines"))
@@ -593,7 +563,7 @@ async fn restart_scenario(home: PathBuf, image: String) {
 
     // a killed server started again: the machine still publishes 8080, on the same host port
     first.kill().await.expect("SIGKILL the server");
-    let (mut second, base, _) = serve(&home).await;
+    let (mut second, base, _) = child::spawn(&home).await;
     let m = until_ready(&c, &base, &key, &id).await;
     assert_eq!(m["ports"][0]["port"], 8080, "{m}");
     assert_eq!(m["ports"][0]["hostPort"], host_port, "{m}");
@@ -615,7 +585,7 @@ async fn restart_scenario(home: PathBuf, image: String) {
         .unwrap();
     assert_eq!(json_ok(r, StatusCode::OK).await["state"], "stopped");
     second.kill().await.expect("SIGKILL the server");
-    let (_third, base, _) = serve(&home).await;
+    let (_third, base, _) = child::spawn(&home).await;
     let r = c
         .post(format!("{base}/v1/machines/{id}/start"))
         .bearer_auth(&key)
@@ -653,17 +623,7 @@ async fn published_ports_survive_server_restarts_running_and_stopped() {
     ))
     .await;
     // whatever happened, no detached VM outlives the test
-    let engine = smolmachines::local::LocalBackend::open_home(home.path().join("engine"));
-    for s in smolmachines::Machine::list_on(&*engine, &Default::default())
-        .await
-        .unwrap()
-    {
-        eprintln!("cleaning up machine {} ({})", s.name, s.state.as_str());
-        let m = smolmachines::Machine::open_on(&*engine, &s.name)
-            .await
-            .unwrap();
-        m.delete().await.unwrap();
-    }
+    child::delete_all(home.path()).await;
     if let Err(e) = run {
         std::panic::resume_unwind(e.into_panic());
     }

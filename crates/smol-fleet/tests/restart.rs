@@ -3,56 +3,22 @@
 //! running (a file in its memory-backed /tmp is still there, so it was not rebooted), and
 //! an exec right after the restart works. Real VMs, the test registry on 127.0.0.1.
 
+mod child;
 #[path = "../../smolmachines/tests/common.rs"]
 mod common;
 #[path = "../../smolmachines/tests/common_registry/mod.rs"]
 mod common_registry;
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::PathBuf;
 
 use reqwest::StatusCode;
 use serde_json::json;
 use support::{client, json_ok};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-/// A `smolfleet serve` child: its base URL and the key it printed (if any).
-async fn serve(home: &Path) -> (Child, String, Option<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smolfleet"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--home"])
-        .arg(home)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .env("SMOL_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn smolfleet");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut key = None;
-    let url = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.expect("read stdout") {
-            if let Some(k) = line.split_whitespace().find(|w| w.starts_with("smk_")) {
-                key = Some(k.to_string());
-            }
-            if let Some(u) = line.strip_prefix("listening on ") {
-                return u.to_string();
-            }
-        }
-        panic!("smolfleet exited before listening");
-    })
-    .await
-    .expect("smolfleet did not start");
-    // keep draining stdout so the server never blocks on it
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url, key)
-}
 
 async fn scenario(home: PathBuf, image: String) {
     let c = client();
-    let (mut first, url, key) = serve(&home).await;
+    let (mut first, url, key) = child::spawn(&home).await;
     let key = key.expect("the first start prints the bootstrap key");
     let r = c
         .post(format!("{url}/v1/machines"))
@@ -80,7 +46,7 @@ async fn scenario(home: PathBuf, image: String) {
     // the old server is gone
     assert!(c.get(format!("{url}/health")).send().await.is_err());
 
-    let (_second, url, again) = serve(&home).await;
+    let (_second, url, again) = child::spawn(&home).await;
     assert!(again.is_none(), "a restart prints no key");
     let g = c
         .get(format!("{url}/v1/machines/{id}"))
@@ -122,17 +88,7 @@ async fn a_killed_server_restarts_and_finds_its_running_machines() {
     ))
     .await;
     // whatever happened, no detached VM outlives the test
-    let engine = smolmachines::local::LocalBackend::open_home(home.path().join("engine"));
-    for s in smolmachines::Machine::list_on(&*engine, &Default::default())
-        .await
-        .unwrap()
-    {
-        eprintln!("cleaning up machine {} ({})", s.name, s.state.as_str());
-        let m = smolmachines::Machine::open_on(&*engine, &s.name)
-            .await
-            .unwrap();
-        m.delete().await.unwrap();
-    }
+    child::delete_all(home.path()).await;
     if let Err(e) = run {
         std::panic::resume_unwind(e.into_panic());
     }

@@ -27,8 +27,9 @@ pub async fn serve(home: &Path) -> Server {
     serve_with(home, None).await
 }
 
-/// Starts `smolfleet serve` over `home`, used before when `key` is its bootstrap key.
-pub async fn serve_with(home: &Path, known_key: Option<String>) -> Server {
+/// A `smolfleet serve` child over `home` on 127.0.0.1:0 (killed when dropped): its base URL
+/// and the bootstrap key it printed (a home used before prints none).
+pub async fn spawn(home: &Path) -> (Child, String, Option<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_smolfleet"))
         .args(["serve", "--listen", "127.0.0.1:0", "--home"])
         .arg(home)
@@ -38,7 +39,6 @@ pub async fn serve_with(home: &Path, known_key: Option<String>) -> Server {
         .kill_on_drop(true)
         .spawn()
         .expect("spawn smolfleet");
-    let pid = child.id().expect("smolfleet pid");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut key = None;
     let url = tokio::time::timeout(Duration::from_secs(60), async {
@@ -54,7 +54,15 @@ pub async fn serve_with(home: &Path, known_key: Option<String>) -> Server {
     })
     .await
     .expect("smolfleet did not start");
+    // keep draining stdout so the server never blocks on it
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, url, key)
+}
+
+/// Starts `smolfleet serve` over `home`, used before when `key` is its bootstrap key.
+pub async fn serve_with(home: &Path, known_key: Option<String>) -> Server {
+    let (child, url, key) = spawn(home).await;
+    let pid = child.id().expect("smolfleet pid");
     Server {
         child,
         pid,
