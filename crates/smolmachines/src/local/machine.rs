@@ -592,12 +592,12 @@ impl LocalMachine {
         };
         let outcome = match accepted {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) if e.incompatible(&name).is_some() => {
-                drop(listener);
-                self.kill_and_wait().await;
-                return Err(e.incompatible(&name).expect("checked"));
-            }
             Ok(Err(e)) => {
+                if let Some(typed) = e.incompatible(&name) {
+                    drop(listener);
+                    self.kill_and_wait().await;
+                    return Err(typed);
+                }
                 // The channel may end because the VM did: say so when it is known.
                 let exit = tokio::time::timeout(EXIT_GRACE, grace_rx.wait_for(|d| d.is_some()))
                     .await
