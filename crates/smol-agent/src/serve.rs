@@ -124,6 +124,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut greeted = host_hello.is_some();
+    // The host session this one serves: the nonce its hellos echo (0 until a host said hello).
+    let mut host_session = host_hello.as_ref().map_or(0, |h| h.session.unwrap_or(0));
     let (mux, mut incoming) = Mux::spawn_with(
         reader,
         writer,
@@ -135,15 +137,16 @@ where
     if greeted {
         log_generation(&mux);
     }
-    let hello = || Hello {
+    let hello = |session: u64| Hello {
         version: PROTOCOL_VERSION,
         software: env!("CARGO_PKG_VERSION").to_string(),
         kernel: crate::init::kernel_release(),
         uptime_ms: uptime_ms(),
         min_version: MIN_PROTOCOL_VERSION,
+        session: Some(session),
     };
     // Unasked, so a host that waits for it sees the agent as soon as the port opens ...
-    if mux.send_hello(hello()).is_err() {
+    if mux.send_hello(hello(host_session)).is_err() {
         eprintln!("smol-agent: the session closed before its hello");
     }
     let mut tasks = tokio::task::JoinSet::new();
@@ -160,13 +163,14 @@ where
                     next = Some(h);
                     break;
                 }
-                Some(Incoming::Hello(_)) => {
+                Some(Incoming::Hello(h)) => {
                     greeted = true;
+                    host_session = h.session.unwrap_or(0);
                     // ... and again as the answer to the host's: the unasked one may have gone
                     // to a connection QEMU dropped while it swapped chardevs (its own reconnect
                     // racing `chardev-change`), and a host waits for a hello before anything
                     // else. Hosts ignore hellos after the first.
-                    if mux.send_hello(hello()).is_err() {
+                    if mux.send_hello(hello(host_session)).is_err() {
                         eprintln!("smol-agent: the session closed before its answering hello");
                     }
                     log_generation(&mux);
@@ -177,13 +181,29 @@ where
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
+    // A new host's hello the reader passed on just before the channel ended is the next
+    // session's: without it that session could never echo the host's nonce.
+    while let Ok(inc) = incoming.try_recv() {
+        if let (Incoming::Hello(h), None) = (inc, &next) {
+            next = Some(h);
+        }
+    }
     // Dropping the set aborts the handlers; exec handlers kill their process groups on drop.
     drop(tasks);
-    // Stop this session's reader before the next session reads the same port: left running it
-    // would take the next host's frames.
-    mux.close("session ended");
+    // Stop this session's reader and writer before the next session uses the same port: a
+    // reader left running would take the next host's frames, a writer would mix this
+    // session's last frames into the next one's.
+    if !mux.finish(SESSION_END).await {
+        eprintln!(
+            "smol-agent: the session's writer was still blocked after {SESSION_END:?}; stopped it"
+        );
+    }
     next
 }
+
+/// How long a session that ended may take to write what it had queued (a host that no longer
+/// reads would block its writer forever).
+const SESSION_END: Duration = Duration::from_secs(1);
 
 /// Says on the console when the host is of another generation (the mux settled it with the
 /// host's hello): an older host is served in its generation, one with nothing in common
@@ -263,6 +283,7 @@ mod tests {
             kernel: String::new(),
             uptime_ms: 0,
             min_version: MIN_PROTOCOL_VERSION,
+            session: None,
         }
     }
 
@@ -274,6 +295,7 @@ mod tests {
             kernel: String::new(),
             uptime_ms: 0,
             min_version: 1,
+            session: None,
         }
     }
 
@@ -388,13 +410,45 @@ mod tests {
         tokio::spawn(session(ar, aw, None));
         let (br, bw) = tokio::io::split(b);
         let (mux, mut incoming) = Mux::spawn(br, bw);
-        // the unasked hello, taken as lost
-        assert!(matches!(incoming.recv().await, Some(Incoming::Hello(_))));
-        mux.send_hello(host_hello()).unwrap();
+        // the unasked hello, taken as lost: it belongs to no host session yet
+        match incoming.recv().await {
+            Some(Incoming::Hello(h)) => assert_eq!(h.session, Some(0)),
+            other => panic!("expected the unasked hello, got {other:?}"),
+        }
+        mux.send_hello(Hello {
+            session: Some(42),
+            ..host_hello()
+        })
+        .unwrap();
         let answer = tokio::time::timeout(std::time::Duration::from_secs(5), incoming.recv())
             .await
             .expect("no answer to the host hello");
-        assert!(matches!(answer, Some(Incoming::Hello(_))), "{answer:?}");
+        match answer {
+            Some(Incoming::Hello(h)) => assert_eq!(h.session, Some(42), "the nonce is echoed"),
+            other => panic!("expected the answering hello, got {other:?}"),
+        }
+    }
+
+    /// A session begun with the hello a previous session read (a branched clone's new host)
+    /// echoes that host's nonce in its first hello: the host waits for exactly that one, and
+    /// the previous session's reader and writer are stopped before it is sent.
+    #[tokio::test]
+    async fn a_session_handed_a_hello_echoes_its_nonce_at_once() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ar, aw) = tokio::io::split(a);
+        let handed = Hello {
+            session: Some(7),
+            ..host_hello()
+        };
+        tokio::spawn(session(ar, aw, Some(handed)));
+        let (br, bw) = tokio::io::split(b);
+        let (mux, mut incoming) = Mux::spawn(br, bw);
+        match incoming.recv().await {
+            Some(Incoming::Hello(h)) => assert_eq!(h.session, Some(7)),
+            other => panic!("expected hello, got {other:?}"),
+        }
+        let mut s = mux.open(Op::Ping).unwrap();
+        assert!(matches!(s.rx.recv().await.unwrap(), Frame::Done { .. }));
     }
 
     fn exec(argv: &[&str], timeout_ms: Option<u64>, stdin: bool) -> Op {

@@ -173,14 +173,20 @@ struct HelloV1 {
     uptime_ms: u64,
 }
 
-/// Reads a hello of any generation: the generation-1 fields, then `min_version` if the sender
-/// wrote one; bytes after the fields known here are a newer sender's appended fields.
+/// Reads a hello of any generation: the generation-1 fields, then `min_version` and `session`
+/// if the sender wrote them; bytes after the fields known here are a newer sender's appended
+/// fields.
 fn decode_hello(buf: &[u8]) -> Result<Hello, postcard::Error> {
     let (base, rest): (HelloV1, &[u8]) = postcard::take_from_bytes(buf)?;
-    let min_version = if rest.is_empty() {
-        base.version
+    let (min_version, rest) = if rest.is_empty() {
+        (base.version, rest)
     } else {
-        postcard::take_from_bytes::<u16>(rest)?.0
+        postcard::take_from_bytes::<u16>(rest)?
+    };
+    let session = if rest.is_empty() {
+        None
+    } else {
+        postcard::take_from_bytes::<Option<u64>>(rest)?.0
     };
     Ok(Hello {
         version: base.version,
@@ -188,6 +194,7 @@ fn decode_hello(buf: &[u8]) -> Result<Hello, postcard::Error> {
         kernel: base.kernel,
         uptime_ms: base.uptime_ms,
         min_version,
+        session,
     })
 }
 
@@ -376,6 +383,7 @@ mod tests {
             kernel: String::new(),
             uptime_ms: 0,
             min_version,
+            session: None,
         }
     }
 
@@ -428,7 +436,8 @@ mod tests {
     }
 
     /// A hello that says no `min_version` (generation 1, early generation 2) speaks only its
-    /// `version`; bytes after the known fields (a newer peer's) are ignored.
+    /// `version`, one without `session` knows no session nonces; bytes after the known fields
+    /// (a newer peer's) are ignored.
     #[test]
     fn hellos_of_every_generation_decode() {
         let v1 = [0x00, 0x01, 0x01, 0x78, 0x01, 0x6b, 0xac, 0x02];
@@ -436,13 +445,22 @@ mod tests {
             panic!("not a hello")
         };
         assert_eq!(h.speaks(), Generations::only(1));
-        let mut newer = v1.to_vec();
-        newer.extend([0x01, 0x55, 0x66]); // min_version 1, then fields from the future
+        assert_eq!(h.session, None);
+        let mut ranged = v1.to_vec();
+        ranged.push(0x01); // min_version 1, no session (before the field existed)
+        let Frame::Hello(h) = decode(&ranged, 1).unwrap() else {
+            panic!("not a hello")
+        };
+        assert_eq!((h.speaks(), h.session), (Generations::new(1, 1), None));
+        let mut newer = ranged.clone();
+        // session Some(7), then fields from the future
+        newer.extend([0x01, 0x07, 0x55, 0x66]);
         let Frame::Hello(h) = decode(&newer, 1).unwrap() else {
             panic!("not a hello")
         };
         assert_eq!(h.speaks(), Generations::new(1, 1));
         assert_eq!(h.uptime_ms, 300);
+        assert_eq!(h.session, Some(7));
     }
 
     #[test]

@@ -20,6 +20,7 @@ fn hello(speaks: Generations) -> Hello {
         kernel: String::new(),
         uptime_ms: 0,
         min_version: speaks.min,
+        session: None,
     }
 }
 

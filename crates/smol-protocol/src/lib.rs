@@ -87,6 +87,13 @@ pub struct Hello {
     /// Oldest protocol generation the sender speaks (equal to `version` when the peer did not
     /// say).
     pub min_version: u16,
+    /// Which host session the hello belongs to. A host's hello carries a fresh random nonce; an
+    /// agent's hello echoes the nonce of the host hello it answers (or that its session began
+    /// with), and is `Some(0)` when it has had none yet. `None`: a peer from before the field
+    /// existed. A host takes only a hello that echoes its own nonce (or `None`), so a hello and
+    /// frames of an earlier session still in flight (a branched clone's channel holds its
+    /// source's) are never taken for the new session's.
+    pub session: Option<u64>,
 }
 
 impl Hello {

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -101,6 +102,8 @@ struct Route {
 
 struct Shared {
     out: mpsc::UnboundedSender<Frame>,
+    /// The reader and writer tasks (for [`Mux::finish`]).
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     routes: Mutex<HashMap<u32, Route>>,
     next_id: AtomicU32,
     closed: watch::Sender<Option<String>>,
@@ -281,6 +284,7 @@ impl Mux {
         let (closed, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             out: out_tx,
+            tasks: Mutex::new(Vec::new()),
             routes: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             closed,
@@ -293,8 +297,11 @@ impl Mux {
             shared.negotiate(hello);
         }
         let (in_tx, in_rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(shared.clone(), writer, out_rx));
-        tokio::spawn(read_loop(shared.clone(), reader, in_tx));
+        let tasks = vec![
+            tokio::spawn(write_loop(shared.clone(), writer, out_rx)),
+            tokio::spawn(read_loop(shared.clone(), reader, in_tx)),
+        ];
+        *shared.tasks.lock().expect("tasks lock") = tasks;
         (Mux { shared }, in_rx)
     }
 
@@ -376,6 +383,30 @@ impl Mux {
     /// Ends the connection from this side: pending and future operations fail with [`Closed`].
     pub fn close(&self, reason: &str) {
         self.shared.close(reason.to_string());
+    }
+
+    /// Closes the connection and waits until its reader has stopped and its writer has written
+    /// what was queued before the close, for at most `within`; a task still running then is
+    /// aborted (false). Afterwards nothing of this mux touches the reader or the writer again,
+    /// so a successor on the same channel has it to itself.
+    pub async fn finish(&self, within: Duration) -> bool {
+        self.close("finished");
+        let tasks = std::mem::take(&mut *self.shared.tasks.lock().expect("tasks lock"));
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let all = async {
+            for t in tasks {
+                if let Err(e) = t.await {
+                    tracing::debug!(error = %e, "mux task ended abnormally");
+                }
+            }
+        };
+        if tokio::time::timeout(within, all).await.is_ok() {
+            return true;
+        }
+        for a in aborts {
+            a.abort();
+        }
+        false
     }
 
     /// Whether `other` is a handle of this same connection.
@@ -785,6 +816,7 @@ mod tests {
                 kernel: String::new(),
                 uptime_ms: 0,
                 min_version: 1,
+                session: None,
             })
             .unwrap();
         let mut s = host.open(Op::Ping).unwrap();
@@ -889,6 +921,7 @@ mod tests {
             kernel: String::new(),
             uptime_ms: 0,
             min_version: 1,
+            session: None,
         });
         assert_eq!(host.generation(), 1);
         match tokio::time::timeout(Duration::from_secs(5), s.rx.recv()).await {

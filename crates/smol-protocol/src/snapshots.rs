@@ -53,6 +53,7 @@ fn hello() -> Frame {
         kernel: "k".into(),
         uptime_ms: 300,
         min_version: 1,
+        session: None,
     })
 }
 
@@ -296,11 +297,16 @@ fn check(generation: u16, snapshot: Vec<(Frame, &'static str)>) {
         // the peer's bytes decode to the frame ...
         let back = decode(&unhex(bytes), generation).unwrap();
         assert_eq!(back, frame, "generation {generation}: {bytes} decodes");
-        // ... and the frame is written as those bytes (a hello carries `min_version` after
-        // them, which the generation's peers skip: `old_peers_read_todays_hello`)
+        // ... and the frame is written as those bytes (a hello carries `min_version` and
+        // `session`, here `01` and `00` (none), after them, which the generation's peers skip:
+        // `old_peers_read_todays_hello`)
         let ours = hex(&encode(frame.clone(), generation).unwrap());
         if matches!(frame, Frame::Hello(_)) {
-            assert_eq!(ours, format!("{bytes}01"), "generation {generation}: hello");
+            assert_eq!(
+                ours,
+                format!("{bytes}0100"),
+                "generation {generation}: hello"
+            );
         } else {
             assert_eq!(ours, bytes, "generation {generation}: {frame:?}");
         }
@@ -422,6 +428,7 @@ fn old_peers_read_todays_hello() {
         kernel: String::new(),
         uptime_ms: 0,
         min_version: MIN_PROTOCOL_VERSION,
+        session: Some(0x1234_5678_9abc_def0),
     });
     let bytes = encode(today.clone(), PROTOCOL_VERSION).unwrap();
     let old: OldFrame = postcard::from_bytes(&bytes).unwrap();

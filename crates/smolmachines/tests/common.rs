@@ -37,11 +37,54 @@ pub fn vm_assets() -> Option<assets::Assets> {
 /// [`vm_assets`]).
 pub fn engine() -> Option<(LocalBackend, tempfile::TempDir)> {
     let assets = vm_assets()?;
+    log_to_stderr();
+    deadline();
     let dir = tempfile::Builder::new()
         .prefix("smt")
         .tempdir_in("/tmp")
         .expect("tempdir");
     Some((LocalBackend::at(dir.path()).with_assets(assets), dir))
+}
+
+/// `SMOL_TEST_LOG=<filter>` (e.g. `smolmachines=debug`) logs the engine to stderr: with
+/// `--nocapture`, a hung VM test shows where it stopped.
+pub fn log_to_stderr() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        if let Ok(filter) = std::env::var("SMOL_TEST_LOG") {
+            let filter = tracing_subscriber::EnvFilter::new(filter);
+            if let Err(e) = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init()
+            {
+                eprintln!("SMOL_TEST_LOG: no logger: {e}");
+            }
+        }
+    });
+}
+
+/// Ends the test binary once it has run for `SMOL_TEST_DEADLINE` seconds (default 1200): a
+/// hang (a lost frame, a guest that never answers) then fails CI in minutes with a message
+/// instead of using up its whole time. No VM test binary comes near it when all is well.
+pub fn deadline() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let secs = std::env::var("SMOL_TEST_DEADLINE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1200);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(secs));
+            eprintln!(
+                "the VM tests of this binary ran for {secs} s (SMOL_TEST_DEADLINE): one of them \
+                 hangs. The tests still running are listed above as 'running for over 60 \
+                 seconds'; rerun one with --nocapture and SMOL_TEST_LOG=smolmachines=debug to \
+                 see where it stops. Aborting."
+            );
+            std::process::abort();
+        });
+    });
 }
 
 pub fn argv(words: &[&str]) -> Vec<String> {

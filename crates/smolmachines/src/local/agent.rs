@@ -230,19 +230,32 @@ impl AgentConn {
         let (mux, mut incoming) = Mux::spawn(r, w);
         // Our hello first: an agent still in a session with a previous host takes it as the
         // start of a new session and answers with its own. Nothing else is sent until then.
+        // A nonce for this session: the agent's answer echoes it. Anything read before that
+        // answer belongs to an earlier session (a clone's channel carries what its source's
+        // agent had in flight at the branch, hello included) and is skipped.
+        let nonce = rand::random::<u64>().max(1);
         let ours = Hello {
             version: PROTOCOL_VERSION,
             software: env!("CARGO_PKG_VERSION").to_string(),
             kernel: String::new(),
             uptime_ms: 0,
             min_version: MIN_PROTOCOL_VERSION,
+            session: Some(nonce),
         };
         if mux.send_hello(ours).is_err() {
             return Err(ConnectError::Closed);
         }
         let hello = loop {
             match incoming.recv().await {
-                Some(Incoming::Hello(h)) => break h,
+                // `None`: an agent from before sessions had nonces, which answers any hello
+                Some(Incoming::Hello(h)) if h.session.is_none_or(|s| s == nonce) => break h,
+                Some(Incoming::Hello(h)) => {
+                    tracing::debug!(
+                        session = h.session,
+                        "a hello of another session (an unasked one, or one in flight from an \
+                         earlier session); waiting for the answer to ours"
+                    );
+                }
                 Some(Incoming::Open(..)) => continue,
                 None => return Err(ConnectError::Closed),
             }

@@ -356,6 +356,10 @@ impl LocalMachine {
             ram: frozen_ram.clone(),
             shared: branchable,
         };
+        tracing::debug!(
+            pause_ms = frozen.pause.as_secs_f64() * 1e3,
+            "source frozen; starting the clone"
+        );
         clone.apply(Event::Boot, "branch")?;
         clone.inner.boots.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = clone.start_vm(Some((&restore, &state))).await {
@@ -369,12 +373,19 @@ impl LocalMachine {
         if !branchable {
             remove_file_logged(&frozen_ram);
         }
+        tracing::debug!("the clone's agent answered; giving it its identity");
         let conn = clone.conn("branch")?;
         let seed: Vec<u8> = (0..SEED_BYTES).map(|_| rand::random::<u8>()).collect();
-        if let Err(e) = conn.identity(&clone.inner.name, seed).await {
-            return Err(clone.map_err(e).await);
+        // Bounded: the clone is up and its agent answered, so this takes milliseconds; a
+        // channel that loses the answer must fail the branch, not hang it.
+        let wait = clone.inner.ready_timeout;
+        match tokio::time::timeout(wait, conn.identity(&clone.inner.name, seed)).await {
+            Ok(Ok(())) => Ok(frozen),
+            Ok(Err(e)) => Err(clone.map_err(e).await),
+            Err(_) => Err(failed(format!(
+                "the clone's agent did not confirm its new identity within {wait:?}"
+            ))),
         }
-        Ok(frozen)
     }
 
     /// The pause window: stop the source's vCPUs, save its device state and copy its RAM and

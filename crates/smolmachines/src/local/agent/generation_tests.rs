@@ -38,6 +38,7 @@ async fn fake_agent(path: std::path::PathBuf, speaks: Generations) {
         kernel: "6.1".into(),
         uptime_ms: 1,
         min_version: speaks.min,
+        session: None,
     })
     .unwrap();
     while let Some(inc) = incoming.recv().await {
@@ -201,4 +202,64 @@ async fn an_agent_older_than_the_oldest_generation_is_refused() {
     assert_eq!(typed.code(), "BOOT_FAILED");
     assert!(typed.hint().unwrap().contains("make setup"));
     assert!(ConnectError::Closed.incompatible("web").is_none());
+}
+
+/// An agent whose channel first carries what an earlier session left in flight (a branched
+/// clone's does: its source's agent had written a hello and an exit that the source's host
+/// never read), then its own unasked hello; it echoes the host's nonce only if `echo`.
+async fn agent_behind_stale_frames(path: std::path::PathBuf, echo: bool) {
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::Encoder;
+    let mut sock = UnixStream::connect(&path).await.unwrap();
+    let hello = |session| Hello {
+        version: PROTOCOL_VERSION,
+        software: "agent".into(),
+        kernel: "6.1".into(),
+        uptime_ms: 1,
+        min_version: smol_protocol::MIN_PROTOCOL_VERSION,
+        session,
+    };
+    let mut stale = bytes::BytesMut::new();
+    let mut codec = smol_protocol::codec::FrameCodec::new(PROTOCOL_VERSION);
+    for f in [
+        Frame::Hello(hello(Some(999))),
+        Frame::Exit {
+            id: 1,
+            code: 7,
+            timed_out: false,
+        },
+    ] {
+        codec.encode(f, &mut stale).unwrap();
+    }
+    sock.write_all(&stale).await.unwrap();
+    let (r, w) = sock.into_split();
+    let (mux, mut incoming) = Mux::spawn(r, w);
+    mux.send_hello(hello(Some(0))).unwrap();
+    while let Some(inc) = incoming.recv().await {
+        match inc {
+            Incoming::Hello(h) if echo => mux.send_hello(hello(h.session)).unwrap(),
+            Incoming::Hello(_) => {}
+            Incoming::Open(s, Op::Ping) => s.tx.send(Frame::Done { id: s.id() }).unwrap(),
+            Incoming::Open(_, other) => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The host takes only the hello that echoes its nonce: an earlier session's hello and exit,
+/// and the agent's unasked hello, are skipped, and the first operation (stream 1, the id of the
+/// stale exit) gets its own answer.
+#[tokio::test]
+async fn frames_of_an_earlier_session_are_skipped_until_the_nonce_is_echoed() {
+    let (_dir, sock, path) = listener();
+    tokio::spawn(agent_behind_stale_frames(path, true));
+    let conn = AgentConn::accept(&sock, DEADLINE).await.unwrap();
+    assert_eq!(conn.hello.software, "agent");
+    conn.ping()
+        .await
+        .expect("the ping is answered by this session");
+    // an agent that never echoes the nonce is never taken for this session's
+    let (_dir2, sock, path) = listener();
+    tokio::spawn(agent_behind_stale_frames(path, false));
+    let r = AgentConn::accept(&sock, Duration::from_secs(1)).await;
+    assert!(matches!(r, Err(ConnectError::Timeout(_))), "{:?}", r.err());
 }

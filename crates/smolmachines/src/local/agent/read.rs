@@ -162,6 +162,7 @@ mod tests {
             kernel: String::new(),
             uptime_ms: 0,
             min_version: MIN_PROTOCOL_VERSION,
+            session: None,
         };
         agent.send_hello(hello.clone()).unwrap();
         tokio::spawn(async move {
