@@ -585,16 +585,14 @@ impl Machine {
         .await
     }
 
-    /// [`Machine::branch`] with every option (a clone that is a branch source too).
+    /// [`Machine::branch`] with every option (a clone that is a branch source too). See also
+    /// [`Machine::branch_batch`] and [`Machine::reward_fork`].
     pub async fn branch_with(
         &self,
         name: &str,
         opts: crate::config::BranchOptions,
     ) -> Result<Machine> {
-        crate::config::validate_name(name)?;
-        if opts.ports.iter().any(|p| p.guest == 0) {
-            return Err(Error::invalid("guest ports must be 1..=65535"));
-        }
+        Self::check_branch(name, &opts)?;
         Ok(Machine {
             inner: self.inner.branch(name, &opts).await?,
         })
@@ -615,6 +613,10 @@ impl Machine {
         self.inner.delete().await
     }
 }
+
+#[path = "backend_branch.rs"]
+mod branching;
+pub use branching::{BranchBatchOptions, DEFAULT_BRANCH_PREFIX, MAX_BRANCH_BATCH};
 
 #[cfg(test)]
 #[path = "backend_tests.rs"]

@@ -197,10 +197,25 @@ async fn a_streamed_write_collects_on_a_backend_without_streaming() {
     m.delete().await.unwrap();
 }
 
+fn branchable(name: &str) -> MachineConfig {
+    MachineConfig {
+        branchable: Some(true),
+        ..named(name)
+    }
+}
+
+fn batch_of(names: &[&str]) -> BranchBatchOptions {
+    BranchBatchOptions {
+        names: argv(names),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
-async fn branch_arguments_are_checked_before_the_backend_and_pause_defaults_to_not_supported() {
+async fn branch_arguments_are_checked_before_the_backend() {
     let fake = FakeBackend::new();
-    let m = Machine::create_on(&fake, named("src")).await.unwrap();
+    let m = Machine::create_on(&fake, branchable("src")).await.unwrap();
+    let before = fake.calls().len();
     let e = m.branch("Bad Name", Vec::new()).await.unwrap_err();
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
     let e = m
@@ -214,20 +229,292 @@ async fn branch_arguments_are_checked_before_the_backend_and_pause_defaults_to_n
         .await
         .unwrap_err();
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
-    // a backend without them says so, by operation
-    let e = m.branch("c1", Vec::new()).await.unwrap_err();
-    assert!(
-        matches!(&e, Error::NotSupported { message } if message.contains("branch")),
-        "{e:?}"
-    );
-    for (e, op) in [
-        (m.pause().await.unwrap_err(), "pause"),
-        (m.resume().await.unwrap_err(), "resume"),
-    ] {
+    let fixed = vec![PortSpec {
+        host: 8080,
+        guest: 80,
+    }];
+    let bad: Vec<(BranchBatchOptions, &str)> = vec![
+        (BranchBatchOptions::default(), "requires count >= 1"),
+        (
+            BranchBatchOptions {
+                count: Some(0),
+                ..Default::default()
+            },
+            "requires count >= 1",
+        ),
+        (
+            BranchBatchOptions {
+                count: Some(65),
+                ..Default::default()
+            },
+            "1..=64",
+        ),
+        (
+            BranchBatchOptions {
+                count: Some(2),
+                name_prefix: Some("Bad Prefix".into()),
+                ..Default::default()
+            },
+            "invalid machine name",
+        ),
+        (
+            BranchBatchOptions {
+                count: Some(60),
+                name_prefix: Some("p".repeat(62)),
+                ..Default::default()
+            },
+            "invalid machine name",
+        ),
+        (batch_of(&["a", "bad name!", "c"]), "invalid machine name"),
+        (batch_of(&["a", "b", "a"]), "given twice"),
+        (
+            BranchBatchOptions {
+                names: (0..65).map(|i| format!("n{i}")).collect(),
+                ..Default::default()
+            },
+            "at most 64",
+        ),
+        (
+            BranchBatchOptions {
+                count: Some(2),
+                ports: fixed.clone(),
+                ..Default::default()
+            },
+            "host port 8080",
+        ),
+        (
+            BranchBatchOptions {
+                count: Some(1),
+                ports: vec![PortSpec { host: 0, guest: 0 }],
+                ..Default::default()
+            },
+            "guest ports",
+        ),
+    ];
+    for (opts, why) in bad {
+        let e = m.branch_batch(opts.clone()).await.unwrap_err();
         assert!(
-            matches!(&e, Error::NotSupported { message } if message.contains(op)),
-            "{e:?}"
+            matches!(&e, Error::InvalidConfig { message } if message.contains(why)),
+            "{opts:?}: {e:?}"
         );
     }
+    let invalid = |r: Result<ExecResult>| {
+        assert!(matches!(r, Err(Error::InvalidConfig { .. })), "{r:?}");
+    };
+    invalid(m.reward_fork(&[], ExecOptions::default(), None).await);
+    invalid(
+        m.reward_fork(&argv(&[""]), ExecOptions::default(), None)
+            .await,
+    );
+    invalid(
+        m.reward_fork(&argv(&["true"]), ExecOptions::default(), Some("no spaces"))
+            .await,
+    );
+    assert_eq!(fake.calls().len(), before, "{:?}", &fake.calls()[before..]);
+    // one clone may have a fixed host port
+    let one = m
+        .branch_batch(BranchBatchOptions {
+            count: Some(1),
+            ports: fixed,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one[0].ports()[0].host, 8080);
     m.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn branch_batch_names_count_and_prefix() {
+    let fake = FakeBackend::new();
+    let m = Machine::create_on(&fake, branchable("src")).await.unwrap();
+    m.write_file("/tmp/f", b"before", None).await.unwrap();
+    let three = m
+        .branch_batch(BranchBatchOptions {
+            count: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let names: Vec<&str> = three.iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["branch-1", "branch-2", "branch-3"]);
+    for c in &three {
+        assert_eq!(c.read_file("/tmp/f").await.unwrap(), b"before");
+        assert_eq!(c.state().await.unwrap(), MachineState::Running);
+    }
+    // names win over count; the prefix applies to generated names only
+    let named = m
+        .branch_batch(BranchBatchOptions {
+            count: Some(5),
+            names: argv(&["x", "y"]),
+            name_prefix: Some("ignored".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(named.len(), 2);
+    assert_eq!((named[0].name(), named[1].name()), ("x", "y"));
+    let prefixed = m
+        .branch_batch(BranchBatchOptions {
+            count: Some(2),
+            name_prefix: Some("rl".into()),
+            branchable: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(prefixed[1].name(), "rl-2");
+    // a branchable clone branches in turn, a plain one does not
+    prefixed[0].branch("rl-1-1", Vec::new()).await.unwrap();
+    let e = three[0].branch("nope", Vec::new()).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    #[allow(deprecated)]
+    {
+        let f = m.fork("forked", Vec::new()).await.unwrap();
+        assert_eq!(f.name(), "forked");
+        let fb = m.fork_batch(batch_of(&["fb-a"])).await.unwrap();
+        assert_eq!(fb[0].name(), "fb-a");
+        let e = m
+            .fork_batch(BranchBatchOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    }
+    assert_eq!(fake.names().len(), 11, "{:?}", fake.names());
+}
+
+/// A failure in the middle of a batch deletes the clones made before it (and only those: a
+/// machine that already had a clone's name stays), and returns the failure.
+#[tokio::test]
+async fn branch_batch_is_all_or_nothing() {
+    let fake = FakeBackend::new();
+    let m = Machine::create_on(&fake, branchable("src")).await.unwrap();
+    fake.fail_branch("b");
+    let e = m
+        .branch_batch(batch_of(&["a", "b", "c"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::BootFailed { .. }), "{e:?}");
+    assert_eq!(fake.names(), ["src"]);
+    let calls = fake.calls();
+    let tail: Vec<&str> = calls
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|s| s.as_str())
+        .collect();
+    assert_eq!(tail, ["branch src a", "branch src b", "delete a"]);
+    // a taken name: the clones before it go, the machine that had the name stays
+    Machine::create_on(&fake, named("branch-3")).await.unwrap();
+    let e = m
+        .branch_batch(BranchBatchOptions {
+            count: Some(4),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Conflict { .. }), "{e:?}");
+    assert_eq!(fake.names(), ["branch-3", "src"]);
+    // the first clone failing leaves nothing to delete
+    let before = fake.calls().len();
+    let e = m.branch_batch(batch_of(&["b"])).await.unwrap_err();
+    assert!(matches!(e, Error::BootFailed { .. }), "{e:?}");
+    assert_eq!(fake.calls()[before..], ["branch src b"]);
+    // a source that is not branchable: nothing is made
+    let plain = Machine::create_on(&fake, named("plain")).await.unwrap();
+    let e = plain
+        .branch_batch(batch_of(&["p1", "p2"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    assert_eq!(fake.names(), ["branch-3", "plain", "src"]);
+}
+
+#[tokio::test]
+async fn reward_fork_runs_in_a_clone_and_always_deletes_it() {
+    let fake = FakeBackend::new();
+    let m = Machine::create_on(&fake, branchable("src")).await.unwrap();
+    let r = m
+        .reward_fork(&argv(&["grade", "it"]), ExecOptions::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "grade it\n");
+    assert_eq!(fake.names(), ["src"]);
+    let calls = fake.calls();
+    let branch = calls.iter().find(|c| c.starts_with("branch ")).unwrap();
+    let clone = branch.strip_prefix("branch src ").unwrap();
+    let hex = clone.strip_prefix("src-rf-").unwrap();
+    assert!(
+        hex.len() == 8 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+        "{clone}"
+    );
+    assert!(
+        calls.contains(&format!("exec {clone} grade it")),
+        "{calls:?}"
+    );
+    assert!(calls.contains(&format!("delete {clone}")), "{calls:?}");
+    // a name of its own; a long one is cut to fit a machine name
+    m.reward_fork(&argv(&["true"]), ExecOptions::default(), Some("ep"))
+        .await
+        .unwrap();
+    let long = "l".repeat(63);
+    m.reward_fork(&argv(&["true"]), ExecOptions::default(), Some(&long))
+        .await
+        .unwrap();
+    let calls = fake.calls();
+    assert!(calls.iter().any(|c| c.starts_with("branch src ep-rf-")));
+    let cut = format!("branch src {}-rf-", "l".repeat(51));
+    assert!(calls.iter().any(|c| c.starts_with(&cut)), "{calls:?}");
+    assert_eq!(fake.names(), ["src"]);
+    // a paused source cannot branch: that error, and nothing is left
+    m.pause().await.unwrap();
+    let e = m
+        .reward_fork(&argv(&["true"]), ExecOptions::default(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    assert_eq!(fake.names(), ["src"]);
+}
+
+#[tokio::test]
+async fn pause_and_resume_on_the_fake() {
+    let fake = FakeBackend::new();
+    let m = Machine::create_on(&fake, named("p")).await.unwrap();
+    m.pause().await.unwrap();
+    assert_eq!(m.state().await.unwrap(), MachineState::Paused);
+    let e = m
+        .exec(&argv(&["true"]), ExecOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    m.resume().await.unwrap();
+    m.exec(&argv(&["true"]), ExecOptions::default())
+        .await
+        .unwrap();
+    m.stop().await.unwrap();
+    let e = m.pause().await.unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_batch_with_freeze_source_leaves_a_frozen_base() {
+    let fake = FakeBackend::new();
+    let m = Machine::create_on(&fake, branchable("base")).await.unwrap();
+    let clones = m
+        .branch_batch(BranchBatchOptions {
+            count: Some(2),
+            freeze_source: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(clones.len(), 2);
+    assert_eq!(m.state().await.unwrap(), MachineState::Frozen);
+    let e = m
+        .exec(&argv(&["true"]), ExecOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    m.branch("again", Vec::new()).await.unwrap();
 }

@@ -6,6 +6,9 @@
 //! refused bad arguments before the backend saw them, and that the seam's contracts hold
 //! (names are unique, a deleted machine is gone, `open` does not boot). Unlike the local
 //! engine it relays UDP ports, so a rule that is one backend's decision can be seen to differ.
+//! It pauses, resumes and branches (a clone copies the source's files) like the local engine's
+//! contract, and [`FakeBackend::fail_branch`] makes the branch to one name fail, so the
+//! clean-up of a failed batch can be tested.
 //! Available in this crate's tests and with the `fake` feature.
 
 use std::collections::BTreeMap;
@@ -13,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::backend::{Backend, ExecStream, MachineBackend};
 use crate::config::{
-    ExecEvent, ExecOptions, ExecResult, MachineConfig, MachineState, MachineSummary, PortEndpoint,
-    PortSpec, Target,
+    BranchOptions, ExecEvent, ExecOptions, ExecResult, MachineConfig, MachineState, MachineSummary,
+    PortEndpoint, PortSpec, Target,
 };
 use crate::error::{Error, Result};
 
@@ -29,6 +32,8 @@ struct State {
     machines: BTreeMap<String, Arc<FakeMachine>>,
     calls: Vec<String>,
     next: u32,
+    /// Clone names whose branch fails (`BootFailed`).
+    fail_branch: Vec<String>,
 }
 
 /// A machine of the [`FakeBackend`].
@@ -39,6 +44,7 @@ pub struct FakeMachine {
     state: Mutex<MachineState>,
     files: Mutex<BTreeMap<String, Vec<u8>>>,
     ports: Mutex<Vec<PortSpec>>,
+    branchable: bool,
     backend: FakeBackend,
 }
 
@@ -52,6 +58,22 @@ impl FakeBackend {
     /// `"exec m echo hi"`, ...).
     pub fn calls(&self) -> Vec<String> {
         self.inner.lock().expect("fake lock").calls.clone()
+    }
+
+    /// Makes every later branch to `name` fail with `BootFailed` (after the backend saw it),
+    /// as a clone whose boot failed would.
+    pub fn fail_branch(&self, name: &str) {
+        self.inner
+            .lock()
+            .expect("fake lock")
+            .fail_branch
+            .push(name.into());
+    }
+
+    /// The names of the machines that exist now.
+    pub fn names(&self) -> Vec<String> {
+        let st = self.inner.lock().expect("fake lock");
+        st.machines.keys().cloned().collect()
     }
 
     fn record(&self, call: String) {
@@ -93,6 +115,7 @@ impl Backend for FakeBackend {
             state: Mutex::new(MachineState::Running),
             files: Mutex::default(),
             ports: Mutex::new(config.ports.clone()),
+            branchable: config.is_branchable(),
             backend: self.clone(),
         });
         st.machines.insert(name, m.clone());
@@ -133,7 +156,7 @@ impl Backend for FakeBackend {
                 created_unix: 0,
                 storage_gb: 1,
                 ports: m.ports.lock().expect("fake lock").clone(),
-                branchable: false,
+                branchable: m.branchable,
             })
             .collect())
     }
@@ -253,6 +276,82 @@ impl MachineBackend for FakeMachine {
             .machines
             .remove(&self.name);
         Ok(())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.call("pause", "");
+        let mut st = self.state.lock().expect("fake lock");
+        match *st {
+            MachineState::Running | MachineState::Paused => {
+                *st = MachineState::Paused;
+                Ok(())
+            }
+            other => Err(Error::InvalidState {
+                name: self.name.clone(),
+                state: other.to_string(),
+                op: "pause".into(),
+            }),
+        }
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.call("resume", "");
+        let mut st = self.state.lock().expect("fake lock");
+        match *st {
+            MachineState::Running | MachineState::Paused => {
+                *st = MachineState::Running;
+                Ok(())
+            }
+            other => Err(Error::InvalidState {
+                name: self.name.clone(),
+                state: other.to_string(),
+                op: "resume".into(),
+            }),
+        }
+    }
+
+    async fn branch(&self, name: &str, opts: &BranchOptions) -> Result<Arc<dyn MachineBackend>> {
+        self.call("branch", name);
+        if *self.state.lock().expect("fake lock") != MachineState::Frozen {
+            self.running("branch")?;
+        }
+        if !self.branchable {
+            return Err(Error::InvalidState {
+                name: self.name.clone(),
+                state: "running but not branchable".into(),
+                op: "branch".into(),
+            });
+        }
+        let mut st = self.backend.inner.lock().expect("fake lock");
+        if st.fail_branch.iter().any(|n| n == name) {
+            return Err(Error::BootFailed {
+                name: name.into(),
+                reason: "the fake was told to fail this branch".into(),
+                log_tail: String::new(),
+            });
+        }
+        if st.machines.contains_key(name) {
+            return Err(Error::Conflict { name: name.into() });
+        }
+        let ports = if opts.ports.is_empty() {
+            self.ports()
+        } else {
+            opts.ports.clone()
+        };
+        let m = Arc::new(FakeMachine {
+            name: name.into(),
+            labels: self.labels.clone(),
+            state: Mutex::new(MachineState::Running),
+            files: Mutex::new(self.files.lock().expect("fake lock").clone()),
+            ports: Mutex::new(ports),
+            branchable: opts.branchable,
+            backend: self.backend.clone(),
+        });
+        st.machines.insert(name.into(), m.clone());
+        if opts.freeze_source {
+            *self.state.lock().expect("fake lock") = MachineState::Frozen;
+        }
+        Ok(m)
     }
 
     fn ports(&self) -> Vec<PortSpec> {

@@ -28,7 +28,10 @@ pub mod image;
 pub mod local;
 pub mod wire;
 
-pub use backend::{Backend, ExecStream, FileChunks, Machine, MachineBackend};
+pub use backend::{
+    Backend, BranchBatchOptions, ExecStream, FileChunks, Machine, MachineBackend,
+    DEFAULT_BRANCH_PREFIX, MAX_BRANCH_BATCH,
+};
 pub use cloud::CloudBackend;
 pub use config::{
     BranchOptions, CacheDiskRef, Capabilities, ConfigField, ConnectOptions, CredentialSpec,
