@@ -86,7 +86,7 @@ export interface MachineConfig {
   autoStopSeconds?: number;
   /** Cloud only; ignored locally (SPEC §11). */
   ttlSeconds?: number;
-  /** Start as a branch source (`branchable ?? forkable ?? checkpoint`; NotSupportedError locally for now). */
+  /** Start as a branch source, so that `branch()` can clone it (`branchable ?? forkable ?? checkpoint`). */
   branchable?: boolean;
   /** @deprecated alias of branchable. */
   forkable?: boolean;
@@ -197,7 +197,32 @@ export interface ImageInfo {
   os: string;
 }
 
-/** SPEC §3.10 */
+/** Options of `branch` (SPEC §4.8). */
+export interface BranchOptions {
+  /** The clone's published ports; absent or empty: the source's guest ports on free host ports. */
+  ports?: PortSpec[];
+  /** The clone is a branch source too. */
+  branchable?: boolean;
+  /** NotSupportedError when true: a clone cannot be checkpointed yet. */
+  checkpointable?: boolean;
+  /** The source becomes a frozen base: it can be branched again but never runs commands again. */
+  freezeSource?: boolean;
+}
+
+/** Options of `branchBatch` (SPEC §4.8): `names`, or `count` (1..64) clones `{namePrefix}-{n}`. */
+export interface BranchBatchOptions extends Omit<BranchOptions, 'checkpointable'> {
+  /** How many clones, 1..64 (ignored when `names` is given). */
+  count?: number;
+  /** The clones' names; wins over `count`. */
+  names?: string[];
+  /** Prefix of generated names (default `"branch"`): `branch-1`, `branch-2`, ... */
+  namePrefix?: string;
+  checkpointable?: boolean;
+}
+
+/** @deprecated alias of BranchBatchOptions. */
+export type ForkBatchOptions = BranchBatchOptions;
+
 /** Options of `waitUntilReady` (SPEC §4.2). */
 export interface WaitReadyOptions {
   /** Give up after this many milliseconds (default 120000): `TimeoutError`. */
@@ -212,7 +237,7 @@ export interface PortEndpoint {
   headers: Record<string, string>;
 }
 
-export type MachineState = 'created' | 'started' | 'running' | 'stopped' | 'pausing' | 'paused' | 'deleted';
+export type MachineState = 'created' | 'started' | 'running' | 'stopped' | 'pausing' | 'paused' | 'frozen' | 'deleted';
 
 /** Sizes of a listed machine (SPEC §3.10). */
 export interface MachineSizes {
@@ -310,6 +335,24 @@ export declare class Machine {
   fetch(port: number, path?: string, init?: RequestInit): Promise<Response>;
   /** The published ports. */
   ports(): PortSpec[];
+  /** Stops the vCPUs; the machine keeps its memory (state `paused`); exec rejects with InvalidStateError until `resume()`. */
+  pause(): Promise<void>;
+  /** Lets a paused machine go on where it was. */
+  resume(): Promise<void>;
+  /**
+   * A running copy-on-write clone of this running, branchable machine: its memory, processes,
+   * files and disk as of now, its own hostname (`name`). A source that is not branchable rejects
+   * with InvalidStateError.
+   */
+  branch(name: string, options?: PortSpec[] | BranchOptions): Promise<Machine>;
+  /** @deprecated alias of branch. */
+  fork(name: string, options?: PortSpec[] | BranchOptions): Promise<Machine>;
+  /** Several clones, all or nothing: a failure deletes the clones already made and rejects. */
+  branchBatch(options: BranchBatchOptions): Promise<Machine[]>;
+  /** @deprecated alias of branchBatch. */
+  forkBatch(options: BranchBatchOptions): Promise<Machine[]>;
+  /** Runs `command` in a throw-away clone `{name}-rf-{8 hex}` (name: this machine's by default), always deleted. */
+  rewardFork(command: string[], opts?: Omit<ExecOptions, 'signal'>, name?: string): Promise<ExecResult>;
 }
 
 /** Options of the error constructors. */

@@ -186,6 +186,14 @@ async function heldHandle(name, conn) {
   return h;
 }
 
+/** A clone's native handle as a Machine of this process, cleaned up on SIGINT/SIGTERM like its source. */
+function adopt(source, handle) {
+  remember(handle);
+  const m = new Machine(handle);
+  if (owned.has(source)) track(m);
+  return m;
+}
+
 class Machine {
   /** @internal Use Machine.create / Machine.connect. */
   constructor(handle) {
@@ -401,6 +409,53 @@ class Machine {
     }
     await call(() => this[kNative].delete());
     owned.delete(this);
+  }
+
+  /** Stops the vCPUs; the machine keeps its memory (state `paused`). exec then fails with INVALID_STATE. */
+  async pause() {
+    return call(() => this[kNative].pause());
+  }
+
+  /** Lets a paused machine go on where it was. */
+  async resume() {
+    return call(() => this[kNative].resume());
+  }
+
+  /**
+   * A running copy-on-write clone of this running, branchable machine (SPEC §4.8). `options` is
+   * a `PortSpec[]` or `{ports, branchable, checkpointable, freezeSource}`.
+   */
+  async branch(name, options = undefined) {
+    checkString('branch name', name);
+    const opts = Array.isArray(options) ? { ports: options } : options;
+    const json = toJson('BranchOptions', opts);
+    return adopt(this, await call(() => this[kNative].branch(name, json)));
+  }
+
+  /** @deprecated alias of branch(name, ports). */
+  async fork(name, options = undefined) {
+    return this.branch(name, options);
+  }
+
+  /** Several clones, all or nothing: `{count, names, namePrefix, ports, branchable, freezeSource}`. */
+  async branchBatch(options = {}) {
+    const json = toJson('BranchBatchOptions', options);
+    const handles = await call(() => this[kNative].branchBatch(json));
+    return handles.map((h) => adopt(this, h));
+  }
+
+  /** @deprecated alias of branchBatch. */
+  async forkBatch(options = {}) {
+    return this.branchBatch(options);
+  }
+
+  /** Runs argv in a throw-away clone `{name}-rf-{8 hex}` that is always deleted; its ExecResult. */
+  async rewardFork(command, opts = {}, name = undefined) {
+    const argv = checkArgv(command);
+    const { json, stdin, signal } = splitExecOptions(opts);
+    if (signal) throw new NotSupportedError('rewardFork() does not take an AbortSignal');
+    if (name !== undefined && name !== null) checkString('name', name);
+    return execResult(await call(() => this[kNative].rewardFork(argv, json, stdin, name ?? undefined)), argv);
   }
 
   /** URLs of a published guest port (synchronous). */

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use smolmachines::{
-    CacheDiskRef, ConnectOptions, CredentialSpec, DiskDurability, EgressInterceptor, Error,
-    ExecOptions, ExecOutput, MachineConfig, MountSpec, NetworkBackend, PortSpec, ResourceSpec,
-    Target,
+    BranchBatchOptions, BranchOptions, CacheDiskRef, ConnectOptions, CredentialSpec,
+    DiskDurability, EgressInterceptor, Error, ExecOptions, ExecOutput, MachineConfig, MountSpec,
+    NetworkBackend, PortSpec, ResourceSpec, Target,
 };
 
 type Result<T> = std::result::Result<T, Error>;
@@ -274,6 +274,80 @@ impl JsExecOptions {
     }
 }
 
+fn port_specs(ports: Option<Vec<JsPort>>) -> Vec<PortSpec> {
+    ports
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| PortSpec {
+            host: p.host,
+            guest: p.guest,
+        })
+        .collect()
+}
+
+/// `branch(name, options)` (SPEC §4.8; the JS wrapper turns a `PortSpec[]` into `{ports}`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JsBranchOptions {
+    ports: Option<Vec<JsPort>>,
+    branchable: Option<bool>,
+    checkpointable: Option<bool>,
+    freeze_source: Option<bool>,
+}
+
+/// `checkpointable: true`: the engine has no checkpoint of a clone yet, so it is refused by
+/// name rather than ignored.
+fn refuse_checkpointable(checkpointable: Option<bool>) -> Result<()> {
+    if checkpointable == Some(true) {
+        return Err(Error::NotSupported {
+            message: "branch({checkpointable: true}) is not supported yet: a clone cannot be \
+                      checkpointed"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+impl JsBranchOptions {
+    /// The core's options.
+    pub fn into_core(self) -> Result<BranchOptions> {
+        refuse_checkpointable(self.checkpointable)?;
+        Ok(BranchOptions {
+            ports: port_specs(self.ports),
+            branchable: self.branchable.unwrap_or(false),
+            freeze_source: self.freeze_source.unwrap_or(false),
+        })
+    }
+}
+
+/// `branchBatch({count, names, namePrefix, ports, branchable, freezeSource})` (SPEC §4.8).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JsBranchBatchOptions {
+    count: Option<usize>,
+    names: Option<Vec<String>>,
+    name_prefix: Option<String>,
+    ports: Option<Vec<JsPort>>,
+    branchable: Option<bool>,
+    checkpointable: Option<bool>,
+    freeze_source: Option<bool>,
+}
+
+impl JsBranchBatchOptions {
+    /// The core's options (the core checks count, names and prefix).
+    pub fn into_core(self) -> Result<BranchBatchOptions> {
+        refuse_checkpointable(self.checkpointable)?;
+        Ok(BranchBatchOptions {
+            count: self.count,
+            names: self.names.unwrap_or_default(),
+            name_prefix: self.name_prefix,
+            ports: port_specs(self.ports),
+            branchable: self.branchable.unwrap_or(false),
+            freeze_source: self.freeze_source.unwrap_or(false),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,5 +519,36 @@ mod tests {
             .into_core(None)
             .unwrap();
         assert_eq!(o.timeout, Some(smolmachines::MAX_WAIT));
+    }
+
+    #[test]
+    fn branch_options_shapes() {
+        let o = parse::<JsBranchOptions>(
+            "o",
+            r#"{"ports":[{"host":0,"guest":80}],"branchable":true}"#,
+        )
+        .unwrap()
+        .into_core()
+        .unwrap();
+        assert_eq!(
+            (o.ports[0].guest, o.branchable, o.freeze_source),
+            (80, true, false)
+        );
+        let e = parse::<JsBranchOptions>("o", r#"{"checkpointable":true}"#)
+            .unwrap()
+            .into_core()
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::NotSupported { message } if message.contains("checkpointable"))
+        );
+        assert!(parse::<JsBranchOptions>("o", r#"{"bogus":1}"#).is_err());
+        let b = parse::<JsBranchBatchOptions>("o", r#"{"count":3,"namePrefix":"rl"}"#)
+            .unwrap()
+            .into_core()
+            .unwrap();
+        assert_eq!(b.clone_names().unwrap(), ["rl-1", "rl-2", "rl-3"]);
+        for bad in [r#"{"count":-1}"#, r#"{"count":1.5}"#, r#"{"names":"a"}"#] {
+            assert!(parse::<JsBranchBatchOptions>("o", bad).is_err(), "{bad}");
+        }
     }
 }

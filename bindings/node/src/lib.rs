@@ -20,7 +20,7 @@ mod errors;
 mod log;
 mod stream;
 
-use config::{parse, JsConfig, JsConnect, JsExecOptions};
+use config::{parse, JsBranchBatchOptions, JsBranchOptions, JsConfig, JsConnect, JsExecOptions};
 pub use errors::error_from_problem;
 use errors::to_js;
 pub use stream::NativeExecStream;
@@ -440,6 +440,55 @@ impl NativeMachine {
     #[napi]
     pub async fn delete(&self) -> Result<()> {
         self.m().delete().await.map_err(to_js)
+    }
+
+    #[napi]
+    pub async fn pause(&self) -> Result<()> {
+        self.m().pause().await.map_err(to_js)
+    }
+
+    #[napi]
+    pub async fn resume(&self) -> Result<()> {
+        self.m().resume().await.map_err(to_js)
+    }
+
+    /// A running clone (SPEC §4.8 `branch`); `opts` is the JSON of `{ports, branchable,
+    /// checkpointable, freezeSource}`.
+    #[napi]
+    pub async fn branch(&self, name: String, opts: String) -> Result<NativeMachine> {
+        let opts = parse::<JsBranchOptions>("branch options", &opts)
+            .and_then(JsBranchOptions::into_core)
+            .map_err(to_js)?;
+        let m = self.m().branch_with(&name, opts).await.map_err(to_js)?;
+        Ok(NativeMachine::new(m))
+    }
+
+    /// Several clones, all or nothing (SPEC §4.8 `branchBatch`).
+    #[napi]
+    pub async fn branch_batch(&self, opts: String) -> Result<Vec<NativeMachine>> {
+        let opts = parse::<JsBranchBatchOptions>("branchBatch options", &opts)
+            .and_then(JsBranchBatchOptions::into_core)
+            .map_err(to_js)?;
+        let clones = self.m().branch_batch(opts).await.map_err(to_js)?;
+        Ok(clones.into_iter().map(NativeMachine::new).collect())
+    }
+
+    /// Runs `argv` in a throw-away clone, always deleted (SPEC §4.8 `rewardFork`).
+    #[napi]
+    pub async fn reward_fork(
+        &self,
+        argv: Vec<String>,
+        opts: String,
+        stdin: Option<Buffer>,
+        name: Option<String>,
+    ) -> Result<NativeExecResult> {
+        let opts = exec_opts(&opts, stdin)?;
+        let r = self
+            .m()
+            .reward_fork(&argv, opts, name.as_deref())
+            .await
+            .map_err(to_js)?;
+        Ok(r.into())
     }
 
     #[napi]
