@@ -563,6 +563,9 @@ pub enum MachineState {
     Deleted,
     /// VM paused (`pause()`): its vCPUs are stopped, it keeps its memory; `resume()` goes on.
     Paused,
+    /// A frozen branch base (`branch(.., freeze_source)`): its memory, device state and disk
+    /// as of its last branch are kept and it can be branched again, but it never runs again.
+    Frozen,
 }
 
 impl MachineState {
@@ -574,6 +577,7 @@ impl MachineState {
             MachineState::Stopped => "stopped",
             MachineState::Deleted => "deleted",
             MachineState::Paused => "paused",
+            MachineState::Frozen => "frozen",
         }
     }
 }
@@ -587,6 +591,7 @@ impl std::str::FromStr for MachineState {
             "stopped" => Ok(MachineState::Stopped),
             "deleted" => Ok(MachineState::Deleted),
             "paused" => Ok(MachineState::Paused),
+            "frozen" => Ok(MachineState::Frozen),
             other => Err(Error::invalid(format!("unknown machine state {other:?}"))),
         }
     }
@@ -606,6 +611,10 @@ pub struct BranchOptions {
     pub ports: Vec<PortSpec>,
     /// The clone is a branch source too (its RAM in a file of its own).
     pub branchable: bool,
+    /// The source becomes a frozen base (state `frozen`): it does not go on after the
+    /// branch, never runs commands again, and can be branched again and again from the same
+    /// instant. Its VMM ends; its memory and disk stay, as files.
+    pub freeze_source: bool,
 }
 
 /// Where a published port is reached (SPEC §3.10).

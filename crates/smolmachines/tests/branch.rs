@@ -400,11 +400,18 @@ async fn a_source_with_mounts_is_refused_at_branch_time() {
     assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
     assert!(e.to_string().contains("mounts"), "{e}");
     m.delete().await.unwrap();
+    // virtiofsd (its path has "qemu" in it) is reaped in the background: give it a moment
+    for _ in 0..100 {
+        if qemu_processes_in(dir.path()) == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(qemu_processes_in(dir.path()), 0);
 }
 
 #[tokio::test]
-async fn clones_of_clones_and_four_at_once() {
+async fn clones_of_clones_and_sixteen_at_once() {
     let Some((engine, dir)) = engine() else {
         return;
     };
@@ -448,23 +455,134 @@ async fn clones_of_clones_and_four_at_once() {
     );
     g2.delete().await.unwrap();
 
-    // four clones asked for at once, all running together
+    // sixteen clones asked for at once, all running together
     let src = source(&engine, "many").await;
     out(&src, "echo shared > /tmp/s").await;
-    let names = ["m1", "m2", "m3", "m4"];
+    let names: Vec<String> = (1..=16).map(|i| format!("m{i}")).collect();
     let opts = BranchOptions::default();
     let made = futures::future::join_all(names.iter().map(|n| src.branch_machine(n, &opts))).await;
     let clones: Vec<LocalMachine> = made.into_iter().map(|r| r.unwrap().0).collect();
     let mut seen = std::collections::BTreeSet::new();
-    for (m, n) in clones.iter().zip(names) {
+    for (m, n) in clones.iter().zip(&names) {
         assert_eq!(out(m, "cat /tmp/s; hostname").await, format!("shared\n{n}"));
         seen.insert(out(m, "head -c 16 /dev/urandom | od -An -tx1").await);
     }
-    assert_eq!(seen.len(), 4, "clones shared random bytes: {seen:?}");
-    assert_eq!(qemu_processes_in(dir.path()), 5);
+    assert_eq!(seen.len(), 16, "clones shared random bytes: {seen:?}");
+    assert_eq!(qemu_processes_in(dir.path()), 17);
     for m in clones {
         m.delete().await.unwrap();
     }
     src.delete().await.unwrap();
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
+
+/// `freeze_source`: the source becomes a frozen base (no VMM, state `frozen`, no commands, no
+/// resume or start), and every later branch of it starts from the same instant.
+#[tokio::test]
+async fn a_frozen_source_is_a_base_for_clones_of_one_instant() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "fsrc").await;
+    out(
+        &src,
+        "echo base > /tmp/mark && mkdir -p /data && echo disk > /data/mark && sync",
+    )
+    .await;
+    let freeze = BranchOptions {
+        freeze_source: true,
+        ..Default::default()
+    };
+    let (a, _) = src.branch_machine("fa", &freeze).await.unwrap();
+    let handle = Machine::from_backend(Arc::new(src.clone()));
+    assert_eq!(handle.state().await.unwrap(), MachineState::Frozen);
+    assert!(
+        !src.pid()
+            .is_some_and(smolmachines::local::record::pid_alive),
+        "a frozen base has no VMM"
+    );
+    let e = src
+        .exec(&common::sh("true"), &ExecOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_state(&e), Some("frozen"), "{e:?}");
+    for e in [
+        handle.resume().await.unwrap_err(),
+        handle.start().await.unwrap_err(),
+        handle.pause().await.unwrap_err(),
+    ] {
+        assert_eq!(invalid_state(&e), Some("frozen"), "{e:?}");
+    }
+    handle
+        .stop()
+        .await
+        .expect("stopping a frozen base is a no-op");
+    // the first clone goes on from the freeze and changes its copy
+    assert_eq!(out(&a, "cat /tmp/mark /data/mark").await, "base\ndisk");
+    out(&a, "echo a > /tmp/mark && echo a > /data/mark && sync").await;
+    // a later clone starts from the frozen instant, not from the first clone
+    let (b, report) = src
+        .branch_machine("fb", &BranchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        report.pause,
+        std::time::Duration::ZERO,
+        "a base has no vCPUs to stop"
+    );
+    assert_eq!(
+        out(
+            &b,
+            "echo 3 > /proc/sys/vm/drop_caches; cat /tmp/mark /data/mark; hostname"
+        )
+        .await,
+        "base\ndisk\nfb"
+    );
+    let read = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    assert_ne!(out(&a, read).await, out(&b, read).await);
+    // the base is frozen for other handles too, and connect leaves it so
+    let listed = engine.list_machines(&Default::default()).await.unwrap();
+    let fsrc = listed.iter().find(|m| m.name == "fsrc").expect("listed");
+    assert_eq!(fsrc.state, MachineState::Frozen);
+    assert_eq!(qemu_processes_in(dir.path()), 2);
+    // the base goes; its clones keep working
+    handle.delete().await.unwrap();
+    assert_eq!(out(&b, "cat /tmp/mark").await, "base");
+    assert_eq!(out(&a, "cat /tmp/mark").await, "a");
+    for m in [a, b] {
+        m.delete().await.unwrap();
+    }
+    assert_eq!(qemu_processes_in(dir.path()), 0);
+}
+
+/// A clone whose VMM is killed is a machine that died: its operations fail with a typed
+/// error, its siblings and its source go on.
+#[tokio::test]
+async fn a_killed_clone_leaves_its_siblings_and_source_running() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "ksrc").await;
+    out(&src, "echo k > /tmp/k").await;
+    let a = branch(&src, "ka").await;
+    let b = branch(&src, "kb").await;
+    let pid = a.pid().expect("the clone has a VMM");
+    // SAFETY: signals a process this test's engine started; no memory involved.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let mut gone = false;
+    for _ in 0..200 {
+        if a.state().await.unwrap() == MachineState::Stopped {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the killed clone is not seen as stopped");
+    assert_eq!(out(&b, "cat /tmp/k; hostname").await, "k\nkb");
+    assert_eq!(out(&src, "cat /tmp/k; hostname").await, "k\nksrc");
+    assert_eq!(qemu_processes_in(dir.path()), 2);
+    for m in [a, b, src] {
+        m.delete().await.unwrap();
+    }
     assert_eq!(qemu_processes_in(dir.path()), 0);
 }

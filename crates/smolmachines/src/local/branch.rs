@@ -27,6 +27,12 @@
 //! the source or a sibling leaves a clone working, and clones of clones work. The bottom of
 //! every chain is the shared ext4 template, which is never removed.
 //!
+//! *Frozen base* (`BranchOptions.freeze_source`): the source's vCPUs are not resumed; its
+//! device state is kept as `frozen.state`, its RAM file renamed `frozen.ram`, its VMM ended,
+//! its record marked `frozen` (phase `Frozen`). A branch of a base copies those two files and
+//! hard-links the base's disk (no VMM writes it any more) as the clone's frozen layer: no
+//! pause window, and every clone starts from the same instant.
+//!
 //! Not branchable: a stopped or paused source (`InvalidState` naming its state), one created
 //! without `branchable` (`InvalidState` "not branchable"), one with mounts (`InvalidConfig`:
 //! virtio-fs shares block migration). Commands running in the source at the branch instant
@@ -51,6 +57,10 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BANDWIDTH: u64 = 10 << 30;
 /// Name of the saved device state in the clone's run directory.
 const STATE_FILE: &str = "branch.state";
+/// A frozen base's device state, in its run directory.
+const BASE_STATE: &str = "frozen.state";
+/// A frozen base's RAM, in its RAM directory.
+const BASE_RAM: &str = "frozen.ram";
 /// Bytes of host randomness a clone's RNG is reseeded with.
 const SEED_BYTES: usize = 32;
 
@@ -170,17 +180,18 @@ impl LocalMachine {
         let started = Instant::now();
         crate::config::validate_name(name)?;
         let _one_at_a_time = self.inner.lifecycle.lock().await;
-        if self.phase() != Phase::Running {
-            return Err(self.invalid_state("branch"));
-        }
+        let frozen = match self.phase() {
+            Phase::Running => false,
+            Phase::Frozen => true,
+            _ => return Err(self.invalid_state("branch")),
+        };
         let source = self.record();
-        let Some(src_ram) = self
-            .inner
-            .spec
-            .ram_file
-            .clone()
-            .filter(|_| source.branchable)
-        else {
+        let src_ram = if frozen {
+            Some(self.inner.ram_dir().join(BASE_RAM))
+        } else {
+            self.inner.spec.ram_file.clone()
+        };
+        let Some(src_ram) = src_ram.filter(|_| source.branchable) else {
             return Err(Error::InvalidState {
                 name: self.inner.name.clone(),
                 state: "running but not branchable (create it with branchable: true)".into(),
@@ -220,6 +231,7 @@ impl LocalMachine {
             owner: Some(ProcId::current()),
             booted: false,
             branchable: opts.branchable,
+            frozen: false,
             ..source.clone()
         };
         let rec = record.clone();
@@ -282,7 +294,7 @@ impl LocalMachine {
             engine: self.inner.engine.clone(),
             phase: Phase::Creating,
         });
-        match self.make_clone(&clone, &src_ram, opts.branchable).await {
+        match self.make_clone(&clone, &src_ram, opts).await {
             Ok(frozen) => {
                 clone.serve_ports(listeners);
                 slot.set(&clone);
@@ -316,8 +328,9 @@ impl LocalMachine {
         &self,
         clone: &LocalMachine,
         src_ram: &Path,
-        branchable: bool,
+        opts: &BranchOptions,
     ) -> Result<Frozen> {
+        let branchable = opts.branchable;
         let cname = clone.inner.name.clone();
         let failed = |reason: String| Error::BootFailed {
             name: cname.clone(),
@@ -339,10 +352,25 @@ impl LocalMachine {
             .disk
             .clone()
             .ok_or_else(|| failed("the source has no disk".into()))?;
-        let frozen = self
-            .freeze(src_ram, &frozen_ram, &src_disk, &chome.join(&layer), &state)
+        let frozen = if self.phase() == Phase::Frozen {
+            self.copy_base(src_ram, &frozen_ram, &src_disk, &chome.join(&layer), &state)
+                .await
+        } else {
+            let keep = opts.freeze_source;
+            self.freeze(
+                src_ram,
+                &frozen_ram,
+                &src_disk,
+                &chome.join(&layer),
+                &state,
+                keep,
+            )
             .await
-            .map_err(failed)?;
+        }
+        .map_err(failed)?;
+        if opts.freeze_source && self.phase() == Phase::Running {
+            self.become_base(src_ram, &state).await?;
+        }
         // the clone's disk: its own overlay over the frozen layer, every layer below linked in
         let below = layers(&self.inner.home_dir)
             .map_err(|e| failed(format!("listing the source's disk layers: {e}")))?;
@@ -389,7 +417,8 @@ impl LocalMachine {
     }
 
     /// The pause window: stop the source's vCPUs, save its device state and copy its RAM and
-    /// disk layer in parallel, let it go on. The source runs again whatever happened.
+    /// disk layer in parallel, let it go on. The source runs again whatever happened, unless
+    /// `keep` (it is to become a frozen base) and everything was saved.
     async fn freeze(
         &self,
         src_ram: &Path,
@@ -397,6 +426,7 @@ impl LocalMachine {
         src_disk: &Path,
         disk_to: &Path,
         state: &Path,
+        keep: bool,
     ) -> std::result::Result<Frozen, String> {
         let mut qmp = Qmp::connect(&self.inner.spec.qmp_socket())
             .await
@@ -425,6 +455,13 @@ impl LocalMachine {
             copy_blocking(src_ram.to_path_buf(), ram_to.to_path_buf()),
             copy_blocking(src_disk.to_path_buf(), disk_to.to_path_buf()),
         );
+        if keep && saved.is_ok() && ram.is_ok() && disk.is_ok() {
+            return Ok(Frozen {
+                pause: t0.elapsed(),
+                ram_bytes: ram?,
+                disk_bytes: disk?,
+            });
+        }
         let cont = qmp.execute("cont", None).await;
         let pause = t0.elapsed();
         if let Err(e) = cont {
@@ -439,6 +476,71 @@ impl LocalMachine {
             ram_bytes: ram?,
             disk_bytes: disk?,
         })
+    }
+
+    /// A branch of a frozen base: its saved device state and RAM are copied, its disk (which
+    /// no VMM writes any more) is linked as the clone's frozen layer. The base does not change.
+    async fn copy_base(
+        &self,
+        base_ram: &Path,
+        ram_to: &Path,
+        base_disk: &Path,
+        disk_to: &Path,
+        state: &Path,
+    ) -> std::result::Result<Frozen, String> {
+        let base_state = self.inner.spec.dir.join(BASE_STATE);
+        tokio::fs::copy(&base_state, state)
+            .await
+            .map_err(|e| format!("copying {}: {e}", base_state.display()))?;
+        std::fs::hard_link(base_disk, disk_to).map_err(|e| {
+            format!(
+                "linking {} to {}: {e}",
+                base_disk.display(),
+                disk_to.display()
+            )
+        })?;
+        let ram_bytes = copy_blocking(base_ram.to_path_buf(), ram_to.to_path_buf()).await?;
+        Ok(Frozen {
+            pause: Duration::ZERO,
+            ram_bytes,
+            disk_bytes: 0,
+        })
+    }
+
+    /// After a branch with `freeze_source` (the source's vCPUs still stopped): the source
+    /// becomes a frozen base. Its device state (the clone's copy of it) and its RAM file are
+    /// kept under the base's names, its VMM is ended, and its record says `frozen`, so it
+    /// stays one across processes.
+    async fn become_base(&self, ram: &Path, state: &Path) -> Result<()> {
+        let base_state = self.inner.spec.dir.join(BASE_STATE);
+        let base_ram = self.inner.ram_dir().join(BASE_RAM);
+        let kept = async {
+            tokio::fs::copy(state, &base_state)
+                .await
+                .map_err(|e| Error::io(format!("keeping {}", base_state.display()), e))?;
+            // the VMM only maps the file: renamed, it is the base's, and the VMM's exit
+            // leaves it
+            tokio::fs::rename(ram, &base_ram)
+                .await
+                .map_err(|e| Error::io(format!("keeping {}", base_ram.display()), e))
+        }
+        .await;
+        if let Err(e) = kept {
+            // not a base after all: the source goes on as it was
+            remove_file_logged(&base_state);
+            if let Err(c) = self
+                .qmp_command("cont", "resume after a failed freeze")
+                .await
+            {
+                tracing::error!(error = %c, "the source stays paused after a failed freeze");
+            }
+            return Err(e);
+        }
+        self.apply(Event::Freeze, "branch")?;
+        self.save_record(|r| r.frozen = true).await;
+        self.kill_and_wait().await;
+        tracing::info!("frozen: a branch base from now on");
+        Ok(())
     }
 
     /// A clone's VMM is up with `-incoming defer`: load the saved device state and let it run.

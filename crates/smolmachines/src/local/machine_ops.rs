@@ -128,7 +128,9 @@ impl MachineBackend for LocalMachine {
                 Self::note(&self.inner, Event::BootFailed);
                 self.boot().await
             }
-            Phase::Stopping | Phase::Deleting | Phase::Deleted => Err(self.invalid_state("start")),
+            Phase::Stopping | Phase::Frozen | Phase::Deleting | Phase::Deleted => {
+                Err(self.invalid_state("start"))
+            }
         }
     }
 
@@ -137,7 +139,8 @@ impl MachineBackend for LocalMachine {
         let _one_at_a_time = self.inner.lifecycle.lock().await;
         match self.phase() {
             Phase::Deleting | Phase::Deleted => return Err(self.invalid_state("stop")),
-            Phase::Creating | Phase::Stopped | Phase::Failed => return Ok(()),
+            // a frozen base has no VM to stop
+            Phase::Creating | Phase::Stopped | Phase::Failed | Phase::Frozen => return Ok(()),
             // a stop whose caller gave up carries on here
             Phase::Stopping => {}
             Phase::Running | Phase::Paused | Phase::Booting => {

@@ -552,6 +552,7 @@ impl LocalBackend {
             image,
             workload,
             branchable: config.is_branchable(),
+            frozen: false,
         };
         // Reserves the name: of two processes creating it, one wins. A name whose owner died
         // is reaped and tried once more.
@@ -677,6 +678,9 @@ impl LocalBackend {
         let n = name.to_string();
         let record = db.call(move |db| db.get(&n)).await?.ok_or_else(not_found)?;
         let vmm = record.vmm.filter(|v| v.alive());
+        // a frozen branch base never boots: `connect` leaves it as it is (SPEC §4.1)
+        let frozen = record.frozen;
+        let boot = boot && !frozen;
         let listeners = if vmm.is_some() || boot {
             ports::bind(&record.ports).await?
         } else {
@@ -693,7 +697,11 @@ impl LocalBackend {
             owned: false,
             lock,
             engine: self.shared.clone(),
-            phase: Phase::Stopped,
+            phase: if frozen {
+                Phase::Frozen
+            } else {
+                Phase::Stopped
+            },
         });
         match vmm {
             Some(v) => machine.attach(v).await?,
@@ -741,7 +749,9 @@ impl LocalBackend {
                 MachineSummary {
                     id: r.name.clone(),
                     branchable: r.branchable,
-                    state: if vmm.is_some() {
+                    state: if r.frozen {
+                        MachineState::Frozen
+                    } else if vmm.is_some() {
                         MachineState::Running
                     } else if r.booted {
                         MachineState::Stopped

@@ -7,6 +7,7 @@
 //!                   BootFailed          Pause Resume                              Boot
 //!                        ▼                 ▼  │                                    ▼
 //!                      Failed ──Boot──►  Paused                                 Booting
+//!  Running ──Freeze──► Frozen (a branch base: no VM; Exited keeps it, only Delete leaves it)
 //!  (any but Deleted) ──Delete──► Deleting ──Removed──► Deleted
 //!  Running / Paused / Stopping ──Exited (the VMM ended)──► Stopped
 //! ```
@@ -29,6 +30,9 @@ pub enum Phase {
     Running,
     /// The VM is paused (`pause()`): vCPUs stopped, memory kept.
     Paused,
+    /// A frozen branch base: no VM, its RAM, device state and disk kept as files; it can be
+    /// branched, never booted again.
+    Frozen,
     /// A stop is under way.
     Stopping,
     /// No VM runs (stopped, powered off, crashed or killed).
@@ -60,6 +64,8 @@ pub enum Event {
     Pause,
     /// Resume a paused VM.
     Resume,
+    /// A branch with `freeze_source` made this machine a frozen base.
+    Freeze,
     /// A delete begins.
     Delete,
     /// Everything of the machine is removed.
@@ -94,6 +100,9 @@ impl Phase {
                 E::Exited,
             ) => p,
             (P::Running, E::Pause) => P::Paused,
+            (P::Running | P::Frozen, E::Freeze) => P::Frozen,
+            // the freeze ends the VMM
+            (P::Frozen, E::Exited) => P::Frozen,
             (P::Paused, E::Resume) => P::Running,
             (p, E::Delete) if p != P::Deleted => P::Deleting,
             (P::Deleting, E::Removed) => P::Deleted,
@@ -114,6 +123,7 @@ impl Phase {
             Phase::Creating => MachineState::Created,
             Phase::Booting | Phase::Stopped | Phase::Failed => idle,
             Phase::Paused => MachineState::Paused,
+            Phase::Frozen => MachineState::Frozen,
             // a stopping VM still exists; MachineState has no word for it
             Phase::Running | Phase::Stopping => MachineState::Running,
             Phase::Deleting | Phase::Deleted => MachineState::Deleted,
@@ -127,6 +137,7 @@ impl Phase {
             Phase::Booting => "booting",
             Phase::Running => "running",
             Phase::Paused => "paused",
+            Phase::Frozen => "frozen",
             Phase::Stopping => "stopping",
             Phase::Stopped => "stopped",
             Phase::Failed => "failed",
@@ -148,11 +159,12 @@ mod tests {
     use Event as E;
     use Phase as P;
 
-    const ALL: [Phase; 9] = [
+    const ALL: [Phase; 10] = [
         P::Creating,
         P::Booting,
         P::Running,
         P::Paused,
+        P::Frozen,
         P::Stopping,
         P::Stopped,
         P::Failed,
@@ -253,5 +265,19 @@ mod tests {
         assert_eq!(P::Paused.public(true), MachineState::Paused);
         assert_eq!(P::Deleting.public(true), MachineState::Deleted);
         assert_eq!(P::Deleted.public(false), MachineState::Deleted);
+    }
+
+    #[test]
+    fn a_frozen_base_is_only_branched_or_deleted() {
+        assert_eq!(P::Running.on(E::Freeze), Ok(P::Frozen));
+        assert_eq!(P::Frozen.on(E::Freeze), Ok(P::Frozen));
+        assert_eq!(P::Frozen.on(E::Exited), Ok(P::Frozen));
+        assert_eq!(P::Frozen.on(E::Delete), Ok(P::Deleting));
+        for e in [E::Boot, E::Stop, E::Pause, E::Resume, E::Booted] {
+            assert!(P::Frozen.on(e).is_err(), "{e:?}");
+        }
+        assert!(P::Paused.on(E::Freeze).is_err());
+        assert_eq!(P::Frozen.public(true), MachineState::Frozen);
+        assert_eq!(P::Frozen.as_str(), "frozen");
     }
 }

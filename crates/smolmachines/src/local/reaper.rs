@@ -149,6 +149,7 @@ mod tests {
             image: None,
             workload: None,
             branchable: false,
+            frozen: false,
         }
     }
 

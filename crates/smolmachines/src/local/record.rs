@@ -122,6 +122,9 @@ pub struct Record {
     /// A branch source: its RAM lives in a file (`MachineConfig.branchable`).
     #[serde(default)]
     pub branchable: bool,
+    /// A frozen branch base (`BranchOptions.freeze_source`): never booted again.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 /// The image workload (`Entrypoint` + `Cmd`, or `MachineConfig.command`) of a machine.

@@ -305,6 +305,7 @@ mod tests {
             image: None,
             workload: None,
             branchable: false,
+            frozen: false,
         }
     }
 

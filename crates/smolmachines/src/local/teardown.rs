@@ -52,8 +52,14 @@ pub(super) fn end_children(mut children: Vec<std::process::Child>) {
         return;
     }
     for c in &mut children {
-        if let Err(e) = c.kill() {
-            tracing::debug!(pid = c.id(), error = %e, "helper already gone");
+        // Helpers lead their own session (setsid), so the group is the helper and whatever it
+        // forked (virtiofsd's sandboxed child): all of it goes at once.
+        // SAFETY: signals the process group of a child we started; no memory involved.
+        let group = unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+        if group != 0 {
+            if let Err(e) = c.kill() {
+                tracing::debug!(pid = c.id(), error = %e, "helper already gone");
+            }
         }
     }
     let reap = move || {
