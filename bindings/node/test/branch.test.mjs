@@ -122,3 +122,18 @@ test('rewardFork runs the grader in a throw-away clone and leaves no machine beh
     assert.deepEqual([...(await names())].filter((n) => n.includes('-rf-')), []);
   });
 });
+
+test('freezeSource leaves a frozen base that branches again', async () => {
+  await withSource(async (src) => {
+    await sh(src, 'echo base > /tmp/base');
+    const clones = [await src.branch(uniqueName('fz'), { freezeSource: true })];
+    try {
+      assert.equal(await src.state(), 'frozen');
+      await assert.rejects(src.exec(['true']), (e) => e instanceof InvalidStateError && /frozen/.test(e.message));
+      clones.push(...(await src.branchBatch({ count: 2, namePrefix: uniqueName('fz') })));
+      for (const c of clones) assert.equal(await sh(c, 'cat /tmp/base'), 'base\n');
+    } finally {
+      for (const c of clones) await c.delete();
+    }
+  });
+});

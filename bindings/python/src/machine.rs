@@ -132,6 +132,14 @@ fn exec_out(py: Python<'_>, r: core::ExecResult) -> ExecOut<'_> {
     )
 }
 
+/// `[(host, guest)]` from Python as the core's ports.
+fn port_specs(ports: Vec<(u16, u16)>) -> Vec<core::PortSpec> {
+    ports
+        .into_iter()
+        .map(|(host, guest)| core::PortSpec { host, guest })
+        .collect()
+}
+
 fn image_out(i: core::ImageInfo) -> ImageOut {
     (i.reference, i.digest, i.size, i.architecture, i.os)
 }
@@ -544,6 +552,98 @@ impl Machine {
 
     fn delete(&self, py: Python<'_>) -> PyResult<()> {
         block(py, None, self.inner.delete())
+    }
+
+    /// Stops the vCPUs; the machine keeps its memory (state "paused").
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        block(py, None, self.inner.pause())
+    }
+
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        block(py, None, self.inner.resume())
+    }
+
+    /// A running clone of this running, branchable machine; `ports` are `[(host, guest)]`
+    /// (empty: the source's guest ports on free host ports).
+    #[pyo3(signature = (name, ports=Vec::new(), *, branchable=false, freeze_source=false))]
+    fn branch(
+        &self,
+        py: Python<'_>,
+        name: String,
+        ports: Vec<(u16, u16)>,
+        branchable: bool,
+        freeze_source: bool,
+    ) -> PyResult<Self> {
+        let opts = core::BranchOptions {
+            ports: port_specs(ports),
+            branchable,
+            freeze_source,
+        };
+        let inner = block(py, None, self.inner.branch_with(&name, opts))?;
+        Ok(Self { inner })
+    }
+
+    /// Several clones, all or nothing (SPEC §4.8 `branch_batch`).
+    #[pyo3(signature = (count=None, *, names=Vec::new(), name_prefix=None, ports=Vec::new(),
+        branchable=false, freeze_source=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn branch_batch(
+        &self,
+        py: Python<'_>,
+        count: Option<usize>,
+        names: Vec<String>,
+        name_prefix: Option<String>,
+        ports: Vec<(u16, u16)>,
+        branchable: bool,
+        freeze_source: bool,
+    ) -> PyResult<Vec<Self>> {
+        let opts = core::BranchBatchOptions {
+            count,
+            names,
+            name_prefix,
+            ports: port_specs(ports),
+            branchable,
+            freeze_source,
+        };
+        let clones = block(py, None, self.inner.branch_batch(opts))?;
+        Ok(clones.into_iter().map(|inner| Self { inner }).collect())
+    }
+
+    /// Runs `argv` in a throw-away clone, which is always deleted (SPEC §4.8 `reward_fork`).
+    #[pyo3(signature = (argv, *, env=None, workdir=None, timeout=None, user=None, stdin=None,
+        background=false, output=None, name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn reward_fork<'py>(
+        &self,
+        py: Python<'py>,
+        argv: Vec<String>,
+        env: Option<BTreeMap<String, String>>,
+        workdir: Option<String>,
+        timeout: Option<f64>,
+        user: Option<String>,
+        stdin: Option<Bound<'py, PyBytes>>,
+        background: bool,
+        output: Option<String>,
+        name: Option<String>,
+    ) -> PyResult<ExecOut<'py>> {
+        let opts = check(
+            py,
+            exec_options(
+                env,
+                workdir,
+                timeout,
+                user,
+                stdin.as_ref(),
+                background,
+                output,
+            ),
+        )?;
+        let r = block(
+            py,
+            None,
+            self.inner.reward_fork(&argv, opts, name.as_deref()),
+        )?;
+        Ok(exec_out(py, r))
     }
 
     /// `[(host, guest)]`.

@@ -172,6 +172,33 @@ class AsyncMachine:
     async def delete(self, include_usage: bool = False, drain_secs: Optional[float] = None) -> None:
         await asyncio.to_thread(self._m.delete, include_usage, drain_secs)
 
+    async def pause(self) -> None:
+        await asyncio.to_thread(self._m.pause)
+
+    async def resume(self, wait_until_ready: bool = True) -> None:
+        await asyncio.to_thread(self._m.resume, wait_until_ready)
+
+    # -- branching (like ``Machine``'s, in a worker thread) ------------------------------------
+
+    async def branch(self, name: str, ports: Any = None, **kw: Any) -> "AsyncMachine":
+        return AsyncMachine(await asyncio.to_thread(lambda: self._m.branch(name, ports, **kw)))
+
+    async def fork(self, name: str, ports: Any = None, **kw: Any) -> "AsyncMachine":
+        return AsyncMachine(await asyncio.to_thread(lambda: self._m.fork(name, ports, **kw)))
+
+    async def branch_batch(self, count: Optional[int] = None, **kw: Any) -> "List[AsyncMachine]":
+        clones = await asyncio.to_thread(lambda: self._m.branch_batch(count, **kw))
+        return [AsyncMachine(c) for c in clones]
+
+    async def fork_batch(self, count: Optional[int] = None, **kw: Any) -> "List[AsyncMachine]":
+        clones = await asyncio.to_thread(lambda: self._m.fork_batch(count, **kw))
+        return [AsyncMachine(c) for c in clones]
+
+    async def reward_fork(
+        self, command: Sequence[str], opts: Optional[ExecOptions] = None, name: Optional[str] = None
+    ) -> ExecResult:
+        return await asyncio.to_thread(self._m.reward_fork, command, opts, name)
+
     async def ports(self) -> List[PublishedPort]:
         return self._m.ports()
 

@@ -261,6 +261,32 @@ def _check_run(image: Any, command: Any, opts: Any) -> List[str]:
     return _argv(command)
 
 
+def _branch_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise InvalidConfigError(f"name must be a str, got {name!r}")
+    return name
+
+
+def _branch_checks(checkpointable: Any) -> None:
+    """Options of ``branch`` the engine does not have yet: refused by name, never ignored."""
+    if checkpointable:
+        raise NotSupportedError(
+            "branch(checkpointable=True) is not supported yet: a clone cannot be checkpointed"
+        )
+
+
+def _port_pairs(ports: Any) -> List[Tuple[int, int]]:
+    """``PortSpec``s (or dicts) as the native ``[(host, guest)]``."""
+    out = []
+    for p in ports or []:
+        if isinstance(p, Mapping):
+            p = PortSpec(**p)
+        if not isinstance(p, PortSpec):
+            raise InvalidConfigError(f"ports must be PortSpecs, got {type(p).__name__}")
+        out.append((_int("PortSpec.host", p.host, 0, 65535), _int("PortSpec.guest", p.guest, 0, 65535)))
+    return out
+
+
 def _result(t: Tuple[Any, ...], argv: List[str]) -> ExecResult:
     # The text is decoded once from the bytes (invalid UTF-8 becomes U+FFFD).
     code, out_b, err_b, out_cut, err_cut, timed_out, pid = t
@@ -418,7 +444,8 @@ class Machine:
         return self._n.target
 
     def state(self) -> str:
-        """``"created"``, ``"running"``, ``"stopped"`` (``"deleted"`` after delete)."""
+        """``"created"``, ``"running"``, ``"paused"``, ``"frozen"`` (a branch base),
+        ``"stopped"`` (``"deleted"`` after delete)."""
         return self._n.state()
 
     def url(self) -> Optional[str]:
@@ -542,6 +569,98 @@ class Machine:
         if drain_secs is not None:
             raise NotSupportedError("delete(drain_secs=...) is not supported yet")
         self._n.delete()
+
+    def pause(self) -> None:
+        """Stops the machine's vCPUs; it keeps its memory and reads ``"paused"``. ``exec`` and
+        file operations raise ``InvalidStateError`` until ``resume()``; ``stop()`` and
+        ``delete()`` work on a paused machine. Pausing a paused machine does nothing."""
+        self._n.pause()
+
+    def resume(self, wait_until_ready: bool = True) -> None:
+        """Lets a paused machine go on where it was (resuming a running one does nothing)."""
+        self._n.resume()
+        if wait_until_ready:
+            self.wait_until_ready()
+
+    # -- branching (SPEC §4.8) ------------------------------------------------------------------
+
+    def branch(
+        self,
+        name: str,
+        ports: Optional[Sequence[PortSpec]] = None,
+        *,
+        branchable: bool = False,
+        checkpointable: Optional[bool] = None,
+        freeze_source: bool = False,
+    ) -> "Machine":
+        """A running copy-on-write clone named ``name`` of this running, branchable machine
+        (``MachineConfig(branchable=True)``): the source's memory, processes, files and disk as
+        of the branch instant, its own hostname (``name``) and a reseeded RNG. ``ports``
+        (``PortSpec``s) are the clone's; None republishes the source's guest ports on free host
+        ports. ``branchable=True`` makes the clone a branch source too. ``freeze_source=True``
+        leaves the source a frozen base that can be branched again but never runs commands
+        again. A source that is not branchable, or not running, raises ``InvalidStateError``."""
+        _branch_checks(checkpointable)
+        native = self._n.branch(
+            _branch_name(name), _port_pairs(ports), branchable=bool(branchable),
+            freeze_source=bool(freeze_source),
+        )  # fmt: skip
+        return Machine._wrap(native)
+
+    def fork(
+        self, name: str, ports: Optional[Sequence[PortSpec]] = None, *, checkpointable: bool = False
+    ) -> "Machine":
+        """Deprecated alias of ``branch(name, ports)``."""
+        return self.branch(name, ports, checkpointable=checkpointable)
+
+    def branch_batch(
+        self,
+        count: Optional[int] = None,
+        *,
+        names: Optional[Sequence[str]] = None,
+        name_prefix: Optional[str] = None,
+        ports: Optional[Sequence[PortSpec]] = None,
+        freeze_source: bool = False,
+    ) -> "List[Machine]":
+        """Several running clones, all or nothing: ``names``, or ``count`` (1..64) clones named
+        ``{name_prefix}-{n}`` with n from 1 (prefix ``"branch"`` by default); ``names`` wins
+        over ``count``. When one clone fails, the clones already made are deleted and the
+        error is raised. Neither ``count`` nor ``names`` raises ``InvalidConfigError``."""
+        if count is not None:
+            count = _int("count", count, 0, 1 << 16)
+        names_list = _str_list("names", names)
+        if name_prefix is not None and not isinstance(name_prefix, str):
+            raise InvalidConfigError(f"name_prefix must be a str, got {name_prefix!r}")
+        natives = self._n.branch_batch(
+            count, names=names_list, name_prefix=name_prefix, ports=_port_pairs(ports),
+            freeze_source=bool(freeze_source),
+        )  # fmt: skip
+        return [Machine._wrap(n) for n in natives]
+
+    def fork_batch(
+        self,
+        count: Optional[int] = None,
+        *,
+        names: Optional[Sequence[str]] = None,
+        name_prefix: Optional[str] = None,
+        ports: Optional[Sequence[PortSpec]] = None,
+        freeze_source: bool = False,
+    ) -> "List[Machine]":
+        """Deprecated alias of ``branch_batch``."""
+        return self.branch_batch(
+            count, names=names, name_prefix=name_prefix, ports=ports, freeze_source=freeze_source
+        )
+
+    def reward_fork(
+        self, command: Sequence[str], opts: Optional[ExecOptions] = None, name: Optional[str] = None
+    ) -> ExecResult:
+        """Runs ``command`` in a throw-away clone named ``{name}-rf-{8 hex}`` (``name``: this
+        machine's name by default) and returns its result; the clone is always deleted (a
+        failed delete is logged, not raised)."""
+        argv = _argv(command)
+        if name is not None:
+            name = _branch_name(name)
+        return _result(self._n.reward_fork(argv, name=name, **_exec_kwargs(opts)), argv)
 
     # -- ports ----------------------------------------------------------------------------------
 
