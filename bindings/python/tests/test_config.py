@@ -149,8 +149,8 @@ def test_invalid_exec_arguments(machine):
 
 
 def test_branchable_machines_run_locally():
-    # the local engine honours branchable (its RAM in a file that can be frozen; branch is
-    # not in the binding yet): the alias forkable makes the same machine
+    # the local engine honours branchable (its RAM in a file that can be frozen; branching is
+    # tested in test_branch.py): the alias forkable makes the same machine
     with Machine.create(MachineConfig(name=unique(), forkable=True)) as machine:
         assert machine.exec(["echo", "ok"]).stdout == "ok\n"
 
