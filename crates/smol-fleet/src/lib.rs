@@ -8,6 +8,7 @@
 //!   a restarted server finds them again through its database.
 //! * [`testing::spawn`] starts a server on `127.0.0.1:0` for tests (ours and other crates').
 
+mod branch;
 mod db;
 mod error;
 mod http;

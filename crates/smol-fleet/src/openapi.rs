@@ -6,7 +6,9 @@
 
 use axum::http::Method;
 use axum::Json;
-use smolmachines::wire::{CommandBody, CreateMachineBody, ExecResponse, MachineInfo, SetPortsBody};
+use smolmachines::wire::{
+    BranchBody, CommandBody, CreateMachineBody, ExecResponse, MachineInfo, SetPortsBody,
+};
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
@@ -148,6 +150,43 @@ pub const OPERATIONS: &[Operation] = &[
         "Stop a machine (clean power-off; the disk stays)",
         Shape::Empty,
         200,
+        Shape::Json("MachineInfo"),
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/pause",
+        "pauseMachine",
+        "Pause a running machine (vCPUs stop, memory kept; exec and files 409 until resumed)",
+        Shape::Empty,
+        200,
+        Shape::Json("MachineInfo"),
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/resume",
+        "resumeMachine",
+        "Resume a paused machine (idempotent)",
+        Shape::Empty,
+        200,
+        Shape::Json("MachineInfo"),
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/branches",
+        "branchMachine",
+        "A running clone of a running branchable machine (409 when not branchable; \
+         freezeSource is 422 NOT_SUPPORTED)",
+        Shape::Json("BranchBody"),
+        201,
+        Shape::Json("MachineInfo"),
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/fork",
+        "forkMachine",
+        "Legacy name of branchMachine (forkable for branchable)",
+        Shape::Json("BranchBody"),
+        201,
         Shape::Json("MachineInfo"),
     ),
     (
@@ -373,6 +412,7 @@ pub fn document() -> OpenApi {
     add::<CommandBody>(&mut schemas);
     add::<ExecResponse>(&mut schemas);
     add::<SetPortsBody>(&mut schemas);
+    add::<BranchBody>(&mut schemas);
     schemas.sort_by(|a, b| a.0.cmp(&b.0));
     schemas.dedup_by(|a, b| a.0 == b.0);
     let components = ComponentsBuilder::new()

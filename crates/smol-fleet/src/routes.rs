@@ -108,7 +108,7 @@ fn info_of(row: &MachineRow, summary: Option<&MachineSummary>) -> MachineInfo {
     info.last_activity_at = row.last_activity_at.map(db::rfc3339);
     info.capabilities = Some(BTreeMap::from([
         ("exec".to_string(), true),
-        ("branch".to_string(), false),
+        ("branch".to_string(), info.branchable),
     ]));
     info.created_at = Some(db::rfc3339(row.created_at));
     // the node's own facts stay on the node
@@ -129,8 +129,28 @@ pub(crate) async fn info_of_row(fleet: &Fleet, row: &MachineRow) -> ApiResult<Ma
     let all = summaries(fleet).await?;
     let mut info = info_of(row, all.get(&row.engine_name));
     fleet.finish_lifetime(row, &mut info);
+    finish_pause(fleet, row, &mut info).await;
     crate::ingress::finish(fleet, row, &mut info).await;
     Ok(info)
+}
+
+/// A machine this server paused reads `paused` (not ready): the engine's record does not
+/// hold a pause, its live handle does.
+async fn finish_pause(fleet: &Fleet, row: &MachineRow, info: &mut MachineInfo) {
+    if info.state != "running" {
+        return;
+    }
+    let Some(m) = fleet.held(&row.engine_name).await else {
+        return;
+    };
+    match m.state().await {
+        Ok(smolmachines::MachineState::Paused) => {
+            info.state = "paused".into();
+            info.ready = Some(false);
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(machine = %row.id, error = %e, "cannot read the machine's state"),
+    }
 }
 
 /// `POST /v1/machines`: a machine from `source.reference`, created and booted on the node
@@ -248,7 +268,7 @@ pub async fn create_machine(
 
 /// A host port free on 127.0.0.1 right now (the engine binds it at create; a port taken in
 /// between fails the create with the engine's `PortUnavailable`).
-fn free_port() -> ApiResult<u16> {
+pub(crate) fn free_port() -> ApiResult<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| {
         ApiError(Error::Io {
             context: "find a free host port".into(),
@@ -289,6 +309,7 @@ pub async fn list_machines(
     for r in &rows {
         let mut info = info_of(r, all.get(&r.engine_name));
         fleet.finish_lifetime(r, &mut info);
+        finish_pause(&fleet, r, &mut info).await;
         if want.iter().all(|(k, v)| info.labels.get(k) == Some(v)) {
             crate::ingress::finish(&fleet, r, &mut info).await;
             out.push(info);
@@ -319,13 +340,33 @@ pub async fn delete_machine(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/machines/{id}/start`: boots a stopped machine; returns once its agent answers.
+/// `POST /v1/machines/{id}/start[?forkable=true]`: boots a stopped machine; returns once its
+/// agent answers. Branchability is a create-time property (the published client sends
+/// `forkable` in the create body too): a machine created branchable boots as a branch source
+/// whatever the query says, and `forkable=true` does not make another one branchable (its
+/// branches are 409, as on the published server). A `forkable` that is not a boolean is 400.
 pub async fn start_machine(
     State(fleet): State<Fleet>,
     Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> ApiResult<Json<MachineInfo>> {
+    let forkable = match query_values(query.as_deref(), "forkable")
+        .last()
+        .map(String::as_str)
+    {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError(Error::InvalidConfig {
+                message: format!("forkable={other:?}: true or false"),
+            }))
+        }
+    };
     let row = row_of(&fleet, &tenant, &id).await?;
+    if forkable && spec_of(&row).is_none_or(|s| s.branchable.or(s.forkable) != Some(true)) {
+        tracing::info!(machine = %id, "start?forkable=true of a machine created without forkable: it cannot be branched");
+    }
     fleet.running(&row.engine_name).await?;
     // a started machine's idle clock starts now
     fleet.touch(&row.engine_name);
@@ -341,7 +382,10 @@ pub async fn stop_machine(
 ) -> ApiResult<Json<MachineInfo>> {
     let row = row_of(&fleet, &tenant, &id).await?;
     let m = fleet.handle(&row.engine_name).await?;
-    if m.state().await? == smolmachines::MachineState::Running {
+    if matches!(
+        m.state().await?,
+        smolmachines::MachineState::Running | smolmachines::MachineState::Paused
+    ) {
         m.stop().await?;
     }
     if fleet.delete_if_ephemeral(&row).await? {

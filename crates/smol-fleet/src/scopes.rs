@@ -33,7 +33,8 @@ const INGRESS_ROUTES: &[&str] = &[
 
 /// What each route needs: `(method, route pattern as the router matched it, scope)`. A route
 /// that is not here needs only a valid key (`/livez`, `/readyz`, `/openapi.json`, unknown
-/// paths). Starting and stopping count as exec: an exec starts a stopped machine anyway.
+/// paths). Starting, stopping, pausing and resuming count as exec: an exec starts a stopped
+/// machine anyway. A branch makes a new machine: create.
 pub const ROUTE_SCOPES: &[(Method, &str, &str)] = &[
     (Method::POST, "/v1/machines", "machine:create"),
     (Method::GET, "/v1/machines", "machine:read"),
@@ -41,6 +42,10 @@ pub const ROUTE_SCOPES: &[(Method, &str, &str)] = &[
     (Method::DELETE, "/v1/machines/{id}", "machine:delete"),
     (Method::POST, "/v1/machines/{id}/start", "machine:exec"),
     (Method::POST, "/v1/machines/{id}/stop", "machine:exec"),
+    (Method::POST, "/v1/machines/{id}/pause", "machine:exec"),
+    (Method::POST, "/v1/machines/{id}/resume", "machine:exec"),
+    (Method::POST, "/v1/machines/{id}/branches", "machine:create"),
+    (Method::POST, "/v1/machines/{id}/fork", "machine:create"),
     (Method::POST, "/v1/machines/{id}/exec", "machine:exec"),
     (
         Method::POST,

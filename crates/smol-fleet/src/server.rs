@@ -17,7 +17,7 @@ use crate::db::{self, Db};
 use crate::error::FleetError;
 use crate::limit::{Limiter, RateLimit};
 use crate::metrics::Metrics;
-use crate::{http, metrics, openapi, routes, scopes, stream};
+use crate::{branch, http, metrics, openapi, routes, scopes, stream};
 
 /// The most a JSON request body may hold (413 past it).
 pub const JSON_LIMIT: usize = 8 << 20;
@@ -193,6 +193,11 @@ impl Fleet {
             .clone())
     }
 
+    /// The live handle of engine machine `name` if this server holds one (none is opened).
+    pub(crate) async fn held(&self, name: &str) -> Option<Machine> {
+        self.inner.handles.lock().await.get(name).cloned()
+    }
+
     /// Keeps `m` as the live handle of engine machine `name`.
     pub(crate) async fn keep(&self, name: &str, m: Machine) {
         self.inner.handles.lock().await.insert(name.to_string(), m);
@@ -206,7 +211,12 @@ impl Fleet {
     /// The live handle of engine machine `name`, booted if it is not running.
     pub(crate) async fn running(&self, name: &str) -> Result<Machine, Error> {
         let m = self.handle(name).await?;
-        if m.state().await? != MachineState::Running {
+        let state = m.state().await?;
+        if state == MachineState::Paused {
+            // the operation answers the pause itself (409 INVALID_STATE naming `paused`)
+            return Ok(m);
+        }
+        if state != MachineState::Running {
             tracing::info!(machine = %name, "starting a stopped machine");
             m.start().await?;
             crate::ingress::rebind(&m).await;
@@ -236,6 +246,10 @@ impl Fleet {
             )
             .route("/v1/machines/{id}/start", post(routes::start_machine))
             .route("/v1/machines/{id}/stop", post(routes::stop_machine))
+            .route("/v1/machines/{id}/pause", post(branch::pause_machine))
+            .route("/v1/machines/{id}/resume", post(branch::resume_machine))
+            .route("/v1/machines/{id}/branches", post(branch::branch_machine))
+            .route("/v1/machines/{id}/fork", post(branch::fork_machine))
             .route("/v1/machines/{id}/exec", post(routes::exec))
             .route("/v1/machines/{id}/exec/stream", post(stream::exec_stream))
             .route("/v1/machines/{id}/files/{*path}", files)

@@ -11,7 +11,7 @@ use super::http::{encode_path, encode_segment, Client, Req, FILE_LIMIT, LONG_TIM
 use crate::backend::{ExecStream, MachineBackend};
 use crate::config::{ExecOptions, ExecResult, MachineState, PortEndpoint, PortSpec, Target};
 use crate::error::{Error, ErrorCode, Result};
-use crate::wire::{CommandBody, ExecResponse, MachineInfo, SetPortsBody};
+use crate::wire::{BranchBody, BranchRoute, CommandBody, ExecResponse, MachineInfo, SetPortsBody};
 
 /// How often readiness polls at most (SPEC §9.4: every second; the first polls come sooner).
 const POLL_MAX: Duration = Duration::from_secs(1);
@@ -23,12 +23,15 @@ const PROBE_AFTER: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The core state of a cloud state string (SPEC §10.6): `creating` is created, `started` and
-/// `running` running, `stopped` / `pausing` / `paused` / `error` stopped.
+/// `running` running, `pausing` / `paused` paused, `frozen` frozen (a frozen branch base),
+/// `stopped` / `error` stopped.
 pub(crate) fn state_of(s: &str) -> Result<MachineState> {
     Ok(match s {
         "creating" | "created" => MachineState::Created,
         "started" | "running" => MachineState::Running,
-        "stopped" | "stopping" | "pausing" | "paused" | "error" => MachineState::Stopped,
+        "pausing" | "paused" => MachineState::Paused,
+        "frozen" => MachineState::Frozen,
+        "stopped" | "stopping" | "error" => MachineState::Stopped,
         "deleted" | "deleting" => MachineState::Deleted,
         other => {
             return Err(Error::coded(
@@ -77,6 +80,22 @@ pub(crate) fn exec_request(id: &str, argv: &[String], opts: &ExecOptions) -> Res
     Ok(Req::post(path)
         .json(&body)
         .timeout(exec_deadline(opts.timeout)))
+}
+
+/// The branch requests of clone `name` of machine `id`: `POST …/branches`, then the legacy
+/// `POST …/fork` the client falls back to on 404 (long deadlines: the server may queue
+/// branches of one source; never retried, as a create).
+pub(crate) fn branch_requests(
+    id: &str,
+    name: &str,
+    opts: &crate::config::BranchOptions,
+) -> (Req, Req) {
+    let req = |route: BranchRoute| {
+        Req::post(route.path(&encode_segment(id)))
+            .json(&BranchBody::new(route, name, opts))
+            .timeout(LONG_TIMEOUT)
+    };
+    (req(BranchRoute::Branches), req(BranchRoute::Fork))
 }
 
 /// `PUT /v1/machines/{id}/files/{path}` (each segment encoded; an absolute path gives
@@ -153,12 +172,49 @@ impl CloudMachine {
         Ok(info)
     }
 
-    /// `POST …/start` (long deadline, idempotent); its body is not needed.
-    pub(crate) async fn start_request(&self) -> Result<()> {
-        let req = Req::post(format!("{}/start", self.path()))
+    /// `POST …/start[?forkable=true]` (long deadline, idempotent; `forkable` for a branch
+    /// source, as the published client sends it); its body is not needed.
+    pub(crate) async fn start_request(&self, forkable: bool) -> Result<()> {
+        let query = if forkable { "?forkable=true" } else { "" };
+        let req = Req::post(format!("{}/start{query}", self.path()))
             .timeout(LONG_TIMEOUT)
             .idempotent();
         self.client.empty(&req).await
+    }
+
+    /// `POST …/branches` with the clone's body, on 404 `POST …/fork` (SPEC §10.5.10), then
+    /// the clone's readiness; a clone that does not get ready is deleted.
+    async fn branch_clone(
+        &self,
+        name: &str,
+        opts: &crate::config::BranchOptions,
+    ) -> Result<CloudMachine> {
+        let (first, legacy) = branch_requests(&self.id, name, opts);
+        let info: MachineInfo = match self.client.json(&first).await {
+            Err(e) if e.code() == ErrorCode::NotFound => {
+                tracing::debug!(machine = %self.id, error = %e, "no branches route; trying the legacy fork route");
+                self.client.json(&legacy).await?
+            }
+            other => other?,
+        };
+        if info.id.is_empty() {
+            return Err(Error::coded(
+                ErrorCode::SmolvmError,
+                format!("{} → 201: the clone's record has no id", first.what()),
+            ));
+        }
+        let clone = CloudMachine::new(self.client.clone(), info);
+        let guard = DeleteGuard::new(&clone);
+        match clone.wait_ready(super::DEFAULT_READY_TIMEOUT, true).await {
+            Ok(()) => {
+                guard.disarm();
+                Ok(clone)
+            }
+            Err(e) => {
+                guard.delete_now().await;
+                Err(e)
+            }
+        }
     }
 
     /// Waits for readiness (SPEC §9.4). With `wait_for_ports` false: until
@@ -472,8 +528,31 @@ impl MachineBackend for CloudMachine {
     }
 
     async fn start(&self) -> Result<()> {
-        self.start_request().await?;
+        self.start_request(false).await?;
         self.wait_ready(super::DEFAULT_READY_TIMEOUT, true).await
+    }
+
+    /// `POST …/pause` (long deadline: a cloud pause saves the machine's memory).
+    async fn pause(&self) -> Result<()> {
+        let req = Req::post(format!("{}/pause", self.path())).timeout(LONG_TIMEOUT);
+        self.client.empty(&req).await
+    }
+
+    /// `POST …/resume` (idempotent), then readiness (SPEC §9.4).
+    async fn resume(&self) -> Result<()> {
+        let req = Req::post(format!("{}/resume", self.path()))
+            .timeout(LONG_TIMEOUT)
+            .idempotent();
+        self.client.empty(&req).await?;
+        self.wait_ready(super::DEFAULT_READY_TIMEOUT, true).await
+    }
+
+    async fn branch(
+        &self,
+        name: &str,
+        opts: &crate::config::BranchOptions,
+    ) -> Result<Arc<dyn MachineBackend>> {
+        Ok(Arc::new(self.branch_clone(name, opts).await?))
     }
 
     async fn stop(&self) -> Result<()> {

@@ -198,7 +198,7 @@ impl Backend for CloudBackend {
         let m = Arc::new(CloudMachine::new(self.client.clone(), info));
         // from here on, a failure or a dropped future deletes the machine (SPEC §9.5)
         let guard = machine::DeleteGuard::new(&m);
-        let started = m.start_request().await.err();
+        let started = m.start_request(config.is_branchable()).await.err();
         if let Some(e) = &started {
             tracing::warn!(machine = %m.id(), error = %e, "cloud start failed; waiting for readiness anyway");
         }

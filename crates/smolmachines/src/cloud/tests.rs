@@ -705,3 +705,113 @@ async fn a_timed_out_or_abandoned_create_deletes_the_machine() {
     }
     assert_eq!(deletes(&s), 2, "{:?}", s.seen());
 }
+
+#[tokio::test]
+async fn a_branch_source_starts_forkable_and_branch_falls_back_to_fork_on_404() {
+    let s = stand(|req, _| match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/v1/machines") => json_reply(201, machine_json("stopped", false)),
+        ("POST", "/v1/machines/mach-1/start?forkable=true") => {
+            json_reply(200, machine_json("started", false))
+        }
+        ("GET", "/v1/machines/mach-1") => json_reply(200, machine_json("running", true)),
+        // a server from before the branch routes
+        ("POST", "/v1/machines/mach-1/branches") => reply(
+            404,
+            "application/problem+json",
+            r#"{"status":404,"code":"not_found","detail":"route not found"}"#,
+        ),
+        ("POST", "/v1/machines/mach-1/fork") => json_reply(
+            201,
+            json!({"id": "mach-2", "name": "c1", "state": "running", "ready": false}),
+        ),
+        ("GET", "/v1/machines/mach-2") => json_reply(
+            200,
+            json!({"id": "mach-2", "name": "c1", "state": "running", "ready": true}),
+        ),
+        _ => reply(500, "text/plain", "unexpected"),
+    })
+    .await;
+    let config = MachineConfig {
+        image: Some("alpine".into()),
+        branchable: Some(true),
+        ..Default::default()
+    };
+    let m = Machine::create_on(&s.backend(), config).await.unwrap();
+    let opts = crate::config::BranchOptions {
+        ports: vec![PortSpec {
+            host: 0,
+            guest: 8080,
+        }],
+        branchable: true,
+        freeze_source: false,
+    };
+    let clone = m.branch_with("c1", opts).await.unwrap();
+    assert_eq!((clone.name(), clone.id()), ("c1", "mach-2"));
+    let seen = s.seen();
+    let posts: Vec<(&str, Value)> = seen
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.contains("/mach-1/"))
+        .map(|r| {
+            let body = if r.body.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&r.body).unwrap()
+            };
+            (r.path.as_str(), body)
+        })
+        .collect();
+    // transport.py: the flag is `branchable` on branches and `forkable` on fork
+    assert_eq!(
+        posts,
+        vec![
+            ("/v1/machines/mach-1/start?forkable=true", Value::Null),
+            (
+                "/v1/machines/mach-1/branches",
+                json!({"name": "c1", "ports": [{"port": 8080, "hostPort": 0}], "branchable": true})
+            ),
+            (
+                "/v1/machines/mach-1/fork",
+                json!({"name": "c1", "ports": [{"port": 8080, "hostPort": 0}], "forkable": true})
+            ),
+        ]
+    );
+    // the clone's readiness was awaited
+    assert!(seen
+        .iter()
+        .any(|r| r.method == "GET" && r.path == "/v1/machines/mach-2"));
+}
+
+#[tokio::test]
+async fn pause_and_resume_post_and_resume_waits_for_readiness() {
+    // requests: 0 the connect's GET, 1 pause, 2 a state GET, 3 resume, 4.. readiness GETs
+    let s = stand(|req, n| match (req.method.as_str(), req.path.as_str()) {
+        ("POST", "/v1/machines/mach-1/pause") => json_reply(200, machine_json("paused", false)),
+        ("POST", "/v1/machines/mach-1/resume") => json_reply(200, machine_json("running", false)),
+        ("GET", "/v1/machines/mach-1") if n < 3 => json_reply(200, machine_json("paused", false)),
+        // not ready on the first poll after the resume, ready on the second
+        ("GET", "/v1/machines/mach-1") => json_reply(200, machine_json("running", n >= 5)),
+        _ => reply(500, "text/plain", "unexpected"),
+    })
+    .await;
+    let m = Machine::connect_on(&s.backend(), "mach-1").await.unwrap();
+    m.pause().await.unwrap();
+    assert_eq!(m.state().await.unwrap(), crate::MachineState::Paused);
+    m.resume().await.unwrap();
+    let seen: Vec<(String, String)> = s
+        .seen()
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect();
+    let get = ("GET".to_string(), "/v1/machines/mach-1".to_string());
+    assert_eq!(
+        seen,
+        vec![
+            get.clone(),
+            ("POST".into(), "/v1/machines/mach-1/pause".into()),
+            get.clone(),
+            ("POST".into(), "/v1/machines/mach-1/resume".into()),
+            get.clone(),
+            get,
+        ]
+    );
+}

@@ -8,9 +8,11 @@
 //! Python client 1.32.2 emits (including its `null`s), so a server written against it sees the
 //! same bytes.
 
+mod branch;
 mod exec;
 mod machine;
 
+pub use branch::{BranchBody, BranchRoute};
 pub use exec::{CommandBody, CommandLine, ExecResponse, SseDecoder, StreamEvent, TEXT_CAP};
 pub use machine::{
     CreateMachineBody, CreateResources, CredentialBody, MachineInfo, MachineList, MachineResources,

@@ -1,0 +1,415 @@
+//! Pause, resume and branch through the fleet (SPEC §10.5.2, §10.5.10): a real server on
+//! 127.0.0.1, real VMs of the local engine, the image from the test registry; the machines
+//! are driven through the Rust cloud target (`Machine` with `Target::Cloud`) and raw HTTP.
+//! The VM test skips without `make setup` (`SMOL_VM_TESTS=required` fails instead); the
+//! scope and body tests need no VM.
+
+#[path = "../../smolmachines/tests/common.rs"]
+mod common;
+#[path = "../../smolmachines/tests/common_registry/mod.rs"]
+mod common_registry;
+mod support;
+
+use std::process::Command;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use smol_fleet::testing::spawn;
+use smolmachines::{
+    ConnectOptions, ErrorCode, ExecOptions, Machine, MachineConfig, MachineState, Target,
+};
+use support::{client, json_ok, problem};
+
+fn cloud(base_url: &str, key: &str) -> ConnectOptions {
+    ConnectOptions {
+        target: Some(Target::Cloud),
+        base_url: Some(base_url.to_string()),
+        api_key: Some(key.to_string()),
+    }
+}
+
+fn home() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sfb")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// `smolfleet keys create` of a key of the bootstrap tenant holding `scopes`.
+fn key_with(home: &std::path::Path, scopes: &[&str]) -> String {
+    let list = Command::new(env!("CARGO_BIN_EXE_smolfleet"))
+        .args(["keys", "list", "--home"])
+        .arg(home)
+        .output()
+        .expect("run smolfleet");
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let tenant = list
+        .split_whitespace()
+        .find(|w| w.starts_with("ten-"))
+        .unwrap_or_else(|| panic!("no tenant in {list}"))
+        .to_string();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_smolfleet"));
+    cmd.args(["keys", "create", "--tenant", &tenant]);
+    for s in scopes {
+        cmd.args(["--scope", s]);
+    }
+    let out = cmd
+        .arg("--home")
+        .arg(home)
+        .env("SMOL_LOG", "warn")
+        .output()
+        .expect("run smolfleet");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .unwrap_or_else(|| panic!("no key in {stdout}"))
+        .trim()
+        .to_string()
+}
+
+async fn sh_out(m: &Machine, script: &str) -> String {
+    let r = m
+        .exec(&common::sh(script), ExecOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{script}: {r:?}");
+    r.stdout.trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_routes_need_their_scopes_and_a_valid_body() {
+    let home = home();
+    let srv = spawn(home.path()).await.unwrap();
+    let c = client();
+    let url = |p: &str| format!("{}/v1/machines/mach-0000000000000000{p}", srv.base_url);
+    let body = json!({"name": "c1", "ports": []});
+    let read_only = key_with(home.path(), &["machine:read"]);
+    let exec_only = key_with(home.path(), &["machine:exec"]);
+    let create_only = key_with(home.path(), &["machine:create"]);
+    let forbidden = |key: &str, route: &str| {
+        let r = c.post(url(route)).bearer_auth(key).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            let status = r.status();
+            (status, r.text().await.unwrap())
+        }
+    };
+    for route in ["/pause", "/resume", "/branches", "/fork"] {
+        let (status, text) = forbidden(&read_only, route).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{route}: {text}");
+        assert!(
+            text.starts_with("missing scope: machine:"),
+            "{route}: {text}"
+        );
+    }
+    // pausing is a lifecycle operation (exec); a branch makes a machine (create)
+    for route in ["/pause", "/resume"] {
+        let (status, text) = forbidden(&exec_only, route).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{route}: {text}");
+        let (status, text) = forbidden(&create_only, route).await;
+        assert_eq!(
+            (status, text.as_str()),
+            (StatusCode::FORBIDDEN, "missing scope: machine:exec")
+        );
+    }
+    for route in ["/branches", "/fork"] {
+        let (status, text) = forbidden(&exec_only, route).await;
+        assert_eq!(
+            (status, text.as_str()),
+            (StatusCode::FORBIDDEN, "missing scope: machine:create")
+        );
+        let (status, text) = forbidden(&create_only, route).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{route}: {text}");
+    }
+
+    // bodies: as everywhere in the fleet, a schema miss is 422, a bad value 400, not JSON 400
+    let post = |route: &'static str, body: &'static str| {
+        c.post(url(route))
+            .bearer_auth(&create_only)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for route in ["/branches", "/fork"] {
+        problem(
+            post(route, r#"{"ports": []}"#).await.unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+        )
+        .await;
+        problem(
+            post(route, r#"{"name": "c1", "ports": [{"port": "x"}]}"#)
+                .await
+                .unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+        )
+        .await;
+        let p = problem(
+            post(route, r#"{"name": "Bad Name!", "ports": []}"#)
+                .await
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_config",
+        )
+        .await;
+        assert!(p["detail"].as_str().unwrap().contains("Bad Name!"), "{p}");
+        problem(
+            post(route, r#"{"name": "c1", "ports": [{"port": 0}]}"#)
+                .await
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_config",
+        )
+        .await;
+        problem(
+            post(route, r#"{"name": "#).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_config",
+        )
+        .await;
+        // a valid body for a machine that is not there
+        problem(
+            post(route, r#"{"name": "c1", "ports": []}"#).await.unwrap(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+    }
+    srv.teardown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_and_branch_through_the_cloud_target() {
+    if common::vm_assets().is_none() {
+        return;
+    }
+    let reg = common_registry::shared();
+    let home = home();
+    let srv = spawn(home.path()).await.unwrap();
+    let key = srv.admin_key.clone().unwrap();
+    let conn = cloud(&srv.base_url, &key);
+    let c = client();
+    let url = |p: &str| format!("{}{p}", srv.base_url);
+    let image = reg.reference("test/busybox:latest");
+    let config = MachineConfig {
+        image: Some(image.clone()),
+        branchable: Some(true),
+        ..Default::default()
+    };
+    let src = Machine::create(config, conn.clone()).await.unwrap();
+    let rec = json_ok(
+        c.get(url(&format!("/v1/machines/{}", src.id())))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(rec["branchable"], true, "{rec}");
+    assert_eq!(rec["capabilities"]["branch"], true, "{rec}");
+
+    // pause: exec and files are 409 INVALID_STATE, the record reads paused
+    src.pause().await.unwrap();
+    src.pause().await.unwrap(); // a no-op
+    assert_eq!(src.state().await.unwrap(), MachineState::Paused);
+    let e = src
+        .exec(&common::sh("true"), ExecOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::InvalidState, "{e}");
+    assert_eq!(e.http_status(), 409, "{e}");
+    assert!(e.to_string().contains("paused"), "{e}");
+    let e = src.read_file("/etc/hostname").await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::InvalidState, "{e}");
+    // resume (twice: idempotent) and exec works again
+    src.resume().await.unwrap();
+    src.resume().await.unwrap();
+    assert_eq!(src.state().await.unwrap(), MachineState::Running);
+    assert_eq!(sh_out(&src, "echo back").await, "back");
+
+    // state in the source's memory only (a tmpfs of its own), then the branch
+    let secret = sh_out(
+        &src,
+        "mkdir -p /mnt/mem && mount -t tmpfs none /mnt/mem && \
+         head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n' | tee /mnt/mem/secret",
+    )
+    .await;
+    assert_eq!(secret.len(), 32, "{secret}");
+    let clone = src.branch("clone-a", Vec::new()).await.unwrap();
+    assert_eq!(clone.name(), "clone-a");
+    assert!(clone.id().starts_with("mach-") && clone.id() != src.id());
+    assert_eq!(clone.state().await.unwrap(), MachineState::Running);
+    assert_eq!(sh_out(&clone, "cat /mnt/mem/secret").await, secret);
+    assert_eq!(sh_out(&clone, "hostname").await, clone.id());
+    // then they diverge
+    sh_out(&src, "echo source > /mnt/mem/who").await;
+    sh_out(&clone, "echo clone > /mnt/mem/who").await;
+    assert_eq!(sh_out(&src, "cat /mnt/mem/who").await, "source");
+    assert_eq!(sh_out(&clone, "cat /mnt/mem/who").await, "clone");
+    // the source was not made unbranchable, the clone was made without branchable
+    let e = clone
+        .branch("clone-of-clone", Vec::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 409, "{e}");
+    assert_eq!(e.code(), ErrorCode::InvalidState, "{e}");
+
+    // the fleet records the clone as one of the tenant's machines
+    let list = json_ok(
+        c.get(url("/v1/machines"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == clone.id())
+        .unwrap_or_else(|| panic!("no clone in {list}"))
+        .clone();
+    assert_eq!(row["name"], "clone-a", "{row}");
+    assert_eq!(row["state"], "running", "{row}");
+    assert_eq!(row["source"]["reference"], image.as_str(), "{row}");
+    assert_eq!(row["branchable"], false, "{row}");
+    // the clone's name is taken now: 409
+    problem(
+        c.post(url(&format!("/v1/machines/{}/branches", src.id())))
+            .bearer_auth(&key)
+            .json(&json!({"name": "clone-a", "ports": []}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CONFLICT,
+        "conflict",
+    )
+    .await;
+
+    // a published port on a clone (hostPort 0: the node picks one), answered without waiting
+    // for it to be ready (nothing listens on 8080 in the guest)
+    let ported = json_ok(
+        c.post(url(&format!("/v1/machines/{}/branches", src.id())))
+            .bearer_auth(&key)
+            .json(&json!({"name": "port-c", "ports": [{"port": 8080, "hostPort": 0}]}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(ported["state"], "running", "{ported}");
+    assert_eq!(ported["ready"], false, "{ported}");
+    assert_eq!(ported["ports"][0]["port"], 8080, "{ported}");
+    let host_port = ported["ports"][0]["hostPort"].as_u64().unwrap_or(0) as u16;
+    assert!(host_port > 0, "{ported}");
+    tokio::net::TcpStream::connect(("127.0.0.1", host_port))
+        .await
+        .expect("the clone's published port listens on the node");
+    let r = c
+        .delete(url(&format!(
+            "/v1/machines/{}",
+            ported["id"].as_str().unwrap()
+        )))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+
+    // the legacy route, a branchable clone
+    let forked = json_ok(
+        c.post(url(&format!("/v1/machines/{}/fork", src.id())))
+            .bearer_auth(&key)
+            .json(&json!({"name": "fork-b", "ports": [], "forkable": true}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(forked["name"], "fork-b", "{forked}");
+    assert_eq!(forked["state"], "running", "{forked}");
+    assert_eq!(forked["branchable"], true, "{forked}");
+    let fork_id = forked["id"].as_str().unwrap().to_string();
+    let fork = Machine::connect(&fork_id, conn.clone()).await.unwrap();
+    assert_eq!(sh_out(&fork, "cat /mnt/mem/secret").await, secret);
+    // a branchable clone is a source in turn
+    let grandchild = fork.branch("fork-b-1", Vec::new()).await.unwrap();
+    assert_eq!(sh_out(&grandchild, "cat /mnt/mem/secret").await, secret);
+
+    // delete through the fleet: gone from it and from the node
+    clone.delete().await.unwrap();
+    problem(
+        c.get(url(&format!("/v1/machines/{}", clone.id())))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    let on_node = Machine::list_on(&**srv.fleet.engine(), &Default::default())
+        .await
+        .unwrap();
+    assert!(on_node.iter().all(|s| s.name != clone.id()), "{on_node:?}");
+    // stop and start of a clone
+    grandchild.stop().await.unwrap();
+    assert_eq!(grandchild.state().await.unwrap(), MachineState::Stopped);
+    grandchild.start().await.unwrap();
+    assert_eq!(sh_out(&grandchild, "echo up").await, "up");
+
+    // a source created without branchable: 409 through the cloud target and on both routes
+    let plain = Machine::create(
+        MachineConfig {
+            image: Some(image.clone()),
+            ..Default::default()
+        },
+        conn.clone(),
+    )
+    .await
+    .unwrap();
+    let e = plain.branch("nope", Vec::new()).await.unwrap_err();
+    assert_eq!(e.http_status(), 409, "{e}");
+    assert_eq!(e.code(), ErrorCode::InvalidState, "{e}");
+    for route in ["branches", "fork"] {
+        let p = problem(
+            c.post(url(&format!("/v1/machines/{}/{route}", plain.id())))
+                .bearer_auth(&key)
+                .json(&json!({"name": "nope", "ports": []}))
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::CONFLICT,
+            "invalid_state",
+        )
+        .await;
+        assert!(p["detail"].as_str().unwrap().contains("branchable"), "{p}");
+    }
+    // the refused name was released
+    let list: Value = json_ok(
+        c.get(url("/v1/machines"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert!(
+        list.as_array().unwrap().iter().all(|m| m["name"] != "nope"),
+        "{list}"
+    );
+    // pausing a stopped machine is 409
+    plain.stop().await.unwrap();
+    let e = plain.pause().await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::InvalidState, "{e}");
+    srv.teardown().await.unwrap();
+}
