@@ -257,4 +257,19 @@ test('seed: Images (pullImage, listImages) and run() are local only: NotSupporte
   }
 });
 
-test('seed: fork()', { skip: skip || 'fork() (forkable golden machines) is not in the SDK or the fleet yet' }, () => {});
+test('seed: fork(): a forkable golden on the cloud forks into a running clone with its files', { skip }, async () => {
+  const golden = await Machine.create({ image, forkable: true }, conn);
+  let clone;
+  try {
+    await golden.writeFile('/root/warm.txt', 'warm');
+    clone = await golden.fork(uniqueName('clone'));
+    assert.equal(clone.target, 'cloud');
+    assert.equal(await clone.state(), 'running');
+    assert.equal((await clone.readFile('/root/warm.txt')).toString(), 'warm');
+    // a hostname of its own (the fleet's engine names a machine by its id)
+    assert.notEqual((await clone.exec(['hostname'])).stdout, (await golden.exec(['hostname'])).stdout);
+  } finally {
+    if (clone) await clone.delete();
+    await golden.delete();
+  }
+});

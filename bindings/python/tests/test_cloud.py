@@ -331,6 +331,19 @@ def test_seed_images_and_run_samples_are_local_only(cloud, image):
         assert machine.exec(["echo", "still"]).stdout == "still\n"
 
 
-@pytest.mark.skip(reason="fork() (forkable golden machines) is not in the SDK or the fleet yet")
-def test_seed_fork_sample():
-    pass
+def test_seed_fork_sample(cloud, image):
+    """The seed page's fork(): a forkable golden on the cloud, forked into a running clone that
+    has its files and a hostname of its own."""
+    golden = Machine.create(MachineConfig(image=image, forkable=True), cloud)
+    clone = None
+    try:
+        golden.write_file("/root/warm.txt", "warm")
+        clone = golden.fork(unique("clone"))
+        assert clone.target == "cloud" and clone.state() == "running"
+        assert clone.read_file("/root/warm.txt") == b"warm"
+        # its own hostname (the fleet's engine names a machine by its id)
+        assert clone.exec(["hostname"]).stdout != golden.exec(["hostname"]).stdout
+    finally:
+        if clone is not None:
+            clone.delete()
+        golden.delete()
