@@ -147,15 +147,17 @@ export function seedTests(ctx: SeedContext): void {
   });
 
   test('fork(): the cloud sample goes to the configured server at create', async () => {
-    // The sample goes on with `const clone = await golden.fork('clone-1');`, which is not
-    // reached: creating the golden on the cloud target rejects first (and Machine has no fork()
-    // in this build).
+    // The sample as printed, type-checked; its fork() is not reached here: creating the golden
+    // on an unreachable server rejects first (test/cloud.test.mjs forks on a real fleet, and
+    // test/branch.test.mjs branches locally).
     const baseUrl = await closedLoopbackUrl();
     await assert.rejects(async () => {
       const golden = await Machine.create(
         { image: 'python:3.12', forkable: true },
         { target: 'cloud', apiKey: 'smk_...', baseUrl },
       );
+      const clone = await golden.fork('clone-1');
+      await clone.delete();
       await golden.delete();
     }, connectionError);
   });
