@@ -144,7 +144,7 @@ async fn branch(
     if !fleet.db().call(move |c| db::insert_machine(c, &r)).await? {
         return Err(ApiError(Error::Conflict { name }));
     }
-    tracing::info!(source = %id, machine = %clone_id, %name, branchable = opts.branchable, "branching a machine");
+    tracing::info!(source = %id, machine = %clone_id, %name, branchable = opts.branchable, freeze_source = opts.freeze_source, "branching a machine");
     let made = match fleet.handle(&source.engine_name).await {
         Ok(m) => m.branch_with(&clone_id, opts).await,
         Err(e) => Err(e),

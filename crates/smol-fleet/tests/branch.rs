@@ -366,6 +366,25 @@ async fn pause_resume_and_branch_through_the_cloud_target() {
     grandchild.start().await.unwrap();
     assert_eq!(sh_out(&grandchild, "echo up").await, "up");
 
+    // freezeSource: the source becomes a frozen base, branched again from the same instant
+    sh_out(&src, "echo before-freeze > /mnt/mem/who").await;
+    let frozen_opts = smolmachines::BranchOptions {
+        freeze_source: true,
+        ..Default::default()
+    };
+    let f1 = src.branch_with("frozen-1", frozen_opts).await.unwrap();
+    assert_eq!(src.state().await.unwrap(), MachineState::Frozen);
+    let e = src
+        .exec(&common::sh("true"), ExecOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.http_status(), 409, "{e}");
+    assert!(e.to_string().contains("frozen"), "{e}");
+    sh_out(&f1, "echo f1 > /mnt/mem/who").await;
+    let f2 = src.branch("frozen-2", Vec::new()).await.unwrap();
+    assert_eq!(sh_out(&f2, "cat /mnt/mem/who").await, "before-freeze");
+    assert_eq!(sh_out(&f1, "cat /mnt/mem/who").await, "f1");
+
     // a source created without branchable: 409 through the cloud target and on both routes
     let plain = Machine::create(
         MachineConfig {

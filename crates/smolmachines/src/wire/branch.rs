@@ -76,7 +76,7 @@ impl BranchBody {
             } else {
                 None
             },
-            freeze_source: None,
+            freeze_source: opts.freeze_source.then_some(true),
         }
     }
 

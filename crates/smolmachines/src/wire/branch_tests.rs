@@ -36,6 +36,17 @@ fn the_branch_body_is_the_python_clients() {
         to_json(&b),
         json!({"name": "c1", "ports": [{"port": 80, "hostPort": 9000}], "forkable": true})
     );
+    // freezeSource only when true, on either route
+    let mut frozen = opts(&[], false);
+    frozen.freeze_source = true;
+    for route in [BranchRoute::Branches, BranchRoute::Fork] {
+        let b = BranchBody::new(route, "c1", &frozen);
+        assert_eq!(
+            to_json(&b),
+            json!({"name": "c1", "ports": [], "freezeSource": true})
+        );
+        assert!(b.into_options().unwrap().freeze_source);
+    }
     assert_eq!(
         BranchRoute::Branches.path("mach-1"),
         "/v1/machines/mach-1/branches"
