@@ -12,7 +12,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use smolmachines::config::validate_name;
-use smolmachines::wire::{BranchBody, CreateMachineBody, MachineInfo, PortRequest};
+use smolmachines::wire::{
+    BranchBatchBody, BranchBatchResponse, BranchBody, CreateMachineBody, MachineInfo, PortRequest,
+};
 use smolmachines::{Error, ErrorCode};
 
 use crate::db::{self, new_id, MachineRow};
@@ -80,6 +82,152 @@ pub async fn fork_machine(
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(Error::coded(ErrorCode::SmolvmError, e.to_string()))
+}
+
+/// The record of a new clone `name` of `source`: the source's create body with the clone's
+/// name, ports (none asked for: the engine publishes the source's guest ports again) and
+/// branchability, and the source's lifetimes.
+fn clone_row(
+    source: &MachineRow,
+    name: &str,
+    ports: &[smolmachines::PortSpec],
+    branchable: bool,
+) -> ApiResult<MachineRow> {
+    let mut spec: CreateMachineBody = serde_json::from_str(&source.spec).map_err(|e| {
+        internal(format!(
+            "the stored create body of {} does not parse: {e}",
+            source.id
+        ))
+    })?;
+    spec.name = Some(name.to_string());
+    if !ports.is_empty() {
+        spec.ports = ports
+            .iter()
+            .map(|p| PortRequest {
+                port: p.guest,
+                host_port: None,
+            })
+            .collect();
+    }
+    spec.branchable = Some(branchable);
+    spec.forkable = None;
+    let id = new_id("mach-");
+    Ok(MachineRow {
+        id: id.clone(),
+        tenant_id: source.tenant_id.clone(),
+        name: name.to_string(),
+        engine_name: id,
+        spec: serde_json::to_string(&spec).map_err(internal)?,
+        created_at: 0,
+        auto_stop_seconds: source.auto_stop_seconds,
+        ttl_seconds: source.ttl_seconds,
+        expires_at: None,
+        ephemeral: source.ephemeral,
+        last_activity_at: None,
+    })
+}
+
+/// Removes the records of clones that were not made (logged, not returned: the caller
+/// answers the failure that got here).
+async fn release(fleet: &Fleet, rows: &[MachineRow]) {
+    for r in rows {
+        let i = r.id.clone();
+        if let Err(e) = fleet.db().call(move |c| db::delete_machine(c, &i)).await {
+            tracing::error!(machine = %r.id, error = %e, "cannot remove a clone's record");
+        }
+    }
+}
+
+/// `POST /v1/machines/{id}/branches/batch`: several running clones, all or nothing (a
+/// failure deletes the clones made and releases every name); 201 `{"clones": [...]}` in the
+/// order of the names.
+pub async fn branch_batch(
+    fleet: State<Fleet>,
+    tenant: Extension<Tenant>,
+    id: Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    batch(fleet, tenant, id, body).await
+}
+
+/// `POST /v1/machines/{id}/fork-batch`: the legacy name of [`branch_batch`].
+pub async fn fork_batch(
+    fleet: State<Fleet>,
+    tenant: Extension<Tenant>,
+    id: Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    batch(fleet, tenant, id, body).await
+}
+
+async fn batch(
+    State(fleet): State<Fleet>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body_bytes(body, "the request body", JSON_LIMIT)?;
+    let req: BranchBatchBody = parse_json(&body)?;
+    crate::ingress::check_port_count(req.ports.len())?;
+    let source = row_of(&fleet, &tenant, &id).await?;
+    let opts = req.into_options(&source.name)?;
+    let names = opts.clone_names()?;
+    let mut rows = Vec::with_capacity(names.len());
+    for n in &names {
+        rows.push(clone_row(&source, n, &opts.ports, opts.branchable)?);
+    }
+    let _source_busy = fleet.busy(&source.engine_name).await;
+    let mut busy = Vec::with_capacity(rows.len());
+    for r in &rows {
+        busy.push(fleet.busy(&r.id).await);
+    }
+    // every name reserved, or none
+    for (i, r) in rows.iter().enumerate() {
+        let row = r.clone();
+        let stored = fleet.db().call(move |c| db::insert_machine(c, &row)).await;
+        if !matches!(stored, Ok(true)) {
+            release(&fleet, &rows[..i]).await;
+            return Err(match stored {
+                Err(e) => e.into(),
+                _ => ApiError(Error::Conflict {
+                    name: r.name.clone(),
+                }),
+            });
+        }
+    }
+    tracing::info!(source = %id, n = rows.len(), freeze_source = opts.freeze_source, "branching a batch");
+    let engine_opts = smolmachines::BranchBatchOptions {
+        names: rows.iter().map(|r| r.engine_name.clone()).collect(),
+        count: None,
+        ..opts
+    };
+    let made = match fleet.handle(&source.engine_name).await {
+        Ok(m) => m.branch_batch(engine_opts).await,
+        Err(e) => Err(e),
+    };
+    let clones = match made {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(source = %id, error = %e, "batch failed; releasing its names");
+            release(&fleet, &rows).await;
+            return Err(ApiError(e));
+        }
+    };
+    for (r, c) in rows.iter().zip(clones) {
+        fleet.keep(&r.engine_name, c).await;
+    }
+    drop(busy);
+    let mut out = BranchBatchResponse::default();
+    for r in &rows {
+        let (t, i) = (tenant.0.clone(), r.id.clone());
+        let stored = fleet
+            .db()
+            .call(move |c| db::machine(c, &t, &i))
+            .await?
+            .ok_or_else(|| ApiError::machine_not_found(&r.id))?;
+        out.clones.push(info_of_row(&fleet, &stored).await?);
+    }
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 /// The branch: the body checked (422 schema, 400 a bad name or port, 422 `freezeSource`),

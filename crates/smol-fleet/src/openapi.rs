@@ -7,7 +7,8 @@
 use axum::http::Method;
 use axum::Json;
 use smolmachines::wire::{
-    BranchBody, CommandBody, CreateMachineBody, ExecResponse, MachineInfo, SetPortsBody,
+    BranchBatchBody, BranchBatchResponse, BranchBody, CommandBody, CreateMachineBody, ExecResponse,
+    MachineInfo, SetPortsBody,
 };
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
 use utoipa::openapi::request_body::RequestBodyBuilder;
@@ -188,6 +189,24 @@ pub const OPERATIONS: &[Operation] = &[
         Shape::Json("BranchBody"),
         201,
         Shape::Json("MachineInfo"),
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/branches/batch",
+        "branchBatch",
+        "Several running clones, all or nothing (names, or count with namePrefix)",
+        Shape::Json("BranchBatchBody"),
+        201,
+        Shape::Json("BranchBatchResponse"),
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/fork-batch",
+        "forkBatch",
+        "Legacy name of branchBatch",
+        Shape::Json("BranchBatchBody"),
+        201,
+        Shape::Json("BranchBatchResponse"),
     ),
     (
         Method::POST,
@@ -413,6 +432,8 @@ pub fn document() -> OpenApi {
     add::<ExecResponse>(&mut schemas);
     add::<SetPortsBody>(&mut schemas);
     add::<BranchBody>(&mut schemas);
+    add::<BranchBatchBody>(&mut schemas);
+    add::<BranchBatchResponse>(&mut schemas);
     schemas.sort_by(|a, b| a.0.cmp(&b.0));
     schemas.dedup_by(|a, b| a.0 == b.0);
     let components = ComponentsBuilder::new()

@@ -46,6 +46,16 @@ pub const ROUTE_SCOPES: &[(Method, &str, &str)] = &[
     (Method::POST, "/v1/machines/{id}/resume", "machine:exec"),
     (Method::POST, "/v1/machines/{id}/branches", "machine:create"),
     (Method::POST, "/v1/machines/{id}/fork", "machine:create"),
+    (
+        Method::POST,
+        "/v1/machines/{id}/branches/batch",
+        "machine:create",
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/fork-batch",
+        "machine:create",
+    ),
     (Method::POST, "/v1/machines/{id}/exec", "machine:exec"),
     (
         Method::POST,

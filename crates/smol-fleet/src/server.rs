@@ -250,6 +250,11 @@ impl Fleet {
             .route("/v1/machines/{id}/resume", post(branch::resume_machine))
             .route("/v1/machines/{id}/branches", post(branch::branch_machine))
             .route("/v1/machines/{id}/fork", post(branch::fork_machine))
+            .route(
+                "/v1/machines/{id}/branches/batch",
+                post(branch::branch_batch),
+            )
+            .route("/v1/machines/{id}/fork-batch", post(branch::fork_batch))
             .route("/v1/machines/{id}/exec", post(routes::exec))
             .route("/v1/machines/{id}/exec/stream", post(stream::exec_stream))
             .route("/v1/machines/{id}/files/{*path}", files)

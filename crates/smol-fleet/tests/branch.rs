@@ -96,7 +96,14 @@ async fn the_routes_need_their_scopes_and_a_valid_body() {
             (status, r.text().await.unwrap())
         }
     };
-    for route in ["/pause", "/resume", "/branches", "/fork"] {
+    for route in [
+        "/pause",
+        "/resume",
+        "/branches",
+        "/fork",
+        "/branches/batch",
+        "/fork-batch",
+    ] {
         let (status, text) = forbidden(&read_only, route).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{route}: {text}");
         assert!(
@@ -114,7 +121,7 @@ async fn the_routes_need_their_scopes_and_a_valid_body() {
             (StatusCode::FORBIDDEN, "missing scope: machine:exec")
         );
     }
-    for route in ["/branches", "/fork"] {
+    for route in ["/branches", "/fork", "/branches/batch", "/fork-batch"] {
         let (status, text) = forbidden(&exec_only, route).await;
         assert_eq!(
             (status, text.as_str()),
@@ -365,6 +372,79 @@ async fn pause_resume_and_branch_through_the_cloud_target() {
     assert_eq!(grandchild.state().await.unwrap(), MachineState::Stopped);
     grandchild.start().await.unwrap();
     assert_eq!(sh_out(&grandchild, "echo up").await, "up");
+
+    // a batch is all or nothing: a taken name refuses it whole, no clone made
+    let batch = |route: &str, body: Value| {
+        c.post(url(&format!("/v1/machines/{}/{route}", src.id())))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    problem(
+        batch(
+            "branches/batch",
+            json!({"ports": [], "names": ["batch-x", "fork-b"]}),
+        )
+        .await
+        .unwrap(),
+        StatusCode::CONFLICT,
+        "conflict",
+    )
+    .await;
+    for body in [
+        json!({"ports": [], "count": 0}),
+        json!({"ports": [], "count": 65}),
+    ] {
+        problem(
+            batch("branches/batch", body).await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_config",
+        )
+        .await;
+    }
+    let names_of = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let list = json_ok(
+        c.get(url("/v1/machines"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert!(!names_of(&list).contains(&"batch-x".to_string()), "{list}");
+    let on_node = Machine::list_on(&**srv.fleet.engine(), &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(on_node.len(), list.as_array().unwrap().len(), "{on_node:?}");
+    // the legacy route, names from the source's name
+    let made = json_ok(
+        batch("fork-batch", json!({"ports": [], "count": 2}))
+            .await
+            .unwrap(),
+        StatusCode::CREATED,
+    )
+    .await;
+    let clones = made["clones"].as_array().unwrap();
+    assert_eq!(
+        names_of(&made["clones"]),
+        [format!("{}-1", src.name()), format!("{}-2", src.name())],
+        "{made}"
+    );
+    for m in clones {
+        assert_eq!(m["state"], "running", "{m}");
+        let b = Machine::connect(m["id"].as_str().unwrap(), conn.clone())
+            .await
+            .unwrap();
+        assert_eq!(sh_out(&b, "cat /mnt/mem/secret").await, secret);
+        assert_eq!(sh_out(&b, "hostname").await, b.id());
+    }
 
     // freezeSource: the source becomes a frozen base, branched again from the same instant
     sh_out(&src, "echo before-freeze > /mnt/mem/who").await;

@@ -112,6 +112,73 @@ impl BranchBody {
     }
 }
 
+/// `POST /v1/machines/{id}/branches/batch` / `…/fork-batch` (SPEC §10.5.10), as
+/// `transport.py` `fork_batch` sends it: `ports` always, `names` when not empty, `count` and
+/// `namePrefix` when set, `freezeSource` only when true. The server names clones
+/// `{namePrefix}-{n}` (n from 1; the prefix defaults to the source's name).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BranchBatchBody {
+    /// Ports published on every clone (`hostPort` must be 0 or absent for more than one).
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<PortRequest>,
+    /// The clones' names (wins over `count`).
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub names: Vec<String>,
+    /// How many clones (1..=64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
+    /// The prefix of generated names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_prefix: Option<String>,
+    /// The source becomes a frozen base at the first clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_source: Option<bool>,
+}
+
+impl BranchBatchBody {
+    /// The engine's options of this body, with `default_prefix` when it names none. Port 0 is
+    /// `InvalidConfig`; names and counts are checked by
+    /// [`BranchBatchOptions::clone_names`](crate::BranchBatchOptions::clone_names).
+    pub fn into_options(self, default_prefix: &str) -> Result<crate::BranchBatchOptions> {
+        let mut ports = Vec::with_capacity(self.ports.len());
+        for p in &self.ports {
+            if p.port == 0 {
+                return Err(Error::invalid("ports: guest ports must be 1..=65535"));
+            }
+            ports.push(PortSpec {
+                host: p.host_port.unwrap_or(0),
+                guest: p.port,
+            });
+        }
+        Ok(crate::BranchBatchOptions {
+            count: self.count,
+            names: self.names,
+            name_prefix: Some(
+                self.name_prefix
+                    .unwrap_or_else(|| default_prefix.to_string()),
+            ),
+            ports,
+            branchable: false,
+            freeze_source: self.freeze_source == Some(true),
+        })
+    }
+}
+
+/// The answer of a batch: `{"clones": [MachineInfo…]}` (201).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BranchBatchResponse {
+    /// The running clones, in the order of their names.
+    #[serde(default, deserialize_with = "nullable")]
+    pub clones: Vec<super::MachineInfo>,
+}
+
 #[cfg(test)]
 #[path = "branch_tests.rs"]
 mod tests;

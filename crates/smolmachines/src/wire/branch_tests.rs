@@ -121,3 +121,52 @@ fn freeze_source_reads_and_the_aliases_must_agree() {
         ErrorCode::InvalidConfig
     );
 }
+
+#[test]
+fn the_batch_body_reads_as_transport_py_sends_it() {
+    // fork_batch(names=["a", "b"], ports=[PortSpec(0, 8080)], freeze_source=True)
+    let b: BranchBatchBody = serde_json::from_value(json!({
+        "ports": [{"port": 8080, "hostPort": 0}], "names": ["a", "b"], "freezeSource": true
+    }))
+    .unwrap();
+    let o = b.into_options("golden").unwrap();
+    assert_eq!(o.clone_names().unwrap(), ["a", "b"]);
+    assert_eq!(
+        o.ports,
+        [PortSpec {
+            host: 0,
+            guest: 8080
+        }]
+    );
+    assert!(o.freeze_source);
+    // fork_batch(3): the prefix is the server's (the source's name here)
+    let b: BranchBatchBody = serde_json::from_value(json!({"ports": [], "count": 3})).unwrap();
+    assert_eq!(
+        b.into_options("golden").unwrap().clone_names().unwrap(),
+        ["golden-1", "golden-2", "golden-3"]
+    );
+    let b: BranchBatchBody =
+        serde_json::from_value(json!({"ports": [], "count": 2, "namePrefix": "rl"})).unwrap();
+    assert_eq!(
+        b.into_options("golden").unwrap().clone_names().unwrap(),
+        ["rl-1", "rl-2"]
+    );
+    // neither count nor names, or 65 of them, is refused by the engine's check
+    for v in [json!({"ports": []}), json!({"ports": [], "count": 65})] {
+        let b: BranchBatchBody = serde_json::from_value(v.clone()).unwrap();
+        let e = b.into_options("golden").unwrap().clone_names().unwrap_err();
+        assert_eq!(e.code(), crate::error::ErrorCode::InvalidConfig, "{v}");
+    }
+    // the shape it writes is the one it reads: ports always, the rest when set
+    let b = BranchBatchBody {
+        count: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(
+        serde_json::to_value(&b).unwrap(),
+        json!({"ports": [], "count": 2})
+    );
+    let r: BranchBatchResponse =
+        serde_json::from_value(json!({"clones": [{"id": "mach-1", "state": "running"}]})).unwrap();
+    assert_eq!(r.clones[0].id, "mach-1");
+}

@@ -12,7 +12,7 @@ mod branch;
 mod exec;
 mod machine;
 
-pub use branch::{BranchBody, BranchRoute};
+pub use branch::{BranchBatchBody, BranchBatchResponse, BranchBody, BranchRoute};
 pub use exec::{CommandBody, CommandLine, ExecResponse, SseDecoder, StreamEvent, TEXT_CAP};
 pub use machine::{
     CreateMachineBody, CreateResources, CredentialBody, MachineInfo, MachineList, MachineResources,
