@@ -111,6 +111,17 @@ fn child_process_entry() {
                 }
                 println!("READY");
             }
+            // a detached machine paused by this process, which then exits
+            "paused-detached" => {
+                let mut cfg = config(Some("pz"));
+                cfg.detach = true;
+                cfg.resources.memory_mb = Some(128);
+                let m = engine.create_machine(cfg).await.unwrap();
+                run(&m, "echo before > /root/data").await;
+                m.pause().await.unwrap();
+                println!("READY {}", m.pid().unwrap());
+                std::process::exit(0);
+            }
             other => panic!("unknown child mode {other}"),
         }
     });
@@ -241,6 +252,72 @@ async fn twenty_machines_from_two_processes_at_once() {
         .await
         .unwrap()
         .is_empty());
+}
+
+fn invalid_state(e: &Error) -> Option<&str> {
+    match e {
+        Error::InvalidState { state, .. } => Some(state),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_paused_by_another_process_is_paused_here_and_resumes() {
+    if common::vm_assets().is_none() {
+        return;
+    }
+    let h = home();
+    let mut c = child("paused-detached", h.path(), "");
+    let line = ready_line(&mut c);
+    let vmm: u32 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(c.wait().unwrap().success());
+    assert!(alive(vmm), "the detached VM outlives its process");
+    let engine = engine_at(h.path());
+    let list = engine.list_machines(&BTreeMap::new()).await.unwrap();
+    assert_eq!(
+        list.iter()
+            .map(|m| (m.name.as_str(), m.state))
+            .collect::<Vec<_>>(),
+        [("pz", MachineState::Paused)],
+        "{list:?}"
+    );
+    // open and connect attach to the paused VM at once: no wait for an agent that cannot
+    // answer while the vCPUs are stopped
+    let t0 = Instant::now();
+    let m = engine.open_machine("pz").await.unwrap();
+    let again = engine.connect_machine("pz").await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(again.same_handle(&m));
+    assert_eq!(m.state().await.unwrap(), MachineState::Paused);
+    assert_eq!(m.pid(), Some(vmm));
+    assert!(!m.ready().await.unwrap());
+    let e = m
+        .exec(&sh("true"), &ExecOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_state(&e), Some("paused"), "{e:?}");
+    let e = m.read_file("/root/data").await.unwrap_err();
+    assert_eq!(invalid_state(&e), Some("paused"), "{e:?}");
+
+    // resume from this process: the guest goes on with its memory and files
+    m.resume().await.unwrap();
+    assert_eq!(m.state().await.unwrap(), MachineState::Running);
+    assert_eq!(m.read_file("/root/data").await.unwrap(), b"before\n");
+    let r = run(&m, "echo after").await;
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "after\n"), "{r:?}");
+    let list = engine.list_machines(&BTreeMap::new()).await.unwrap();
+    assert_eq!(list[0].state, MachineState::Running, "{list:?}");
+
+    // this handle's pause is recorded too, and a stop clears it
+    m.pause().await.unwrap();
+    let list = engine.list_machines(&BTreeMap::new()).await.unwrap();
+    assert_eq!(list[0].state, MachineState::Paused, "{list:?}");
+    m.stop().await.unwrap();
+    assert!(!m.record().paused);
+    let list = engine.list_machines(&BTreeMap::new()).await.unwrap();
+    assert_eq!(list[0].state, MachineState::Stopped, "{list:?}");
+    assert!(!alive(vmm));
+    m.delete().await.unwrap();
 }
 
 #[tokio::test]

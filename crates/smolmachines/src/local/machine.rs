@@ -355,6 +355,7 @@ impl LocalMachine {
         let rec = {
             let mut rec = inner.record.lock().expect("record lock");
             rec.vmm = None;
+            rec.paused = false;
             rec.clone()
         };
         if !matches!(phase, Phase::Deleting | Phase::Deleted) {
@@ -515,6 +516,7 @@ impl LocalMachine {
             r.vmm = vmm_id;
             r.owner = Some(me);
             r.booted = true;
+            r.paused = false;
         })
         .await;
         if let Some((_, state)) = clone {
@@ -680,6 +682,14 @@ impl LocalMachine {
     }
 
     async fn attach_vm(&self, vmm_id: ProcId) -> Result<()> {
+        let exit_rx = self.watch_foreign_vmm(vmm_id);
+        let listener = self.bind_agent_socket()?;
+        self.nudge_reconnect().await;
+        self.await_agent(listener, exit_rx).await
+    }
+
+    /// Watches the VMM of another process (polls for its exit, which `on_exit` handles).
+    fn watch_foreign_vmm(&self, vmm_id: ProcId) -> watch::Receiver<Option<String>> {
         let pid = vmm_id.pid;
         let (exit_tx, exit_rx) = watch::channel(None);
         *self.inner.vm.lock().expect("vm lock") = Some(Vm {
@@ -702,9 +712,7 @@ impl LocalMachine {
                 tracing::trace!("VMM exit seen after the last handle");
             }
         });
-        let listener = self.bind_agent_socket()?;
-        self.nudge_reconnect().await;
-        self.await_agent(listener, exit_rx).await
+        exit_rx
     }
 
     /// Tells QEMU to reconnect its agent chardev now instead of on its next retry; a failure

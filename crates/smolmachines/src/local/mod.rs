@@ -553,6 +553,7 @@ impl LocalBackend {
             workload,
             branchable: config.is_branchable(),
             frozen: false,
+            paused: false,
         };
         // Reserves the name: of two processes creating it, one wins. A name whose owner died
         // is reaped and tried once more.
@@ -680,6 +681,8 @@ impl LocalBackend {
         let vmm = record.vmm.filter(|v| v.alive());
         // a frozen branch base never boots: `connect` leaves it as it is (SPEC §4.1)
         let frozen = record.frozen;
+        // a paused machine is attached as it is, without waiting for its agent (SPEC §4.1)
+        let paused = record.paused && vmm.is_some();
         let boot = boot && !frozen;
         let listeners = if vmm.is_some() || boot {
             ports::bind(&record.ports).await?
@@ -704,6 +707,7 @@ impl LocalBackend {
             },
         });
         match vmm {
+            Some(v) if paused => machine.attach_paused(v).await?,
             Some(v) => machine.attach(v).await?,
             None if boot => machine.start().await?,
             None => {}
@@ -751,6 +755,8 @@ impl LocalBackend {
                     branchable: r.branchable,
                     state: if r.frozen {
                         MachineState::Frozen
+                    } else if vmm.is_some() && r.paused {
+                        MachineState::Paused
                     } else if vmm.is_some() {
                         MachineState::Running
                     } else if r.booted {

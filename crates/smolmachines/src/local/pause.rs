@@ -3,8 +3,10 @@
 //! `InvalidState` naming that state (an operation already in flight waits). `stop` resumes it
 //! first (so the guest powers off cleanly), `delete` kills it as it is.
 //!
-//! The pause is this handle's: the record does not hold it, so another process's `connect`
-//! of a paused machine waits for an agent that does not answer (a later slice records it).
+//! The record holds the pause (`Record.paused`), so another process (or handle) sees it:
+//! `list` reports `paused`, and `open` / `connect` attach to the VMM without waiting for the
+//! agent (which cannot answer while the vCPUs are stopped). Such a handle is `Paused`; its
+//! `resume()` sends `cont`, then connects to the agent as an attach does.
 
 use super::super::qmp::Qmp;
 use super::*;
@@ -35,7 +37,11 @@ impl LocalMachine {
         }
         // the phase first: operations that start from now on are refused
         self.apply(Event::Pause, "pause")?;
+        // the record before the VM: a process that dies in between leaves a running VM
+        // recorded as paused, which a later handle's resume() (a no-op `cont`) sets right
+        self.save_record(|r| r.paused = true).await;
         if let Err(e) = self.qmp_command("stop", "pause").await {
+            self.save_record(|r| r.paused = false).await;
             Self::note(&self.inner, Event::Resume);
             return Err(e);
         }
@@ -53,8 +59,28 @@ impl LocalMachine {
             _ => return Err(self.invalid_state("resume")),
         }
         self.qmp_command("cont", "resume").await?;
+        self.save_record(|r| r.paused = false).await;
         self.apply(Event::Resume, "resume")?;
+        // a handle that attached to the paused VM has no agent yet: the guest answers now
+        let attached = self.inner.conn.lock().expect("conn lock").is_some();
+        if !attached {
+            tracing::debug!("connecting to the agent of the resumed VM");
+            self.reconnect().await?;
+        }
         tracing::info!("resumed");
+        Ok(())
+    }
+
+    /// Attaches to the VMM of a machine recorded as paused (another process or handle paused
+    /// it): watches the VMM, waits for no agent (its vCPUs are stopped), and leaves the phase
+    /// `Paused`. `resume()` connects to the agent.
+    #[tracing::instrument(skip(self), fields(machine = %self.inner.name, pid = vmm_id.pid))]
+    pub(crate) async fn attach_paused(&self, vmm_id: ProcId) -> Result<()> {
+        self.apply(Event::Boot, "attach")?;
+        self.watch_foreign_vmm(vmm_id);
+        self.apply(Event::Booted, "attach")?;
+        self.apply(Event::Pause, "attach")?;
+        tracing::info!("attached to a paused machine");
         Ok(())
     }
 

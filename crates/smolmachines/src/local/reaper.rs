@@ -150,6 +150,7 @@ mod tests {
             workload: None,
             branchable: false,
             frozen: false,
+            paused: false,
         }
     }
 

@@ -125,6 +125,10 @@ pub struct Record {
     /// A frozen branch base (`BranchOptions.freeze_source`): never booted again.
     #[serde(default)]
     pub frozen: bool,
+    /// Paused (`pause()`): the VMM runs with its vCPUs stopped, so its agent cannot answer.
+    /// Meaningful only while `vmm` is alive (cleared when the VMM exits or boots again).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// The image workload (`Entrypoint` + `Cmd`, or `MachineConfig.command`) of a machine.

@@ -306,7 +306,26 @@ mod tests {
             workload: None,
             branchable: false,
             frozen: false,
+            paused: false,
         }
+    }
+
+    #[test]
+    fn paused_is_stored_and_a_record_without_it_is_not_paused() {
+        let home = tempfile::tempdir().unwrap();
+        let db = StateDb::open(home.path()).unwrap();
+        let mut rec = record("p");
+        rec.paused = true;
+        db.insert(&rec).unwrap();
+        assert!(db.get("p").unwrap().unwrap().paused);
+        rec.paused = false;
+        db.update(&rec).unwrap();
+        assert!(!db.get("p").unwrap().unwrap().paused);
+        // a record stored before the field existed
+        let mut old = serde_json::to_value(record("old")).unwrap();
+        old.as_object_mut().unwrap().remove("paused");
+        let old: Record = serde_json::from_value(old).unwrap();
+        assert!(!old.paused);
     }
 
     #[test]
