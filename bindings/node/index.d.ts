@@ -223,6 +223,12 @@ export interface BranchBatchOptions extends Omit<BranchOptions, 'checkpointable'
 /** @deprecated alias of BranchBatchOptions. */
 export type ForkBatchOptions = BranchBatchOptions;
 
+/** Options of `resume` (SPEC §4.6). */
+export interface ResumeOptions {
+  /** Wait for `ready()` after resuming (`waitUntilReady()` defaults); default true. */
+  waitUntilReady?: boolean;
+}
+
 /** Options of `waitUntilReady` (SPEC §4.2). */
 export interface WaitReadyOptions {
   /** Give up after this many milliseconds (default 120000): `TimeoutError`. */
@@ -337,8 +343,8 @@ export declare class Machine {
   ports(): PortSpec[];
   /** Stops the vCPUs; the machine keeps its memory (state `paused`); exec rejects with InvalidStateError until `resume()`. */
   pause(): Promise<void>;
-  /** Lets a paused machine go on where it was. */
-  resume(): Promise<void>;
+  /** Lets a paused machine go on where it was, then waits for readiness unless `{waitUntilReady: false}`. */
+  resume(options?: ResumeOptions): Promise<void>;
   /**
    * A running copy-on-write clone of this running, branchable machine: its memory, processes,
    * files and disk as of now, its own hostname (`name`). A source that is not branchable rejects

@@ -416,9 +416,23 @@ class Machine {
     return call(() => this[kNative].pause());
   }
 
-  /** Lets a paused machine go on where it was. */
-  async resume() {
-    return call(() => this[kNative].resume());
+  /**
+   * Lets a paused machine go on where it was, then waits for readiness (`waitUntilReady()`, as
+   * Python's `resume(wait_until_ready=True)`); `{waitUntilReady: false}` resolves once it runs.
+   */
+  async resume(options = {}) {
+    if (options === undefined || options === null) options = {};
+    if (!isPlainObject(options)) throw new InvalidConfigError('resume options must be an object');
+    const { waitUntilReady = true, ...rest } = options;
+    const unknown = Object.keys(rest);
+    if (unknown.length) {
+      throw new InvalidConfigError(`unknown resume option ${JSON.stringify(unknown[0])} (expected waitUntilReady)`);
+    }
+    if (typeof waitUntilReady !== 'boolean') {
+      throw new InvalidConfigError(`waitUntilReady must be a boolean, got ${String(waitUntilReady)}`);
+    }
+    await call(() => this[kNative].resume());
+    if (waitUntilReady) await this.waitUntilReady();
   }
 
   /**

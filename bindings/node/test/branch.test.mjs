@@ -9,7 +9,7 @@ import {
   NotSupportedError,
   ConflictError,
 } from 'smolmachines';
-import { uniqueName, withMachine } from './helpers.mjs';
+import { uniqueName, withMachine, freePort } from './helpers.mjs';
 
 const names = async () => new Set((await Machine.list()).map((r) => r.name));
 
@@ -31,6 +31,25 @@ test('pause: exec rejects with InvalidStateError; resume goes on with the memory
     await m.resume();
     assert.equal(await m.state(), 'running');
     assert.equal(await sh(m, 'cat /tmp/ram'), 'kept\n');
+  });
+});
+
+test('resume() waits for readiness: a published port listened on again answers when it resolves', async () => {
+  const port = await freePort();
+  await withMachine({ ports: [{ host: port, guest: 8080 }] }, async (m) => {
+    await assert.rejects(m.resume({ wait: true }), InvalidConfigError);
+    await assert.rejects(m.resume({ waitUntilReady: 'yes' }), InvalidConfigError);
+    // not ready: nothing listens on the guest port; without the wait resume resolves at once
+    await m.pause();
+    await m.resume({ waitUntilReady: false });
+    assert.equal(await m.state(), 'running');
+    assert.equal(await m.ready(), false);
+    // a listener that starts 2 s (guest time, which stands still while paused) after the pause
+    await sh(m, '(sleep 2; nc -ll -p 8080 -e cat) </dev/null >/dev/null 2>&1 &');
+    await m.pause();
+    await m.resume();
+    assert.equal(await m.state(), 'running');
+    assert.equal(await m.ready(), true, 'resume() resolved before the machine was ready');
   });
 });
 

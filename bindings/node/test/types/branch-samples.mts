@@ -6,6 +6,8 @@ export async function branches(): Promise<void> {
   const src = await Machine.create({ branchable: true });
   await src.pause();
   await src.resume();
+  await src.pause();
+  await src.resume({ waitUntilReady: false });
   const a: Machine = await src.branch('a');
   const b: Machine = await src.branch('b', [{ host: 0, guest: 80 }]);
   const opts: BranchOptions = { ports: [], branchable: true, freezeSource: false };
@@ -21,6 +23,8 @@ export async function branches(): Promise<void> {
   await src.branch(1);
   // @ts-expect-error: unknown batch option
   await src.branchBatch({ counts: 3 });
+  // @ts-expect-error: unknown resume option
+  await src.resume({ waitUntilReadyMs: 5 });
   // @ts-expect-error: rewardFork takes an argv, not a shell string
   await src.rewardFork('true');
 }
