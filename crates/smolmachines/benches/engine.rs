@@ -11,8 +11,9 @@
 //!    interleaved in the same process, so a change to the file path shows as a ratio.
 //!
 //! Run with `make bench` (or `cargo bench -p smolmachines --bench engine`). Needs `make setup`.
-//! 5. branch (issue 12): `branch` call -> first exec in the clone, against cold create -> first
-//!    exec in the same run, and the source's pause window (printed, never asserted).
+//! 5. branch (issue 12): `branch` call -> first exec in the clone, and a create from a booted
+//!    template (`with_templates(true)`) -> first exec, each against cold create -> first exec
+//!    in the same run, and the source's pause window (printed, never asserted).
 //!
 //! `SMOL_BENCH_ONLY=files` runs only 3. and 4.; `SMOL_BENCH_ONLY=branch` only 5.
 
@@ -255,7 +256,31 @@ async fn branching(engine: &LocalBackend) {
         .await
         .unwrap();
     src.exec(&t, &opts).await.unwrap();
+    // booted templates: the first templated create builds the template (not measured)
+    let templated = engine.clone().with_templates(true);
+    let mut from_template = Vec::new();
+    templated
+        .create_machine(MachineConfig {
+            name: Some("warm-template".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .delete()
+        .await
+        .unwrap();
     for i in 0..BOOTS {
+        let t0 = Instant::now();
+        let m = templated
+            .create_machine(MachineConfig {
+                name: Some(format!("tpl-made-{i}")),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        m.exec(&t, &opts).await.unwrap();
+        from_template.push(t0.elapsed().as_secs_f64());
+        m.delete().await.unwrap();
         let t0 = Instant::now();
         let m = engine
             .create_machine(MachineConfig {
@@ -281,10 +306,18 @@ async fn branching(engine: &LocalBackend) {
     row(
         "branch -> first exec in the clone",
         median(clone),
-        median(cold),
+        median(cold.clone()),
         "s",
         "<= 0.05 (baseline: cold create)",
     );
+    row(
+        "templated create -> first exec",
+        median(from_template),
+        median(cold),
+        "s",
+        "<= 0.1 (baseline: cold create)",
+    );
+    templated.drop_templates().await.unwrap();
     println!(
         "source pause window during branch: median {:.1} ms, max {:.1} ms ({ram} MiB of RAM copied; target <= 40 ms)",
         median(pause.clone()),

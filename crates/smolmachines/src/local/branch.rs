@@ -27,11 +27,13 @@
 //! the source or a sibling leaves a clone working, and clones of clones work. The bottom of
 //! every chain is the shared ext4 template, which is never removed.
 //!
-//! *Frozen base* (`BranchOptions.freeze_source`): the source's vCPUs are not resumed; its
-//! device state is kept as `frozen.state`, its RAM file renamed `frozen.ram`, its VMM ended,
-//! its record marked `frozen` (phase `Frozen`). A branch of a base copies those two files and
-//! hard-links the base's disk (no VMM writes it any more) as the clone's frozen layer: no
-//! pause window, and every clone starts from the same instant.
+//! *Frozen base* (`BranchOptions.freeze_source`, and the booted templates of `create`): the
+//! source's vCPUs are not resumed; its device state is kept as `frozen.state`, its RAM file
+//! renamed `frozen.ram`, its VMM ended, its record marked `frozen` (phase `Frozen`). A branch
+//! of a base copies the state file, maps `frozen.ram` itself copy-on-write (a branchable clone
+//! gets a copy), hard-links the base's disk (no VMM writes it any more) as the clone's frozen
+//! layer `base-frozen-<base>.qcow2` and copies a prepared overlay over it: no pause window, no
+//! RAM copy, no qemu-img, and every clone starts from the same instant.
 //!
 //! Not branchable: a stopped or paused source (`InvalidState` naming its state), one created
 //! without `branchable` (`InvalidState` "not branchable"), one with mounts (`InvalidConfig`:
@@ -61,6 +63,8 @@ const STATE_FILE: &str = "branch.state";
 const BASE_STATE: &str = "frozen.state";
 /// A frozen base's RAM, in its RAM directory.
 const BASE_RAM: &str = "frozen.ram";
+/// A frozen base's prepared clone overlay (over `base-frozen-<name>.qcow2`), in its home.
+const CLONE_OVERLAY: &str = "clone-overlay.qcow2";
 /// Bytes of host randomness a clone's RNG is reseeded with.
 const SEED_BYTES: usize = 32;
 
@@ -78,10 +82,10 @@ pub struct BranchReport {
 }
 
 /// What the pause window produced.
-struct Frozen {
-    pause: Duration,
-    ram_bytes: u64,
-    disk_bytes: u64,
+pub(crate) struct Frozen {
+    pub(crate) pause: Duration,
+    pub(crate) ram_bytes: u64,
+    pub(crate) disk_bytes: u64,
 }
 
 fn quote(path: &Path) -> String {
@@ -323,8 +327,9 @@ impl LocalMachine {
         }
     }
 
-    /// Freezes the source into the clone's files, then starts the clone.
-    async fn make_clone(
+    /// Freezes the source into the clone's files (or copies a frozen base's), then starts
+    /// the clone (phase `Creating`, its directories made, no disk yet).
+    pub(crate) async fn make_clone(
         &self,
         clone: &LocalMachine,
         src_ram: &Path,
@@ -338,12 +343,23 @@ impl LocalMachine {
             log_tail: String::new(),
         };
         let cram = clone.inner.ram_dir();
+        let from_base = self.phase() == Phase::Frozen;
+        // A frozen base's RAM never changes: a clone that maps it copy-on-write maps the
+        // base's own file (no copy; unlinking it later leaves the mapping). A branchable clone
+        // writes its RAM file, so it gets a copy.
         let frozen_ram = if branchable {
             cram.join(ram::FILE)
+        } else if from_base {
+            src_ram.to_path_buf()
         } else {
             cram.join("base.ram")
         };
-        let layer = format!("base-{:016x}.qcow2", rand::random::<u64>());
+        // a base's layer has one name in every clone, so one prepared overlay fits them all
+        let layer = if from_base {
+            format!("base-frozen-{}.qcow2", self.inner.name)
+        } else {
+            format!("base-{:016x}.qcow2", rand::random::<u64>())
+        };
         let chome = clone.inner.home_dir.clone();
         let state = clone.inner.spec.dir.join(STATE_FILE);
         let src_disk = self
@@ -352,7 +368,7 @@ impl LocalMachine {
             .disk
             .clone()
             .ok_or_else(|| failed("the source has no disk".into()))?;
-        let frozen = if self.phase() == Phase::Frozen {
+        let frozen = if from_base {
             self.copy_base(src_ram, &frozen_ram, &src_disk, &chome.join(&layer), &state)
                 .await
         } else {
@@ -379,7 +395,23 @@ impl LocalMachine {
             std::fs::hard_link(&l, &to)
                 .map_err(|e| failed(format!("linking {} to {}: {e}", l.display(), to.display())))?;
         }
-        super::super::disk::create_overlay(&chome.join("disk.qcow2"), &layer).await?;
+        let overlay = chome.join("disk.qcow2");
+        let prepared = self.inner.home_dir.join(CLONE_OVERLAY);
+        if !(from_base && tokio::fs::copy(&prepared, &overlay).await.is_ok()) {
+            super::super::disk::create_overlay(&overlay, &layer).await?;
+            if from_base {
+                // kept for the next clone of this base (copying it beats running qemu-img)
+                let tmp = prepared.with_extension(format!("{:x}.tmp", rand::random::<u32>()));
+                let kept = match tokio::fs::copy(&overlay, &tmp).await {
+                    Ok(_) => tokio::fs::rename(&tmp, &prepared).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = kept {
+                    remove_file_logged(&tmp);
+                    tracing::debug!(error = %e, "no prepared overlay kept for the base");
+                }
+            }
+        }
         let restore = Restore {
             ram: frozen_ram.clone(),
             shared: branchable,
@@ -398,7 +430,7 @@ impl LocalMachine {
         // QEMU has the frozen RAM mapped (or it is the clone's own RAM file): the state file and
         // a private base are no longer needed by name
         remove_file_logged(&state);
-        if !branchable {
+        if !branchable && !from_base {
             remove_file_logged(&frozen_ram);
         }
         tracing::debug!("the clone's agent answered; giving it its identity");
@@ -499,12 +531,72 @@ impl LocalMachine {
                 disk_to.display()
             )
         })?;
-        let ram_bytes = copy_blocking(base_ram.to_path_buf(), ram_to.to_path_buf()).await?;
+        let ram_bytes = if ram_to == base_ram {
+            0 // mapped as it is
+        } else {
+            copy_blocking(base_ram.to_path_buf(), ram_to.to_path_buf()).await?
+        };
         Ok(Frozen {
             pause: Duration::ZERO,
             ram_bytes,
             disk_bytes: 0,
         })
+    }
+
+    /// A frozen base's RAM file.
+    pub(crate) fn base_ram(&self) -> PathBuf {
+        self.inner.ram_dir().join(BASE_RAM)
+    }
+
+    /// Makes this running, branchable machine a frozen base without branching it (a booted
+    /// template): its vCPUs stop, its device state is saved, then as [`Self::become_base`].
+    /// A failure leaves it running.
+    pub(crate) async fn freeze_in_place(&self) -> Result<()> {
+        let _one_at_a_time = self.inner.lifecycle.lock().await;
+        if self.phase() != Phase::Running {
+            return Err(self.invalid_state("freeze"));
+        }
+        let Some(ram) = self.inner.spec.ram_file.clone() else {
+            return Err(self.invalid_state("freeze"));
+        };
+        let state = self.inner.spec.dir.join(STATE_FILE);
+        let saved = async {
+            let mut qmp = Qmp::connect(&self.inner.spec.qmp_socket())
+                .await
+                .map_err(|e| format!("QMP: {e}"))?;
+            migration_setup(&mut qmp, "source").await?;
+            let tmp = state.with_extension("tmp");
+            let uri = format!(
+                "exec:cat > {} && mv {} {}",
+                quote(&tmp),
+                quote(&tmp),
+                quote(&state)
+            );
+            qmp.execute("stop", None)
+                .await
+                .map_err(|e| format!("stop: {e}"))?;
+            qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+                .await
+                .map_err(|e| format!("migrate: {e}"))?;
+            wait_migration(&mut qmp, "source").await?;
+            wait_file(&state).await
+        }
+        .await;
+        if let Err(reason) = saved {
+            if let Err(c) = self
+                .qmp_command("cont", "resume after a failed freeze")
+                .await
+            {
+                tracing::error!(error = %c, "the machine stays paused after a failed freeze");
+            }
+            remove_file_logged(&state);
+            return Err(Error::Protocol {
+                message: format!("cannot freeze machine {:?}: {reason}", self.inner.name),
+            });
+        }
+        let based = self.become_base(&ram, &state).await;
+        remove_file_logged(&state);
+        based
     }
 
     /// After a branch with `freeze_source` (the source's vCPUs still stopped): the source

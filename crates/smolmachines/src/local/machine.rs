@@ -535,7 +535,7 @@ impl LocalMachine {
 
     /// Starts the machine's workload (SPEC §3.4) in the background; its output goes to
     /// [`WORKLOAD_LOG`] in the guest. A workload that cannot start fails the boot.
-    async fn launch_workload(&self) -> Result<()> {
+    pub(crate) async fn launch_workload(&self) -> Result<()> {
         let Some(w) = self.record().workload else {
             return Ok(());
         };

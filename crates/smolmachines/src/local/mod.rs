@@ -23,6 +23,7 @@ pub mod record;
 mod registry;
 pub mod state;
 mod teardown;
+pub mod template;
 pub mod vmm;
 mod watchdog;
 
@@ -224,6 +225,8 @@ pub struct LocalBackend {
     assets: Option<assets::Assets>,
     passt: Option<PathBuf>,
     shared: Arc<registry::Shared>,
+    /// Booted templates for create (`local::template`); `None`: `SMOL_TEMPLATES`.
+    templates: Option<bool>,
 }
 
 fn map_accel(e: AccelError) -> Error {
@@ -250,6 +253,7 @@ impl LocalBackend {
             assets: None,
             passt: None,
             shared: Arc::new(registry::Shared::default()),
+            templates: None,
         })
     }
 
@@ -484,11 +488,14 @@ impl LocalBackend {
             Some(a) => a.clone(),
             None => assets::resolve()?,
         };
-        self.vmm
+        let qemu = self
+            .vmm
             .version()
             .map_err(|e| Error::HypervisorUnavailable {
                 message: e.to_string(),
             })?;
+        // kept for a cold boot after a template that failed
+        let cold_config = self.templates_on().then(|| config.clone());
         let dir = self.machine_run_dir(&name);
         let sock_len = dir.join("agent.sock").as_os_str().len();
         if sock_len > MAX_SOCKET_PATH {
@@ -576,7 +583,12 @@ impl LocalBackend {
         };
         inserted?;
         tracing::debug!(machine = %name, "name reserved");
+        let template = match template::template_name(&record, &qemu) {
+            Some(t) if self.templates_on() => self.template(&t, &record).await,
+            _ => None,
+        };
         let home_dir = self.machine_home_dir(&name);
+        let ram_dir = ram::dir(&self.machines_dir(), &name);
         let prepared = async {
             match tokio::fs::remove_dir_all(&dir).await {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -587,7 +599,16 @@ impl LocalBackend {
             tokio::fs::create_dir_all(&dir)
                 .await
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-            disk::create(&self.home, &home_dir.join("disk.qcow2"), storage_gb).await?;
+            if template.is_some() {
+                // the disk is an overlay over the template's, made with the clone
+                for d in [&home_dir, &ram_dir] {
+                    tokio::fs::create_dir_all(d)
+                        .await
+                        .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+                }
+            } else {
+                disk::create(&self.home, &home_dir.join("disk.qcow2"), storage_gb).await?;
+            }
             let lock = machine::lock_attach(&dir, &name, Duration::ZERO).await?;
             let listeners = ports::bind(&record.ports).await?;
             Ok::<_, Error>((lock, listeners))
@@ -626,9 +647,21 @@ impl LocalBackend {
             engine: self.shared.clone(),
             phase: Phase::Creating,
         });
-        if let Err(e) = machine.start().await {
+        let started = match &template {
+            Some(t) => self.start_from_template(t, &machine).await,
+            None => machine.start().await,
+        };
+        if let Err(e) = started {
             if let Err(d) = machine.destroy().await {
                 tracing::warn!(machine = %name, error = %d, "cleanup after a failed boot");
+            }
+            if let (Some(t), Some(config)) = (&template, cold_config) {
+                // a template only makes a create faster: without it, the machine boots cold
+                tracing::warn!(machine = %name, template = %t.name(), error = %e, "start from the template failed; booting cold");
+                drop(listeners);
+                drop(_gate);
+                let cold = self.clone().with_templates(false);
+                return Box::pin(cold.create_machine(config)).await;
             }
             return Err(e);
         }
@@ -742,6 +775,9 @@ impl LocalBackend {
             // a record whose owner died goes now; one whose last handle was just dropped is
             // on its way out
             if self.shared.draining(&r.name) || self.reap_record(&db, r.clone()).await? {
+                continue;
+            }
+            if r.labels.contains_key(template::TEMPLATE_LABEL) {
                 continue;
             }
             kept.push(r);

@@ -79,6 +79,25 @@ pub(crate) struct Shared {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// When the reaper last scanned every record (`None`: not yet).
     pub(crate) last_reap: Mutex<Option<Instant>>,
+    /// This process's booted templates, by name (`local::template`).
+    pub(crate) templates: Templates,
+}
+
+/// The frozen template machines an engine keeps (held here for the process's lifetime).
+#[derive(Default)]
+pub(crate) struct Templates(pub(crate) Mutex<HashMap<String, LocalMachine>>);
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .0
+            .lock()
+            .expect("templates lock")
+            .keys()
+            .cloned()
+            .collect();
+        f.debug_tuple("Templates").field(&names).finish()
+    }
 }
 
 /// One machine name of an engine in this process.

@@ -1,0 +1,237 @@
+//! Booted templates: `create` as a clone of a frozen, booted machine instead of a cold boot
+//! (issue 12).
+//!
+//! Per set of boot inputs (kernel, initramfs, QEMU, accelerator, cpus, memory, disk size,
+//! linger time) the engine keeps one *template*: a machine booted once, then frozen in place
+//! (`freeze_in_place`: its device state and RAM kept as files, its VMM ended, phase `Frozen`).
+//! A create whose machine is eligible becomes a branch of that base (`branch::make_clone`):
+//! the RAM and device state are copied, the base's disk is linked under the new machine's own
+//! overlay, the agent gets the new machine's hostname and a reseeded RNG, and the workload is
+//! launched as after a boot. Everything else (record, ports, labels, lifetime) is the new
+//! machine's, made by `create` as for a cold boot.
+//!
+//! *Eligible:* no image, no network, no mounts, not detached (the template's agent was booted
+//! with those absent, and with the linger time of an attached machine). The others boot cold.
+//! *On:* `LocalBackend::with_templates(true)`, or `SMOL_TEMPLATES=1` (off by default in this
+//! slice). A template that cannot be built or used is logged and the machine boots cold: a
+//! template only ever makes a create faster, never makes one fail.
+//! *Lifetime:* a template is a machine of this process (labelled [`TEMPLATE_LABEL`], hidden
+//! from `list`), kept in the engine's shared state until the process ends or
+//! [`LocalBackend::drop_templates`]; the next process's reaper removes one left behind.
+//! Changed inputs give another key, so another template.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+use super::*;
+use crate::config::{BranchOptions, ResourceSpec};
+
+/// The label of a template machine (such machines are hidden from `list`).
+pub const TEMPLATE_LABEL: &str = "smol.internal/template";
+
+/// One template build at a time in this process (two creates that both miss wait for one).
+static BUILD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn file_stamp(path: &Path, h: &mut DefaultHasher) {
+    path.hash(h);
+    if let Ok(m) = std::fs::metadata(path) {
+        m.len().hash(h);
+        m.modified().ok().hash(h);
+    }
+}
+
+/// The template's name for `rec`'s boot inputs, or `None` when such a machine cannot come
+/// from a template.
+pub(super) fn template_name(rec: &Record, qemu: &str) -> Option<String> {
+    let eligible = rec.image.is_none() && !rec.network && rec.mounts.is_empty() && !rec.detach;
+    if !eligible || rec.labels.contains_key(TEMPLATE_LABEL) {
+        return None;
+    }
+    let mut h = DefaultHasher::new();
+    file_stamp(&rec.kernel, &mut h);
+    file_stamp(&rec.initrd, &mut h);
+    (
+        qemu,
+        &rec.flavor,
+        &rec.accel,
+        rec.cpus,
+        rec.memory_mb,
+        rec.storage_gb,
+        LINGER.as_millis(),
+    )
+        .hash(&mut h);
+    Some(format!("tpl-{:016x}", h.finish()))
+}
+
+impl LocalBackend {
+    /// The same engine creating eligible machines from booted templates (`on`), or always
+    /// booting them cold. Without it, `SMOL_TEMPLATES=1` turns templates on.
+    pub fn with_templates(mut self, on: bool) -> Self {
+        self.templates = Some(on);
+        self
+    }
+
+    pub(super) fn templates_on(&self) -> bool {
+        self.templates
+            .unwrap_or_else(|| std::env::var("SMOL_TEMPLATES").as_deref() == Ok("1"))
+    }
+
+    /// Deletes this engine's templates (the next templated create builds one again).
+    pub async fn drop_templates(&self) -> Result<()> {
+        let all: Vec<LocalMachine> = {
+            let mut t = self.shared.templates.0.lock().expect("templates lock");
+            t.drain().map(|(_, m)| m).collect()
+        };
+        for m in all {
+            m.destroy().await?;
+        }
+        Ok(())
+    }
+
+    /// The frozen template named `name` for a machine like `rec`, built now (a cold boot, then
+    /// a freeze) when this process has none. `None` (logged): the caller boots cold.
+    pub(super) async fn template(&self, name: &str, rec: &Record) -> Option<LocalMachine> {
+        let have = || {
+            let t = self.shared.templates.0.lock().expect("templates lock");
+            t.get(name).filter(|m| m.phase() == Phase::Frozen).cloned()
+        };
+        if let Some(m) = have() {
+            return Some(m);
+        }
+        let _one = BUILD.lock().await;
+        if let Some(m) = have() {
+            return Some(m);
+        }
+        let t0 = Instant::now();
+        let config = MachineConfig {
+            name: Some(name.to_string()),
+            branchable: Some(true),
+            resources: ResourceSpec {
+                cpus: Some(rec.cpus),
+                memory_mb: Some(rec.memory_mb),
+                storage_gb: Some(rec.storage_gb),
+                ..Default::default()
+            },
+            labels: [(TEMPLATE_LABEL.to_string(), "1".to_string())].into(),
+            ..Default::default()
+        };
+        let built = async {
+            // (boxed: create_machine is what asked for the template)
+            let m = Box::pin(self.create_machine(config)).await?;
+            if let Err(e) = m.freeze_in_place().await {
+                if let Err(d) = m.destroy().await {
+                    tracing::warn!(template = name, error = %d, "cannot remove a template that failed to freeze");
+                }
+                return Err(e);
+            }
+            Ok::<_, Error>(m)
+        }
+        .await;
+        match built {
+            Ok(m) => {
+                tracing::info!(
+                    template = name,
+                    ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "template booted and frozen"
+                );
+                self.shared
+                    .templates
+                    .0
+                    .lock()
+                    .expect("templates lock")
+                    .insert(name.to_string(), m.clone());
+                Some(m)
+            }
+            Err(e) => {
+                tracing::warn!(template = name, error = %e, "no template; booting cold");
+                None
+            }
+        }
+    }
+
+    /// Starts `machine` (just created, phase `Creating`, no disk yet) as a clone of `template`:
+    /// its disk an overlay over the template's, its RAM and device state the template's, its
+    /// own identity; then its workload, as after a boot.
+    pub(super) async fn start_from_template(
+        &self,
+        template: &LocalMachine,
+        machine: &LocalMachine,
+    ) -> Result<()> {
+        let ram = template.base_ram();
+        let opts = BranchOptions {
+            branchable: machine.record().branchable,
+            ..Default::default()
+        };
+        let report = template.make_clone(machine, &ram, &opts).await?;
+        tracing::debug!(
+            template = %template.inner.name,
+            ram_mib = report.ram_bytes >> 20,
+            "created from a template"
+        );
+        machine.launch_workload().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> Record {
+        Record {
+            name: "m".into(),
+            cpus: 1,
+            memory_mb: 256,
+            storage_gb: 1,
+            accel: "tcg".into(),
+            accel_reason: "test".into(),
+            kernel: "/nonexistent/vmlinux".into(),
+            initrd: "/nonexistent/initrd".into(),
+            flavor: "smol".into(),
+            persistent: false,
+            detach: false,
+            labels: BTreeMap::new(),
+            ports: vec![],
+            mounts: vec![],
+            network: false,
+            created_unix: 1,
+            vmm: None,
+            owner: None,
+            booted: false,
+            image: None,
+            workload: None,
+            branchable: false,
+            frozen: false,
+            paused: false,
+        }
+    }
+
+    #[test]
+    fn the_key_follows_the_boot_inputs_and_ineligible_machines_have_none() {
+        let base = rec();
+        let name = template_name(&base, "QEMU 7.2").expect("a plain machine is eligible");
+        assert!(name.starts_with("tpl-") && name.len() == 20, "{name}");
+        crate::config::validate_name(&name).expect("a valid machine name");
+        // the machine's own name is not an input
+        let mut other = base.clone();
+        other.name = "n".into();
+        assert_eq!(template_name(&other, "QEMU 7.2"), Some(name.clone()));
+        let mut m = base.clone();
+        m.memory_mb += 1;
+        assert_ne!(template_name(&m, "QEMU 7.2"), Some(name.clone()));
+        assert_ne!(template_name(&base, "QEMU 8.0"), Some(name.clone()));
+        let mut k = base.clone();
+        k.initrd = "/nonexistent/other".into();
+        assert_ne!(template_name(&k, "QEMU 7.2"), Some(name));
+        for change in [
+            |r: &mut Record| r.network = true,
+            |r: &mut Record| r.detach = true,
+            |r: &mut Record| {
+                r.labels.insert(TEMPLATE_LABEL.into(), "1".into());
+            },
+        ] {
+            let mut r = base.clone();
+            change(&mut r);
+            assert_eq!(template_name(&r, "QEMU 7.2"), None);
+        }
+    }
+}
