@@ -137,6 +137,32 @@ async fn migration_setup(qmp: &mut Qmp, side: &str) -> std::result::Result<(), S
     Ok(())
 }
 
+/// QMP of `socket`, ready for a device-state migration (`side` names it in errors).
+async fn migration_qmp(socket: &Path, side: &str) -> std::result::Result<Qmp, String> {
+    let mut qmp = Qmp::connect(socket)
+        .await
+        .map_err(|e| format!("{side}: QMP: {e}"))?;
+    migration_setup(&mut qmp, side).await?;
+    Ok(qmp)
+}
+
+/// Saves the (stopped) VM's device state to `state`: written to a temporary name and renamed
+/// into place once complete, then waited for.
+async fn save_state(qmp: &mut Qmp, state: &Path) -> std::result::Result<(), String> {
+    let tmp = state.with_extension("tmp");
+    let uri = format!(
+        "exec:cat > {} && mv {} {}",
+        quote(&tmp),
+        quote(&tmp),
+        quote(state)
+    );
+    qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+        .await
+        .map_err(|e| format!("source: migrate: {e}"))?;
+    wait_migration(qmp, "source").await?;
+    wait_file(state).await
+}
+
 /// Copies on the blocking pool.
 async fn copy_blocking(src: PathBuf, dst: PathBuf) -> std::result::Result<u64, String> {
     let what = format!("copying {} to {}", src.display(), dst.display());
@@ -460,30 +486,13 @@ impl LocalMachine {
         state: &Path,
         keep: bool,
     ) -> std::result::Result<Frozen, String> {
-        let mut qmp = Qmp::connect(&self.inner.spec.qmp_socket())
-            .await
-            .map_err(|e| format!("source: QMP: {e}"))?;
-        migration_setup(&mut qmp, "source").await?;
-        let tmp = state.with_extension("tmp");
-        let uri = format!(
-            "exec:cat > {} && mv {} {}",
-            quote(&tmp),
-            quote(&tmp),
-            quote(state)
-        );
+        let mut qmp = migration_qmp(&self.inner.spec.qmp_socket(), "source").await?;
         let t0 = Instant::now();
         qmp.execute("stop", None)
             .await
             .map_err(|e| format!("source: stop: {e}"))?;
-        let save = async {
-            qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
-                .await
-                .map_err(|e| format!("source: migrate: {e}"))?;
-            wait_migration(&mut qmp, "source").await?;
-            wait_file(state).await
-        };
         let (saved, ram, disk) = tokio::join!(
-            save,
+            save_state(&mut qmp, state),
             copy_blocking(src_ram.to_path_buf(), ram_to.to_path_buf()),
             copy_blocking(src_disk.to_path_buf(), disk_to.to_path_buf()),
         );
@@ -561,25 +570,11 @@ impl LocalMachine {
         };
         let state = self.inner.spec.dir.join(STATE_FILE);
         let saved = async {
-            let mut qmp = Qmp::connect(&self.inner.spec.qmp_socket())
-                .await
-                .map_err(|e| format!("QMP: {e}"))?;
-            migration_setup(&mut qmp, "source").await?;
-            let tmp = state.with_extension("tmp");
-            let uri = format!(
-                "exec:cat > {} && mv {} {}",
-                quote(&tmp),
-                quote(&tmp),
-                quote(&state)
-            );
+            let mut qmp = migration_qmp(&self.inner.spec.qmp_socket(), "source").await?;
             qmp.execute("stop", None)
                 .await
-                .map_err(|e| format!("stop: {e}"))?;
-            qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
-                .await
-                .map_err(|e| format!("migrate: {e}"))?;
-            wait_migration(&mut qmp, "source").await?;
-            wait_file(&state).await
+                .map_err(|e| format!("source: stop: {e}"))?;
+            save_state(&mut qmp, &state).await
         }
         .await;
         if let Err(reason) = saved {

@@ -495,7 +495,8 @@ impl LocalBackend {
                 message: e.to_string(),
             })?;
         // kept for a cold boot after a template that failed
-        let cold_config = self.templates_on().then(|| config.clone());
+        let templates = self.templates_on();
+        let cold_config = templates.then(|| config.clone());
         let dir = self.machine_run_dir(&name);
         let sock_len = dir.join("agent.sock").as_os_str().len();
         if sock_len > MAX_SOCKET_PATH {
@@ -583,8 +584,8 @@ impl LocalBackend {
         };
         inserted?;
         tracing::debug!(machine = %name, "name reserved");
-        let template = match template::template_name(&record, &qemu) {
-            Some(t) if self.templates_on() => self.template(&t, &record).await,
+        let template = match templates.then(|| template::template_name(&record, &qemu)) {
+            Some(Some(t)) => self.template(&t, &record).await,
             _ => None,
         };
         let home_dir = self.machine_home_dir(&name);

@@ -127,30 +127,10 @@ mod tests {
 
     fn rec(name: &str, persistent: bool, owner: Option<ProcId>) -> Record {
         Record {
-            name: name.into(),
-            cpus: 1,
-            memory_mb: 256,
-            storage_gb: 1,
-            accel: "tcg".into(),
-            accel_reason: "test".into(),
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            flavor: "smol".into(),
             persistent,
-            detach: false,
-            labels: BTreeMap::new(),
-            ports: vec![],
-            mounts: vec![],
-            network: false,
-            created_unix: 1,
-            vmm: None,
             owner,
             booted: true,
-            image: None,
-            workload: None,
-            branchable: false,
-            frozen: false,
-            paused: false,
+            ..Record::for_test(name)
         }
     }
 

@@ -146,6 +146,37 @@ pub struct Workload {
 }
 
 impl Record {
+    /// A record for unit tests: a plain TCG machine named `name` that never booted.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str) -> Record {
+        Record {
+            name: name.into(),
+            cpus: 1,
+            memory_mb: 256,
+            storage_gb: 1,
+            accel: "tcg".into(),
+            accel_reason: "test".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            flavor: "smol".into(),
+            persistent: false,
+            detach: false,
+            labels: BTreeMap::new(),
+            ports: vec![],
+            mounts: vec![],
+            network: false,
+            created_unix: 1,
+            vmm: None,
+            owner: None,
+            booted: false,
+            image: None,
+            workload: None,
+            branchable: false,
+            frozen: false,
+            paused: false,
+        }
+    }
+
     /// Whether the VMM recorded for this machine is running.
     pub fn vmm_alive(&self) -> bool {
         self.vmm.is_some_and(|p| p.alive())

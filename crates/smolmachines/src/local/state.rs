@@ -281,33 +281,8 @@ impl StateDb {
 mod tests {
     use super::*;
 
-    pub(crate) fn record(name: &str) -> Record {
-        Record {
-            name: name.into(),
-            cpus: 1,
-            memory_mb: 256,
-            storage_gb: 1,
-            accel: "tcg".into(),
-            accel_reason: "test".into(),
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            flavor: "smol".into(),
-            persistent: false,
-            detach: false,
-            labels: BTreeMap::new(),
-            ports: vec![],
-            mounts: vec![],
-            network: false,
-            created_unix: 1,
-            vmm: None,
-            owner: None,
-            booted: false,
-            image: None,
-            workload: None,
-            branchable: false,
-            frozen: false,
-            paused: false,
-        }
+    fn record(name: &str) -> Record {
+        Record::for_test(name)
     }
 
     #[test]

@@ -178,30 +178,9 @@ mod tests {
 
     fn rec() -> Record {
         Record {
-            name: "m".into(),
-            cpus: 1,
-            memory_mb: 256,
-            storage_gb: 1,
-            accel: "tcg".into(),
-            accel_reason: "test".into(),
             kernel: "/nonexistent/vmlinux".into(),
             initrd: "/nonexistent/initrd".into(),
-            flavor: "smol".into(),
-            persistent: false,
-            detach: false,
-            labels: BTreeMap::new(),
-            ports: vec![],
-            mounts: vec![],
-            network: false,
-            created_unix: 1,
-            vmm: None,
-            owner: None,
-            booted: false,
-            image: None,
-            workload: None,
-            branchable: false,
-            frozen: false,
-            paused: false,
+            ..Record::for_test("m")
         }
     }
 
