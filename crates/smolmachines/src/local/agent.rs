@@ -213,6 +213,7 @@ impl AgentConn {
         tokio::time::timeout(deadline, async {
             loop {
                 let (sock, _) = listener.accept().await?;
+                tracing::trace!("agent channel accepted; saying hello");
                 match Self::greet(sock).await {
                     // A connection that ends before the hello is a stale attempt (QEMU's own
                     // reconnect racing a chardev swap): wait for the next one.

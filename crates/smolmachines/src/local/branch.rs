@@ -652,7 +652,9 @@ impl LocalMachine {
                 }
             }
         };
+        let t0 = Instant::now();
         migration_setup(&mut qmp, "clone").await?;
+        tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1e3, "clone: QMP up");
         qmp.execute(
             "migrate-incoming",
             Some(serde_json::json!({ "uri": format!("exec:cat {}", quote(state)) })),
@@ -660,6 +662,7 @@ impl LocalMachine {
         .await
         .map_err(|e| format!("clone: migrate-incoming: {e}"))?;
         wait_migration(&mut qmp, "clone").await?;
+        tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1e3, "clone: migrated in");
         qmp.execute("cont", None)
             .await
             .map_err(|e| format!("clone: cont: {e}"))?;

@@ -420,6 +420,8 @@ impl LocalMachine {
         &self,
         clone: Option<(&super::vmm::Restore, &std::path::Path)>,
     ) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let ms = move || t0.elapsed().as_secs_f64() * 1e3;
         if let Some(dir) = self.inner.spec.ram_file.as_ref().and_then(|f| f.parent()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -461,6 +463,7 @@ impl LocalMachine {
             },
         })?;
         let pid = child.id().unwrap_or(0);
+        tracing::trace!(ms = ms(), pid, "VMM spawned");
         let vmm_id = ProcId::of(pid);
         let watchdog = match self.start_watchdog(vmm_id) {
             Ok(w) => w,
@@ -519,8 +522,11 @@ impl LocalMachine {
             r.paused = false;
         })
         .await;
+        tracing::trace!(ms = ms(), "watchdog started, record saved");
         if let Some((_, state)) = clone {
-            if let Err(reason) = self.load_state(state, exit_rx.clone()).await {
+            let loaded = self.load_state(state, exit_rx.clone()).await;
+            tracing::trace!(ms = ms(), "device state loaded");
+            if let Err(reason) = loaded {
                 let log_tail = self.log_tail();
                 self.kill_and_wait().await;
                 return Err(Error::BootFailed {
