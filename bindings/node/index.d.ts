@@ -289,12 +289,24 @@ export interface ListOptions {
   labels?: Record<string, string>;
 }
 
+/** The guest assets the local engine uses (`localAvailability().assets`). */
+export interface AssetsInfo {
+  /** `env`: SMOL_ASSETS; `packaged`: inside this installed package; `home`: the set-up's. */
+  source: 'env' | 'packaged' | 'home' | string;
+  dir: string;
+  /** The smol version that packaged them (packaged assets). */
+  version?: string;
+  /** One line: where they are, why, and what their manifest says. */
+  description: string;
+}
+
 export type LocalAvailability =
-  | { available: true; accel?: 'kvm' | 'tcg' | string }
+  | { available: true; accel?: 'kvm' | 'tcg' | string; assets?: AssetsInfo }
   | {
       available: false;
       code: 'UNSUPPORTED_PLATFORM' | 'RUNTIME_NOT_INSTALLED' | 'KVM_UNAVAILABLE' | 'HYPERVISOR_UNAVAILABLE' | string;
       reason: string;
+      assets?: AssetsInfo;
     };
 
 /** A microVM sandbox. */
@@ -467,3 +479,5 @@ export declare class ConnectionError extends CodedError {}
 export declare function wrapNativeError(err: unknown): SmolError;
 /** Same as Machine.localAvailability(). */
 export declare function localAvailability(): LocalAvailability;
+/** The package's version (the workspace's: `smol --version`, `smol.__version__`). */
+export declare const version: string;

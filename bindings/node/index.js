@@ -259,9 +259,10 @@ class Machine {
     }
     try {
       const a = native.localAvailability();
+      const assets = native.localAssets() ?? undefined;
       return a.available
-        ? { available: true, accel: a.accel }
-        : { available: false, code: a.code, reason: a.reason };
+        ? { available: true, accel: a.accel, assets }
+        : { available: false, code: a.code, reason: a.reason, assets };
     } catch (e) {
       return { available: false, code: 'SMOLVM_ERROR', reason: String(e && e.message) };
     }
@@ -574,6 +575,8 @@ module.exports = {
   ConnectionError: errors.ConnectionError,
   wrapNativeError,
   localAvailability: () => Machine.localAvailability(),
+  /** The package's version: the workspace's, as the addon was built with it. */
+  version: native ? native.version() : require('./package.json').version,
   // Not public API: the typed error of an HTTP error response (status, body bytes, Retry-After)
   // through the core's Error::from_problem (tests; the cloud client later).
   _errorFromProblem: (status, body, retryAfter) =>

@@ -28,6 +28,7 @@ export const {
   RateLimitedError,
   ConnectionError,
   wrapNativeError,
+  version,
   localAvailability,
 } = smol;
 export default smol;

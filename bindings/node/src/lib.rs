@@ -69,6 +69,37 @@ pub fn local_availability() -> Availability {
     }
 }
 
+/// The guest assets the local engine uses (`localAvailability().assets`).
+#[napi(object)]
+pub struct AssetsInfo {
+    /// `env` (SMOL_ASSETS), `packaged` (in the installed package) or `home` (the set-up's).
+    pub source: String,
+    /// The directory.
+    pub dir: String,
+    /// The smol version that packaged them (packaged assets).
+    pub version: Option<String>,
+    /// One line: where they are, why, and what their manifest says.
+    pub description: String,
+}
+
+/// `None` when the directory cannot be told (a broken manifest: `localAvailability()` says why).
+#[napi]
+pub fn local_assets() -> Option<AssetsInfo> {
+    let o = smolmachines::local::assets::origin().ok()?;
+    Some(AssetsInfo {
+        source: o.source.as_str().to_string(),
+        dir: o.dir.display().to_string(),
+        version: o.manifest.as_ref().map(|m| m.version.clone()),
+        description: o.to_string(),
+    })
+}
+
+/// The version of the addon (the workspace's; `require('smolmachines').version`).
+#[napi]
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
 /// Creates and starts a machine (`Machine.create`).
 #[napi]
 pub async fn create(config: String, conn: String) -> Result<NativeMachine> {

@@ -131,6 +131,19 @@ fn local_availability(py: Python<'_>) -> (bool, Option<String>, Option<String>, 
     }
 }
 
+/// `(source, dir, description)` of the guest assets the local engine uses: `source` is `env`
+/// (SMOL_ASSETS), `packaged` (in the installed package) or `home` (the set-up's); `None` when the
+/// directory cannot be told (a broken manifest: `local_availability()` says why).
+#[pyfunction]
+fn local_assets() -> Option<(String, String, String)> {
+    let o = smolmachines::local::assets::origin().ok()?;
+    Some((
+        o.source.as_str().to_string(),
+        o.dir.display().to_string(),
+        o.to_string(),
+    ))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -138,6 +151,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<machine::Machine>()?;
     m.add_class::<stream::ExecStream>()?;
     m.add_function(wrap_pyfunction!(local_availability, m)?)?;
+    m.add_function(wrap_pyfunction!(local_assets, m)?)?;
     m.add_function(wrap_pyfunction!(errors::error_from_problem, m)?)?;
     log::register(m)?;
     Ok(())

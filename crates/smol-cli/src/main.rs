@@ -410,6 +410,10 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 Ok(v) => println!("vmm:         {v}"),
                 Err(e) => println!("vmm:         missing: {e}"),
             }
+            match smolmachines::local::assets::origin() {
+                Ok(o) => println!("assets:      {o}"),
+                Err(e) => println!("assets:      unusable: {e}"),
+            }
             match &d.assets {
                 Ok(a) => {
                     println!("kernel:      {} ({:?})", a.kernel.display(), a.flavor);

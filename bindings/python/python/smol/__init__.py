@@ -11,7 +11,7 @@ microVMs driven by the Rust core inside this process; no daemon).
 
 from . import _log
 from ._async import AsyncMachine
-from ._machine import ExecStream, Machine, local_availability
+from ._machine import ExecStream, LocalAvailability, Machine, local_availability
 from ._types import (
     CacheDiskRef,
     ConnectOptions,
@@ -61,6 +61,7 @@ __all__ = [
     "AsyncMachine",
     "ExecStream",
     "local_availability",
+    "LocalAvailability",
     "CacheDiskRef",
     "ConnectOptions",
     "CredentialSpec",

@@ -38,7 +38,7 @@ except ImportError as _e:  # pragma: no cover - a broken install
 else:
     _native_error = None
 
-__all__ = ["Machine", "ExecStream", "local_availability"]
+__all__ = ["Machine", "ExecStream", "LocalAvailability", "local_availability"]
 
 #: The iterator ``Machine.exec_stream`` returns (SPEC §4.3): yields event dicts; ``kill()`` /
 #: ``close()`` from any thread; a context manager; dropping it kills the command.
@@ -768,13 +768,41 @@ class Machine:
         return f"Machine(name={self._name!r}, target={target!r})"
 
 
-def local_availability() -> Tuple[bool, Optional[str], Optional[str]]:
-    """``(available, code, reason)``: whether this host can run local machines (SPEC §3.10).
-    Never raises."""
+class LocalAvailability(tuple):
+    """``(available, code, reason)`` (SPEC §3.10), with two attributes more: ``accel`` (``kvm``
+    or ``tcg`` when available) and ``assets``: ``(source, dir, description)`` of the guest
+    assets in use, ``source`` being ``env`` (SMOL_ASSETS), ``packaged`` (inside this installed
+    package) or ``home`` (the set-up's), or ``None`` when they cannot be told."""
+
+    def __new__(cls, available: bool, code: Optional[str], reason: Optional[str],
+                accel: Optional[str] = None,
+                assets: Optional[Tuple[str, str, str]] = None) -> "LocalAvailability":
+        self = super().__new__(cls, (available, code, reason))
+        self.accel = accel
+        self.assets = assets
+        return self
+
+    @property
+    def available(self) -> bool:
+        return bool(self[0])
+
+    @property
+    def code(self) -> Optional[str]:
+        return self[1]
+
+    @property
+    def reason(self) -> Optional[str]:
+        return self[2]
+
+
+def local_availability() -> LocalAvailability:
+    """``(available, code, reason)``: whether this host can run local machines (SPEC §3.10);
+    ``.accel`` and ``.assets`` say with which accelerator and which guest assets. Never raises."""
     if _native is None:
-        return (False, "RUNTIME_NOT_INSTALLED", f"the native engine is not available: {_native_error}")
+        return LocalAvailability(False, "RUNTIME_NOT_INSTALLED", f"the native engine is not available: {_native_error}")
     try:
-        available, code, reason, _accel = _native.local_availability()
+        available, code, reason, accel = _native.local_availability()
+        assets = _native.local_assets()
     except Exception as e:  # noqa: BLE001 - documented to never raise
-        return (False, "RUNTIME_NOT_INSTALLED", str(e))
-    return (bool(available), code, reason)
+        return LocalAvailability(False, "RUNTIME_NOT_INSTALLED", str(e))
+    return LocalAvailability(bool(available), code, reason, accel, assets)

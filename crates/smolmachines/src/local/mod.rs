@@ -204,7 +204,10 @@ pub(crate) fn availability() -> crate::config::LocalAvailability {
     if let Err(e) = d.assets {
         return no(
             "RUNTIME_NOT_INSTALLED",
-            format!("{e}; run `make setup` to build the guest kernel and initramfs"),
+            format!(
+                "{e}; the smolmachines packages (wheel, npm package, release tarball) carry \
+                 them, or run `make setup` in a checkout to build them"
+            ),
         );
     }
     crate::config::LocalAvailability {
