@@ -151,7 +151,14 @@ impl Decoder for FrameCodec {
                     postcard::Error::DeserializeBadEncoding,
                 )),
             },
-            Some(buf) => Ok(Some(generation::decode(&buf, self.generation())?)),
+            Some(buf) => {
+                // A frame newer than the generation spoken is the peer breaking the agreement
+                // (the writer never sends one): refused like the writer refuses it.
+                let generation = self.generation();
+                let frame = generation::decode(&buf, generation)?;
+                generation::check(&frame, generation)?;
+                Ok(Some(frame))
+            }
             None => Ok(None),
         }
     }
@@ -221,6 +228,30 @@ mod tests {
         // a Data frame whose declared length disagrees with the frame is malformed
         let mut bad = BytesMut::from(&[0, 0, 0, 5, 2, 1, 1, 9, 0][..]);
         assert!(FrameCodec::default().decode(&mut bad).is_err());
+    }
+
+    /// Found by the frame_codec fuzz target (docs/FUZZING.md): a generation-2 codec decoded
+    /// an `Open` of `ReadFileStream` (generation 3), a frame it then could not encode.
+    #[test]
+    fn a_frame_newer_than_the_generation_is_refused() {
+        let crash: &[u8] = &[0x0, 0x0, 0x0, 0x4, 0x1, 0x4, 0x9, 0x0, 0x80, 0x0];
+        let mut buf = BytesMut::from(crash);
+        assert!(matches!(
+            FrameCodec::new(2).decode(&mut buf),
+            Err(CodecError::NotInGeneration(NotInGeneration {
+                needs: 3,
+                ..
+            }))
+        ));
+        let mut buf = BytesMut::from(crash);
+        let f = FrameCodec::new(3).decode(&mut buf).unwrap().unwrap();
+        assert!(matches!(
+            f,
+            Frame::Open {
+                id: 4,
+                op: crate::Op::ReadFileStream { .. }
+            }
+        ));
     }
 
     #[test]
