@@ -36,6 +36,24 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn open(&self, name: &str) -> Result<Arc<dyn MachineBackend>>;
     /// Every machine this backend knows that carries all of `labels`.
     async fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<MachineSummary>>;
+    /// A new running machine `name` from checkpoint `id` (locally a `.smolcheckpoint` path,
+    /// verified whole before anything starts). The default: `NotSupported`.
+    async fn restore_checkpoint(
+        &self,
+        _id: &str,
+        _name: &str,
+        _opts: &crate::config::RestoreOptions,
+    ) -> Result<Arc<dyn MachineBackend>> {
+        Err(Error::NotSupported {
+            message: "restore_checkpoint is not available on this target".into(),
+        })
+    }
+    /// Removes checkpoint `id` (a missing one is `NotFound`). The default: `NotSupported`.
+    async fn delete_checkpoint(&self, _id: &str) -> Result<()> {
+        Err(Error::NotSupported {
+            message: "delete_checkpoint is not available on this target".into(),
+        })
+    }
 }
 
 /// Operations on one machine. Arguments are already validated by [`Machine`].
@@ -155,6 +173,24 @@ pub trait MachineBackend: Send + Sync + std::fmt::Debug {
     ) -> Result<Arc<dyn MachineBackend>> {
         Err(Error::NotSupported {
             message: "branch is not available on this target".into(),
+        })
+    }
+    /// A portable checkpoint of this running (or paused) machine (SPEC §4.8 `checkpoint`);
+    /// the machine keeps running. The default: `NotSupported`.
+    async fn checkpoint(
+        &self,
+        _opts: &crate::config::CheckpointOptions,
+    ) -> Result<crate::wire::CheckpointInfo> {
+        Err(Error::NotSupported {
+            message: "checkpoint is not available on this target".into(),
+        })
+    }
+    /// The checkpoints of this machine (cloud). The default: `NotSupported`.
+    async fn checkpoints(&self) -> Result<Vec<crate::wire::CheckpointInfo>> {
+        Err(Error::NotSupported {
+            message: "checkpoints() lists a cloud machine's checkpoints; a local checkpoint is \
+                      a file you named"
+                .into(),
         })
     }
     /// Pulls an image into the engine's image cache (local only).
@@ -616,7 +652,10 @@ impl Machine {
 
 #[path = "backend_branch.rs"]
 mod branching;
+#[path = "backend_checkpoint.rs"]
+mod checkpointing;
 pub use branching::{BranchBatchOptions, DEFAULT_BRANCH_PREFIX, MAX_BRANCH_BATCH};
+pub use checkpointing::checkpoint_target;
 
 #[cfg(test)]
 #[path = "backend_tests.rs"]

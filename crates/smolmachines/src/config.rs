@@ -617,6 +617,28 @@ pub struct BranchOptions {
     pub freeze_source: bool,
 }
 
+/// Options of [`Machine::checkpoint`](crate::Machine::checkpoint) (SPEC §4.8).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointOptions {
+    /// The `.smolcheckpoint` file to write (local: required; cloud: must be unset).
+    pub output: Option<std::path::PathBuf>,
+    /// A content-addressed chunk store shared by checkpoints (local; not built yet).
+    pub store: Option<std::path::PathBuf>,
+}
+
+/// Options of [`Machine::restore_checkpoint`](crate::Machine::restore_checkpoint) (SPEC §4.8).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Ports published on the restored machine (host -> guest). Empty: each port of the
+    /// checkpointed machine is published again on a free host port.
+    pub ports: Vec<PortSpec>,
+    /// Keep the checkpointed machine's hostname and RNG state instead of the new name's and a
+    /// reseeded RNG (local only).
+    pub keep_identity: bool,
+    /// Cloud: guest egress of the restored machine (`None`: blocked).
+    pub network: Option<bool>,
+}
+
 /// Where a published port is reached (SPEC §3.10).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortEndpoint {

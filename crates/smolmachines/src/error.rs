@@ -134,6 +134,16 @@ pub enum Error {
         /// Which side is older, and what to do.
         reason: String,
     },
+    /// A `.smolcheckpoint` file is not a checkpoint this host can restore: truncated, altered
+    /// (a checksum differs), of another format version, another architecture or an
+    /// incompatible QEMU. Nothing was started.
+    #[error("invalid checkpoint {}: {reason}", path.display())]
+    InvalidCheckpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A deadline passed.
     #[error("timed out: {what}")]
     Timeout {
@@ -273,7 +283,9 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         use ErrorCode as C;
         match self {
-            Error::InvalidConfig { .. } | Error::NotADirectory { .. } => C::InvalidConfig,
+            Error::InvalidConfig { .. }
+            | Error::NotADirectory { .. }
+            | Error::InvalidCheckpoint { .. } => C::InvalidConfig,
             Error::NotSupported { .. } => C::NotSupported,
             Error::NotFound { .. } | Error::AssetMissing { .. } => C::NotFound,
             Error::IsADirectory { .. } => C::IsADirectory,
@@ -381,6 +393,11 @@ impl Error {
             Error::AgentIncompatible { .. } => {
                 "rebuild the guest initramfs with this smol (`make setup`, or scripts/setup.sh), \
                  or point SMOL_INITRD at one it built; `smol doctor` shows the assets in use"
+                    .into()
+            }
+            Error::InvalidCheckpoint { .. } => {
+                "the file is not a whole, unaltered checkpoint of this architecture and QEMU: \
+                 copy it again (compare its size), or take a new checkpoint on this host"
                     .into()
             }
             Error::Storage { .. } => {

@@ -19,7 +19,9 @@ use crate::config::{
     BranchOptions, ExecEvent, ExecOptions, ExecResult, MachineConfig, MachineState, MachineSummary,
     PortEndpoint, PortSpec, Target,
 };
+use crate::config::{CheckpointOptions, RestoreOptions};
 use crate::error::{Error, Result};
+use crate::wire::CheckpointInfo;
 
 /// The in-memory backend. Cheap to clone; clones share their machines.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +36,16 @@ struct State {
     next: u32,
     /// Clone names whose branch fails (`BootFailed`).
     fail_branch: Vec<String>,
+    /// Checkpoints by id: the machine's files and ports at the checkpoint.
+    checkpoints: BTreeMap<String, FakeCheckpoint>,
+}
+
+#[derive(Debug, Clone)]
+struct FakeCheckpoint {
+    info: CheckpointInfo,
+    labels: BTreeMap<String, String>,
+    files: BTreeMap<String, Vec<u8>>,
+    ports: Vec<PortSpec>,
 }
 
 /// A machine of the [`FakeBackend`].
@@ -132,6 +144,52 @@ impl Backend for FakeBackend {
     async fn open(&self, name: &str) -> Result<Arc<dyn MachineBackend>> {
         self.record(format!("open {name}"));
         Ok(self.get(name)?)
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        opts: &RestoreOptions,
+    ) -> Result<Arc<dyn MachineBackend>> {
+        let mut st = self.inner.lock().expect("fake lock");
+        st.calls.push(format!("restore_checkpoint {id} {name}"));
+        let c = st
+            .checkpoints
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                what: format!("checkpoint {id:?}"),
+            })?;
+        if st.machines.contains_key(name) {
+            return Err(Error::Conflict { name: name.into() });
+        }
+        let m = Arc::new(FakeMachine {
+            name: name.into(),
+            labels: c.labels,
+            state: Mutex::new(MachineState::Running),
+            files: Mutex::new(c.files),
+            ports: Mutex::new(if opts.ports.is_empty() {
+                c.ports
+            } else {
+                opts.ports.clone()
+            }),
+            branchable: true,
+            backend: self.clone(),
+        });
+        st.machines.insert(name.into(), m.clone());
+        Ok(m)
+    }
+
+    async fn delete_checkpoint(&self, id: &str) -> Result<()> {
+        let mut st = self.inner.lock().expect("fake lock");
+        st.calls.push(format!("delete_checkpoint {id}"));
+        st.checkpoints
+            .remove(id)
+            .map(|_| ())
+            .ok_or_else(|| Error::NotFound {
+                what: format!("checkpoint {id:?}"),
+            })
     }
 
     async fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<MachineSummary>> {
@@ -352,6 +410,61 @@ impl MachineBackend for FakeMachine {
             *self.state.lock().expect("fake lock") = MachineState::Frozen;
         }
         Ok(m)
+    }
+
+    async fn checkpoint(&self, opts: &CheckpointOptions) -> Result<CheckpointInfo> {
+        let out = opts.output.clone().unwrap_or_default();
+        self.call("checkpoint", &out.display().to_string());
+        let st = *self.state.lock().expect("fake lock");
+        if !matches!(st, MachineState::Running | MachineState::Paused) {
+            return Err(Error::InvalidState {
+                name: self.name.clone(),
+                state: st.to_string(),
+                op: "checkpoint".into(),
+            });
+        }
+        let files = self.files.lock().expect("fake lock").clone();
+        let id = std::path::absolute(&out)
+            .unwrap_or(out)
+            .display()
+            .to_string();
+        let info = CheckpointInfo {
+            id: id.clone(),
+            machine_id: self.name.clone(),
+            status: "available".into(),
+            size_bytes: files.values().map(|f| f.len() as u64).sum(),
+            arch: std::env::consts::ARCH.into(),
+            created_at: crate::wire::rfc3339(0),
+            download_url: None,
+            reused_bytes: None,
+            path: Some(id.clone()),
+            source_pause_ms: Some(0),
+            elapsed_ms: Some(0),
+        };
+        let c = FakeCheckpoint {
+            info: info.clone(),
+            labels: self.labels.clone(),
+            files,
+            ports: self.ports(),
+        };
+        self.backend
+            .inner
+            .lock()
+            .expect("fake lock")
+            .checkpoints
+            .insert(id, c);
+        Ok(info)
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<CheckpointInfo>> {
+        self.call("checkpoints", "");
+        let st = self.backend.inner.lock().expect("fake lock");
+        Ok(st
+            .checkpoints
+            .values()
+            .filter(|c| c.info.machine_id == self.name)
+            .map(|c| c.info.clone())
+            .collect())
     }
 
     fn ports(&self) -> Vec<PortSpec> {

@@ -34,14 +34,16 @@ pub use backend::{
 };
 pub use cloud::CloudBackend;
 pub use config::{
-    BranchOptions, CacheDiskRef, Capabilities, ConfigField, ConnectOptions, CredentialSpec,
-    DiskDurability, EgressInterceptor, ExecEvent, ExecOptions, ExecOutput, ExecResult,
-    LocalAvailability, MachineConfig, MachineState, MachineSummary, MountSpec, NetworkBackend,
-    PortEndpoint, PortSpec, ResourceSpec, Support, Target, MAX_BUFFERED_OUTPUT, MAX_WAIT,
+    BranchOptions, CacheDiskRef, Capabilities, CheckpointOptions, ConfigField, ConnectOptions,
+    CredentialSpec, DiskDurability, EgressInterceptor, ExecEvent, ExecOptions, ExecOutput,
+    ExecResult, LocalAvailability, MachineConfig, MachineState, MachineSummary, MountSpec,
+    NetworkBackend, PortEndpoint, PortSpec, ResourceSpec, RestoreOptions, Support, Target,
+    MAX_BUFFERED_OUTPUT, MAX_WAIT,
 };
 pub use error::{Error, ErrorCode, Problem, Result};
 pub use file_reader::FileReader;
 pub use image::ImageInfo;
+pub use wire::CheckpointInfo;
 
 /// Whether this host can run local machines, and with which accelerator (SPEC §3.10). Never
 /// fails: problems are reported in the result.

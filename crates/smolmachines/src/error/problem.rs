@@ -369,6 +369,11 @@ impl Error {
                 p.reason = Some(reason.clone());
                 "agentIncompatible"
             }
+            Error::InvalidCheckpoint { path, reason } => {
+                p.path = Some(path.display().to_string());
+                p.reason = Some(reason.clone());
+                "invalidCheckpoint"
+            }
             Error::Timeout { what } => {
                 p.reason = Some(what.clone());
                 "timeout"
@@ -582,6 +587,10 @@ fn exact(
             host: s(&p.host_protocol)?,
             reason: reason()?,
         },
+        "invalidCheckpoint" => Error::InvalidCheckpoint {
+            path: s(&p.path)?.into(),
+            reason: reason()?,
+        },
         "timeout" => Error::Timeout { what: reason()? },
         "hypervisorUnavailable" => Error::HypervisorUnavailable { message: reason()? },
         "kvmUnavailable" => Error::KvmUnavailable { message: reason()? },
@@ -693,6 +702,10 @@ mod tests {
                 agent: s("0"),
                 host: s("1..=3"),
                 reason: s("the agent speaks protocol generation 0, older than ..."),
+            },
+            Error::InvalidCheckpoint {
+                path: "/tmp/a.smolcheckpoint".into(),
+                reason: s("section ram: sha256 differs"),
             },
             Error::Timeout {
                 what: s("readiness of web"),

@@ -60,13 +60,13 @@ const MAX_BANDWIDTH: u64 = 10 << 30;
 /// Name of the saved device state in the clone's run directory.
 const STATE_FILE: &str = "branch.state";
 /// A frozen base's device state, in its run directory.
-const BASE_STATE: &str = "frozen.state";
+pub(super) const BASE_STATE: &str = "frozen.state";
 /// A frozen base's RAM, in its RAM directory.
 const BASE_RAM: &str = "frozen.ram";
 /// A frozen base's prepared clone overlay (over `base-frozen-<name>.qcow2`), in its home.
 const CLONE_OVERLAY: &str = "clone-overlay.qcow2";
 /// Bytes of host randomness a clone's RNG is reseeded with.
-const SEED_BYTES: usize = 32;
+pub(super) const SEED_BYTES: usize = 32;
 
 /// What one branch took and copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +138,7 @@ async fn migration_setup(qmp: &mut Qmp, side: &str) -> std::result::Result<(), S
 }
 
 /// QMP of `socket`, ready for a device-state migration (`side` names it in errors).
-async fn migration_qmp(socket: &Path, side: &str) -> std::result::Result<Qmp, String> {
+pub(super) async fn migration_qmp(socket: &Path, side: &str) -> std::result::Result<Qmp, String> {
     let mut qmp = Qmp::connect(socket)
         .await
         .map_err(|e| format!("{side}: QMP: {e}"))?;
@@ -148,7 +148,7 @@ async fn migration_qmp(socket: &Path, side: &str) -> std::result::Result<Qmp, St
 
 /// Saves the (stopped) VM's device state to `state`: written to a temporary name and renamed
 /// into place once complete, then waited for.
-async fn save_state(qmp: &mut Qmp, state: &Path) -> std::result::Result<(), String> {
+pub(super) async fn save_state(qmp: &mut Qmp, state: &Path) -> std::result::Result<(), String> {
     let tmp = state.with_extension("tmp");
     let uri = format!(
         "exec:cat > {} && mv {} {}",
@@ -164,7 +164,7 @@ async fn save_state(qmp: &mut Qmp, state: &Path) -> std::result::Result<(), Stri
 }
 
 /// Copies on the blocking pool.
-async fn copy_blocking(src: PathBuf, dst: PathBuf) -> std::result::Result<u64, String> {
+pub(super) async fn copy_blocking(src: PathBuf, dst: PathBuf) -> std::result::Result<u64, String> {
     let what = format!("copying {} to {}", src.display(), dst.display());
     match tokio::task::spawn_blocking(move || ram::copy_sparse(&src, &dst)).await {
         Ok(Ok(n)) => Ok(n),

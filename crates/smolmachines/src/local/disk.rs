@@ -141,6 +141,21 @@ pub async fn create_overlay(path: &Path, backing: &str) -> Result<()> {
     .await
 }
 
+/// Writes the disk `src` (a qcow2 overlay and every layer below it) as one standalone qcow2
+/// `dst` (a checkpoint's disk): zero and unallocated clusters are not written. `src`'s layers
+/// are opened read-only and shared (`-U`), so a running VMM's own layers do not block it.
+pub async fn flatten(src: &Path, dst: &Path) -> Result<()> {
+    run(
+        Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "qcow2"])
+            .arg(src)
+            .arg(dst),
+        "qemu-img convert",
+        dst,
+    )
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,3 +226,4 @@ mod tests {
         assert!(matches!(e, Error::Storage { .. }), "{e:?}");
     }
 }
+

@@ -929,6 +929,8 @@ mod pause;
 
 #[path = "branch.rs"]
 mod branch;
+#[path = "checkpoint.rs"]
+mod checkpoint;
 
 pub use branch::BranchReport;
 

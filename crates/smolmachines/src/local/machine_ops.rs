@@ -280,6 +280,13 @@ impl MachineBackend for LocalMachine {
         ))
     }
 
+    async fn checkpoint(
+        &self,
+        opts: &crate::config::CheckpointOptions,
+    ) -> Result<crate::wire::CheckpointInfo> {
+        self.checkpoint_to(opts).await
+    }
+
     #[tracing::instrument(skip(self), fields(machine = %self.inner.name))]
     async fn delete(&self) -> Result<()> {
         let _one_at_a_time = self.inner.lifecycle.lock().await;

@@ -8,6 +8,7 @@
 pub mod accel;
 pub mod agent;
 pub mod assets;
+pub mod checkpoint_file;
 mod container;
 pub mod disk;
 mod machine;
@@ -846,5 +847,17 @@ impl Backend for LocalBackend {
 
     async fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<MachineSummary>> {
         self.list_machines(labels).await
+    }
+    async fn restore_checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        opts: &crate::config::RestoreOptions,
+    ) -> Result<Arc<dyn MachineBackend>> {
+        Ok(Arc::new(self.restore_machine(id, name, opts).await?))
+    }
+
+    async fn delete_checkpoint(&self, id: &str) -> Result<()> {
+        self.delete_checkpoint_file(id).await
     }
 }

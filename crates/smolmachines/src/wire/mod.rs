@@ -9,10 +9,12 @@
 //! same bytes.
 
 mod branch;
+mod checkpoint;
 mod exec;
 mod machine;
 
 pub use branch::{BranchBatchBody, BranchBatchResponse, BranchBody, BranchRoute};
+pub use checkpoint::{rfc3339, CheckpointInfo, RestoreBody};
 pub use exec::{CommandBody, CommandLine, ExecResponse, SseDecoder, StreamEvent, TEXT_CAP};
 pub use machine::{
     CreateMachineBody, CreateResources, CredentialBody, MachineInfo, MachineList, MachineResources,
