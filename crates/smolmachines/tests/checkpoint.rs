@@ -115,7 +115,10 @@ async fn a_restored_machine_has_the_memory_disk_and_processes_and_its_own_identi
     let r1 = restore(&engine, &file, "ck-r1").await.expect("restore");
     assert_eq!(exec_out(&r1, STATE).await, before);
     assert_eq!(exec_out(&r1, "hostname").await, "ck-r1");
-    assert_eq!(exec_out(&r1, "test -e /root/later || echo absent").await, "absent");
+    assert_eq!(
+        exec_out(&r1, "test -e /root/later || echo absent").await,
+        "absent"
+    );
     let rnd = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
     assert_ne!(exec_out(&r1, rnd).await, out(&src, rnd).await);
     // a restored machine is a machine like any other: files, a checkpoint of its own
@@ -125,7 +128,9 @@ async fn a_restored_machine_has_the_memory_disk_and_processes_and_its_own_identi
 
     // the checkpoint does not need its source
     src.delete().await.unwrap();
-    let r2 = restore(&engine, &file, "ck-r2").await.expect("restore again");
+    let r2 = restore(&engine, &file, "ck-r2")
+        .await
+        .expect("restore again");
     assert_eq!(exec_out(&r2, STATE).await, before);
     assert_eq!(exec_out(&r2, "hostname").await, "ck-r2");
     let e = restore(&engine, &file, "ck-r2").await.unwrap_err();

@@ -449,7 +449,10 @@ impl LocalBackend {
         let (lock, listeners) = match prepared {
             Ok(p) => p,
             Err(e) => {
-                let (dirs, n) = ([dir.clone(), home.clone(), ram_dir.clone()], name.to_string());
+                let (dirs, n) = (
+                    [dir.clone(), home.clone(), ram_dir.clone()],
+                    name.to_string(),
+                );
                 let undone = db
                     .call(move |db| {
                         for d in &dirs {

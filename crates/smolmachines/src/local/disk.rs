@@ -226,4 +226,3 @@ mod tests {
         assert!(matches!(e, Error::Storage { .. }), "{e:?}");
     }
 }
-
