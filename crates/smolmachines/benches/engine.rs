@@ -15,7 +15,11 @@
 //!    template (`with_templates(true)`) -> first exec, each against cold create -> first exec
 //!    in the same run, and the source's pause window (printed, never asserted).
 //!
-//! `SMOL_BENCH_ONLY=files` runs only 3. and 4.; `SMOL_BENCH_ONLY=branch` only 5.
+//! 6. checkpoint (issue 12): checkpoint of a branchable 256 MiB guest with 100 MiB dirty, and
+//!    a restore of the file -> first exec: seconds and the file's size (`engine_checkpoint.rs`).
+//!
+//! `SMOL_BENCH_ONLY=files` runs only 3. and 4.; `SMOL_BENCH_ONLY=branch` only 5.;
+//! `SMOL_BENCH_ONLY=checkpoint` only 6.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -25,6 +29,9 @@ use std::time::{Duration, Instant};
 use smolmachines::local::vmm::{host_tsc_khz, qemu_args, VmSpec};
 use smolmachines::local::{accel, assets, LocalBackend};
 use smolmachines::{ExecOptions, MachineBackend, MachineConfig};
+
+#[path = "engine_checkpoint.rs"]
+mod engine_checkpoint;
 
 const BOOTS: usize = 5;
 const ROUND_TRIPS: usize = 200;
@@ -400,6 +407,10 @@ async fn main() {
         branching(&engine).await;
         return;
     }
+    if std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "checkpoint") {
+        engine_checkpoint::checkpointing(&engine, tmp.path()).await;
+        return;
+    }
     let compare = std::env::var_os("SMOL_BENCH_COMPARE_INITRD").map(std::path::PathBuf::from);
     if files_only {
         if let Some(other) = compare {
@@ -527,6 +538,7 @@ async fn main() {
     );
     lifecycle(&engine).await;
     branching(&engine).await;
+    engine_checkpoint::checkpointing(&engine, tmp.path()).await;
     if let Some(other) = compare {
         compare_agents(tmp.path(), other).await;
     }

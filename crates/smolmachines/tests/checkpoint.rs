@@ -256,3 +256,54 @@ async fn what_cannot_be_checkpointed_or_restored_is_a_typed_error() {
     nothing_of(&engine, "ck-none").await;
     plain.delete().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_paused_machine_stays_paused_and_a_frozen_base_is_checkpointed_from_its_files() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "ck-pz").await;
+    out(&src, "echo paused > /root/p").await;
+    let handle = Machine::from_backend(Arc::new(src.clone()));
+    handle.pause().await.unwrap();
+    let file = dir.path().join("p.smolcheckpoint");
+    let info = handle.checkpoint(to(&file)).await.expect("checkpoint");
+    assert_eq!(
+        info.source_pause_ms,
+        Some(0),
+        "a paused machine is not paused again"
+    );
+    assert_eq!(handle.state().await.unwrap(), MachineState::Paused);
+    let r = restore(&engine, &file, "ck-pz-r").await.expect("restore");
+    assert_eq!(exec_out(&r, "cat /root/p").await, "paused");
+    handle.resume().await.unwrap();
+    assert_eq!(out(&src, "cat /root/p").await, "paused");
+    // the source becomes a frozen base: its checkpoint needs no pause window
+    let (clone, _) = src
+        .branch_machine(
+            "ck-pz-c",
+            &smolmachines::BranchOptions {
+                freeze_source: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("freeze");
+    assert_eq!(handle.state().await.unwrap(), MachineState::Frozen);
+    let file2 = dir.path().join("f.smolcheckpoint");
+    let info = handle
+        .checkpoint(to(&file2))
+        .await
+        .expect("checkpoint of a base");
+    assert_eq!(info.source_pause_ms, Some(0));
+    let r2 = restore(&engine, &file2, "ck-pz-f").await.expect("restore");
+    assert_eq!(
+        exec_out(&r2, "cat /root/p; hostname").await,
+        "paused\nck-pz-f"
+    );
+    for m in [r, r2] {
+        m.delete().await.unwrap();
+    }
+    clone.delete().await.unwrap();
+    src.delete().await.unwrap();
+}
