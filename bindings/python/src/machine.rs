@@ -62,6 +62,23 @@ fn summary_out(py: Python<'_>, s: core::MachineSummary) -> PyResult<Bound<'_, Py
     Ok(d)
 }
 
+/// SPEC §3 `PortableCheckpointInfo` as a dict (snake_case keys).
+fn checkpoint_out(py: Python<'_>, c: core::CheckpointInfo) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("id", c.id)?;
+    d.set_item("machine_id", c.machine_id)?;
+    d.set_item("status", c.status)?;
+    d.set_item("size_bytes", c.size_bytes)?;
+    d.set_item("arch", c.arch)?;
+    d.set_item("created_at", c.created_at)?;
+    d.set_item("download_url", c.download_url)?;
+    d.set_item("reused_bytes", c.reused_bytes)?;
+    d.set_item("path", c.path)?;
+    d.set_item("source_pause_ms", c.source_pause_ms)?;
+    d.set_item("elapsed_ms", c.elapsed_ms)?;
+    Ok(d)
+}
+
 fn invalid(message: String) -> Error {
     Error::InvalidConfig { message }
 }
@@ -581,6 +598,82 @@ impl Machine {
         };
         let inner = block(py, None, self.inner.branch_with(&name, opts))?;
         Ok(Self { inner })
+    }
+
+    /// A portable checkpoint of this machine (SPEC §4.8): locally `output` (a
+    /// `.smolcheckpoint` path) is required; returns a PortableCheckpointInfo dict.
+    #[pyo3(signature = (output=None, *, store=None))]
+    fn checkpoint<'py>(
+        &self,
+        py: Python<'py>,
+        output: Option<std::path::PathBuf>,
+        store: Option<std::path::PathBuf>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let opts = core::CheckpointOptions { output, store };
+        let info = block(py, None, self.inner.checkpoint(opts))?;
+        checkpoint_out(py, info)
+    }
+
+    /// The machine's checkpoints (cloud; locally NotSupportedError).
+    fn checkpoints<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let list = block(py, None, self.inner.checkpoints())?;
+        list.into_iter().map(|c| checkpoint_out(py, c)).collect()
+    }
+
+    /// A new running machine from a checkpoint; without `conn_given` the target is inferred
+    /// from the id (SPEC §4.8).
+    #[staticmethod]
+    #[pyo3(signature = (checkpoint_id, name, *, target=None, base_url=None, api_key=None,
+        conn_given=false, keep_identity=false, network=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn restore_checkpoint(
+        py: Python<'_>,
+        checkpoint_id: String,
+        name: String,
+        target: Option<String>,
+        base_url: Option<String>,
+        api_key: Option<String>,
+        conn_given: bool,
+        keep_identity: bool,
+        network: Option<bool>,
+    ) -> PyResult<Self> {
+        let conn = check(py, conn_options(target, base_url, api_key))?;
+        let opts = core::RestoreOptions {
+            keep_identity,
+            network,
+            ..Default::default()
+        };
+        let inner = block(
+            py,
+            None,
+            core::Machine::restore_checkpoint(
+                &checkpoint_id,
+                &name,
+                conn_given.then_some(conn),
+                opts,
+            ),
+        )?;
+        Ok(Self { inner })
+    }
+
+    /// Removes a checkpoint (locally the file; NotFoundError if missing).
+    #[staticmethod]
+    #[pyo3(signature = (checkpoint_id, *, target=None, base_url=None, api_key=None,
+        conn_given=false))]
+    fn delete_checkpoint(
+        py: Python<'_>,
+        checkpoint_id: String,
+        target: Option<String>,
+        base_url: Option<String>,
+        api_key: Option<String>,
+        conn_given: bool,
+    ) -> PyResult<()> {
+        let conn = check(py, conn_options(target, base_url, api_key))?;
+        block(
+            py,
+            None,
+            core::Machine::delete_checkpoint(&checkpoint_id, conn_given.then_some(conn)),
+        )
     }
 
     /// Several clones, all or nothing (SPEC §4.8 `branch_batch`).

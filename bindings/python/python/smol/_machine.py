@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import http.client
 import math
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -661,6 +662,69 @@ class Machine:
         if name is not None:
             name = _branch_name(name)
         return _result(self._n.reward_fork(argv, name=name, **_exec_kwargs(opts)), argv)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint(
+        self, output: Optional[Union[str, "os.PathLike[str]"]] = None, *, store: Optional[str] = None
+    ) -> Dict[str, Any]:
+        """A portable checkpoint of this running (or paused) branchable machine, which keeps
+        running (SPEC §4.8, docs/CHECKPOINTS.md). Locally ``output`` (the ``.smolcheckpoint``
+        file to write) is required (``InvalidConfigError``); returns the PortableCheckpointInfo
+        dict: ``id`` (the file's absolute path), ``machine_id``, ``status`` ("available"),
+        ``size_bytes``, ``arch``, ``created_at``, ``download_url``, ``path``,
+        ``source_pause_ms``, ``elapsed_ms``."""
+        out = None if output is None else os.fspath(output)
+        return dict(self._n.checkpoint(out, store=None if store is None else os.fspath(store)))
+
+    def checkpoints(self) -> List[Dict[str, Any]]:
+        """The machine's checkpoints (cloud; locally ``NotSupportedError``)."""
+        return [dict(c) for c in self._n.checkpoints()]
+
+    @classmethod
+    def restore_checkpoint(
+        cls,
+        checkpoint_id: Union[str, "os.PathLike[str]"],
+        name: str,
+        conn: Optional[ConnectOptions] = None,
+        network: Optional[bool] = None,
+        cache_disk: Any = None,
+        *,
+        keep_identity: bool = False,
+    ) -> "Machine":
+        """A new running machine ``name`` from a checkpoint: locally a ``.smolcheckpoint`` file,
+        verified whole before anything starts (a damaged file is ``InvalidConfigError``). With
+        ``conn`` None the target is inferred from the id (SPEC §4.8). The machine has the
+        checkpointed memory, processes and disk, its own hostname and a reseeded RNG (unless
+        ``keep_identity``, local only)."""
+        if cache_disk is not None:
+            raise NotSupportedError("restore_checkpoint(cache_disk=...) is not supported yet")
+        native = _need_native()
+        native_m = native.Machine.restore_checkpoint(
+            os.fspath(checkpoint_id), _branch_name(name), conn_given=conn is not None,
+            keep_identity=bool(keep_identity), network=network, **_conn_kwargs(conn),
+        )  # fmt: skip
+        return cls._wrap(native_m)
+
+    @classmethod
+    def restore(
+        cls,
+        checkpoint_id: Union[str, "os.PathLike[str]"],
+        name: str,
+        conn: Optional[ConnectOptions] = None,
+    ) -> "Machine":
+        """Alias of :meth:`restore_checkpoint`."""
+        return cls.restore_checkpoint(checkpoint_id, name, conn)
+
+    @staticmethod
+    def delete_checkpoint(
+        checkpoint_id: Union[str, "os.PathLike[str]"], conn: Optional[ConnectOptions] = None
+    ) -> None:
+        """Removes a checkpoint: locally the file (``NotFoundError`` if it is missing)."""
+        native = _need_native()
+        native.Machine.delete_checkpoint(
+            os.fspath(checkpoint_id), conn_given=conn is not None, **_conn_kwargs(conn)
+        )
 
     # -- ports ----------------------------------------------------------------------------------
 
