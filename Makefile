@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 SMOL := target/release/smol
 
-.PHONY: setup run test lint unit bench clean-cache test-python test-node test-readme test-fleet-schema
+.PHONY: setup run test lint unit fuzz test-tools bench clean-cache test-python test-node test-readme test-fleet-schema
 
 setup:
 	@scripts/setup.sh
@@ -15,14 +15,23 @@ run: setup
 	$(SMOL) doctor
 	$(SMOL) run -- uname -a
 
-lint:
+# cargo-fuzz and cargo-deny (cargo install, cached in ~/.cargo/bin); only lint and fuzz need them
+test-tools:
+	@scripts/setup.sh --test-tools
+
+lint: test-tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/deny.sh
+
+# Every fuzz target of fuzz/ for 15 s from its checked-in corpus (docs/FUZZING.md)
+fuzz: test-tools
+	scripts/fuzz.sh
 
 unit:
 	cargo test --workspace --release
 
-test: setup lint unit test-python test-node test-readme test-fleet-schema
+test: setup lint unit fuzz test-python test-node test-readme test-fleet-schema
 
 # Schemathesis against a running `smolfleet serve` (fresh home, loopback): no 5xx, status codes
 # and response bodies as openapi.json says; bounded (scripts/schemathesis.sh says how)

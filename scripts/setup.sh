@@ -13,6 +13,32 @@ step() { echo "==> $*" >&2; }
 command -v cargo >/dev/null || {
   echo "error: cargo not found; install a Rust toolchain (rustup, or Debian's cargo) first" >&2; exit 1; }
 
+# --- test tools (`scripts/setup.sh --test-tools`: make lint / make fuzz; `make run` never
+# needs them) ------------------------------------------------------------------------------
+# cargo-fuzz and cargo-deny from crates.io, cached in ~/.cargo/bin: installed when the one there
+# is not the pinned version, then every tool checked whatever was there before.
+if [ "${1:-}" = "--test-tools" ]; then
+  tools=("cargo-fuzz 0.13.2 fuzz" "cargo-deny 0.20.2 deny")
+  for t in "${tools[@]}"; do
+    read -r crate version sub <<<"$t"
+    if ! cargo "$sub" --version 2>/dev/null | grep -qwF "$version"; then
+      step "cargo install --locked $crate@$version"
+      cargo install --locked -q "$crate@$version"
+    fi
+  done
+  bad=()
+  for t in "${tools[@]}"; do
+    read -r crate version sub <<<"$t"
+    cargo "$sub" --version 2>/dev/null | grep -qwF "$version" || bad+=("$crate $version (cargo install --locked $crate@$version)")
+  done
+  rustup run nightly rustc --version >/dev/null 2>&1 || bad+=("a nightly toolchain for cargo fuzz (rustup toolchain install nightly)")
+  if [ ${#bad[@]} -gt 0 ]; then
+    printf '  missing: %s\n' "${bad[@]}" >&2
+    echo "error: the test tools are not usable" >&2; exit 1
+  fi
+  exit 0
+fi
+
 # --- system packages -------------------------------------------------------------------------
 # Every package of scripts/programs.txt, asked for in one apt call: apt keeps, upgrades or
 # downgrades what the machine has as it must, and may remove nothing (--no-remove). What counts

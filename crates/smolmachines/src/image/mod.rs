@@ -29,6 +29,8 @@
 mod auth;
 mod blockimg;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod local;
 mod oci;
 mod pipe;
