@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 SMOL := target/release/smol
 
-.PHONY: setup run test lint unit fuzz test-tools bench clean-cache test-python test-node test-readme test-fleet-schema
+.PHONY: setup run test lint unit fuzz test-tools bench clean-cache test-python test-node test-readme test-fleet-schema dist test-dist dist-repro
 
 setup:
 	@scripts/setup.sh
@@ -58,3 +58,17 @@ clean-cache:
 # The Node package (bindings/node): npm install as a user does, tsc on the seed samples, node --test
 test-node: setup
 	bindings/node/ci.sh
+
+# The packages users install, in dist/ (docs/PACKAGES.md): the Python wheel, the npm tarball and
+# the CLI tarball, each with the guest kernel and initramfs the set-up built
+dist: setup
+	scripts/dist.sh
+
+# The packages installed and used on a debootstrap'ed Debian 12 that has only python3, nodejs,
+# npm and QEMU (no cargo, no compiler, no repo): the seed samples, `smol run -- uname -a`
+test-dist: setup
+	scripts/test-dist.sh
+
+# dist twice, then the same file list and asset checksums in each package
+dist-repro: setup
+	scripts/dist-repro.sh
