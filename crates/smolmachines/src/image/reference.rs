@@ -87,6 +87,16 @@ impl ImageSource {
         let r: Reference = s
             .parse()
             .map_err(|e: oci_client::ParseError| invalid(&e.to_string()))?;
+        // The cache records an image under its normalised form, which must read back as the
+        // same reference: `Q/app` parses as docker.io/Q/app, which does not (repository names
+        // are lower case).
+        let whole = r.whole();
+        if whole.parse::<Reference>().ok().map(|again| again.whole()) != Some(whole.clone()) {
+            return Err(invalid(&format!(
+                "it normalises to {whole}, which is not a valid reference (repository names are \
+                 lower case)"
+            )));
+        }
         Ok(ImageSource::Registry(r))
     }
 
@@ -212,6 +222,20 @@ mod tests {
         assert_eq!(reg("localhost/x"), "localhost/x:latest");
         let d = "sha256:".to_string() + &"a".repeat(64);
         assert_eq!(reg(&format!("ghcr.io/o/r@{d}")), format!("ghcr.io/o/r@{d}"));
+    }
+
+    /// Found by the image_reference fuzz target (docs/FUZZING.md): `Q/0.dd` was taken as
+    /// docker.io/Q/0.dd:latest, a canonical form that does not parse again.
+    #[test]
+    fn a_reference_whose_normal_form_does_not_parse_is_refused() {
+        let crash = std::str::from_utf8(&[0x51, 0x2f, 0x30, 0x2e, 0x64, 0x64]).unwrap();
+        match ImageSource::parse(crash) {
+            Err(ImageError::InvalidReference { reason, .. }) => {
+                assert!(reason.contains("docker.io/Q/0.dd:latest"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(reg("q/0.dd"), "docker.io/q/0.dd:latest");
     }
 
     #[test]

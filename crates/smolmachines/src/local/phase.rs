@@ -154,6 +154,10 @@ impl std::fmt::Display for Phase {
 }
 
 #[cfg(test)]
+#[path = "phase_props.rs"]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use Event as E;
