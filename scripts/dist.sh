@@ -138,7 +138,9 @@ settle "$pyassets"
 rm -rf "$pyassets"
 wheel=$(ls "$stage/wheel"/smolmachines-"$version"-cp39-abi3-*.whl)
 show=$("$venv/bin/auditwheel" show "$wheel")
-tag=$(grep -o 'consistent with the following platform tag:[^"]*"[^"]*"' <<<"$show" | grep -o '"[^"]*"' | tr -d '"' || true)
+# "... is consistent with the following platform tag: "T"" or "This constrains the platform tag
+# to "T"" (wrapped lines joined)
+tag=$(tr '\n' ' ' <<<"$show" | grep -o 'platform tag[^"]*"[^"]*"' | head -1 | grep -o '"[^"]*"' | tr -d '"' || true)
 [ -n "$tag" ] || { echo "$show" >&2; die "auditwheel names no platform tag for $wheel"; }
 case "$(basename "$wheel")" in
   *"-$tag.whl") ;;
