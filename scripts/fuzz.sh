@@ -4,7 +4,8 @@
 # New inputs libFuzzer finds go to fuzz/target/corpus-run/<target> (never into the checked-in
 # corpus); a crash, a hang (-timeout) or a leak fails the run and leaves its input in
 # fuzz/artifacts/<target>/ (docs/FUZZING.md: how it becomes a regression test).
-# Built once with ASAN on nightly into fuzz/target (kept between runs).
+# Built with ASAN on nightly into $SMOL_CACHE/fuzz-target, outside the clone (kept between
+# runs and between clones: a fresh clone rebuilds only the workspace's own crates).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -13,9 +14,11 @@ secs=${SMOL_FUZZ_SECONDS:-15}
 export TMPDIR="$root/fuzz/target/tmp"
 rm -rf "$TMPDIR"; mkdir -p "$TMPDIR"
 targets=$(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^smol-fuzz$')
-echo "==> cargo +nightly fuzz build (ASAN; fuzz/target)" >&2
-cargo +nightly fuzz build
-bin=fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release
+target_dir=${SMOL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/smol}/fuzz-target
+mkdir -p "$target_dir"
+echo "==> cargo +nightly fuzz build (ASAN; $target_dir)" >&2
+cargo +nightly fuzz build --target-dir "$target_dir"
+bin=$target_dir/$(rustc -vV | sed -n 's/^host: //p')/release
 failed=()
 for t in $targets; do
   [ -d "fuzz/corpus/$t" ] || { echo "error: no corpus fuzz/corpus/$t" >&2; exit 1; }

@@ -277,6 +277,8 @@ async fn branching(engine: &LocalBackend) {
         .await
         .unwrap();
     for i in 0..BOOTS {
+        // a warm pool clone is ready (and nothing fills one while the others are measured)
+        templated.settle_pool(Duration::from_secs(60)).await;
         let t0 = Instant::now();
         let m = templated
             .create_machine(MachineConfig {
@@ -288,6 +290,7 @@ async fn branching(engine: &LocalBackend) {
         m.exec(&t, &opts).await.unwrap();
         from_template.push(t0.elapsed().as_secs_f64());
         m.delete().await.unwrap();
+        templated.settle_pool(Duration::from_secs(60)).await;
         let t0 = Instant::now();
         let m = engine
             .create_machine(MachineConfig {

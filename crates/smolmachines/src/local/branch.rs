@@ -460,17 +460,28 @@ impl LocalMachine {
             remove_file_logged(&frozen_ram);
         }
         tracing::debug!("the clone's agent answered; giving it its identity");
-        let conn = clone.conn("branch")?;
+        clone.give_identity().await?;
+        Ok(frozen)
+    }
+
+    /// Gives this running clone its own hostname (its name) and reseeds its kernel RNG with
+    /// host randomness (`Op::Identity`), bounded by the ready timeout.
+    pub(super) async fn give_identity(&self) -> Result<()> {
+        let conn = self.conn("branch")?;
         let seed: Vec<u8> = (0..SEED_BYTES).map(|_| rand::random::<u8>()).collect();
         // Bounded: the clone is up and its agent answered, so this takes milliseconds; a
         // channel that loses the answer must fail the branch, not hang it.
-        let wait = clone.inner.ready_timeout;
-        match tokio::time::timeout(wait, conn.identity(&clone.inner.name, seed)).await {
-            Ok(Ok(())) => Ok(frozen),
-            Ok(Err(e)) => Err(clone.map_err(e).await),
-            Err(_) => Err(failed(format!(
-                "the clone's agent did not confirm its new identity within {wait:?}"
-            ))),
+        let wait = self.inner.ready_timeout;
+        match tokio::time::timeout(wait, conn.identity(&self.inner.name, seed)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.map_err(e).await),
+            Err(_) => Err(Error::BootFailed {
+                name: self.inner.name.clone(),
+                reason: format!(
+                    "the clone's agent did not confirm its new identity within {wait:?}"
+                ),
+                log_tail: String::new(),
+            }),
         }
     }
 

@@ -931,6 +931,8 @@ mod pause;
 mod branch;
 #[path = "checkpoint.rs"]
 mod checkpoint;
+#[path = "pool.rs"]
+mod pool;
 
 pub use branch::BranchReport;
 

@@ -231,6 +231,8 @@ pub struct LocalBackend {
     shared: Arc<registry::Shared>,
     /// Booted templates for create (`local::template`); `None`: `SMOL_TEMPLATES`.
     templates: Option<bool>,
+    /// Warm clones kept per template; `None`: `SMOL_TEMPLATE_POOL`.
+    pool: Option<usize>,
 }
 
 fn map_accel(e: AccelError) -> Error {
@@ -258,6 +260,7 @@ impl LocalBackend {
             passt: None,
             shared: Arc::new(registry::Shared::default()),
             templates: None,
+            pool: None,
         })
     }
 
@@ -530,7 +533,12 @@ impl LocalBackend {
             }
             None => (None, Vec::new(), None),
         };
-        let workload = workload(&config, image.as_ref(), image_argv, image_user)?;
+        // a template or a pool clone runs no workload: each machine made of it launches its own
+        let workload = if template::internal(&config.labels) {
+            None
+        } else {
+            workload(&config, image.as_ref(), image_argv, image_user)?
+        };
         let db = self.db().await?;
         self.reap_if_due().await?;
         // This process creates, attaches and cleans up a name one task at a time.
@@ -653,7 +661,7 @@ impl LocalBackend {
             phase: Phase::Creating,
         });
         let started = match &template {
-            Some(t) => self.start_from_template(t, &machine).await,
+            Some(t) => self.start_templated(t, &machine).await,
             None => machine.start().await,
         };
         if let Err(e) = started {
@@ -782,7 +790,7 @@ impl LocalBackend {
             if self.shared.draining(&r.name) || self.reap_record(&db, r.clone()).await? {
                 continue;
             }
-            if r.labels.contains_key(template::TEMPLATE_LABEL) {
+            if template::hidden(&r) {
                 continue;
             }
             kept.push(r);
@@ -848,6 +856,7 @@ impl Backend for LocalBackend {
     async fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<MachineSummary>> {
         self.list_machines(labels).await
     }
+
     async fn restore_checkpoint(
         &self,
         id: &str,

@@ -83,9 +83,13 @@ pub(crate) struct Shared {
     pub(crate) templates: Templates,
 }
 
-/// The frozen template machines an engine keeps (held here for the process's lifetime).
+/// The frozen template machines an engine keeps (held here for the process's lifetime), and
+/// the warm pool clones made of them (by template name).
 #[derive(Default)]
-pub(crate) struct Templates(pub(crate) Mutex<HashMap<String, LocalMachine>>);
+pub(crate) struct Templates(
+    pub(crate) Mutex<HashMap<String, LocalMachine>>,
+    pub(crate) Mutex<HashMap<String, Vec<LocalMachine>>>,
+);
 
 impl std::fmt::Debug for Templates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -10,8 +10,16 @@
 //! launched as after a boot. Everything else (record, ports, labels, lifetime) is the new
 //! machine's, made by `create` as for a cold boot.
 //!
-//! *Eligible:* no image, no network, no mounts, not detached (the template's agent was booted
-//! with those absent, and with the linger time of an attached machine). The others boot cold.
+//! *Eligible:* no network, no mounts, not detached (the template's agent was booted with
+//! those absent, and with the linger time of an attached machine). The others boot cold. An
+//! image machine's template boots with that image (its reference and root file system are
+//! inputs of the key); templates and pool clones run no workload, each machine its own.
+//!
+//! *Warm pool:* per template, the engine keeps `SMOL_TEMPLATE_POOL` (default 1,
+//! [`LocalBackend::with_template_pool`]) running clones made ahead and warmed by one command;
+//! a create takes one over (`local::pool`: the same VMM and agent session, the new machine's
+//! identity) and the pool is filled again in the background. Branch sources and pool clones
+//! themselves are clones made at create.
 //! *On:* `LocalBackend::with_templates(true)`, or `SMOL_TEMPLATES=1` (off by default in this
 //! slice). A template that cannot be built or used is logged and the machine boots cold: a
 //! template only ever makes a create faster, never makes one fail.
@@ -24,13 +32,33 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
 use super::*;
-use crate::config::{BranchOptions, ResourceSpec};
+use crate::config::{BranchOptions, ExecOptions, ResourceSpec};
 
 /// The label of a template machine (such machines are hidden from `list`).
 pub const TEMPLATE_LABEL: &str = "smol.internal/template";
 
+/// The label of a warm pool clone (hidden from `list` too).
+pub const POOL_LABEL: &str = "smol.internal/pool";
+
 /// One template build at a time in this process (two creates that both miss wait for one).
 static BUILD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The pools being filled now: (engine home, template name).
+static FILLING: std::sync::Mutex<std::collections::BTreeSet<(PathBuf, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// The most warm clones kept per template.
+pub const MAX_POOL: usize = 8;
+
+/// Whether `labels` are those of a template or a pool clone (hidden from `list`, no workload).
+pub(super) fn internal(labels: &BTreeMap<String, String>) -> bool {
+    labels.contains_key(TEMPLATE_LABEL) || labels.contains_key(POOL_LABEL)
+}
+
+/// Whether `rec` is hidden from `list` (a template or a pool clone).
+pub(super) fn hidden(rec: &Record) -> bool {
+    internal(&rec.labels)
+}
 
 fn file_stamp(path: &Path, h: &mut DefaultHasher) {
     path.hash(h);
@@ -43,13 +71,18 @@ fn file_stamp(path: &Path, h: &mut DefaultHasher) {
 /// The template's name for `rec`'s boot inputs, or `None` when such a machine cannot come
 /// from a template.
 pub(super) fn template_name(rec: &Record, qemu: &str) -> Option<String> {
-    let eligible = rec.image.is_none() && !rec.network && rec.mounts.is_empty() && !rec.detach;
+    let eligible = !rec.network && rec.mounts.is_empty() && !rec.detach;
     if !eligible || rec.labels.contains_key(TEMPLATE_LABEL) {
         return None;
     }
     let mut h = DefaultHasher::new();
     file_stamp(&rec.kernel, &mut h);
     file_stamp(&rec.initrd, &mut h);
+    // an image machine's template boots with that image's root file system
+    if let Some(i) = &rec.image {
+        (&i.reference, &i.fstype).hash(&mut h);
+        file_stamp(&i.rootfs, &mut h);
+    }
     (
         qemu,
         &rec.flavor,
@@ -71,16 +104,69 @@ impl LocalBackend {
         self
     }
 
+    /// The same engine keeping `n` warm clones per template (at most [`MAX_POOL`]; 0: none).
+    /// Without it, `SMOL_TEMPLATE_POOL` (default 1).
+    pub fn with_template_pool(mut self, n: usize) -> Self {
+        self.pool = Some(n.min(MAX_POOL));
+        self
+    }
+
+    fn pool_size(&self) -> usize {
+        self.pool.unwrap_or_else(|| {
+            std::env::var("SMOL_TEMPLATE_POOL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1)
+                .min(MAX_POOL)
+        })
+    }
+
     pub(super) fn templates_on(&self) -> bool {
         self.templates
             .unwrap_or_else(|| std::env::var("SMOL_TEMPLATES").as_deref() == Ok("1"))
+    }
+
+    /// How many warm pool clones this engine holds now, and whether a pool is being filled.
+    pub fn warm_clones(&self) -> (usize, bool) {
+        let n = self
+            .shared
+            .templates
+            .1
+            .lock()
+            .expect("pool lock")
+            .values()
+            .map(Vec::len)
+            .sum();
+        let filling = FILLING
+            .lock()
+            .expect("filling lock")
+            .iter()
+            .any(|(h, _)| *h == self.home);
+        (n, filling)
+    }
+
+    /// Waits (up to `within`) until no pool of this engine is being filled; the number of
+    /// warm clones then.
+    pub async fn settle_pool(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let (n, filling) = self.warm_clones();
+            if !filling || Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Deletes this engine's templates (the next templated create builds one again).
     pub async fn drop_templates(&self) -> Result<()> {
         let all: Vec<LocalMachine> = {
             let mut t = self.shared.templates.0.lock().expect("templates lock");
-            t.drain().map(|(_, m)| m).collect()
+            let mut p = self.shared.templates.1.lock().expect("pool lock");
+            p.drain()
+                .flat_map(|(_, v)| v)
+                .chain(t.drain().map(|(_, m)| m))
+                .collect()
         };
         for m in all {
             m.destroy().await?;
@@ -112,6 +198,7 @@ impl LocalBackend {
                 storage_gb: Some(rec.storage_gb),
                 ..Default::default()
             },
+            image: rec.image.as_ref().map(|i| i.reference.clone()),
             labels: [(TEMPLATE_LABEL.to_string(), "1".to_string())].into(),
             ..Default::default()
         };
@@ -147,6 +234,112 @@ impl LocalBackend {
                 None
             }
         }
+    }
+
+    /// Starts `machine` (just created, phase `Creating`, no disk yet) from `template`: a warm
+    /// pool clone handed over when one is ready (`local::pool`), else a clone made now; the
+    /// pool is filled again in the background. Pool clones themselves and branch sources
+    /// (whose RAM must be a file of their own) are always clones made now.
+    pub(super) async fn start_templated(
+        &self,
+        template: &LocalMachine,
+        machine: &LocalMachine,
+    ) -> Result<()> {
+        let rec = machine.record();
+        if rec.labels.contains_key(POOL_LABEL) || rec.branchable || self.pool_size() == 0 {
+            return self.start_from_template(template, machine).await;
+        }
+        let tname = template.name().to_string();
+        let warm = {
+            let mut p = self.shared.templates.1.lock().expect("pool lock");
+            p.get_mut(&tname).and_then(|v| v.pop())
+        };
+        self.refill(template);
+        if let Some(p) = warm {
+            let t0 = Instant::now();
+            match p.hand_over(machine).await {
+                Ok(()) => {
+                    tracing::debug!(
+                        template = %tname,
+                        pool = %p.name(),
+                        ms = t0.elapsed().as_secs_f64() * 1e3,
+                        "created from a warm pool clone"
+                    );
+                    return machine.launch_workload().await;
+                }
+                Err(e) => {
+                    if let Err(d) = p.destroy().await {
+                        tracing::debug!(pool = %p.name(), error = %d, "pool clone cleanup");
+                    }
+                    // how far the hand-over got decides what `machine` holds: the caller
+                    // cleans it up and boots cold
+                    return Err(e);
+                }
+            }
+        }
+        self.start_from_template(template, machine).await
+    }
+
+    /// Fills `template`'s pool up to its size in the background, one clone at a time, each
+    /// warmed by one command (so the guest code a create and a first exec run is translated).
+    fn refill(&self, template: &LocalMachine) {
+        let tname = template.name().to_string();
+        let key = (self.home.clone(), tname.clone());
+        if !FILLING.lock().expect("filling lock").insert(key.clone()) {
+            return;
+        }
+        let me = self.clone().with_templates(true);
+        let trec = template.record();
+        tokio::spawn(async move {
+            loop {
+                let have = me
+                    .shared
+                    .templates
+                    .1
+                    .lock()
+                    .expect("pool lock")
+                    .get(&tname)
+                    .map_or(0, |v| v.len());
+                if have >= me.pool_size() {
+                    break;
+                }
+                let config = MachineConfig {
+                    name: Some(format!("pool-{:012x}", rand::random::<u64>() >> 16)),
+                    resources: ResourceSpec {
+                        cpus: Some(trec.cpus),
+                        memory_mb: Some(trec.memory_mb),
+                        storage_gb: Some(trec.storage_gb),
+                        ..Default::default()
+                    },
+                    image: trec.image.as_ref().map(|i| i.reference.clone()),
+                    labels: [(POOL_LABEL.to_string(), tname.clone())].into(),
+                    ..Default::default()
+                };
+                let made = async {
+                    let m = me.create_machine(config).await?;
+                    m.exec(&["true".to_string()], &ExecOptions::default())
+                        .await?;
+                    Ok::<_, Error>(m)
+                }
+                .await;
+                match made {
+                    Ok(m) => me
+                        .shared
+                        .templates
+                        .1
+                        .lock()
+                        .expect("pool lock")
+                        .entry(tname.clone())
+                        .or_default()
+                        .push(m),
+                    Err(e) => {
+                        tracing::warn!(template = %tname, error = %e, "no warm pool clone");
+                        break;
+                    }
+                }
+            }
+            FILLING.lock().expect("filling lock").remove(&key);
+        });
     }
 
     /// Starts `machine` (just created, phase `Creating`, no disk yet) as a clone of `template`:
@@ -200,7 +393,26 @@ mod tests {
         assert_ne!(template_name(&base, "QEMU 8.0"), Some(name.clone()));
         let mut k = base.clone();
         k.initrd = "/nonexistent/other".into();
-        assert_ne!(template_name(&k, "QEMU 7.2"), Some(name));
+        assert_ne!(template_name(&k, "QEMU 7.2"), Some(name.clone()));
+        // an image machine has a template of its own image
+        let image = |reference: &str| record::ImageRecord {
+            reference: reference.into(),
+            rootfs: format!("/nonexistent/{reference}.erofs").into(),
+            fstype: "erofs".into(),
+            env: Default::default(),
+            workdir: None,
+        };
+        let mut i1 = base.clone();
+        i1.image = Some(image("alpine"));
+        let mut i2 = base.clone();
+        i2.image = Some(image("busybox"));
+        let (n1, n2) = (
+            template_name(&i1, "QEMU 7.2"),
+            template_name(&i2, "QEMU 7.2"),
+        );
+        assert!(n1.is_some() && n2.is_some());
+        assert_ne!(n1, n2);
+        assert_ne!(n1, Some(name));
         for change in [
             |r: &mut Record| r.network = true,
             |r: &mut Record| r.detach = true,
