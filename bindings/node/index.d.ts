@@ -229,6 +229,50 @@ export interface ResumeOptions {
   waitUntilReady?: boolean;
 }
 
+/** Options of `checkpoint` (SPEC §4.8); locally the output path is `checkpoint`'s first argument. */
+export interface CheckpointOptions {
+  /** A content-addressed chunk store shared by checkpoints (local; NotSupportedError: not built yet). */
+  store?: string;
+}
+
+/** A portable checkpoint (SPEC §3 `PortableCheckpointInfo`). */
+export interface PortableCheckpointInfo {
+  /** Locally the absolute path of the `.smolcheckpoint` file; on the cloud `ckpt-…`. */
+  id: string;
+  /** The machine it was taken of. */
+  machineId: string;
+  /** `"available"` (local), `"ready"` once restorable (cloud), `"uploading"`. */
+  status: string;
+  sizeBytes: number;
+  /** Guest architecture (`x86_64`); restores only on the same one. */
+  arch: string;
+  /** RFC 3339, UTC. */
+  createdAt: string;
+  /** Cloud; null locally. */
+  downloadUrl: string | null;
+  /** Bytes a chunk store already had. */
+  reusedBytes?: number;
+  /** The file (local). */
+  path?: string;
+  /** How long the source's vCPUs were stopped, ms (local). */
+  sourcePauseMs?: number;
+  /** How long the checkpoint took, ms (local). */
+  elapsedMs?: number;
+}
+
+/** Guest egress of a restored machine. An allow-list is NotSupportedError for a restore. */
+export type RestoreNetworkPolicy = 'allow-all' | 'deny-all' | { allowHosts?: string[]; allowCidrs?: string[] };
+
+/** Options of `Machine.restoreCheckpoint` (SPEC §4.8). */
+export interface RestoreCheckpointOptions {
+  /** Published ports; absent or empty: the checkpointed machine's guest ports on free host ports. */
+  ports?: PortSpec[];
+  /** Keep the checkpointed hostname and RNG state (local only). */
+  keepIdentity?: boolean;
+  /** Cloud: egress of the restored machine (unset: blocked). */
+  networkPolicy?: RestoreNetworkPolicy;
+}
+
 /** Options of `waitUntilReady` (SPEC §4.2). */
 export interface WaitReadyOptions {
   /** Give up after this many milliseconds (default 120000): `TimeoutError`. */
@@ -320,6 +364,24 @@ export declare class Machine {
   static list(conn?: ConnectOptions, options?: ListOptions): Promise<MachineSummary[]>;
   /** Whether this host can run local machines. Never throws. */
   static localAvailability(): LocalAvailability;
+  /**
+   * A new running machine `name` from a checkpoint: locally a `.smolcheckpoint` file (verified
+   * whole first: a damaged file is InvalidConfigError and nothing is left; a missing one
+   * NotFoundError), on the cloud a checkpoint id. Without `conn` the target is inferred from the id.
+   */
+  static restoreCheckpoint(
+    checkpointId: string,
+    name: string,
+    conn?: ConnectOptions | null,
+    options?: RestoreCheckpointOptions,
+  ): Promise<Machine>;
+  /** Alias of restoreCheckpoint. */
+  static restore(
+    checkpointId: string,
+    name: string,
+    conn?: ConnectOptions | null,
+    options?: RestoreCheckpointOptions,
+  ): Promise<Machine>;
 
   readonly name: string;
   /** The target's id: locally the name, on the cloud the server's `mach-…`. */
@@ -369,6 +431,13 @@ export declare class Machine {
   branchBatch(options: BranchBatchOptions): Promise<Machine[]>;
   /** @deprecated alias of branchBatch. */
   forkBatch(options: BranchBatchOptions): Promise<Machine[]>;
+  /**
+   * A portable checkpoint of this running, paused or frozen branchable machine. Locally `output`
+   * (a `.smolcheckpoint` path) is required (InvalidConfigError); the cloud takes no `output`.
+   */
+  checkpoint(output?: string | null, options?: CheckpointOptions): Promise<PortableCheckpointInfo>;
+  /** This machine's checkpoints (cloud; locally NotSupportedError). */
+  checkpoints(): Promise<PortableCheckpointInfo[]>;
   /** Runs `command` in a throw-away clone `{name}-rf-{8 hex}` (name: this machine's by default), always deleted. */
   rewardFork(command: string[], opts?: Omit<ExecOptions, 'signal'>, name?: string): Promise<ExecResult>;
 }

@@ -248,6 +248,32 @@ class Machine {
     return rows.map((r) => ({ ...defined(r), resources: defined(r.resources) }));
   }
 
+  /**
+   * A new running machine `name` from checkpoint `checkpointId` (SPEC §4.8): locally a
+   * `.smolcheckpoint` file (verified whole before anything starts), on the cloud a checkpoint
+   * id. Without `conn` the target is inferred from the id (SPEC §2.2). `options`:
+   * `{ports, keepIdentity, networkPolicy}`.
+   */
+  static async restoreCheckpoint(checkpointId, name, conn = undefined, options = {}) {
+    const n = nativeOrThrow();
+    checkString('checkpoint id', checkpointId);
+    checkString('machine name', name);
+    const connJson = conn === undefined || conn === null ? null : toJson('ConnectOptions', conn);
+    const opts = options === undefined || options === null ? {} : options;
+    if (!isPlainObject(opts)) throw new InvalidConfigError('RestoreCheckpointOptions must be an object');
+    const json = toJson('RestoreCheckpointOptions', opts);
+    const handle = await call(() => n.restoreCheckpoint(checkpointId, name, connJson, json));
+    remember(handle);
+    const m = new Machine(handle);
+    if ((conn || {}).handleSignals !== false) track(m);
+    return m;
+  }
+
+  /** Alias of restoreCheckpoint. */
+  static async restore(checkpointId, name, conn = undefined, options = {}) {
+    return Machine.restoreCheckpoint(checkpointId, name, conn, options);
+  }
+
   /** Whether this host can run local machines (SPEC §3.10). Never throws. */
   static localAvailability() {
     if (!native) {
@@ -462,6 +488,30 @@ class Machine {
   /** @deprecated alias of branchBatch. */
   async forkBatch(options = {}) {
     return this.branchBatch(options);
+  }
+
+  /**
+   * A portable checkpoint of this machine (SPEC §4.8). Locally `output` (a `.smolcheckpoint`
+   * path) is required; the cloud takes neither `output` nor `store`. Resolves to a
+   * PortableCheckpointInfo (camelCase).
+   */
+  async checkpoint(output = undefined, options = {}) {
+    if (output !== undefined && output !== null) checkString('checkpoint output', output);
+    const opts = options === undefined || options === null ? {} : options;
+    if (!isPlainObject(opts)) throw new InvalidConfigError('CheckpointOptions must be an object');
+    const { store, ...rest } = opts;
+    const unknown = Object.keys(rest);
+    if (unknown.length) {
+      throw new InvalidConfigError(`unknown checkpoint option ${JSON.stringify(unknown[0])} (expected store)`);
+    }
+    const json = toJson('CheckpointOptions', { output: output ?? undefined, store });
+    return JSON.parse(await call(() => this[kNative].checkpoint(json)));
+  }
+
+  /** This machine's checkpoints (cloud; locally NotSupportedError). */
+  async checkpoints() {
+    const rows = await call(() => this[kNative].checkpoints());
+    return rows.map((r) => JSON.parse(r));
   }
 
   /** Runs argv in a throw-away clone `{name}-rf-{8 hex}` that is always deleted; its ExecResult. */

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use smolmachines::{
-    BranchBatchOptions, BranchOptions, CacheDiskRef, ConnectOptions, CredentialSpec,
-    DiskDurability, EgressInterceptor, Error, ExecOptions, ExecOutput, MachineConfig, MountSpec,
-    NetworkBackend, PortSpec, ResourceSpec, Target,
+    BranchBatchOptions, BranchOptions, CacheDiskRef, CheckpointOptions, ConnectOptions,
+    CredentialSpec, DiskDurability, EgressInterceptor, Error, ExecOptions, ExecOutput,
+    MachineConfig, MountSpec, NetworkBackend, PortSpec, ResourceSpec, RestoreOptions, Target,
 };
 
 type Result<T> = std::result::Result<T, Error>;
@@ -348,6 +348,86 @@ impl JsBranchBatchOptions {
     }
 }
 
+/// `checkpoint(output?, {store}?)` (SPEC §4.8); the JS wrapper folds `output` in.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JsCheckpointOptions {
+    output: Option<String>,
+    store: Option<String>,
+}
+
+impl JsCheckpointOptions {
+    /// The core's options (the core checks output and store per target).
+    pub fn into_core(self) -> CheckpointOptions {
+        CheckpointOptions {
+            output: self.output.map(Into::into),
+            store: self.store.map(Into::into),
+        }
+    }
+}
+
+/// `networkPolicy` of `restoreCheckpoint`: `"allow-all"`, `"deny-all"` or `{allowHosts,
+/// allowCidrs}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+// The allow-list is parsed (so its shape is checked) but a restore cannot honour it.
+#[allow(dead_code)]
+enum JsNetworkPolicy {
+    Mode(String),
+    Allow(JsAllowList),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JsAllowList {
+    #[allow(dead_code)]
+    allow_hosts: Option<Vec<String>>,
+    #[allow(dead_code)]
+    allow_cidrs: Option<Vec<String>>,
+}
+
+/// `Machine.restoreCheckpoint(id, name, conn?, {ports, keepIdentity, networkPolicy})` (SPEC §4.8).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JsRestoreOptions {
+    ports: Option<Vec<JsPort>>,
+    keep_identity: Option<bool>,
+    network_policy: Option<JsNetworkPolicy>,
+}
+
+impl JsRestoreOptions {
+    /// The core's options; an allow-list policy is `NOT_SUPPORTED` (a restore's egress is open
+    /// or blocked).
+    pub fn into_core(self) -> Result<RestoreOptions> {
+        let network = match self.network_policy {
+            None => None,
+            Some(JsNetworkPolicy::Mode(m)) => match m.as_str() {
+                "allow-all" => Some(true),
+                "deny-all" => Some(false),
+                other => {
+                    return Err(invalid(format!(
+                        "networkPolicy must be \"allow-all\", \"deny-all\" or {{allowHosts, \
+                         allowCidrs}}, got {other:?}"
+                    )))
+                }
+            },
+            Some(JsNetworkPolicy::Allow(_)) => {
+                return Err(Error::NotSupported {
+                    message: "restoreCheckpoint({networkPolicy: {allowHosts, allowCidrs}}) is not \
+                              supported: a restored machine's egress is \"allow-all\" or \
+                              \"deny-all\""
+                        .into(),
+                })
+            }
+        };
+        Ok(RestoreOptions {
+            ports: port_specs(self.ports),
+            keep_identity: self.keep_identity.unwrap_or(false),
+            network,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,6 +599,47 @@ mod tests {
             .into_core(None)
             .unwrap();
         assert_eq!(o.timeout, Some(smolmachines::MAX_WAIT));
+    }
+
+    #[test]
+    fn checkpoint_and_restore_options_shapes() {
+        let o = parse::<JsCheckpointOptions>("o", r#"{"output":"/tmp/a.smolcheckpoint"}"#)
+            .unwrap()
+            .into_core();
+        assert_eq!(o.output.unwrap().to_str(), Some("/tmp/a.smolcheckpoint"));
+        assert!(parse::<JsCheckpointOptions>("o", r#"{"outptu":"x"}"#).is_err());
+        assert!(parse::<JsCheckpointOptions>("o", r#"{"output":5}"#).is_err());
+
+        let r = |json: &str| parse::<JsRestoreOptions>("o", json).and_then(|o| o.into_core());
+        let o = r(r#"{"ports":[{"host":0,"guest":80}],"keepIdentity":true}"#).unwrap();
+        assert_eq!(
+            (o.ports[0].guest, o.keep_identity, o.network),
+            (80, true, None)
+        );
+        assert_eq!(
+            r(r#"{"networkPolicy":"allow-all"}"#).unwrap().network,
+            Some(true)
+        );
+        assert_eq!(
+            r(r#"{"networkPolicy":"deny-all"}"#).unwrap().network,
+            Some(false)
+        );
+        assert!(matches!(
+            r(r#"{"networkPolicy":"open"}"#),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            r(r#"{"networkPolicy":{"allowHosts":["a.example"]}}"#),
+            Err(Error::NotSupported { .. })
+        ));
+        for bad in [
+            r#"{"keepIdentity":"yes"}"#,
+            r#"{"keepidentity":true}"#,
+            r#"{"networkPolicy":5}"#,
+            r#"{"networkPolicy":{"hosts":[]}}"#,
+        ] {
+            assert!(matches!(r(bad), Err(Error::InvalidConfig { .. })), "{bad}");
+        }
     }
 
     #[test]

@@ -20,7 +20,10 @@ mod errors;
 mod log;
 mod stream;
 
-use config::{parse, JsBranchBatchOptions, JsBranchOptions, JsConfig, JsConnect, JsExecOptions};
+use config::{
+    parse, JsBranchBatchOptions, JsBranchOptions, JsCheckpointOptions, JsConfig, JsConnect,
+    JsExecOptions, JsRestoreOptions,
+};
 pub use errors::error_from_problem;
 use errors::to_js;
 pub use stream::NativeExecStream;
@@ -117,6 +120,37 @@ pub async fn connect(name: String, conn: String) -> Result<NativeMachine> {
     let conn = conn_from(&conn)?;
     let m = Machine::connect(&name, conn).await.map_err(to_js)?;
     Ok(NativeMachine::new(m))
+}
+
+/// A new running machine `name` from checkpoint `id` (SPEC §4.8 `Machine.restoreCheckpoint`);
+/// `opts` is the JSON of `{ports, keepIdentity, networkPolicy}`.
+#[napi]
+pub async fn restore_checkpoint(
+    id: String,
+    name: String,
+    conn: Option<String>,
+    opts: String,
+) -> Result<NativeMachine> {
+    let conn = conn.as_deref().map(conn_from).transpose()?;
+    let opts = parse::<JsRestoreOptions>("RestoreCheckpointOptions", &opts)
+        .and_then(JsRestoreOptions::into_core)
+        .map_err(to_js)?;
+    let m = Machine::restore_checkpoint(&id, &name, conn, opts)
+        .await
+        .map_err(to_js)?;
+    Ok(NativeMachine::new(m))
+}
+
+/// Deletes checkpoint `id` (locally its file; `[NOT_FOUND]` if missing).
+#[napi]
+pub async fn delete_checkpoint(id: String, conn: Option<String>) -> Result<()> {
+    let conn = conn.as_deref().map(conn_from).transpose()?;
+    Machine::delete_checkpoint(&id, conn).await.map_err(to_js)
+}
+
+/// A checkpoint as JSON (the core's `PortableCheckpointInfo`, camelCase); `index.js` parses it.
+fn checkpoint_json(info: &smolmachines::CheckpointInfo) -> Result<String> {
+    serde_json::to_string(info).map_err(|e| napi::Error::from_reason(e.to_string()))
 }
 
 /// Sizes of a listed machine (SPEC §3.10 `MachineSizes`).
@@ -502,6 +536,24 @@ impl NativeMachine {
             .map_err(to_js)?;
         let clones = self.m().branch_batch(opts).await.map_err(to_js)?;
         Ok(clones.into_iter().map(NativeMachine::new).collect())
+    }
+
+    /// Writes a portable checkpoint (SPEC §4.8 `checkpoint`); `opts` is the JSON of
+    /// `{output, store}`; the result is the JSON of a `PortableCheckpointInfo`.
+    #[napi]
+    pub async fn checkpoint(&self, opts: String) -> Result<String> {
+        let opts = parse::<JsCheckpointOptions>("CheckpointOptions", &opts)
+            .map(JsCheckpointOptions::into_core)
+            .map_err(to_js)?;
+        let info = self.m().checkpoint(opts).await.map_err(to_js)?;
+        checkpoint_json(&info)
+    }
+
+    /// This machine's checkpoints as JSON (cloud; locally `[NOT_SUPPORTED]`).
+    #[napi]
+    pub async fn checkpoints(&self) -> Result<Vec<String>> {
+        let v = self.m().checkpoints().await.map_err(to_js)?;
+        v.iter().map(checkpoint_json).collect()
     }
 
     /// Runs `argv` in a throw-away clone, always deleted (SPEC §4.8 `rewardFork`).
