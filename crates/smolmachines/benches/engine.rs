@@ -327,13 +327,67 @@ async fn branching(engine: &LocalBackend) {
         "s",
         "<= 0.1 (baseline: cold create)",
     );
-    templated.drop_templates().await.unwrap();
     println!(
         "source pause window during branch: median {:.1} ms, max {:.1} ms ({ram} MiB of RAM copied; target <= 40 ms)",
         median(pause.clone()),
         pause.iter().cloned().fold(0.0, f64::max)
     );
+    // private memory (PSS) of idle machines: clones share their frozen RAM's pages
+    templated.settle_pool(Duration::from_secs(60)).await;
+    let cold_m = engine
+        .create_machine(MachineConfig {
+            name: Some("pss-cold".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (clone_m, _) = src
+        .branch_machine("pss-clone", &Default::default())
+        .await
+        .unwrap();
+    let tpl_m = templated
+        .create_machine(MachineConfig {
+            name: Some("pss-tpl".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for m in [&cold_m, &clone_m, &tpl_m] {
+        m.exec(&t, &opts).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pss = |m: &smolmachines::local::LocalMachine| pss_kib(m.pid().unwrap()) as f64 / 1024.0;
+    let base = pss(&cold_m);
+    row(
+        "PSS of an idle clone",
+        pss(&clone_m),
+        base,
+        "MiB",
+        "<= 0.25 (baseline: an idle cold machine)",
+    );
+    row(
+        "PSS of an idle templated machine",
+        pss(&tpl_m),
+        base,
+        "MiB",
+        "<= 0.25 (baseline: an idle cold machine)",
+    );
+    for m in [cold_m, clone_m, tpl_m] {
+        m.delete().await.unwrap();
+    }
+    templated.drop_templates().await.unwrap();
     src.delete().await.unwrap();
+}
+
+/// Proportional set size of a process (`smaps_rollup`): its private pages plus its share of
+/// pages mapped by others too (a clone's frozen RAM, QEMU's code).
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 async fn lifecycle(engine: &LocalBackend) {
