@@ -182,3 +182,32 @@ def test_async_errors_are_typed():
         await AsyncMachine.delete_by_name(unique("missing"))
 
     asyncio.run(main())
+
+
+def test_async_checkpoint_restore_and_delete(tmp_path):
+    async def main():
+        out = tmp_path / "a.smolcheckpoint"
+        name, restored = unique("async-ck"), unique("async-rs")
+        async with await AsyncMachine.create(MachineConfig(name=name, branchable=True)) as m:
+            await m.write_file("/root/f", b"kept")
+            with pytest.raises(smol.InvalidConfigError):
+                await m.checkpoint()
+            info = await m.checkpoint(out)
+            assert info["id"] == str(out) and info["size_bytes"] == out.stat().st_size
+            with pytest.raises(smol.NotSupportedError):
+                await m.checkpoints()
+        async with await AsyncMachine.restore_checkpoint(str(out), restored) as r:
+            assert isinstance(r, AsyncMachine) and r.name == restored
+            assert await r.read_file("/root/f") == b"kept"
+            host = await r.exec(["hostname"])
+            assert host.stdout.strip() == restored
+        with pytest.raises(smol.ConflictError):
+            async with await AsyncMachine.restore(str(out), name) as taken:
+                async with await AsyncMachine.restore(str(out), taken.name):
+                    pass
+        await AsyncMachine.delete_checkpoint(str(out))
+        assert not out.exists()
+        with pytest.raises(smol.NotFoundError):
+            await AsyncMachine.delete_checkpoint(str(out))
+
+    asyncio.run(main())

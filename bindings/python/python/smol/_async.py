@@ -199,6 +199,34 @@ class AsyncMachine:
     ) -> ExecResult:
         return await asyncio.to_thread(self._m.reward_fork, command, opts, name)
 
+    # -- portable checkpoints (like ``Machine``'s, in a worker thread) -------------------------
+
+    async def checkpoint(self, output: Any = None, *, store: Optional[str] = None) -> Dict[str, Any]:
+        return await asyncio.to_thread(lambda: self._m.checkpoint(output, store=store))
+
+    async def checkpoints(self) -> List[Dict[str, Any]]:
+        return await asyncio.to_thread(self._m.checkpoints)
+
+    @classmethod
+    async def restore_checkpoint(
+        cls, checkpoint_id: Any, name: str, conn: Optional[ConnectOptions] = None, *a: Any, **kw: Any
+    ) -> "AsyncMachine":
+        return cls(
+            await asyncio.to_thread(
+                lambda: Machine.restore_checkpoint(checkpoint_id, name, conn, *a, **kw)
+            )
+        )
+
+    @classmethod
+    async def restore(
+        cls, checkpoint_id: Any, name: str, conn: Optional[ConnectOptions] = None
+    ) -> "AsyncMachine":
+        return cls(await asyncio.to_thread(Machine.restore, checkpoint_id, name, conn))
+
+    @staticmethod
+    async def delete_checkpoint(checkpoint_id: Any, conn: Optional[ConnectOptions] = None) -> None:
+        await asyncio.to_thread(Machine.delete_checkpoint, checkpoint_id, conn)
+
     async def ports(self) -> List[PublishedPort]:
         return self._m.ports()
 
