@@ -281,22 +281,9 @@ impl LocalMachine {
         let (lock, listeners) = match prepared {
             Ok(p) => p,
             Err(e) => {
-                let (dirs, db, n) = (
-                    [dir.clone(), home.clone(), ram_dir.clone()],
-                    self.inner.db.clone(),
-                    name.to_string(),
-                );
-                let undone = db
-                    .call(move |db| {
-                        for d in &dirs {
-                            remove_dir_logged(d);
-                        }
-                        db.delete(&n)
-                    })
+                let dirs = [dir.clone(), home.clone(), ram_dir.clone()];
+                super::super::teardown::undo_reservation(&self.inner.db, dirs, name, "branch")
                     .await;
-                if let Err(u) = undone {
-                    tracing::warn!(error = %u, "cannot remove the record of a failed branch");
-                }
                 return Err(e);
             }
         };

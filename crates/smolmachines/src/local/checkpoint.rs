@@ -449,21 +449,8 @@ impl LocalBackend {
         let (lock, listeners) = match prepared {
             Ok(p) => p,
             Err(e) => {
-                let (dirs, n) = (
-                    [dir.clone(), home.clone(), ram_dir.clone()],
-                    name.to_string(),
-                );
-                let undone = db
-                    .call(move |db| {
-                        for d in &dirs {
-                            remove_dir_logged(d);
-                        }
-                        db.delete(&n)
-                    })
-                    .await;
-                if let Err(u) = undone {
-                    tracing::warn!(error = %u, "cannot remove the record of a failed restore");
-                }
+                let dirs = [dir.clone(), home.clone(), ram_dir.clone()];
+                crate::local::teardown::undo_reservation(&db, dirs, name, "restore").await;
                 return Err(e);
             }
         };

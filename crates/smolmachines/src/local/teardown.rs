@@ -76,3 +76,25 @@ pub(super) fn end_children(mut children: Vec<std::process::Child>) {
         Err(_) => reap(),
     }
 }
+
+/// Undoes a name reserved by a branch or a restore that failed before the machine existed:
+/// its directories and its record (`what` names the operation in the log).
+pub(super) async fn undo_reservation(
+    db: &std::sync::Arc<super::state::StateDb>,
+    dirs: [std::path::PathBuf; 3],
+    name: &str,
+    what: &str,
+) {
+    let n = name.to_string();
+    let undone = db
+        .call(move |db| {
+            for d in &dirs {
+                remove_dir_logged(d);
+            }
+            db.delete(&n)
+        })
+        .await;
+    if let Err(u) = undone {
+        tracing::warn!(error = %u, "cannot remove the record of a failed {what}");
+    }
+}
