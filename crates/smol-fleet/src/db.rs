@@ -10,7 +10,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -49,6 +49,28 @@ ALTER TABLE machines ADD COLUMN ttl_seconds INTEGER;
 ALTER TABLE machines ADD COLUMN expires_at INTEGER;
 ALTER TABLE machines ADD COLUMN ephemeral INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE machines ADD COLUMN last_activity_at INTEGER;
+";
+
+/// Version 3: portable checkpoints (SPEC §10.5.9, `checkpoint.rs`): one row per
+/// `<home>/checkpoints/<id>.smolcheckpoint` file, with the create body of the machine it was
+/// taken of (what a restore records the new machine with), and which machines were restored
+/// from which checkpoint (a checkpoint in use is not deleted; the link goes with the machine).
+const SCHEMA_V3: &str = "
+CREATE TABLE checkpoints (
+    id         TEXT PRIMARY KEY,
+    tenant_id  TEXT NOT NULL REFERENCES tenants(id),
+    machine_id TEXT NOT NULL,
+    spec       TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    arch       TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX checkpoints_of_machine ON checkpoints (tenant_id, machine_id, created_at);
+CREATE TABLE checkpoint_restores (
+    machine_id    TEXT PRIMARY KEY REFERENCES machines(id) ON DELETE CASCADE,
+    checkpoint_id TEXT NOT NULL REFERENCES checkpoints(id)
+);
 ";
 
 /// A tenant's key as listed (never the key itself).
@@ -149,6 +171,12 @@ impl Db {
                 "BEGIN; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
             ))
             .map_err(|e| FleetError::db("migrate the schema to version 2", e))?;
+        }
+        if version < 3 {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;"
+            ))
+            .map_err(|e| FleetError::db("migrate the schema to version 3", e))?;
         }
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
@@ -437,6 +465,183 @@ pub fn delete_machine(c: &Connection, id: &str) -> Result<(), FleetError> {
     Ok(())
 }
 
+/// A checkpoint of a tenant (its file is `<home>/checkpoints/<id>.smolcheckpoint`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRow {
+    /// `ckpt-…`.
+    pub id: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// The machine it was taken of (`mach-…`; it may be gone since).
+    pub machine_id: String,
+    /// That machine's create body (JSON) when it was taken.
+    pub spec: String,
+    /// `ready`.
+    pub status: String,
+    /// Bytes of the file.
+    pub size_bytes: u64,
+    /// Guest architecture.
+    pub arch: String,
+    /// Unix seconds (set when stored).
+    pub created_at: i64,
+}
+
+const CHECKPOINT_COLUMNS: &str =
+    "id, tenant_id, machine_id, spec, status, size_bytes, arch, created_at";
+
+fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
+    Ok(CheckpointRow {
+        id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        machine_id: r.get(2)?,
+        spec: r.get(3)?,
+        status: r.get(4)?,
+        size_bytes: r.get::<_, i64>(5)?.max(0) as u64,
+        arch: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
+/// Stores checkpoint `k` (its `created_at` is now); the row as stored.
+pub fn insert_checkpoint(c: &Connection, k: &CheckpointRow) -> Result<CheckpointRow, FleetError> {
+    let stored = CheckpointRow {
+        created_at: now(),
+        ..k.clone()
+    };
+    c.execute(
+        &format!("INSERT INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        params![
+            stored.id,
+            stored.tenant_id,
+            stored.machine_id,
+            stored.spec,
+            stored.status,
+            i64::try_from(stored.size_bytes).unwrap_or(i64::MAX),
+            stored.arch,
+            stored.created_at
+        ],
+    )
+    .map_err(|e| FleetError::db("store a checkpoint", e))?;
+    Ok(stored)
+}
+
+/// Checkpoint `id` of `tenant_id` (another tenant's is `None`, as a missing one).
+pub fn checkpoint(
+    c: &Connection,
+    tenant_id: &str,
+    id: &str,
+) -> Result<Option<CheckpointRow>, FleetError> {
+    c.query_row(
+        &format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id = ?1 AND tenant_id = ?2"),
+        [id, tenant_id],
+        checkpoint_row,
+    )
+    .optional()
+    .map_err(|e| FleetError::db("look up a checkpoint", e))
+}
+
+/// The checkpoints of `tenant_id` taken of machine `machine_id`, oldest first.
+pub fn checkpoints_of(
+    c: &Connection,
+    tenant_id: &str,
+    machine_id: &str,
+) -> Result<Vec<CheckpointRow>, FleetError> {
+    let mut st = c
+        .prepare(&format!(
+            "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE tenant_id = ?1 AND machine_id = ?2
+             ORDER BY created_at, id"
+        ))
+        .map_err(|e| FleetError::db("list checkpoints", e))?;
+    let rows = st
+        .query_map([tenant_id, machine_id], checkpoint_row)
+        .map_err(|e| FleetError::db("list checkpoints", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::db("list checkpoints", e))
+}
+
+/// What [`insert_restored`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restored {
+    /// The machine is recorded, linked to the checkpoint.
+    Reserved,
+    /// The tenant has a machine of that name.
+    NameTaken,
+    /// The checkpoint is not the tenant's (or is gone).
+    NoCheckpoint,
+}
+
+/// Reserves machine `m`, restored from checkpoint `checkpoint_id` of its tenant, and links it
+/// to the checkpoint, in one transaction.
+pub fn insert_restored(
+    c: &Connection,
+    m: &MachineRow,
+    checkpoint_id: &str,
+) -> Result<Restored, FleetError> {
+    let tx = c
+        .unchecked_transaction()
+        .map_err(|e| FleetError::db("begin a restore", e))?;
+    if checkpoint(&tx, &m.tenant_id, checkpoint_id)?.is_none() {
+        return Ok(Restored::NoCheckpoint);
+    }
+    if !insert_machine(&tx, m)? {
+        return Ok(Restored::NameTaken);
+    }
+    tx.execute(
+        "INSERT INTO checkpoint_restores (machine_id, checkpoint_id) VALUES (?1, ?2)",
+        [&m.id, checkpoint_id],
+    )
+    .map_err(|e| FleetError::db("link a restored machine to its checkpoint", e))?;
+    tx.commit()
+        .map_err(|e| FleetError::db("commit a restore", e))?;
+    Ok(Restored::Reserved)
+}
+
+/// What [`delete_checkpoint`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointDeleted {
+    /// The row is gone (the caller removes the file).
+    Deleted,
+    /// No such checkpoint of the tenant.
+    NotFound,
+    /// These machines were restored from it and still exist: kept.
+    InUse(Vec<String>),
+}
+
+/// Removes checkpoint `id` of `tenant_id` unless a machine restored from it still exists.
+pub fn delete_checkpoint(
+    c: &Connection,
+    tenant_id: &str,
+    id: &str,
+) -> Result<CheckpointDeleted, FleetError> {
+    let tx = c
+        .unchecked_transaction()
+        .map_err(|e| FleetError::db("begin a checkpoint removal", e))?;
+    if checkpoint(&tx, tenant_id, id)?.is_none() {
+        return Ok(CheckpointDeleted::NotFound);
+    }
+    let users = {
+        let mut st = tx
+            .prepare(
+                "SELECT machine_id FROM checkpoint_restores WHERE checkpoint_id = ?1
+                 ORDER BY machine_id",
+            )
+            .map_err(|e| FleetError::db("list a checkpoint's machines", e))?;
+        let rows = st
+            .query_map([id], |r| r.get::<_, String>(0))
+            .map_err(|e| FleetError::db("list a checkpoint's machines", e))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| FleetError::db("list a checkpoint's machines", e))?
+    };
+    if !users.is_empty() {
+        return Ok(CheckpointDeleted::InUse(users));
+    }
+    tx.execute("DELETE FROM checkpoints WHERE id = ?1", [id])
+        .map_err(|e| FleetError::db("remove a checkpoint", e))?;
+    tx.commit()
+        .map_err(|e| FleetError::db("commit a checkpoint removal", e))?;
+    Ok(CheckpointDeleted::Deleted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,5 +756,97 @@ mod tests {
             Ok(())
         })
         .unwrap();
+    }
+    #[test]
+    fn checkpoints_are_per_tenant_and_kept_while_a_restored_machine_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        let db = Db::open(&path).unwrap();
+        let (a, b) = db
+            .call_sync(|c| Ok((create_tenant(c, "a")?, create_tenant(c, "b")?)))
+            .unwrap();
+        let ckpt = CheckpointRow {
+            id: "ckpt-1".into(),
+            tenant_id: a.clone(),
+            machine_id: "mach-src".into(),
+            spec: "{}".into(),
+            status: "ready".into(),
+            size_bytes: 1 << 40,
+            arch: "x86_64".into(),
+            created_at: 0,
+        };
+        let machine = |id: &str, t: &str, name: &str| MachineRow {
+            id: id.into(),
+            tenant_id: t.into(),
+            name: name.into(),
+            engine_name: id.into(),
+            spec: "{}".into(),
+            created_at: 0,
+            auto_stop_seconds: None,
+            ttl_seconds: None,
+            expires_at: None,
+            ephemeral: false,
+            last_activity_at: None,
+        };
+        db.call_sync(|c| {
+            let stored = insert_checkpoint(c, &ckpt)?;
+            assert!(stored.created_at > 0);
+            assert_eq!(checkpoint(c, &a, "ckpt-1")?, Some(stored.clone()));
+            assert_eq!(checkpoint(c, &b, "ckpt-1")?, None);
+            assert_eq!(checkpoints_of(c, &a, "mach-src")?, vec![stored]);
+            assert!(checkpoints_of(c, &b, "mach-src")?.is_empty());
+            // the other tenant can neither restore nor delete it
+            assert_eq!(
+                insert_restored(c, &machine("mach-b", &b, "r"), "ckpt-1")?,
+                Restored::NoCheckpoint
+            );
+            assert!(!machine_exists(c, "mach-b"));
+            assert_eq!(
+                delete_checkpoint(c, &b, "ckpt-1")?,
+                CheckpointDeleted::NotFound
+            );
+            // a restore links the machine; a taken name reserves nothing
+            assert_eq!(
+                insert_restored(c, &machine("mach-r", &a, "r"), "ckpt-1")?,
+                Restored::Reserved
+            );
+            assert_eq!(
+                insert_restored(c, &machine("mach-r2", &a, "r"), "ckpt-1")?,
+                Restored::NameTaken
+            );
+            assert!(!machine_exists(c, "mach-r2"));
+            assert_eq!(
+                delete_checkpoint(c, &a, "ckpt-1")?,
+                CheckpointDeleted::InUse(vec!["mach-r".into()])
+            );
+            Ok(())
+        })
+        .unwrap();
+        // rows survive a reopen; deleting the machine releases the checkpoint
+        let db = Db::open(&path).unwrap();
+        db.call_sync(|c| {
+            assert!(checkpoint(c, &a, "ckpt-1")?.is_some());
+            delete_machine(c, "mach-r")?;
+            assert_eq!(
+                delete_checkpoint(c, &a, "ckpt-1")?,
+                CheckpointDeleted::Deleted
+            );
+            assert_eq!(checkpoint(c, &a, "ckpt-1")?, None);
+            assert_eq!(
+                delete_checkpoint(c, &a, "ckpt-1")?,
+                CheckpointDeleted::NotFound
+            );
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    fn machine_exists(c: &Connection, id: &str) -> bool {
+        c.query_row(
+            "SELECT EXISTS (SELECT 1 FROM machines WHERE id = ?1)",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
     }
 }

@@ -9,6 +9,7 @@
 //! * [`testing::spawn`] starts a server on `127.0.0.1:0` for tests (ours and other crates').
 
 mod branch;
+mod checkpoint;
 mod db;
 mod error;
 mod http;
@@ -26,7 +27,7 @@ pub mod sweeper;
 pub mod testing;
 pub mod tls;
 
-pub use db::{rfc3339, AuthKey, Db, KeyRow, MachineRow};
+pub use db::{rfc3339, AuthKey, CheckpointRow, Db, KeyRow, MachineRow};
 pub use error::{ApiError, FleetError};
 pub use limit::RateLimit;
 pub use server::{Fleet, Tenant, FILE_LIMIT, JSON_LIMIT};

@@ -7,8 +7,8 @@
 use axum::http::Method;
 use axum::Json;
 use smolmachines::wire::{
-    BranchBatchBody, BranchBatchResponse, BranchBody, CommandBody, CreateMachineBody, ExecResponse,
-    MachineInfo, SetPortsBody,
+    BranchBatchBody, BranchBatchResponse, BranchBody, CheckpointInfo, CommandBody,
+    CreateMachineBody, ExecResponse, MachineInfo, RestoreBody, SetPortsBody,
 };
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
 use utoipa::openapi::request_body::RequestBodyBuilder;
@@ -207,6 +207,43 @@ pub const OPERATIONS: &[Operation] = &[
         Shape::Json("BranchBatchBody"),
         201,
         Shape::Json("BranchBatchResponse"),
+    ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/checkpoints",
+        "createCheckpoint",
+        "A portable checkpoint of a running branchable machine, kept by the server (201; 409 \
+         when the machine is not branchable or is stopped)",
+        Shape::Empty,
+        201,
+        Shape::Json("CheckpointInfo"),
+    ),
+    (
+        Method::GET,
+        "/v1/machines/{id}/checkpoints",
+        "listCheckpoints",
+        "The checkpoints taken of a machine (also once it is deleted)",
+        Shape::Empty,
+        200,
+        Shape::JsonArray("CheckpointInfo"),
+    ),
+    (
+        Method::POST,
+        "/v1/checkpoints/{id}/restore",
+        "restoreCheckpoint",
+        "A new machine from a checkpoint, restored live (201; 409 on a taken name)",
+        Shape::Json("RestoreBody"),
+        201,
+        Shape::Json("MachineInfo"),
+    ),
+    (
+        Method::DELETE,
+        "/v1/checkpoints/{id}",
+        "deleteCheckpoint",
+        "Delete a checkpoint (204; 409 while a machine restored from it exists)",
+        Shape::Empty,
+        204,
+        Shape::Empty,
     ),
     (
         Method::POST,
@@ -434,6 +471,8 @@ pub fn document() -> OpenApi {
     add::<BranchBody>(&mut schemas);
     add::<BranchBatchBody>(&mut schemas);
     add::<BranchBatchResponse>(&mut schemas);
+    add::<CheckpointInfo>(&mut schemas);
+    add::<RestoreBody>(&mut schemas);
     schemas.sort_by(|a, b| a.0.cmp(&b.0));
     schemas.dedup_by(|a, b| a.0 == b.0);
     let components = ComponentsBuilder::new()

@@ -34,7 +34,8 @@ const INGRESS_ROUTES: &[&str] = &[
 /// What each route needs: `(method, route pattern as the router matched it, scope)`. A route
 /// that is not here needs only a valid key (`/livez`, `/readyz`, `/openapi.json`, unknown
 /// paths). Starting, stopping, pausing and resuming count as exec: an exec starts a stopped
-/// machine anyway. A branch makes a new machine: create.
+/// machine anyway. A branch makes a new machine: create; so do a checkpoint (a copy of the
+/// machine, memory and all) and a restore. Listing checkpoints reads, deleting one deletes.
 pub const ROUTE_SCOPES: &[(Method, &str, &str)] = &[
     (Method::POST, "/v1/machines", "machine:create"),
     (Method::GET, "/v1/machines", "machine:read"),
@@ -56,6 +57,18 @@ pub const ROUTE_SCOPES: &[(Method, &str, &str)] = &[
         "/v1/machines/{id}/fork-batch",
         "machine:create",
     ),
+    (
+        Method::POST,
+        "/v1/machines/{id}/checkpoints",
+        "machine:create",
+    ),
+    (Method::GET, "/v1/machines/{id}/checkpoints", "machine:read"),
+    (
+        Method::POST,
+        "/v1/checkpoints/{id}/restore",
+        "machine:create",
+    ),
+    (Method::DELETE, "/v1/checkpoints/{id}", "machine:delete"),
     (Method::POST, "/v1/machines/{id}/exec", "machine:exec"),
     (
         Method::POST,

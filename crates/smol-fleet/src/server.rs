@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, post, put};
+use axum::routing::{any, delete, get, post, put};
 use axum::Router;
 use smolmachines::local::LocalBackend;
 use smolmachines::{Error, Machine, MachineState};
@@ -17,7 +17,7 @@ use crate::db::{self, Db};
 use crate::error::FleetError;
 use crate::limit::{Limiter, RateLimit};
 use crate::metrics::Metrics;
-use crate::{branch, http, metrics, openapi, routes, scopes, stream};
+use crate::{branch, checkpoint, http, metrics, openapi, routes, scopes, stream};
 
 /// The most a JSON request body may hold (413 past it).
 pub const JSON_LIMIT: usize = 8 << 20;
@@ -255,6 +255,18 @@ impl Fleet {
                 post(branch::branch_batch),
             )
             .route("/v1/machines/{id}/fork-batch", post(branch::fork_batch))
+            .route(
+                "/v1/machines/{id}/checkpoints",
+                post(checkpoint::create_checkpoint).get(checkpoint::list_checkpoints),
+            )
+            .route(
+                "/v1/checkpoints/{id}/restore",
+                post(checkpoint::restore_checkpoint),
+            )
+            .route(
+                "/v1/checkpoints/{id}",
+                delete(checkpoint::delete_checkpoint),
+            )
             .route("/v1/machines/{id}/exec", post(routes::exec))
             .route("/v1/machines/{id}/exec/stream", post(stream::exec_stream))
             .route("/v1/machines/{id}/files/{*path}", files)
