@@ -555,6 +555,23 @@ impl MachineBackend for CloudMachine {
         Ok(Arc::new(self.branch_clone(name, opts).await?))
     }
 
+    /// `POST …/checkpoints` (`output` / `store` were refused by [`crate::Machine`]).
+    async fn checkpoint(
+        &self,
+        _opts: &crate::config::CheckpointOptions,
+    ) -> Result<crate::wire::CheckpointInfo> {
+        self.client
+            .json(&super::checkpoint::create_request(&self.id))
+            .await
+    }
+
+    /// `GET …/checkpoints`.
+    async fn checkpoints(&self) -> Result<Vec<crate::wire::CheckpointInfo>> {
+        self.client
+            .json(&super::checkpoint::list_request(&self.id))
+            .await
+    }
+
     async fn stop(&self) -> Result<()> {
         let req = Req::post(format!("{}/stop", self.path()))
             .timeout(LONG_TIMEOUT)

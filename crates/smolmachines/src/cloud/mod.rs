@@ -16,6 +16,8 @@
 //!   half-made machine is deleted.
 //! * Connect / open (as the published client): `GET /v1/machines/{x}`, on 404 a match by name
 //!   or id in the list; no start (an exec starts a stopped cloud machine by itself).
+//! * Checkpoints (`checkpoint.rs`): kept by the server; a restore is the server's, then
+//!   start and readiness as at create.
 //! * Not on this target: `run(image)`, `pull_image`, `list_images` (the trait's defaults),
 //!   mounts, a machine-level `user`, UDP ports.
 
@@ -28,6 +30,7 @@ use crate::config::{Capabilities, ConnectOptions, MachineConfig, MachineSummary,
 use crate::error::{Error, ErrorCode, Result};
 use crate::wire::{CreateMachineBody, CredentialBody, MachineInfo, MachineList};
 
+mod checkpoint;
 mod http;
 mod machine;
 mod stream;
@@ -227,6 +230,21 @@ impl Backend for CloudBackend {
     async fn open(&self, name: &str) -> Result<Arc<dyn MachineBackend>> {
         let info = self.lookup(name).await?;
         Ok(Arc::new(CloudMachine::new(self.client.clone(), info)))
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        id: &str,
+        name: &str,
+        opts: &crate::config::RestoreOptions,
+    ) -> Result<Arc<dyn MachineBackend>> {
+        Ok(Arc::new(
+            checkpoint::restore(&self.client, id, name, opts).await?,
+        ))
+    }
+
+    async fn delete_checkpoint(&self, id: &str) -> Result<()> {
+        self.client.empty(&checkpoint::delete_request(id)).await
     }
 
     async fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<MachineSummary>> {
