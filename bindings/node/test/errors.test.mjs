@@ -77,8 +77,6 @@ test('fields the engine does not support yet reject with NotSupportedError namin
     [{ resources: { gpu: true } }, 'resources.gpu'],
     [{ resources: { cuda: true } }, 'resources.cuda'],
     [{ resources: { overlayGb: 5 } }, 'resources.overlayGb'],
-    [{ resources: { allowHosts: ['example.com'] } }, 'resources.allowHosts'],
-    [{ resources: { allowCidrs: ['10.0.0.0/8'] } }, 'resources.allowCidrs'],
     [{ resources: { diskDurability: 'deferred' } }, 'resources.diskDurability'],
     [{ resources: { networkBackend: 'tsi' } }, 'resources.networkBackend'],
     [{ ports: [{ host: 0, guest: 80 }] }, 'ports[].host = 0'],

@@ -166,8 +166,6 @@ def test_branchable_machines_run_locally():
         ({"resources": ResourceSpec(cuda=True)}, "resources.cuda"),
         ({"resources": ResourceSpec(gpu_vram_mib=512)}, "resources.gpu_vram_mib"),
         ({"resources": ResourceSpec(overlay_gb=5)}, "resources.overlay_gb"),
-        ({"resources": ResourceSpec(allow_hosts=["example.com"])}, "resources.allow_hosts"),
-        ({"resources": ResourceSpec(allow_cidrs=["10.0.0.0/8"])}, "resources.allow_cidrs"),
         ({"resources": ResourceSpec(disk_durability="deferred")}, "resources.disk_durability"),
         ({"mounts": [MountSpec(source="/tmp", target="/mnt", staged=True)]}, "mounts[].staged"),
     ],

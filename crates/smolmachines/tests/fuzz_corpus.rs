@@ -365,6 +365,97 @@ fn bodies() -> Vec<(u8, &'static str)> {
     ]
 }
 
+/// Frames the egress filter reads (Ethernet + IPv4/IPv6 + TCP/UDP, DNS queries and answers),
+/// each with its 14-byte Ethernet header.
+fn egress_frames() -> Vec<Vec<u8>> {
+    fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![
+            0x9a, 0x55, 0x9a, 0x55, 0x9a, 0x55, 0x52, 0x54, 0, 0x12, 0x34, 0x56,
+        ];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, seg: &[u8]) -> Vec<u8> {
+        let mut h = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+        h[2..4].copy_from_slice(&((20 + seg.len()) as u16).to_be_bytes());
+        h.extend_from_slice(&src);
+        h.extend_from_slice(&dst);
+        h.extend_from_slice(seg);
+        eth(0x0800, &h)
+    }
+    fn v6(dst: [u8; 16], proto: u8, seg: &[u8]) -> Vec<u8> {
+        let mut h = vec![0x60, 0, 0, 0];
+        h.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+        h.extend_from_slice(&[proto, 64]);
+        h.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x15]);
+        h.extend_from_slice(&dst);
+        h.extend_from_slice(seg);
+        eth(0x86dd, &h)
+    }
+    fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut s = vec![0u8; 20];
+        s[0..2].copy_from_slice(&sport.to_be_bytes());
+        s[2..4].copy_from_slice(&dport.to_be_bytes());
+        s[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        s[12] = 5 << 4;
+        s[13] = flags;
+        s
+    }
+    fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut s = sport.to_be_bytes().to_vec();
+        s.extend_from_slice(&dport.to_be_bytes());
+        s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        s.extend_from_slice(&[0, 0]);
+        s.extend_from_slice(payload);
+        s
+    }
+    fn name(n: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for l in n.split('.') {
+            out.push(l.len() as u8);
+            out.extend_from_slice(l.as_bytes());
+        }
+        out.push(0);
+        out
+    }
+    let query = |n: &str| {
+        let mut m = vec![0xbe, 0xef, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        m.extend(name(n));
+        m.extend_from_slice(&[0, 1, 0, 1]);
+        m
+    };
+    let answer = |n: &str| {
+        let mut m = vec![0xbe, 0xef, 0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0];
+        m.extend(name(n));
+        m.extend_from_slice(&[0, 1, 0, 1]);
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 1, 2, 3]);
+        m.extend_from_slice(&[0xc0, 12, 0, 28, 0, 1, 0, 0, 0, 30, 0, 16]);
+        m.extend_from_slice(&[0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+        m
+    };
+    let (guest, dns) = ([10, 0, 2, 15], [10, 0, 2, 3]);
+    let mut loopback6 = [0u8; 16];
+    loopback6[15] = 1;
+    vec![
+        eth(0x0806, &[0, 1, 8, 0, 6, 4, 0, 1]),
+        v4(guest, [10, 1, 2, 3], 6, &tcp(40000, 443, 0x02)),
+        v4(guest, [169, 254, 169, 254], 6, &tcp(40000, 80, 0x02)),
+        v4(guest, [93, 184, 216, 34], 6, &tcp(40000, 443, 0x10)),
+        v4(guest, [127, 0, 0, 1], 17, &udp(5000, 9001, b"x")),
+        v4(guest, dns, 17, &udp(33333, 53, &query("www.example.com"))),
+        v4(guest, dns, 17, &udp(33333, 53, &query("denied.test"))),
+        v4(dns, guest, 17, &udp(53, 33333, &answer("www.example.com"))),
+        v4(guest, dns, 6, &tcp(40000, 53, 0x02)),
+        v6(loopback6, 6, &tcp(40000, 80, 0x02)),
+        v6(
+            [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+            17,
+            &udp(1, 2, b"q"),
+        ),
+    ]
+}
+
 /// Every seed, by target.
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
@@ -393,6 +484,9 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         let mut seed = vec![pick];
         seed.extend_from_slice(body.as_bytes());
         out.push(("fleet_bodies", seed));
+    }
+    for f in egress_frames() {
+        out.push(("egress_frame", f));
     }
     out
 }
@@ -440,6 +534,10 @@ fn seeds_read_as_what_they_stand_for() {
             }
         };
         assert!(ok, "{pick}: {body}");
+    }
+    // each frame gets the filter's verdict (a reply it builds must read as a frame again)
+    for f in egress_frames() {
+        smolmachines::local::egress::fuzz_frame(&f);
     }
 }
 

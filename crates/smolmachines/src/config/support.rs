@@ -197,9 +197,8 @@ fn local_support(f: ConfigField) -> Support {
     use ConfigField::*;
     match f {
         Name | Image | Labels | Command | Env | Workdir | User | Mounts | Ports | Cpus
-        | MemoryMb | StorageGb | Network | Persistent | Detach | ReadyTimeout | Branchable => {
-            Support::Honoured
-        }
+        | MemoryMb | StorageGb | Network | AllowCidrs | AllowHosts | Persistent | Detach
+        | ReadyTimeout | Branchable => Support::Honoured,
         // SPEC §11: sweeps of the cloud's control plane; a local machine lives as long as its
         // process (or its persistent / detached record) says. Create returns once the agent
         // answers; readiness of ports is `wait_until_ready`'s.
@@ -207,8 +206,6 @@ fn local_support(f: ConfigField) -> Support {
         // Not implemented by the local engine yet: refused rather than dropped.
         MountStaged
         | PortAnyHost
-        | AllowCidrs
-        | AllowHosts
         | OverlayGb
         | Gpu
         | GpuVramMib

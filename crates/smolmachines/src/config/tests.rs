@@ -253,14 +253,6 @@ fn the_local_engine_refuses_what_it_cannot_honour_naming_field_and_target() {
     };
     let cases: Vec<Case> = vec![
         (
-            "resources.allow_hosts (resources.allowHosts)",
-            Box::new(|c| c.resources.allow_hosts = vec!["pypi.org".into()]),
-        ),
-        (
-            "resources.allow_cidrs",
-            Box::new(|c| c.resources.allow_cidrs = vec!["10.0.0.0/8".into()]),
-        ),
-        (
             "credentials",
             Box::new(move |c| c.credentials = vec![cred.clone()]),
         ),

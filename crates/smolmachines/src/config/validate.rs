@@ -200,6 +200,9 @@ impl MachineConfig {
         range("resources.overlay_gb", r.overlay_gb, 1, MAX_DISK_GB)?;
         range("resources.gpu_vram_mib", r.gpu_vram_mib, 1, MAX_MEMORY_MB)?;
         non_empty_items("resources.allow_hosts", &r.allow_hosts)?;
+        for h in &r.allow_hosts {
+            check_host(h)?;
+        }
         for c in &r.allow_cidrs {
             check_cidr(c)?;
         }
@@ -319,6 +322,27 @@ impl MachineConfig {
             ));
         }
         env("env", &self.env)
+    }
+}
+
+/// A host name of `allow_hosts`: `pypi.org` (and its subdomains), `*.pypi.org` the same.
+fn check_host(h: &str) -> Result<()> {
+    let name = h.trim().trim_end_matches('.');
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "resources.allow_hosts: {h:?} is not a host name (like pypi.org or *.pypi.org)"
+        )))
     }
 }
 

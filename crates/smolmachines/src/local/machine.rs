@@ -427,12 +427,23 @@ impl LocalMachine {
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let listener = self.bind_agent_socket()?;
-        let (mounts, network) = {
+        let (mounts, network, policy) = {
             let r = self.inner.record.lock().expect("record lock");
-            (r.mounts.clone(), r.network)
+            let policy = super::egress::Policy::new(
+                &r.allow_cidrs,
+                &r.allow_hosts,
+                &super::egress::Policy::denied_from_env(),
+            );
+            (r.mounts.clone(), r.network, policy)
         };
         if network {
-            let child = super::net::spawn(&self.inner.spec.dir, &self.inner.passt)?;
+            let filter = super::egress::Filter::new(policy);
+            let child = super::net::spawn(
+                &self.inner.spec.dir,
+                &self.inner.passt,
+                &self.inner.name,
+                filter,
+            )?;
             self.inner.helpers.lock().expect("helpers lock").push(child);
         }
         for (i, m) in mounts.iter().enumerate() {

@@ -11,6 +11,7 @@ pub mod assets;
 pub mod checkpoint_file;
 mod container;
 pub mod disk;
+pub mod egress;
 mod machine;
 pub mod mounts;
 pub mod net;
@@ -478,7 +479,10 @@ impl LocalBackend {
         // One validation for every front end, then the fields this engine cannot honour.
         config.validate()?;
         config.refuse_unsupported(&crate::config::Capabilities::LOCAL)?;
-        let network = config.effective_network() == Some(true);
+        // SPEC §3.1: an allow-list enables networking restricted to it
+        let allow_lists =
+            !config.resources.allow_cidrs.is_empty() || !config.resources.allow_hosts.is_empty();
+        let network = config.effective_network() == Some(true) || allow_lists;
         let cpus = config.resources.cpus.unwrap_or(DEFAULT_CPUS);
         let memory_mb = config.resources.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
         let storage_gb = config.resources.storage_gb.unwrap_or(DEFAULT_STORAGE_GB);
@@ -565,6 +569,8 @@ impl LocalBackend {
             ports: config.ports.iter().map(|p| (p.host, p.guest)).collect(),
             mounts,
             network,
+            allow_cidrs: config.resources.allow_cidrs.clone(),
+            allow_hosts: config.resources.allow_hosts.clone(),
             created_unix: now_unix(),
             vmm: None,
             owner: Some(ProcId::current()),

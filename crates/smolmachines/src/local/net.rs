@@ -2,6 +2,8 @@
 //! user-mode: no privileges, no host interfaces) gives the guest IPv4 egress and DNS forwarding.
 //! `--no-map-gw` keeps the gateway address from being mapped to the host, so the guest never
 //! reaches services on the host's loopback (QEMU's slirp maps 10.0.2.2 to it; TCG-NOTES §4).
+//! QEMU does not talk to passt directly: the machine's egress filter (`local::egress`) relays
+//! every frame and enforces the machine's policy (docs/NETWORK.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,10 +25,16 @@ pub fn passt() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("passt"))
 }
 
-/// The socket QEMU's `-netdev stream` connects to. It lives in a directory of its own: passt
-/// started as root switches to `nobody` before it binds, so that directory belongs to nobody.
+/// The socket QEMU's `-netdev stream` connects to: the egress filter's. It lives in a
+/// directory of its own: passt started as root switches to `nobody` before it binds, so that
+/// directory belongs to nobody.
 pub fn socket(dir: &Path) -> PathBuf {
     dir.join("net").join("passt.sock")
+}
+
+/// passt's own socket, which only the egress filter connects to.
+pub fn upstream_socket(dir: &Path) -> PathBuf {
+    dir.join("net").join("passt-up.sock")
 }
 
 fn prepare_dir(sock: &Path) -> Result<()> {
@@ -78,9 +86,45 @@ pub fn args(sock: &Path) -> Vec<String> {
     a
 }
 
-/// Starts passt for a machine and waits for its socket.
-pub fn spawn(dir: &Path, binary: &Path) -> Result<Child> {
-    let sock = socket(dir);
+/// Starts passt for a machine, waits for its socket and starts the egress filter (`filter`)
+/// between it and the socket QEMU connects to ([`socket`]).
+pub fn spawn(
+    dir: &Path,
+    binary: &Path,
+    name: &str,
+    filter: super::egress::Filter,
+) -> Result<Child> {
+    if super::egress::bypassed() {
+        tracing::warn!(
+            machine = name,
+            "egress filter bypassed (egress::bypass_for_measurement): QEMU talks to passt directly"
+        );
+        return spawn_passt_at(dir, binary, &socket(dir));
+    }
+    let mut child = spawn_passt(dir, binary)?;
+    let guest_sock = socket(dir);
+    let relay = (|| {
+        crate::cleanup::remove_if_present(&guest_sock)?;
+        let up = std::os::unix::net::UnixStream::connect(upstream_socket(dir))?;
+        let listener = std::os::unix::net::UnixListener::bind(&guest_sock)?;
+        super::egress::relay::start(name, listener, up, filter)
+    })();
+    if let Err(e) = relay {
+        crate::cleanup::kill_quietly(&mut child, "passt");
+        return Err(Error::io(
+            format!("starting the egress filter on {}", guest_sock.display()),
+            e,
+        ));
+    }
+    Ok(child)
+}
+
+fn spawn_passt(dir: &Path, binary: &Path) -> Result<Child> {
+    spawn_passt_at(dir, binary, &upstream_socket(dir))
+}
+
+fn spawn_passt_at(dir: &Path, binary: &Path, sock: &Path) -> Result<Child> {
+    let sock = sock.to_path_buf();
     prepare_dir(&sock)?;
     // A stale socket left in place would end the wait below at once, before passt listens.
     crate::cleanup::remove_if_present(&sock).map_err(|e| {
@@ -104,6 +148,9 @@ pub fn spawn(dir: &Path, binary: &Path) -> Result<Child> {
             Ok(())
         });
     }
+    let plan = super::confine::helper(dir);
+    super::confine::warn_partial("passt", &plan);
+    super::confine::apply(&mut cmd, plan);
     let fail = |reason: String| Error::NotSupported {
         message: format!("guest networking unavailable: {reason} (Debian: apt-get install passt)"),
     };
@@ -152,13 +199,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         // In the way of the socket: a directory with content (not removable as a file).
         // Left there, it would end the wait for the socket at once.
-        let sock = socket(d.path());
+        let sock = upstream_socket(d.path());
         std::fs::create_dir_all(&sock).unwrap();
         std::fs::write(sock.join("x"), b"x").unwrap();
-        match spawn(d.path(), Path::new("/bin/true")) {
+        match spawn_passt(d.path(), Path::new("/bin/true")) {
             Err(Error::Io { context, .. }) => {
                 assert!(context.contains("stale passt socket"), "{context}");
-                assert!(context.contains("passt.sock"), "{context}");
+                assert!(context.contains("passt-up.sock"), "{context}");
             }
             Err(other) => panic!("expected an I/O error naming the socket, got {other:?}"),
             Ok(mut child) => {

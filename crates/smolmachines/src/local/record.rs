@@ -104,6 +104,12 @@ pub struct Record {
     /// Guest egress enabled.
     #[serde(default)]
     pub network: bool,
+    /// Egress allowed to these blocks only (with `allow_hosts`; both empty: open egress).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_cidrs: Vec<String>,
+    /// Egress allowed to these names' addresses only, as DNS answers them (`local::egress`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
     /// The VMM process while the VM runs.
@@ -165,6 +171,8 @@ impl Record {
             ports: vec![],
             mounts: vec![],
             network: false,
+            allow_cidrs: vec![],
+            allow_hosts: vec![],
             created_unix: 1,
             vmm: None,
             owner: None,
