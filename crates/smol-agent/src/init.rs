@@ -25,6 +25,9 @@ pub struct Config {
     /// File system type of a read-only image (virtio-blk serial `smol-image`) that replaces
     /// the initramfs as the lower layer of the root.
     pub image: Option<String>,
+    /// Test-only (`smol.protocol_max=N`): speak at most generation N, as an older agent would
+    /// (the engine passes it only under `SMOL_TEST_AGENT_PROTOCOL_MAX`; VERSIONING.md).
+    pub protocol_max: Option<u16>,
 }
 
 /// Mounts, creating the target; failures are logged (an API file system already mounted is
@@ -80,6 +83,8 @@ fn parse_cmdline(cmdline: &str) -> Config {
             cfg.image = Some(v.to_string());
         } else if let Some(v) = word.strip_prefix("smol.linger_ms=") {
             cfg.linger_ms = v.parse().ok();
+        } else if let Some(v) = word.strip_prefix("smol.protocol_max=") {
+            cfg.protocol_max = v.parse().ok();
         } else if let Some(v) = word.strip_prefix("smol.mount=") {
             // tag:target[:ro]
             let mut parts = v.splitn(3, ':');
@@ -407,6 +412,9 @@ mod tests {
         assert_eq!(c.mode, "agent");
         assert!(!c.disk);
         assert_eq!(c.linger_ms, None);
+        assert_eq!(c.protocol_max, None);
+        assert_eq!(parse_cmdline("smol.protocol_max=3").protocol_max, Some(3));
+        assert_eq!(parse_cmdline("smol.protocol_max=x").protocol_max, None);
         let c = parse_cmdline(
             "smol.disk=1 smol.linger_ms=3000 smol.mount=m0:/work:ro smol.mount=m1:/data",
         );

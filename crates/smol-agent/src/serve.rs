@@ -5,11 +5,28 @@ use std::time::Duration;
 
 use smol_protocol::mux::{Incoming, Mux, MuxConfig, Stream};
 use smol_protocol::{
-    ErrorKind, Frame, Hello, Op, RemoteError, MIN_PROTOCOL_VERSION, PORT_NAME, PROTOCOL_VERSION,
+    ErrorKind, Frame, Generations, Hello, Op, RemoteError, MIN_PROTOCOL_VERSION, PORT_NAME,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::init::Config;
+
+/// The generations this agent speaks: all of this crate's, unless the kernel command line
+/// capped them (`smol.protocol_max=N`, test-only: an older agent's behaviour).
+static SPEAKS: std::sync::OnceLock<Generations> = std::sync::OnceLock::new();
+
+/// The range `cap` leaves of what this crate speaks (never below the oldest generation).
+pub fn capped(cap: Option<u16>) -> Generations {
+    let max = cap.map_or(PROTOCOL_VERSION, |n| {
+        n.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+    });
+    Generations::new(MIN_PROTOCOL_VERSION, max)
+}
+
+fn speaks() -> Generations {
+    SPEAKS.get().copied().unwrap_or(Generations::CURRENT)
+}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -33,6 +50,11 @@ pub fn serve_port(cfg: &Config, restarted: bool) -> ! {
     let fd = port.as_raw_fd();
     let rt = runtime();
     let linger = cfg.linger_ms.map(Duration::from_millis);
+    let gens = capped(cfg.protocol_max);
+    if gens != Generations::CURRENT {
+        eprintln!("smol-agent: speaking protocol generations {gens} only (smol.protocol_max)");
+    }
+    let _ = SPEAKS.set(gens);
     rt.block_on(async move {
         if restarted {
             end_dead_session(fd).await;
@@ -130,19 +152,20 @@ where
         reader,
         writer,
         MuxConfig {
+            speaks: speaks(),
             peer_hello: host_hello,
-            ..MuxConfig::default()
         },
     );
     if greeted {
         log_generation(&mux);
     }
+    let gens = speaks();
     let hello = |session: u64| Hello {
-        version: PROTOCOL_VERSION,
+        version: gens.max,
         software: env!("CARGO_PKG_VERSION").to_string(),
         kernel: crate::init::kernel_release(),
         uptime_ms: uptime_ms(),
-        min_version: MIN_PROTOCOL_VERSION,
+        min_version: gens.min,
         session: Some(session),
     };
     // Unasked, so a host that waits for it sees the agent as soon as the port opens ...
@@ -262,6 +285,32 @@ mod tests {
     use super::*;
     use smol_protocol::mux::StreamReceiver;
     use smol_protocol::{Chan, ExecRequest};
+
+    #[test]
+    fn a_cap_narrows_the_generations_within_what_the_crate_speaks() {
+        assert_eq!(capped(None), Generations::CURRENT);
+        assert_eq!(capped(Some(PROTOCOL_VERSION + 5)), Generations::CURRENT);
+        assert_eq!(
+            capped(Some(MIN_PROTOCOL_VERSION)),
+            Generations::only(MIN_PROTOCOL_VERSION)
+        );
+        assert_eq!(capped(Some(0)).max, MIN_PROTOCOL_VERSION);
+        let three = capped(Some(3));
+        assert_eq!((three.min, three.max), (MIN_PROTOCOL_VERSION, 3));
+        // a host of this crate negotiates down to the cap
+        let hello = Hello {
+            version: three.max,
+            software: String::new(),
+            kernel: String::new(),
+            uptime_ms: 0,
+            min_version: three.min,
+            session: None,
+        };
+        assert_eq!(
+            smol_protocol::negotiate(Generations::CURRENT, &hello).ok(),
+            Some(3)
+        );
+    }
 
     async fn host() -> Mux {
         let (a, b) = tokio::io::duplex(1 << 20);

@@ -62,6 +62,17 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl LocalMachine {
+    /// The protocol generation negotiated with the machine's agent, while it is connected (a
+    /// machine restored from an older agent's checkpoint speaks that agent's generation).
+    pub fn protocol_generation(&self) -> Option<u16> {
+        self.inner
+            .conn
+            .lock()
+            .expect("conn lock")
+            .as_ref()
+            .map(|c| c.generation())
+    }
+
     /// [`MachineBackend::checkpoint`](crate::MachineBackend::checkpoint): see the module
     /// documentation.
     #[tracing::instrument(skip(self, opts), fields(machine = %self.inner.name))]

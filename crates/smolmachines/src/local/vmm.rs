@@ -210,6 +210,14 @@ pub fn kernel_cmdline(spec: &VmSpec, tsc_khz: Option<u64>) -> String {
     if spec.network {
         words.push("smol.net=1".into());
     }
+    // Test-only: an agent that speaks at most generation N, as an older one would
+    // (crates/smol-protocol/VERSIONING.md; tests/checkpoint_generation.rs).
+    if let Some(n) = std::env::var("SMOL_TEST_AGENT_PROTOCOL_MAX")
+        .ok()
+        .and_then(|v| v.parse::<u16>().ok())
+    {
+        words.push(format!("smol.protocol_max={n}"));
+    }
     if let Some((_, fstype)) = &spec.image {
         words.push(format!("smol.image={fstype}"));
     }
