@@ -347,3 +347,43 @@ def test_seed_fork_sample(cloud, image):
         if clone is not None:
             clone.delete()
         golden.delete()
+
+
+def test_checkpoint_restore_and_delete_on_the_cloud(cloud, image):
+    """checkpoint() / checkpoints() / restore_checkpoint() / delete_checkpoint() through the
+    core's cloud target: the fleet keeps the checkpoint, a restore is a new running machine with
+    the checkpointed disk and memory (a tmpfs file), a taken name is Conflict, another call after
+    the delete is NotFound."""
+    src = Machine.create(MachineConfig(image=image, branchable=True), cloud)
+    restored = None
+    try:
+        src.write_file("/root/disk.txt", "before")
+        assert src.exec(["sh", "-c", "echo in-ram > /dev/shm/ram"]).exit_code == 0
+        with pytest.raises(smol.InvalidConfigError):
+            src.checkpoint("/tmp/not-on-the-cloud.smolcheckpoint")
+        ck = src.checkpoint()
+        assert ck["id"].startswith("ckpt-"), ck
+        assert (ck["status"], ck["machine_id"]) == ("ready", src.id), ck
+        assert ck["size_bytes"] > 0 and ck["download_url"] is None, ck
+        assert [c["id"] for c in src.checkpoints()] == [ck["id"]]
+        src.write_file("/root/disk.txt", "after")
+
+        name = unique("restored")
+        restored = Machine.restore_checkpoint(ck["id"], name, cloud)
+        assert (restored.target, restored.name) == ("cloud", name)
+        assert restored.state() == "running"
+        assert restored.read_file("/root/disk.txt") == b"before"
+        assert restored.exec(["cat", "/dev/shm/ram"]).stdout == "in-ram\n"
+        with pytest.raises(smol.ConflictError):
+            Machine.restore(ck["id"], name, cloud)
+        restored.delete()
+        restored = None
+        Machine.delete_checkpoint(ck["id"], cloud)
+        with pytest.raises(smol.NotFoundError):
+            Machine.restore(ck["id"], unique("late"), cloud)
+        with pytest.raises(smol.NotFoundError):
+            Machine.delete_checkpoint(ck["id"], cloud)
+    finally:
+        if restored is not None:
+            restored.delete()
+        src.delete()
