@@ -586,3 +586,102 @@ async fn a_killed_clone_leaves_its_siblings_and_source_running() {
     }
     assert_eq!(qemu_processes_in(dir.path()), 0);
 }
+
+/// Bytes used on the file system of `dir` (`df`).
+fn used_bytes(dir: &std::path::Path) -> u64 {
+    let o = std::process::Command::new("df")
+        .args(["-B1", "--output=used"])
+        .arg(dir)
+        .output()
+        .expect("df");
+    let text = String::from_utf8_lossy(&o.stdout);
+    text.lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+fn tmpfs(dir: &std::path::Path, opts: &str) {
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mounting a tmpfs needs root (the VM tests run as root in CI)"
+    );
+}
+
+/// The tmpfs that holds the RAM files full at a branch: a typed `NoSpace`, nothing of the clone
+/// left, and the source (whose own RAM file is on that tmpfs) goes on, writing new memory. With
+/// room again, the branch works.
+#[tokio::test]
+async fn a_full_ram_tmpfs_at_branch_is_no_space_and_the_source_goes_on() {
+    let Some((_, dir)) = engine() else {
+        return;
+    };
+    let run_dir = dir.path().join("ram-tmpfs");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    tmpfs(&run_dir, "size=1g");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(run_dir.clone());
+    let engine = LocalBackend::at(dir.path().join("home"))
+        .with_run_dir(&run_dir)
+        .with_assets(common::vm_assets().unwrap());
+    let src = source(&engine, "fsrc").await;
+    out(
+        &src,
+        "head -c 40000000 /dev/urandom > /tmp/fill && echo 1 > /tmp/one",
+    )
+    .await;
+    // leave free about a third of what the source's RAM holds: its copy cannot fit, while
+    // the source has room for the pages it touches next
+    let used = used_bytes(&run_dir);
+    let size = used + used / 3;
+    let st = std::process::Command::new("mount")
+        .args(["-o", &format!("remount,size={size}"), "tmpfs"])
+        .arg(&run_dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "remount the RAM tmpfs at {size} bytes");
+    let e = src
+        .branch_machine("fclone", &BranchOptions::default())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, Error::NoSpace { .. }), "{e:?}");
+    assert!(engine.live_machine("fclone").is_none());
+    assert!(!run_dir.join("machines").join("fclone").exists());
+    assert!(
+        used_bytes(&run_dir) <= used + (8 << 20),
+        "the partial copy was removed: {} bytes used, {used} before",
+        used_bytes(&run_dir)
+    );
+    // the source runs and writes memory it had not touched
+    assert_eq!(src.state().await.unwrap(), MachineState::Running);
+    assert_eq!(
+        out(
+            &src,
+            "head -c 8000000 /dev/zero > /tmp/more && cat /tmp/one"
+        )
+        .await,
+        "1"
+    );
+    // room again: the branch works
+    let st = std::process::Command::new("mount")
+        .args(["-o", "remount,size=1g", "tmpfs"])
+        .arg(&run_dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let c = branch(&src, "fclone").await;
+    assert_eq!(out(&c, "cat /tmp/one; hostname").await, "1\nfclone");
+    c.delete().await.unwrap();
+    src.delete().await.unwrap();
+}

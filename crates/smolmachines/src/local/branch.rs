@@ -163,13 +163,51 @@ pub(super) async fn save_state(qmp: &mut Qmp, state: &Path) -> std::result::Resu
     wait_file(state).await
 }
 
-/// Copies on the blocking pool.
-pub(super) async fn copy_blocking(src: PathBuf, dst: PathBuf) -> std::result::Result<u64, String> {
+/// Why a pause window (branch, checkpoint) failed: a typed error the caller passes on as it
+/// is (no room for the copies), or a reason the caller words as its own error.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// Passed on as it is.
+    Typed(Error),
+    /// Worded by the caller.
+    Reason(String),
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Failure::Reason(reason)
+    }
+}
+
+impl Failure {
+    /// The error to return: a typed one as it is, a reason through `word`.
+    pub(super) fn into_error(self, word: impl FnOnce(String) -> Error) -> Error {
+        match self {
+            Failure::Typed(e) => e,
+            Failure::Reason(r) => word(r),
+        }
+    }
+}
+
+/// Copies on the blocking pool. A full file system is `Error::NoSpace` (typed); the partial
+/// copy is removed at once, so the tmpfs that also holds the source's own RAM file has its
+/// room back before the source runs again.
+pub(super) async fn copy_blocking(src: PathBuf, dst: PathBuf) -> std::result::Result<u64, Failure> {
     let what = format!("copying {} to {}", src.display(), dst.display());
-    match tokio::task::spawn_blocking(move || ram::copy_sparse(&src, &dst)).await {
+    let to = dst.clone();
+    let r = tokio::task::spawn_blocking(move || ram::copy_sparse(&src, &dst)).await;
+    if !matches!(r, Ok(Ok(_))) {
+        if let Err(e) = std::fs::remove_file(&to) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %to.display(), error = %e, "cannot remove a partial copy");
+            }
+        }
+    }
+    match r {
         Ok(Ok(n)) => Ok(n),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(e) => Err(format!("{what}: the copy panicked: {e}")),
+        Ok(Err(e @ Error::NoSpace { .. })) => Err(Failure::Typed(e)),
+        Ok(Err(e)) => Err(Failure::Reason(format!("{what}: {e}"))),
+        Err(e) => Err(Failure::Reason(format!("{what}: the copy panicked: {e}"))),
     }
 }
 
@@ -396,7 +434,7 @@ impl LocalMachine {
             )
             .await
         }
-        .map_err(failed)?;
+        .map_err(|f| f.into_error(failed))?;
         if opts.freeze_source && self.phase() == Phase::Running {
             self.become_base(src_ram, &state).await?;
         }
@@ -483,7 +521,7 @@ impl LocalMachine {
         disk_to: &Path,
         state: &Path,
         keep: bool,
-    ) -> std::result::Result<Frozen, String> {
+    ) -> std::result::Result<Frozen, Failure> {
         let mut qmp = migration_qmp(&self.inner.spec.qmp_socket(), "source").await?;
         let t0 = Instant::now();
         qmp.execute("stop", None)
@@ -526,7 +564,7 @@ impl LocalMachine {
         base_disk: &Path,
         disk_to: &Path,
         state: &Path,
-    ) -> std::result::Result<Frozen, String> {
+    ) -> std::result::Result<Frozen, Failure> {
         let base_state = self.inner.spec.dir.join(BASE_STATE);
         tokio::fs::copy(&base_state, state)
             .await

@@ -279,8 +279,8 @@ impl LocalMachine {
             Duration::ZERO
         };
         saved.map_err(failed)?;
-        ram.map_err(failed)?;
-        disk.map_err(failed)?;
+        ram.map_err(|f| f.into_error(failed))?;
+        disk.map_err(|f| f.into_error(failed))?;
         Ok(pause)
     }
 
