@@ -39,7 +39,8 @@ pub struct CheckpointInfo {
     pub elapsed_ms: Option<u64>,
 }
 
-/// `POST /v1/checkpoints/{id}/restore`: a new (stopped) machine from a checkpoint.
+/// `POST /v1/checkpoints/{id}/restore`: a new machine from a checkpoint (SPEC says stopped; the
+/// fleet answers it running and ready, its memory restored: docs/FLEET.md).
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
