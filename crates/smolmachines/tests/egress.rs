@@ -265,7 +265,35 @@ async fn open_egress_reaches_the_world_but_never_metadata_or_the_host_loopback()
     let r = reaches(&m, "denied.smol.test", 9000).await;
     assert!(reached(&r, "egress-ok"), "{r:?}");
     assert_metadata_and_loopback_refused(&m).await;
+
+    // passt dies: the filter ends both directions (and logs why); the machine and its agent
+    // (vsock) go on, its egress is gone rather than unfiltered, and delete still works
+    let passt = passt_of(&m.dir());
+    assert_eq!(passt.len(), 1, "one passt for the machine: {passt:?}");
+    // SAFETY: kill(2) of the passt this test's machine runs.
+    assert_eq!(unsafe { libc::kill(passt[0], libc::SIGKILL) }, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = run(&m, "echo alive").await;
+    assert_eq!(r.stdout, "alive\n", "{r:?}");
+    let r = run(&m, &format!("timeout 10 nc -w 2 {FIRST} 9000; echo rc=$?")).await;
+    assert!(!r.stdout.contains("egress-ok"), "{r:?}");
     m.delete().await.unwrap();
+}
+
+/// The passt processes whose command line names `dir` (the machine's run directory).
+fn passt_of(dir: &std::path::Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).to_string();
+            let argv0 = cmd.split('\0').next().unwrap_or("").to_string();
+            (argv0.ends_with("passt") && cmd.contains(&needle)).then_some(pid)
+        })
+        .collect()
 }
 
 #[tokio::test]

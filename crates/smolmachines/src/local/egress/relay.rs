@@ -133,9 +133,16 @@ fn run(name: &str, guest: UnixStream, upstream: UnixStream, filter: Filter) -> i
     let counts = Arc::new(Counts::default());
     let to_guest = Arc::new(Mutex::new(guest.try_clone()?));
     let (guest_r, up_r) = (guest.try_clone()?, upstream.try_clone()?);
+    // the first side to end says why both did
+    let first_why: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let end = {
         let (g, u) = (guest, upstream.try_clone()?);
-        move || {
+        let first_why = first_why.clone();
+        move |why: &str| {
+            first_why
+                .lock()
+                .expect("reason lock")
+                .get_or_insert_with(|| why.to_string());
             // both directions end: the other thread's read returns
             let _ = g.shutdown(std::net::Shutdown::Both);
             let _ = u.shutdown(std::net::Shutdown::Both);
@@ -174,7 +181,7 @@ fn run(name: &str, guest: UnixStream, upstream: UnixStream, filter: Filter) -> i
                     }
                 };
                 tracing::debug!(machine = %name, "egress relay (passt to guest) ended: {why}");
-                end();
+                end(&why);
             })?
     };
     // guest -> passt: the policy
@@ -214,7 +221,7 @@ fn run(name: &str, guest: UnixStream, upstream: UnixStream, filter: Filter) -> i
             }
         }
     };
-    end();
+    end(&why);
     if inbound.join().is_err() {
         tracing::warn!(machine = %name, "egress relay: the inbound thread panicked");
     }
@@ -224,7 +231,8 @@ fn run(name: &str, guest: UnixStream, upstream: UnixStream, filter: Filter) -> i
         denied = counts.denied.load(Ordering::Relaxed),
         refused_with_reply = counts.replies.load(Ordering::Relaxed),
         to_guest = counts.inbound.load(Ordering::Relaxed),
-        "egress relay ended: {why}"
+        "egress relay ended: {}",
+        first_why.lock().expect("reason lock").as_deref().unwrap_or(&why)
     );
     Ok(())
 }
