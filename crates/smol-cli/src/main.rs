@@ -422,6 +422,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                 Err(e) => println!("assets:      missing: {e}"),
             }
             println!("run dir:     {}", d.run_dir.display());
+            println!("confinement: {}", d.confinement);
             println!("programs (scripts/programs.txt):");
             for c in &d.programs {
                 let p = c.program;

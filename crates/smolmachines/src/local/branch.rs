@@ -88,10 +88,6 @@ pub(crate) struct Frozen {
     pub(crate) disk_bytes: u64,
 }
 
-fn quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
-}
-
 /// Polls `query-migrate` until the migration completed; its error otherwise.
 async fn wait_migration(qmp: &mut Qmp, side: &str) -> std::result::Result<(), String> {
     let deadline = Instant::now() + MIGRATE_TIMEOUT;
@@ -147,20 +143,30 @@ pub(super) async fn migration_qmp(socket: &Path, side: &str) -> std::result::Res
 }
 
 /// Saves the (stopped) VM's device state to `state`: written to a temporary name and renamed
-/// into place once complete, then waited for.
+/// into place once complete, then waited for. QEMU writes to a descriptor handed to it
+/// (`fd:` migration): its seccomp sandbox denies the fork an `exec:` migration needs.
 pub(super) async fn save_state(qmp: &mut Qmp, state: &Path) -> std::result::Result<(), String> {
     let tmp = state.with_extension("tmp");
-    let uri = format!(
-        "exec:cat > {} && mv {} {}",
-        quote(&tmp),
-        quote(&tmp),
-        quote(state)
-    );
-    qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+    let file = std::fs::File::create(&tmp)
+        .map_err(|e| format!("source: creating {}: {e}", tmp.display()))?;
+    qmp.send_fd("smol-state-out", std::os::fd::AsFd::as_fd(&file))
         .await
-        .map_err(|e| format!("source: migrate: {e}"))?;
+        .map_err(|e| format!("source: getfd: {e}"))?;
+    drop(file);
+    qmp.execute(
+        "migrate",
+        Some(serde_json::json!({ "uri": "fd:smol-state-out" })),
+    )
+    .await
+    .map_err(|e| format!("source: migrate: {e}"))?;
     wait_migration(qmp, "source").await?;
-    wait_file(state).await
+    std::fs::rename(&tmp, state).map_err(|e| {
+        format!(
+            "source: renaming {} to {}: {e}",
+            tmp.display(),
+            state.display()
+        )
+    })
 }
 
 /// Why a pause window (branch, checkpoint) failed: a typed error the caller passes on as it
@@ -209,18 +215,6 @@ pub(super) async fn copy_blocking(src: PathBuf, dst: PathBuf) -> std::result::Re
         Ok(Err(e)) => Err(Failure::Reason(format!("{what}: {e}"))),
         Err(e) => Err(Failure::Reason(format!("{what}: the copy panicked: {e}"))),
     }
-}
-
-/// Waits until `path` exists (the migration's `cat` wrote it and renamed it into place).
-async fn wait_file(path: &Path) -> std::result::Result<(), String> {
-    let deadline = Instant::now() + MIGRATE_TIMEOUT;
-    while !path.exists() {
-        if Instant::now() >= deadline {
-            return Err(format!("{} was not written", path.display()));
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Ok(())
 }
 
 /// The directory a machine's disk layers live in, and its `base-*.qcow2` layers.
@@ -691,9 +685,15 @@ impl LocalMachine {
         let t0 = Instant::now();
         migration_setup(&mut qmp, "clone").await?;
         tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1e3, "clone: QMP up");
+        let file = std::fs::File::open(state)
+            .map_err(|e| format!("clone: opening {}: {e}", state.display()))?;
+        qmp.send_fd("smol-state-in", std::os::fd::AsFd::as_fd(&file))
+            .await
+            .map_err(|e| format!("clone: getfd: {e}"))?;
+        drop(file);
         qmp.execute(
             "migrate-incoming",
-            Some(serde_json::json!({ "uri": format!("exec:cat {}", quote(state)) })),
+            Some(serde_json::json!({ "uri": "fd:smol-state-in" })),
         )
         .await
         .map_err(|e| format!("clone: migrate-incoming: {e}"))?;

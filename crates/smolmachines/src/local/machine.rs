@@ -427,6 +427,12 @@ impl LocalMachine {
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let listener = self.bind_agent_socket()?;
+        // before any of its processes: each joins it before it execs (local::confine)
+        let cgroup = super::confine::machine_cgroup(
+            &self.inner.spec.dir,
+            self.inner.spec.memory_mb,
+            self.inner.spec.cpus,
+        );
         let (mounts, network, policy) = {
             let r = self.inner.record.lock().expect("record lock");
             let policy = super::egress::Policy::new(
@@ -451,6 +457,7 @@ impl LocalMachine {
                 Ok(child) => self.inner.helpers.lock().expect("helpers lock").push(child),
                 Err(e) => {
                     Self::stop_helpers(&self.inner);
+                    super::cgroup::remove_later(cgroup);
                     return Err(e);
                 }
             }
@@ -463,7 +470,12 @@ impl LocalMachine {
             }
             None => std::borrow::Cow::Borrowed(&self.inner.spec),
         };
-        let mut child = self.inner.vmm.spawn(&spawn_spec).map_err(|e| match e {
+        let spawned = self.inner.vmm.spawn(&spawn_spec);
+        if spawned.is_err() {
+            Self::stop_helpers(&self.inner);
+            super::cgroup::remove_later(cgroup.clone());
+        }
+        let mut child = spawned.map_err(|e| match e {
             super::vmm::VmmError::BinaryMissing { .. } => Error::HypervisorUnavailable {
                 message: e.to_string(),
             },
@@ -521,6 +533,9 @@ impl LocalMachine {
                 None => describe_exit(status),
             };
             Self::on_exit(&weak, &detail).await;
+            // the VMM and its helpers are gone (or going): their cgroup goes too, before
+            // anyone waiting for the exit goes on (a start right after a stop makes it again)
+            super::cgroup::remove_blocking(cgroup).await;
             // no receiver left: every handle is gone, nobody waits for the exit
             if exit_tx.send(Some(detail)).is_err() {
                 tracing::trace!("VMM exit seen after the last handle");

@@ -8,7 +8,9 @@
 pub mod accel;
 pub mod agent;
 pub mod assets;
+pub mod cgroup;
 pub mod checkpoint_file;
+pub mod confine;
 mod container;
 pub mod disk;
 pub mod egress;
@@ -110,6 +112,9 @@ pub struct Doctor {
     pub home: PathBuf,
     /// Every program the engine runs (scripts/programs.txt): present, runnable, version.
     pub programs: Vec<programs::Check>,
+    /// How machines' processes are confined here (`local::confine`), "partial" where some of
+    /// it cannot apply.
+    pub confinement: String,
 }
 
 impl Doctor {
@@ -428,6 +433,7 @@ impl LocalBackend {
             run_dir: self.run_dir.clone(),
             home: self.home.clone(),
             programs: programs::check_runtime(),
+            confinement: confine::describe(),
         }
     }
 

@@ -138,6 +138,9 @@ pub fn spawn(dir: &Path, i: usize, m: &MountRecord) -> Result<Child> {
             Ok(())
         });
     }
+    let plan = super::confine::helper(dir);
+    super::confine::warn_partial("virtiofsd", &plan);
+    super::confine::apply(&mut cmd, plan);
     let mut child = cmd.spawn().map_err(|e| Error::MountSource {
         source_path: m.source.display().to_string(),
         reason: format!("starting {}: {e}", daemon.display()),

@@ -62,6 +62,38 @@ impl Qmp {
         serde_json::from_str(&line).map_err(|e| QmpError::Protocol(format!("{e}: {line}")))
     }
 
+    /// Hands `fd` to QEMU under `name` (`getfd`, the descriptor sent with the command as
+    /// `SCM_RIGHTS`), for a later `fd:<name>` migration: QEMU's seccomp sandbox
+    /// (`spawn=deny`, `local::confine`) refuses the fork of an `exec:` migration.
+    pub async fn send_fd(
+        &mut self,
+        name: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), QmpError> {
+        use std::os::fd::AsRawFd;
+        let mut line = json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string();
+        line.push('\n');
+        let sock = self.writer.as_ref();
+        loop {
+            sock.writable().await?;
+            let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                send_with_fd(sock.as_raw_fd(), line.as_bytes(), fd.as_raw_fd())
+            });
+            match sent {
+                Ok(n) if n == line.len() => break,
+                Ok(n) => {
+                    return Err(QmpError::Protocol(format!(
+                        "getfd: sent {n} of {} bytes",
+                        line.len()
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.reply("getfd").await.map(|_| ())
+    }
+
     /// Runs a command and returns its `return` value (events in between are skipped).
     pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
@@ -71,6 +103,11 @@ impl Qmp {
         let mut line = msg.to_string();
         line.push('\n');
         self.writer.write_all(line.as_bytes()).await?;
+        self.reply(command).await
+    }
+
+    /// The answer to `command` (events in between are skipped).
+    async fn reply(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let m = self.read_message().await?;
             if let Some(r) = m.get("return") {
@@ -84,5 +121,38 @@ impl Qmp {
                 });
             }
         }
+    }
+}
+
+/// One `sendmsg` of `bytes` with `fd` attached (`SCM_RIGHTS`).
+fn send_with_fd(sock: i32, bytes: &[u8], fd: i32) -> std::io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points at `space` bytes, room for one header with one fd, so the
+    // first header exists and its data has room for the fd.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
+    }
+    // SAFETY: msg is fully initialised and its buffers are alive; sock is an open socket.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }

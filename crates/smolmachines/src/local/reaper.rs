@@ -109,7 +109,9 @@ pub(crate) fn reap_one(db: &StateDb, dirs: &Dirs<'_>, mut rec: Record) -> Result
     Ok(true)
 }
 
-/// Reaps every record of `db`; returns how many machines were removed. Blocking.
+/// Reaps every record of `db`; returns how many machines were removed. Blocking. Then the
+/// cgroups of machines that have no record any more or whose VMM is gone (an engine that
+/// crashed before it removed them, `local::cgroup::sweep`).
 pub(crate) fn reap_all(db: &StateDb, dirs: &Dirs<'_>) -> Result<usize> {
     let mut reaped = 0;
     for rec in db.list(&BTreeMap::new())? {
@@ -117,6 +119,11 @@ pub(crate) fn reap_all(db: &StateDb, dirs: &Dirs<'_>) -> Result<usize> {
             reaped += 1;
         }
     }
+    super::cgroup::sweep(dirs.run, |name| match db.get(name) {
+        Ok(Some(rec)) => rec.booted && !rec.vmm_alive(),
+        Ok(None) => true,
+        Err(_) => false,
+    });
     Ok(reaped)
 }
 

@@ -306,6 +306,8 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         "virtio-rng-device".into(),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", spec.qmp_socket().display()),
+        "-sandbox".into(),
+        super::confine::SANDBOX.into(),
     ]);
     if let Some(backend) = ram_backend {
         a.extend(["-object".into(), backend]);
@@ -418,6 +420,9 @@ impl Vmm for Qemu {
                 Ok(())
             });
         }
+        let plan = super::confine::vmm(spec, &bin);
+        super::confine::warn_partial("qemu", &plan);
+        super::confine::apply(cmd.as_std_mut(), plan);
         cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: bin.display().to_string(),
             source,
@@ -598,6 +603,9 @@ mod tests {
         assert!(joined.contains("-m 256 "));
         assert!(joined.contains("reconnect=1"));
         assert!(joined.contains("name=smol.agent"));
+        assert!(joined.contains(
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        ));
         let cmdline = kernel_cmdline(&s, Some(2_596_118));
         assert!(cmdline.contains("tsc_early_khz=2596118"));
         assert!(cmdline.contains("noapictimer"));
