@@ -258,6 +258,12 @@ pub fn remove(dirs: &[PathBuf]) {
                 }
             }
         }
+        // the engine's directory once its last machine's is gone (busy otherwise: kept)
+        if let Some(engine) = d.parent() {
+            if std::fs::remove_dir(engine).is_ok() {
+                tracing::debug!(path = %engine.display(), "removed the engine's cgroup");
+            }
+        }
     }
 }
 

@@ -1008,7 +1008,12 @@ impl Drop for Inner {
         let me_addr = me as usize;
         let gate = self.engine.release(&self.name, me);
         let ram_dir = self.ram_dir();
+        // the supervisor that would remove the cgroup may never run (the runtime is ending)
+        let cgroup = super::cgroup::detect()
+            .map(|h| super::cgroup::machine_dirs(&h, &dir))
+            .unwrap_or_default();
         let cleanup = move || {
+            super::cgroup::remove(&cgroup);
             remove_dir_logged(&dir);
             remove_dir_logged(&home_dir);
             super::ram::remove_dir(&ram_dir);
