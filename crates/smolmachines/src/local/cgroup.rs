@@ -30,9 +30,10 @@ pub struct Limits {
 
 const MIB: u64 = 1024 * 1024;
 
-/// What the VMM needs beyond guest RAM, measured under TCG on QEMU 7.2 (docs/threat-model.md):
-/// an idle 256 MiB guest's QEMU has about 60 MiB of its own (code, heap, device buffers), and the
-/// TCG translation buffer grows with the guest code run, by tens of MiB (QEMU caps it at 1 GiB).
+/// What the VMM needs beyond guest RAM, measured under TCG on QEMU 7.2 (tests/confine.rs, the
+/// memory hog): a 256 MiB guest that has touched all its RAM has a QEMU VmRSS of 349 MiB, 93 MiB
+/// of its own (code, heap, device buffers, the TCG translation buffer, which grows with the guest
+/// code run; QEMU caps it at 1 GiB), and a cgroup peak of 312 MiB.
 /// The margin: 256 MiB, plus a quarter of guest RAM for large guests (page tables, dirty
 /// bitmaps, virtio queues scale with it), so a hostile guest's hog hits the guest's own OOM
 /// killer first and the host limit only stops what QEMU itself would take beyond that.
