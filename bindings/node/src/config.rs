@@ -499,7 +499,6 @@ mod tests {
         for json in [
             r#"{"credentials":[{"name":"x","envVar":"T","hosts":["h"]}]}"#,
             r#"{"resources":{"gpu":true}}"#,
-            r#"{"resources":{"allowHosts":["a.example"]}}"#,
             r#"{"mounts":[{"source":"/s","target":"/t","staged":true}]}"#,
             r#"{"egressInterceptor":{"address":"127.0.0.1:1","token":"x"}}"#,
         ] {
@@ -509,6 +508,9 @@ mod tests {
                 "{json} accepted locally"
             );
         }
+        // egress allow-lists are enforced locally (local/egress)
+        let c = config(r#"{"resources":{"allowHosts":["a.example"]}}"#).unwrap();
+        assert_eq!(c.unsupported_on(&Capabilities::LOCAL), None);
         // branchable machines (and their aliases) run locally
         for json in [
             r#"{"branchable":true}"#,
