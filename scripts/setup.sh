@@ -109,6 +109,11 @@ if [ ${#bad[@]} -gt 0 ]; then
   echo "  $sudo apt-get install $(printf '%s\n' "${bad[@]}" | sed -E 's/^[^(]*\(([^,]*),.*/\1/' | sort -u | tr '\n' ' ')" >&2
   exit 1
 fi
+# The fleet's PostgreSQL tests run initdb and the server as the `postgres` user (postgresql-common
+# makes it when the package is installed).
+id -u postgres >/dev/null 2>&1 || {
+  echo "error: the postgresql package is installed but there is no \`postgres\` user; try" >&2
+  echo "  $sudo apt-get install --reinstall postgresql-common" >&2; exit 1; }
 echo "    all $(rows | wc -l) programs present; $(qemu-system-x86_64 --version | head -1)" >&2
 
 # --- workspace -------------------------------------------------------------------------------
