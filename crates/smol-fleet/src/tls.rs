@@ -157,6 +157,7 @@ impl Fleet {
         let listener = TlsListener::new(listener, config)?;
         let addr = listener.addr;
         tracing::info!(%addr, home = %self.home().display(), "smolfleet serving over TLS");
+        crate::server::deny_node_networks();
         self.set_listen_port(addr.port());
         let _sweeper = crate::sweeper::start(self.clone());
         axum::serve(listener, self.router())

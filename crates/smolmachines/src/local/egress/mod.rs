@@ -10,6 +10,7 @@
 //! fuzz/fuzz_targets/egress_frame.rs).
 
 mod dns;
+pub mod node;
 mod packet;
 pub(crate) mod relay;
 #[cfg(test)]
@@ -144,14 +145,17 @@ impl Policy {
         }
     }
 
-    /// The engine's extra denied blocks, from [`DENY_ENV`].
+    /// The engine's extra denied blocks, from [`DENY_ENV`] and [`node::deny_also`] (the
+    /// fleet's node networks).
     pub fn denied_from_env() -> Vec<String> {
-        std::env::var(DENY_ENV)
+        let mut blocks: Vec<String> = std::env::var(DENY_ENV)
             .unwrap_or_default()
             .split([',', ' '])
             .filter(|w| !w.is_empty())
             .map(String::from)
-            .collect()
+            .collect();
+        blocks.extend(node::also_denied());
+        blocks
     }
 
     /// Denied whatever the policy.
