@@ -17,7 +17,7 @@ use smolmachines::wire::{
 };
 use smolmachines::{Error, ErrorCode};
 
-use crate::db::{self, new_id, MachineRow};
+use crate::db::{new_id, MachineRow};
 use crate::error::ApiError;
 use crate::http::{body_bytes, parse_json};
 use crate::routes::{free_port, info_of_row, row_of};
@@ -132,7 +132,7 @@ fn clone_row(
 async fn release(fleet: &Fleet, rows: &[MachineRow]) {
     for r in rows {
         let i = r.id.clone();
-        if let Err(e) = fleet.db().call(move |c| db::delete_machine(c, &i)).await {
+        if let Err(e) = fleet.db().delete_machine(&i).await {
             tracing::error!(machine = %r.id, error = %e, "cannot remove a clone's record");
         }
     }
@@ -184,7 +184,7 @@ async fn batch(
     // every name reserved, or none
     for (i, r) in rows.iter().enumerate() {
         let row = r.clone();
-        let stored = fleet.db().call(move |c| db::insert_machine(c, &row)).await;
+        let stored = fleet.db().insert_machine(&row).await;
         if !matches!(stored, Ok(true)) {
             release(&fleet, &rows[..i]).await;
             return Err(match stored {
@@ -222,7 +222,7 @@ async fn batch(
         let (t, i) = (tenant.0.clone(), r.id.clone());
         let stored = fleet
             .db()
-            .call(move |c| db::machine(c, &t, &i))
+            .machine(&t, &i)
             .await?
             .ok_or_else(|| ApiError::machine_not_found(&r.id))?;
         out.clones.push(info_of_row(&fleet, &stored).await?);
@@ -289,7 +289,7 @@ async fn branch(
     let _source_busy = fleet.busy(&source.engine_name).await;
     let _clone_busy = fleet.busy(&clone_id).await;
     let r = row.clone();
-    if !fleet.db().call(move |c| db::insert_machine(c, &r)).await? {
+    if !fleet.db().insert_machine(&r).await? {
         return Err(ApiError(Error::Conflict { name }));
     }
     tracing::info!(source = %id, machine = %clone_id, %name, branchable = opts.branchable, freeze_source = opts.freeze_source, "branching a machine");
@@ -302,7 +302,7 @@ async fn branch(
         Err(e) => {
             tracing::warn!(source = %id, machine = %clone_id, error = %e, "branch failed; releasing the name");
             let i = clone_id.clone();
-            if let Err(de) = fleet.db().call(move |c| db::delete_machine(c, &i)).await {
+            if let Err(de) = fleet.db().delete_machine(&i).await {
                 tracing::error!(machine = %clone_id, error = %de, "cannot remove the failed clone's record");
             }
             return Err(ApiError(e));
@@ -313,7 +313,7 @@ async fn branch(
     let i = clone_id.clone();
     let stored = fleet
         .db()
-        .call(move |c| db::machine(c, &t, &i))
+        .machine(&t, &i)
         .await?
         .ok_or_else(|| ApiError::machine_not_found(&clone_id))?;
     let info = info_of_row(&fleet, &stored).await?;

@@ -105,7 +105,7 @@ pub async fn create_checkpoint(
         arch: taken.arch.clone(),
         created_at: 0,
     };
-    let stored = match fleet.db().call(move |c| db::insert_checkpoint(c, &k)).await {
+    let stored = match fleet.db().insert_checkpoint(&k).await {
         Ok(s) => s,
         Err(e) => {
             remove_file(&path).await;
@@ -131,10 +131,7 @@ pub async fn list_checkpoints(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Vec<CheckpointInfo>>> {
     let (t, m) = (tenant.0.clone(), id.clone());
-    let rows = fleet
-        .db()
-        .call(move |c| db::checkpoints_of(c, &t, &m))
-        .await?;
+    let rows = fleet.db().checkpoints_of(&t, &m).await?;
     if rows.is_empty() {
         row_of(&fleet, &tenant, &id).await?;
     }
@@ -169,7 +166,7 @@ pub async fn restore_checkpoint(
     let (t, i) = (tenant.0.clone(), id.clone());
     let k = fleet
         .db()
-        .call(move |c| db::checkpoint(c, &t, &i))
+        .checkpoint(&t, &i)
         .await?
         .ok_or_else(|| not_found(&id))?;
     let mut spec: CreateMachineBody = serde_json::from_str(&k.spec).map_err(|e| {
@@ -213,11 +210,7 @@ pub async fn restore_checkpoint(
     // in flight until restored: the sweeper leaves the half-made machine alone
     let _busy = fleet.busy(&machine_id).await;
     let (r, ck) = (row.clone(), id.clone());
-    match fleet
-        .db()
-        .call(move |c| db::insert_restored(c, &r, &ck))
-        .await?
-    {
+    match fleet.db().insert_restored(&r, &ck).await? {
         Restored::Reserved => {}
         Restored::NameTaken => return Err(ApiError(Error::Conflict { name })),
         Restored::NoCheckpoint => return Err(not_found(&id)),
@@ -236,7 +229,7 @@ pub async fn restore_checkpoint(
         Err(e) => {
             tracing::warn!(checkpoint = %id, machine = %machine_id, error = %e, "restore failed; releasing the name");
             let i = machine_id.clone();
-            if let Err(de) = fleet.db().call(move |c| db::delete_machine(c, &i)).await {
+            if let Err(de) = fleet.db().delete_machine(&i).await {
                 tracing::error!(machine = %machine_id, error = %de, "cannot remove the failed restore's record");
             }
             return Err(ApiError(e));
@@ -246,7 +239,7 @@ pub async fn restore_checkpoint(
     let (t, i) = (tenant.0.clone(), machine_id.clone());
     let stored = fleet
         .db()
-        .call(move |c| db::machine(c, &t, &i))
+        .machine(&t, &i)
         .await?
         .ok_or_else(|| ApiError::machine_not_found(&machine_id))?;
     let info = info_of_row(&fleet, &stored).await?;
@@ -261,11 +254,7 @@ pub async fn delete_checkpoint(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let (t, i) = (tenant.0.clone(), id.clone());
-    match fleet
-        .db()
-        .call(move |c| db::delete_checkpoint(c, &t, &i))
-        .await?
-    {
+    match fleet.db().delete_checkpoint(&t, &i).await? {
         CheckpointDeleted::Deleted => {}
         CheckpointDeleted::NotFound => return Err(not_found(&id)),
         CheckpointDeleted::InUse(machines) => {

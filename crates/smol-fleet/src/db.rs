@@ -1,5 +1,8 @@
-//! The fleet's state: one SQLite database (`<home>/fleet.db`, WAL) holding tenants, API keys
-//! and machines. Every call runs on tokio's blocking pool ([`Db::call`]).
+//! The fleet's state as SQLite holds it (`<home>/fleet.db`, WAL): tenants, API keys, machines
+//! and checkpoints; the rows every store returns; and the one migration set
+//! ([`MIGRATIONS`]) both stores apply (`store/pg.rs` in its dialect). Every call runs on
+//! tokio's blocking pool ([`Sqlite::call`]); the server reaches these through
+//! [`crate::store::Store`].
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -10,7 +13,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -73,6 +76,10 @@ CREATE TABLE checkpoint_restores (
 );
 ";
 
+/// The schema, one migration per version (version `i + 1` is `MIGRATIONS[i]`), written in
+/// SQLite's dialect; `store::pg::dialect` turns one into PostgreSQL's.
+pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+
 /// A tenant's key as listed (never the key itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRow {
@@ -117,9 +124,9 @@ pub struct MachineRow {
     pub last_activity_at: Option<i64>,
 }
 
-/// The database, shared.
+/// The SQLite database, shared.
 #[derive(Debug, Clone)]
-pub struct Db {
+pub struct Sqlite {
     conn: Arc<Mutex<Connection>>,
 }
 
@@ -141,9 +148,9 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{:016x}", rand::random::<u64>())
 }
 
-impl Db {
+impl Sqlite {
     /// Opens (creating and migrating) the database at `path`.
-    pub fn open(path: &Path) -> Result<Db, FleetError> {
+    pub fn open(path: &Path) -> Result<Sqlite, FleetError> {
         let conn = Connection::open(path).map_err(|e| FleetError::db("open the database", e))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| FleetError::db("set the busy timeout", e))?;
@@ -160,25 +167,14 @@ impl Db {
                 supported: SCHEMA_VERSION,
             });
         }
-        if version < 1 {
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;"
+                "BEGIN; {sql} PRAGMA user_version = {}; COMMIT;",
+                i + 1
             ))
-            .map_err(|e| FleetError::db("create the schema", e))?;
+            .map_err(|e| FleetError::db("migrate the schema", e))?;
         }
-        if version < 2 {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V2} PRAGMA user_version = 2; COMMIT;"
-            ))
-            .map_err(|e| FleetError::db("migrate the schema to version 2", e))?;
-        }
-        if version < 3 {
-            conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V3} PRAGMA user_version = 3; COMMIT;"
-            ))
-            .map_err(|e| FleetError::db("migrate the schema to version 3", e))?;
-        }
-        Ok(Db {
+        Ok(Sqlite {
             conn: Arc::new(Mutex::new(conn)),
         })
     }
@@ -212,6 +208,22 @@ impl Db {
 pub fn has_tenants(c: &Connection) -> Result<bool, FleetError> {
     c.query_row("SELECT EXISTS (SELECT 1 FROM tenants)", [], |r| r.get(0))
         .map_err(|e| FleetError::db("count tenants", e))
+}
+
+/// On a database without tenants: tenant `name` and a key of `scopes` for it, in one
+/// transaction; the key.
+pub fn bootstrap(c: &Connection, name: &str, scopes: &str) -> Result<Option<String>, FleetError> {
+    let tx = c
+        .unchecked_transaction()
+        .map_err(|e| FleetError::db("begin the bootstrap", e))?;
+    if has_tenants(&tx)? {
+        return Ok(None);
+    }
+    let tenant = create_tenant(&tx, name)?;
+    let (_, key) = create_key(&tx, &tenant, scopes, Some("bootstrap"))?;
+    tx.commit()
+        .map_err(|e| FleetError::db("commit the bootstrap", e))?;
+    Ok(Some(key))
 }
 
 /// Creates a tenant; its id.
@@ -458,6 +470,16 @@ pub fn set_last_activity(c: &Connection, seen: &[(String, i64)]) -> Result<(), F
     Ok(())
 }
 
+/// Replaces machine `id`'s create body.
+pub fn set_machine_spec(c: &Connection, id: &str, spec: &str) -> Result<(), FleetError> {
+    c.execute(
+        "UPDATE machines SET spec = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, spec, now()],
+    )
+    .map_err(|e| FleetError::db("store a machine's ports", e))?;
+    Ok(())
+}
+
 /// Removes machine `id`'s record.
 pub fn delete_machine(c: &Connection, id: &str) -> Result<(), FleetError> {
     c.execute("DELETE FROM machines WHERE id = ?1", [id])
@@ -649,7 +671,7 @@ mod tests {
     #[test]
     fn keys_are_found_by_hash_and_revoked() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("fleet.db")).unwrap();
+        let db = Sqlite::open(&dir.path().join("fleet.db")).unwrap();
         db.call_sync(|c| {
             assert!(!has_tenants(c)?);
             let t = create_tenant(c, "a")?;
@@ -673,7 +695,7 @@ mod tests {
         })
         .unwrap();
         // reopening keeps everything (the schema is not made twice)
-        let db = Db::open(&dir.path().join("fleet.db")).unwrap();
+        let db = Sqlite::open(&dir.path().join("fleet.db")).unwrap();
         assert!(db.call_sync(has_tenants).unwrap());
     }
 
@@ -691,7 +713,7 @@ mod tests {
             ))
             .unwrap();
         }
-        let db = Db::open(&path).unwrap();
+        let db = Sqlite::open(&path).unwrap();
         db.call_sync(|c| {
             let old = machine(c, "ten-1", "mach-1")?.expect("the old machine");
             assert_eq!(
@@ -728,7 +750,7 @@ mod tests {
     #[test]
     fn machine_names_are_unique_per_tenant() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("fleet.db")).unwrap();
+        let db = Sqlite::open(&dir.path().join("fleet.db")).unwrap();
         db.call_sync(|c| {
             let a = create_tenant(c, "a")?;
             let b = create_tenant(c, "b")?;
@@ -761,7 +783,7 @@ mod tests {
     fn checkpoints_are_per_tenant_and_kept_while_a_restored_machine_exists() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fleet.db");
-        let db = Db::open(&path).unwrap();
+        let db = Sqlite::open(&path).unwrap();
         let (a, b) = db
             .call_sync(|c| Ok((create_tenant(c, "a")?, create_tenant(c, "b")?)))
             .unwrap();
@@ -823,7 +845,7 @@ mod tests {
         })
         .unwrap();
         // rows survive a reopen; deleting the machine releases the checkpoint
-        let db = Db::open(&path).unwrap();
+        let db = Sqlite::open(&path).unwrap();
         db.call_sync(|c| {
             assert!(checkpoint(c, &a, "ckpt-1")?.is_some());
             delete_machine(c, "mach-r")?;

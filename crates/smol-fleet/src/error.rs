@@ -17,6 +17,30 @@ pub enum FleetError {
         #[source]
         source: rusqlite::Error,
     },
+    /// A PostgreSQL step failed (the database answered with an error).
+    #[error("fleet database (PostgreSQL): cannot {what}: {source}")]
+    Postgres {
+        /// The step.
+        what: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The store's database cannot be reached (down, restarting, not answering): answered
+    /// 503, retryable.
+    #[error("fleet database unavailable: cannot {what}: {message}")]
+    StoreUnavailable {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// `--db` is not a store URL.
+    #[error("--db: {message}")]
+    StoreConfig {
+        /// What is wrong.
+        message: String,
+    },
     /// The database was written by a newer server.
     #[error("fleet database schema {found} is newer than this server's ({supported}); upgrade smolfleet")]
     SchemaTooNew {
@@ -64,6 +88,9 @@ impl FleetError {
             FleetError::Db { source, .. } => {
                 source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
             }
+            FleetError::Postgres { source, .. } => {
+                source.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL)
+            }
             FleetError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
@@ -75,6 +102,17 @@ impl FleetError {
 
 impl From<FleetError> for Error {
     fn from(e: FleetError) -> Error {
+        if let FleetError::StoreUnavailable { .. } = e {
+            // 503 retryable: the database comes back, the request can be made again
+            return Error::Coded {
+                code: ErrorCode::SmolvmError,
+                status: 503,
+                message: e.to_string(),
+                problem_code: None,
+                retryable: true,
+                retry_after: Some(std::time::Duration::from_secs(1)),
+            };
+        }
         if e.disk_full() {
             // 507 storage_error: the client can tell "no room" from a bug
             return Error::Storage {

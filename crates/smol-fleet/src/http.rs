@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use smolmachines::Error;
 
-use crate::db::{self, new_id};
+use crate::db::new_id;
 use crate::error::ApiError;
 use crate::server::{Fleet, Tenant};
 use crate::{keys, scopes};
@@ -80,7 +80,7 @@ pub async fn authenticate(State(fleet): State<Fleet>, mut req: Request, next: Ne
         return unauthorized();
     };
     let hash = keys::hash(key);
-    let found = fleet.db().call(move |c| db::key_of_hash(c, &hash)).await;
+    let found = fleet.db().key_of_hash(&hash).await;
     let key = match found {
         Ok(Some(k)) => k,
         Ok(None) => return unauthorized(),

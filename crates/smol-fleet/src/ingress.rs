@@ -19,7 +19,7 @@ use smolmachines::wire::{CreateMachineBody, MachineInfo, PortRequest, SetPortsBo
 use smolmachines::{Error, Machine};
 
 use crate::db::MachineRow;
-use crate::error::{ApiError, FleetError};
+use crate::error::ApiError;
 use crate::http::{body_bytes, parse_json};
 use crate::server::{Fleet, Tenant, JSON_LIMIT};
 
@@ -280,24 +280,8 @@ async fn store_ports(fleet: &Fleet, row: &MachineRow, ports: &[u16]) -> Result<(
         ))
     })?;
     let id = row.id.clone();
-    fleet
-        .db()
-        .call(move |c| {
-            c.execute(
-                "UPDATE machines SET spec = ?2, updated_at = ?3 WHERE id = ?1",
-                rusqlite::params![id, spec, unix_now()],
-            )
-            .map_err(|e| FleetError::db("store a machine's ports", e))
-        })
-        .await?;
+    fleet.db().set_machine_spec(&id, &spec).await?;
     Ok(())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// After a boot: publishes again each port of the record whose node listener is missing (a

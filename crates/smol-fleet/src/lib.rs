@@ -22,18 +22,15 @@ mod proxy;
 mod routes;
 pub mod scopes;
 mod server;
+pub mod store;
 mod stream;
 pub mod sweeper;
 pub mod testing;
 pub mod tls;
 
-pub use db::{rfc3339, AuthKey, CheckpointRow, Db, KeyRow, MachineRow};
+pub use db::{rfc3339, AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
 pub use error::{ApiError, FleetError};
 pub use limit::RateLimit;
 pub use server::{Fleet, Tenant, FILE_LIMIT, JSON_LIMIT};
+pub use store::{Db, Store};
 pub use sweeper::{Busy, SweepReport};
-
-/// Database operations for the admin CLI (`smolfleet keys ...`).
-pub mod admin {
-    pub use crate::db::{create_key, create_tenant, list_keys, revoke_key, tenant_exists};
-}

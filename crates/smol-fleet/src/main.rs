@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use smol_fleet::{admin, Db, Fleet, RateLimit};
+use smol_fleet::{Db, Fleet, RateLimit};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,14 @@ enum Cmd {
         /// `2m`; a bare number is seconds).
         #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_interval)]
         sweep_interval: std::time::Duration,
+        /// The fleet's store: `postgres://USER@HOST:PORT/DATABASE` (PostgreSQL; a unix
+        /// socket as `?host=/run/postgresql`), or a SQLite file (default: <home>/fleet.db).
+        #[arg(long, value_name = "URL")]
+        db: Option<String>,
+        /// What this process is: `all` (the API, its store and this host's engine as the
+        /// node). `control`, `edge` and `node` alone are not built yet (docs/FLEET.md).
+        #[arg(long, value_name = "ROLES", default_value = "all")]
+        role: String,
     },
     /// Prints the OpenAPI document (as checked in at crates/smol-fleet/openapi.json).
     Openapi,
@@ -68,6 +76,9 @@ enum Cmd {
         /// The fleet's home.
         #[arg(long, global = true)]
         home: Option<PathBuf>,
+        /// The fleet's store, as `serve --db` takes it.
+        #[arg(long, global = true, value_name = "URL")]
+        db: Option<String>,
     },
 }
 
@@ -141,11 +152,15 @@ fn main() -> ExitCode {
             tls_key,
             insecure_no_tls,
             sweep_interval,
+            db,
+            role,
         } => {
             let edge = Edge {
                 tls: tls_cert.zip(tls_key),
                 insecure_no_tls,
                 sweep_interval,
+                db,
+                role,
             };
             let apps_scheme = apps_scheme
                 .unwrap_or_else(|| if edge.tls.is_some() { "https" } else { "http" }.to_string());
@@ -161,7 +176,7 @@ fn main() -> ExitCode {
                     )
                 })
         }
-        Cmd::Keys { cmd, home } => keys(cmd, home.unwrap_or_else(default_home)),
+        Cmd::Keys { cmd, home, db } => keys(cmd, home.unwrap_or_else(default_home), db),
         Cmd::Openapi => {
             print!("{}", smol_fleet::openapi::document_json());
             Ok(())
@@ -207,6 +222,49 @@ struct Edge {
     tls: Option<(PathBuf, PathBuf)>,
     insecure_no_tls: bool,
     sweep_interval: std::time::Duration,
+    /// `--db`.
+    db: Option<String>,
+    /// `--role`.
+    role: String,
+}
+
+/// `--role`: `all` is the one built; the roles of a multi-host fleet are refused by name.
+fn check_role(role: &str) -> Result<(), String> {
+    let mut roles: Vec<&str> = role.split(',').map(str::trim).collect();
+    roles.sort_unstable();
+    roles.dedup();
+    for r in &roles {
+        if !matches!(*r, "all" | "control" | "edge" | "node") {
+            return Err(format!(
+                "--role {role}: {r:?} is not a role (all, control, edge, node)"
+            ));
+        }
+    }
+    if roles == ["all"] || roles == ["control", "edge", "node"] {
+        return Ok(());
+    }
+    Err(format!(
+        "--role {role}: separate control, edge and node processes are not built yet; serve \
+         --role all (the API, the store and this host's engine) works over --db postgres://…, \
+         one server per store"
+    ))
+}
+
+/// The store `--db` names, or `<home>/fleet.db`.
+async fn open_store(
+    home: &std::path::Path,
+    db: Option<&str>,
+) -> Result<Db, smol_fleet::FleetError> {
+    match db {
+        Some(url) => smol_fleet::store::open(url).await,
+        None => {
+            std::fs::create_dir_all(home).map_err(|source| smol_fleet::FleetError::Io {
+                context: format!("create the fleet home {}", home.display()),
+                source,
+            })?;
+            smol_fleet::store::open(&home.join("fleet.db").to_string_lossy()).await
+        }
+    }
 }
 
 fn serve(
@@ -216,6 +274,7 @@ fn serve(
     apps: smol_fleet::ingress::Apps,
     edge: Edge,
 ) -> AnyResult {
+    check_role(&edge.role)?;
     if edge.tls.is_none() && !listen.ip().is_loopback() && !edge.insecure_no_tls {
         return Err(format!(
             "refusing to serve plain HTTP on {listen}, beyond loopback: API keys would cross the \
@@ -233,7 +292,10 @@ fn serve(
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let (fleet, bootstrap) = Fleet::open(&home)?;
+        let (fleet, bootstrap) = match &edge.db {
+            None => Fleet::open(&home)?,
+            Some(url) => Fleet::open_on(&home, smol_fleet::store::open(url).await?).await?,
+        };
         fleet.set_rate_limit(rate_limit);
         fleet.set_sweep_interval(edge.sweep_interval);
         fleet.set_apps(apps);
@@ -266,60 +328,56 @@ fn serve(
     })
 }
 
-fn keys(cmd: KeysCmd, home: PathBuf) -> AnyResult {
-    let db = Db::open(&home.join("fleet.db"))?;
-    match cmd {
-        KeysCmd::Create {
-            tenant,
-            name,
-            description,
-            scopes,
-        } => {
-            let scopes = smol_fleet::scopes::normalize(&scopes)?;
-            let (tenant, id, key) = db.call_sync(|c| {
+fn keys(cmd: KeysCmd, home: PathBuf, db: Option<String>) -> AnyResult {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let db = open_store(&home, db.as_deref()).await?;
+        match cmd {
+            KeysCmd::Create {
+                tenant,
+                name,
+                description,
+                scopes,
+            } => {
+                let scopes = smol_fleet::scopes::normalize(&scopes)?;
                 let tenant = match tenant {
-                    Some(t) if admin::tenant_exists(c, &t)? => t,
-                    Some(t) => {
-                        return Err(smol_fleet::FleetError::Io {
-                            context: format!("tenant {t}"),
-                            source: std::io::Error::new(
-                                std::io::ErrorKind::NotFound,
-                                "no such tenant",
-                            ),
-                        })
-                    }
-                    None => admin::create_tenant(c, &name)?,
+                    Some(t) if db.tenant_exists(&t).await? => t,
+                    Some(t) => return Err(format!("no tenant {t}").into()),
+                    None => db.create_tenant(&name).await?,
                 };
-                let (id, key) = admin::create_key(c, &tenant, &scopes, description.as_deref())?;
-                Ok((tenant, id, key))
-            })?;
-            println!("tenant: {tenant}\nkey id: {id}\nscopes: {scopes}\nkey: {key}");
-        }
-        KeysCmd::List => {
-            for k in db.call_sync(admin::list_keys)? {
-                let revoked = k
-                    .revoked_at
-                    .map(|t| format!(" revoked {}", smol_fleet::rfc3339(t)))
-                    .unwrap_or_default();
-                println!(
-                    "{}  {}  {}…  created {}  [{}]{revoked}",
-                    k.id,
-                    k.tenant_id,
-                    k.prefix,
-                    smol_fleet::rfc3339(k.created_at),
-                    k.scopes
-                );
+                let (id, key) = db
+                    .create_key(&tenant, &scopes, description.as_deref())
+                    .await?;
+                println!("tenant: {tenant}\nkey id: {id}\nscopes: {scopes}\nkey: {key}");
+            }
+            KeysCmd::List => {
+                for k in db.list_keys().await? {
+                    let revoked = k
+                        .revoked_at
+                        .map(|t| format!(" revoked {}", smol_fleet::rfc3339(t)))
+                        .unwrap_or_default();
+                    println!(
+                        "{}  {}  {}…  created {}  [{}]{revoked}",
+                        k.id,
+                        k.tenant_id,
+                        k.prefix,
+                        smol_fleet::rfc3339(k.created_at),
+                        k.scopes
+                    );
+                }
+            }
+            KeysCmd::Revoke { id } => {
+                if db.revoke_key(&id).await? {
+                    println!("revoked {id}");
+                } else {
+                    return Err(format!("no live key {id}").into());
+                }
             }
         }
-        KeysCmd::Revoke { id } => {
-            if db.call_sync(|c| admin::revoke_key(c, &id))? {
-                println!("revoked {id}");
-            } else {
-                return Err(format!("no live key {id}").into());
-            }
-        }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]

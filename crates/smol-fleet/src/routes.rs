@@ -48,7 +48,7 @@ pub async fn livez() -> Json<serde_json::Value> {
 
 /// `GET /readyz`: the database answers.
 pub async fn readyz(State(fleet): State<Fleet>) -> ApiResult<Json<serde_json::Value>> {
-    fleet.db().call(|c| db::has_tenants(c).map(|_| ())).await?;
+    fleet.db().has_tenants().await?;
     Ok(Json(json!({"status": "ready"})))
 }
 
@@ -64,7 +64,7 @@ pub(crate) async fn row_of(fleet: &Fleet, tenant: &Tenant, id: &str) -> ApiResul
     let (t, i) = (tenant.0.clone(), id.to_string());
     fleet
         .db()
-        .call(move |c| db::machine(c, &t, &i))
+        .machine(&t, &i)
         .await?
         .ok_or_else(|| ApiError::machine_not_found(id))
 }
@@ -236,7 +236,7 @@ pub async fn create_machine(
     for _ in 0..attempts {
         row.name = req.name.clone().unwrap_or_else(generate_name);
         let r = row.clone();
-        if fleet.db().call(move |c| db::insert_machine(c, &r)).await? {
+        if fleet.db().insert_machine(&r).await? {
             reserved = true;
             break;
         }
@@ -250,7 +250,7 @@ pub async fn create_machine(
         Err(e) => {
             tracing::warn!(machine = %id, error = %e, "create failed; releasing the name");
             let i = id.clone();
-            if let Err(de) = fleet.db().call(move |c| db::delete_machine(c, &i)).await {
+            if let Err(de) = fleet.db().delete_machine(&i).await {
                 tracing::error!(machine = %id, error = %de, "cannot remove the failed machine's record");
             }
             return Err(ApiError(e));
@@ -259,7 +259,7 @@ pub async fn create_machine(
     fleet.keep(&id, machine).await;
     let created = fleet
         .db()
-        .call(move |c| db::machine(c, &row.tenant_id, &row.id))
+        .machine(&row.tenant_id, &row.id)
         .await?
         .ok_or_else(|| ApiError::machine_not_found(&id))?;
     let info = info_of_row(&fleet, &created).await?;
@@ -303,7 +303,7 @@ pub async fn list_machines(
         want.insert(k.to_string(), v.to_string());
     }
     let t = tenant.0.clone();
-    let rows = fleet.db().call(move |c| db::machines(c, &t)).await?;
+    let rows = fleet.db().machines(&t).await?;
     let all = summaries(&fleet).await?;
     let mut out = Vec::new();
     for r in &rows {

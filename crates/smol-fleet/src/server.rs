@@ -13,10 +13,10 @@ use smolmachines::local::LocalBackend;
 use smolmachines::{Error, Machine, MachineState};
 use tokio::net::TcpListener;
 
-use crate::db::{self, Db};
 use crate::error::FleetError;
 use crate::limit::{Limiter, RateLimit};
 use crate::metrics::Metrics;
+use crate::store::Db;
 use crate::{branch, checkpoint, http, metrics, openapi, routes, scopes, stream};
 
 /// The most a JSON request body may hold (413 past it).
@@ -55,27 +55,43 @@ struct Inner {
     lifetimes: crate::sweeper::Lifetimes,
 }
 
+fn make_home(home: &Path) -> Result<(), FleetError> {
+    std::fs::create_dir_all(home).map_err(|source| FleetError::Io {
+        context: format!("create the fleet home {}", home.display()),
+        source,
+    })
+}
+
 impl Fleet {
     /// Opens the fleet of `home` (created if missing): `fleet.db` and the engine home
     /// `engine/`. On the first start it creates a tenant and an admin key and returns the key
     /// (shown once; only its hash is kept).
     pub fn open(home: &Path) -> Result<(Fleet, Option<String>), FleetError> {
-        std::fs::create_dir_all(home).map_err(|source| FleetError::Io {
-            context: format!("create the fleet home {}", home.display()),
-            source,
-        })?;
-        let db = Db::open(&home.join("fleet.db"))?;
-        let bootstrap = db.call_sync(|c| {
-            if db::has_tenants(c)? {
-                return Ok(None);
-            }
-            let tenant = db::create_tenant(c, "default")?;
-            let (_, key) = db::create_key(c, &tenant, ADMIN_SCOPES, Some("bootstrap"))?;
-            tracing::info!(tenant = %tenant, "first start: created the default tenant and its admin key");
-            Ok(Some(key))
-        })?;
+        make_home(home)?;
+        let store = crate::store::sqlite::SqliteStore::open(&home.join("fleet.db"))?;
+        let bootstrap = store
+            .sqlite()
+            .call_sync(|c| crate::db::bootstrap(c, "default", ADMIN_SCOPES))?;
+        Ok(Fleet::assemble(home, std::sync::Arc::new(store), bootstrap))
+    }
+
+    /// Opens the fleet of `home` (its engine's machines) over `db` (`--db`: its tenants, keys
+    /// and records, e.g. PostgreSQL); the bootstrap key as [`Fleet::open`] returns it.
+    pub async fn open_on(home: &Path, db: Db) -> Result<(Fleet, Option<String>), FleetError> {
+        make_home(home)?;
+        let bootstrap = db.bootstrap("default", ADMIN_SCOPES).await?;
+        Ok(Fleet::assemble(home, db, bootstrap))
+    }
+
+    fn assemble(home: &Path, db: Db, bootstrap: Option<String>) -> (Fleet, Option<String>) {
+        if bootstrap.is_some() {
+            tracing::info!(
+                store = db.kind(),
+                "first start: created the default tenant and its admin key"
+            );
+        }
         let engine = LocalBackend::open_home(home.join("engine"));
-        Ok((
+        (
             Fleet {
                 inner: Arc::new(Inner {
                     home: home.to_path_buf(),
@@ -91,7 +107,7 @@ impl Fleet {
                 }),
             },
             bootstrap,
-        ))
+        )
     }
 
     /// The fleet's home.
@@ -167,14 +183,9 @@ impl Fleet {
 
     /// A new tenant named `name` and an admin key for it: `(tenant id, key)`.
     pub async fn create_tenant(&self, name: &str) -> Result<(String, String), FleetError> {
-        let name = name.to_string();
-        self.db()
-            .call(move |c| {
-                let t = db::create_tenant(c, &name)?;
-                let (_, key) = db::create_key(c, &t, ADMIN_SCOPES, None)?;
-                Ok((t, key))
-            })
-            .await
+        let t = self.db().create_tenant(name).await?;
+        let (_, key) = self.db().create_key(&t, ADMIN_SCOPES, None).await?;
+        Ok((t, key))
     }
 
     /// The live handle of engine machine `name` (opened on first use, not booted).
@@ -316,7 +327,6 @@ impl Fleet {
             source,
         })?;
         tracing::info!(%addr, home = %self.home().display(), "smolfleet serving");
-        deny_node_networks();
         self.inner
             .listen_port
             .store(addr.port(), std::sync::atomic::Ordering::Relaxed);
@@ -334,15 +344,4 @@ impl Fleet {
                 source,
             })
     }
-}
-
-/// The node's own private networks join every machine's always-denied blocks (issue 14, the
-/// fleet: a tenant's guest reaches nothing of the node's networks, whatever its policy); called
-/// by [`Fleet::serve`] and `serve_tls` before the first request. Returns the blocks.
-pub(crate) fn deny_node_networks() -> Vec<String> {
-    use smolmachines::local::egress::node;
-    let blocks = node::node_private_networks();
-    tracing::info!(blocks = %blocks.join(","), "the node's private networks are denied to every machine");
-    node::deny_also(blocks.clone());
-    blocks
 }

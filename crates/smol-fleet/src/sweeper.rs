@@ -266,7 +266,7 @@ impl Fleet {
         }
         self.forget(&row.engine_name).await;
         let i = row.id.clone();
-        self.db().call(move |c| db::delete_machine(c, &i)).await?;
+        self.db().delete_machine(&i).await?;
         self.lifetimes().remove(&row.engine_name);
         Ok(())
     }
@@ -284,12 +284,10 @@ impl Fleet {
     /// One sweep: flushes activity to the database, then stops idle machines and deletes
     /// expired ones and stopped ephemeral ones, skipping any with an operation in flight.
     pub async fn sweep(&self) -> Result<SweepReport, FleetError> {
-        let rows = self.db().call(db::swept_machines).await?;
+        let rows = self.db().swept_machines().await?;
         let seen = self.lifetimes().unflushed(&rows);
         if !seen.is_empty() {
-            self.db()
-                .call(move |c| db::set_last_activity(c, &seen))
-                .await?;
+            self.db().set_last_activity(&seen).await?;
         }
         let mut report = SweepReport::default();
         if rows.is_empty() {

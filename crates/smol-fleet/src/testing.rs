@@ -12,7 +12,13 @@ use std::time::Duration;
 
 use smolmachines::{Error, Machine};
 
-use crate::{db, Fleet, FleetError};
+use crate::{Db, Fleet, FleetError};
+
+pub mod pg;
+
+/// `SMOL_FLEET_TEST_STORE=postgres`: [`spawn`] serves over a database of a PostgreSQL cluster
+/// of the test process's own ([`pg::shared`]), one database per home, instead of SQLite.
+pub const STORE_VAR: &str = "SMOL_FLEET_TEST_STORE";
 
 /// How long the drop of a test server waits for its machines to be deleted.
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -65,7 +71,7 @@ impl TestServer {
 async fn remove_all(fleet: &Fleet) -> Result<usize, Error> {
     let mut first_error = None;
     let mut n = 0;
-    for row in fleet.db().call(db::all_machines).await? {
+    for row in fleet.db().all_machines().await? {
         match fleet.destroy(&row).await {
             Ok(()) => n += 1,
             Err(e) => {
@@ -162,9 +168,27 @@ impl Drop for TestServer {
     }
 }
 
-/// Starts a server over `home` (created if missing) on `127.0.0.1:0`, in this runtime.
+/// Starts a server over `home` (created if missing) on `127.0.0.1:0`, in this runtime; its
+/// store is `<home>/fleet.db`, or PostgreSQL with [`STORE_VAR`]`=postgres`.
 pub async fn spawn(home: &Path) -> Result<TestServer, FleetError> {
-    let (fleet, admin_key) = Fleet::open(home)?;
+    match std::env::var(STORE_VAR).as_deref() {
+        Ok("postgres") => {
+            let url = pg::database_for_home(home).await?;
+            spawn_on(home, crate::store::open(&url).await?).await
+        }
+        Ok("sqlite") | Err(_) => serve(Fleet::open(home)?).await,
+        Ok(other) => Err(FleetError::StoreConfig {
+            message: format!("{STORE_VAR}={other}: give postgres or sqlite"),
+        }),
+    }
+}
+
+/// Starts a server over `home`'s engine and store `db`.
+pub async fn spawn_on(home: &Path, db: Db) -> Result<TestServer, FleetError> {
+    serve(Fleet::open_on(home, db).await?).await
+}
+
+async fn serve((fleet, admin_key): (Fleet, Option<String>)) -> Result<TestServer, FleetError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|source| FleetError::Io {

@@ -98,22 +98,14 @@ async fn every_path_needs_a_valid_key() {
         StatusCode::OK,
     )
     .await;
-    let rows = srv
-        .fleet
-        .db()
-        .call_sync(smol_fleet::admin::list_keys)
-        .unwrap();
+    let rows = srv.fleet.db().list_keys().await.unwrap();
     let row = rows.iter().find(|k| other.starts_with(&k.prefix)).unwrap();
     assert!(
         !rows.iter().any(|k| k.prefix == other),
         "the key is not stored"
     );
     let id = row.id.clone();
-    assert!(srv
-        .fleet
-        .db()
-        .call_sync(|c| smol_fleet::admin::revoke_key(c, &id))
-        .unwrap());
+    assert!(srv.fleet.db().revoke_key(&id).await.unwrap());
     unauthorized(
         c.get(url("/v1/machines"))
             .bearer_auth(&other)

@@ -634,13 +634,11 @@ async fn every_ingress_form_needs_a_key_and_the_exec_scope() {
     let home = tempfile::tempdir().unwrap();
     let srv = spawn(home.path()).await.unwrap();
     let admin = srv.admin_key.clone().unwrap();
-    let reader = srv
-        .fleet
-        .db()
-        .call_sync(|c| {
-            let tenant = smol_fleet::admin::list_keys(c)?[0].tenant_id.clone();
-            smol_fleet::admin::create_key(c, &tenant, "machine:read", None)
-        })
+    let db = srv.fleet.db();
+    let tenant = db.list_keys().await.unwrap()[0].tenant_id.clone();
+    let reader = db
+        .create_key(&tenant, "machine:read", None)
+        .await
         .unwrap()
         .1;
     let id = "mach-0000000000000000";

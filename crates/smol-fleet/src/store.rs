@@ -1,0 +1,118 @@
+//! The fleet's store: one trait, [`Store`], that the server calls for every read and write of
+//! its state (tenants, keys, machines, checkpoints), and its two implementations:
+//!
+//! * [`sqlite`]: the embedded default, `<home>/fleet.db` (the functions of `db.rs`), one host;
+//! * [`pg`]: PostgreSQL (`smolfleet serve --db postgres://…`), through `tokio-postgres` (pure
+//!   Rust, no libpq).
+//!
+//! Both apply the one migration set of `db.rs` ([`crate::db::MIGRATIONS`]); the dialect
+//! differences are the few lines of [`pg::dialect`]. The conformance suite (tests/store.rs)
+//! runs the same cases against both.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use crate::db::{AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
+use crate::error::FleetError;
+
+pub mod pg;
+pub mod sqlite;
+
+/// What a store call returns.
+pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, FleetError>>;
+
+/// The store shared by a server's tasks.
+pub type Db = Arc<dyn Store>;
+
+/// Every operation the server performs on its state. Timestamps are unix seconds; rows are
+/// those of `db.rs`. An implementation that cannot reach its database answers
+/// [`FleetError::StoreUnavailable`] (HTTP 503, retryable).
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+
+    /// On a store without tenants: creates tenant `name` and a key of `scopes` for it (one
+    /// transaction, once however many servers start together) and returns the key.
+    fn bootstrap<'a>(&'a self, name: &'a str, scopes: &'a str) -> StoreFuture<'a, Option<String>>;
+    /// Whether any tenant exists (also the readiness probe).
+    fn has_tenants(&self) -> StoreFuture<'_, bool>;
+    /// Creates a tenant; its id.
+    fn create_tenant<'a>(&'a self, name: &'a str) -> StoreFuture<'a, String>;
+    /// Whether tenant `id` exists.
+    fn tenant_exists<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool>;
+    /// Creates a key: `(key id, the key)`; only its hash is stored.
+    fn create_key<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        scopes: &'a str,
+        description: Option<&'a str>,
+    ) -> StoreFuture<'a, (String, String)>;
+    /// The unrevoked key whose hash is `key_hash`.
+    fn key_of_hash<'a>(&'a self, key_hash: &'a str) -> StoreFuture<'a, Option<AuthKey>>;
+    /// Every key (all tenants), oldest first.
+    fn list_keys(&self) -> StoreFuture<'_, Vec<KeyRow>>;
+    /// Revokes key `id`; whether it existed and was live.
+    fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool>;
+
+    /// Reserves `m.name` for a new machine: `false` when its tenant has one of that name.
+    fn insert_machine<'a>(&'a self, m: &'a MachineRow) -> StoreFuture<'a, bool>;
+    /// Machine `id` of `tenant_id` (another tenant's is `None`).
+    fn machine<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        id: &'a str,
+    ) -> StoreFuture<'a, Option<MachineRow>>;
+    /// The machines of `tenant_id`, oldest first.
+    fn machines<'a>(&'a self, tenant_id: &'a str) -> StoreFuture<'a, Vec<MachineRow>>;
+    /// Every machine with a lifetime to enforce, oldest first.
+    fn swept_machines(&self) -> StoreFuture<'_, Vec<MachineRow>>;
+    /// Every machine of every tenant.
+    fn all_machines(&self) -> StoreFuture<'_, Vec<MachineRow>>;
+    /// Records the last activity of machines by id.
+    fn set_last_activity<'a>(&'a self, seen: &'a [(String, i64)]) -> StoreFuture<'a, ()>;
+    /// Replaces machine `id`'s create body (its published ports changed).
+    fn set_machine_spec<'a>(&'a self, id: &'a str, spec: &'a str) -> StoreFuture<'a, ()>;
+    /// Removes machine `id`'s record.
+    fn delete_machine<'a>(&'a self, id: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Stores a checkpoint (its `created_at` is now); the row as stored.
+    fn insert_checkpoint<'a>(&'a self, k: &'a CheckpointRow) -> StoreFuture<'a, CheckpointRow>;
+    /// Checkpoint `id` of `tenant_id`.
+    fn checkpoint<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        id: &'a str,
+    ) -> StoreFuture<'a, Option<CheckpointRow>>;
+    /// The checkpoints of `tenant_id` taken of `machine_id`, oldest first.
+    fn checkpoints_of<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        machine_id: &'a str,
+    ) -> StoreFuture<'a, Vec<CheckpointRow>>;
+    /// Reserves machine `m` restored from `checkpoint_id` and links them (one transaction).
+    fn insert_restored<'a>(
+        &'a self,
+        m: &'a MachineRow,
+        checkpoint_id: &'a str,
+    ) -> StoreFuture<'a, Restored>;
+    /// Removes checkpoint `id` unless a machine restored from it still exists.
+    fn delete_checkpoint<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        id: &'a str,
+    ) -> StoreFuture<'a, CheckpointDeleted>;
+}
+
+/// Opens the store `url` names: `postgres://…` / `postgresql://…` (PostgreSQL), else
+/// `sqlite:PATH` or a bare path (SQLite).
+pub async fn open(url: &str) -> Result<Db, FleetError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(pg::PgStore::connect(url).await?))
+    } else {
+        let path = url.strip_prefix("sqlite:").unwrap_or(url);
+        Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(
+            path,
+        ))?))
+    }
+}

@@ -1,0 +1,173 @@
+//! The embedded store: SQLite (`<home>/fleet.db`), the functions of `db.rs` on tokio's
+//! blocking pool.
+
+use std::path::Path;
+
+use crate::db::{self, Sqlite};
+use crate::error::FleetError;
+
+use super::{Store, StoreFuture};
+use crate::db::{AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
+
+/// SQLite as a [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    db: Sqlite,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore, FleetError> {
+        Ok(SqliteStore {
+            db: Sqlite::open(path)?,
+        })
+    }
+
+    /// The database itself (the admin CLI and tests run `db.rs` functions on it directly).
+    pub fn sqlite(&self) -> &Sqlite {
+        &self.db
+    }
+}
+
+/// `self.db.call(f)` boxed, with the arguments owned.
+macro_rules! call {
+    ($self:ident, |$c:ident| $body:expr) => {
+        Box::pin(async move { $self.db.call(move |$c| $body).await })
+    };
+}
+
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn bootstrap<'a>(&'a self, name: &'a str, scopes: &'a str) -> StoreFuture<'a, Option<String>> {
+        let (name, scopes) = (name.to_owned(), scopes.to_owned());
+        call!(self, |c| db::bootstrap(c, &name, &scopes))
+    }
+
+    fn has_tenants(&self) -> StoreFuture<'_, bool> {
+        call!(self, |c| db::has_tenants(c))
+    }
+
+    fn create_tenant<'a>(&'a self, name: &'a str) -> StoreFuture<'a, String> {
+        let name = name.to_owned();
+        call!(self, |c| db::create_tenant(c, &name))
+    }
+
+    fn tenant_exists<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        let id = id.to_owned();
+        call!(self, |c| db::tenant_exists(c, &id))
+    }
+
+    fn create_key<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        scopes: &'a str,
+        description: Option<&'a str>,
+    ) -> StoreFuture<'a, (String, String)> {
+        let (t, s, d) = (
+            tenant_id.to_owned(),
+            scopes.to_owned(),
+            description.map(str::to_owned),
+        );
+        call!(self, |c| db::create_key(c, &t, &s, d.as_deref()))
+    }
+
+    fn key_of_hash<'a>(&'a self, key_hash: &'a str) -> StoreFuture<'a, Option<AuthKey>> {
+        let h = key_hash.to_owned();
+        call!(self, |c| db::key_of_hash(c, &h))
+    }
+
+    fn list_keys(&self) -> StoreFuture<'_, Vec<KeyRow>> {
+        call!(self, |c| db::list_keys(c))
+    }
+
+    fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, bool> {
+        let id = id.to_owned();
+        call!(self, |c| db::revoke_key(c, &id))
+    }
+
+    fn insert_machine<'a>(&'a self, m: &'a MachineRow) -> StoreFuture<'a, bool> {
+        let m = m.clone();
+        call!(self, |c| db::insert_machine(c, &m))
+    }
+
+    fn machine<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        id: &'a str,
+    ) -> StoreFuture<'a, Option<MachineRow>> {
+        let (t, i) = (tenant_id.to_owned(), id.to_owned());
+        call!(self, |c| db::machine(c, &t, &i))
+    }
+
+    fn machines<'a>(&'a self, tenant_id: &'a str) -> StoreFuture<'a, Vec<MachineRow>> {
+        let t = tenant_id.to_owned();
+        call!(self, |c| db::machines(c, &t))
+    }
+
+    fn swept_machines(&self) -> StoreFuture<'_, Vec<MachineRow>> {
+        call!(self, |c| db::swept_machines(c))
+    }
+
+    fn all_machines(&self) -> StoreFuture<'_, Vec<MachineRow>> {
+        call!(self, |c| db::all_machines(c))
+    }
+
+    fn set_last_activity<'a>(&'a self, seen: &'a [(String, i64)]) -> StoreFuture<'a, ()> {
+        let seen = seen.to_vec();
+        call!(self, |c| db::set_last_activity(c, &seen))
+    }
+
+    fn set_machine_spec<'a>(&'a self, id: &'a str, spec: &'a str) -> StoreFuture<'a, ()> {
+        let (i, s) = (id.to_owned(), spec.to_owned());
+        call!(self, |c| db::set_machine_spec(c, &i, &s))
+    }
+
+    fn delete_machine<'a>(&'a self, id: &'a str) -> StoreFuture<'a, ()> {
+        let id = id.to_owned();
+        call!(self, |c| db::delete_machine(c, &id))
+    }
+
+    fn insert_checkpoint<'a>(&'a self, k: &'a CheckpointRow) -> StoreFuture<'a, CheckpointRow> {
+        let k = k.clone();
+        call!(self, |c| db::insert_checkpoint(c, &k))
+    }
+
+    fn checkpoint<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        id: &'a str,
+    ) -> StoreFuture<'a, Option<CheckpointRow>> {
+        let (t, i) = (tenant_id.to_owned(), id.to_owned());
+        call!(self, |c| db::checkpoint(c, &t, &i))
+    }
+
+    fn checkpoints_of<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        machine_id: &'a str,
+    ) -> StoreFuture<'a, Vec<CheckpointRow>> {
+        let (t, m) = (tenant_id.to_owned(), machine_id.to_owned());
+        call!(self, |c| db::checkpoints_of(c, &t, &m))
+    }
+
+    fn insert_restored<'a>(
+        &'a self,
+        m: &'a MachineRow,
+        checkpoint_id: &'a str,
+    ) -> StoreFuture<'a, Restored> {
+        let (m, k) = (m.clone(), checkpoint_id.to_owned());
+        call!(self, |c| db::insert_restored(c, &m, &k))
+    }
+
+    fn delete_checkpoint<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        id: &'a str,
+    ) -> StoreFuture<'a, CheckpointDeleted> {
+        let (t, i) = (tenant_id.to_owned(), id.to_owned());
+        call!(self, |c| db::delete_checkpoint(c, &t, &i))
+    }
+}

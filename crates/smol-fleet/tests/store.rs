@@ -1,0 +1,463 @@
+//! The store conformance suite: one set of cases, run against both stores — SQLite (a file in a
+//! temporary directory) and PostgreSQL (a cluster of this test's own, `testing::pg`, one
+//! database per case) — covering every operation the server performs. Then the fleet over a
+//! PostgreSQL that stops: requests are 503 retryable, and it recovers when the cluster is back.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use smol_fleet::testing::pg::PgCluster;
+use smol_fleet::{keys, store, CheckpointDeleted, CheckpointRow, Db, MachineRow, Restored};
+
+type Case = fn(String) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Every case, by name; each gets the URL of an empty store and may open it again.
+const CASES: &[(&str, Case)] = &[
+    ("bootstrap_once", |u| Box::pin(bootstrap_once(u))),
+    ("keys_hashed_found_revoked", |u| {
+        Box::pin(keys_hashed_found_revoked(u))
+    }),
+    ("machines_per_tenant", |u| Box::pin(machines_per_tenant(u))),
+    ("machine_lifetimes", |u| Box::pin(machine_lifetimes(u))),
+    ("checkpoints", |u| Box::pin(checkpoints(u))),
+    ("concurrent_names", |u| Box::pin(concurrent_names(u))),
+    ("reopened", |u| Box::pin(reopened(u))),
+];
+
+async fn open(url: &str) -> Db {
+    store::open(url).await.expect("the store opens")
+}
+
+fn machine(id: &str, tenant: &str, name: &str) -> MachineRow {
+    MachineRow {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: name.into(),
+        engine_name: format!("e-{id}"),
+        spec: format!("{{\"name\":\"{name}\"}}"),
+        created_at: 0,
+        auto_stop_seconds: None,
+        ttl_seconds: None,
+        expires_at: None,
+        ephemeral: false,
+        last_activity_at: None,
+    }
+}
+
+async fn bootstrap_once(url: String) {
+    let db = open(&url).await;
+    assert!(!db.has_tenants().await.unwrap());
+    let key = db
+        .bootstrap("default", "admin")
+        .await
+        .unwrap()
+        .expect("a key");
+    assert!(keys::well_formed(&key));
+    assert!(db.has_tenants().await.unwrap());
+    // a second server over the same store makes nothing
+    let again = open(&url).await;
+    assert_eq!(again.bootstrap("default", "admin").await.unwrap(), None);
+    let found = again.key_of_hash(&keys::hash(&key)).await.unwrap().unwrap();
+    assert_eq!(found.scopes, "admin");
+    assert!(again.tenant_exists(&found.tenant_id).await.unwrap());
+    assert_eq!(again.list_keys().await.unwrap().len(), 1);
+}
+
+async fn keys_hashed_found_revoked(url: String) {
+    let db = open(&url).await;
+    let t = db.create_tenant("a").await.unwrap();
+    assert!(t.starts_with("ten-"));
+    assert!(db.tenant_exists(&t).await.unwrap());
+    assert!(!db.tenant_exists("ten-0000000000000000").await.unwrap());
+    let (id, key) = db.create_key(&t, "machine:read", Some("ci")).await.unwrap();
+    let (id2, key2) = db.create_key(&t, "admin", None).await.unwrap();
+    assert_ne!(key, key2);
+    let found = db.key_of_hash(&keys::hash(&key)).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            found.id.as_str(),
+            found.tenant_id.as_str(),
+            found.scopes.as_str()
+        ),
+        (id.as_str(), t.as_str(), "machine:read")
+    );
+    assert_eq!(
+        db.key_of_hash(&keys::hash("smk_other")).await.unwrap(),
+        None
+    );
+    // the key is not the stored form
+    assert_eq!(db.key_of_hash(&key).await.unwrap(), None);
+    let listed = db.list_keys().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|k| k.id.as_str()).collect::<HashSet<_>>(),
+        HashSet::from([id.as_str(), id2.as_str()])
+    );
+    for k in &listed {
+        assert!(k.prefix.len() < key.len(), "only a prefix is listed");
+        assert!(k.created_at > 0);
+        assert_eq!(k.revoked_at, None);
+    }
+    assert!(db.revoke_key(&id).await.unwrap());
+    assert!(!db.revoke_key(&id).await.unwrap());
+    assert!(!db.revoke_key("key-missing").await.unwrap());
+    assert_eq!(db.key_of_hash(&keys::hash(&key)).await.unwrap(), None);
+    assert!(db.key_of_hash(&keys::hash(&key2)).await.unwrap().is_some());
+    let revoked = db.list_keys().await.unwrap();
+    let r = revoked.iter().find(|k| k.id == id).unwrap();
+    assert!(r.revoked_at.is_some());
+}
+
+async fn machines_per_tenant(url: String) {
+    let db = open(&url).await;
+    let a = db.create_tenant("a").await.unwrap();
+    let b = db.create_tenant("b").await.unwrap();
+    assert!(db
+        .insert_machine(&machine("mach-1", &a, "web"))
+        .await
+        .unwrap());
+    assert!(!db
+        .insert_machine(&machine("mach-2", &a, "web"))
+        .await
+        .unwrap());
+    assert!(db
+        .insert_machine(&machine("mach-3", &b, "web"))
+        .await
+        .unwrap());
+    assert!(db
+        .insert_machine(&machine("mach-4", &a, "db"))
+        .await
+        .unwrap());
+    // the engine name is unique too
+    let mut clash = machine("mach-5", &a, "other");
+    clash.engine_name = "e-mach-1".into();
+    assert!(!db.insert_machine(&clash).await.unwrap());
+    let m1 = db.machine(&a, "mach-1").await.unwrap().unwrap();
+    assert_eq!(
+        (m1.name.as_str(), m1.engine_name.as_str()),
+        ("web", "e-mach-1")
+    );
+    assert_eq!(m1.spec, "{\"name\":\"web\"}");
+    assert!(m1.created_at > 0);
+    assert_eq!(
+        db.machine(&b, "mach-1").await.unwrap(),
+        None,
+        "another tenant's"
+    );
+    let listed: Vec<String> = db
+        .machines(&a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&"mach-1".into()) && listed.contains(&"mach-4".into()));
+    assert_eq!(db.machines(&b).await.unwrap().len(), 1);
+    assert_eq!(db.all_machines().await.unwrap().len(), 3);
+    db.set_machine_spec("mach-1", "{\"ports\":[1]}")
+        .await
+        .unwrap();
+    assert_eq!(
+        db.machine(&a, "mach-1").await.unwrap().unwrap().spec,
+        "{\"ports\":[1]}"
+    );
+    db.delete_machine("mach-1").await.unwrap();
+    db.delete_machine("mach-1").await.unwrap();
+    assert_eq!(db.machine(&a, "mach-1").await.unwrap(), None);
+    // the name is free again
+    assert!(db
+        .insert_machine(&machine("mach-6", &a, "web"))
+        .await
+        .unwrap());
+}
+
+async fn machine_lifetimes(url: String) {
+    let db = open(&url).await;
+    let t = db.create_tenant("a").await.unwrap();
+    assert!(db
+        .insert_machine(&machine("mach-plain", &t, "plain"))
+        .await
+        .unwrap());
+    assert!(
+        db.swept_machines().await.unwrap().is_empty(),
+        "no lifetime: nothing to sweep"
+    );
+    let mut m = machine("mach-ttl", &t, "ttl");
+    m.ttl_seconds = Some(60);
+    m.auto_stop_seconds = Some(u64::MAX);
+    m.ephemeral = true;
+    assert!(db.insert_machine(&m).await.unwrap());
+    let stored = db.machine(&t, "mach-ttl").await.unwrap().unwrap();
+    assert_eq!(stored.expires_at, Some(stored.created_at + 60));
+    assert_eq!(stored.last_activity_at, Some(stored.created_at));
+    assert_eq!(stored.ttl_seconds, Some(60));
+    assert_eq!(
+        stored.auto_stop_seconds,
+        Some(i64::MAX as u64),
+        "clamped to the column"
+    );
+    assert!(stored.ephemeral);
+    let mut idle = machine("mach-idle", &t, "idle");
+    idle.auto_stop_seconds = Some(30);
+    assert!(db.insert_machine(&idle).await.unwrap());
+    let swept: Vec<String> = db
+        .swept_machines()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(swept.len(), 2);
+    assert!(!swept.contains(&"mach-plain".to_string()));
+    let at = stored.created_at + 7;
+    db.set_last_activity(&[("mach-ttl".into(), at), ("mach-gone".into(), at)])
+        .await
+        .unwrap();
+    db.set_last_activity(&[]).await.unwrap();
+    let after = db.machine(&t, "mach-ttl").await.unwrap().unwrap();
+    assert_eq!(after.last_activity_at, Some(at));
+}
+
+fn checkpoint_row(id: &str, tenant: &str) -> CheckpointRow {
+    CheckpointRow {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        machine_id: "mach-src".into(),
+        spec: "{}".into(),
+        status: "ready".into(),
+        size_bytes: 1 << 40,
+        arch: "x86_64".into(),
+        created_at: 0,
+    }
+}
+
+async fn checkpoints(url: String) {
+    let db = open(&url).await;
+    let a = db.create_tenant("a").await.unwrap();
+    let b = db.create_tenant("b").await.unwrap();
+    let stored = db
+        .insert_checkpoint(&checkpoint_row("ckpt-1", &a))
+        .await
+        .unwrap();
+    assert!(stored.created_at > 0);
+    assert_eq!(stored.size_bytes, 1 << 40);
+    assert_eq!(
+        db.checkpoint(&a, "ckpt-1").await.unwrap(),
+        Some(stored.clone())
+    );
+    assert_eq!(db.checkpoint(&b, "ckpt-1").await.unwrap(), None);
+    assert_eq!(
+        db.checkpoints_of(&a, "mach-src").await.unwrap(),
+        vec![stored]
+    );
+    assert!(db.checkpoints_of(&b, "mach-src").await.unwrap().is_empty());
+    assert!(db
+        .checkpoints_of(&a, "mach-other")
+        .await
+        .unwrap()
+        .is_empty());
+    // another tenant can neither restore nor delete it
+    assert_eq!(
+        db.insert_restored(&machine("mach-b", &b, "r"), "ckpt-1")
+            .await
+            .unwrap(),
+        Restored::NoCheckpoint
+    );
+    assert_eq!(db.machine(&b, "mach-b").await.unwrap(), None);
+    assert_eq!(
+        db.delete_checkpoint(&b, "ckpt-1").await.unwrap(),
+        CheckpointDeleted::NotFound
+    );
+    assert_eq!(
+        db.insert_restored(&machine("mach-r", &a, "r"), "ckpt-1")
+            .await
+            .unwrap(),
+        Restored::Reserved
+    );
+    assert!(db.machine(&a, "mach-r").await.unwrap().is_some());
+    // a taken name reserves nothing, and the transaction leaves no link behind
+    assert_eq!(
+        db.insert_restored(&machine("mach-r2", &a, "r"), "ckpt-1")
+            .await
+            .unwrap(),
+        Restored::NameTaken
+    );
+    assert_eq!(db.machine(&a, "mach-r2").await.unwrap(), None);
+    assert_eq!(
+        db.delete_checkpoint(&a, "ckpt-1").await.unwrap(),
+        CheckpointDeleted::InUse(vec!["mach-r".into()])
+    );
+    // deleting the restored machine releases the checkpoint
+    db.delete_machine("mach-r").await.unwrap();
+    assert_eq!(
+        db.delete_checkpoint(&a, "ckpt-1").await.unwrap(),
+        CheckpointDeleted::Deleted
+    );
+    assert_eq!(db.checkpoint(&a, "ckpt-1").await.unwrap(), None);
+    assert_eq!(
+        db.delete_checkpoint(&a, "ckpt-1").await.unwrap(),
+        CheckpointDeleted::NotFound
+    );
+}
+
+/// Many creates of one name at once (two servers' worth of connections): exactly one wins.
+async fn concurrent_names(url: String) {
+    let one = open(&url).await;
+    let two = open(&url).await;
+    let t = one.create_tenant("a").await.unwrap();
+    let tries = (0..24).map(|i| {
+        let db = if i % 2 == 0 { one.clone() } else { two.clone() };
+        let row = machine(&format!("mach-{i}"), &t, "same");
+        tokio::spawn(async move { db.insert_machine(&row).await.unwrap() })
+    });
+    let mut won = 0;
+    for t in tries {
+        won += usize::from(t.await.unwrap());
+    }
+    assert_eq!(won, 1);
+    assert_eq!(one.machines(&t).await.unwrap().len(), 1);
+}
+
+async fn reopened(url: String) {
+    let t = {
+        let db = open(&url).await;
+        let t = db.create_tenant("a").await.unwrap();
+        assert!(db
+            .insert_machine(&machine("mach-1", &t, "web"))
+            .await
+            .unwrap());
+        db.insert_checkpoint(&checkpoint_row("ckpt-1", &t))
+            .await
+            .unwrap();
+        t
+    };
+    let db = open(&url).await;
+    assert!(db.machine(&t, "mach-1").await.unwrap().is_some());
+    assert!(db.checkpoint(&t, "ckpt-1").await.unwrap().is_some());
+    assert!(!db
+        .insert_machine(&machine("mach-2", &t, "web"))
+        .await
+        .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_conforms() {
+    for (name, case) in CASES {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("fleet.db").display());
+        eprintln!("sqlite: {name}");
+        case(url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_conforms() {
+    let cluster = PgCluster::start().expect("a PostgreSQL cluster (apt-get install postgresql)");
+    for (i, (name, case)) in CASES.iter().enumerate() {
+        let url = cluster.database(&format!("case_{i}")).await.unwrap();
+        // the unix socket for every other case
+        let url = if i % 2 == 0 {
+            url
+        } else {
+            cluster.socket_url(&format!("case_{i}"))
+        };
+        eprintln!("postgres: {name} ({url})");
+        case(url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_url_and_a_cluster_not_running_are_typed_errors() {
+    let err = store::open("postgres://a@b:notaport/x").await.unwrap_err();
+    assert!(
+        matches!(err, smol_fleet::FleetError::StoreConfig { .. }),
+        "{err}"
+    );
+    // nothing listens there (a port just freed)
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = store::open(&format!("postgres://postgres@127.0.0.1:{port}/x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, smol_fleet::FleetError::StoreUnavailable { .. }),
+        "{err}"
+    );
+    let e: smolmachines::Error = err.into();
+    assert!(e.retryable());
+    assert_eq!(e.to_problem().status, 503);
+}
+
+/// The fleet over PostgreSQL: with the cluster stopped, reads and mutations are 503 retryable
+/// (with Retry-After), readiness fails; started again, the same server answers as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_down_is_503_retryable_and_recovers() {
+    let cluster = PgCluster::start().expect("a PostgreSQL cluster (apt-get install postgresql)");
+    let url = cluster.database("fleet").await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let srv = smol_fleet::testing::spawn_on(home.path(), store::open(&url).await.unwrap())
+        .await
+        .unwrap();
+    let key = srv.admin_key.clone().expect("the bootstrap key");
+    let c = reqwest::Client::new();
+    let get = |p: &str| {
+        c.get(format!("{}{p}", srv.base_url))
+            .bearer_auth(&key)
+            .send()
+    };
+    let r = get("/v1/machines").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap(), serde_json::json!([]));
+    assert_eq!(get("/readyz").await.unwrap().status(), StatusCode::OK);
+
+    cluster.stop().unwrap();
+    let unavailable = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().get("retry-after").is_some());
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["retryable"], true, "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("unavailable")
+                || body["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("unavailable"),
+            "{body}"
+        );
+    };
+    unavailable(get("/v1/machines").await.unwrap()).await;
+    unavailable(get("/readyz").await.unwrap()).await;
+    let create = c
+        .post(format!("{}/v1/machines", srv.base_url))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"source": {"type": "image", "reference": "busybox"}}))
+        .send()
+        .await
+        .unwrap();
+    unavailable(create).await;
+    let tenant = c
+        .post(format!(
+            "{}/v1/machines/mach-0000000000000000/stop",
+            srv.base_url
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    unavailable(tenant).await;
+
+    cluster.start_again().unwrap();
+    let r = get("/v1/machines").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the server connects again");
+    assert_eq!(get("/readyz").await.unwrap().status(), StatusCode::OK);
+    assert!(srv.teardown().await.is_ok());
+}
