@@ -168,6 +168,14 @@ impl Drop for TestServer {
     }
 }
 
+/// The store [`spawn`] uses: `postgres` or `sqlite` ([`STORE_VAR`]).
+pub fn store_kind() -> &'static str {
+    match std::env::var(STORE_VAR).as_deref() {
+        Ok("postgres") => "postgres",
+        _ => "sqlite",
+    }
+}
+
 /// Starts a server over `home` (created if missing) on `127.0.0.1:0`, in this runtime; its
 /// store is `<home>/fleet.db`, or PostgreSQL with [`STORE_VAR`]`=postgres`.
 pub async fn spawn(home: &Path) -> Result<TestServer, FleetError> {

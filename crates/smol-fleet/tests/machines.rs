@@ -28,6 +28,8 @@ async fn create_exec_files_stop_autostart_delete() {
         .tempdir_in("/tmp")
         .unwrap();
     let srv = spawn(home.path()).await.unwrap();
+    // SMOL_FLEET_TEST_STORE=postgres runs it over PostgreSQL (docs/FLEET.md)
+    assert_eq!(srv.fleet.db().kind(), smol_fleet::testing::store_kind());
     let key = srv.admin_key.clone().unwrap();
     let other = srv.new_tenant_key("other").await.unwrap();
     let c = client();

@@ -29,10 +29,20 @@ pub async fn serve(home: &Path) -> Server {
 
 /// A `smolfleet serve` child over `home` on 127.0.0.1:0 (killed when dropped): its base URL
 /// and the bootstrap key it printed (a home used before prints none).
+///
+/// With `SMOL_FLEET_TEST_STORE=postgres` it serves `--db` a database of the test process's own
+/// PostgreSQL cluster (the same home, the same database).
 pub async fn spawn(home: &Path) -> (Child, String, Option<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smolfleet"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--home"])
-        .arg(home)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_smolfleet"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--home"])
+        .arg(home);
+    if std::env::var(smol_fleet::testing::STORE_VAR).as_deref() == Ok("postgres") {
+        let url = smol_fleet::testing::pg::database_for_home(home)
+            .await
+            .expect("a database of the test's PostgreSQL cluster");
+        cmd.args(["--db", &url]);
+    }
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .env("SMOL_LOG", "warn")
