@@ -22,15 +22,20 @@ const PIPE_CHUNK: usize = 64 * 1024;
 /// long (a background process may hold them open forever).
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
 
-/// Kills a process group when dropped, unless disarmed: a handler aborted because the host went
-/// away leaves nothing running.
+/// Kills a command's process group and cgroup when dropped, unless disarmed: a handler aborted
+/// because the host went away leaves nothing running.
 struct GroupGuard {
     pgid: i32,
+    /// The command's cgroup (crate::cgroup): its kill also reaches what left the process group.
+    cgroup: Option<crate::cgroup::Group>,
     armed: bool,
 }
 
 impl GroupGuard {
     fn kill(&self) {
+        if let Some(g) = &self.cgroup {
+            g.kill();
+        }
         // SAFETY: kill with a negative pid signals the process group we created; no memory involved.
         unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
     }
@@ -98,8 +103,13 @@ async fn cannot_run(
 /// and reason of one that cannot run.
 type Prepared = Result<tokio::process::Command, (i32, &'static str)>;
 
-/// Builds the command of `req`, in the container over `rootfs` when given.
-fn prepare(req: &ExecRequest, rootfs: Option<&str>) -> Result<Prepared, RemoteError> {
+/// Builds the command of `req`, in the container over `rootfs` when given, its first process
+/// joining `cgroup` before anything else it does.
+fn prepare(
+    req: &ExecRequest,
+    rootfs: Option<&str>,
+    cgroup: Option<&crate::cgroup::Group>,
+) -> Result<Prepared, RemoteError> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(crate::serve::invalid("empty command"));
     }
@@ -119,6 +129,7 @@ fn prepare(req: &ExecRequest, rootfs: Option<&str>) -> Result<Prepared, RemoteEr
             };
             let mut cmd = tokio::process::Command::new(program);
             cmd.current_dir(&workdir);
+            join(&mut cmd, cgroup);
             cmd
         }
         Some(rootfs) => {
@@ -136,6 +147,8 @@ fn prepare(req: &ExecRequest, rootfs: Option<&str>) -> Result<Prepared, RemoteEr
             // No resolving here: the child looks argv[0] up in the container's PATH after it
             // entered the container (std runs execvp with the command's environment).
             let mut cmd = tokio::process::Command::new(&req.argv[0]);
+            // Before `apply`: its fork puts the command in a child that must be in the cgroup.
+            join(&mut cmd, cgroup);
             // SAFETY: `apply` makes only system calls on memory prepared before the fork.
             unsafe {
                 cmd.pre_exec(move || setup.apply());
@@ -167,6 +180,19 @@ fn prepare(req: &ExecRequest, rootfs: Option<&str>) -> Result<Prepared, RemoteEr
     Ok(Ok(cmd))
 }
 
+/// Makes the child join `cgroup` between fork and exec. The hook makes std fork rather than
+/// posix_spawn (vfork): measured under KVM (docs/threat-model.md), the price of a command that
+/// cannot fork outside its cgroup before it is moved.
+fn join(cmd: &mut tokio::process::Command, cgroup: Option<&crate::cgroup::Group>) {
+    if let Some(g) = cgroup {
+        let join = g.join();
+        // SAFETY: `join` is one write(2) on a descriptor opened before the fork.
+        unsafe {
+            cmd.pre_exec(join);
+        }
+    }
+}
+
 /// Runs the command of `req`, streaming its output on `stream`; returns the terminal frame.
 ///
 /// With `rootfs` (`Op::ExecIn`) the command runs in a container over that mounted image
@@ -178,7 +204,8 @@ pub async fn run(
 ) -> Result<Frame, RemoteError> {
     let Stream { tx, mut rx } = stream;
     let id = tx.id();
-    let mut cmd = match prepare(&req, rootfs.as_deref())? {
+    let cgroup = crate::cgroup::Group::new();
+    let mut cmd = match prepare(&req, rootfs.as_deref(), cgroup.as_ref())? {
         Ok(cmd) => cmd,
         Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
     };
@@ -200,6 +227,7 @@ pub async fn run(
     };
     let mut guard = GroupGuard {
         pgid: child.id().map(|p| p as i32).unwrap_or(0),
+        cgroup,
         armed: true,
     };
     let (exited_tx, exited_rx) = watch::channel(false);
@@ -302,7 +330,10 @@ pub async fn spawn(
 ) -> Result<Frame, RemoteError> {
     let tx = stream.tx;
     let id = tx.id();
-    let mut cmd = match prepare(&req, None)? {
+    // Its own cgroup (its pids limit; kill_all reaches it), left behind once it started: the
+    // next command's Group::new removes it when it has emptied.
+    let cgroup = crate::cgroup::Group::new();
+    let mut cmd = match prepare(&req, None, cgroup.as_ref())? {
         Ok(cmd) => cmd,
         Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
     };
@@ -339,6 +370,8 @@ pub async fn spawn(
         }
     };
     let pid = child.id().unwrap_or(0);
+    // The descriptor closes; the cgroup stays while the command runs (rmdir fails when busy).
+    drop(cgroup);
     // Not waited for here: tokio reaps the dropped child once it exits.
     drop(child);
     tx.send_data(Chan::Stdout, format!("pid={pid}\n").as_bytes())

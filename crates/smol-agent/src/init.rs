@@ -207,6 +207,16 @@ fn root_on_disk(image: Option<&str>) -> Result<(), String> {
     chdir_chroot("/.smol/root").map_err(|e| format!("switching root: {e}"))
 }
 
+/// Mounts cgroup v2 on `target` (under `/sys`, after the root moved), for [`crate::cgroup`].
+pub fn mount_cgroup2(target: &str) -> Result<(), String> {
+    fs::create_dir_all(target).map_err(|e| format!("{target}: {e}"))?;
+    let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    match mount_checked("cgroup2", target, "cgroup2", nosuid_nodev_noexec, "") {
+        Err(e) if !e.contains("busy") => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn mount_checked(
     src: &str,
     target: &str,
@@ -327,6 +337,8 @@ pub fn setup() -> Config {
             &format!("mode={mode},size={size}%"),
         );
     }
+    // User commands run in cgroups below the agent's (crate::cgroup).
+    crate::cgroup::setup();
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
         ("/dev/stdin", "/proc/self/fd/0"),

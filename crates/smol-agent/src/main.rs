@@ -5,6 +5,7 @@
 //! orphaned process and restarts the agent if it ever dies. Run outside a VM, `smol-agent serve
 //! <path>` serves the protocol on a unix socket, which the unit tests use.
 
+mod cgroup;
 mod container;
 mod exec;
 mod files;

@@ -266,6 +266,8 @@ async fn handle(stream: Stream, op: Op) {
         Op::Connect { port } => crate::relay::connect(stream, port).await,
         Op::Shutdown => {
             eprintln!("smol-agent: shutdown requested");
+            // Every user process ends first, in one operation: nothing writes during the sync.
+            crate::cgroup::kill_all();
             tokio::task::spawn_blocking(|| crate::init::power_off());
             return;
         }

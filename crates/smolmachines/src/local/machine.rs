@@ -513,7 +513,16 @@ impl LocalMachine {
         // the supervisor first: the VMM may exit while the record is written
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            let status = child.wait().await;
+            // the console log is capped while it waits (local::console)
+            let cap = super::console::cap();
+            let status = loop {
+                tokio::select! {
+                    s = child.wait() => break s,
+                    _ = tokio::time::sleep(super::console::CHECK) => {
+                        super::console::trim_logged(&console, cap);
+                    }
+                }
+            };
             end_children(watchdog.into_iter().collect());
             // A guest kernel panic ends QEMU like a power-off (status 0): the console says which.
             let crash = match &status {

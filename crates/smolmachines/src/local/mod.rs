@@ -11,6 +11,7 @@ pub mod assets;
 pub mod cgroup;
 pub mod checkpoint_file;
 pub mod confine;
+pub mod console;
 mod container;
 pub mod disk;
 pub mod egress;

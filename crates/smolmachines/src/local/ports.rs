@@ -100,8 +100,17 @@ where
                 host,
                 tokio::spawn(async move {
                     loop {
-                        let Ok((sock, _)) = listener.accept().await else {
-                            return;
+                        let sock = match listener.accept().await {
+                            Ok((sock, _)) => sock,
+                            // Out of descriptors (a client holding many connections, EMFILE),
+                            // a connection aborted before it was taken: the listener goes on
+                            // once the moment passes, instead of ending for good.
+                            Err(_) if owner.strong_count() == 0 => return,
+                            Err(e) => {
+                                tracing::warn!(host, error = %e, "accepting on a published port");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
                         };
                         if owner.strong_count() == 0 {
                             return;

@@ -288,8 +288,15 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         spec.assets.initrd.display().to_string(),
         "-append".into(),
         kernel_cmdline(spec, tsc_khz),
+        // append=on: the supervisor trims the log (local::console) and QEMU's next write lands
+        // at the new end
+        "-chardev".into(),
+        format!(
+            "file,id=con,path={},append=on",
+            spec.console_log().display()
+        ),
         "-serial".into(),
-        format!("file:{}", spec.console_log().display()),
+        "chardev:con".into(),
         "-chardev".into(),
         format!(
             "socket,id=agent,path={},reconnect=1",
@@ -371,7 +378,26 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
             ),
         ]);
     }
+    if free_page_reporting(spec) {
+        a.extend([
+            "-device".into(),
+            "virtio-balloon-device,free-page-reporting=on".into(),
+        ]);
+    }
     a
+}
+
+/// Whether the machine gets a virtio-balloon device with free page reporting: the guest hands
+/// the pages it frees back (QEMU discards them), so QEMU's RSS follows what the guest uses
+/// instead of staying at its high-water mark. Not for machines whose RAM is a file that others
+/// share or may share (branch sources, clones, restores, whose device lists must match the
+/// source's): QEMU 7.2 discards a page of a file-backed RAM by punching a hole in the file, even
+/// for a `share=off` clone of a frozen base, which would zero that page for every other clone.
+/// `SMOL_FREE_PAGE_REPORTING=0` turns it off (to measure without it).
+pub fn free_page_reporting(spec: &VmSpec) -> bool {
+    spec.ram_file.is_none()
+        && spec.restore.is_none()
+        && std::env::var("SMOL_FREE_PAGE_REPORTING").as_deref() != Ok("0")
 }
 
 #[async_trait::async_trait]
@@ -564,8 +590,11 @@ mod tests {
         s.mounts.clear();
         let plain = qemu_args(&s, None).join(" ");
         assert!(!plain.contains("memory-backend") && !plain.contains("-incoming"));
+        // a plain machine hands freed pages back; one whose RAM is a file does not
+        assert!(plain.contains("-device virtio-balloon-device,free-page-reporting=on"));
         s.ram_file = Some("/dev/shm/x/m1/ram".into());
         let joined = qemu_args(&s, None).join(" ");
+        assert!(!joined.contains("balloon"), "{joined}");
         assert!(
             joined.contains("microvm,acpi=off,memory-backend=mem"),
             "{joined}"
@@ -590,6 +619,7 @@ mod tests {
         );
         assert!(joined.contains("-incoming defer"), "{joined}");
         assert_eq!(joined.matches("memory-backend-").count(), 1, "{joined}");
+        assert!(!joined.contains("balloon"), "{joined}");
     }
 
     #[test]
