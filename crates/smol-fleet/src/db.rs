@@ -13,7 +13,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -78,7 +78,8 @@ CREATE TABLE checkpoint_restores (
 
 /// The schema, one migration per version (version `i + 1` is `MIGRATIONS[i]`), written in
 /// SQLite's dialect; `store::pg::dialect` turns one into PostgreSQL's.
-pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] =
+    [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, crate::placement::SCHEMA_V4];
 
 /// A tenant's key as listed (never the key itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -480,10 +481,16 @@ pub fn set_machine_spec(c: &Connection, id: &str, spec: &str) -> Result<(), Flee
     Ok(())
 }
 
-/// Removes machine `id`'s record.
+/// Removes machine `id`'s record, giving back its node reservation (one transaction).
 pub fn delete_machine(c: &Connection, id: &str) -> Result<(), FleetError> {
-    c.execute("DELETE FROM machines WHERE id = ?1", [id])
+    let tx = c
+        .unchecked_transaction()
+        .map_err(|e| FleetError::db("begin a machine removal", e))?;
+    crate::placement::release(&tx, id)?;
+    tx.execute("DELETE FROM machines WHERE id = ?1", [id])
         .map_err(|e| FleetError::db("remove a machine", e))?;
+    tx.commit()
+        .map_err(|e| FleetError::db("commit a machine removal", e))?;
     Ok(())
 }
 

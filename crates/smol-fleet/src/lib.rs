@@ -18,6 +18,7 @@ pub mod keys;
 pub mod limit;
 mod metrics;
 pub mod openapi;
+pub mod placement;
 mod proxy;
 mod routes;
 pub mod scopes;

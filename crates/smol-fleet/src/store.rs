@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 
 use crate::db::{AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
 use crate::error::FleetError;
+use crate::placement::{Need, NodeRow, OperationRow, Placed};
 
 pub mod pg;
 pub mod sqlite;
@@ -96,6 +97,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         m: &'a MachineRow,
         checkpoint_id: &'a str,
     ) -> StoreFuture<'a, Restored>;
+    /// Adds or updates node `n` (its reservations are kept).
+    fn put_node<'a>(&'a self, n: &'a NodeRow) -> StoreFuture<'a, ()>;
+    /// Every node, by id.
+    fn nodes(&self) -> StoreFuture<'_, Vec<NodeRow>>;
+    /// Records machine `m`, reserves `need` on the least-reserved ready node with room (one
+    /// `UPDATE … RETURNING`) and writes its `create` operation, in one transaction.
+    fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed>;
+    /// Marks operation `id` `state`; whether it exists.
+    fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool>;
+    /// Claims up to `limit` operations past their deadline at `at`, each for `lease` more
+    /// seconds; an operation is claimed by one caller however many claim at once.
+    fn claim_overdue(&self, at: i64, limit: i64, lease: i64) -> StoreFuture<'_, Vec<OperationRow>>;
+
     /// Removes checkpoint `id` unless a machine restored from it still exists.
     fn delete_checkpoint<'a>(
         &'a self,

@@ -9,6 +9,7 @@ use std::pin::Pin;
 
 use reqwest::StatusCode;
 use serde_json::Value;
+use smol_fleet::placement::{Need, NodeRow, Placed};
 use smol_fleet::testing::pg::PgCluster;
 use smol_fleet::{keys, store, CheckpointDeleted, CheckpointRow, Db, MachineRow, Restored};
 
@@ -25,6 +26,12 @@ const CASES: &[(&str, Case)] = &[
     ("checkpoints", |u| Box::pin(checkpoints(u))),
     ("concurrent_names", |u| Box::pin(concurrent_names(u))),
     ("reopened", |u| Box::pin(reopened(u))),
+    ("placement_and_operations", |u| {
+        Box::pin(placement_and_operations(u))
+    }),
+    ("concurrent_placements", |u| {
+        Box::pin(concurrent_placements(u))
+    }),
 ];
 
 async fn open(url: &str) -> Db {
@@ -341,6 +348,187 @@ async fn reopened(url: String) {
         .insert_machine(&machine("mach-2", &t, "web"))
         .await
         .unwrap());
+}
+
+fn node(id: &str, state: &str, memory_mib: i64, cpus: i64) -> NodeRow {
+    NodeRow {
+        id: id.into(),
+        state: state.into(),
+        memory_mib,
+        cpus,
+        reserved_mib: 0,
+        reserved_cpus: 0,
+    }
+}
+
+const SMALL: Need = Need {
+    memory_mib: 256,
+    cpus: 1,
+};
+
+async fn placement_and_operations(url: String) {
+    let db = open(&url).await;
+    let t = db.create_tenant("a").await.unwrap();
+    // no node: no capacity, and nothing recorded
+    assert_eq!(
+        db.reserve(&machine("mach-0", &t, "zero"), SMALL)
+            .await
+            .unwrap(),
+        Placed::NoCapacity
+    );
+    assert_eq!(db.machine(&t, "mach-0").await.unwrap(), None);
+    db.put_node(&node("node-a", "ready", 1024, 4))
+        .await
+        .unwrap();
+    db.put_node(&node("node-b", "ready", 2048, 4))
+        .await
+        .unwrap();
+    db.put_node(&node("node-c", "cordoned", 1 << 20, 64))
+        .await
+        .unwrap();
+    let placed = |p: Placed| match p {
+        Placed::Placed {
+            node_id,
+            operation_id,
+        } => (node_id, operation_id),
+        other => panic!("not placed: {other:?}"),
+    };
+    // the least reserved ready node (by memory share, then id)
+    let (n1, op1) = placed(
+        db.reserve(&machine("mach-1", &t, "one"), SMALL)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(n1, "node-a");
+    assert!(op1.starts_with("op-"));
+    let (n2, _) = placed(
+        db.reserve(&machine("mach-2", &t, "two"), SMALL)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(n2, "node-b", "node-a is 25% reserved, node-b 0%");
+    assert!(db.machine(&t, "mach-1").await.unwrap().is_some());
+    // a taken name reserves nothing (the same transaction)
+    let before = db.nodes().await.unwrap();
+    assert_eq!(
+        db.reserve(&machine("mach-3", &t, "one"), SMALL)
+            .await
+            .unwrap(),
+        Placed::NameTaken
+    );
+    assert_eq!(db.nodes().await.unwrap(), before);
+    // too big for any ready node: the cordoned one is never used
+    assert_eq!(
+        db.reserve(
+            &machine("mach-4", &t, "big"),
+            Need {
+                memory_mib: 4096,
+                cpus: 1
+            }
+        )
+        .await
+        .unwrap(),
+        Placed::NoCapacity
+    );
+    assert_eq!(db.machine(&t, "mach-4").await.unwrap(), None);
+    let nodes = db.nodes().await.unwrap();
+    let reserved: Vec<(i64, i64)> = nodes
+        .iter()
+        .map(|n| (n.reserved_mib, n.reserved_cpus))
+        .collect();
+    assert_eq!(reserved, vec![(256, 1), (256, 1), (0, 0)]);
+    // updating a node keeps its reservations
+    db.put_node(&node("node-a", "ready", 2048, 8))
+        .await
+        .unwrap();
+    let a = db.nodes().await.unwrap().remove(0);
+    assert_eq!(
+        (a.memory_mib, a.cpus, a.reserved_mib, a.reserved_cpus),
+        (2048, 8, 256, 1)
+    );
+    // deleting the machine gives its reservation back
+    db.delete_machine("mach-1").await.unwrap();
+    assert_eq!(db.nodes().await.unwrap()[0].reserved_mib, 0);
+
+    // operations: the creates' rows are pending until their deadline, then claimed once
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        db.claim_overdue(now, 10, 60).await.unwrap().is_empty(),
+        "not due yet"
+    );
+    let later = now + smol_fleet::placement::CREATE_DEADLINE_SECS + 1;
+    let claimed = db.claim_overdue(later, 10, 60).await.unwrap();
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
+    assert!(claimed
+        .iter()
+        .all(|o| o.kind == "create" && o.state == "claimed"));
+    assert!(claimed
+        .iter()
+        .any(|o| o.id == op1 && o.machine_id == "mach-1"));
+    assert!(
+        db.claim_overdue(later, 10, 60).await.unwrap().is_empty(),
+        "claimed for 60 s"
+    );
+    // a claim that lapses may be claimed again; a finished operation never is
+    assert!(db.finish_operation(&op1, "done").await.unwrap());
+    assert!(!db.finish_operation("op-missing", "done").await.unwrap());
+    let again = db.claim_overdue(later + 61, 10, 60).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_ne!(again[0].id, op1);
+}
+
+/// Two stores (two servers' connections) x 60 concurrent creates over nodes with 29 places
+/// in all: exactly 29 placed, no node over its capacity, every reservation accounted for by a
+/// machine and an operation.
+async fn concurrent_placements(url: String) {
+    let one = open(&url).await;
+    let two = open(&url).await;
+    let t = one.create_tenant("a").await.unwrap();
+    // 8 + 8 + 8 places by memory, 5 by vCPUs
+    for (id, mib, cpus) in [
+        ("node-1", 2048, 64),
+        ("node-2", 2048 + 255, 64),
+        ("node-3", 2048, 8),
+        ("node-4", 8192, 5),
+    ] {
+        one.put_node(&node(id, "ready", mib, cpus)).await.unwrap();
+    }
+    let tries: Vec<_> = (0..120)
+        .map(|i| {
+            let db = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let row = machine(&format!("mach-{i}"), &t, &format!("m{i}"));
+            tokio::spawn(async move { db.reserve(&row, SMALL).await.unwrap() })
+        })
+        .collect();
+    let mut per_node = std::collections::HashMap::<String, i64>::new();
+    let mut refused = 0;
+    for t in tries {
+        match t.await.unwrap() {
+            Placed::Placed { node_id, .. } => *per_node.entry(node_id).or_default() += 1,
+            Placed::NoCapacity => refused += 1,
+            Placed::NameTaken => panic!("names are distinct"),
+        }
+    }
+    let placed: i64 = per_node.values().sum();
+    assert_eq!((placed, refused), (29, 91), "{per_node:?}");
+    for n in one.nodes().await.unwrap() {
+        let count = per_node.get(&n.id).copied().unwrap_or(0);
+        assert_eq!(
+            (n.reserved_mib, n.reserved_cpus),
+            (count * 256, count),
+            "{n:?}"
+        );
+        assert!(
+            n.reserved_mib <= n.memory_mib && n.reserved_cpus <= n.cpus,
+            "{n:?}"
+        );
+    }
+    assert_eq!(one.machines(&t).await.unwrap().len(), 29);
+    let ops = two.claim_overdue(i64::MAX / 2, 1000, 60).await.unwrap();
+    assert_eq!(ops.len(), 29);
 }
 
 #[tokio::test(flavor = "multi_thread")]

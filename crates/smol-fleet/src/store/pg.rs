@@ -19,6 +19,7 @@ use crate::db::{
 };
 use crate::error::FleetError;
 use crate::keys;
+use crate::placement::{self, Need, NodeRow, OperationRow, Placed, CREATE_DEADLINE_SECS};
 
 /// Connections a server keeps.
 const POOL: usize = 4;
@@ -34,6 +35,12 @@ const MIGRATION_LOCK: i64 = 0x736d_6f6c_666c_7431;
 /// queries differ only in their placeholders (`$1` for `?1`).
 pub fn dialect(sqlite: &str) -> String {
     sqlite.replace("INTEGER", "BIGINT")
+}
+
+/// A query of SQLite's dialect (`?N` placeholders) in PostgreSQL's (`$N`), with `{lock}` the
+/// row locks PostgreSQL takes ([`placement::lock`]).
+fn query(sqlite: &str, lock: &str) -> String {
+    sqlite.replace('?', "$").replace("{lock}", lock)
 }
 
 /// PostgreSQL as a [`Store`].
@@ -554,11 +561,141 @@ impl Store for PgStore {
 
     fn delete_machine<'a>(&'a self, id: &'a str) -> StoreFuture<'a, ()> {
         op!(self, "remove a machine", {
-            let c = self.conn().await?;
-            c.execute("DELETE FROM machines WHERE id = $1", &[&id])
+            let what = "remove a machine";
+            let mut c = self.conn().await?;
+            let tx = c.transaction().await.map_err(|e| error(what, e))?;
+            // its reservation goes back in the same transaction
+            tx.execute(&query(placement::RELEASE, ""), &[&id])
                 .await
-                .map_err(|e| error("remove a machine", e))?;
+                .map_err(|e| error(what, e))?;
+            tx.execute("DELETE FROM placements WHERE machine_id = $1", &[&id])
+                .await
+                .map_err(|e| error(what, e))?;
+            tx.execute("DELETE FROM machines WHERE id = $1", &[&id])
+                .await
+                .map_err(|e| error(what, e))?;
+            tx.commit().await.map_err(|e| error(what, e))
+        })
+    }
+
+    fn put_node<'a>(&'a self, n: &'a NodeRow) -> StoreFuture<'a, ()> {
+        op!(self, "store a node", {
+            let c = self.conn().await?;
+            c.execute(
+                &query(placement::PUT_NODE, ""),
+                &[&n.id, &n.state, &n.memory_mib, &n.cpus, &now()],
+            )
+            .await
+            .map_err(|e| error("store a node", e))?;
             Ok(())
+        })
+    }
+
+    fn nodes(&self) -> StoreFuture<'_, Vec<NodeRow>> {
+        op!(self, "list nodes", {
+            let c = self.conn().await?;
+            let rows = c
+                .query(placement::NODES, &[])
+                .await
+                .map_err(|e| error("list nodes", e))?;
+            Ok(rows
+                .iter()
+                .map(|r| NodeRow {
+                    id: r.get(0),
+                    state: r.get(1),
+                    memory_mib: r.get(2),
+                    cpus: r.get(3),
+                    reserved_mib: r.get(4),
+                    reserved_cpus: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed> {
+        op!(self, "place a machine", {
+            let what = "place a machine";
+            let mut c = self.conn().await?;
+            let tx = c.transaction().await.map_err(|e| error(what, e))?;
+            let t = now();
+            let node: Option<String> = tx
+                .query_opt(
+                    &query(placement::RESERVE, placement::lock(true, false)),
+                    &[&need.memory_mib, &need.cpus, &t],
+                )
+                .await
+                .map_err(|e| error("reserve a node", e))?
+                .map(|r| r.get(0));
+            let Some(node_id) = node else {
+                return Ok(Placed::NoCapacity);
+            };
+            if !insert_machine_on(&tx, m).await? {
+                return Ok(Placed::NameTaken);
+            }
+            tx.execute(
+                &query(placement::INSERT_PLACEMENT, ""),
+                &[&m.id, &node_id, &need.memory_mib, &need.cpus],
+            )
+            .await
+            .map_err(|e| error("record a placement", e))?;
+            let operation_id = new_id("op-");
+            tx.execute(
+                &query(placement::INSERT_OPERATION, ""),
+                &[
+                    &operation_id,
+                    &m.tenant_id,
+                    &m.id,
+                    &node_id,
+                    &t,
+                    &(t + CREATE_DEADLINE_SECS),
+                ],
+            )
+            .await
+            .map_err(|e| error("record an operation", e))?;
+            tx.commit().await.map_err(|e| error(what, e))?;
+            Ok(Placed::Placed {
+                node_id,
+                operation_id,
+            })
+        })
+    }
+
+    fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {
+        op!(self, "finish an operation", {
+            let c = self.conn().await?;
+            let n = c
+                .execute(
+                    &query(placement::FINISH_OPERATION, ""),
+                    &[&id, &state, &now()],
+                )
+                .await
+                .map_err(|e| error("finish an operation", e))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn claim_overdue(&self, at: i64, limit: i64, lease: i64) -> StoreFuture<'_, Vec<OperationRow>> {
+        op!(self, "claim operations", {
+            let c = self.conn().await?;
+            let rows = c
+                .query(
+                    &query(placement::CLAIM, placement::lock(true, true)),
+                    &[&at, &limit, &lease],
+                )
+                .await
+                .map_err(|e| error("claim operations", e))?;
+            Ok(rows
+                .iter()
+                .map(|r| OperationRow {
+                    id: r.get(0),
+                    tenant_id: r.get(1),
+                    machine_id: r.get(2),
+                    kind: r.get(3),
+                    state: r.get(4),
+                    node_id: r.get(5),
+                    deadline_at: r.get(6),
+                })
+                .collect())
         })
     }
 

@@ -8,6 +8,7 @@ use crate::error::FleetError;
 
 use super::{Store, StoreFuture};
 use crate::db::{AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
+use crate::placement::{self, Need, NodeRow, OperationRow, Placed};
 
 /// SQLite as a [`Store`].
 #[derive(Debug, Clone)]
@@ -160,6 +161,29 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'a, Restored> {
         let (m, k) = (m.clone(), checkpoint_id.to_owned());
         call!(self, |c| db::insert_restored(c, &m, &k))
+    }
+
+    fn put_node<'a>(&'a self, n: &'a NodeRow) -> StoreFuture<'a, ()> {
+        let n = n.clone();
+        call!(self, |c| placement::put_node(c, &n))
+    }
+
+    fn nodes(&self) -> StoreFuture<'_, Vec<NodeRow>> {
+        call!(self, |c| placement::nodes(c))
+    }
+
+    fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed> {
+        let m = m.clone();
+        call!(self, |c| placement::reserve(c, &m, need))
+    }
+
+    fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {
+        let (i, s) = (id.to_owned(), state.to_owned());
+        call!(self, |c| placement::finish_operation(c, &i, &s))
+    }
+
+    fn claim_overdue(&self, at: i64, limit: i64, lease: i64) -> StoreFuture<'_, Vec<OperationRow>> {
+        call!(self, |c| placement::claim_overdue(c, at, limit, lease))
     }
 
     fn delete_checkpoint<'a>(
