@@ -139,7 +139,11 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
                 drop(file);
                 fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
                     .map_err(|e| io_err(&p, e))?;
-                fs::rename(&tmp, &target).map_err(|e| io_err(&p, e))
+                fs::rename(&tmp, &target).map_err(|e| io_err(&p, e))?;
+                // the rename reaches the disk too: without it a VMM killed right after the
+                // write returned could come back without the file (or with the old one)
+                sync_parent(&target);
+                Ok(())
             })
             .await?;
         }
@@ -150,6 +154,15 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
         crate::quiet::remove_quietly(&tmp);
     }
     result.map(|_| Frame::Done { id: tx.id() })
+}
+
+/// Syncs the directory holding `target` (its new entry after a rename). Best effort, and
+/// silent: a file system that cannot sync a directory (some FUSE ones, virtio-fs without
+/// support) keeps the write, which is in place.
+fn sync_parent(target: &Path) {
+    if let Some(dir) = target.parent() {
+        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+    }
 }
 
 /// The most bytes received and not yet written a write holds in the guest; past it the
