@@ -181,7 +181,7 @@ fn prepare(
 }
 
 /// Makes the child join `cgroup` between fork and exec. The hook makes std fork rather than
-/// posix_spawn (vfork): measured under KVM (docs/threat-model.md), the price of a command that
+/// posix_spawn (vfork): measured under TCG (docs/threat-model.md), the price of a command that
 /// cannot fork outside its cgroup before it is moved.
 fn join(cmd: &mut tokio::process::Command, cgroup: Option<&crate::cgroup::Group>) {
     if let Some(g) = cgroup {

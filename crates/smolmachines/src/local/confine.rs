@@ -90,6 +90,12 @@ pub fn vmm_rules(spec: &VmSpec, binary: &Path) -> Vec<(PathBuf, Access)> {
         .collect();
     rules.push((binary.to_path_buf(), Access::ReadExec));
     rules.push(("/etc/ld.so.cache".into(), Access::Read));
+    if super::runas::user().is_some() {
+        // -runas looks its user up (getpwnam, initgroups) before it drops (local::runas)
+        for f in ["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"] {
+            rules.push((f.into(), Access::Read));
+        }
+    }
     rules.push(("/sys".into(), Access::Read));
     for dev in ["/dev/urandom", "/dev/random"] {
         rules.push((dev.into(), Access::Read));

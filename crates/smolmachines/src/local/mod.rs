@@ -23,6 +23,7 @@ mod ports;
 pub mod programs;
 pub mod qmp;
 pub mod ram;
+pub mod runas;
 mod reaper;
 pub mod record;
 mod registry;

@@ -387,6 +387,30 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
     a
 }
 
+/// The agent chardev of a QEMU that dropped its uid (`local::runas`) reconnected by
+/// descriptor: the engine connects to its own listener and hands QEMU that connection
+/// (`getfd`, then `chardev-change` to the `fd` address), since the dropped user may not reach
+/// the socket's path.
+async fn reconnect_agent_by_fd(spec: &VmSpec) -> Result<(), VmmError> {
+    use std::os::fd::AsFd;
+    let stream =
+        std::os::unix::net::UnixStream::connect(spec.agent_socket()).map_err(QmpError::from)?;
+    let mut qmp = Qmp::connect(&spec.qmp_socket()).await?;
+    qmp.send_fd("agent-reconnect", stream.as_fd()).await?;
+    qmp.execute(
+        "chardev-change",
+        Some(serde_json::json!({
+            "id": "agent",
+            "backend": {"type": "socket", "data": {
+                "addr": {"type": "fd", "data": {"str": "agent-reconnect"}},
+                "server": false
+            }}
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Whether the machine gets a virtio-balloon device with free page reporting: the guest hands
 /// the pages it frees back (QEMU discards them), so QEMU's RSS follows what the guest uses
 /// instead of staying at its high-water mark. Not for machines whose RAM is a file that others
@@ -432,8 +456,14 @@ impl Vmm for Qemu {
             path: log_path.clone(),
             source,
         })?;
+        let mut args = qemu_args(spec, host_tsc_khz());
+        // started as root: QEMU drops to an unprivileged user once its files are open
+        if let Some(user) = super::runas::user() {
+            tracing::debug!(user = %user, "the VMM drops to this user (-runas)");
+            args = super::runas::with_runas(args, &user);
+        }
         let mut cmd = tokio::process::Command::new(&bin);
-        cmd.args(qemu_args(spec, host_tsc_khz()))
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -456,6 +486,9 @@ impl Vmm for Qemu {
     }
 
     async fn reconnect_agent(&self, spec: &VmSpec) -> Result<(), VmmError> {
+        if super::runas::user().is_some() {
+            return reconnect_agent_by_fd(spec).await;
+        }
         // Replacing the chardev backend with an identical one makes QEMU connect at once
         // (its own retry would come up to a second later).
         let mut qmp = Qmp::connect(&spec.qmp_socket()).await?;
