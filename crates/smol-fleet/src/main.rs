@@ -59,7 +59,8 @@ enum Cmd {
         #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_interval)]
         sweep_interval: std::time::Duration,
         /// The fleet's store: `postgres://USER@HOST:PORT/DATABASE` (PostgreSQL; a unix
-        /// socket as `?host=/run/postgresql`), or a SQLite file (default: <home>/fleet.db).
+        /// socket as `?host=/run/postgresql`), or a SQLite file (default: SMOLFLEET_DB, else
+        /// <home>/fleet.db).
         #[arg(long, value_name = "URL")]
         db: Option<String>,
         /// What this process is: `all` (the API, its store and this host's engine as the
@@ -76,7 +77,8 @@ enum Cmd {
         /// The fleet's home.
         #[arg(long, global = true)]
         home: Option<PathBuf>,
-        /// The fleet's store, as `serve --db` takes it.
+        /// The fleet's store, as `serve --db` takes it (default: SMOLFLEET_DB, else
+        /// <home>/fleet.db).
         #[arg(long, global = true, value_name = "URL")]
         db: Option<String>,
     },
@@ -159,7 +161,7 @@ fn main() -> ExitCode {
                 tls: tls_cert.zip(tls_key),
                 insecure_no_tls,
                 sweep_interval,
-                db,
+                db: db.or_else(|| std::env::var("SMOLFLEET_DB").ok()),
                 role,
             };
             let apps_scheme = apps_scheme
@@ -176,7 +178,11 @@ fn main() -> ExitCode {
                     )
                 })
         }
-        Cmd::Keys { cmd, home, db } => keys(cmd, home.unwrap_or_else(default_home), db),
+        Cmd::Keys { cmd, home, db } => keys(
+            cmd,
+            home.unwrap_or_else(default_home),
+            db.or_else(|| std::env::var("SMOLFLEET_DB").ok()),
+        ),
         Cmd::Openapi => {
             print!("{}", smol_fleet::openapi::document_json());
             Ok(())

@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use reqwest::{Client, Method, StatusCode};
@@ -15,7 +14,7 @@ use support::{client, content_type, json_ok, problem, unauthorized};
 
 /// `smolfleet keys create --scope …` over `home`: the key and the scopes it printed.
 fn create_key(home: &std::path::Path, tenant: &str, scopes: &[&str]) -> (String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_smolfleet"));
+    let mut cmd = support::smolfleet(home);
     cmd.args(["keys", "create", "--tenant", tenant]);
     for s in scopes {
         cmd.args(["--scope", s]);
@@ -45,7 +44,7 @@ fn create_key(home: &std::path::Path, tenant: &str, scopes: &[&str]) -> (String,
 
 /// The tenant of the bootstrap key (from `keys list`).
 fn first_tenant(home: &std::path::Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_smolfleet"))
+    let out = support::smolfleet(home)
         .args(["keys", "list", "--home"])
         .arg(home)
         .output()
@@ -99,7 +98,7 @@ async fn each_route_needs_its_scope() {
         &["machine:exec,machine:files", "admin"],
     );
     assert_eq!(scopes, "machine:exec machine:files admin");
-    let out = Command::new(env!("CARGO_BIN_EXE_smolfleet"))
+    let out = support::smolfleet(home.path())
         .args([
             "keys",
             "create",

@@ -10,8 +10,6 @@ mod common;
 mod common_registry;
 mod support;
 
-use std::process::Command;
-
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use smol_fleet::testing::spawn;
@@ -37,7 +35,7 @@ fn home() -> tempfile::TempDir {
 
 /// `smolfleet keys create` of a key of the bootstrap tenant holding `scopes`.
 fn key_with(home: &std::path::Path, scopes: &[&str]) -> String {
-    let list = Command::new(env!("CARGO_BIN_EXE_smolfleet"))
+    let list = support::smolfleet(home)
         .args(["keys", "list", "--home"])
         .arg(home)
         .output()
@@ -48,7 +46,7 @@ fn key_with(home: &std::path::Path, scopes: &[&str]) -> String {
         .find(|w| w.starts_with("ten-"))
         .unwrap_or_else(|| panic!("no tenant in {list}"))
         .to_string();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_smolfleet"));
+    let mut cmd = support::smolfleet(home);
     cmd.args(["keys", "create", "--tenant", &tenant]);
     for s in scopes {
         cmd.args(["--scope", s]);

@@ -333,8 +333,17 @@ pub fn shared() -> Result<&'static PgCluster, FleetError> {
 /// The database of the shared cluster for fleet home `home` (the same home, the same
 /// database: a restarted server finds its records), made on first use.
 pub async fn database_for_home(home: &Path) -> Result<String, FleetError> {
+    shared()?.database(&database_name(home)).await
+}
+
+/// The URL [`database_for_home`] returned for `home` (made by then), without making it.
+pub fn url_for_home(home: &Path) -> Result<String, FleetError> {
+    Ok(shared()?.url(&database_name(home)))
+}
+
+fn database_name(home: &Path) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(home.as_os_str().as_encoded_bytes());
     let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    shared()?.database(&format!("fleet_{name}")).await
+    format!("fleet_{name}")
 }

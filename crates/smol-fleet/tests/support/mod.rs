@@ -116,3 +116,14 @@ pub async fn oversized(
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// `smolfleet` for admin commands over `home`'s store: with `SMOL_FLEET_TEST_STORE=postgres`,
+/// `SMOLFLEET_DB` names the database of the test's cluster that the server of `home` uses.
+pub fn smolfleet(home: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_smolfleet"));
+    if std::env::var(smol_fleet::testing::STORE_VAR).as_deref() == Ok("postgres") {
+        let url = smol_fleet::testing::pg::url_for_home(home).expect("the test's cluster");
+        c.env("SMOLFLEET_DB", url);
+    }
+    c
+}
