@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 SMOL := target/release/smol
 
-.PHONY: setup run test lint unit fuzz soak test-tools bench clean-cache test-python test-node test-readme test-fleet-schema dist test-dist dist-repro
+.PHONY: setup run test lint unit fuzz soak test-tools bench clean-cache test-python test-node test-readme test-fleet-schema test-fleet-postgres dist test-dist dist-repro
 
 setup:
 	@scripts/setup.sh
@@ -37,7 +37,13 @@ unit:
 soak: setup
 	scripts/soak.sh
 
-test: setup lint unit fuzz test-python test-node test-readme test-fleet-schema
+test: setup lint unit fuzz test-python test-node test-readme test-fleet-schema test-fleet-postgres
+
+# Fleet VM tests over PostgreSQL instead of SQLite: each test binary starts its own cluster
+# (initdb + pg_ctl of Debian's postgresql, temporary directory, own port; docs/FLEET.md)
+test-fleet-postgres: setup
+	SMOL_FLEET_TEST_STORE=postgres SMOL_VM_TESTS=required cargo test --release -p smol-fleet \
+	  --test machines --test restart --test checkpoint --test sweeper
 
 # Schemathesis against a running `smolfleet serve` (fresh home, loopback): no 5xx, status codes
 # and response bodies as openapi.json says; bounded (scripts/schemathesis.sh says how)
