@@ -87,3 +87,69 @@ async fn keys_are_created_listed_and_revoked() {
     let (_, list, _) = smolfleet(home.path(), &["keys", "list"]);
     assert!(list.contains("revoked"), "{list}");
 }
+
+/// `--role`: `all` is the one built; the others are refused by name, before anything starts.
+/// `--db`: a bad URL and a PostgreSQL that is not there are refused with what to do.
+#[test]
+fn roles_not_built_and_bad_stores_are_refused_at_start() {
+    let home = tempfile::tempdir().unwrap();
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        smolfleet(home.path(), &args)
+    };
+    let (ok, _, err) = serve(&["--role", "control,edge"]);
+    assert!(!ok && err.contains("not built yet"), "{err}");
+    let (ok, _, err) = serve(&["--role", "leader"]);
+    assert!(!ok && err.contains("\"leader\" is not a role"), "{err}");
+    let (ok, _, err) = serve(&["--db", "postgres://a@b:notaport/x"]);
+    assert!(
+        !ok && err.contains("--db:") && err.contains("postgres://USER@"),
+        "{err}"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/fleet");
+    let (ok, _, err) = smolfleet(home.path(), &["keys", "list", "--db", &url]);
+    assert!(!ok && err.contains("fleet database unavailable"), "{err}");
+    // nothing was made in the home's SQLite file by the refused starts
+    assert!(!home.path().join("fleet.db").exists());
+}
+
+/// `smolfleet keys create --db postgres://…` makes a key a server over that database accepts.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_made_on_postgres_are_accepted_by_a_server_over_it() {
+    let cluster = smol_fleet::testing::pg::PgCluster::start().expect("PostgreSQL (postgresql)");
+    let url = cluster.database("fleet").await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let (ok, out, err) = smolfleet(
+        home.path(),
+        &["keys", "create", "--name", "acme", "--db", &url],
+    );
+    assert!(ok, "{out}{err}");
+    let key = field(&out, "key: ").to_string();
+    assert!(
+        !home.path().join("fleet.db").exists(),
+        "the key went to PostgreSQL"
+    );
+    let srv =
+        smol_fleet::testing::spawn_on(home.path(), smol_fleet::store::open(&url).await.unwrap())
+            .await
+            .unwrap();
+    assert_eq!(srv.fleet.db().kind(), "postgres");
+    let r = client()
+        .get(format!("{}/v1/machines", srv.base_url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_ok(r, StatusCode::OK).await, serde_json::json!([]));
+    let (ok, out, err) = smolfleet(home.path(), &["keys", "list", "--db", &url]);
+    assert!(ok, "{err}");
+    // a tenant existed, so the server made no bootstrap key
+    assert_eq!(srv.admin_key, None);
+    assert_eq!(out.lines().count(), 1, "acme's key only: {out}");
+}
