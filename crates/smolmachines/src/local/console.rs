@@ -6,8 +6,9 @@
 //! [`CHECK`]; past [`cap`] bytes its last [`KEEP`] bytes move to `console.log.0` and the log
 //! starts again empty (QEMU appends, so its next write lands at the new end). A crash report
 //! still reads the latest lines. On disk: at most the cap plus what the guest writes in one
-//! check (the serial port moves well under 1 MB/s), plus `KEEP`. A detached machine whose owner
-//! process ended is not checked until a process holds it again (docs/threat-model.md).
+//! check (the serial port moved 340 KB/s in a flood under TCG), plus `KEEP`. A detached
+//! machine whose owner process ended is trimmed by each reaper run (an engine's first operation
+//! on the home, then at most every `REAP_INTERVAL`), not in between (docs/threat-model.md).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};

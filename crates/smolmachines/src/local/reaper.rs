@@ -114,7 +114,10 @@ pub(crate) fn reap_one(db: &StateDb, dirs: &Dirs<'_>, mut rec: Record) -> Result
 /// crashed before it removed them, `local::cgroup::sweep`).
 pub(crate) fn reap_all(db: &StateDb, dirs: &Dirs<'_>) -> Result<usize> {
     let mut reaped = 0;
+    let cap = super::console::cap();
     for rec in db.list(&BTreeMap::new())? {
+        // a detached machine's console log has no supervisor trimming it: each reaper run does
+        super::console::trim_logged(&dirs.run.join(&rec.name).join("console.log"), cap);
         if reap_one(db, dirs, rec)? {
             reaped += 1;
         }
@@ -171,6 +174,27 @@ mod tests {
         );
         // nothing left to do
         assert_eq!(reap_all(&db, &dirs).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_machines_console_log_past_its_cap_is_trimmed_by_a_reaper_run() {
+        let home = tempfile::tempdir().unwrap();
+        let db = StateDb::open(home.path()).unwrap();
+        let (run, mhome) = (home.path().join("run"), home.path().join("machines"));
+        let dirs = Dirs {
+            run: &run,
+            home: &mhome,
+        };
+        // a detached machine: no owner, so nothing else trims its log
+        db.insert(&rec("loud", true, None)).unwrap();
+        std::fs::create_dir_all(run.join("loud")).unwrap();
+        let log = run.join("loud").join("console.log");
+        let cap = crate::local::console::cap();
+        std::fs::write(&log, vec![b'x'; cap as usize + 1]).unwrap();
+        reap_all(&db, &dirs).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert!(crate::local::console::older(&log).exists());
+        assert!(db.get("loud").unwrap().is_some());
     }
 
     #[test]
