@@ -649,3 +649,57 @@ async fn postgres_down_is_503_retryable_and_recovers() {
     assert_eq!(get("/readyz").await.unwrap().status(), StatusCode::OK);
     assert!(srv.teardown().await.is_ok());
 }
+
+/// Not a check (ignored; run with `--ignored --nocapture`, in release): an authenticated
+/// `GET /v1/machines` (one key lookup and one list: two store reads) through a server over
+/// PostgreSQL ÷ the same through a server over SQLite, medians of the same run.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn measure_request_latency_postgres_vs_sqlite() {
+    async fn median_us(srv: &smol_fleet::testing::TestServer, n: usize) -> f64 {
+        let key = srv.admin_key.clone().unwrap();
+        let c = reqwest::Client::new();
+        let url = format!("{}/v1/machines", srv.base_url);
+        let mut times = Vec::with_capacity(n);
+        for i in 0..n + 50 {
+            let t = std::time::Instant::now();
+            let r = c.get(&url).bearer_auth(&key).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            r.bytes().await.unwrap();
+            if i >= 50 {
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        times[n / 2]
+    }
+    let cluster = PgCluster::start().unwrap();
+    let url = cluster.database("bench").await.unwrap();
+    let (h1, h2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sqlite = smol_fleet::testing::spawn_on(
+        h1.path(),
+        store::open(&h1.path().join("fleet.db").to_string_lossy())
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let pg = smol_fleet::testing::spawn_on(h2.path(), store::open(&url).await.unwrap())
+        .await
+        .unwrap();
+    let mut ratios = Vec::new();
+    for round in 0..3 {
+        let s = median_us(&sqlite, 1000).await;
+        let p = median_us(&pg, 1000).await;
+        println!(
+            "round {round}: sqlite {s:.0} us, postgres {p:.0} us, ratio {:.2}",
+            p / s
+        );
+        ratios.push(p / s);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "GET /v1/machines postgres / sqlite: median ratio {:.2}",
+        ratios[1]
+    );
+}

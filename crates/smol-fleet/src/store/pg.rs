@@ -62,7 +62,17 @@ impl std::fmt::Debug for PgStore {
 /// other as [`FleetError::Postgres`].
 pub(crate) fn error(what: &'static str, e: tokio_postgres::Error) -> FleetError {
     let unavailable = match e.code() {
-        None => true,
+        // no SQLSTATE: the connection (refused, closed, an I/O error, the connect timeout),
+        // not a conversion of ours
+        None => {
+            use std::error::Error as _;
+            let text = e.to_string();
+            e.is_closed()
+                || e.source().is_some_and(|s| s.is::<std::io::Error>())
+                || text.starts_with("error connecting")
+                || text.starts_with("timeout")
+                || text.starts_with("error communicating")
+        }
         Some(code) => {
             let c = code.code();
             // 08: connection exception, 57: operator intervention (shutdown), 53300: too many
