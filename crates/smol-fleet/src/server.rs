@@ -327,6 +327,7 @@ impl Fleet {
             source,
         })?;
         tracing::info!(%addr, home = %self.home().display(), "smolfleet serving");
+        deny_node_networks();
         self.inner
             .listen_port
             .store(addr.port(), std::sync::atomic::Ordering::Relaxed);
@@ -344,4 +345,15 @@ impl Fleet {
                 source,
             })
     }
+}
+
+/// The node's own private networks join every machine's always-denied blocks (issue 14, the
+/// fleet: a tenant's guest reaches nothing of the node's networks, whatever its policy); called
+/// by [`Fleet::serve`] and `serve_tls` before the first request. Returns the blocks.
+pub(crate) fn deny_node_networks() -> Vec<String> {
+    use smolmachines::local::egress::node;
+    let blocks = node::node_private_networks();
+    tracing::info!(blocks = %blocks.join(","), "the node's private networks are denied to every machine");
+    node::deny_also(blocks.clone());
+    blocks
 }
