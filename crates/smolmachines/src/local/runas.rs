@@ -20,6 +20,8 @@
 //!   `fd` address, `Vmm::reconnect_agent`), never a path;
 //! - Landlock, the cgroup, `oom_score_adj`, no core dumps and the closed descriptors stay as
 //!   they are (`local::confine`).
+//!
+//! Not dropped yet: branchable machines, clones and restores ([`drops`]).
 
 use std::ffi::CString;
 
@@ -40,6 +42,15 @@ pub fn user() -> Option<String> {
     user_from(euid, std::env::var(USER_ENV).ok().as_deref(), |n| {
         uid_of(n).is_some()
     })
+}
+
+/// Whether a machine's VMM drops at all: not a branchable machine's (its RAM in a file), nor a
+/// clone's or a restore's. After a branch or a checkpoint QEMU reopens its disk chain by name
+/// (`cont` reactivates the block nodes a migration inactivated), which the dropped user may not
+/// reach: "Could not open disk.qcow2: Permission denied" (seen with QEMU 7.2). Those VMMs stay
+/// root, confined by seccomp, Landlock and the cgroup, until the disk chain is given to them.
+pub fn drops(spec: &super::vmm::VmSpec) -> bool {
+    spec.ram_file.is_none() && spec.restore.is_none()
 }
 
 /// [`user`] for an effective uid, the environment's value and a user lookup.

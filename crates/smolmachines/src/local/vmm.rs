@@ -458,7 +458,7 @@ impl Vmm for Qemu {
         })?;
         let mut args = qemu_args(spec, host_tsc_khz());
         // started as root: QEMU drops to an unprivileged user once its files are open
-        if let Some(user) = super::runas::user() {
+        if let Some(user) = super::runas::user().filter(|_| super::runas::drops(spec)) {
             tracing::debug!(user = %user, "the VMM drops to this user (-runas)");
             args = super::runas::with_runas(args, &user);
         }
