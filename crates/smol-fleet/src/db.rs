@@ -13,7 +13,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 4;
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -78,8 +78,13 @@ CREATE TABLE checkpoint_restores (
 
 /// The schema, one migration per version (version `i + 1` is `MIGRATIONS[i]`), written in
 /// SQLite's dialect; `store::pg::dialect` turns one into PostgreSQL's.
-pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] =
-    [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, crate::placement::SCHEMA_V4];
+pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
+    SCHEMA_V1,
+    SCHEMA_V2,
+    SCHEMA_V3,
+    crate::placement::SCHEMA_V4,
+    crate::nodes::SCHEMA_V5,
+];
 
 /// A tenant's key as listed (never the key itself).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -63,6 +63,18 @@ pub enum FleetError {
         /// What is wrong with it.
         message: String,
     },
+    /// The fleet CA, a node's certificate or its request (`fleetca.rs`).
+    #[error("fleet CA: {message}")]
+    Ca {
+        /// What went wrong.
+        message: String,
+    },
+    /// A node's join or heartbeat (`nodeagent.rs`, `nodedoor.rs`).
+    #[error("fleet node: {message}")]
+    Node {
+        /// What went wrong.
+        message: String,
+    },
     /// A file or socket step failed.
     #[error("{context}: {source}")]
     Io {

@@ -1,4 +1,5 @@
-//! `smolfleet`: the fleet server (`serve`) and its admin commands (`keys`).
+//! `smolfleet`: the fleet server (`serve`), the node agent (`node`) and the admin commands
+//! (`init`, `keys`, `node join-token`, `node list`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,9 +65,43 @@ enum Cmd {
         #[arg(long, value_name = "URL")]
         db: Option<String>,
         /// What this process is: `all` (the API, its store and this host's engine as the
-        /// node). `control`, `edge` and `node` alone are not built yet (docs/FLEET.md).
+        /// node), or `control,edge` with --db (any number over one store; nodes join its
+        /// --node-listen door). A node is `smolfleet node`.
         #[arg(long, value_name = "ROLES", default_value = "all")]
         role: String,
+        /// The node door (mutual TLS) of a control replica: where `smolfleet node` joins and
+        /// renews its lease. Needs the fleet CA (`smolfleet init`).
+        #[arg(long, value_name = "ADDR")]
+        node_listen: Option<SocketAddr>,
+        /// A name (IP address or DNS name) nodes reach the door by, in its server
+        /// certificate (repeat it; default: the --node-listen address and localhost).
+        #[arg(long = "node-san", value_name = "NAME")]
+        node_sans: Vec<String>,
+        /// How long a node's heartbeat holds; past it the node is suspect (no new
+        /// placements).
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_interval)]
+        node_lease: std::time::Duration,
+        /// How long past its lease a node is lost (its machines report ready=false).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_interval)]
+        node_lost_after: std::time::Duration,
+    },
+    /// Makes the fleet CA in the store (once; prints its fingerprint).
+    Init {
+        /// The fleet's home.
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// The fleet's store, as `serve --db` takes it.
+        #[arg(long, value_name = "URL")]
+        db: Option<String>,
+    },
+    /// Runs this host's node agent (`--control URL --token T` the first time), or an admin
+    /// command on nodes.
+    #[command(args_conflicts_with_subcommands = true)]
+    Node {
+        #[command(subcommand)]
+        cmd: Option<NodeCmd>,
+        #[command(flatten)]
+        run: NodeRun,
     },
     /// Prints the OpenAPI document (as checked in at crates/smol-fleet/openapi.json).
     Openapi,
@@ -80,6 +115,79 @@ enum Cmd {
         /// The fleet's store, as `serve --db` takes it (default: SMOLFLEET_DB, else
         /// <home>/fleet.db).
         #[arg(long, global = true, value_name = "URL")]
+        db: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct NodeRun {
+    /// The node door of a control replica: `https://HOST:PORT`.
+    #[arg(long, value_name = "URL")]
+    control: Option<String>,
+    /// The one-time join token (`smolfleet node join-token`); needed the first time only.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// The node's home: its key, certificates and membership (default:
+    /// <fleet home>/node).
+    #[arg(long)]
+    home: Option<PathBuf>,
+    /// What the node calls itself (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// The node's health door (loopback only).
+    #[arg(long, default_value = "127.0.0.1:8702")]
+    listen: SocketAddr,
+    /// The memory it offers (MiB; default: the host's).
+    #[arg(long)]
+    memory_mib: Option<i64>,
+    /// The vCPUs it offers (default: the host's).
+    #[arg(long)]
+    cpus: Option<i64>,
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Issues a one-time join token (printed once; stored hashed).
+    JoinToken {
+        /// The fleet's home.
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// The fleet's store.
+        #[arg(long, value_name = "URL")]
+        db: Option<String>,
+        /// How long it may be used.
+        #[arg(long, value_name = "DURATION", default_value = "60m", value_parser = parse_interval)]
+        ttl: std::time::Duration,
+    },
+    /// Takes no new placements on a node (its machines keep running).
+    Cordon {
+        /// `node-…`.
+        id: String,
+        /// The fleet's home.
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// The fleet's store.
+        #[arg(long, value_name = "URL")]
+        db: Option<String>,
+    },
+    /// Places on a cordoned node again.
+    Uncordon {
+        /// `node-…`.
+        id: String,
+        /// The fleet's home.
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// The fleet's store.
+        #[arg(long, value_name = "URL")]
+        db: Option<String>,
+    },
+    /// Lists nodes with their state by the database's clock.
+    List {
+        /// The fleet's home.
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// The fleet's store.
+        #[arg(long, value_name = "URL")]
         db: Option<String>,
     },
 }
@@ -156,6 +264,10 @@ fn main() -> ExitCode {
             sweep_interval,
             db,
             role,
+            node_listen,
+            node_sans,
+            node_lease,
+            node_lost_after,
         } => {
             let edge = Edge {
                 tls: tls_cert.zip(tls_key),
@@ -163,6 +275,14 @@ fn main() -> ExitCode {
                 sweep_interval,
                 db: db.or_else(|| std::env::var("SMOLFLEET_DB").ok()),
                 role,
+                node_door: node_listen.map(|addr| NodeDoor {
+                    addr,
+                    names: node_sans,
+                    lease: smol_fleet::nodes::Lease {
+                        lease_ms: node_lease.as_millis() as i64,
+                        lost_after_ms: node_lost_after.as_millis() as i64,
+                    },
+                }),
             };
             let apps_scheme = apps_scheme
                 .unwrap_or_else(|| if edge.tls.is_some() { "https" } else { "http" }.to_string());
@@ -183,6 +303,12 @@ fn main() -> ExitCode {
             home.unwrap_or_else(default_home),
             db.or_else(|| std::env::var("SMOLFLEET_DB").ok()),
         ),
+        Cmd::Init { home, db } => init(
+            home.unwrap_or_else(default_home),
+            db.or_else(|| std::env::var("SMOLFLEET_DB").ok()),
+        ),
+        Cmd::Node { cmd: Some(cmd), .. } => node_admin(cmd),
+        Cmd::Node { cmd: None, run } => node(run),
         Cmd::Openapi => {
             print!("{}", smol_fleet::openapi::document_json());
             Ok(())
@@ -232,10 +358,20 @@ struct Edge {
     db: Option<String>,
     /// `--role`.
     role: String,
+    /// `--node-listen` and its names and lease.
+    node_door: Option<NodeDoor>,
 }
 
-/// `--role`: `all` is the one built; the roles of a multi-host fleet are refused by name.
-fn check_role(role: &str) -> Result<(), String> {
+/// The node door of a control replica.
+struct NodeDoor {
+    addr: SocketAddr,
+    names: Vec<String>,
+    lease: smol_fleet::nodes::Lease,
+}
+
+/// `--role`: `all`, or `control` and `edge` (together or alone) over a `--db` store; `node`
+/// is `smolfleet node`.
+fn check_role(role: &str, db: Option<&str>) -> Result<(), String> {
     let mut roles: Vec<&str> = role.split(',').map(str::trim).collect();
     roles.sort_unstable();
     roles.dedup();
@@ -249,11 +385,18 @@ fn check_role(role: &str) -> Result<(), String> {
     if roles == ["all"] || roles == ["control", "edge", "node"] {
         return Ok(());
     }
-    Err(format!(
-        "--role {role}: separate control, edge and node processes are not built yet; serve \
-         --role all (the API, the store and this host's engine) works over --db postgres://…, \
-         one server per store"
-    ))
+    if roles.contains(&"node") {
+        return Err(format!(
+            "--role {role}: a node is its own process: `smolfleet node --control URL --token T`"
+        ));
+    }
+    if db.is_none() {
+        return Err(format!(
+            "--role {role}: control replicas share a store: give --db postgres://… (or the \
+             SQLite file of a one-host fleet)"
+        ));
+    }
+    Ok(())
 }
 
 /// The store `--db` names, or `<home>/fleet.db`.
@@ -280,7 +423,7 @@ fn serve(
     apps: smol_fleet::ingress::Apps,
     edge: Edge,
 ) -> AnyResult {
-    check_role(&edge.role)?;
+    check_role(&edge.role, edge.db.as_deref())?;
     if edge.tls.is_none() && !listen.ip().is_loopback() && !edge.insecure_no_tls {
         return Err(format!(
             "refusing to serve plain HTTP on {listen}, beyond loopback: API keys would cross the \
@@ -313,6 +456,10 @@ fn serve(
             );
         }
         let listener = tokio::net::TcpListener::bind(listen).await?;
+        let _door = match edge.node_door {
+            Some(door) => Some(start_node_door(fleet.db().clone(), door).await?),
+            None => None,
+        };
         if let Some(key) = bootstrap {
             // the one time the key is shown: stdout, not the log
             println!("bootstrap admin key (shown once, store it now): {key}");
@@ -330,6 +477,150 @@ fn serve(
             Some(config) => fleet.serve_tls(listener, config, shutdown).await?,
             None => fleet.serve(listener, shutdown).await?,
         }
+        Ok(())
+    })
+}
+
+/// Binds the node door and serves it on a task of its own (aborted when the handle drops).
+async fn start_node_door(
+    db: smol_fleet::Db,
+    door: NodeDoor,
+) -> Result<AbortOnDrop, Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind(door.addr).await?;
+    let addr = listener.local_addr()?;
+    let names = if door.names.is_empty() {
+        vec![addr.ip().to_string(), "localhost".to_string()]
+    } else {
+        door.names
+    };
+    // the CA must be there before the door opens: a missing one fails the start
+    smol_fleet::nodedoor::load_ca(&db).await?;
+    println!("node door on https://{addr}");
+    let task = tokio::spawn(async move {
+        let serve =
+            smol_fleet::nodedoor::serve(db, listener, &names, door.lease, std::future::pending());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "the node door failed");
+        }
+    });
+    Ok(AbortOnDrop(task))
+}
+
+/// A task aborted when this drops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// `smolfleet init`: the fleet CA, made once per store.
+fn init(home: PathBuf, db: Option<String>) -> AnyResult {
+    current_thread()?.block_on(async move {
+        let db = open_store(&home, db.as_deref()).await?;
+        let (cert, key) = smol_fleet::fleetca::generate_ca()?;
+        let made = db.put_ca(&cert, &key).await?;
+        let ca = smol_fleet::nodedoor::load_ca(&db).await?;
+        if made {
+            println!("fleet CA made; fingerprint sha256:{}", ca.fingerprint());
+        } else {
+            println!(
+                "fleet CA already made; fingerprint sha256:{}",
+                ca.fingerprint()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// `smolfleet node join-token|list`.
+fn node_admin(cmd: NodeCmd) -> AnyResult {
+    let env_db = || std::env::var("SMOLFLEET_DB").ok();
+    // cordon: no new placements; uncordon: placeable again
+    let state = match &cmd {
+        NodeCmd::Cordon { .. } => "cordoned",
+        _ => "ready",
+    };
+    current_thread()?.block_on(async move {
+        match cmd {
+            NodeCmd::JoinToken { home, db, ttl } => {
+                let home = home.unwrap_or_else(default_home);
+                let db = open_store(&home, db.or_else(env_db).as_deref()).await?;
+                let ca = smol_fleet::nodedoor::load_ca(&db).await?;
+                let token = ca.new_token();
+                let id = db
+                    .create_join_token(&smol_fleet::keys::hash(&token), ttl.as_millis() as i64)
+                    .await?;
+                println!("join token {id} (one use, valid {ttl:?}; shown once):\n{token}");
+            }
+            NodeCmd::Cordon { id, home, db } | NodeCmd::Uncordon { id, home, db } => {
+                let home = home.unwrap_or_else(default_home);
+                let db = open_store(&home, db.or_else(env_db).as_deref()).await?;
+                if !db.set_node_state(&id, state).await? {
+                    return Err(format!("no node {id}").into());
+                }
+                println!("{id} {state}");
+            }
+            NodeCmd::List { home, db } => {
+                let home = home.unwrap_or_else(default_home);
+                let db = open_store(&home, db.or_else(env_db).as_deref()).await?;
+                for s in db.node_status().await? {
+                    println!(
+                        "{}  {}  {}  {}/{} MiB  {}/{} vCPUs",
+                        s.node.id,
+                        s.shown_state(),
+                        s.name.as_deref().unwrap_or("(embedded)"),
+                        s.node.reserved_mib,
+                        s.node.memory_mib,
+                        s.node.reserved_cpus,
+                        s.node.cpus
+                    );
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `smolfleet node`: this host's node agent.
+fn node(run: NodeRun) -> AnyResult {
+    let (mib, cpus) = smol_fleet::nodeagent::host_capacity();
+    let name = run.name.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "node".into())
+    });
+    let cfg = smol_fleet::nodeagent::NodeConfig {
+        home: run.home.unwrap_or_else(|| default_home().join("node")),
+        name,
+        memory_mib: run.memory_mib.unwrap_or(mib),
+        cpus: run.cpus.unwrap_or(cpus),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::error!(error = %e, "cannot wait for ctrl-c");
+                std::future::pending::<()>().await;
+            }
+        };
+        smol_fleet::nodeagent::run(
+            cfg,
+            run.control.as_deref(),
+            run.token.as_deref(),
+            run.listen,
+            shutdown,
+        )
+        .await?;
         Ok(())
     })
 }

@@ -119,14 +119,16 @@ pub(crate) fn lock(postgres: bool, skip_locked: bool) -> &'static str {
     }
 }
 
-/// The reservation, one statement: the least-reserved ready node with room gains `?1` MiB and
+/// The reservation, one statement: the least-reserved ready node with room (and a lease that
+/// holds, `nodes.rs`: a suspect or lost node gets nothing new) gains `?1` MiB and
 /// `?2` vCPUs; the room is checked again on the row as updated (`{lock}`: PostgreSQL locks the
 /// node and re-reads it, so a concurrent reservation is counted). Returns the node's id.
 pub(crate) const RESERVE: &str = "
 UPDATE nodes SET reserved_mib = reserved_mib + ?1, reserved_cpus = reserved_cpus + ?2,
                  updated_at = ?3
  WHERE id = (SELECT id FROM nodes
-              WHERE state = 'ready' AND memory_mib - reserved_mib >= ?1
+              WHERE state = 'ready' AND (lease_until IS NULL OR lease_until >= {now_ms})
+                AND memory_mib - reserved_mib >= ?1
                 AND cpus - reserved_cpus >= ?2
               ORDER BY reserved_mib * 1000 / memory_mib, id LIMIT 1 {lock})
    AND memory_mib - reserved_mib >= ?1 AND cpus - reserved_cpus >= ?2
@@ -208,7 +210,7 @@ pub fn reserve(c: &Connection, m: &MachineRow, need: Need) -> Result<Placed, Fle
     let t = now();
     let node: Option<String> = tx
         .query_row(
-            &RESERVE.replace("{lock}", lock(false, false)),
+            &crate::nodes::sqlite(&RESERVE.replace("{lock}", lock(false, false))),
             params![need.memory_mib, need.cpus, t],
             |r| r.get(0),
         )

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 
 use crate::db::{AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
 use crate::error::FleetError;
+use crate::nodes::{Beat, Joining, Lease, NodeStatus};
 use crate::placement::{Need, NodeRow, OperationRow, Placed};
 
 pub mod pg;
@@ -109,6 +110,34 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Claims up to `limit` operations past their deadline at `at`, each for `lease` more
     /// seconds; an operation is claimed by one caller however many claim at once.
     fn claim_overdue(&self, at: i64, limit: i64, lease: i64) -> StoreFuture<'_, Vec<OperationRow>>;
+
+    /// Stores the fleet CA unless one is stored; whether it was.
+    fn put_ca<'a>(&'a self, cert_pem: &'a str, key_pem: &'a str) -> StoreFuture<'a, bool>;
+    /// The fleet CA: `(certificate PEM, key PEM)`.
+    fn ca(&self) -> StoreFuture<'_, Option<(String, String)>>;
+    /// Records a join token by its hash, valid `ttl_ms` by the database's clock; its id.
+    fn create_join_token<'a>(&'a self, hash: &'a str, ttl_ms: i64) -> StoreFuture<'a, String>;
+    /// Redeems the join token of `hash` (once, unexpired) and records node `n` with a first
+    /// lease, in one transaction; false (nothing recorded) when the token is refused.
+    fn join_node<'a>(
+        &'a self,
+        hash: &'a str,
+        n: &'a Joining,
+        lease: Lease,
+    ) -> StoreFuture<'a, bool>;
+    /// Renews the lease of the node of certificate `cert_sha256` (its capacity updated).
+    fn heartbeat<'a>(
+        &'a self,
+        cert_sha256: &'a str,
+        lease: Lease,
+        memory_mib: i64,
+        cpus: i64,
+    ) -> StoreFuture<'a, Beat>;
+    /// Every node with its liveness by the database's clock.
+    fn node_status(&self) -> StoreFuture<'_, Vec<NodeStatus>>;
+    /// Sets node `id`'s state (`ready`, `cordoned`: placement takes only `ready`); whether
+    /// it exists.
+    fn set_node_state<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool>;
 
     /// Removes checkpoint `id` unless a machine restored from it still exists.
     fn delete_checkpoint<'a>(

@@ -88,8 +88,10 @@ async fn keys_are_created_listed_and_revoked() {
     assert!(list.contains("revoked"), "{list}");
 }
 
-/// `--role`: `all` is the one built; the others are refused by name, before anything starts.
-/// `--db`: a bad URL and a PostgreSQL that is not there are refused with what to do.
+/// `--role`: `all`, or `control,edge` over a `--db` store (a node is `smolfleet node`);
+/// anything else is refused by name, before anything starts. A node door without the fleet
+/// CA is refused. `--db`: a bad URL and a PostgreSQL that is not there are refused with what
+/// to do.
 #[test]
 fn roles_not_built_and_bad_stores_are_refused_at_start() {
     let home = tempfile::tempdir().unwrap();
@@ -99,7 +101,20 @@ fn roles_not_built_and_bad_stores_are_refused_at_start() {
         smolfleet(home.path(), &args)
     };
     let (ok, _, err) = serve(&["--role", "control,edge"]);
-    assert!(!ok && err.contains("not built yet"), "{err}");
+    assert!(!ok && err.contains("give --db"), "{err}");
+    let (ok, _, err) = serve(&["--role", "node,edge"]);
+    assert!(!ok && err.contains("smolfleet node --control"), "{err}");
+    let db = home.path().join("roles.db");
+    let db = db.to_str().unwrap();
+    let (ok, _, err) = serve(&[
+        "--role",
+        "control,edge",
+        "--db",
+        db,
+        "--node-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok && err.contains("run `smolfleet init`"), "{err}");
     let (ok, _, err) = serve(&["--role", "leader"]);
     assert!(!ok && err.contains("\"leader\" is not a role"), "{err}");
     let (ok, _, err) = serve(&["--db", "postgres://a@b:notaport/x"]);

@@ -9,6 +9,7 @@ use std::pin::Pin;
 
 use reqwest::StatusCode;
 use serde_json::Value;
+use smol_fleet::nodes::{Joining, Lease};
 use smol_fleet::placement::{Need, NodeRow, Placed};
 use smol_fleet::testing::pg::PgCluster;
 use smol_fleet::{keys, store, CheckpointDeleted, CheckpointRow, Db, MachineRow, Restored};
@@ -31,6 +32,9 @@ const CASES: &[(&str, Case)] = &[
     }),
     ("concurrent_placements", |u| {
         Box::pin(concurrent_placements(u))
+    }),
+    ("join_tokens_and_leases", |u| {
+        Box::pin(join_tokens_and_leases(u))
     }),
 ];
 
@@ -365,6 +369,125 @@ const SMALL: Need = Need {
     memory_mib: 256,
     cpus: 1,
 };
+
+/// The fleet CA stored once; a join token redeemed once (of two joins at once, one wins),
+/// never when expired or unknown; heartbeats by certificate; a lapsed lease makes a node
+/// suspect (no placements), then lost; a renewed one makes it live and placeable again. The
+/// leases are timed by the database's clock: a negative lease has lapsed already.
+async fn join_tokens_and_leases(url: String) {
+    let db = open(&url).await;
+    let t = db.create_tenant("a").await.unwrap();
+    assert_eq!(db.ca().await.unwrap(), None);
+    assert!(db.put_ca("cert-a", "key-a").await.unwrap());
+    assert!(!db.put_ca("cert-b", "key-b").await.unwrap());
+    assert_eq!(
+        db.ca().await.unwrap(),
+        Some(("cert-a".to_string(), "key-a".to_string()))
+    );
+    let lease = Lease {
+        lease_ms: 600_000,
+        lost_after_ms: 600_000,
+    };
+    let joining = |id: &str| Joining {
+        id: id.into(),
+        name: format!("host-{id}"),
+        cert_sha256: format!("sha-{id}"),
+        memory_mib: 4096,
+        cpus: 4,
+    };
+    assert!(db
+        .create_join_token("hash-1", 600_000)
+        .await
+        .unwrap()
+        .starts_with("jt-"));
+    db.create_join_token("hash-expired", -1).await.unwrap();
+    let (a, b) = (joining("node-a"), joining("node-b"));
+    let (ja, jb) = tokio::join!(
+        db.join_node("hash-1", &a, lease),
+        db.join_node("hash-1", &b, lease)
+    );
+    let (ja, jb) = (ja.unwrap(), jb.unwrap());
+    assert!(ja ^ jb, "one join of the token wins: {ja} {jb}");
+    let winner = if ja { &a } else { &b };
+    for (hash, n) in [
+        ("hash-1", "node-c"),
+        ("hash-expired", "node-d"),
+        ("hash-unknown", "node-e"),
+    ] {
+        assert!(
+            !db.join_node(hash, &joining(n), lease).await.unwrap(),
+            "{hash}"
+        );
+    }
+    let status = db.node_status().await.unwrap();
+    assert_eq!(status.len(), 1, "{status:?}");
+    assert_eq!(status[0].node.id, winner.id);
+    assert_eq!(status[0].name.as_deref(), Some(winner.name.as_str()));
+    assert_eq!(
+        (status[0].liveness.as_str(), status[0].shown_state()),
+        ("live", "ready")
+    );
+    assert_eq!(
+        db.heartbeat(&winner.cert_sha256, lease, 8192, 8)
+            .await
+            .unwrap(),
+        Some((winner.id.clone(), "ready".to_string()))
+    );
+    assert_eq!(db.heartbeat("sha-other", lease, 1, 1).await.unwrap(), None);
+    assert_eq!(db.node_status().await.unwrap()[0].node.memory_mib, 8192);
+    let need = Need {
+        memory_mib: 512,
+        cpus: 1,
+    };
+    assert!(matches!(
+        db.reserve(&machine("mach-1", &t, "one"), need).await.unwrap(),
+        Placed::Placed { node_id, .. } if node_id == winner.id
+    ));
+    let beat = |lease_ms, lost_after_ms| {
+        db.heartbeat(
+            &winner.cert_sha256,
+            Lease {
+                lease_ms,
+                lost_after_ms,
+            },
+            8192,
+            8,
+        )
+    };
+    beat(-1, 600_000).await.unwrap().unwrap();
+    assert_eq!(db.node_status().await.unwrap()[0].shown_state(), "suspect");
+    assert_eq!(
+        db.reserve(&machine("mach-2", &t, "two"), need)
+            .await
+            .unwrap(),
+        Placed::NoCapacity,
+        "a suspect node gets no placement"
+    );
+    beat(-2, 1).await.unwrap().unwrap();
+    assert_eq!(db.node_status().await.unwrap()[0].shown_state(), "lost");
+    beat(600_000, 600_000).await.unwrap().unwrap();
+    assert_eq!(db.node_status().await.unwrap()[0].shown_state(), "ready");
+    // cordoned: live, no placement; a heartbeat keeps it cordoned
+    assert!(db.set_node_state(&winner.id, "cordoned").await.unwrap());
+    assert!(!db.set_node_state("node-missing", "cordoned").await.unwrap());
+    assert_eq!(
+        beat(600_000, 600_000).await.unwrap(),
+        Some((winner.id.clone(), "cordoned".to_string()))
+    );
+    assert_eq!(
+        db.reserve(&machine("mach-2", &t, "two"), need)
+            .await
+            .unwrap(),
+        Placed::NoCapacity
+    );
+    assert!(db.set_node_state(&winner.id, "ready").await.unwrap());
+    assert!(matches!(
+        db.reserve(&machine("mach-2", &t, "two"), need)
+            .await
+            .unwrap(),
+        Placed::Placed { .. }
+    ));
+}
 
 async fn placement_and_operations(url: String) {
     let db = open(&url).await;

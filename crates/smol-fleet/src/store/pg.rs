@@ -19,6 +19,7 @@ use crate::db::{
 };
 use crate::error::FleetError;
 use crate::keys;
+use crate::nodes::{self, Beat, Joining, Lease, NodeStatus};
 use crate::placement::{self, Need, NodeRow, OperationRow, Placed, CREATE_DEADLINE_SECS};
 
 /// Connections a server keeps.
@@ -38,9 +39,12 @@ pub fn dialect(sqlite: &str) -> String {
 }
 
 /// A query of SQLite's dialect (`?N` placeholders) in PostgreSQL's (`$N`), with `{lock}` the
-/// row locks PostgreSQL takes ([`placement::lock`]).
+/// row locks PostgreSQL takes ([`placement::lock`]) and `{now_ms}` its clock (`nodes.rs`).
 fn query(sqlite: &str, lock: &str) -> String {
-    sqlite.replace('?', "$").replace("{lock}", lock)
+    sqlite
+        .replace('?', "$")
+        .replace("{lock}", lock)
+        .replace("{now_ms}", crate::nodes::NOW_MS_PG)
 }
 
 /// PostgreSQL as a [`Store`].
@@ -796,6 +800,139 @@ impl Store for PgStore {
             .map_err(|e| error("link a restored machine to its checkpoint", e))?;
             tx.commit().await.map_err(|e| error(what, e))?;
             Ok(Restored::Reserved)
+        })
+    }
+
+    fn put_ca<'a>(&'a self, cert_pem: &'a str, key_pem: &'a str) -> StoreFuture<'a, bool> {
+        op!(self, "store the fleet CA", {
+            let c = self.conn().await?;
+            let n = c
+                .execute(&query(nodes::PUT_CA, ""), &[&cert_pem, &key_pem, &now()])
+                .await
+                .map_err(|e| error("store the fleet CA", e))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn ca(&self) -> StoreFuture<'_, Option<(String, String)>> {
+        op!(self, "read the fleet CA", {
+            let c = self.conn().await?;
+            let row = c
+                .query_opt(nodes::CA, &[])
+                .await
+                .map_err(|e| error("read the fleet CA", e))?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    fn create_join_token<'a>(&'a self, hash: &'a str, ttl_ms: i64) -> StoreFuture<'a, String> {
+        op!(self, "store a join token", {
+            let id = new_id("jt-");
+            let c = self.conn().await?;
+            c.execute(&query(nodes::CREATE_TOKEN, ""), &[&id, &hash, &ttl_ms])
+                .await
+                .map_err(|e| error("store a join token", e))?;
+            Ok(id)
+        })
+    }
+
+    fn join_node<'a>(
+        &'a self,
+        hash: &'a str,
+        n: &'a Joining,
+        lease: Lease,
+    ) -> StoreFuture<'a, bool> {
+        op!(self, "join a node", {
+            let what = "join a node";
+            let mut c = self.conn().await?;
+            let tx = c.transaction().await.map_err(|e| error(what, e))?;
+            let redeemed = tx
+                .query_opt(&query(nodes::REDEEM_TOKEN, ""), &[&hash, &n.id])
+                .await
+                .map_err(|e| error("redeem a join token", e))?;
+            if redeemed.is_none() {
+                return Ok(false);
+            }
+            tx.execute(
+                &query(nodes::INSERT_NODE, ""),
+                &[
+                    &n.id,
+                    &n.memory_mib,
+                    &n.cpus,
+                    &now(),
+                    &n.name,
+                    &n.cert_sha256,
+                    &lease.lease_ms,
+                    &lease.lost_after_ms,
+                ],
+            )
+            .await
+            .map_err(|e| error("record a node", e))?;
+            tx.commit().await.map_err(|e| error(what, e))?;
+            Ok(true)
+        })
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        cert_sha256: &'a str,
+        lease: Lease,
+        memory_mib: i64,
+        cpus: i64,
+    ) -> StoreFuture<'a, Beat> {
+        op!(self, "renew a lease", {
+            let c = self.conn().await?;
+            let row = c
+                .query_opt(
+                    &query(nodes::HEARTBEAT, ""),
+                    &[
+                        &cert_sha256,
+                        &lease.lease_ms,
+                        &lease.lost_after_ms,
+                        &memory_mib,
+                        &cpus,
+                        &now(),
+                    ],
+                )
+                .await
+                .map_err(|e| error("renew a lease", e))?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    fn node_status(&self) -> StoreFuture<'_, Vec<NodeStatus>> {
+        op!(self, "list nodes", {
+            let c = self.conn().await?;
+            let rows = c
+                .query(&query(nodes::NODE_STATUS, ""), &[])
+                .await
+                .map_err(|e| error("list nodes", e))?;
+            Ok(rows
+                .iter()
+                .map(|r| NodeStatus {
+                    node: NodeRow {
+                        id: r.get(0),
+                        state: r.get(1),
+                        memory_mib: r.get(2),
+                        cpus: r.get(3),
+                        reserved_mib: r.get(4),
+                        reserved_cpus: r.get(5),
+                    },
+                    name: r.get(6),
+                    liveness: r.get(7),
+                })
+                .collect())
+        })
+    }
+
+    fn set_node_state<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {
+        op!(self, "set a node's state", {
+            let c = self.conn().await?;
+            let n = c
+                .execute(&query(nodes::SET_STATE, ""), &[&id, &state, &now()])
+                .await
+                .map_err(|e| error("set a node's state", e))?;
+            Ok(n == 1)
         })
     }
 

@@ -8,6 +8,7 @@ use crate::error::FleetError;
 
 use super::{Store, StoreFuture};
 use crate::db::{AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
+use crate::nodes::{self, Beat, Joining, Lease, NodeStatus};
 use crate::placement::{self, Need, NodeRow, OperationRow, Placed};
 
 /// SQLite as a [`Store`].
@@ -184,6 +185,50 @@ impl Store for SqliteStore {
 
     fn claim_overdue(&self, at: i64, limit: i64, lease: i64) -> StoreFuture<'_, Vec<OperationRow>> {
         call!(self, |c| placement::claim_overdue(c, at, limit, lease))
+    }
+
+    fn put_ca<'a>(&'a self, cert_pem: &'a str, key_pem: &'a str) -> StoreFuture<'a, bool> {
+        let (c_, k) = (cert_pem.to_owned(), key_pem.to_owned());
+        call!(self, |c| nodes::put_ca(c, &c_, &k))
+    }
+
+    fn ca(&self) -> StoreFuture<'_, Option<(String, String)>> {
+        call!(self, |c| nodes::ca(c))
+    }
+
+    fn create_join_token<'a>(&'a self, hash: &'a str, ttl_ms: i64) -> StoreFuture<'a, String> {
+        let h = hash.to_owned();
+        call!(self, |c| nodes::create_token(c, &h, ttl_ms))
+    }
+
+    fn join_node<'a>(
+        &'a self,
+        hash: &'a str,
+        n: &'a Joining,
+        lease: Lease,
+    ) -> StoreFuture<'a, bool> {
+        let (h, n) = (hash.to_owned(), n.clone());
+        call!(self, |c| nodes::join(c, &h, &n, lease))
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        cert_sha256: &'a str,
+        lease: Lease,
+        memory_mib: i64,
+        cpus: i64,
+    ) -> StoreFuture<'a, Beat> {
+        let f = cert_sha256.to_owned();
+        call!(self, |c| nodes::heartbeat(c, &f, lease, memory_mib, cpus))
+    }
+
+    fn node_status(&self) -> StoreFuture<'_, Vec<NodeStatus>> {
+        call!(self, |c| nodes::status(c))
+    }
+
+    fn set_node_state<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {
+        let (i, s) = (id.to_owned(), state.to_owned());
+        call!(self, |c| nodes::set_state(c, &i, &s))
     }
 
     fn delete_checkpoint<'a>(
