@@ -382,6 +382,13 @@ export declare class Machine {
     conn?: ConnectOptions | null,
     options?: RestoreCheckpointOptions,
   ): Promise<Machine>;
+  /**
+   * Writes a local checkpoint (made with a chunk store, or standalone) as one standalone
+   * `.smolcheckpoint` file, verified whole first. Returns the bytes written.
+   */
+  static exportCheckpoint(source: string, output: string): number;
+  /** Removes the chunks of a local checkpoint store that no checkpoint names; bytes freed. */
+  static pruneCheckpointStore(store: string): number;
 
   readonly name: string;
   /** The target's id: locally the name, on the cloud the server's `mach-…`. */

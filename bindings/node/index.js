@@ -274,6 +274,33 @@ class Machine {
     return Machine.restoreCheckpoint(checkpointId, name, conn, options);
   }
 
+  /**
+   * Writes the local checkpoint `source` (made with `checkpoint(output, {store})`, or a
+   * standalone file) as one standalone `.smolcheckpoint` file `output`, verified whole first.
+   * Synchronous; returns the bytes written.
+   */
+  static exportCheckpoint(source, output) {
+    const n = nativeOrThrow();
+    checkString('checkpoint source', source);
+    checkString('export output', output);
+    try {
+      return n.exportCheckpoint(source, output);
+    } catch (e) {
+      throw wrapNativeError(e);
+    }
+  }
+
+  /** Removes the chunks of local checkpoint store `store` that no checkpoint names; bytes freed. */
+  static pruneCheckpointStore(store) {
+    const n = nativeOrThrow();
+    checkString('checkpoint store', store);
+    try {
+      return n.pruneCheckpointStore(store);
+    } catch (e) {
+      throw wrapNativeError(e);
+    }
+  }
+
   /** Whether this host can run local machines (SPEC §3.10). Never throws. */
   static localAvailability() {
     if (!native) {

@@ -148,6 +148,25 @@ pub async fn delete_checkpoint(id: String, conn: Option<String>) -> Result<()> {
     Machine::delete_checkpoint(&id, conn).await.map_err(to_js)
 }
 
+/// Writes local checkpoint `source` (made with a chunk store, or standalone) as one standalone
+/// `.smolcheckpoint` file `output`; the bytes written. Synchronous (SPEC §4.8).
+#[napi]
+pub fn export_checkpoint(source: String, output: String) -> Result<f64> {
+    smolmachines::local::checkpoint_store::export_checkpoint(source.as_ref(), output.as_ref())
+        .map(|n| n as f64)
+        .map_err(to_js)
+}
+
+/// Removes the chunks of local checkpoint store `store` that no checkpoint names; the bytes
+/// freed. Synchronous.
+#[napi]
+pub fn prune_checkpoint_store(store: String) -> Result<f64> {
+    smolmachines::local::checkpoint_store::Store::open(store.as_ref(), false, true)
+        .and_then(|s| s.prune())
+        .map(|n| n as f64)
+        .map_err(to_js)
+}
+
 /// A checkpoint as JSON (the core's `PortableCheckpointInfo`, camelCase); `index.js` parses it.
 fn checkpoint_json(info: &smolmachines::CheckpointInfo) -> Result<String> {
     serde_json::to_string(info).map_err(|e| napi::Error::from_reason(e.to_string()))

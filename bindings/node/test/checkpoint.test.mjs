@@ -100,3 +100,38 @@ test('argument errors are InvalidConfigError before anything runs', async () => 
   await assert.rejects(Machine.restore(id, 'x', undefined, { networkPolicy: 'open' }), InvalidConfigError);
   await assert.rejects(Machine.restore(id, 'x', undefined, []), InvalidConfigError);
 });
+
+test('checkpoints into a store: manifest-only files, reused chunks, export, prune', async () => {
+  const { dir, file } = tmpFile('s1');
+  const store = path.join(dir, 'store');
+  const second = path.join(dir, 's2.smolcheckpoint');
+  const exported = path.join(dir, 'x.smolcheckpoint');
+  try {
+    let want;
+    await withSource(async (src) => {
+      await sh(src, 'head -c 3000000 /dev/urandom > /dev/shm/r; echo disk > /root/d');
+      want = await sh(src, 'sha256sum /dev/shm/r /root/d');
+      const a = await src.checkpoint(file, { store });
+      assert.equal(a.sizeBytes, fs.statSync(file).size);
+      assert.ok(a.sizeBytes < 1 << 20, `${a.sizeBytes}`);
+      const b = await src.checkpoint(second, { store });
+      assert.ok(b.reusedBytes >= 3000000, `${b.reusedBytes}`);
+    });
+    const n = Machine.exportCheckpoint(file, exported);
+    assert.equal(n, fs.statSync(exported).size);
+    assert.throws(() => Machine.exportCheckpoint(file, exported), InvalidConfigError);
+    const r = await Machine.restoreCheckpoint(exported, uniqueName('sx'));
+    try {
+      assert.equal(await sh(r, 'sha256sum /dev/shm/r /root/d'), want);
+    } finally {
+      await r.delete();
+    }
+    assert.equal(Machine.pruneCheckpointStore(store), 0);
+    fs.rmSync(file);
+    fs.rmSync(second);
+    assert.ok(Machine.pruneCheckpointStore(store) > 3000000);
+    assert.throws(() => Machine.pruneCheckpointStore(path.join(dir, 'none')), NotFoundError);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

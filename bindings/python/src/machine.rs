@@ -676,6 +676,28 @@ impl Machine {
         )
     }
 
+    /// Writes a local checkpoint (one made with a chunk store, or a standalone file) as one
+    /// standalone `.smolcheckpoint` file; returns the bytes written.
+    #[staticmethod]
+    fn export_checkpoint(
+        py: Python<'_>,
+        source: std::path::PathBuf,
+        output: std::path::PathBuf,
+    ) -> PyResult<u64> {
+        block(
+            py,
+            None,
+            core::Machine::export_checkpoint(&source, &output),
+        )
+    }
+
+    /// Removes the chunks of a local checkpoint store that no checkpoint names; returns the
+    /// bytes freed.
+    #[staticmethod]
+    fn prune_checkpoint_store(py: Python<'_>, store: std::path::PathBuf) -> PyResult<u64> {
+        block(py, None, core::Machine::prune_checkpoint_store(&store))
+    }
+
     /// Several clones, all or nothing (SPEC §4.8 `branch_batch`).
     #[pyo3(signature = (count=None, *, names=Vec::new(), name_prefix=None, ports=Vec::new(),
         branchable=false, freeze_source=false))]

@@ -66,3 +66,31 @@ def test_bad_arguments_and_damaged_files_are_typed_errors(source: Machine, tmp_p
     assert name not in [s.name for s in Machine.list(smol.ConnectOptions(target="local"))]
     with pytest.raises(smol.NotFoundError):
         Machine.restore_checkpoint(str(tmp_path / "missing.smolcheckpoint"), unique("ckm"))
+
+
+def test_checkpoints_into_a_store_restore_export_and_prune(source: Machine, tmp_path: Path):
+    sh(source, "head -c 4000000 /dev/urandom > /dev/shm/r; echo disk > /root/d")
+    want = sh(source, "sha256sum /dev/shm/r /root/d")
+    store = tmp_path / "store"
+    a, b = tmp_path / "a.smolcheckpoint", tmp_path / "b.smolcheckpoint"
+    first = source.checkpoint(str(a), store=str(store))
+    second = source.checkpoint(str(b), store=store)
+    assert first["size_bytes"] == a.stat().st_size < 1 << 20
+    assert second["reused_bytes"] >= 4_000_000
+    exported = tmp_path / "x.smolcheckpoint"
+    n = Machine.export_checkpoint(a, exported)
+    assert n == exported.stat().st_size > 4_000_000
+    with pytest.raises(smol.InvalidConfigError):
+        Machine.export_checkpoint(a, exported)  # never overwrites
+    name = unique("cks")
+    restored = Machine.restore_checkpoint(str(exported), name)
+    try:
+        assert sh(restored, "sha256sum /dev/shm/r /root/d") == want
+    finally:
+        restored.delete()
+    assert Machine.prune_checkpoint_store(store) == 0
+    Machine.delete_checkpoint(str(a))
+    Machine.delete_checkpoint(str(b))
+    assert Machine.prune_checkpoint_store(str(store)) > 4_000_000
+    with pytest.raises(smol.NotFoundError):
+        Machine.prune_checkpoint_store(str(tmp_path / "no-store"))

@@ -51,9 +51,11 @@ fn check_id(id: &str) -> Result<()> {
 impl Machine {
     /// A portable checkpoint of this running (or paused) machine, which keeps running (SPEC
     /// §4.8). Locally `opts.output` (the `.smolcheckpoint` file to write) is required and the
-    /// returned id is its absolute path, status `"available"`; a chunk `store` is not built
-    /// yet (`NotSupported`). On the cloud the server keeps the checkpoint: `output` or `store`
-    /// is an `InvalidConfig` error.
+    /// returned id is its absolute path, status `"available"`; with a `store` directory (made
+    /// if missing) the sections go into its content-addressed chunks, shared with every other
+    /// checkpoint of that store, and `output` holds the manifest only (`reusedBytes`: what the
+    /// store had already). On the cloud the server keeps the checkpoint: `output` or `store` is
+    /// an `InvalidConfig` error.
     pub async fn checkpoint(&self, opts: CheckpointOptions) -> Result<CheckpointInfo> {
         match self.target() {
             Target::Local => {
@@ -65,12 +67,16 @@ impl Machine {
                 if out.as_os_str().is_empty() {
                     return Err(Error::invalid("the checkpoint output path is empty"));
                 }
-                if opts.store.is_some() {
-                    return Err(Error::NotSupported {
-                        message: "a checkpoint chunk store (store=) is not built yet; write \
-                                  one file with output="
-                            .into(),
-                    });
+                if let Some(store) = &opts.store {
+                    if store.as_os_str().is_empty() {
+                        return Err(Error::invalid("the checkpoint store path is empty"));
+                    }
+                    if store.exists() && !store.is_dir() {
+                        return Err(Error::invalid(format!(
+                            "the checkpoint store {} is not a directory",
+                            store.display()
+                        )));
+                    }
                 }
             }
             Target::Cloud => {
@@ -151,6 +157,30 @@ impl Machine {
         Self::delete_checkpoint_on(&*backend, id).await
     }
 
+    /// Writes the local checkpoint `source` (one written with a chunk store, or a standalone
+    /// file) as one standalone, portable `.smolcheckpoint` file `output` (SPEC §4.8
+    /// `export_checkpoint`), after verifying it whole. Returns the bytes written.
+    pub async fn export_checkpoint(source: &Path, output: &Path) -> Result<u64> {
+        let (source, output) = (source.to_path_buf(), output.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            crate::local::checkpoint_store::export_checkpoint(&source, &output)
+        })
+        .await
+        .map_err(|e| Error::io("export_checkpoint", std::io::Error::other(e)))?
+    }
+
+    /// Removes the chunks of the local checkpoint store `store` that no checkpoint still names
+    /// (SPEC §4.8 `prune_checkpoint_store`); waits for checkpoints being written to it. Returns
+    /// the bytes freed.
+    pub async fn prune_checkpoint_store(store: &Path) -> Result<u64> {
+        let store = store.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            crate::local::checkpoint_store::Store::open(&store, false, true)?.prune()
+        })
+        .await
+        .map_err(|e| Error::io("prune_checkpoint_store", std::io::Error::other(e)))?
+    }
+
     /// [`Machine::delete_checkpoint`] on `backend`.
     pub async fn delete_checkpoint_on(backend: &dyn Backend, id: &str) -> Result<()> {
         check_id(id)?;
@@ -203,11 +233,19 @@ mod tests {
         let e = m
             .checkpoint(CheckpointOptions {
                 output: Some("/tmp/x.smolcheckpoint".into()),
-                store: Some("/tmp/store".into()),
+                store: Some("".into()),
             })
             .await
             .unwrap_err();
-        assert_eq!(e.code(), "NOT_SUPPORTED", "{e}");
+        assert_eq!(e.code(), "INVALID_CONFIG", "{e}");
+        let e = m
+            .checkpoint(CheckpointOptions {
+                output: Some("/tmp/x.smolcheckpoint".into()),
+                store: Some("/etc/hostname".into()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "INVALID_CONFIG", "{e}");
         for (id, name) in [("", "ok"), ("/tmp/x.smolcheckpoint", "Bad Name")] {
             let e = Machine::restore_checkpoint_on(&b, id, name, RestoreOptions::default())
                 .await

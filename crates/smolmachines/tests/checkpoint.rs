@@ -307,3 +307,82 @@ async fn a_paused_machine_stays_paused_and_a_frozen_base_is_checkpointed_from_it
     clone.delete().await.unwrap();
     src.delete().await.unwrap();
 }
+
+#[tokio::test]
+async fn checkpoints_into_a_chunk_store_share_chunks_restore_export_and_prune() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let src = source(&engine, "ck-store").await;
+    out(&src, "head -c 20000000 /dev/urandom > /dev/shm/r && head -c 2000000 /dev/urandom > /root/d && sync").await;
+    let store = dir.path().join("store");
+    let opts = |name: &str| CheckpointOptions {
+        output: Some(dir.path().join(name)),
+        store: Some(store.clone()),
+    };
+    let handle = Machine::from_backend(Arc::new(src.clone()));
+    let before = out(&src, STATE).await;
+    let a = handle
+        .checkpoint(opts("a.smolcheckpoint"))
+        .await
+        .expect("checkpoint a");
+    let a_path = dir.path().join("a.smolcheckpoint");
+    // the file is the manifest only; the bytes are in the store
+    assert!(a.size_bytes < 1 << 20, "{a:?}");
+    assert_eq!(a.reused_bytes, Some(0), "{a:?}");
+    // a second checkpoint of the same machine, a little later: most chunks are there already
+    out(&src, "echo more > /root/more").await;
+    let b = handle
+        .checkpoint(opts("b.smolcheckpoint"))
+        .await
+        .expect("checkpoint b");
+    let reused = b.reused_bytes.expect("reused bytes");
+    assert!(reused >= 20_000_000, "{b:?}");
+
+    let r = restore(&engine, &a_path, "ck-store-r")
+        .await
+        .expect("restore from the store");
+    assert_eq!(exec_out(&r, STATE).await, before);
+    assert_eq!(
+        exec_out(&r, "test -e /root/more || echo absent").await,
+        "absent"
+    );
+    r.delete().await.unwrap();
+
+    // export: one standalone file, restorable with the store gone
+    let exported = dir.path().join("a-export.smolcheckpoint");
+    let n = Machine::export_checkpoint(&a_path, &exported)
+        .await
+        .expect("export");
+    assert_eq!(n, std::fs::metadata(&exported).unwrap().len());
+    assert!(n > 20_000_000, "{n}");
+    let moved = dir.path().join("store-away");
+    std::fs::rename(&store, &moved).unwrap();
+    let e = restore(&engine, &a_path, "ck-store-gone")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidCheckpoint { .. }), "{e:?}");
+    nothing_of(&engine, "ck-store-gone").await;
+    let r = restore(&engine, &exported, "ck-store-x")
+        .await
+        .expect("restore the export");
+    assert_eq!(exec_out(&r, STATE).await, before);
+    r.delete().await.unwrap();
+    std::fs::rename(&moved, &store).unwrap();
+
+    // prune: nothing while both checkpoints are there; a's own chunks after it is deleted
+    assert_eq!(Machine::prune_checkpoint_store(&store).await.unwrap(), 0);
+    Machine::delete_checkpoint_on(&engine, a_path.to_str().unwrap())
+        .await
+        .unwrap();
+    let freed = Machine::prune_checkpoint_store(&store).await.unwrap();
+    assert!(freed > 0, "a's own chunks");
+    let b_path = dir.path().join("b.smolcheckpoint");
+    checkpoint_file::verify(&b_path).expect("b is whole after the prune");
+    let r = restore(&engine, &b_path, "ck-store-b")
+        .await
+        .expect("restore b");
+    assert_eq!(exec_out(&r, "cat /root/more").await, "more");
+    r.delete().await.unwrap();
+    src.delete().await.unwrap();
+}

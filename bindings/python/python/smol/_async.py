@@ -227,6 +227,14 @@ class AsyncMachine:
     async def delete_checkpoint(checkpoint_id: Any, conn: Optional[ConnectOptions] = None) -> None:
         await asyncio.to_thread(Machine.delete_checkpoint, checkpoint_id, conn)
 
+    @staticmethod
+    async def export_checkpoint(source: Any, output: Any) -> int:
+        return await asyncio.to_thread(Machine.export_checkpoint, source, output)
+
+    @staticmethod
+    async def prune_checkpoint_store(store: Any) -> int:
+        return await asyncio.to_thread(Machine.prune_checkpoint_store, store)
+
     async def ports(self) -> List[PublishedPort]:
         return self._m.ports()
 

@@ -726,6 +726,21 @@ class Machine:
             os.fspath(checkpoint_id), conn_given=conn is not None, **_conn_kwargs(conn)
         )
 
+    @staticmethod
+    def export_checkpoint(
+        source: Union[str, "os.PathLike[str]"], output: Union[str, "os.PathLike[str]"]
+    ) -> int:
+        """Writes the local checkpoint ``source`` (one made with ``checkpoint(output,
+        store=...)``, or a standalone file) as one standalone, portable ``.smolcheckpoint``
+        file ``output``, after verifying it whole. Returns the bytes written."""
+        return _need_native().Machine.export_checkpoint(os.fspath(source), os.fspath(output))
+
+    @staticmethod
+    def prune_checkpoint_store(store: Union[str, "os.PathLike[str]"]) -> int:
+        """Removes the chunks of the local checkpoint store ``store`` that no checkpoint still
+        names. Returns the bytes freed."""
+        return _need_native().Machine.prune_checkpoint_store(os.fspath(store))
+
     # -- ports ----------------------------------------------------------------------------------
 
     def ports(self) -> List[PublishedPort]:

@@ -29,6 +29,7 @@ use super::branch::{copy_blocking, migration_qmp, save_state, BASE_STATE, SEED_B
 use super::*;
 use crate::config::{CheckpointOptions, RestoreOptions};
 use crate::local::checkpoint_file::{self as file, AssetId, Manifest, Parts as FileParts};
+use crate::local::checkpoint_store::Store;
 use crate::local::record::now_unix;
 use crate::local::vmm::Restore;
 use crate::local::{ram, LocalBackend};
@@ -183,8 +184,8 @@ impl LocalMachine {
         let tmp = dir.join(format!(".{}.{tag}.tmp", fname.to_string_lossy()));
         scratch.0.push(tmp.clone());
         let created = now_unix();
-        let (out, tmp2) = (output.clone(), tmp.clone());
-        let size = blocking("writing the checkpoint", move || {
+        let (out, tmp2, store_dir) = (output.clone(), tmp.clone(), opts.store.clone());
+        let written = blocking("writing the checkpoint", move || {
             let asset = |p: &Path| {
                 AssetId::of(p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
             };
@@ -200,18 +201,33 @@ impl LocalMachine {
                 machine: record,
                 ram_bytes: 0,
                 sections: Vec::new(),
+                chunks: None,
             };
             let parts = FileParts {
                 state: &state,
                 ram: &ram_copy,
                 disk: &flat,
             };
-            let n = file::write(&tmp2, &parts, &mut manifest)?;
+            // with a store: its shared lock (a prune waits) and the ref, before any chunk
+            let store = match store_dir {
+                Some(d) => {
+                    let d = std::path::absolute(&d).map_err(|e| {
+                        Error::invalid(format!("checkpoint store {}: {e}", d.display()))
+                    })?;
+                    let s = Store::open(&d, true, false)?;
+                    s.add_ref(&out)?;
+                    Some(s)
+                }
+                None => None,
+            };
+            let n = file::write(&tmp2, &parts, &mut manifest, store.as_ref())?;
             std::fs::rename(&tmp2, &out)
                 .map_err(|e| Error::io(format!("renaming into {}", out.display()), e))?;
-            Ok(n)
+            Ok((n, store.is_some()))
         })
         .await?;
+        let (written, stored) = written;
+        let size = written.bytes;
         drop(scratch);
         let id = output.display().to_string();
         let info = CheckpointInfo {
@@ -222,13 +238,14 @@ impl LocalMachine {
             arch: std::env::consts::ARCH.into(),
             created_at: crate::wire::rfc3339(created),
             download_url: None,
-            reused_bytes: None,
+            reused_bytes: stored.then_some(written.reused),
             path: Some(id),
             source_pause_ms: Some(pause.as_millis() as u64),
             elapsed_ms: Some(started.elapsed().as_millis() as u64),
         };
         tracing::info!(
             size_mib = size >> 20,
+            reused_mib = written.reused >> 20,
             pause_ms = pause.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "checkpoint written"
@@ -520,7 +537,18 @@ impl LocalBackend {
                     })
                 }
             }
-            std::fs::remove_file(&p).map_err(|e| Error::io(format!("removing {}", p.display()), e))
+            let store = file::store_of(&p);
+            std::fs::remove_file(&p)
+                .map_err(|e| Error::io(format!("removing {}", p.display()), e))?;
+            // its chunks stay until the store is pruned; the ref goes now
+            if let Some(d) = store {
+                match Store::open(&d, false, false) {
+                    Ok(s) => s.remove_ref(&p),
+                    Err(e) => tracing::warn!(store = %d.display(), error = %e,
+                        "the deleted checkpoint's store could not be opened; prune it later"),
+                }
+            }
+            Ok(())
         })
         .await
     }

@@ -26,6 +26,7 @@ fn manifest() -> Manifest {
         initrd: asset,
         ram_bytes: 0,
         sections: Vec::new(),
+        chunks: None,
     }
 }
 
@@ -50,8 +51,8 @@ fn make() -> Made {
         ram: &ram,
         disk: &disk,
     };
-    let n = write(&file, &parts, &mut m).unwrap();
-    assert_eq!(n, std::fs::metadata(&file).unwrap().len());
+    let n = write(&file, &parts, &mut m, None).unwrap();
+    assert_eq!(n.bytes, std::fs::metadata(&file).unwrap().len());
     assert_eq!(m.ram_bytes, 4 << 20);
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod assets;
 pub mod cgroup;
 pub mod checkpoint_file;
+pub mod checkpoint_store;
 pub mod confine;
 pub mod console;
 mod container;
