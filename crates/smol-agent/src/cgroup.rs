@@ -115,12 +115,14 @@ pub fn kill_all() {
     }
 }
 
-/// One command's cgroup. Its first process joins it between fork and exec ([`Group::join`]);
+/// One command's cgroup. Its first process is born in it (crate::spawn, [`Group::dir_fd`]) or,
+/// where clone3 is refused, joins it between fork and exec ([`Group::join`]);
 /// dropping the handle leaves it (and whatever still runs in it); an empty one is removed by the
 /// next [`Group::new`].
 pub struct Group {
     dir: PathBuf,
-    procs: OwnedFd,
+    /// The directory itself, for `clone3(CLONE_INTO_CGROUP)` (crate::spawn).
+    dirfd: OwnedFd,
 }
 
 impl Group {
@@ -142,15 +144,11 @@ impl Group {
                     &PIDS_PER_COMMAND.to_string(),
                 )
             })
-            .and_then(|()| {
-                fs::OpenOptions::new()
-                    .write(true)
-                    .open(dir.join("cgroup.procs"))
-            });
+            .and_then(|()| fs::File::open(&dir));
         match made {
-            Ok(f) => Some(Group {
+            Ok(d) => Some(Group {
                 dir,
-                procs: f.into(),
+                dirfd: d.into(),
             }),
             Err(e) => {
                 eprintln!("smol-agent: a command's cgroup {}: {e}", dir.display());
@@ -161,18 +159,28 @@ impl Group {
     }
 
     /// Moves the calling process into this cgroup. Meant for `pre_exec` (between fork and exec):
-    /// one `write(2)` on a descriptor opened before the fork, async-signal-safe.
-    pub fn join(&self) -> impl Fn() -> std::io::Result<()> + Send + Sync + 'static {
-        let fd = self.procs.as_raw_fd();
-        move || {
-            // SAFETY: fd is open in the child (inherited; the Group outlives the spawn) and the
-            // buffer is a static byte string.
-            let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+    /// one `write(2)` on a descriptor opened here, before the fork, async-signal-safe.
+    pub fn join(
+        &self,
+    ) -> std::io::Result<impl Fn() -> std::io::Result<()> + Send + Sync + 'static> {
+        let procs: OwnedFd = fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("cgroup.procs"))?
+            .into();
+        Ok(move || {
+            // SAFETY: the descriptor is open in the child (inherited: the closure holds it until
+            // the command is dropped, after the spawn) and the buffer is a static byte string.
+            let n = unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) };
             if n < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
-        }
+        })
+    }
+
+    /// The cgroup's directory descriptor, for `clone3(CLONE_INTO_CGROUP)`.
+    pub fn dir_fd(&self) -> std::os::fd::RawFd {
+        self.dirfd.as_raw_fd()
     }
 
     /// SIGKILLs every process in this cgroup (`cgroup.kill`), however it forked or detached.

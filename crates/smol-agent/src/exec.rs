@@ -114,13 +114,7 @@ fn prepare(
         return Err(crate::serve::invalid("empty command"));
     }
     let workdir = req.workdir.clone().unwrap_or_else(|| "/".to_string());
-    let path = req
-        .env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or(DEFAULT_PATH);
+    let path = search_path(req);
     let mut cmd = match rootfs {
         None => {
             check_workdir(&workdir)?;
@@ -129,7 +123,7 @@ fn prepare(
             };
             let mut cmd = tokio::process::Command::new(program);
             cmd.current_dir(&workdir);
-            join(&mut cmd, cgroup);
+            join(&mut cmd, cgroup)?;
             cmd
         }
         Some(rootfs) => {
@@ -148,7 +142,7 @@ fn prepare(
             // entered the container (std runs execvp with the command's environment).
             let mut cmd = tokio::process::Command::new(&req.argv[0]);
             // Before `apply`: its fork puts the command in a child that must be in the cgroup.
-            join(&mut cmd, cgroup);
+            join(&mut cmd, cgroup)?;
             // SAFETY: `apply` makes only system calls on memory prepared before the fork.
             unsafe {
                 cmd.pre_exec(move || setup.apply());
@@ -156,19 +150,11 @@ fn prepare(
             cmd
         }
     };
-    let (home, name) = match &req.user {
-        None => ("/root".to_string(), "root".to_string()),
-        Some(spec) => {
-            if rootfs.is_some() {
-                return Err(crate::serve::invalid("a container run takes no user"));
-            }
-            let id = crate::user::resolve(spec, std::path::Path::new("/"))?;
-            // std sets the groups to just this gid, then gid, then uid, in the child.
-            cmd.uid(id.uid).gid(id.gid);
-            let name = id.name.unwrap_or_else(|| id.uid.to_string());
-            (id.home, name)
-        }
-    };
+    let (home, name, ids) = identity(req, rootfs.is_some())?;
+    if let Some((uid, gid)) = ids {
+        // std sets the groups to just this gid, then gid, then uid, in the child.
+        cmd.uid(uid).gid(gid);
+    }
     cmd.arg0(&req.argv[0])
         .args(&req.argv[1..])
         .env_clear()
@@ -180,17 +166,124 @@ fn prepare(
     Ok(Ok(cmd))
 }
 
+/// The `PATH` a command's program is looked up in: the request's, else [`DEFAULT_PATH`].
+fn search_path(req: &ExecRequest) -> &str {
+    req.env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(DEFAULT_PATH)
+}
+
+/// HOME, the user name and the (uid, gid) to switch to (none: stay root).
+type Identity = (String, String, Option<(u32, u32)>);
+
+/// The [`Identity`] of the request's user (root when none).
+fn identity(req: &ExecRequest, container: bool) -> Result<Identity, RemoteError> {
+    match &req.user {
+        None => Ok(("/root".to_string(), "root".to_string(), None)),
+        Some(spec) => {
+            if container {
+                return Err(crate::serve::invalid("a container run takes no user"));
+            }
+            let id = crate::user::resolve(spec, std::path::Path::new("/"))?;
+            let name = id.name.unwrap_or_else(|| id.uid.to_string());
+            Ok((id.home, name, Some((id.uid, id.gid))))
+        }
+    }
+}
+
+/// The command of `req` (no container) for [`crate::spawn`]: the same program lookup,
+/// environment and checks as [`prepare`].
+fn prepare_native(
+    req: &ExecRequest,
+    session: crate::spawn::Session,
+) -> Result<Result<crate::spawn::Spec, (i32, &'static str)>, RemoteError> {
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(crate::serve::invalid("empty command"));
+    }
+    let workdir = req.workdir.as_deref().unwrap_or("/");
+    check_workdir(workdir)?;
+    let Some(program) = resolve(&req.argv[0], search_path(req)) else {
+        return Ok(Err((EXIT_NOT_FOUND, "command not found")));
+    };
+    let (home, name, ids) = identity(req, false)?;
+    let env = [
+        ("PATH", DEFAULT_PATH),
+        ("HOME", home.as_str()),
+        ("USER", name.as_str()),
+        ("LOGNAME", name.as_str()),
+    ]
+    .into_iter()
+    .chain(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let mut spec = crate::spawn::Spec::new(program.as_os_str(), &req.argv, env, workdir)
+        .map_err(|e| crate::serve::invalid(format!("{}: {e}", req.argv[0])))?;
+    spec.ids = ids;
+    spec.session = session;
+    Ok(Ok(spec))
+}
+
+/// A running command: spawned by [`crate::spawn`] (born in its cgroup) or, where clone3 is
+/// refused or for a container, by std.
+enum Proc {
+    Native(crate::spawn::Child),
+    Std(tokio::process::Child),
+}
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+impl Proc {
+    fn id(&self) -> Option<u32> {
+        match self {
+            Proc::Native(c) => Some(c.id()),
+            Proc::Std(c) => c.id(),
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Proc::Native(c) => c.wait().await,
+            Proc::Std(c) => c.wait().await,
+        }
+    }
+
+    /// stdin, stdout, stderr.
+    fn take_pipes(&mut self) -> (Option<Writer>, Option<Reader>, Option<Reader>) {
+        match self {
+            Proc::Native(c) => (
+                c.stdin.take().map(|p| Box::new(p) as Writer),
+                c.stdout.take().map(|p| Box::new(p) as Reader),
+                c.stderr.take().map(|p| Box::new(p) as Reader),
+            ),
+            Proc::Std(c) => (
+                c.stdin.take().map(|p| Box::new(p) as Writer),
+                c.stdout.take().map(|p| Box::new(p) as Reader),
+                c.stderr.take().map(|p| Box::new(p) as Reader),
+            ),
+        }
+    }
+}
+
 /// Makes the child join `cgroup` between fork and exec. The hook makes std fork rather than
-/// posix_spawn (vfork): measured under TCG (docs/threat-model.md), the price of a command that
-/// cannot fork outside its cgroup before it is moved.
-fn join(cmd: &mut tokio::process::Command, cgroup: Option<&crate::cgroup::Group>) {
+/// posix_spawn (vfork), which doubled a short command's round trip under TCG: only the fallback
+/// where clone3 is refused, and containers (whose setup forks anyway); crate::spawn starts the
+/// others straight in their cgroup.
+fn join(
+    cmd: &mut tokio::process::Command,
+    cgroup: Option<&crate::cgroup::Group>,
+) -> Result<(), RemoteError> {
     if let Some(g) = cgroup {
-        let join = g.join();
+        let join = g
+            .join()
+            .map_err(|e| RemoteError::from_io(&e, "the command's cgroup"))?;
         // SAFETY: `join` is one write(2) on a descriptor opened before the fork.
         unsafe {
             cmd.pre_exec(join);
         }
     }
+    Ok(())
 }
 
 /// Runs the command of `req`, streaming its output on `stream`; returns the terminal frame.
@@ -205,45 +298,58 @@ pub async fn run(
     let Stream { tx, mut rx } = stream;
     let id = tx.id();
     let cgroup = crate::cgroup::Group::new();
-    let mut cmd = match prepare(&req, rootfs.as_deref(), cgroup.as_ref())? {
-        Ok(cmd) => cmd,
-        Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
-    };
-    cmd.stdin(if req.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .process_group(0)
-    .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let (code, why) = spawn_failure(&e);
-            return cannot_run(&tx, &req.argv[0], code, &why).await;
+    let mut native = None;
+    if rootfs.is_none() && crate::spawn::available() {
+        use crate::spawn::Io;
+        let spec = match prepare_native(&req, crate::spawn::Session::Group)? {
+            Ok(spec) => spec,
+            Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
+        };
+        let stdin = if req.stdin { Io::Piped } else { Io::Null };
+        let into = cgroup.as_ref().map(|g| g.dir_fd());
+        match crate::spawn::spawn(&spec, stdin, Io::Piped, Io::Piped, into) {
+            Ok(c) => native = c.map(Proc::Native),
+            Err(e) => {
+                let (code, why) = spawn_failure(&e);
+                return cannot_run(&tx, &req.argv[0], code, &why).await;
+            }
+        }
+    }
+    let mut child = match native {
+        Some(c) => c,
+        None => {
+            let mut cmd = match prepare(&req, rootfs.as_deref(), cgroup.as_ref())? {
+                Ok(cmd) => cmd,
+                Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
+            };
+            cmd.stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+            match cmd.spawn() {
+                Ok(c) => Proc::Std(c),
+                Err(e) => {
+                    let (code, why) = spawn_failure(&e);
+                    return cannot_run(&tx, &req.argv[0], code, &why).await;
+                }
+            }
         }
     };
+    let (stdin, stdout, stderr) = child.take_pipes();
     let mut guard = GroupGuard {
         pgid: child.id().map(|p| p as i32).unwrap_or(0),
         cgroup,
         armed: true,
     };
     let (exited_tx, exited_rx) = watch::channel(false);
-    let out = tokio::spawn(pump(
-        child.stdout.take(),
-        tx.clone(),
-        Chan::Stdout,
-        exited_rx.clone(),
-    ));
-    let err = tokio::spawn(pump(
-        child.stderr.take(),
-        tx.clone(),
-        Chan::Stderr,
-        exited_rx,
-    ));
-    let mut stdin_tx = child.stdin.take().map(|mut stdin| {
+    let out = tokio::spawn(pump(stdout, tx.clone(), Chan::Stdout, exited_rx.clone()));
+    let err = tokio::spawn(pump(stderr, tx.clone(), Chan::Stderr, exited_rx));
+    let mut stdin_tx = stdin.map(|mut stdin| {
         let (stx, mut srx) = mpsc::unbounded_channel::<bytes::Bytes>();
         tokio::spawn(async move {
             while let Some(buf) = srx.recv().await {
@@ -329,15 +435,10 @@ pub async fn spawn(
     log: Option<String>,
 ) -> Result<Frame, RemoteError> {
     let tx = stream.tx;
-    let id = tx.id();
     // Its own cgroup (its pids limit; kill_all reaches it), left behind once it started: the
     // next command's Group::new removes it when it has emptied.
     let cgroup = crate::cgroup::Group::new();
-    let mut cmd = match prepare(&req, None, cgroup.as_ref())? {
-        Ok(cmd) => cmd,
-        Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
-    };
-    let (out, err) = match &log {
+    let log_file = match &log {
         Some(path) => {
             let io_err = |e: std::io::Error| RemoteError::from_io(&e, path);
             if let Some(dir) = std::path::Path::new(path).parent() {
@@ -348,6 +449,48 @@ pub async fn spawn(
                 .append(true)
                 .open(path)
                 .map_err(io_err)?;
+            Some(f)
+        }
+        None => None,
+    };
+    if crate::spawn::available() {
+        use crate::spawn::Io;
+        let spec = match prepare_native(&req, crate::spawn::Session::Session)? {
+            Ok(spec) => spec,
+            Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
+        };
+        let (out, err) = match &log_file {
+            Some(f) => {
+                let io_err = |e: std::io::Error| RemoteError::from_io(&e, "the log");
+                (
+                    Io::Fd(f.try_clone().map_err(io_err)?.into()),
+                    Io::Fd(f.try_clone().map_err(io_err)?.into()),
+                )
+            }
+            None => (Io::Null, Io::Null),
+        };
+        let into = cgroup.as_ref().map(|g| g.dir_fd());
+        match crate::spawn::spawn(&spec, Io::Null, out, err, into) {
+            Ok(Some(child)) => {
+                let pid = child.id();
+                drop(cgroup);
+                child.detach();
+                return started(&tx, pid).await;
+            }
+            Ok(None) => {} // clone3 refused: std's spawn below
+            Err(e) => {
+                let (code, why) = spawn_failure(&e);
+                return cannot_run(&tx, &req.argv[0], code, &why).await;
+            }
+        }
+    }
+    let mut cmd = match prepare(&req, None, cgroup.as_ref())? {
+        Ok(cmd) => cmd,
+        Err((code, why)) => return cannot_run(&tx, &req.argv[0], code, why).await,
+    };
+    let (out, err) = match log_file {
+        Some(f) => {
+            let io_err = |e: std::io::Error| RemoteError::from_io(&e, "the log");
             (Stdio::from(f.try_clone().map_err(io_err)?), Stdio::from(f))
         }
         None => (Stdio::null(), Stdio::null()),
@@ -374,11 +517,16 @@ pub async fn spawn(
     drop(cgroup);
     // Not waited for here: tokio reaps the dropped child once it exits.
     drop(child);
+    started(&tx, pid).await
+}
+
+/// The answer to a spawn: `pid=<n>` on stdout, exit 0.
+async fn started(tx: &StreamSender, pid: u32) -> Result<Frame, RemoteError> {
     tx.send_data(Chan::Stdout, format!("pid={pid}\n").as_bytes())
         .await
         .map_err(|e| RemoteError::new(ErrorKind::Io, e.to_string()))?;
     Ok(Frame::Exit {
-        id,
+        id: tx.id(),
         code: 0,
         timed_out: false,
     })
@@ -386,8 +534,8 @@ pub async fn spawn(
 
 /// Copies a pipe to the stream until EOF, or until it stays quiet for [`DRAIN_QUIET`] after the
 /// command exited.
-async fn pump<R: AsyncRead + Unpin>(
-    pipe: Option<R>,
+async fn pump(
+    pipe: Option<Reader>,
     tx: StreamSender,
     chan: Chan,
     mut exited: watch::Receiver<bool>,

@@ -16,6 +16,7 @@ mod quiet;
 mod raw;
 mod relay;
 mod serve;
+mod spawn;
 mod user;
 
 use std::time::Duration;

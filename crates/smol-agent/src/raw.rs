@@ -2,7 +2,9 @@
 //!
 //! The host sends a 9-byte header, an op byte and a little-endian u64 `n`:
 //! `e` echo `n` bytes back; `s` read and discard `n` bytes, then answer one byte `k`;
-//! `o` send `n` bytes.
+//! `o` send `n` bytes; `x` spawn and wait for `/bin/true` `n` times (std's spawn: posix_spawn,
+//! a vfork), then answer the nanoseconds that took as a little-endian u64: the floor of an exec,
+//! the guest's own cost of starting a process.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -20,6 +22,18 @@ fn read_exact_blocking(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result
         }
     }
     Ok(())
+}
+
+/// Nanoseconds to spawn and wait for `/bin/true` `n` times.
+fn spawn_floor(n: usize) -> std::io::Result<u64> {
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        let st = std::process::Command::new("/bin/true").status()?;
+        if !st.success() {
+            return Err(std::io::Error::other(format!("/bin/true: {st}")));
+        }
+    }
+    Ok(t0.elapsed().as_nanos() as u64)
 }
 
 /// Serves the raw protocol forever.
@@ -60,6 +74,7 @@ pub fn run() -> ! {
                 }
                 r
             }
+            b'x' => spawn_floor(n).and_then(|ns| port.write_all(&ns.to_le_bytes())),
             _ => Ok(()),
         };
         if let Err(e) = result {

@@ -18,8 +18,12 @@
 //! 6. checkpoint (issue 12): checkpoint of a branchable 256 MiB guest with 100 MiB dirty, and
 //!    a restore of the file -> first exec: seconds and the file's size (`engine_checkpoint.rs`).
 //!
+//! 2b. exec floor (issue 16): exec(`true`) against the guest's own spawn + wait of `/bin/true`
+//!    (timed by the agent in `smol.mode=raw`, op `x`) plus the raw echo: what is left is the
+//!    protocol's and the engine's own cost per exec.
+//!
 //! `SMOL_BENCH_ONLY=files` runs only 3. and 4.; `SMOL_BENCH_ONLY=branch` only 5.;
-//! `SMOL_BENCH_ONLY=checkpoint` only 6.
+//! `SMOL_BENCH_ONLY=checkpoint` only 6.; `SMOL_BENCH_ONLY=exec` only 2., 2b. and 3.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -136,6 +140,20 @@ impl RawVm {
         self.sock.write_all(b"x").unwrap();
         let mut b = [0u8; 1];
         self.sock.read_exact(&mut b).unwrap();
+    }
+
+    /// Milliseconds the guest itself takes to spawn and wait for `/bin/true` (the mean of `n`);
+    /// `None` from an agent without op `x` (an older initramfs ignores it and stays in step).
+    fn spawn_floor(&mut self, n: usize) -> Option<f64> {
+        self.cmd(b'x', n as u64);
+        let mut ns = [0u8; 8];
+        self.sock
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let got = self.sock.read_exact(&mut ns);
+        self.sock.set_read_timeout(None).unwrap();
+        got.ok()?;
+        Some(u64::from_le_bytes(ns) as f64 / 1e6 / n as f64)
     }
 
     fn sink(&mut self, n: usize) -> f64 {
@@ -492,7 +510,8 @@ async fn main() {
     let mut ours = Vec::new();
     let opts = ExecOptions::default();
     let t = vec!["true".to_string()];
-    for i in 0..BOOTS {
+    let exec_only = std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "exec");
+    for i in 0..if exec_only { 0 } else { BOOTS } {
         bare.push(bare_boot(tmp.path()));
         let t0 = Instant::now();
         let m = engine
@@ -508,13 +527,15 @@ async fn main() {
     }
     println!("bare boot to init (s): {bare:.3?}");
     println!("create -> first exec (s): {ours:.3?}");
-    row(
-        "create -> first exec done (median)",
-        median(ours),
-        median(bare.clone()),
-        "s",
-        "<= 1.15x",
-    );
+    if !exec_only {
+        row(
+            "create -> first exec done (median)",
+            median(ours),
+            median(bare.clone()),
+            "s",
+            "<= 1.15x",
+        );
+    }
 
     // 2. + 3. raw channel baseline
     let mut raw = RawVm::boot(tmp.path());
@@ -524,6 +545,9 @@ async fn main() {
         raw.echo();
         echo.push(t0.elapsed().as_secs_f64() * 1e3);
     }
+    // 2b. the guest's own spawn: 5 batches of 40, the median batch's mean
+    let floor: Option<Vec<f64>> = (0..5).map(|_| raw.spawn_floor(40)).collect();
+    let floor = floor.map(median);
     let raw_in = median(
         (0..3)
             .map(|_| BIG as f64 / raw.sink(BIG) / 1048576.0)
@@ -565,13 +589,27 @@ async fn main() {
         assert_eq!(back.len(), BIG);
     }
     m.delete().await.unwrap();
+    let exec_med = median(exec_rt);
     row(
         "exec(true) round trip (median)",
-        median(exec_rt),
+        exec_med,
         median(echo.clone()),
         "ms",
         "<= 1.5x",
     );
+    match floor {
+        Some(floor) => {
+            row(
+                "exec(true) vs guest spawn + raw echo",
+                exec_med,
+                floor + median(echo.clone()),
+                "ms",
+                "<= 1.2x",
+            );
+            println!("guest spawn+wait of /bin/true (mean of the median batch): {floor:.3} ms");
+        }
+        None => println!("exec floor: this initramfs's agent has no raw op x (older agent)"),
+    }
     row(
         "protocol ping round trip (median)",
         median(ping),
@@ -593,6 +631,9 @@ async fn main() {
         "MiB/s",
         ">= 0.8x",
     );
+    if exec_only {
+        return;
+    }
     lifecycle(&engine).await;
     branching(&engine).await;
     engine_checkpoint::checkpointing(&engine, tmp.path()).await;
