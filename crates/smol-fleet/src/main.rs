@@ -121,9 +121,11 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct NodeRun {
-    /// The node door of a control replica: `https://HOST:PORT`.
-    #[arg(long, value_name = "URL")]
-    control: Option<String>,
+    /// The node door of a control replica: `https://HOST:PORT` (repeat it, or
+    /// comma-separate, for several replicas: tried in turn). Needed to join; later given, it
+    /// replaces the replicas the node knows.
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    control: Vec<String>,
     /// The one-time join token (`smolfleet node join-token`); needed the first time only.
     #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
@@ -615,7 +617,7 @@ fn node(run: NodeRun) -> AnyResult {
         };
         smol_fleet::nodeagent::run(
             cfg,
-            run.control.as_deref(),
+            &run.control,
             run.token.as_deref(),
             run.listen,
             shutdown,

@@ -4,6 +4,9 @@
 //! TLS every third of the lease. It holds no database credentials. Its loopback door
 //! (`--listen`, 127.0.0.1 by default) answers health routes only.
 //!
+//! `--control` may name several replicas (repeat it): a join or heartbeat that cannot reach
+//! one goes to the next, so a node outlives any replica but the last.
+//!
 //! Not built yet: running machines for the control plane (docs/FLEET.md, "Not built yet").
 
 use std::net::SocketAddr;
@@ -40,8 +43,8 @@ fn node_error(message: impl Into<String>) -> FleetError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Membership {
-    /// The control plane's node door (`https://HOST:PORT`).
-    pub control: String,
+    /// The node doors of the control replicas (`https://HOST:PORT`), tried in turn.
+    pub controls: Vec<String>,
     /// `node-…`.
     pub node_id: String,
 }
@@ -176,23 +179,59 @@ pub struct NodeConfig {
     pub cpus: i64,
 }
 
-/// Joins `control` with `token` unless `home` holds a membership already; the membership.
+/// POSTs `body` to `path` of the first of `controls` that answers (from `start` on, going
+/// round); which one answered, its status and answer. An error when none answered.
+async fn post_any<T: Serialize>(
+    config: &Arc<ClientConfig>,
+    controls: &[String],
+    start: usize,
+    path: &str,
+    body: &T,
+) -> Result<(usize, u16, serde_json::Value), FleetError> {
+    let mut last = node_error("no --control given");
+    for k in 0..controls.len() {
+        let i = (start + k) % controls.len();
+        match post(config.clone(), &controls[i], path, body).await {
+            Ok((status, answer)) => return Ok((i, status, answer)),
+            Err(e) => {
+                tracing::warn!(control = %controls[i], error = %e, "control replica unreachable");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+fn save_membership(path: &Path, m: &Membership) -> Result<(), FleetError> {
+    let json = serde_json::to_string_pretty(m).map_err(|e| node_error(e.to_string()))?;
+    write(path, &json, false)
+}
+
+/// Joins one of `controls` with `token` unless `home` holds a membership already (then a
+/// non-empty `controls` replaces the replicas it names); the membership.
 pub async fn join(
     cfg: &NodeConfig,
-    control: Option<&str>,
+    controls: &[String],
     token: Option<&str>,
 ) -> Result<Membership, FleetError> {
+    for c in controls {
+        parse_control(c)?;
+    }
     let member = cfg.home.join("node.json");
     if member.exists() {
-        let m: Membership = serde_json::from_str(&read(&member)?)
+        let mut m: Membership = serde_json::from_str(&read(&member)?)
             .map_err(|e| node_error(format!("{}: {e}", member.display())))?;
-        if let Some(c) = control.filter(|c| *c != m.control) {
-            tracing::warn!(given = %c, joined = %m.control, "--control differs from the one joined; using the joined one");
+        if !controls.is_empty() && controls != m.controls.as_slice() {
+            tracing::info!(was = ?m.controls, now = ?controls, "control replicas changed");
+            m.controls = controls.to_vec();
+            save_membership(&member, &m)?;
         }
-        tracing::info!(node = %m.node_id, control = %m.control, "joined before; renewing the lease");
+        tracing::info!(node = %m.node_id, controls = ?m.controls, "joined before; renewing the lease");
         return Ok(m);
     }
-    let control = control.ok_or_else(|| node_error("not joined yet: give --control URL"))?;
+    if controls.is_empty() {
+        return Err(node_error("not joined yet: give --control URL"));
+    }
     let token = token.ok_or_else(|| {
         node_error("not joined yet: give --token (make one with `smolfleet node join-token`)")
     })?;
@@ -210,13 +249,8 @@ pub async fn join(
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
     };
-    let (status, answer) = post(
-        fleetca::join_client_config(pinned)?,
-        control,
-        "/fleet/v1/join",
-        &req,
-    )
-    .await?;
+    let config = fleetca::join_client_config(pinned)?;
+    let (i, status, answer) = post_any(&config, controls, 0, "/fleet/v1/join", &req).await?;
     if status != 201 {
         return Err(refused("join", status, &answer));
     }
@@ -231,12 +265,11 @@ pub async fn join(
     write(&cfg.home.join("node.crt"), &joined.certificate, false)?;
     write(&cfg.home.join("ca.crt"), &joined.ca, false)?;
     let m = Membership {
-        control: control.to_owned(),
+        controls: controls.to_vec(),
         node_id: joined.node_id,
     };
-    let json = serde_json::to_string_pretty(&m).map_err(|e| node_error(e.to_string()))?;
-    write(&member, &json, false)?;
-    tracing::info!(node = %m.node_id, %control, "joined the fleet");
+    save_membership(&member, &m)?;
+    tracing::info!(node = %m.node_id, control = %controls[i], "joined the fleet");
     Ok(m)
 }
 
@@ -258,22 +291,25 @@ pub enum Beat {
     Refused(FleetError),
 }
 
-/// One heartbeat over mutual TLS; an error when the control plane did not answer.
+/// One heartbeat over mutual TLS to the first replica that answers, from `start` on (which
+/// one did, and what it said); an error when none answered.
 pub async fn heartbeat(
-    config: Arc<ClientConfig>,
+    config: &Arc<ClientConfig>,
     m: &Membership,
+    start: usize,
     cfg: &NodeConfig,
-) -> Result<Beat, FleetError> {
+) -> Result<(usize, Beat), FleetError> {
     let beat = Heartbeat {
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
     };
-    let (status, answer) = post(config, &m.control, "/fleet/v1/heartbeat", &beat).await?;
+    let (i, status, answer) =
+        post_any(config, &m.controls, start, "/fleet/v1/heartbeat", &beat).await?;
     match status {
         200 => serde_json::from_value(answer)
-            .map(Beat::Renewed)
+            .map(|r| (i, Beat::Renewed(r)))
             .map_err(|e| node_error(format!("heartbeat: an answer not understood: {e}"))),
-        401 | 403 => Ok(Beat::Refused(refused("heartbeat", status, &answer))),
+        401 | 403 => Ok((i, Beat::Refused(refused("heartbeat", status, &answer)))),
         _ => Err(refused("heartbeat", status, &answer)),
     }
 }
@@ -320,7 +356,7 @@ async fn health_door(
 /// ends it with an error; an unreachable control plane is retried.
 pub async fn run(
     cfg: NodeConfig,
-    control: Option<&str>,
+    controls: &[String],
     token: Option<&str>,
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()>,
@@ -330,24 +366,28 @@ pub async fn run(
             "--listen {listen}: the node's own door answers health routes on loopback only"
         )));
     }
-    let m = join(&cfg, control, token).await?;
+    let m = join(&cfg, controls, token).await?;
     let config = client_config(&cfg.home)?;
     let renewed = Arc::new(AtomicBool::new(false));
     let (addr, _door) = health_door(listen, m.node_id.clone(), renewed.clone()).await?;
     println!(
         "node {} of {}; health on http://{addr}/health",
-        m.node_id, m.control
+        m.node_id,
+        m.controls.join(",")
     );
     tokio::pin!(shutdown);
     let mut every = Duration::from_secs(1);
+    // the replica that answered last is asked first
+    let mut at = 0;
     loop {
-        match heartbeat(config.clone(), &m, &cfg).await {
-            Ok(Beat::Renewed(r)) => {
+        match heartbeat(&config, &m, at, &cfg).await {
+            Ok((i, Beat::Renewed(r))) => {
+                at = i;
                 renewed.store(true, Ordering::Relaxed);
                 every = Duration::from_millis((r.lease_ms / 3).max(100) as u64);
                 tracing::debug!(node = %r.node_id, state = %r.state, "lease renewed");
             }
-            Ok(Beat::Refused(e)) => return Err(e),
+            Ok((_, Beat::Refused(e))) => return Err(e),
             Err(e) => {
                 renewed.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "heartbeat failed; trying again");

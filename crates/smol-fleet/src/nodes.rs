@@ -87,7 +87,8 @@ pub(crate) const NODE_STATUS: &str = "
 SELECT id, state, memory_mib, cpus, reserved_mib, reserved_cpus, name,
        CASE WHEN lease_until IS NULL OR lease_until >= {now_ms} THEN 'live'
             WHEN lost_at >= {now_ms} THEN 'suspect'
-            ELSE 'lost' END
+            ELSE 'lost' END,
+       lease_until
   FROM nodes ORDER BY id";
 
 /// A node joining with a token.
@@ -123,6 +124,8 @@ pub struct NodeStatus {
     pub name: Option<String>,
     /// `live`, `suspect` or `lost`.
     pub liveness: String,
+    /// When its lease ends, Unix ms by the database's clock (none: the embedded node).
+    pub lease_until: Option<i64>,
 }
 
 impl NodeStatus {
@@ -247,6 +250,7 @@ pub fn status(c: &Connection) -> Result<Vec<NodeStatus>, FleetError> {
                 },
                 name: r.get(6)?,
                 liveness: r.get(7)?,
+                lease_until: r.get(8)?,
             })
         })
         .map_err(|e| FleetError::db("list nodes", e))?;

@@ -3,8 +3,9 @@
 //! control replica (`serve --role control,edge --db postgres://… --node-listen`) signs the CSR
 //! of a joining `smolfleet node`, which then renews its lease over mutual TLS only. A reused
 //! token is refused, a client without a certificate (or with one of another CA) is refused;
-//! a node killed with SIGKILL becomes suspect (no placement) then lost, and comes back ready
-//! when restarted over its home (no token needed again). Every wait is bounded.
+//! with the replica it joined through killed, the node renews through a second replica; a node
+//! killed with SIGKILL becomes suspect (no placement) then lost, and comes back ready when
+//! restarted over its home (no token needed again). Every wait is bounded.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -108,6 +109,13 @@ async fn await_state(db: &Db, id: &str, state: &str) {
     }
 }
 
+/// When node `id`'s lease ends (database clock, ms).
+async fn lease_of(db: &Db, id: &str) -> i64 {
+    let nodes = db.node_status().await.unwrap();
+    let n = nodes.iter().find(|n| n.node.id == id).unwrap();
+    n.lease_until.expect("a joined node has a lease")
+}
+
 fn machine(id: &str, tenant: &str) -> MachineRow {
     MachineRow {
         id: id.into(),
@@ -164,35 +172,43 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
         "{token}"
     );
 
-    let mut control = spawn(
-        &[
-            "serve",
-            "--role",
-            "control,edge",
-            "--db",
-            &url,
-            "--home",
-            &ctl,
-            "--listen",
-            "127.0.0.1:0",
-            "--node-listen",
-            "127.0.0.1:0",
-            "--node-lease",
-            "1s",
-            "--node-lost-after",
-            "2s",
-        ],
-        &dir.path().join("control.err"),
-    );
+    let replica = |home: &str, err: &str| {
+        spawn(
+            &[
+                "serve",
+                "--role",
+                "control,edge",
+                "--db",
+                &url,
+                "--home",
+                &p(home),
+                "--listen",
+                "127.0.0.1:0",
+                "--node-listen",
+                "127.0.0.1:0",
+                "--node-lease",
+                "1s",
+                "--node-lost-after",
+                "2s",
+            ],
+            &dir.path().join(err),
+        )
+    };
+    // two control replicas over the one store
+    let mut control = replica("control", "control.err");
     let door = control.line("node door on ").await;
     let door = door.trim_start_matches("node door on ").to_string();
     control.line("listening on ").await;
+    let mut control_b = replica("control-b", "control-b.err");
+    let door_b = control_b.line("node door on ").await;
+    let door_b = door_b.trim_start_matches("node door on ").to_string();
+    let doors = format!("{door},{door_b}");
 
     let node_args = |home: &str, token: Option<&str>| {
         let mut a = vec![
             "node".to_string(),
             "--control".into(),
-            door.clone(),
+            doors.clone(),
             "--home".into(),
             p(home),
             "--name".into(),
@@ -290,6 +306,19 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
         .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::FORBIDDEN);
 
+    // the replica the node joined through dies: its lease is renewed through the other
+    control.child.start_kill().unwrap();
+    control.child.wait().await.unwrap();
+    let before = lease_of(&db, &id).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lease_of(&db, &id).await <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease was not renewed through the second replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // kill -9: suspect (no placement), then lost
     let tenant = db.create_tenant("t").await.unwrap();
     let need = Need {
@@ -340,5 +369,5 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
         Placed::Placed { .. }
     ));
     drop(a2);
-    drop(control);
+    drop(control_b);
 }

@@ -19,8 +19,10 @@ use crate::db::{
 };
 use crate::error::FleetError;
 use crate::keys;
-use crate::nodes::{self, Beat, Joining, Lease, NodeStatus};
-use crate::placement::{self, Need, NodeRow, OperationRow, Placed, CREATE_DEADLINE_SECS};
+use crate::nodes::{Beat, Joining, Lease, NodeStatus};
+use crate::placement::{self, Need, NodeRow, OperationRow, Placed};
+
+mod nodes;
 
 /// Connections a server keeps.
 const POOL: usize = 4;
@@ -627,51 +629,11 @@ impl Store for PgStore {
     }
 
     fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed> {
-        op!(self, "place a machine", {
-            let what = "place a machine";
-            let mut c = self.conn().await?;
-            let tx = c.transaction().await.map_err(|e| error(what, e))?;
-            let t = now();
-            let node: Option<String> = tx
-                .query_opt(
-                    &query(placement::RESERVE, placement::lock(true, false)),
-                    &[&need.memory_mib, &need.cpus, &t],
-                )
-                .await
-                .map_err(|e| error("reserve a node", e))?
-                .map(|r| r.get(0));
-            let Some(node_id) = node else {
-                return Ok(Placed::NoCapacity);
-            };
-            if !insert_machine_on(&tx, m).await? {
-                return Ok(Placed::NameTaken);
-            }
-            tx.execute(
-                &query(placement::INSERT_PLACEMENT, ""),
-                &[&m.id, &node_id, &need.memory_mib, &need.cpus],
-            )
-            .await
-            .map_err(|e| error("record a placement", e))?;
-            let operation_id = new_id("op-");
-            tx.execute(
-                &query(placement::INSERT_OPERATION, ""),
-                &[
-                    &operation_id,
-                    &m.tenant_id,
-                    &m.id,
-                    &node_id,
-                    &t,
-                    &(t + CREATE_DEADLINE_SECS),
-                ],
-            )
-            .await
-            .map_err(|e| error("record an operation", e))?;
-            tx.commit().await.map_err(|e| error(what, e))?;
-            Ok(Placed::Placed {
-                node_id,
-                operation_id,
-            })
-        })
+        op!(
+            self,
+            "place a machine",
+            self.reserve_retrying(m, need).await
+        )
     }
 
     fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {
@@ -804,36 +766,23 @@ impl Store for PgStore {
     }
 
     fn put_ca<'a>(&'a self, cert_pem: &'a str, key_pem: &'a str) -> StoreFuture<'a, bool> {
-        op!(self, "store the fleet CA", {
-            let c = self.conn().await?;
-            let n = c
-                .execute(&query(nodes::PUT_CA, ""), &[&cert_pem, &key_pem, &now()])
-                .await
-                .map_err(|e| error("store the fleet CA", e))?;
-            Ok(n == 1)
-        })
+        op!(
+            self,
+            "store the fleet CA",
+            self.put_ca_on(cert_pem, key_pem).await
+        )
     }
 
     fn ca(&self) -> StoreFuture<'_, Option<(String, String)>> {
-        op!(self, "read the fleet CA", {
-            let c = self.conn().await?;
-            let row = c
-                .query_opt(nodes::CA, &[])
-                .await
-                .map_err(|e| error("read the fleet CA", e))?;
-            Ok(row.map(|r| (r.get(0), r.get(1))))
-        })
+        op!(self, "read the fleet CA", self.ca_on().await)
     }
 
     fn create_join_token<'a>(&'a self, hash: &'a str, ttl_ms: i64) -> StoreFuture<'a, String> {
-        op!(self, "store a join token", {
-            let id = new_id("jt-");
-            let c = self.conn().await?;
-            c.execute(&query(nodes::CREATE_TOKEN, ""), &[&id, &hash, &ttl_ms])
-                .await
-                .map_err(|e| error("store a join token", e))?;
-            Ok(id)
-        })
+        op!(
+            self,
+            "store a join token",
+            self.create_join_token_on(hash, ttl_ms).await
+        )
     }
 
     fn join_node<'a>(
@@ -842,35 +791,7 @@ impl Store for PgStore {
         n: &'a Joining,
         lease: Lease,
     ) -> StoreFuture<'a, bool> {
-        op!(self, "join a node", {
-            let what = "join a node";
-            let mut c = self.conn().await?;
-            let tx = c.transaction().await.map_err(|e| error(what, e))?;
-            let redeemed = tx
-                .query_opt(&query(nodes::REDEEM_TOKEN, ""), &[&hash, &n.id])
-                .await
-                .map_err(|e| error("redeem a join token", e))?;
-            if redeemed.is_none() {
-                return Ok(false);
-            }
-            tx.execute(
-                &query(nodes::INSERT_NODE, ""),
-                &[
-                    &n.id,
-                    &n.memory_mib,
-                    &n.cpus,
-                    &now(),
-                    &n.name,
-                    &n.cert_sha256,
-                    &lease.lease_ms,
-                    &lease.lost_after_ms,
-                ],
-            )
-            .await
-            .map_err(|e| error("record a node", e))?;
-            tx.commit().await.map_err(|e| error(what, e))?;
-            Ok(true)
-        })
+        op!(self, "join a node", self.join_node_on(hash, n, lease).await)
     }
 
     fn heartbeat<'a>(
@@ -880,60 +801,24 @@ impl Store for PgStore {
         memory_mib: i64,
         cpus: i64,
     ) -> StoreFuture<'a, Beat> {
-        op!(self, "renew a lease", {
-            let c = self.conn().await?;
-            let row = c
-                .query_opt(
-                    &query(nodes::HEARTBEAT, ""),
-                    &[
-                        &cert_sha256,
-                        &lease.lease_ms,
-                        &lease.lost_after_ms,
-                        &memory_mib,
-                        &cpus,
-                        &now(),
-                    ],
-                )
+        op!(
+            self,
+            "renew a lease",
+            self.heartbeat_on(cert_sha256, lease, memory_mib, cpus)
                 .await
-                .map_err(|e| error("renew a lease", e))?;
-            Ok(row.map(|r| (r.get(0), r.get(1))))
-        })
+        )
     }
 
     fn node_status(&self) -> StoreFuture<'_, Vec<NodeStatus>> {
-        op!(self, "list nodes", {
-            let c = self.conn().await?;
-            let rows = c
-                .query(&query(nodes::NODE_STATUS, ""), &[])
-                .await
-                .map_err(|e| error("list nodes", e))?;
-            Ok(rows
-                .iter()
-                .map(|r| NodeStatus {
-                    node: NodeRow {
-                        id: r.get(0),
-                        state: r.get(1),
-                        memory_mib: r.get(2),
-                        cpus: r.get(3),
-                        reserved_mib: r.get(4),
-                        reserved_cpus: r.get(5),
-                    },
-                    name: r.get(6),
-                    liveness: r.get(7),
-                })
-                .collect())
-        })
+        op!(self, "list nodes", self.node_status_on().await)
     }
 
     fn set_node_state<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {
-        op!(self, "set a node's state", {
-            let c = self.conn().await?;
-            let n = c
-                .execute(&query(nodes::SET_STATE, ""), &[&id, &state, &now()])
-                .await
-                .map_err(|e| error("set a node's state", e))?;
-            Ok(n == 1)
-        })
+        op!(
+            self,
+            "set a node's state",
+            self.set_node_state_on(id, state).await
+        )
     }
 
     fn delete_checkpoint<'a>(
