@@ -183,6 +183,18 @@ enum NodeCmd {
         #[arg(long, value_name = "URL")]
         db: Option<String>,
     },
+    /// Removes a node from the fleet: its certificate is refused from then on (its agent
+    /// stops). Refused while machines are placed on it.
+    Remove {
+        /// `node-…`.
+        id: String,
+        /// The fleet's home.
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// The fleet's store.
+        #[arg(long, value_name = "URL")]
+        db: Option<String>,
+    },
     /// Lists nodes with their state by the database's clock.
     List {
         /// The fleet's home.
@@ -569,6 +581,23 @@ fn node_admin(cmd: NodeCmd) -> AnyResult {
                     return Err(format!("no node {id}").into());
                 }
                 println!("{id} {state}");
+            }
+            NodeCmd::Remove { id, home, db } => {
+                let home = home.unwrap_or_else(default_home);
+                let db = open_store(&home, db.or_else(env_db).as_deref()).await?;
+                match db.remove_node(&id).await? {
+                    smol_fleet::nodes::Removed::Removed => println!("{id} removed"),
+                    smol_fleet::nodes::Removed::NotFound => {
+                        return Err(format!("no node {id}").into())
+                    }
+                    smol_fleet::nodes::Removed::HasMachines(n) => {
+                        return Err(format!(
+                            "{id} has {n} machine(s) placed on it: delete them first (cordon \
+                             it meanwhile)"
+                        )
+                        .into())
+                    }
+                }
             }
             NodeCmd::List { home, db } => {
                 let home = home.unwrap_or_else(default_home);

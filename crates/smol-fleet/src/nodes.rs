@@ -83,6 +83,14 @@ RETURNING id, state";
 /// Cordons (`cordoned`: no new placements) or uncordons (`ready`) node `?1`.
 pub(crate) const SET_STATE: &str = "UPDATE nodes SET state = ?2, updated_at = ?3 WHERE id = ?1";
 
+/// Removes node `?1` unless a machine is placed on it (its certificate then matches no node:
+/// its requests are refused).
+pub(crate) const REMOVE_NODE: &str = "
+DELETE FROM nodes WHERE id = ?1
+   AND NOT EXISTS (SELECT 1 FROM placements WHERE node_id = ?1)";
+
+pub(crate) const PLACED_ON: &str = "SELECT COUNT(*) FROM placements WHERE node_id = ?1";
+
 pub(crate) const NODE_STATUS: &str = "
 SELECT id, state, memory_mib, cpus, reserved_mib, reserved_cpus, name,
        CASE WHEN lease_until IS NULL OR lease_until >= {now_ms} THEN 'live'
@@ -138,6 +146,17 @@ impl NodeStatus {
             &self.liveness
         }
     }
+}
+
+/// What [`crate::Store::remove_node`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// The node is gone; its certificate is refused from now on.
+    Removed,
+    /// No such node.
+    NotFound,
+    /// This many machines are placed on it: nothing removed.
+    HasMachines(i64),
 }
 
 /// What a heartbeat found: the node's id and state, or no node of that certificate.
@@ -230,6 +249,24 @@ pub fn set_state(c: &Connection, id: &str, state: &str) -> Result<bool, FleetErr
         .execute(SET_STATE, params![id, state, now()])
         .map_err(|e| FleetError::db("set a node's state", e))?;
     Ok(n == 1)
+}
+
+/// Removes node `id` unless machines are placed on it.
+pub fn remove(c: &Connection, id: &str) -> Result<Removed, FleetError> {
+    let n = c
+        .execute(REMOVE_NODE, [id])
+        .map_err(|e| FleetError::db("remove a node", e))?;
+    if n == 1 {
+        return Ok(Removed::Removed);
+    }
+    let placed: i64 = c
+        .query_row(PLACED_ON, [id], |r| r.get(0))
+        .map_err(|e| FleetError::db("remove a node", e))?;
+    Ok(if placed > 0 {
+        Removed::HasMachines(placed)
+    } else {
+        Removed::NotFound
+    })
 }
 
 /// Every node with its liveness.

@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 
 use crate::db::{AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
 use crate::error::FleetError;
-use crate::nodes::{Beat, Joining, Lease, NodeStatus};
+use crate::nodes::{Beat, Joining, Lease, NodeStatus, Removed};
 use crate::placement::{Need, NodeRow, OperationRow, Placed};
 
 pub mod pg;
@@ -138,6 +138,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Sets node `id`'s state (`ready`, `cordoned`: placement takes only `ready`); whether
     /// it exists.
     fn set_node_state<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool>;
+    /// Removes node `id` (its certificate refused from then on) unless machines are placed
+    /// on it.
+    fn remove_node<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Removed>;
 
     /// Removes checkpoint `id` unless a machine restored from it still exists.
     fn delete_checkpoint<'a>(

@@ -35,6 +35,16 @@ async fn admin(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs `smolfleet ARGS`, which must fail; its stderr.
+async fn admin_fails(args: &[&str]) -> String {
+    let out = tokio::time::timeout(WAIT, Command::new(BIN).args(args).output())
+        .await
+        .expect("the admin command ends")
+        .expect("smolfleet runs");
+    assert!(!out.status.success(), "smolfleet {args:?} succeeded");
+    String::from_utf8(out.stderr).unwrap()
+}
+
 /// A running `smolfleet`, its stdout lines and its stderr in a file.
 struct Proc {
     child: Child,
@@ -368,6 +378,32 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
         db.reserve(&machine("mach-3", &tenant), need).await.unwrap(),
         Placed::Placed { .. }
     ));
+
+    // removed: refused while machines are placed on it; a node without is removed, and its
+    // agent, now refused, stops
+    let err = admin_fails(&["node", "remove", &id, "--db", &url, "--home", &ctl]).await;
+    assert!(err.contains("has 3 machine(s) placed on it"), "{err}");
+    let token2 = admin(&["node", "join-token", "--db", &url, "--home", &ctl]).await;
+    let token2 = token2.lines().last().unwrap().to_string();
+    let mut c = spawn_node("c", Some(&token2), "c.err");
+    let (id_c, _) = node_line(&c.line("node node-").await);
+    assert_ne!(id_c, id);
+    await_state(&db, &id_c, "ready").await;
+    let said = admin(&["node", "remove", &id_c, "--db", &url, "--home", &ctl]).await;
+    assert_eq!(said.trim(), format!("{id_c} removed"));
+    let status = tokio::time::timeout(WAIT, c.child.wait())
+        .await
+        .expect("the removed node's agent stops")
+        .unwrap();
+    assert!(!status.success());
+    let err = std::fs::read_to_string(dir.path().join("c.err")).unwrap();
+    assert!(err.contains("no node holds this certificate"), "{err}");
+    assert!(db
+        .node_status()
+        .await
+        .unwrap()
+        .iter()
+        .all(|n| n.node.id != id_c));
     drop(a2);
     drop(control_b);
 }

@@ -9,7 +9,7 @@ use std::pin::Pin;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use smol_fleet::nodes::{Joining, Lease};
+use smol_fleet::nodes::{Joining, Lease, Removed};
 use smol_fleet::placement::{Need, NodeRow, Placed};
 use smol_fleet::testing::pg::PgCluster;
 use smol_fleet::{keys, store, CheckpointDeleted, CheckpointRow, Db, MachineRow, Restored};
@@ -487,6 +487,24 @@ async fn join_tokens_and_leases(url: String) {
             .unwrap(),
         Placed::Placed { .. }
     ));
+    // removed: refused with machines placed on it; without, gone and its certificate unknown
+    assert_eq!(
+        db.remove_node(&winner.id).await.unwrap(),
+        Removed::HasMachines(2)
+    );
+    assert_eq!(
+        db.remove_node("node-missing").await.unwrap(),
+        Removed::NotFound
+    );
+    db.create_join_token("hash-2", 600_000).await.unwrap();
+    let other = joining("node-f");
+    assert!(db.join_node("hash-2", &other, lease).await.unwrap());
+    assert_eq!(db.remove_node(&other.id).await.unwrap(), Removed::Removed);
+    assert_eq!(
+        db.heartbeat(&other.cert_sha256, lease, 1, 1).await.unwrap(),
+        None
+    );
+    assert_eq!(db.node_status().await.unwrap().len(), 1);
 }
 
 async fn placement_and_operations(url: String) {

@@ -19,7 +19,7 @@ use crate::db::{
 };
 use crate::error::FleetError;
 use crate::keys;
-use crate::nodes::{Beat, Joining, Lease, NodeStatus};
+use crate::nodes::{Beat, Joining, Lease, NodeStatus, Removed};
 use crate::placement::{self, Need, NodeRow, OperationRow, Placed};
 
 mod nodes;
@@ -819,6 +819,10 @@ impl Store for PgStore {
             "set a node's state",
             self.set_node_state_on(id, state).await
         )
+    }
+
+    fn remove_node<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Removed> {
+        op!(self, "remove a node", self.remove_node_on(id).await)
     }
 
     fn delete_checkpoint<'a>(

@@ -8,7 +8,7 @@ use crate::error::FleetError;
 
 use super::{Store, StoreFuture};
 use crate::db::{AuthKey, CheckpointDeleted, CheckpointRow, KeyRow, MachineRow, Restored};
-use crate::nodes::{self, Beat, Joining, Lease, NodeStatus};
+use crate::nodes::{self, Beat, Joining, Lease, NodeStatus, Removed};
 use crate::placement::{self, Need, NodeRow, OperationRow, Placed};
 
 /// SQLite as a [`Store`].
@@ -229,6 +229,11 @@ impl Store for SqliteStore {
     fn set_node_state<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {
         let (i, s) = (id.to_owned(), state.to_owned());
         call!(self, |c| nodes::set_state(c, &i, &s))
+    }
+
+    fn remove_node<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Removed> {
+        let i = id.to_owned();
+        call!(self, |c| nodes::remove(c, &i))
     }
 
     fn delete_checkpoint<'a>(

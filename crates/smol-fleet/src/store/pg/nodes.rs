@@ -6,7 +6,7 @@ use tokio_postgres::error::SqlState;
 use super::{error, insert_machine_on, query, PgStore};
 use crate::db::{new_id, now, MachineRow};
 use crate::error::FleetError;
-use crate::nodes::{self, Beat, Joining, Lease, NodeStatus};
+use crate::nodes::{self, Beat, Joining, Lease, NodeStatus, Removed};
 use crate::placement::{self, Need, NodeRow, Placed, CREATE_DEADLINE_SECS};
 
 /// How often a placement is tried when it is a deadlock's (or serialization failure's) victim.
@@ -220,5 +220,26 @@ impl PgStore {
             .await
             .map_err(|e| error("set a node's state", e))?;
         Ok(n == 1)
+    }
+
+    pub(super) async fn remove_node_on(&self, id: &str) -> Result<Removed, FleetError> {
+        let c = self.conn().await?;
+        let n = c
+            .execute(&query(nodes::REMOVE_NODE, ""), &[&id])
+            .await
+            .map_err(|e| error("remove a node", e))?;
+        if n == 1 {
+            return Ok(Removed::Removed);
+        }
+        let placed: i64 = c
+            .query_one(&query(nodes::PLACED_ON, ""), &[&id])
+            .await
+            .map_err(|e| error("remove a node", e))?
+            .get(0);
+        Ok(if placed > 0 {
+            Removed::HasMachines(placed)
+        } else {
+            Removed::NotFound
+        })
     }
 }
