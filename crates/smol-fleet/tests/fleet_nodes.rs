@@ -259,6 +259,10 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
         .await
         .unwrap();
     assert_eq!(h["nodeId"], id.as_str(), "{h}");
+    // the node's own door answers health routes only
+    let other = health.replace("/health", "/v1/machines");
+    let r = http.get(&other).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
 
     // the token again, from another host: refused, and nothing is issued
     let mut b = spawn_node("b", Some(&token), "b.err");
@@ -270,6 +274,30 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
     let err = std::fs::read_to_string(dir.path().join("b.err")).unwrap();
     assert!(err.contains("join token refused"), "{err}");
     assert!(!dir.path().join("b").join("node.crt").exists());
+    assert_eq!(db.node_status().await.unwrap().len(), 1);
+
+    // a token past its expiry (by the database's clock) is refused too
+    let short = admin(&[
+        "node",
+        "join-token",
+        "--ttl",
+        "100ms",
+        "--db",
+        &url,
+        "--home",
+        &ctl,
+    ])
+    .await;
+    let short = short.lines().last().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut e = spawn_node("e", Some(&short), "e.err");
+    let status = tokio::time::timeout(WAIT, e.child.wait())
+        .await
+        .expect("the refused node exits")
+        .unwrap();
+    assert!(!status.success());
+    let err = std::fs::read_to_string(dir.path().join("e.err")).unwrap();
+    assert!(err.contains("join token refused"), "{err}");
     assert_eq!(db.node_status().await.unwrap().len(), 1);
 
     // a client without a node certificate: 401; with one of another CA: no handshake
