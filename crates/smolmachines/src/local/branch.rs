@@ -60,9 +60,9 @@ const MAX_BANDWIDTH: u64 = 10 << 30;
 /// Name of the saved device state in the clone's run directory.
 const STATE_FILE: &str = "branch.state";
 /// A frozen base's device state, in its run directory.
-pub(super) const BASE_STATE: &str = "frozen.state";
+pub(crate) const BASE_STATE: &str = "frozen.state";
 /// A frozen base's RAM, in its RAM directory.
-const BASE_RAM: &str = "frozen.ram";
+pub(crate) const BASE_RAM: &str = "frozen.ram";
 /// A frozen base's prepared clone overlay (over `base-frozen-<name>.qcow2`), in its home.
 const CLONE_OVERLAY: &str = "clone-overlay.qcow2";
 /// Bytes of host randomness a clone's RNG is reseeded with.
@@ -585,6 +585,30 @@ impl LocalMachine {
     /// A frozen base's RAM file.
     pub(crate) fn base_ram(&self) -> PathBuf {
         self.inner.ram_dir().join(BASE_RAM)
+    }
+
+    /// Makes this frozen base a booted template kept in the engine home across processes
+    /// (`local::template_store`): its record persistent and ownerless (the reaper leaves it,
+    /// dropping this handle removes nothing). The sizes of its RAM and device-state files.
+    pub(crate) async fn keep_as_template(&self) -> Result<(u64, u64)> {
+        if self.phase() != Phase::Frozen {
+            return Err(self.invalid_state("keep as a template"));
+        }
+        self.save_record(|r| {
+            r.persistent = true;
+            r.owner = None;
+            r.vmm = None;
+        })
+        .await;
+        let size = |p: PathBuf| {
+            std::fs::metadata(&p)
+                .map(|m| m.len())
+                .map_err(|e| Error::io(format!("reading {}", p.display()), e))
+        };
+        Ok((
+            size(self.base_ram())?,
+            size(self.inner.spec.dir.join(BASE_STATE))?,
+        ))
     }
 
     /// Makes this running, branchable machine a frozen base without branching it (a booted

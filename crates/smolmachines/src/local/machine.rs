@@ -970,6 +970,7 @@ mod checkpoint;
 mod pool;
 
 pub use branch::BranchReport;
+pub(crate) use branch::{BASE_RAM, BASE_STATE};
 
 impl Drop for Inner {
     fn drop(&mut self) {

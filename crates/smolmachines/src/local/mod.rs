@@ -31,6 +31,7 @@ pub mod runas;
 pub mod state;
 mod teardown;
 pub mod template;
+pub mod template_store;
 pub mod vmm;
 mod watchdog;
 
@@ -365,15 +366,20 @@ impl LocalBackend {
     pub async fn reap(&self) -> Result<usize> {
         let db = self.db().await?;
         let (run, home) = (self.machines_dir(), self.home.join("machines"));
+        let engine_home = self.home.clone();
         let n = db
             .call(move |db| {
-                reaper::reap_all(
-                    db,
-                    &reaper::Dirs {
-                        run: &run,
-                        home: &home,
-                    },
-                )
+                let dirs = reaper::Dirs {
+                    run: &run,
+                    home: &home,
+                };
+                let n = reaper::reap_all(db, &dirs)?;
+                // the booted templates kept in the home: those unused, broken or too many
+                let policy = template_store::Policy::from_env();
+                if let Err(e) = template_store::gc(db, &dirs, &engine_home, policy) {
+                    tracing::warn!(error = %e, "template GC");
+                }
+                Ok(n)
             })
             .await?;
         *self.shared.last_reap.lock().expect("reap lock") = Some(Instant::now());
@@ -611,8 +617,9 @@ impl LocalBackend {
         };
         inserted?;
         tracing::debug!(machine = %name, "name reserved");
-        let template = match templates.then(|| template::template_name(&record, &qemu)) {
-            Some(Some(t)) => self.template(&t, &record).await,
+        let key = templates.then(|| template::template_name(&record, &qemu, &self.run_dir));
+        let template = match key {
+            Some(Some(t)) => self.template(&t, &record, &qemu).await,
             _ => None,
         };
         let home_dir = self.machine_home_dir(&name);

@@ -83,11 +83,11 @@ pub(crate) struct Shared {
     pub(crate) templates: Templates,
 }
 
-/// The frozen template machines an engine keeps (held here for the process's lifetime), and
-/// the warm pool clones made of them (by template name).
+/// The names of the templates this engine used (they are kept in the engine home,
+/// `local::template_store`), and the warm pool clones made of them (by template name).
 #[derive(Default)]
 pub(crate) struct Templates(
-    pub(crate) Mutex<HashMap<String, LocalMachine>>,
+    pub(crate) Mutex<std::collections::BTreeSet<String>>,
     pub(crate) Mutex<HashMap<String, Vec<LocalMachine>>>,
 );
 
@@ -97,7 +97,7 @@ impl std::fmt::Debug for Templates {
             .0
             .lock()
             .expect("templates lock")
-            .keys()
+            .iter()
             .cloned()
             .collect();
         f.debug_tuple("Templates").field(&names).finish()

@@ -23,14 +23,18 @@
 //! *On:* `LocalBackend::with_templates(true)`, or `SMOL_TEMPLATES=1` (off by default in this
 //! slice). A template that cannot be built or used is logged and the machine boots cold: a
 //! template only ever makes a create faster, never makes one fail.
-//! *Lifetime:* a template is a machine of this process (labelled [`TEMPLATE_LABEL`], hidden
-//! from `list`), kept in the engine's shared state until the process ends or
-//! [`LocalBackend::drop_templates`]; the next process's reaper removes one left behind.
+//! *Lifetime:* a template is kept in the engine home across processes
+//! (`local::template_store`: a frozen machine with a persistent, ownerless record, hidden from
+//! `list`, its key's lock and manifest in `<home>/booted/`): the next process and concurrent
+//! ones clone it; one that is unsound (another boot, its RAM file gone, damaged files) is
+//! rebuilt; the reaper's GC removes unused ones; [`LocalBackend::drop_templates`] removes them
+//! all. The warm pool is this process's.
 //! Changed inputs give another key, so another template.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
+use super::template_store::{self as store, Inputs, KeyLock, Manifest};
 use super::*;
 use crate::config::{BranchOptions, ExecOptions, ResourceSpec};
 
@@ -68,33 +72,53 @@ fn file_stamp(path: &Path, h: &mut DefaultHasher) {
     }
 }
 
-/// The template's name for `rec`'s boot inputs, or `None` when such a machine cannot come
-/// from a template.
-pub(super) fn template_name(rec: &Record, qemu: &str) -> Option<String> {
+/// The boot inputs of a template for `rec` (`qemu`: the VMM's version; `run_dir`: the
+/// engine's, where the template's RAM and sockets live).
+pub(super) fn inputs(rec: &Record, qemu: &str, run_dir: &Path) -> Inputs {
+    Inputs {
+        kernel: rec.kernel.clone(),
+        initrd: rec.initrd.clone(),
+        image: rec
+            .image
+            .as_ref()
+            .map(|i| format!("{} ({})", i.reference, i.fstype)),
+        rootfs: rec.image.as_ref().map(|i| i.rootfs.clone()),
+        qemu: qemu.to_string(),
+        flavor: rec.flavor.clone(),
+        accel: rec.accel.clone(),
+        cpus: rec.cpus,
+        memory_mb: rec.memory_mb,
+        storage_gb: rec.storage_gb,
+        linger_ms: LINGER.as_millis() as u64,
+        run_dir: run_dir.to_path_buf(),
+    }
+}
+
+/// The template's name (its key) for `rec`'s boot inputs, or `None` when such a machine
+/// cannot come from a template.
+pub(super) fn template_name(rec: &Record, qemu: &str, run_dir: &Path) -> Option<String> {
     let eligible = !rec.network && rec.mounts.is_empty() && !rec.detach;
     if !eligible || rec.labels.contains_key(TEMPLATE_LABEL) {
         return None;
     }
     let mut h = DefaultHasher::new();
-    file_stamp(&rec.kernel, &mut h);
-    file_stamp(&rec.initrd, &mut h);
-    // an image machine's template boots with that image's root file system
-    if let Some(i) = &rec.image {
-        (&i.reference, &i.fstype).hash(&mut h);
-        file_stamp(&i.rootfs, &mut h);
+    let i = inputs(rec, qemu, run_dir);
+    i.hash(&mut h);
+    // a changed file (same path, rebuilt) is another template
+    file_stamp(&i.kernel, &mut h);
+    file_stamp(&i.initrd, &mut h);
+    if let Some(r) = &i.rootfs {
+        file_stamp(r, &mut h);
     }
-    (
-        qemu,
-        &rec.flavor,
-        &rec.accel,
-        rec.cpus,
-        rec.memory_mb,
-        rec.storage_gb,
-        LINGER.as_millis(),
-    )
-        .hash(&mut h);
     Some(format!("tpl-{:016x}", h.finish()))
 }
+
+/// How many templates this process has built (booted and frozen).
+pub fn builds() -> usize {
+    BUILDS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl LocalBackend {
     /// The same engine creating eligible machines from booted templates (`on`), or always
@@ -158,36 +182,186 @@ impl LocalBackend {
         }
     }
 
-    /// Deletes this engine's templates (the next templated create builds one again).
+    /// Deletes the templates of this engine's home that no create is cloning now, and this
+    /// engine's warm pool clones (the next templated create builds a template again).
     pub async fn drop_templates(&self) -> Result<()> {
-        let all: Vec<LocalMachine> = {
-            let mut t = self.shared.templates.0.lock().expect("templates lock");
+        let pool: Vec<LocalMachine> = {
             let mut p = self.shared.templates.1.lock().expect("pool lock");
-            p.drain()
-                .flat_map(|(_, v)| v)
-                .chain(t.drain().map(|(_, m)| m))
-                .collect()
+            p.drain().flat_map(|(_, v)| v).collect()
         };
-        for m in all {
+        for m in pool {
             m.destroy().await?;
         }
+        self.gc_templates(store::Policy {
+            max_age: Duration::ZERO,
+            max: 0,
+        })
+        .await?;
         Ok(())
     }
 
-    /// The frozen template named `name` for a machine like `rec`, built now (a cold boot, then
-    /// a freeze) when this process has none. `None` (logged): the caller boots cold.
-    pub(super) async fn template(&self, name: &str, rec: &Record) -> Option<LocalMachine> {
-        let have = || {
-            let t = self.shared.templates.0.lock().expect("templates lock");
-            t.get(name).filter(|m| m.phase() == Phase::Frozen).cloned()
+    /// Removes the templates of this engine's home that `policy` does not keep, never one a
+    /// create is cloning now (`local::template_store`; the reaper runs it with
+    /// [`store::Policy::from_env`]). Returns how many were removed.
+    pub async fn gc_templates(&self, policy: store::Policy) -> Result<usize> {
+        let db = self.db().await?;
+        let (run, home, engine_home) = (
+            self.machines_dir(),
+            self.home.join("machines"),
+            self.home.clone(),
+        );
+        db.call(move |db| {
+            let dirs = reaper::Dirs {
+                run: &run,
+                home: &home,
+            };
+            store::gc(db, &dirs, &engine_home, policy)
+        })
+        .await
+    }
+
+    /// Why the kept template `name` cannot be used (checked under its lock), or its record and
+    /// manifest.
+    async fn check_template(&self, name: &str) -> std::result::Result<(Record, Manifest), String> {
+        let m = store::read_manifest(&self.home, name)?;
+        if m.key != name {
+            return Err(format!("its manifest is of {:?}", m.key));
+        }
+        if m.boot_id != store::boot_id() {
+            return Err("it was built under another boot".into());
+        }
+        let db = self.db().await.map_err(|e| e.to_string())?;
+        let n = name.to_string();
+        let rec = db
+            .call(move |db| db.get(&n))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("its machine record is missing")?;
+        if !rec.frozen {
+            return Err("its machine is not frozen".into());
+        }
+        let size = |p: PathBuf| {
+            std::fs::metadata(&p)
+                .map(|m| m.len())
+                .map_err(|e| format!("{}: {e}", p.display()))
         };
-        if let Some(m) = have() {
-            return Some(m);
+        let run = self.machine_run_dir(name);
+        let ram = ram::dir(&self.machines_dir(), name).join(machine::BASE_RAM);
+        let (r, st) = (size(ram)?, size(run.join(machine::BASE_STATE))?);
+        if (r, st) != (m.ram_bytes, m.state_bytes) {
+            return Err(format!(
+                "its files are damaged: RAM {r} bytes (built {}), device state {st} bytes (built {})",
+                m.ram_bytes, m.state_bytes
+            ));
         }
-        let _one = BUILD.lock().await;
-        if let Some(m) = have() {
-            return Some(m);
+        size(self.machine_home_dir(name).join("disk.qcow2"))?;
+        Ok((rec, m))
+    }
+
+    /// A handle of the kept template `rec` (phase `Frozen`, no VM), holding `lock`.
+    async fn template_handle(&self, rec: Record, lock: KeyLock) -> Result<LocalMachine> {
+        let db = self.db().await?;
+        Ok(LocalMachine::new(machine::Parts {
+            spec: self.spec_for(&rec),
+            vmm: self.vmm.clone(),
+            db,
+            passt: self.passt.clone().unwrap_or_else(net::passt),
+            home_dir: self.machine_home_dir(&rec.name),
+            record: rec,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            owned: false,
+            lock: lock.0,
+            engine: self.shared.clone(),
+            phase: Phase::Frozen,
+        }))
+    }
+
+    /// The frozen template named `name` for a machine like `rec`, with its shared lock held
+    /// (by the handle): the one kept in the engine home when it is sound, else built now (a
+    /// cold boot, then a freeze) by this process, while others wait. `None` (logged): the
+    /// caller boots cold.
+    pub(super) async fn template(
+        &self,
+        name: &str,
+        rec: &Record,
+        qemu: &str,
+    ) -> Option<LocalMachine> {
+        match self.kept_or_built(name, rec, qemu).await {
+            Ok(m) => {
+                self.shared
+                    .templates
+                    .0
+                    .lock()
+                    .expect("templates lock")
+                    .insert(name.to_string());
+                Some(m)
+            }
+            Err(e) => {
+                tracing::warn!(template = name, error = %e, "no template; booting cold");
+                None
+            }
         }
+    }
+
+    async fn kept_or_built(
+        &self,
+        name: &str,
+        rec: &Record,
+        qemu: &str,
+    ) -> std::result::Result<LocalMachine, String> {
+        let path = store::lock_path(&self.home, name);
+        for _ in 0..3 {
+            let shared = store::lock(&path, false, store::LOCK_WAIT).await?;
+            match self.check_template(name).await {
+                Ok((r, _)) => {
+                    shared.touch();
+                    tracing::debug!(template = name, "using the kept template");
+                    return self
+                        .template_handle(r, shared)
+                        .await
+                        .map_err(|e| e.to_string());
+                }
+                Err(why) => tracing::info!(template = name, reason = %why, "template to build"),
+            }
+            drop(shared);
+            // one build per process at a time, one per key across processes
+            let _one = BUILD.lock().await;
+            let exclusive = store::lock(&path, true, store::LOCK_WAIT).await?;
+            if self.check_template(name).await.is_ok() {
+                continue; // built by another process meanwhile
+            }
+            self.build_template(name, rec, qemu).await?;
+            drop(exclusive);
+        }
+        Err("the template was removed as often as it was built".into())
+    }
+
+    /// Builds the template `name` (the caller holds its exclusive lock): what is left of an
+    /// older one is removed, a machine is booted and frozen, made persistent and ownerless,
+    /// and its manifest written.
+    async fn build_template(
+        &self,
+        name: &str,
+        rec: &Record,
+        qemu: &str,
+    ) -> std::result::Result<(), String> {
+        let db = self.db().await.map_err(|e| e.to_string())?;
+        let (run, home, engine_home, key) = (
+            self.machines_dir(),
+            self.home.join("machines"),
+            self.home.clone(),
+            name.to_string(),
+        );
+        db.call(move |db| {
+            let dirs = reaper::Dirs {
+                run: &run,
+                home: &home,
+            };
+            // (its lock file stays: the caller holds it)
+            store::remove(db, &dirs, &engine_home, &key, false)
+        })
+        .await
+        .map_err(|e| format!("removing the old template: {e}"))?;
         let t0 = Instant::now();
         let config = MachineConfig {
             name: Some(name.to_string()),
@@ -202,38 +376,42 @@ impl LocalBackend {
             labels: [(TEMPLATE_LABEL.to_string(), "1".to_string())].into(),
             ..Default::default()
         };
-        let built = async {
-            // (boxed: create_machine is what asked for the template)
-            let m = Box::pin(self.create_machine(config)).await?;
-            if let Err(e) = m.freeze_in_place().await {
+        // (boxed: create_machine is what asked for the template)
+        let m = Box::pin(self.create_machine(config))
+            .await
+            .map_err(|e| e.to_string())?;
+        let kept = async {
+            m.freeze_in_place().await?;
+            m.keep_as_template().await
+        }
+        .await;
+        let (ram_bytes, state_bytes) = match kept {
+            Ok(sizes) => sizes,
+            Err(e) => {
                 if let Err(d) = m.destroy().await {
                     tracing::warn!(template = name, error = %d, "cannot remove a template that failed to freeze");
                 }
-                return Err(e);
+                return Err(e.to_string());
             }
-            Ok::<_, Error>(m)
-        }
-        .await;
-        match built {
-            Ok(m) => {
-                tracing::info!(
-                    template = name,
-                    ms = t0.elapsed().as_secs_f64() * 1e3,
-                    "template booted and frozen"
-                );
-                self.shared
-                    .templates
-                    .0
-                    .lock()
-                    .expect("templates lock")
-                    .insert(name.to_string(), m.clone());
-                Some(m)
-            }
-            Err(e) => {
-                tracing::warn!(template = name, error = %e, "no template; booting cold");
-                None
-            }
-        }
+        };
+        let manifest = Manifest {
+            key: name.to_string(),
+            inputs: inputs(rec, qemu, &self.run_dir),
+            boot_id: store::boot_id(),
+            build_id: format!("{:016x}", rand::random::<u64>()),
+            builder_pid: std::process::id(),
+            built_unix: now_unix(),
+            ram_bytes,
+            state_bytes,
+        };
+        store::write_manifest(&self.home, &manifest)?;
+        BUILDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(
+            template = name,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "template booted and frozen, kept in the engine home"
+        );
+        Ok(())
     }
 
     /// Starts `machine` (just created, phase `Creating`, no disk yet) from `template`: a warm
@@ -247,7 +425,7 @@ impl LocalBackend {
     ) -> Result<()> {
         let rec = machine.record();
         if rec.labels.contains_key(POOL_LABEL) || rec.branchable || self.pool_size() == 0 {
-            return self.start_from_template(template, machine).await;
+            return self.clone_template(template, machine).await;
         }
         let tname = template.name().to_string();
         let warm = {
@@ -277,7 +455,21 @@ impl LocalBackend {
                 }
             }
         }
-        self.start_from_template(template, machine).await
+        self.clone_template(template, machine).await
+    }
+
+    /// [`Self::start_from_template`]; a failure discards the template (the next create
+    /// rebuilds it: a template only ever makes a create faster).
+    async fn clone_template(&self, template: &LocalMachine, machine: &LocalMachine) -> Result<()> {
+        let r = self.start_from_template(template, machine).await;
+        if let Err(e) = &r {
+            store::discard(
+                &self.home,
+                template.name(),
+                &format!("a clone of it failed: {e}"),
+            );
+        }
+        r
     }
 
     /// Fills `template`'s pool up to its size in the background, one clone at a time, each
@@ -380,20 +572,26 @@ mod tests {
     #[test]
     fn the_key_follows_the_boot_inputs_and_ineligible_machines_have_none() {
         let base = rec();
-        let name = template_name(&base, "QEMU 7.2").expect("a plain machine is eligible");
+        let run = Path::new("/run/smol");
+        let name = template_name(&base, "QEMU 7.2", run).expect("a plain machine is eligible");
         assert!(name.starts_with("tpl-") && name.len() == 20, "{name}");
         crate::config::validate_name(&name).expect("a valid machine name");
         // the machine's own name is not an input
         let mut other = base.clone();
         other.name = "n".into();
-        assert_eq!(template_name(&other, "QEMU 7.2"), Some(name.clone()));
+        assert_eq!(template_name(&other, "QEMU 7.2", run), Some(name.clone()));
         let mut m = base.clone();
         m.memory_mb += 1;
-        assert_ne!(template_name(&m, "QEMU 7.2"), Some(name.clone()));
-        assert_ne!(template_name(&base, "QEMU 8.0"), Some(name.clone()));
+        assert_ne!(template_name(&m, "QEMU 7.2", run), Some(name.clone()));
+        assert_ne!(template_name(&base, "QEMU 8.0", run), Some(name.clone()));
+        // another run directory (another tmpfs for the RAM) is another template
+        assert_ne!(
+            template_name(&base, "QEMU 7.2", Path::new("/tmp/other")),
+            Some(name.clone())
+        );
         let mut k = base.clone();
         k.initrd = "/nonexistent/other".into();
-        assert_ne!(template_name(&k, "QEMU 7.2"), Some(name.clone()));
+        assert_ne!(template_name(&k, "QEMU 7.2", run), Some(name.clone()));
         // an image machine has a template of its own image
         let image = |reference: &str| record::ImageRecord {
             reference: reference.into(),
@@ -407,8 +605,8 @@ mod tests {
         let mut i2 = base.clone();
         i2.image = Some(image("busybox"));
         let (n1, n2) = (
-            template_name(&i1, "QEMU 7.2"),
-            template_name(&i2, "QEMU 7.2"),
+            template_name(&i1, "QEMU 7.2", run),
+            template_name(&i2, "QEMU 7.2", run),
         );
         assert!(n1.is_some() && n2.is_some());
         assert_ne!(n1, n2);
@@ -422,7 +620,7 @@ mod tests {
         ] {
             let mut r = base.clone();
             change(&mut r);
-            assert_eq!(template_name(&r, "QEMU 7.2"), None);
+            assert_eq!(template_name(&r, "QEMU 7.2", run), None);
         }
     }
 }
