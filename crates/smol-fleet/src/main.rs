@@ -404,6 +404,12 @@ fn check_role(role: &str, db: Option<&str>) -> Result<(), String> {
             "--role {role}: a node is its own process: `smolfleet node --control URL --token T`"
         ));
     }
+    if roles != ["control", "edge"] {
+        return Err(format!(
+            "--role {role}: control and edge run together (--role control,edge); a control-only \
+             or edge-only process is not built yet"
+        ));
+    }
     if db.is_none() {
         return Err(format!(
             "--role {role}: control replicas share a store: give --db postgres://… (or the \

@@ -104,6 +104,11 @@ fn roles_not_built_and_bad_stores_are_refused_at_start() {
     assert!(!ok && err.contains("give --db"), "{err}");
     let (ok, _, err) = serve(&["--role", "node,edge"]);
     assert!(!ok && err.contains("smolfleet node --control"), "{err}");
+    let (ok, _, err) = serve(&["--role", "edge", "--db", "x.db"]);
+    assert!(
+        !ok && err.contains("edge-only process is not built"),
+        "{err}"
+    );
     let db = home.path().join("roles.db");
     let db = db.to_str().unwrap();
     let (ok, _, err) = serve(&[
