@@ -252,3 +252,43 @@ async fn smol_templates_0_boots_cold() {
     assert_eq!(child(home, "cold", "0").await, 0);
     assert!(kept(home).is_empty(), "no template: {:?}", kept(home));
 }
+
+/// A device state damaged in place (its size unchanged, so only the clone finds out): the
+/// clone fails, the create boots cold and succeeds, the template is discarded (its manifest
+/// removed) and the next create rebuilds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_template_whose_clone_fails_is_discarded_and_the_create_boots_cold() {
+    let Some((engine, dir)) = templated() else {
+        return;
+    };
+    let home = dir.path();
+    let a = engine.create_machine(config(Some("fa"))).await.unwrap();
+    let keys = kept(home);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let key = &keys[0];
+    let first = manifest(home, key);
+    let state = state_file(&engine, key);
+    let len = std::fs::metadata(&state).unwrap().len() as usize;
+    std::fs::write(&state, vec![0u8; len]).unwrap();
+    let b = engine.create_machine(config(Some("fb"))).await.unwrap();
+    assert_eq!(out(&b, "hostname").await, "fb");
+    // booted cold: its disk is no overlay over the template's
+    let layers: Vec<String> = std::fs::read_dir(home.join("machines").join("fb"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        !layers.iter().any(|l| l.starts_with("base-frozen-")),
+        "{layers:?}"
+    );
+    assert!(kept(home).is_empty(), "the template was discarded");
+    let c = engine.create_machine(config(Some("fc"))).await.unwrap();
+    assert_eq!(out(&c, "hostname").await, "fc");
+    let rebuilt = manifest(home, key);
+    assert_ne!(rebuilt.build_id, first.build_id, "rebuilt");
+    for m in [a, b, c] {
+        m.delete().await.unwrap();
+    }
+    engine.drop_templates().await.unwrap();
+}
