@@ -41,6 +41,9 @@ const _: () = assert!(PIDS_PER_COMMAND < 4096 - PIDS_RESERVE);
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static NEXT: AtomicU64 = AtomicU64::new(0);
+/// Whether a command's cgroup may have been left behind (its removal at drop found it busy):
+/// only then does the next [`Group::new`] sweep (a directory read per command otherwise).
+static LEFT_BEHIND: AtomicBool = AtomicBool::new(true);
 
 /// Memory kept out of `smol-user`'s reach, for a guest of `total` bytes: an eighth, at least
 /// 32 MiB (the agent, its buffers of up to a few MiB per transfer, the kernel's own needs).
@@ -194,19 +197,27 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         // Empty (the command and everything it started are gone): removed now; else later.
-        let _ = fs::remove_dir(&self.dir);
+        if fs::remove_dir(&self.dir).is_err() {
+            LEFT_BEHIND.store(true, Ordering::Relaxed);
+        }
     }
 }
 
 /// Removes the command cgroups that emptied (rmdir of a populated cgroup fails with `EBUSY`,
-/// which leaves it).
+/// which leaves it, to be tried again by a later sweep), when one was left behind.
 fn sweep() {
+    if !LEFT_BEHIND.swap(false, Ordering::Relaxed) {
+        return;
+    }
     let Ok(entries) = fs::read_dir(USER) else {
         return;
     };
     for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with('c') && e.path().is_dir() {
-            let _ = fs::remove_dir(e.path());
+        if e.file_name().to_string_lossy().starts_with('c')
+            && e.path().is_dir()
+            && fs::remove_dir(e.path()).is_err()
+        {
+            LEFT_BEHIND.store(true, Ordering::Relaxed);
         }
     }
 }
