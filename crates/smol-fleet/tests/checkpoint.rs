@@ -16,58 +16,12 @@ use reqwest::StatusCode;
 use serde_json::json;
 use smol_fleet::testing::spawn;
 use smolmachines::{
-    CheckpointOptions, ConnectOptions, ErrorCode, ExecOptions, Machine, MachineConfig,
-    RestoreOptions, Target,
+    CheckpointOptions, ErrorCode, ExecOptions, Machine, MachineConfig, RestoreOptions,
 };
-use support::{client, json_ok, problem};
-
-fn cloud(base_url: &str, key: &str) -> ConnectOptions {
-    ConnectOptions {
-        target: Some(Target::Cloud),
-        base_url: Some(base_url.to_string()),
-        api_key: Some(key.to_string()),
-    }
-}
+use support::{client, cloud, json_ok, key_with, problem};
 
 fn home() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("sfc")
-        .tempdir_in("/tmp")
-        .unwrap()
-}
-
-/// `smolfleet keys create` of a key of the bootstrap tenant holding `scopes`.
-fn key_with(home: &std::path::Path, scopes: &[&str]) -> String {
-    let list = support::smolfleet(home)
-        .args(["keys", "list", "--home"])
-        .arg(home)
-        .output()
-        .expect("run smolfleet");
-    let list = String::from_utf8_lossy(&list.stdout).into_owned();
-    let tenant = list
-        .split_whitespace()
-        .find(|w| w.starts_with("ten-"))
-        .unwrap_or_else(|| panic!("no tenant in {list}"))
-        .to_string();
-    let mut cmd = support::smolfleet(home);
-    cmd.args(["keys", "create", "--tenant", &tenant]);
-    for s in scopes {
-        cmd.args(["--scope", s]);
-    }
-    let out = cmd
-        .arg("--home")
-        .arg(home)
-        .env("SMOL_LOG", "warn")
-        .output()
-        .expect("run smolfleet");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{stdout}");
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("key: "))
-        .unwrap_or_else(|| panic!("no key in {stdout}"))
-        .trim()
-        .to_string()
+    support::home("sfc")
 }
 
 async fn sh_out(m: &Machine, script: &str) -> String {

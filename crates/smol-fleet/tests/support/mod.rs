@@ -127,3 +127,54 @@ pub fn smolfleet(home: &std::path::Path) -> std::process::Command {
     }
     c
 }
+
+/// Connection options of the cloud target: the server at `base_url`, API key `key`.
+pub fn cloud(base_url: &str, key: &str) -> smolmachines::ConnectOptions {
+    smolmachines::ConnectOptions {
+        target: Some(smolmachines::Target::Cloud),
+        base_url: Some(base_url.to_string()),
+        api_key: Some(key.to_string()),
+    }
+}
+
+/// A fleet home under /tmp (short paths: the engine's sockets live below it), named `prefix…`.
+pub fn home(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// `smolfleet keys create` of a key of the bootstrap tenant of `home` holding `scopes`.
+pub fn key_with(home: &std::path::Path, scopes: &[&str]) -> String {
+    let list = smolfleet(home)
+        .args(["keys", "list", "--home"])
+        .arg(home)
+        .output()
+        .expect("run smolfleet");
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let tenant = list
+        .split_whitespace()
+        .find(|w| w.starts_with("ten-"))
+        .unwrap_or_else(|| panic!("no tenant in {list}"))
+        .to_string();
+    let mut cmd = smolfleet(home);
+    cmd.args(["keys", "create", "--tenant", &tenant]);
+    for s in scopes {
+        cmd.args(["--scope", s]);
+    }
+    let out = cmd
+        .arg("--home")
+        .arg(home)
+        .env("SMOL_LOG", "warn")
+        .output()
+        .expect("run smolfleet");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .unwrap_or_else(|| panic!("no key in {stdout}"))
+        .trim()
+        .to_string()
+}
