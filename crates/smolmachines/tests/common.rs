@@ -130,3 +130,13 @@ pub fn qemu_processes_in(dir: &std::path::Path) -> usize {
         .filter(|c| c.contains("qemu") && c.contains(&needle))
         .count()
 }
+
+/// Field `field` of /proc/`pid`/status (e.g. `Uid`, `NoNewPrivs`), trimmed.
+pub fn status_field(pid: u32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}

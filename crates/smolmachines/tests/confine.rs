@@ -17,15 +17,6 @@ fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn status_field(pid: u32, field: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
 fn core_limit(pid: u32) -> (String, String) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let l = s
@@ -121,8 +112,12 @@ async fn a_running_machines_processes_are_confined_and_its_cgroup_goes_with_it()
     let qemu = m.pid().unwrap();
 
     // QEMU: its seccomp filter, no_new_privs, no core dumps, a raised OOM score
-    assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
-    assert_eq!(status_field(qemu, "Seccomp"), "2", "QEMU's -sandbox filter");
+    assert_eq!(common::status_field(qemu, "NoNewPrivs"), "1");
+    assert_eq!(
+        common::status_field(qemu, "Seccomp"),
+        "2",
+        "QEMU's -sandbox filter"
+    );
     assert_eq!(core_limit(qemu), ("0".into(), "0".into()));
     assert_eq!(oom_score_adj(qemu), confine::OOM_SCORE_ADJ);
     let own: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
@@ -175,7 +170,7 @@ async fn a_running_machines_processes_are_confined_and_its_cgroup_goes_with_it()
     assert!(names.iter().any(|n| n.starts_with("passt")), "{names:?}");
     for &pid in &members {
         let who = format!("{} ({pid})", comm(pid));
-        assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{who}");
+        assert_eq!(common::status_field(pid, "NoNewPrivs"), "1", "{who}");
         assert_eq!(core_limit(pid), ("0".into(), "0".into()), "{who}");
         assert_eq!(oom_score_adj(pid), confine::OOM_SCORE_ADJ, "{who}");
         let fds = fd_targets(pid);
@@ -215,7 +210,7 @@ async fn a_guest_memory_hog_is_killed_in_the_guest_and_the_host_stays_within_the
     let h = cgroup::detect().unwrap();
     let dirs = cgroup::machine_dirs(&h, &m.dir());
     let mem = dirs[0].clone();
-    let rss = |pid: u32| status_field(pid, "VmRSS");
+    let rss = |pid: u32| common::status_field(pid, "VmRSS");
     eprintln!("idle: QEMU VmRSS {}", rss(qemu));
     // past the guest's RAM: the guest's OOM killer ends it
     let r = run(

@@ -14,18 +14,9 @@ use common::{config, engine, run};
 use smolmachines::local::runas;
 use smolmachines::{BranchOptions, MachineBackend};
 
-fn status_field(pid: u32, field: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
 /// The real, effective, saved and file-system uids of `pid`.
 fn uids(pid: u32) -> Vec<u32> {
-    status_field(pid, "Uid")
+    common::status_field(pid, "Uid")
         .split_whitespace()
         .map(|u| u.parse().unwrap())
         .collect()
@@ -53,9 +44,13 @@ async fn a_root_engines_vmm_runs_as_an_unprivileged_user_and_the_machine_works()
     let m = engine.create_machine(c).await.unwrap();
     let qemu = m.pid().unwrap();
     assert_eq!(uids(qemu), [uid; 4], "QEMU's uids");
-    assert_eq!(status_field(qemu, "Seccomp"), "2", "QEMU's -sandbox filter");
-    assert_eq!(status_field(qemu, "NoNewPrivs"), "1");
-    let caps = status_field(qemu, "CapEff");
+    assert_eq!(
+        common::status_field(qemu, "Seccomp"),
+        "2",
+        "QEMU's -sandbox filter"
+    );
+    assert_eq!(common::status_field(qemu, "NoNewPrivs"), "1");
+    let caps = common::status_field(qemu, "CapEff");
     assert_eq!(caps, "0000000000000000", "QEMU keeps capabilities");
 
     // it works: exec, files both ways
