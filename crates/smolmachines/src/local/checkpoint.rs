@@ -84,26 +84,8 @@ impl LocalMachine {
                 "a local checkpoint needs an output path (a .smolcheckpoint file)",
             ));
         };
-        let output = std::path::absolute(output)
-            .map_err(|e| Error::invalid(format!("output {}: {e}", output.display())))?;
-        let (Some(dir), Some(fname)) = (output.parent(), output.file_name()) else {
-            return Err(Error::invalid(format!(
-                "output {} is not a file path",
-                output.display()
-            )));
-        };
-        if !dir.is_dir() {
-            return Err(Error::invalid(format!(
-                "the directory of the checkpoint output {} does not exist",
-                output.display()
-            )));
-        }
-        if output.is_dir() {
-            return Err(Error::invalid(format!(
-                "the checkpoint output {} is a directory",
-                output.display()
-            )));
-        }
+        let (output, dir, fname) = file::output_path(output, "checkpoint output")?;
+        let (dir, fname) = (dir.as_path(), fname.as_os_str());
         let _one_at_a_time = self.inner.lifecycle.lock().await;
         let phase = self.phase();
         if !matches!(phase, Phase::Running | Phase::Paused | Phase::Frozen) {

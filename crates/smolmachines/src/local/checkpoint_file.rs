@@ -339,6 +339,33 @@ fn write_with(
     })
 }
 
+/// The checkpoint file to write at `output`, made absolute, with its directory and its file
+/// name; `InvalidConfig` naming `what` when it is not a file path in an existing directory.
+pub fn output_path(output: &Path, what: &str) -> Result<(PathBuf, PathBuf, std::ffi::OsString)> {
+    let abs = std::path::absolute(output)
+        .map_err(|e| Error::invalid(format!("{what} {}: {e}", output.display())))?;
+    let (Some(dir), Some(fname)) = (abs.parent(), abs.file_name()) else {
+        return Err(Error::invalid(format!(
+            "{what} {} is not a file path",
+            abs.display()
+        )));
+    };
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "the directory of the {what} {} does not exist",
+            abs.display()
+        )));
+    }
+    if abs.is_dir() {
+        return Err(Error::invalid(format!(
+            "the {what} {} is a directory",
+            abs.display()
+        )));
+    }
+    let (dir, fname) = (dir.to_path_buf(), fname.to_os_string());
+    Ok((abs, dir, fname))
+}
+
 /// Writes the checkpoint `source` (verified; either format) as a new standalone format-1
 /// file `tmp`. Blocking. Returns the bytes written.
 pub fn export(source: &Verified, tmp: &Path) -> Result<u64> {
@@ -679,4 +706,4 @@ impl Verified {
 
 #[cfg(test)]
 #[path = "checkpoint_file_tests.rs"]
-mod tests;
+pub(crate) mod tests;

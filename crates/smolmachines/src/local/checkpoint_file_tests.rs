@@ -8,7 +8,8 @@ struct Made {
     out: PathBuf,
 }
 
-fn manifest() -> Manifest {
+/// A manifest of machine `m` with no sections yet.
+pub(crate) fn manifest() -> Manifest {
     let asset = AssetId {
         path: "/k".into(),
         size: 1,

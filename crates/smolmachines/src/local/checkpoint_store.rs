@@ -339,20 +339,7 @@ impl Read for ChunkReader {
 /// renamed into place; an existing `output` is refused). Blocking. Returns the bytes written.
 pub fn export_checkpoint(source: &Path, output: &Path) -> Result<u64> {
     use super::checkpoint_file as file;
-    let output = std::path::absolute(output)
-        .map_err(|e| Error::invalid(format!("output {}: {e}", output.display())))?;
-    let (Some(dir), Some(fname)) = (output.parent(), output.file_name()) else {
-        return Err(Error::invalid(format!(
-            "output {} is not a file path",
-            output.display()
-        )));
-    };
-    if !dir.is_dir() {
-        return Err(Error::invalid(format!(
-            "the directory of the export output {} does not exist",
-            output.display()
-        )));
-    }
+    let (output, dir, fname) = file::output_path(output, "export output")?;
     if output.exists() {
         return Err(Error::invalid(format!(
             "the export output {} exists already: export_checkpoint does not overwrite",

@@ -3,8 +3,8 @@
 use std::os::unix::fs::FileExt;
 
 use super::*;
-use crate::local::checkpoint_file::{self as file, AssetId, Manifest, Parts};
-use crate::local::record::Record;
+use crate::local::checkpoint_file::tests::manifest;
+use crate::local::checkpoint_file::{self as file, Parts};
 
 struct Dir {
     dir: tempfile::TempDir,
@@ -18,28 +18,6 @@ impl Dir {
     }
     fn p(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
-    }
-}
-
-fn manifest() -> Manifest {
-    let asset = AssetId {
-        path: "/k".into(),
-        size: 1,
-        sha256: "00".into(),
-    };
-    Manifest {
-        format: file::FORMAT,
-        smol_version: "test".into(),
-        protocol_generation: 4,
-        qemu_version: "QEMU 7.2".into(),
-        arch: std::env::consts::ARCH.into(),
-        created_unix: 1,
-        machine: Record::for_test("m"),
-        kernel: asset.clone(),
-        initrd: asset,
-        ram_bytes: 0,
-        sections: Vec::new(),
-        chunks: None,
     }
 }
 
