@@ -435,3 +435,72 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
     drop(a2);
     drop(control_b);
 }
+
+/// Not a check: the cost of a heartbeat (a new mutual-TLS connection, the lease renewed in
+/// PostgreSQL) ÷ a refused one (a new TLS connection without a client certificate, 401, no
+/// store call), medians of 200 each, interleaved, same run:
+/// `cargo test --release -p smol-fleet --test fleet_nodes measure -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn measure_heartbeat_vs_refused_request() {
+    use smol_fleet::nodeagent::{self, Beat, Membership, NodeConfig};
+    let url = pg::shared()
+        .expect("PostgreSQL starts")
+        .database("fleet_nodes_measure")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
+    let ctl = p("control");
+    let made = admin(&["init", "--db", &url, "--home", &ctl]).await;
+    let fp = made.trim().rsplit(':').next().unwrap().to_string();
+    let token = admin(&["node", "join-token", "--db", &url, "--home", &ctl]).await;
+    let token = token.lines().last().unwrap().to_string();
+    let mut control = spawn(
+        &[
+            "serve",
+            "--role",
+            "control,edge",
+            "--db",
+            &url,
+            "--home",
+            &ctl,
+            "--listen",
+            "127.0.0.1:0",
+            "--node-listen",
+            "127.0.0.1:0",
+        ],
+        &dir.path().join("control.err"),
+    );
+    let door = control.line("node door on ").await;
+    let door = door.trim_start_matches("node door on ").to_string();
+    let cfg = NodeConfig {
+        home: dir.path().join("node"),
+        name: "bench".into(),
+        memory_mib: 1024,
+        cpus: 1,
+    };
+    let m: Membership = nodeagent::join(&cfg, std::slice::from_ref(&door), Some(&token))
+        .await
+        .unwrap();
+    let mtls = nodeagent::client_config(&cfg.home).unwrap();
+    let anonymous = smol_fleet::fleetca::join_client_config(&fp).unwrap();
+    let (mut beats, mut refused) = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        let t = std::time::Instant::now();
+        let (_, b) = nodeagent::heartbeat(&mtls, &m, 0, &cfg).await.unwrap();
+        beats.push(t.elapsed());
+        assert!(matches!(b, Beat::Renewed(_)), "{b:?}");
+        let t = std::time::Instant::now();
+        let (_, b) = nodeagent::heartbeat(&anonymous, &m, 0, &cfg).await.unwrap();
+        refused.push(t.elapsed());
+        assert!(matches!(b, Beat::Refused(_)), "{b:?}");
+    }
+    beats.sort();
+    refused.sort();
+    let (b, r) = (beats[100], refused[100]);
+    println!(
+        "heartbeat (mTLS + lease in PostgreSQL) / refused (TLS, 401): {:.2}x ({b:?} vs {r:?}, medians of 200)",
+        b.as_secs_f64() / r.as_secs_f64()
+    );
+}
