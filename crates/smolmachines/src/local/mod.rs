@@ -619,7 +619,10 @@ impl LocalBackend {
         tracing::debug!(machine = %name, "name reserved");
         let key = templates.then(|| template::template_name(&record, &qemu, &self.run_dir));
         let template = match key {
-            Some(Some(t)) => self.template(&t, &record, &qemu).await,
+            Some(Some(t)) => {
+                self.template(&t, &record, &qemu, config.ready_timeout)
+                    .await
+            }
             _ => None,
         };
         let home_dir = self.machine_home_dir(&name);

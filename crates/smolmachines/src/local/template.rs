@@ -285,8 +285,9 @@ impl LocalBackend {
         name: &str,
         rec: &Record,
         qemu: &str,
+        ready_timeout: Option<Duration>,
     ) -> Option<LocalMachine> {
-        match self.kept_or_built(name, rec, qemu).await {
+        match self.kept_or_built(name, rec, qemu, ready_timeout).await {
             Ok(m) => {
                 self.shared
                     .templates
@@ -308,6 +309,7 @@ impl LocalBackend {
         name: &str,
         rec: &Record,
         qemu: &str,
+        ready_timeout: Option<Duration>,
     ) -> std::result::Result<LocalMachine, String> {
         let path = store::lock_path(&self.home, name);
         for _ in 0..3 {
@@ -330,7 +332,7 @@ impl LocalBackend {
             if self.check_template(name).await.is_ok() {
                 continue; // built by another process meanwhile
             }
-            self.build_template(name, rec, qemu).await?;
+            self.build_template(name, rec, qemu, ready_timeout).await?;
             drop(exclusive);
         }
         Err("the template was removed as often as it was built".into())
@@ -344,6 +346,7 @@ impl LocalBackend {
         name: &str,
         rec: &Record,
         qemu: &str,
+        ready_timeout: Option<Duration>,
     ) -> std::result::Result<(), String> {
         let db = self.db().await.map_err(|e| e.to_string())?;
         let (run, home, engine_home, key) = (
@@ -374,6 +377,8 @@ impl LocalBackend {
             },
             image: rec.image.as_ref().map(|i| i.reference.clone()),
             labels: [(TEMPLATE_LABEL.to_string(), "1".to_string())].into(),
+            // the create's own bound: a template that cannot boot costs it no more than that
+            ready_timeout,
             ..Default::default()
         };
         // (boxed: create_machine is what asked for the template)
