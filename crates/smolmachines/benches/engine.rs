@@ -11,9 +11,10 @@
 //!    interleaved in the same process, so a change to the file path shows as a ratio.
 //!
 //! Run with `make bench` (or `cargo bench -p smolmachines --bench engine`). Needs `make setup`.
-//! 5. branch (issue 12): `branch` call -> first exec in the clone, and a create from a booted
-//!    template (`with_templates(true)`) -> first exec, each against cold create -> first exec
-//!    in the same run, and the source's pause window (printed, never asserted).
+//! 5. branch (issue 12): `branch` call -> first exec in the clone, a create from a booted
+//!    template (`with_templates(true)`) -> first exec, and the same in a new process from the
+//!    template kept in the engine home with no warm pool, each against cold create -> first
+//!    exec in the same run, and the source's pause window (printed, never asserted).
 //!
 //! 6. checkpoint (issue 12): checkpoint of a branchable 256 MiB guest with 100 MiB dirty, and
 //!    a restore of the file -> first exec: seconds and the file's size (`engine_checkpoint.rs`).
@@ -266,6 +267,28 @@ async fn compare_agents(dir: &std::path::Path, other: std::path::PathBuf) {
     );
 }
 
+/// Set (to an engine home) in the child process of 5. that makes one machine from the template
+/// kept in that home.
+const TEMPLATE_CHILD: &str = "SMOL_BENCH_TEMPLATE_CHILD";
+
+/// The child of 5.: create -> first exec from the kept template, no warm pool; prints seconds.
+async fn templated_child(home: std::path::PathBuf) {
+    let engine = LocalBackend::at(home)
+        .with_templates(true)
+        .with_template_pool(0);
+    let t0 = Instant::now();
+    let m = engine
+        .create_machine(MachineConfig::default())
+        .await
+        .unwrap();
+    m.exec(&["true".to_string()], &ExecOptions::default())
+        .await
+        .unwrap();
+    let s = t0.elapsed().as_secs_f64();
+    m.delete().await.unwrap();
+    println!("templated-child-s={s}");
+}
+
 /// 5.: branch -> first exec in the clone against cold create -> first exec, and the pause window
 /// of the source (a 512 MiB guest that has booted and run a few commands).
 async fn branching(engine: &LocalBackend) {
@@ -341,6 +364,28 @@ async fn branching(engine: &LocalBackend) {
     row(
         "templated create -> first exec",
         median(from_template),
+        median(cold.clone()),
+        "s",
+        "<= 0.1 (baseline: cold create)",
+    );
+    // the template kept in the engine home, used by a new process with no warm pool: the
+    // create -> first exec of a fresh process (its engine opened, its first reaper scan)
+    let mut kept = Vec::new();
+    for _ in 0..BOOTS {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .env(TEMPLATE_CHILD, engine.home())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let s = text
+            .lines()
+            .find_map(|l| l.strip_prefix("templated-child-s="))
+            .unwrap_or_else(|| panic!("the child said nothing: {text}"));
+        kept.push(s.parse::<f64>().unwrap());
+    }
+    row(
+        "templated create -> first exec, kept template, new process, no pool",
+        median(kept),
         median(cold),
         "s",
         "<= 0.1 (baseline: cold create)",
@@ -469,6 +514,9 @@ async fn lifecycle(engine: &LocalBackend) {
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` probes with --list
+    }
+    if let Some(home) = std::env::var_os(TEMPLATE_CHILD) {
+        return templated_child(home.into()).await;
     }
     let tmp = tempfile::Builder::new()
         .prefix("smb")
