@@ -28,17 +28,45 @@ const NAME_ATTEMPTS: usize = 8;
 /// How long a machine may take to boot into its image (TCG hosts are slow).
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// `GET /health` (no key needed): the cluster summary of SPEC §10.5.1.
+/// The features `GET /health` advertises (SPEC §10.5.1): what this server's routes do.
+pub const FEATURES: &[&str] = &[
+    "machine.branch",
+    "machine.branch_batch",
+    // a branch leaves its source running (the original pauses it)
+    "machine.branch_source_continues",
+    "machine.fork",
+    "machine.pause_resume",
+    "machine.portable_checkpoint",
+];
+
+/// `GET /health` (no key needed): the cluster summary of SPEC §10.5.1, its nodes (this
+/// server's engine and the nodes that joined; ready: live and taking placements), and the
+/// features it has. A store that
+/// does not answer leaves the node counts out (`status: degraded`); /health still answers.
 pub async fn health(State(fleet): State<Fleet>) -> Json<serde_json::Value> {
-    Json(json!({
+    let mut h = json!({
         "status": "ok",
         "apiVersion": 2,
         "version": env!("CARGO_PKG_VERSION"),
         "clusterId": "smolfleet",
-        "nodesTotal": 1,
-        "nodesReady": 1,
         "uptimeSecs": fleet.uptime_secs(),
-    }))
+        "features": FEATURES,
+    });
+    match fleet.db().node_status().await {
+        Ok(nodes) => {
+            // this server's own engine (machines are created on it today) and the nodes that
+            // joined (a named row; an unnamed one is an embedded engine's)
+            let joined: Vec<_> = nodes.iter().filter(|n| n.name.is_some()).collect();
+            let ready = joined.iter().filter(|n| n.shown_state() == "ready").count();
+            h["nodesTotal"] = json!(1 + joined.len());
+            h["nodesReady"] = json!(1 + ready);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "/health: the store does not answer");
+            h["status"] = json!("degraded");
+        }
+    }
+    Json(h)
 }
 
 /// `GET /livez`.

@@ -208,7 +208,8 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
     let mut control = replica("control", "control.err");
     let door = control.line("node door on ").await;
     let door = door.trim_start_matches("node door on ").to_string();
-    control.line("listening on ").await;
+    let api = control.line("listening on ").await;
+    let api = api.trim_start_matches("listening on ").to_string();
     let mut control_b = replica("control-b", "control-b.err");
     let door_b = control_b.line("node door on ").await;
     let door_b = door_b.trim_start_matches("node door on ").to_string();
@@ -259,6 +260,20 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
         .await
         .unwrap();
     assert_eq!(h["nodeId"], id.as_str(), "{h}");
+    // the replica's /health counts it: its own engine and the node that joined
+    let h: serde_json::Value = http
+        .get(format!("{api}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&h["nodesTotal"], &h["nodesReady"]),
+        (&2.into(), &2.into()),
+        "{h}"
+    );
     // the node's own door answers health routes only
     let other = health.replace("/health", "/v1/machines");
     let r = http.get(&other).send().await.unwrap();

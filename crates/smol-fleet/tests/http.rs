@@ -79,6 +79,21 @@ async fn every_path_needs_a_valid_key() {
     // /health answers without a key
     let h = json_ok(c.get(url("/health")).send().await.unwrap(), StatusCode::OK).await;
     assert_eq!(h["apiVersion"], 2);
+    assert_eq!(h["status"], "ok", "{h}");
+    // the embedded node of `--role all`, live and ready
+    assert_eq!(
+        (&h["nodesTotal"], &h["nodesReady"]),
+        (&json!(1), &json!(1)),
+        "{h}"
+    );
+    let features: Vec<&str> = h["features"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(features.contains(&"machine.portable_checkpoint"), "{h}");
+    assert!(features.contains(&"machine.branch_source_continues"), "{h}");
     let r = c
         .get(url("/readyz"))
         .bearer_auth(&key)
