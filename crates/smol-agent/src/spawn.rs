@@ -217,8 +217,36 @@ struct ChildArgs {
     fds: [RawFd; 3],
     ids: Option<(u32, u32)>,
     session: Session,
+    /// The signals the child sets back to their default ([`handled`]).
+    reset: &'static [libc::c_int],
     /// The errno of the step that failed, written by the child before it exits.
     err: i32,
+}
+
+/// The signals the agent handles (looked up once, at the first spawn: std's SIGSEGV and SIGBUS,
+/// tokio's SIGCHLD; the agent installs no other handler later), with SIGCHLD and SIGPIPE always.
+/// execve resets handled signals itself; the child resets them first for the moment between
+/// unblocking signals and its execve, when a handler of the agent would run in its memory. Once
+/// instead of the 64 look-ups per command that cost a system call each under TCG.
+fn handled() -> &'static [libc::c_int] {
+    static HANDLED: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
+    HANDLED.get_or_init(|| {
+        let mut v = vec![libc::SIGCHLD, libc::SIGPIPE];
+        for sig in 1..=libc::SIGRTMAX() {
+            // SAFETY: sigaction only reads the disposition into a zeroed local (libc's own
+            // signals answer EINVAL and are skipped).
+            let has = unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction != libc::SIG_DFL
+                    && old.sa_sigaction != libc::SIG_IGN
+            };
+            if has && !v.contains(&sig) {
+                v.push(sig);
+            }
+        }
+        v
+    })
 }
 
 /// The child, between clone3 and execve. It shares the parent's memory (the parent is suspended
@@ -264,22 +292,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(a);
             }
         }
-        // The agent's signal handlers (tokio's) are not the command's: back to the defaults,
-        // SIGPIPE included (Rust ignores it), then the empty mask, as std's spawn does (libc's
-        // own signals answer EINVAL and are left alone).
-        for sig in 1..=libc::SIGRTMAX() {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                && (old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN
-                    || sig == libc::SIGPIPE)
-            {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            }
+        // The agent's signal handlers are not the command's: those that have one go back to the
+        // default before signals are unblocked, and SIGPIPE too (Rust ignores it, and an ignored
+        // signal stays ignored across execve), then the empty mask, as std's spawn does.
+        for &sig in a.reset.iter() {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
@@ -404,9 +423,11 @@ pub fn spawn(
         ],
         ids: spec.ids,
         session: spec.session,
+        reset: handled(),
         err: 0,
     };
-    let mut stack = vec![0u8; STACK];
+    // Never read or written from Rust: left uninitialised (no 64 KiB memset per command).
+    let mut stack: Vec<u8> = Vec::with_capacity(STACK);
     let base = stack.as_mut_ptr() as u64;
     let top = (base + STACK as u64) & !15;
     let mut pidfd: RawFd = -1;
@@ -562,7 +583,7 @@ mod tests {
             &[
                 "/bin/sh",
                 "-c",
-                "read -r _ _ _ _ g _ < /proc/$$/stat; echo $g; grep SigBlk /proc/self/status",
+                "read -r _ _ _ _ g _ < /proc/$$/stat; echo $g; grep -E 'SigBlk|SigIgn' /proc/self/status",
             ],
             &[("PATH", "/bin:/usr/bin")],
         );
@@ -580,6 +601,13 @@ mod tests {
         let pgid: u32 = out.lines().next().unwrap().trim().parse().unwrap();
         assert_eq!(pgid, c.id());
         assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+        // SIGPIPE, which Rust ignores, is back to its default
+        let ign = out
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:\t"))
+            .unwrap();
+        let ign = u64::from_str_radix(ign.trim(), 16).unwrap();
+        assert_eq!(ign & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
     }
 
     #[tokio::test]
