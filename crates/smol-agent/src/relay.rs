@@ -20,6 +20,11 @@ pub async fn connect(stream: Stream, port: u16) -> Result<Frame, RemoteError> {
         // Still a working connection, only with Nagle's delays.
         crate::quiet::warn(format_args!("guest port {port}: setting TCP_NODELAY"), e);
     }
+    // connected: an empty stdout frame says so (the host's readiness probe waits for it; a
+    // relay writes nothing for it, so older hosts are unaffected)
+    tx.send_owned(Chan::Stdout, Vec::new())
+        .await
+        .map_err(closed)?;
     let (mut r, mut w) = sock.into_split();
     let up = async {
         loop {

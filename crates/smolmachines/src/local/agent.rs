@@ -563,6 +563,28 @@ impl AgentConn {
 }
 
 impl AgentConn {
+    /// Whether something in the guest accepts connections on `127.0.0.1:port`: a connect
+    /// through the agent, cancelled at once. This tree's agent answers an empty data frame once
+    /// connected and an error when refused; an older agent sends nothing on success, so a
+    /// connect not refused within `wait` counts as accepted.
+    pub async fn port_listens(&self, port: u16, wait: Duration) -> Result<bool, AgentError> {
+        let mut s = self.mux.open(Op::Connect { port })?;
+        let mut g = guard(&s);
+        match tokio::time::timeout(wait, s.rx.recv()).await {
+            Err(_) => Ok(true),
+            Ok(Ok(Frame::Error { .. })) => {
+                g.done = true;
+                Ok(false)
+            }
+            Ok(Ok(Frame::Done { .. })) => {
+                g.done = true;
+                Ok(true)
+            }
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+
     /// Relays a host TCP connection to `127.0.0.1:port` in the guest until both sides close.
     pub async fn relay(&self, sock: tokio::net::TcpStream, port: u16) -> Result<(), AgentError> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

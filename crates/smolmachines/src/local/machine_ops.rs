@@ -6,6 +6,10 @@ use smol_protocol::Op;
 use super::super::agent::{ReadError, WriteError, READ_IDLE_TIMEOUT};
 use super::*;
 
+/// How long a readiness probe waits for an older agent's connect to be refused (this tree's
+/// agent answers at once either way).
+const PORT_PROBE_WAIT: Duration = Duration::from_secs(2);
+
 impl LocalMachine {
     /// Maps a failed read: the agent's errors as every agent error, the host's limits as they
     /// are.
@@ -216,9 +220,24 @@ impl MachineBackend for LocalMachine {
         if self.current_state() != MachineState::Running {
             return Ok(false);
         }
-        for p in MachineBackend::ports(self) {
-            if !super::super::ports::ready(p.host).await {
-                return Ok(false);
+        let ports = MachineBackend::ports(self);
+        if ports.is_empty() {
+            return Ok(true);
+        }
+        // each published port's guest listener, asked of the agent (not inferred from how long
+        // a host connection stays open: a clone's first connects are slow under TCG)
+        let Ok(conn) = self.conn("ready") else {
+            return Ok(false);
+        };
+        for p in ports {
+            match conn.port_listens(p.guest, PORT_PROBE_WAIT).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(e) => {
+                    tracing::debug!(machine = %self.inner.name, port = p.guest, error = %e,
+                        "readiness probe of a guest port");
+                    return Ok(false);
+                }
             }
         }
         Ok(true)

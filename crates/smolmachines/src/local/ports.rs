@@ -13,27 +13,6 @@ use super::agent::AgentConn;
 use crate::config::PortEndpoint;
 use crate::error::{Error, Result};
 
-/// Whether host port `port` on 127.0.0.1 takes a connection that stays open ~100 ms (or
-/// answers with data in that time): the host side accepts before a guest listener exists, and
-/// the relay resets a connection at once when nothing listens in the guest.
-pub async fn ready(port: u16) -> bool {
-    use tokio::io::AsyncReadExt;
-    let Ok(Ok(mut sock)) = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    else {
-        return false;
-    };
-    let mut b = [0u8; 1];
-    match tokio::time::timeout(Duration::from_millis(100), sock.read(&mut b)).await {
-        Err(_) => true,     // still open, nothing said: a listener holds it
-        Ok(Ok(n)) => n > 0, // a banner: ready; EOF: reset by the relay, nothing listens
-        Ok(Err(_)) => false,
-    }
-}
-
 /// The URLs of host port `host` (SPEC §4.7): `http://127.0.0.1:<host>[/path]` and its `ws://`
 /// twin.
 pub fn endpoint(host: u16, path: Option<&str>) -> PortEndpoint {
@@ -148,20 +127,5 @@ mod tests {
             matches!(&e, Error::NotSupported { message } if message.contains("udp")),
             "{e:?}"
         );
-    }
-
-    #[tokio::test]
-    async fn a_listener_is_ready_a_closed_port_is_not() {
-        let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let hold = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            drop(s);
-        });
-        assert!(ready(port).await);
-        hold.await.unwrap();
-        // nothing listens there any more
-        assert!(!ready(port).await);
     }
 }
