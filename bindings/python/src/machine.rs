@@ -684,11 +684,7 @@ impl Machine {
         source: std::path::PathBuf,
         output: std::path::PathBuf,
     ) -> PyResult<u64> {
-        block(
-            py,
-            None,
-            core::Machine::export_checkpoint(&source, &output),
-        )
+        block(py, None, core::Machine::export_checkpoint(&source, &output))
     }
 
     /// Removes the chunks of a local checkpoint store that no checkpoint names; returns the
