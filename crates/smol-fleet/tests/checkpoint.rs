@@ -173,18 +173,24 @@ async fn the_routes_need_their_scopes_and_a_valid_body() {
 }
 
 /// The counter a background shell keeps in its own memory, written to a tmpfs file each
-/// tenth of a second.
-const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/n; sleep 0.1; done";
+/// tenth of a second (renamed into place: a reader never sees the file empty, mid-write).
+const COUNTER: &str =
+    "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/n.t; mv /dev/shm/n.t /dev/shm/n; sleep 0.1; done";
 
 /// The counter of `m`, once it has gone past `after` (its process runs).
 async fn counter_past(m: &Machine, after: u64) -> u64 {
-    loop {
-        let n: u64 = sh_out(m, "cat /dev/shm/n").await.parse().unwrap();
-        if n > after {
+    for _ in 0..300 {
+        // nothing until the loop's first write
+        let n: Option<u64> = sh_out(m, "cat /dev/shm/n 2>/dev/null || true")
+            .await
+            .parse()
+            .ok();
+        if let Some(n) = n.filter(|&n| n > after) {
             return n;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    panic!("the counter did not pass {after} within a minute: its process does not run");
 }
 
 /// Disk, tmpfs and a live process of `m` are those of the checkpoint: `disk` and `secret`
