@@ -6,13 +6,16 @@
 //! healed (the rule deleted), it is ready again with no restart. Needs root (`ip netns`,
 //! `nft`); elsewhere it says so and passes nothing. Every wait is bounded.
 
+mod support;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use smol_fleet::placement::{Need, Placed};
+use smol_fleet::store;
 use smol_fleet::testing::pg;
-use smol_fleet::{store, Db, MachineRow};
+use support::{await_node_state as await_state, machine_row as machine};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -186,40 +189,6 @@ async fn spawn_until(
     // keep reading so the child never blocks on a full pipe
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, line)
-}
-
-async fn await_state(db: &Db, id: &str, state: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let nodes = db.node_status().await.unwrap();
-        if nodes
-            .iter()
-            .any(|n| n.node.id == id && n.shown_state() == state)
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node {id} never {state}: {nodes:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn machine(id: &str, tenant: &str) -> MachineRow {
-    MachineRow {
-        id: id.into(),
-        tenant_id: tenant.into(),
-        name: id.into(),
-        engine_name: format!("e-{id}"),
-        spec: "{}".into(),
-        created_at: 0,
-        auto_stop_seconds: None,
-        ttl_seconds: None,
-        expires_at: None,
-        ephemeral: false,
-        last_activity_at: None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

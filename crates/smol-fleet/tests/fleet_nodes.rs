@@ -7,13 +7,16 @@
 //! killed with SIGKILL becomes suspect (no placement) then lost, and comes back ready when
 //! restarted over its home (no token needed again). Every wait is bounded.
 
+mod support;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use smol_fleet::placement::{Need, Placed};
 use smol_fleet::testing::pg;
-use smol_fleet::{store, Db, MachineRow};
+use smol_fleet::{store, Db};
+use support::{await_node_state as await_state, machine_row as machine};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -100,46 +103,11 @@ impl Proc {
     }
 }
 
-/// Polls the store until node `id` shows `state` (bounded).
-async fn await_state(db: &Db, id: &str, state: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let nodes = db.node_status().await.unwrap();
-        if nodes
-            .iter()
-            .any(|n| n.node.id == id && n.shown_state() == state)
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node {id} never {state}: {nodes:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// When node `id`'s lease ends (database clock, ms).
 async fn lease_of(db: &Db, id: &str) -> i64 {
     let nodes = db.node_status().await.unwrap();
     let n = nodes.iter().find(|n| n.node.id == id).unwrap();
     n.lease_until.expect("a joined node has a lease")
-}
-
-fn machine(id: &str, tenant: &str) -> MachineRow {
-    MachineRow {
-        id: id.into(),
-        tenant_id: tenant.into(),
-        name: id.into(),
-        engine_name: format!("e-{id}"),
-        spec: "{}".into(),
-        created_at: 0,
-        auto_stop_seconds: None,
-        ttl_seconds: None,
-        expires_at: None,
-        ephemeral: false,
-        last_activity_at: None,
-    }
 }
 
 /// `node node-… of https://…; health on http://ADDR/health` as (node id, health URL).

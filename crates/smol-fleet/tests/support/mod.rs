@@ -178,3 +178,39 @@ pub fn key_with(home: &std::path::Path, scopes: &[&str]) -> String {
         .trim()
         .to_string()
 }
+
+/// Polls the store until node `id` shows `state` (within 60 s).
+pub async fn await_node_state(db: &smol_fleet::Db, id: &str, state: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = db.node_status().await.unwrap();
+        if nodes
+            .iter()
+            .any(|n| n.node.id == id && n.shown_state() == state)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {id} never {state}: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A machine row `id` of `tenant` for placement tests (no VM behind it).
+pub fn machine_row(id: &str, tenant: &str) -> smol_fleet::MachineRow {
+    smol_fleet::MachineRow {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: id.into(),
+        engine_name: format!("e-{id}"),
+        spec: "{}".into(),
+        created_at: 0,
+        auto_stop_seconds: None,
+        ttl_seconds: None,
+        expires_at: None,
+        ephemeral: false,
+        last_activity_at: None,
+    }
+}
