@@ -277,14 +277,7 @@ pub fn status(c: &Connection) -> Result<Vec<NodeStatus>, FleetError> {
     let rows = st
         .query_map([], |r| {
             Ok(NodeStatus {
-                node: NodeRow {
-                    id: r.get(0)?,
-                    state: r.get(1)?,
-                    memory_mib: r.get(2)?,
-                    cpus: r.get(3)?,
-                    reserved_mib: r.get(4)?,
-                    reserved_cpus: r.get(5)?,
-                },
+                node: NodeRow::from_columns(r)?,
                 name: r.get(6)?,
                 liveness: r.get(7)?,
                 lease_until: r.get(8)?,

@@ -62,6 +62,21 @@ pub struct NodeRow {
     pub reserved_cpus: i64,
 }
 
+impl NodeRow {
+    /// A SQLite row whose first six columns are id, state, memory_mib, cpus, reserved_mib,
+    /// reserved_cpus.
+    pub(crate) fn from_columns(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
+        Ok(NodeRow {
+            id: r.get(0)?,
+            state: r.get(1)?,
+            memory_mib: r.get(2)?,
+            cpus: r.get(3)?,
+            reserved_mib: r.get(4)?,
+            reserved_cpus: r.get(5)?,
+        })
+    }
+}
+
 /// What a machine needs of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Need {
@@ -186,16 +201,7 @@ pub fn nodes(c: &Connection) -> Result<Vec<NodeRow>, FleetError> {
         .prepare(NODES)
         .map_err(|e| FleetError::db("list nodes", e))?;
     let rows = st
-        .query_map([], |r| {
-            Ok(NodeRow {
-                id: r.get(0)?,
-                state: r.get(1)?,
-                memory_mib: r.get(2)?,
-                cpus: r.get(3)?,
-                reserved_mib: r.get(4)?,
-                reserved_cpus: r.get(5)?,
-            })
-        })
+        .query_map([], NodeRow::from_columns)
         .map_err(|e| FleetError::db("list nodes", e))?;
     rows.collect::<Result<Vec<_>, _>>()
         .map_err(|e| FleetError::db("list nodes", e))
