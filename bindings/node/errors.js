@@ -68,6 +68,7 @@ define('PermissionDeniedError', 'PERMISSION_DENIED');
 define('IsADirectoryError', 'IS_A_DIRECTORY');
 define('NetworkError', 'NETWORK_ERROR');
 define('RuntimeNotInstalledError', 'RUNTIME_NOT_INSTALLED');
+define('InsufficientMemoryError', 'INSUFFICIENT_MEMORY');
 define('UnauthorizedError', 'UNAUTHORIZED');
 define('ForbiddenError', 'FORBIDDEN');
 define('PaymentRequiredError', 'PAYMENT_REQUIRED');
@@ -90,6 +91,7 @@ function smolError(code, message, options = {}) {
 const FIELDS = [
   'port', 'exitCode', 'logTail', 'machine', 'state', 'operation', 'path', 'reason', 'command',
   'stdout', 'stderr', 'program', 'package', 'neededFor', 'scope', 'registry', 'context',
+  'requestedMib', 'availableMib',
 ];
 
 /** The typed error of a native payload `{code, message, problem}`. */

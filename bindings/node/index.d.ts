@@ -492,6 +492,9 @@ export declare class SmolError extends Error {
   program?: string;
   package?: string;
   neededFor?: string;
+  /** MiB a machine asked for and the host had for it (INSUFFICIENT_MEMORY). */
+  requestedMib?: number;
+  availableMib?: number;
   /** The missing credential scope (FORBIDDEN). */
   scope?: string;
   /** An image registry. */
@@ -540,6 +543,8 @@ export declare class IsADirectoryError extends CodedError {}
 export declare class NetworkError extends CodedError {}
 /** RUNTIME_NOT_INSTALLED: a host program the engine runs is missing (`program`, `package`) */
 export declare class RuntimeNotInstalledError extends CodedError {}
+/** INSUFFICIENT_MEMORY: the host cannot hold the machine now (`requestedMib`, `availableMib`; retryable) */
+export declare class InsufficientMemoryError extends CodedError {}
 /** UNAUTHORIZED: no, unknown or expired API key (HTTP 401) */
 export declare class UnauthorizedError extends CodedError {}
 /** FORBIDDEN: the API key lacks a scope (`scope`, HTTP 403) */

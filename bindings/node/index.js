@@ -645,6 +645,7 @@ module.exports = {
   IsADirectoryError: errors.IsADirectoryError,
   NetworkError: errors.NetworkError,
   RuntimeNotInstalledError: errors.RuntimeNotInstalledError,
+  InsufficientMemoryError: errors.InsufficientMemoryError,
   UnauthorizedError: errors.UnauthorizedError,
   ForbiddenError: errors.ForbiddenError,
   PaymentRequiredError: errors.PaymentRequiredError,

@@ -104,6 +104,16 @@ test('a missing host program names the program and the package', () => {
   assert.match(e.hint, /apt-get install qemu-utils/);
 });
 
+test('a create the host cannot hold is INSUFFICIENT_MEMORY with the figures', () => {
+  const e = fromProblem(503, ours(503, 'insufficient_memory', 'insufficientMemory', 'machine "w" needs 640 MiB of host memory but 300 MiB is available: cgroup', { machine: 'w', requestedMib: 640, availableMib: 300, reason: 'cgroup' }));
+  assert.ok(e instanceof smol.InsufficientMemoryError);
+  assert.equal(e.code, 'INSUFFICIENT_MEMORY');
+  assert.equal(e.requestedMib, 640);
+  assert.equal(e.availableMib, 300);
+  assert.equal(e.retryable, true);
+  assert.match(e.hint, /smaller machine/);
+});
+
 test('wrapNativeError still reads "[CODE] message" and a broken payload is SMOLVM_ERROR', () => {
   const e = smol.wrapNativeError(new Error('[NOT_FOUND] not found: x\x1fdo this'));
   assert.ok(e instanceof smol.NotFoundError);

@@ -73,6 +73,12 @@ fn fields<'py>(py: Python<'py>, e: &Error) -> PyResult<Bound<'py, PyDict>> {
     if let Some(c) = p.exit_code {
         d.set_item("exit_code", c)?;
     }
+    if let Some(m) = p.requested_mib {
+        d.set_item("requested_mib", m)?;
+    }
+    if let Some(m) = p.available_mib {
+        d.set_item("available_mib", m)?;
+    }
     Ok(d)
 }
 

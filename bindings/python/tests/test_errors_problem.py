@@ -126,6 +126,18 @@ def test_runtime_not_installed_names_program_and_package() -> None:
     assert e.hint and "apt-get install qemu-utils" in e.hint
 
 
+def test_insufficient_memory_says_what_was_asked_and_what_is_free() -> None:
+    e = from_problem(
+        503,
+        ours(503, "insufficient_memory", "insufficientMemory",
+             'machine "w" needs 640 MiB of host memory but 300 MiB is available: cgroup',
+             machine="w", requestedMib=640, availableMib=300, reason="cgroup"),
+    )
+    assert type(e) is smol.InsufficientMemoryError
+    assert (e.code, e.machine, e.requested_mib, e.available_mib) == ("INSUFFICIENT_MEMORY", "w", 640, 300)
+    assert e.retryable and e.hint and "smaller machine" in e.hint
+
+
 def test_errors_raise_and_pickle_with_their_fields() -> None:
     e = from_problem(409, ours(409, "conflict", "portUnavailable", "busy", port=81, reason="busy"))
     with pytest.raises(smol.ConflictError) as ei:

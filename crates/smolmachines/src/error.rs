@@ -174,6 +174,19 @@ pub enum Error {
         /// What is wrong ("it is not installed", "`qemu-img --version` fails: ...").
         problem: String,
     },
+    /// The host, or the memory cgroup the engine runs in, cannot hold the machine now: it was
+    /// not started (`local::admission`). Retryable: it may fit once other machines stop.
+    #[error("machine {name:?} needs {requested_mib} MiB of host memory but {available_mib} MiB is available: {reason}")]
+    InsufficientMemory {
+        /// Machine name.
+        name: String,
+        /// What it asks for: guest RAM plus the VMM's overhead.
+        requested_mib: u64,
+        /// What the host can give (after the other starting machines and the headroom).
+        available_mib: u64,
+        /// Which limit is the tightest, and what is reserved.
+        reason: String,
+    },
     /// A guest asset (kernel, initramfs) is missing.
     #[error("{what} not found at {}", path.display())]
     AssetMissing {
@@ -306,6 +319,7 @@ impl Error {
             | Error::Registry { .. } => C::SmolvmError,
             Error::CommandFailed { .. } => C::CommandFailed,
             Error::ProgramMissing { .. } => C::RuntimeNotInstalled,
+            Error::InsufficientMemory { .. } => C::InsufficientMemory,
             Error::Unauthorized { .. } => C::Unauthorized,
             Error::Forbidden { .. } => C::Forbidden,
             Error::PaymentRequired { .. } => C::PaymentRequired,
@@ -398,6 +412,12 @@ impl Error {
             Error::InvalidCheckpoint { .. } => {
                 "the file is not a whole, unaltered checkpoint of this architecture and QEMU: \
                  copy it again (compare its size), or take a new checkpoint on this host"
+                    .into()
+            }
+            Error::InsufficientMemory { .. } => {
+                "stop or delete machines you do not need (`smol machine ls`), or ask for a \
+                 smaller machine (memory); an operator can lower SMOL_ADMISSION_HEADROOM_MIB or \
+                 turn the check off with SMOL_ADMISSION=off (then the OOM killer chooses)"
                     .into()
             }
             Error::Storage { .. } => {

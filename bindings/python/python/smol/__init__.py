@@ -45,6 +45,7 @@ from .errors import (
     PaymentRequiredError,
     RateLimitedError,
     RuntimeNotInstalledError,
+    InsufficientMemoryError,
     SmolConnectionError,
     SmolError,
     SmolTimeoutError,

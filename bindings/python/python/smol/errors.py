@@ -17,6 +17,7 @@ Every error of the Rust core reaches Python through one function (``_from_native
      ├─ SmolTimeoutError            TIMEOUT
      ├─ HypervisorUnavailableError  HYPERVISOR_UNAVAILABLE, KVM_UNAVAILABLE
      ├─ RuntimeNotInstalledError    RUNTIME_NOT_INSTALLED (.program, .package)
+     ├─ InsufficientMemoryError     INSUFFICIENT_MEMORY (.machine, .requested_mib, .available_mib)
      ├─ UnauthorizedError           UNAUTHORIZED (no, unknown or expired API key)
      ├─ ForbiddenError              FORBIDDEN (.scope: the key lacks it)
      ├─ PaymentRequiredError        PAYMENT_REQUIRED
@@ -49,6 +50,7 @@ __all__ = [
     "SmolTimeoutError",
     "HypervisorUnavailableError",
     "RuntimeNotInstalledError",
+    "InsufficientMemoryError",
     "UnauthorizedError",
     "ForbiddenError",
     "PaymentRequiredError",
@@ -177,6 +179,13 @@ class RuntimeNotInstalledError(_Coded):
     default_code = "RUNTIME_NOT_INSTALLED"
 
 
+class InsufficientMemoryError(_Coded):
+    """The host (or the engine's cgroup) cannot hold the machine now: it was not started
+    (``requested_mib``, ``available_mib``); retryable once other machines stop."""
+
+    default_code = "INSUFFICIENT_MEMORY"
+
+
 class UnauthorizedError(_Coded):
     """The service refused the API key: none, unknown or expired (HTTP 401)."""
 
@@ -236,6 +245,7 @@ _CLASS_BY_CODE: Dict[str, Type[SmolError]] = {
     "HYPERVISOR_UNAVAILABLE": HypervisorUnavailableError,
     "KVM_UNAVAILABLE": HypervisorUnavailableError,
     "RUNTIME_NOT_INSTALLED": RuntimeNotInstalledError,
+    "INSUFFICIENT_MEMORY": InsufficientMemoryError,
     "UNAUTHORIZED": UnauthorizedError,
     "FORBIDDEN": ForbiddenError,
     "PAYMENT_REQUIRED": PaymentRequiredError,

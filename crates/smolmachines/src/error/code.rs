@@ -51,6 +51,9 @@ pub enum ErrorCode {
     KvmUnavailable,
     /// `RUNTIME_NOT_INSTALLED`: a host program the engine runs is missing.
     RuntimeNotInstalled,
+    /// `INSUFFICIENT_MEMORY`: the host (or the engine's cgroup) cannot hold the machine's
+    /// memory now (HTTP 503, retryable: it may fit once other machines stop).
+    InsufficientMemory,
     /// `COMMAND_FAILED`: `assert_success` on a non-zero exit.
     CommandFailed,
     /// `UNAUTHORIZED`: no credential, or a bad or expired one (HTTP 401).
@@ -92,6 +95,7 @@ impl ErrorCode {
         ErrorCode::HypervisorUnavailable,
         ErrorCode::KvmUnavailable,
         ErrorCode::RuntimeNotInstalled,
+        ErrorCode::InsufficientMemory,
         ErrorCode::CommandFailed,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -124,6 +128,7 @@ impl ErrorCode {
             ErrorCode::HypervisorUnavailable => "HYPERVISOR_UNAVAILABLE",
             ErrorCode::KvmUnavailable => "KVM_UNAVAILABLE",
             ErrorCode::RuntimeNotInstalled => "RUNTIME_NOT_INSTALLED",
+            ErrorCode::InsufficientMemory => "INSUFFICIENT_MEMORY",
             ErrorCode::CommandFailed => "COMMAND_FAILED",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Forbidden => "FORBIDDEN",
@@ -157,7 +162,8 @@ impl ErrorCode {
             | ErrorCode::MachineInterrupted
             | ErrorCode::HypervisorUnavailable
             | ErrorCode::KvmUnavailable
-            | ErrorCode::RuntimeNotInstalled => 503,
+            | ErrorCode::RuntimeNotInstalled
+            | ErrorCode::InsufficientMemory => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::StorageError => 507,
         }
@@ -206,6 +212,7 @@ impl ErrorCode {
                 | ErrorCode::Timeout
                 | ErrorCode::Interrupted
                 | ErrorCode::MachineInterrupted
+                | ErrorCode::InsufficientMemory
         )
     }
 

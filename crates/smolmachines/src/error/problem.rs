@@ -95,6 +95,12 @@ pub struct Problem {
     /// What needs the program.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub needed_for: Option<String>,
+    /// MiB a machine asked for (`INSUFFICIENT_MEMORY`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_mib: Option<u64>,
+    /// MiB the host had for it (`INSUFFICIENT_MEMORY`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub available_mib: Option<u64>,
     /// A missing credential scope (`FORBIDDEN`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
@@ -146,6 +152,8 @@ const MEMBERS: &[(&str, Ty)] = &[
     ("program", Ty::Str),
     ("package", Ty::Str),
     ("neededFor", Ty::Str),
+    ("requestedMib", Ty::Num),
+    ("availableMib", Ty::Num),
     ("scope", Ty::Str),
     ("registry", Ty::Str),
     ("context", Ty::Str),
@@ -398,6 +406,18 @@ impl Error {
                 p.reason = Some(problem.clone());
                 "programMissing"
             }
+            Error::InsufficientMemory {
+                name,
+                requested_mib,
+                available_mib,
+                reason,
+            } => {
+                p.machine = Some(name.clone());
+                p.requested_mib = Some(*requested_mib);
+                p.available_mib = Some(*available_mib);
+                p.reason = Some(reason.clone());
+                "insufficientMemory"
+            }
             Error::AssetMissing { what, path } => {
                 p.reason = Some((*what).to_string());
                 p.path = Some(path.display().to_string());
@@ -600,6 +620,12 @@ fn exact(
             needed_for: s(&p.needed_for)?,
             problem: reason()?,
         },
+        "insufficientMemory" => Error::InsufficientMemory {
+            name: s(&p.machine)?,
+            requested_mib: p.requested_mib?,
+            available_mib: p.available_mib?,
+            reason: reason()?,
+        },
         "assetMissing" => {
             let what = reason()?;
             let path = s(&p.path)?;
@@ -721,6 +747,12 @@ mod tests {
                 package: s("qemu-utils"),
                 needed_for: s("to create a machine"),
                 problem: s("it is not installed"),
+            },
+            Error::InsufficientMemory {
+                name: s("web"),
+                requested_mib: 640,
+                available_mib: 300,
+                reason: s("/sys/fs/cgroup/memory/t has 556 MiB free (limit 1536 MiB)"),
             },
             Error::AssetMissing {
                 what: "guest kernel",

@@ -422,6 +422,9 @@ impl LocalMachine {
     ) -> Result<()> {
         let t0 = std::time::Instant::now();
         let ms = move || t0.elapsed().as_secs_f64() * 1e3;
+        // refused before anything starts when the host cannot hold it; held until started
+        let spec = &self.inner.spec;
+        let _admitted = super::admission::admit(&spec.dir, spec.memory_mb)?;
         if let Some(dir) = self.inner.spec.ram_file.as_ref().and_then(|f| f.parent()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;

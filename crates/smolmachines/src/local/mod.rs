@@ -6,6 +6,7 @@
 //! `connect` of a held machine is that same handle, at once (see `registry`).
 
 pub mod accel;
+pub mod admission;
 pub mod agent;
 pub mod assets;
 pub mod cgroup;
