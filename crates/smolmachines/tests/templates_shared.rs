@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use common::{config, engine, run, vm_assets};
 use smolmachines::local::template_store::{self, Manifest, Policy};
-use smolmachines::local::{ram, template, LocalBackend, LocalMachine};
+use smolmachines::local::{template, LocalBackend, LocalMachine};
 use smolmachines::MachineBackend;
 
 const CHILD_HOME: &str = "SMOL_TEST_TEMPLATE_CHILD_HOME";
@@ -100,7 +100,7 @@ fn manifest(home: &Path, key: &str) -> Manifest {
 }
 
 fn ram_file(engine: &LocalBackend, key: &str) -> PathBuf {
-    ram::dir(&engine.run_dir().join("machines"), key).join("frozen.ram")
+    engine.home().join("machines").join(key).join("frozen.ram")
 }
 
 fn state_file(engine: &LocalBackend, key: &str) -> PathBuf {

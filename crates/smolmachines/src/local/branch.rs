@@ -29,7 +29,13 @@
 //!
 //! *Frozen base* (`BranchOptions.freeze_source`, and the booted templates of `create`): the
 //! source's vCPUs are not resumed; its device state is kept as `frozen.state`, its RAM file
-//! renamed `frozen.ram`, its VMM ended, its record marked `frozen` (phase `Frozen`). A branch
+//! copied (sparse) to `frozen.ram` in its home directory, on the disk file system, and removed
+//! from tmpfs, its VMM ended, its record marked `frozen` (phase `Frozen`). On disk, because a
+//! clone maps it `MAP_PRIVATE`: a page a clone touches that the base never did (a hole) would,
+//! in a tmpfs file, become a tmpfs page of the base's file charged to the clone's cgroup *and*
+//! the clone's own copy, twice the guest's RAM at worst, past its `memory.max` (its VMM was
+//! OOM-killed filling its disk, the guest page cache touching all its RAM); in a disk file it is
+//! clean page cache, which the kernel reclaims. A branch
 //! of a base copies the state file, maps `frozen.ram` itself copy-on-write (a branchable clone
 //! gets a copy), hard-links the base's disk (no VMM writes it any more) as the clone's frozen
 //! layer `base-frozen-<base>.qcow2` and copies a prepared overlay over it: no pause window, no
@@ -61,8 +67,20 @@ const MAX_BANDWIDTH: u64 = 10 << 30;
 const STATE_FILE: &str = "branch.state";
 /// A frozen base's device state, in its run directory.
 pub(crate) const BASE_STATE: &str = "frozen.state";
-/// A frozen base's RAM, in its RAM directory.
+/// A frozen base's RAM, in its home directory (see the module documentation).
 pub(crate) const BASE_RAM: &str = "frozen.ram";
+
+/// The RAM file of the frozen base whose home directory is `home` and RAM directory `ram_dir`:
+/// `<home>/frozen.ram`, or `<ram_dir>/frozen.ram` for a base frozen before the RAM of bases
+/// moved to disk (when only that one exists).
+pub(crate) fn base_ram_at(home: &Path, ram_dir: &Path) -> PathBuf {
+    let on_disk = home.join(BASE_RAM);
+    let old = ram_dir.join(BASE_RAM);
+    if !on_disk.exists() && old.exists() {
+        return old;
+    }
+    on_disk
+}
 /// A frozen base's prepared clone overlay (over `base-frozen-<name>.qcow2`), in its home.
 const CLONE_OVERLAY: &str = "clone-overlay.qcow2";
 /// Bytes of host randomness a clone's RNG is reseeded with.
@@ -249,7 +267,7 @@ impl LocalMachine {
         };
         let source = self.record();
         let src_ram = if frozen {
-            Some(self.inner.ram_dir().join(BASE_RAM))
+            Some(self.base_ram())
         } else {
             self.inner.spec.ram_file.clone()
         };
@@ -584,7 +602,7 @@ impl LocalMachine {
 
     /// A frozen base's RAM file.
     pub(crate) fn base_ram(&self) -> PathBuf {
-        self.inner.ram_dir().join(BASE_RAM)
+        base_ram_at(&self.inner.home_dir, &self.inner.ram_dir())
     }
 
     /// Makes this frozen base a booted template kept in the engine home across processes
@@ -649,21 +667,27 @@ impl LocalMachine {
     }
 
     /// After a branch with `freeze_source` (the source's vCPUs still stopped): the source
-    /// becomes a frozen base. Its device state (the clone's copy of it) and its RAM file are
-    /// kept under the base's names, its VMM is ended, and its record says `frozen`, so it
-    /// stays one across processes.
+    /// becomes a frozen base. Its device state (the clone's copy of it) and a sparse copy of
+    /// its RAM file on the disk file system (see the module documentation) are kept under the
+    /// base's names, its VMM is ended and its RAM file on tmpfs removed, and its record says
+    /// `frozen`, so it stays one across processes.
     async fn become_base(&self, ram: &Path, state: &Path) -> Result<()> {
         let base_state = self.inner.spec.dir.join(BASE_STATE);
-        let base_ram = self.inner.ram_dir().join(BASE_RAM);
+        let base_ram = self.inner.home_dir.join(BASE_RAM);
         let kept = async {
             tokio::fs::copy(state, &base_state)
                 .await
                 .map_err(|e| Error::io(format!("keeping {}", base_state.display()), e))?;
-            // the VMM only maps the file: renamed, it is the base's, and the VMM's exit
-            // leaves it
-            tokio::fs::rename(ram, &base_ram)
+            // the vCPUs are stopped: the file does not change while it is copied
+            copy_blocking(ram.to_path_buf(), base_ram.clone())
                 .await
-                .map_err(|e| Error::io(format!("keeping {}", base_ram.display()), e))
+                .map(drop)
+                .map_err(|f| {
+                    f.into_error(|reason| Error::Storage {
+                        path: base_ram.clone(),
+                        message: reason,
+                    })
+                })
         }
         .await;
         if let Err(e) = kept {
@@ -680,6 +704,8 @@ impl LocalMachine {
         self.apply(Event::Freeze, "branch")?;
         self.save_record(|r| r.frozen = true).await;
         self.kill_and_wait().await;
+        // its VMM is gone: the RAM on tmpfs is no longer anyone's
+        remove_file_logged(ram);
         tracing::info!("frozen: a branch base from now on");
         Ok(())
     }

@@ -973,7 +973,7 @@ mod checkpoint;
 mod pool;
 
 pub use branch::BranchReport;
-pub(crate) use branch::{BASE_RAM, BASE_STATE};
+pub(crate) use branch::{base_ram_at, BASE_STATE};
 
 impl Drop for Inner {
     fn drop(&mut self) {

@@ -246,7 +246,10 @@ impl LocalBackend {
                 .map_err(|e| format!("{}: {e}", p.display()))
         };
         let run = self.machine_run_dir(name);
-        let ram = ram::dir(&self.machines_dir(), name).join(machine::BASE_RAM);
+        let ram = machine::base_ram_at(
+            &self.machine_home_dir(name),
+            &ram::dir(&self.machines_dir(), name),
+        );
         let (r, st) = (size(ram)?, size(run.join(machine::BASE_STATE))?);
         if (r, st) != (m.ram_bytes, m.state_bytes) {
             return Err(format!(
