@@ -168,6 +168,29 @@ async fn a_running_machines_processes_are_confined_and_its_cgroup_goes_with_it()
     assert!(names.iter().any(|n| n.starts_with("qemu")), "{names:?}");
     assert!(names.iter().any(|n| n == "virtiofsd"), "{names:?}");
     assert!(names.iter().any(|n| n.starts_with("passt")), "{names:?}");
+    // as root: QEMU and passt each at a uid of their own (local::runas), not root, not
+    // nobody, not the same; virtiofsd stays root in its own namespaces (threat-model.md)
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 && std::env::var_os("SMOL_VMM_USER").is_none() {
+        let uid = |p: u32| -> u32 {
+            let f = common::status_field(p, "Uid");
+            f.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let passt: Vec<u32> = members
+            .iter()
+            .copied()
+            .filter(|p| comm(*p).starts_with("passt"))
+            .map(uid)
+            .collect();
+        let q = uid(qemu);
+        assert!(q != 0 && q != 65534, "QEMU's uid {q}");
+        for p in &passt {
+            assert!(
+                *p != 0 && *p != 65534 && *p != q,
+                "passt's uid {p}, QEMU's {q}"
+            );
+        }
+    }
     for &pid in &members {
         let who = format!("{} ({pid})", comm(pid));
         assert_eq!(common::status_field(pid, "NoNewPrivs"), "1", "{who}");

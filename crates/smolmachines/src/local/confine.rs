@@ -90,7 +90,7 @@ pub fn vmm_rules(spec: &VmSpec, binary: &Path) -> Vec<(PathBuf, Access)> {
         .collect();
     rules.push((binary.to_path_buf(), Access::ReadExec));
     rules.push(("/etc/ld.so.cache".into(), Access::Read));
-    if super::runas::user().is_some() {
+    if matches!(super::runas::policy(), Some(super::runas::Policy::User(_))) {
         // -runas looks its user up (getpwnam, initgroups) before it drops (local::runas)
         for f in ["/etc/passwd", "/etc/group", "/etc/nsswitch.conf"] {
             rules.push((f.into(), Access::Read));

@@ -37,7 +37,9 @@ pub fn upstream_socket(dir: &Path) -> PathBuf {
     dir.join("net").join("passt-up.sock")
 }
 
-fn prepare_dir(sock: &Path) -> Result<()> {
+/// Makes the socket's directory, owned by the uid passt runs as: `uid` (a uid of its own,
+/// `local::runas`), else nobody (65534), to which passt started as root switches by itself.
+fn prepare_dir(sock: &Path, uid: Option<u32>) -> Result<()> {
     let d = sock.parent().expect("socket has a directory");
     std::fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
     use std::os::unix::fs::PermissionsExt;
@@ -45,11 +47,21 @@ fn prepare_dir(sock: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("chmod {}", d.display()), e))?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        // passt drops to nobody (65534) when run as root
-        std::os::unix::fs::chown(d, Some(65534), Some(65534))
+        let uid = uid.unwrap_or(65534);
+        std::os::unix::fs::chown(d, Some(uid), Some(uid))
             .map_err(|e| Error::io(format!("chown {}", d.display()), e))?;
     }
     Ok(())
+}
+
+/// passt's `--runas`: a uid of its own where the engine's VMMs get one (`local::runas`), so
+/// that one machine's passt cannot signal or trace another's; else passt's own choice (nobody
+/// when started as root).
+fn passt_uid(dir: &Path) -> Option<u32> {
+    match super::runas::claim(&dir.join("net"))? {
+        super::runas::RunAs::Ids { uid, .. } => Some(uid),
+        super::runas::RunAs::User(_) => None,
+    }
 }
 
 /// The passt arguments (tested: they decide what the guest can reach).
@@ -125,7 +137,8 @@ fn spawn_passt(dir: &Path, binary: &Path) -> Result<Child> {
 
 fn spawn_passt_at(dir: &Path, binary: &Path, sock: &Path) -> Result<Child> {
     let sock = sock.to_path_buf();
-    prepare_dir(&sock)?;
+    let uid = passt_uid(dir);
+    prepare_dir(&sock, uid)?;
     // A stale socket left in place would end the wait below at once, before passt listens.
     crate::cleanup::remove_if_present(&sock).map_err(|e| {
         Error::io(
@@ -136,10 +149,11 @@ fn spawn_passt_at(dir: &Path, binary: &Path, sock: &Path) -> Result<Child> {
     let log_path = dir.join("passt.log");
     let log = std::fs::File::create(&log_path).map_err(|e| Error::io("passt log", e))?;
     let mut cmd = Command::new(binary);
-    cmd.args(args(&sock))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+    cmd.args(args(&sock));
+    if let Some(uid) = uid {
+        cmd.arg("--runas").arg(format!("{uid}:{uid}"));
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     use std::os::unix::process::CommandExt;
     // SAFETY: setsid is async-signal-safe; the helper gets its own session like the VMM.
     unsafe {

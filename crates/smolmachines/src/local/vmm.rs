@@ -364,11 +364,14 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         // werror/rerror=report: a host write that fails (the host disk is full) is an I/O
         // error in the guest, where the command that wrote sees it; QEMU's default for
         // ENOSPC pauses the whole VM, so every later exec would hang until its deadline.
+        // auto-read-only=off: the image stays open read-write through a migration (a branch,
+        // a checkpoint), instead of being reopened by name, which a VMM that dropped its uid
+        // cannot do (local::runas).
         a.extend([
             "-drive".into(),
             format!(
                 "if=none,id=disk0,file={},format=qcow2,cache=writeback,discard=unmap,\
-                 werror=report,rerror=report",
+                 werror=report,rerror=report,auto-read-only=off",
                 disk.display()
             ),
             "-device".into(),
@@ -458,9 +461,9 @@ impl Vmm for Qemu {
         })?;
         let mut args = qemu_args(spec, host_tsc_khz());
         // started as root: QEMU drops to an unprivileged user once its files are open
-        if let Some(user) = super::runas::user().filter(|_| super::runas::drops(spec)) {
-            tracing::debug!(user = %user, "the VMM drops to this user (-runas)");
-            args = super::runas::with_runas(args, &user);
+        if let Some(who) = super::runas::claim(&spec.dir) {
+            tracing::debug!(runas = %who.arg(), "the VMM drops to this uid (-runas)");
+            args = super::runas::with_runas(args, &who);
         }
         let mut cmd = tokio::process::Command::new(&bin);
         cmd.args(args)
@@ -486,7 +489,7 @@ impl Vmm for Qemu {
     }
 
     async fn reconnect_agent(&self, spec: &VmSpec) -> Result<(), VmmError> {
-        if super::runas::user().is_some() {
+        if super::runas::policy().is_some() {
             return reconnect_agent_by_fd(spec).await;
         }
         // Replacing the chardev backend with an identical one makes QEMU connect at once
