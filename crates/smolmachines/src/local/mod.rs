@@ -380,6 +380,8 @@ impl LocalBackend {
                 if let Err(e) = template_store::gc(db, &dirs, &engine_home, policy) {
                     tracing::warn!(error = %e, "template GC");
                 }
+                // RAM roots under /dev/shm of engines whose run directory is gone
+                ram::remove_orphans();
                 Ok(n)
             })
             .await?;
