@@ -13,7 +13,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 5;
+pub(crate) const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -84,6 +84,7 @@ pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     SCHEMA_V3,
     crate::placement::SCHEMA_V4,
     crate::nodes::SCHEMA_V5,
+    crate::remote::SCHEMA_V6,
 ];
 
 /// A tenant's key as listed (never the key itself).

@@ -134,12 +134,17 @@ impl FleetCa {
     pub fn sign_node(&self, csr_pem: &str, node_id: &str) -> Result<String, FleetError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| ca_error("the node's certificate request", e))?;
-        let mut params = CertificateParams::new(Vec::<String>::new())
-            .map_err(|e| ca_error("node parameters", e))?;
+        // its id as its DNS name: a control replica reaching the node's API checks it is the
+        // node the store names (the node serves that API with this certificate)
+        let mut params =
+            CertificateParams::new(vec![node_id.to_owned()]).map_err(|e| ca_error("node id", e))?;
         params.distinguished_name.push(DnType::CommonName, node_id);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| ca_error("sign the node's certificate", e))?;
@@ -183,6 +188,75 @@ impl FleetCa {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
+
+    /// The client config a control replica reaches nodes' APIs with: a fresh client
+    /// certificate of the CA whose subject is [`CONTROL_SUBJECT`] (the CA gives nodes their
+    /// id as subject, never this), the CA as the only root.
+    pub fn control_client_config(&self) -> Result<Arc<ClientConfig>, FleetError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())
+            .map_err(|e| ca_error("control parameters", e))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, CONTROL_SUBJECT);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().map_err(|e| ca_error("generate a control key", e))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| ca_error("sign the control certificate", e))?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.der.clone())
+            .map_err(|e| ca_error("trust the CA", e))?;
+        let key_der = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| ca_error("the control key", e))?;
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ca_error("TLS versions", e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![cert.der().clone()], key_der)
+            .map_err(|e| ca_error("the control certificate", e))?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// The subject (common name) of a control replica's client certificate.
+pub const CONTROL_SUBJECT: &str = "smolfleet control replica";
+
+/// Whether `der` (a client certificate the CA verified) is a control replica's: its subject
+/// is [`CONTROL_SUBJECT`]. The CA writes every subject itself (a node's is its id), so a node's
+/// certificate never carries it.
+pub fn is_control_cert(der: &[u8]) -> bool {
+    let marker = CONTROL_SUBJECT.as_bytes();
+    der.windows(marker.len()).any(|w| w == marker)
+}
+
+/// The server config of a node's API (`smolfleet node --api-listen`): its own certificate
+/// (its id as DNS name) and client certificates of the CA required.
+pub fn node_api_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, FleetError> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(first_cert(ca_pem)?)
+        .map_err(|e| ca_error("trust the CA", e))?;
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| ca_error("the client verifier", e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| ca_error("the node key", e))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ca_error("TLS versions", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![first_cert(cert_pem)?], key)
+        .map_err(|e| ca_error("the node certificate", e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The CA fingerprint a join token pins, if `token` has a token's shape.

@@ -139,6 +139,13 @@ struct NodeRun {
     /// The node's health door (loopback only).
     #[arg(long, default_value = "127.0.0.1:8702")]
     listen: SocketAddr,
+    /// The node's API, where control replicas run machines on it (mutual TLS; none: the
+    /// node runs no machines).
+    #[arg(long, value_name = "ADDR")]
+    api_listen: Option<SocketAddr>,
+    /// Where control replicas reach the node's API (default: https:// + --api-listen).
+    #[arg(long, value_name = "URL")]
+    api_url: Option<String>,
     /// The memory it offers (MiB; default: the host's).
     #[arg(long)]
     memory_mib: Option<i64>,
@@ -477,7 +484,12 @@ fn serve(
         }
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let _door = match edge.node_door {
-            Some(door) => Some(start_node_door(fleet.db().clone(), door).await?),
+            Some(door) => {
+                // creates are placed on the nodes that join through the door (`remote.rs`)
+                let ca = smol_fleet::nodedoor::load_ca(fleet.db()).await?;
+                fleet.set_remote(smol_fleet::remote::Remote::new(ca.control_client_config()?));
+                Some(start_node_door(fleet.db().clone(), door).await?)
+            }
             None => None,
         };
         if let Some(key) = bootstrap {
@@ -639,6 +651,7 @@ fn node(run: NodeRun) -> AnyResult {
         name,
         memory_mib: run.memory_mib.unwrap_or(mib),
         cpus: run.cpus.unwrap_or(cpus),
+        api_url: run.api_url,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -655,6 +668,7 @@ fn node(run: NodeRun) -> AnyResult {
             &run.control,
             run.token.as_deref(),
             run.listen,
+            run.api_listen,
             shutdown,
         )
         .await?;

@@ -7,7 +7,7 @@
 //! `--control` may name several replicas (repeat it): a join or heartbeat that cannot reach
 //! one goes to the next, so a node outlives any replica but the last.
 //!
-//! Not built yet: running machines for the control plane (docs/FLEET.md, "Not built yet").
+//! With `--api-listen` it runs the control plane's machines (`nodeapi.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -177,6 +177,9 @@ pub struct NodeConfig {
     pub memory_mib: i64,
     /// What it offers.
     pub cpus: i64,
+    /// Where its API answers, told in each heartbeat (none: it runs no machines; set by
+    /// [`run`] from `--api-listen` / `--api-url`).
+    pub api_url: Option<String>,
 }
 
 /// POSTs `body` to `path` of the first of `controls` that answers (from `start` on, going
@@ -302,6 +305,7 @@ pub async fn heartbeat(
     let beat = Heartbeat {
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
+        api_url: cfg.api_url.clone(),
     };
     let (i, status, answer) =
         post_any(config, &m.controls, start, "/fleet/v1/heartbeat", &beat).await?;
@@ -351,14 +355,17 @@ async fn health_door(
     Ok((addr, task))
 }
 
-/// Runs the node: joins (or finds its membership), opens the health door on `listen`, then
-/// heartbeats until `shutdown`. A refused heartbeat (the certificate is no longer a node's)
-/// ends it with an error; an unreachable control plane is retried.
+/// Runs the node: joins (or finds its membership), opens the health door on `listen` and,
+/// with `api_listen`, the node's API (`nodeapi.rs`: it runs the control plane's machines;
+/// `cfg.api_url` is where replicas reach it, default `https://` + the address it listens on),
+/// then heartbeats until `shutdown`. A refused heartbeat (the certificate is no longer a
+/// node's) ends it with an error; an unreachable control plane is retried.
 pub async fn run(
-    cfg: NodeConfig,
+    mut cfg: NodeConfig,
     controls: &[String],
     token: Option<&str>,
     listen: SocketAddr,
+    api_listen: Option<SocketAddr>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), FleetError> {
     if !listen.ip().is_loopback() {
@@ -368,6 +375,24 @@ pub async fn run(
     }
     let m = join(&cfg, controls, token).await?;
     let config = client_config(&cfg.home)?;
+    let _api = match api_listen {
+        Some(at) => {
+            if at.ip().is_unspecified() && cfg.api_url.is_none() {
+                return Err(node_error(format!(
+                    "--api-listen {at}: give --api-url https://HOST:PORT, where control \
+                     replicas reach this node"
+                )));
+            }
+            let (addr, task) = crate::nodeapi::start(&cfg.home, at).await?;
+            let url = cfg
+                .api_url
+                .get_or_insert_with(|| format!("https://{addr}"))
+                .clone();
+            println!("node API on {url} (mutual TLS, control replicas only)");
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     let renewed = Arc::new(AtomicBool::new(false));
     let (addr, _door) = health_door(listen, m.node_id.clone(), renewed.clone()).await?;
     println!(
@@ -400,6 +425,15 @@ pub async fn run(
             }
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+/// A task aborted when this drops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

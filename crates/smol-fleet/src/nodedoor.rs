@@ -64,6 +64,9 @@ pub struct Heartbeat {
     pub memory_mib: i64,
     /// What it offers now.
     pub cpus: i64,
+    /// Where its API answers (`https://HOST:PORT`; none: it runs no machines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
 }
 
 /// A heartbeat's answer.
@@ -180,12 +183,19 @@ async fn heartbeat(
         .heartbeat(&cert, door.lease, beat.memory_mib.max(0), beat.cpus.max(0))
         .await
     {
-        Ok(Some((node_id, state))) => Json(Renewed {
-            node_id,
-            state,
-            lease_ms: door.lease.lease_ms,
-        })
-        .into_response(),
+        Ok(Some((node_id, state))) => {
+            if let Some(url) = &beat.api_url {
+                if let Err(e) = door.db.set_node_api(&node_id, url).await {
+                    return failed(e);
+                }
+            }
+            Json(Renewed {
+                node_id,
+                state,
+                lease_ms: door.lease.lease_ms,
+            })
+            .into_response()
+        }
         Ok(None) => refuse(
             StatusCode::FORBIDDEN,
             "no node holds this certificate (removed from the fleet?)",

@@ -111,17 +111,23 @@ fn spec_of(row: &MachineRow) -> Option<CreateMachineBody> {
 /// The record of `row` with the engine's view of it (`None`: the engine has no such
 /// machine any more, reported as `error`).
 fn info_of(row: &MachineRow, summary: Option<&MachineSummary>) -> MachineInfo {
-    let spec = spec_of(row);
-    let mut info = match summary {
+    let info = match summary {
         Some(s) => MachineInfo::from(s),
         None => MachineInfo {
             state: "error".into(),
             ..Default::default()
         },
     };
+    row_onto(row, info)
+}
+
+/// `info` (the engine's or a remote node's view) with the record's facts: its id, name,
+/// create body and lifetimes. Not ready unless running; never ready with an `errorReason`.
+fn row_onto(row: &MachineRow, mut info: MachineInfo) -> MachineInfo {
+    let spec = spec_of(row);
     info.id = row.id.clone();
     info.name = Some(row.name.clone());
-    info.ready = Some(info.state == "running");
+    info.ready = Some(info.state == "running" && info.error_reason.is_none());
     if let Some(spec) = spec {
         info.source = Some(spec.source);
         info.network = spec.network;
@@ -154,6 +160,11 @@ async fn summaries(fleet: &Fleet) -> ApiResult<BTreeMap<String, MachineSummary>>
 }
 
 pub(crate) async fn info_of_row(fleet: &Fleet, row: &MachineRow) -> ApiResult<MachineInfo> {
+    if let Some(remote) = crate::remote::info_of(fleet, row).await? {
+        let mut info = row_onto(row, remote);
+        fleet.finish_lifetime(row, &mut info);
+        return Ok(info);
+    }
     let all = summaries(fleet).await?;
     let mut info = info_of(row, all.get(&row.engine_name));
     fleet.finish_lifetime(row, &mut info);
@@ -223,11 +234,18 @@ pub async fn create_machine(
     for_node.ephemeral = None;
     for_node.auto_stop_seconds = None;
     for_node.ttl_seconds = None;
+    let node_body = for_node.clone();
     let mut config = for_node.into_config(|name| {
         Err(Error::NotSupported {
             message: format!("credential {name:?}: this server has no credential store yet"),
         })
     })?;
+    let id = if fleet.on_node() {
+        // a node's fleet records the machine under the control plane's id (`nodeapi.rs`)
+        req.name.clone().unwrap_or(id)
+    } else {
+        id
+    };
     config.name = Some(id.clone());
     // the node picks the host side of each published port (loopback, relayed by the engine)
     for p in config.ports.iter_mut().filter(|p| p.host == 0) {
@@ -260,6 +278,61 @@ pub async fn create_machine(
     // in flight until created: the sweeper leaves a half-made machine alone
     let _busy = fleet.busy(&id).await;
     let attempts = if req.name.is_some() { 1 } else { NAME_ATTEMPTS };
+    if fleet.remote().is_some() {
+        // placed on a remote node (`remote.rs`): reserved in one transaction with the record
+        let need = crate::placement::Need {
+            memory_mib: i64::from(
+                config
+                    .resources
+                    .memory_mb
+                    .unwrap_or(smolmachines::local::DEFAULT_MEMORY_MB),
+            ),
+            cpus: i64::from(
+                config
+                    .resources
+                    .cpus
+                    .unwrap_or(smolmachines::local::DEFAULT_CPUS),
+            ),
+        };
+        let mut operation = None;
+        for _ in 0..attempts {
+            row.name = req.name.clone().unwrap_or_else(generate_name);
+            match fleet.db().reserve(&row, need).await? {
+                crate::placement::Placed::Placed { operation_id, .. } => {
+                    operation = Some(operation_id);
+                    break;
+                }
+                crate::placement::Placed::NameTaken => continue,
+                crate::placement::Placed::NoCapacity => {
+                    return Err(ApiError(Error::Coded {
+                        code: smolmachines::ErrorCode::SmolvmError,
+                        status: 503,
+                        message: format!(
+                            "no ready node has room for {} MiB and {} vCPUs",
+                            need.memory_mib, need.cpus
+                        ),
+                        problem_code: None,
+                        retryable: true,
+                        retry_after: Some(Duration::from_secs(1)),
+                    }))
+                }
+            }
+        }
+        let Some(operation) = operation else {
+            return Err(ApiError(Error::Conflict { name: row.name }));
+        };
+        if let Err(resp) = crate::remote::create_on_node(&fleet, &row, &operation, node_body).await
+        {
+            return Ok(resp);
+        }
+        let created = fleet
+            .db()
+            .machine(&row.tenant_id, &row.id)
+            .await?
+            .ok_or_else(|| ApiError::machine_not_found(&id))?;
+        let info = info_of_row(&fleet, &created).await?;
+        return Ok((StatusCode::CREATED, Json(info)).into_response());
+    }
     let mut reserved = false;
     for _ in 0..attempts {
         row.name = req.name.clone().unwrap_or_else(generate_name);
@@ -335,6 +408,14 @@ pub async fn list_machines(
     let all = summaries(&fleet).await?;
     let mut out = Vec::new();
     for r in &rows {
+        if let Some(remote) = crate::remote::info_of(&fleet, r).await? {
+            let mut info = row_onto(r, remote);
+            fleet.finish_lifetime(r, &mut info);
+            if want.iter().all(|(k, v)| info.labels.get(k) == Some(v)) {
+                out.push(info);
+            }
+            continue;
+        }
         let mut info = info_of(r, all.get(&r.engine_name));
         fleet.finish_lifetime(r, &mut info);
         finish_pause(&fleet, r, &mut info).await;

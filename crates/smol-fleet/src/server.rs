@@ -53,6 +53,10 @@ struct Inner {
     listen_port: std::sync::atomic::AtomicU16,
     /// Activity, operations in flight and the sweep interval (`sweeper.rs`).
     lifetimes: crate::sweeper::Lifetimes,
+    /// Where creates go and how nodes are reached (`remote.rs`; `--role control,edge`).
+    remote: std::sync::OnceLock<crate::remote::Remote>,
+    /// This fleet is a node's (`nodeapi.rs`): a create takes the control plane's id.
+    on_node: std::sync::atomic::AtomicBool,
 }
 
 fn make_home(home: &Path) -> Result<(), FleetError> {
@@ -104,6 +108,8 @@ impl Fleet {
                     apps: Default::default(),
                     listen_port: Default::default(),
                     lifetimes: Default::default(),
+                    remote: Default::default(),
+                    on_node: Default::default(),
                 }),
             },
             bootstrap,
@@ -133,6 +139,33 @@ impl Fleet {
     /// Sets the per-key rate limit (`smolfleet serve --rate-limit`).
     pub fn set_rate_limit(&self, rate: RateLimit) {
         self.inner.limiter.set(rate);
+    }
+
+    /// Places creates on remote nodes and reaches them with `remote` (`--role control,edge`);
+    /// once (a second call is ignored).
+    pub fn set_remote(&self, remote: crate::remote::Remote) {
+        if self.inner.remote.set(remote).is_err() {
+            tracing::warn!("remote nodes were set already");
+        }
+    }
+
+    /// How remote nodes are reached, when creates are placed on them.
+    pub(crate) fn remote(&self) -> Option<&crate::remote::Remote> {
+        self.inner.remote.get()
+    }
+
+    /// Marks this fleet a node's (`nodeapi.rs`).
+    pub(crate) fn set_on_node(&self) {
+        self.inner
+            .on_node
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this fleet is a node's: a create takes the id the control plane gave.
+    pub(crate) fn on_node(&self) -> bool {
+        self.inner
+            .on_node
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -296,6 +329,11 @@ impl Fleet {
             )
             .fallback(routes::not_found)
             .layer(DefaultBodyLimit::max(JSON_LIMIT))
+            // a machine on a remote node: its request goes there, streamed (`remote.rs`)
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                crate::remote::divert,
+            ))
             .layer(axum::middleware::from_fn(http::declared_length))
             // host- and header-routed ingress: after authentication, before any body limit
             .layer(axum::middleware::from_fn_with_state(

@@ -142,6 +142,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// on it.
     fn remove_node<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Removed>;
 
+    /// Records where node `id`'s API answers (`https://HOST:PORT`, from its heartbeat).
+    fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()>;
+
+    /// The node machine `machine_id` is placed on, with its API and liveness (none: not
+    /// placed, e.g. a machine of `--role all`'s own engine).
+    fn machine_node<'a>(
+        &'a self,
+        machine_id: &'a str,
+    ) -> StoreFuture<'a, Option<crate::remote::NodeAt>>;
+
     /// Removes checkpoint `id` unless a machine restored from it still exists.
     fn delete_checkpoint<'a>(
         &'a self,

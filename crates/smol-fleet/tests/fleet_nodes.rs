@@ -7,6 +7,10 @@
 //! killed with SIGKILL becomes suspect (no placement) then lost, and comes back ready when
 //! restarted over its home (no token needed again). Every wait is bounded.
 
+#[path = "../../smolmachines/tests/common.rs"]
+mod common;
+#[path = "../../smolmachines/tests/common_registry/mod.rs"]
+mod common_registry;
 mod support;
 
 use std::path::Path;
@@ -458,6 +462,7 @@ async fn measure_heartbeat_vs_refused_request() {
     let door = control.line("node door on ").await;
     let door = door.trim_start_matches("node door on ").to_string();
     let cfg = NodeConfig {
+        api_url: None,
         home: dir.path().join("node"),
         name: "bench".into(),
         memory_mib: 1024,
@@ -486,4 +491,276 @@ async fn measure_heartbeat_vs_refused_request() {
         "heartbeat (mTLS + lease in PostgreSQL) / refused (TLS, 401): {:.2}x ({b:?} vs {r:?}, medians of 200)",
         b.as_secs_f64() / r.as_secs_f64()
     );
+}
+
+/// Polls `GET url` with `key` until `done` holds for its JSON (bounded by [`WAIT`] × 3).
+async fn poll_json(
+    c: &reqwest::Client,
+    url: &str,
+    key: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    loop {
+        let v: serde_json::Value = c
+            .get(url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done(&v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{url}: {v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A machine on a remote node, end to end with a real VM: a control replica places the create
+/// on the node that joined (`--api-listen`), which runs it on its own engine; exec, its
+/// stream, a 4 MiB upload and its download, stop and start go client → replica → node; the
+/// node killed: the machine reads `ready=false` with an `errorReason` (not a 404) and exec is
+/// 503 retryable; the node restarted: ready again; delete removes the VM on the node, its
+/// record and its reservation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_on_a_remote_node_through_a_replica() {
+    if common::vm_assets().is_none() {
+        return;
+    }
+    let reg = common_registry::shared();
+    let image = reg.reference("test/busybox:latest");
+    let url = pg::shared()
+        .expect("PostgreSQL starts")
+        .database("fleet_remote")
+        .await
+        .unwrap();
+    // short paths: the engine's sockets live under the node's home
+    let dir = tempfile::Builder::new()
+        .prefix("sfr")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let p = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
+    admin(&["init", "--db", &url, "--home", &p("c")]).await;
+    let token = admin(&["node", "join-token", "--db", &url, "--home", &p("c")]).await;
+    let token = token.lines().last().unwrap().to_string();
+    let mut control = spawn(
+        &[
+            "serve",
+            "--role",
+            "control,edge",
+            "--db",
+            &url,
+            "--home",
+            &p("c"),
+            "--listen",
+            "127.0.0.1:0",
+            "--node-listen",
+            "127.0.0.1:0",
+            "--node-lease",
+            "1s",
+            "--node-lost-after",
+            "2s",
+        ],
+        &dir.path().join("c.err"),
+    );
+    let door = control.line("node door on ").await;
+    let door = door.trim_start_matches("node door on ").to_string();
+    let key = control.line("bootstrap admin key").await;
+    let key = key.rsplit(' ').next().unwrap().to_string();
+    let api = control.line("listening on ").await;
+    let api = api.trim_start_matches("listening on ").to_string();
+    let node_args = |token: Option<&str>| {
+        let mut a = vec![
+            "node",
+            "--control",
+            &door,
+            "--home",
+            &p("n"),
+            "--name",
+            "host-n",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--memory-mib",
+            "4096",
+            "--cpus",
+            "4",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        if let Some(t) = token {
+            a.extend(["--token".to_string(), t.to_string()]);
+        }
+        a
+    };
+    let start_node = |token: Option<&str>, err: &str| {
+        let a = node_args(token);
+        spawn(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            &dir.path().join(err),
+        )
+    };
+    let mut node = start_node(Some(&token), "n.err");
+    let node_api = node.line("node API on https://127.0.0.1:").await;
+    let (node_id, _) = node_line(&node.line("node node-").await);
+    assert!(node_api.contains("control replicas only"), "{node_api}");
+    let db = store::open(&url).await.unwrap();
+    await_state(&db, &node_id, "ready").await;
+
+    let c = support::client();
+    let m = |id: &str, tail: &str| format!("{api}/v1/machines/{id}{tail}");
+    // create: placed on the node, run by its engine
+    let r = c
+        .post(format!("{api}/v1/machines"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({
+            "name": null, "source": {"type": "image", "reference": image},
+            "labels": {"team": "a"}, "resources": {"memoryMb": 256, "cpus": 1},
+        }))
+        .send()
+        .await
+        .unwrap();
+    let info = support::json_ok(r, reqwest::StatusCode::CREATED).await;
+    let id = info["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (&info["state"], &info["ready"], &info["labels"]["team"]),
+        (&"running".into(), &true.into(), &"a".into()),
+        "{info}"
+    );
+    assert!(
+        info["name"].as_str().unwrap().starts_with("smol-"),
+        "{info}"
+    );
+    let placed = db.machine_node(&id).await.unwrap().expect("placed");
+    assert_eq!(placed.id, node_id);
+    let nodes = db.nodes().await.unwrap();
+    let n = nodes.iter().find(|n| n.id == node_id).unwrap();
+    assert_eq!((n.reserved_mib, n.reserved_cpus), (256, 1));
+    assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 1);
+    assert_eq!(common::qemu_processes_in(&dir.path().join("c")), 0);
+
+    // exec through the replica
+    let exec = |cmd: &str| {
+        c.post(m(&id, "/exec"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"command": ["sh", "-c", cmd]}))
+            .send()
+    };
+    let r = exec("echo hi; echo err >&2; exit 3").await.unwrap();
+    let out = support::json_ok(r, reqwest::StatusCode::OK).await;
+    assert_eq!(
+        (
+            &out["exitCode"],
+            &out["stdout"],
+            &out["stderr"],
+            &out["machineId"]
+        ),
+        (
+            &3.into(),
+            &"hi\n".into(),
+            &"err\n".into(),
+            &id.as_str().into()
+        ),
+        "{out}"
+    );
+    // its stream: events as the guest produces them, `exit` last
+    let r = c
+        .post(m(&id, "/exec/stream"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"command": ["sh", "-c", "echo one; echo two"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert_eq!(support::content_type(&r), "text/event-stream");
+    let sse = r.text().await.unwrap();
+    assert!(sse.contains("one") && sse.contains("two"), "{sse}");
+    assert!(sse.trim_end().contains("event: exit"), "{sse}");
+    // a 4 MiB file up and down, streamed through the replica
+    let mut data = vec![0u8; 4 << 20];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    let r = c
+        .put(m(&id, "/files/tmp/blob"))
+        .bearer_auth(&key)
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NO_CONTENT);
+    let r = c
+        .get(m(&id, "/files/tmp/blob"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert!(r.bytes().await.unwrap() == data, "the download differs");
+    // stop and start answer the control plane's view (its name and labels)
+    for (op, state) in [("/stop", "stopped"), ("/start", "running")] {
+        let r = c.post(m(&id, op)).bearer_auth(&key).send().await.unwrap();
+        let v = support::json_ok(r, reqwest::StatusCode::OK).await;
+        assert_eq!(
+            (&v["state"], &v["name"]),
+            (&state.into(), &info["name"]),
+            "{v}"
+        );
+    }
+    // branches are not yet on remote nodes: refused by name, nothing made
+    let r = c
+        .post(m(&id, "/fork"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    support::problem(r, reqwest::StatusCode::NOT_IMPLEMENTED, "not_supported").await;
+    let list: serde_json::Value = c
+        .get(format!("{api}/v1/machines"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["id"], id.as_str());
+
+    // the node killed: lost; its machine is not ready and says why, exec is 503 retryable
+    node.child.kill().await.unwrap();
+    await_state(&db, &node_id, "lost").await;
+    let r = c.get(m(&id, "")).bearer_auth(&key).send().await.unwrap();
+    let v = support::json_ok(r, reqwest::StatusCode::OK).await;
+    assert_eq!(v["ready"], false, "{v}");
+    let reason = v["errorReason"].as_str().unwrap_or_default();
+    assert!(reason.contains(&node_id) && reason.contains("lost"), "{v}");
+    let r = exec("true").await.unwrap();
+    let p = support::problem(r, reqwest::StatusCode::SERVICE_UNAVAILABLE, "smolvm_error").await;
+    assert_eq!(p["retryable"], true, "{p}");
+
+    // back: the VM kept running on its host, the machine is ready again
+    let mut node = start_node(None, "n2.err");
+    node.line("node node-").await;
+    await_state(&db, &node_id, "ready").await;
+    let v = poll_json(&c, &m(&id, ""), &key, |v| v["ready"] == true).await;
+    assert!(v.get("errorReason").is_none(), "{v}");
+    let r = exec("echo back").await.unwrap();
+    let out = support::json_ok(r, reqwest::StatusCode::OK).await;
+    assert_eq!(out["stdout"], "back\n", "{out}");
+
+    // delete: the VM on the node, the record, the reservation
+    let r = c.delete(m(&id, "")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NO_CONTENT);
+    let r = c.get(m(&id, "")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+    assert!(db.machine_node(&id).await.unwrap().is_none());
+    let nodes = db.nodes().await.unwrap();
+    let n = nodes.iter().find(|n| n.id == node_id).unwrap();
+    assert_eq!((n.reserved_mib, n.reserved_cpus), (0, 0));
+    assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 0);
 }

@@ -825,6 +825,35 @@ impl Store for PgStore {
         op!(self, "remove a node", self.remove_node_on(id).await)
     }
 
+    fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()> {
+        op!(self, "record a node's API", {
+            let c = self.conn().await?;
+            c.execute(&query(crate::remote::SET_NODE_API, ""), &[&id, &url])
+                .await
+                .map_err(|e| error("record a node's API", e))?;
+            Ok(())
+        })
+    }
+
+    fn machine_node<'a>(
+        &'a self,
+        machine_id: &'a str,
+    ) -> StoreFuture<'a, Option<crate::remote::NodeAt>> {
+        op!(self, "find a machine's node", {
+            let c = self.conn().await?;
+            let row = c
+                .query_opt(&query(crate::remote::MACHINE_NODE, ""), &[&machine_id])
+                .await
+                .map_err(|e| error("find a machine's node", e))?;
+            Ok(row.map(|r| crate::remote::NodeAt {
+                id: r.get(0),
+                api_url: r.get(1),
+                liveness: r.get(2),
+                lease_until: r.get(3),
+            }))
+        })
+    }
+
     fn delete_checkpoint<'a>(
         &'a self,
         tenant_id: &'a str,

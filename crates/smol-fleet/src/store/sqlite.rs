@@ -236,6 +236,19 @@ impl Store for SqliteStore {
         call!(self, |c| nodes::remove(c, &i))
     }
 
+    fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()> {
+        let (i, u) = (id.to_owned(), url.to_owned());
+        call!(self, |c| crate::remote::set_node_api(c, &i, &u))
+    }
+
+    fn machine_node<'a>(
+        &'a self,
+        machine_id: &'a str,
+    ) -> StoreFuture<'a, Option<crate::remote::NodeAt>> {
+        let m = machine_id.to_owned();
+        call!(self, |c| crate::remote::machine_node(c, &m))
+    }
+
     fn delete_checkpoint<'a>(
         &'a self,
         tenant_id: &'a str,

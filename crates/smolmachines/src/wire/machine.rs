@@ -536,6 +536,10 @@ pub struct MachineInfo {
     /// Local: `kvm` / `tcg`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<String>,
+    /// Why the machine is not ready when that is not its own doing (a fleet: its node is
+    /// lost); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_reason: Option<String>,
 }
 
 impl From<&MachineSummary> for MachineInfo {
