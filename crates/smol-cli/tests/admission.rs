@@ -114,11 +114,24 @@ impl Cg {
     }
 }
 
+/// Removes `dir` and the (empty) cgroups below it, deepest first.
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path())?;
+            }
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
 impl Drop for Cg {
     fn drop(&mut self) {
+        // the machines' cgroups below it (`<engine>/<machine>`) stay after an `rm` in another
+        // process than the one that made them, until a reaper sweep: removed here too
         for _ in 0..100 {
-            // the machines' own cgroups below it go with their VMMs (local::cgroup)
-            match std::fs::remove_dir(&self.dir) {
+            match remove_tree(&self.dir) {
                 Ok(()) => return,
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
