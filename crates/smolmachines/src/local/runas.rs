@@ -170,9 +170,10 @@ pub fn claim(dir: &Path) -> Option<RunAs> {
     match policy()? {
         Policy::User(u) => Some(RunAs::User(u)),
         Policy::Range { first, count } => {
-            match claim_in(&claims_dir(), dir, first, count, &uids_in_use(), |u| {
-                user_of_uid(u)
-            }) {
+            // the host's processes are read only if a stale claim has to be checked
+            let mut seen: Option<std::collections::HashSet<u32>> = None;
+            let mut busy = |u: u32| seen.get_or_insert_with(uids_in_use).contains(&u);
+            match claim_in(&claims_dir(), dir, first, count, &mut busy, user_of_uid) {
                 Ok(uid) => Some(RunAs::Ids { uid, gid: uid }),
                 Err(e) => {
                     tracing::error!(dir = %dir.display(), error = %e, "no uid could be claimed for this VMM: it stays root");
@@ -192,13 +193,14 @@ pub fn claims_dir() -> PathBuf {
 
 /// Claims a uid of `first..first+count` in `claims` for `dir`: the first, from a start that
 /// depends on `dir` (so machines do not all probe from the same uid), that names no user
-/// (`is_user`), runs no process (`in_use`) and has no live claim.
+/// (`is_user`) and has no claim, or a claim past [`CLAIM_GRACE`] whose uid runs no process
+/// (`in_use`, asked only then).
 pub fn claim_in(
     claims: &Path,
     dir: &Path,
     first: u32,
     count: u32,
-    in_use: &std::collections::HashSet<u32>,
+    in_use: &mut dyn FnMut(u32) -> bool,
     is_user: impl Fn(u32) -> bool,
 ) -> std::io::Result<u32> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -225,7 +227,7 @@ pub fn claim_in(
     };
     for i in 0..count {
         let uid = first + (start + i) % count;
-        if in_use.contains(&uid) || is_user(uid) {
+        if is_user(uid) {
             continue;
         }
         let path = claims.join(uid.to_string());
@@ -235,7 +237,7 @@ pub fn claim_in(
                 .ok()
                 .and_then(|m| m.elapsed().ok())
                 .unwrap_or_default();
-            if age < CLAIM_GRACE {
+            if age < CLAIM_GRACE || in_use(uid) {
                 continue;
             }
         }
@@ -371,35 +373,47 @@ mod tests {
     #[test]
     fn each_claim_gets_a_free_uid_and_stale_ones_are_taken_over() {
         let claims = tempfile::tempdir().unwrap();
-        let none = std::collections::HashSet::new();
-        let a = claim_in(claims.path(), Path::new("/m/a"), 500, 3, &none, |_| false).unwrap();
-        let b = claim_in(claims.path(), Path::new("/m/b"), 500, 3, &none, |_| false).unwrap();
-        assert_ne!(a, b);
-        // a uid some process runs as, or one that names a user, is never handed out
-        let busy: std::collections::HashSet<u32> = [500, 501, 502]
-            .into_iter()
-            .filter(|u| *u != a && *u != b)
-            .collect();
-        let e = claim_in(claims.path(), Path::new("/m/c"), 500, 3, &busy, |_| false).unwrap_err();
+        let mut idle = |_: u32| false;
+        let mut take = |d: &str, busy: &mut dyn FnMut(u32) -> bool, users: &dyn Fn(u32) -> bool| {
+            claim_in(claims.path(), Path::new(d), 500, 3, busy, users)
+        };
+        let a = take("/m/a", &mut idle, &|_| false).unwrap();
+        let b = take("/m/b", &mut idle, &|_| false).unwrap();
+        let c = take("/m/c", &mut idle, &|_| false).unwrap();
+        let mut all = vec![a, b, c];
+        all.sort();
+        assert_eq!(all, [500, 501, 502], "three claims, three uids");
+        // every uid claimed within the grace: none left, and the error says what to do
+        let e = take("/m/d", &mut idle, &|_| false).unwrap_err();
         assert!(e.to_string().contains("every uid of 500-502"), "{e}");
-        let e = claim_in(claims.path(), Path::new("/m/c"), 500, 3, &none, |u| {
-            u != a && u != b
-        })
-        .unwrap_err();
         assert!(e.to_string().contains(RANGE_ENV), "{e}");
-        // a claim older than the grace whose uid runs nothing is taken over
+        // past the grace, a claim whose uid still runs a process stays; one whose uid runs
+        // nothing is taken over; a uid that names a user is never handed out
         let old = std::time::SystemTime::now() - CLAIM_GRACE - Duration::from_secs(1);
-        let f = std::fs::File::options()
-            .write(true)
-            .open(claims.path().join(a.to_string()))
-            .unwrap();
-        f.set_modified(old).unwrap();
-        let c = claim_in(claims.path(), Path::new("/m/c"), 500, 3, &busy, |u| u == b).unwrap();
-        assert_eq!(c, a);
-        assert_eq!(
-            std::fs::read_to_string(claims.path().join(a.to_string())).unwrap(),
-            "/m/c\n"
+        for u in [a, b, c] {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(claims.path().join(u.to_string()))
+                .unwrap();
+            f.set_modified(old).unwrap();
+        }
+        let mut asked = Vec::new();
+        let mut busy = |u: u32| {
+            asked.push(u);
+            u != b
+        };
+        let d = take("/m/d", &mut busy, &|u| u == c).unwrap();
+        assert_eq!(d, b);
+        assert!(
+            !asked.contains(&c),
+            "a user's uid was checked for processes"
         );
+        assert_eq!(
+            std::fs::read_to_string(claims.path().join(b.to_string())).unwrap(),
+            "/m/d\n"
+        );
+        let e = take("/m/e", &mut |_| true, &|_| false).unwrap_err();
+        assert!(e.to_string().contains("every uid"), "{e}");
     }
 
     #[test]
