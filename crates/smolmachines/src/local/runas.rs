@@ -374,7 +374,7 @@ mod tests {
     fn each_claim_gets_a_free_uid_and_stale_ones_are_taken_over() {
         let claims = tempfile::tempdir().unwrap();
         let mut idle = |_: u32| false;
-        let mut take = |d: &str, busy: &mut dyn FnMut(u32) -> bool, users: &dyn Fn(u32) -> bool| {
+        let take = |d: &str, busy: &mut dyn FnMut(u32) -> bool, users: &dyn Fn(u32) -> bool| {
             claim_in(claims.path(), Path::new(d), 500, 3, busy, users)
         };
         let a = take("/m/a", &mut idle, &|_| false).unwrap();
