@@ -269,6 +269,33 @@ pub(crate) async fn info_of(
     }))
 }
 
+/// Sends `method path` (no body) for machine `row` to its node (`None`: not on a remote node):
+/// the node's status, its answer read (small JSON answers: stop, delete).
+pub(crate) async fn call(
+    fleet: &Fleet,
+    row: &MachineRow,
+    method: Method,
+    path: &str,
+) -> Result<Option<StatusCode>, ApiError> {
+    let Some(remote) = fleet.remote() else {
+        return Ok(None);
+    };
+    let Some(node) = fleet
+        .db()
+        .machine_node(&row.id)
+        .await?
+        .filter(|n| n.api_url.is_some())
+    else {
+        return Ok(None);
+    };
+    let resp = send(remote, &node, request(method, path, None)?).await?;
+    let status = resp.status();
+    if let Err(e) = axum::body::to_bytes(resp.into_body(), ANSWER_LIMIT).await {
+        tracing::debug!(machine = %row.id, error = %e, "the node's answer broke off");
+    }
+    Ok(Some(status))
+}
+
 /// Sends the create of `row` (placed on a node by [`crate::Store::reserve`], operation
 /// `operation`) to its node. On failure the record and its reservation go, and the node's
 /// answer (or a 503) is returned for the client.
@@ -370,6 +397,23 @@ pub(crate) async fn divert(State(fleet): State<Fleet>, req: Request, next: Next)
             let lifecycle = matches!(t, "start" | "stop");
             match send(&remote, &node, req).await {
                 Ok(resp) if lifecycle && resp.status().is_success() => {
+                    if t == "stop" && row.ephemeral {
+                        // an ephemeral machine is deleted once stopped, as on one host
+                        return match fleet.delete_if_ephemeral(&row).await {
+                            Ok(_) => {
+                                let info = MachineInfo {
+                                    id: row.id.clone(),
+                                    name: Some(row.name.clone()),
+                                    state: "deleted".into(),
+                                    ready: Some(false),
+                                    ephemeral: true,
+                                    ..Default::default()
+                                };
+                                axum::Json(info).into_response()
+                            }
+                            Err(e) => ApiError(e).into_response(),
+                        };
+                    }
                     // the control plane's view of it (its name, labels, lifetimes)
                     match crate::routes::info_of_row(&fleet, &row).await {
                         Ok(info) => axum::Json(info).into_response(),

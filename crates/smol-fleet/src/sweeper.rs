@@ -257,6 +257,23 @@ impl Fleet {
     /// Deletes machine `row` on the node and its record (the node having lost it already
     /// is logged, not an error).
     pub(crate) async fn destroy(&self, row: &MachineRow) -> Result<(), Error> {
+        let path = format!("/v1/machines/{}", row.id);
+        match crate::remote::call(self, row, axum::http::Method::DELETE, &path).await {
+            // on a remote node: deleted there (or gone already), then the record
+            Ok(Some(s)) if s.is_success() || s == axum::http::StatusCode::NOT_FOUND => {
+                self.db().delete_machine(&row.id).await?;
+                self.lifetimes().remove(&row.engine_name);
+                return Ok(());
+            }
+            Ok(Some(s)) => {
+                return Err(Error::coded(
+                    smolmachines::ErrorCode::SmolvmError,
+                    format!("the node of machine {} answered {s} to its delete", row.id),
+                ))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e.0),
+        }
         match self.handle(&row.engine_name).await {
             Ok(m) => m.delete().await?,
             Err(Error::NotFound { .. }) => {
@@ -303,7 +320,16 @@ impl Fleet {
             };
         let now = now_ms();
         for row in rows {
-            let state = states.get(&row.engine_name).copied();
+            let state = match crate::remote::info_of(self, &row).await {
+                // on a remote node: its state there; a node that cannot say is left for later
+                Ok(Some(info)) if info.error_reason.is_some() => continue,
+                Ok(Some(info)) => info.state.parse::<MachineState>().ok(),
+                Ok(None) => states.get(&row.engine_name).copied(),
+                Err(e) => {
+                    tracing::warn!(machine = %row.id, error = %e.0, "sweep: cannot find its node");
+                    continue;
+                }
+            };
             let Some(due) = self.due(&row, state, now) else {
                 continue;
             };
@@ -379,6 +405,18 @@ impl Fleet {
             Due::EphemeralStopped => self.delete_if_ephemeral(row).await,
             Due::Idle => {
                 tracing::info!(machine = %row.id, auto_stop_seconds = ?row.auto_stop_seconds, "idle; stopping the machine");
+                let path = format!("/v1/machines/{}/stop", row.id);
+                match crate::remote::call(self, row, axum::http::Method::POST, &path).await {
+                    Ok(Some(s)) if s.is_success() => return self.delete_if_ephemeral(row).await,
+                    Ok(Some(s)) => {
+                        return Err(Error::coded(
+                            smolmachines::ErrorCode::SmolvmError,
+                            format!("the node of machine {} answered {s} to its stop", row.id),
+                        ))
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(e.0),
+                }
                 let m = self.handle(&row.engine_name).await?;
                 if m.state().await? == MachineState::Running {
                     m.stop().await?;

@@ -731,6 +731,97 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     assert_eq!(list[0]["id"], id.as_str());
 
+    // an ephemeral machine on the node: deleted there once stopped
+    let create_body = serde_json::json!({
+        "source": {"type": "image", "reference": image},
+        "resources": {"memoryMb": 256, "cpus": 1}, "ephemeral": true,
+    });
+    let t0 = std::time::Instant::now();
+    let r = c
+        .post(format!("{api}/v1/machines"))
+        .bearer_auth(&key)
+        .json(&create_body)
+        .send()
+        .await
+        .unwrap();
+    let e = support::json_ok(r, reqwest::StatusCode::CREATED).await;
+    let eid = e["id"].as_str().unwrap().to_string();
+    let r = c
+        .post(m(&eid, "/exec"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
+    support::json_ok(r, reqwest::StatusCode::OK).await;
+    let remote_first_exec = t0.elapsed();
+    assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 2);
+    // the same create and first exec on one host (`--role all`), this run, for the ratio
+    let one_home = tempfile::Builder::new()
+        .prefix("sfo")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let one = smol_fleet::testing::spawn(one_home.path()).await.unwrap();
+    let one_key = one.admin_key.clone().unwrap();
+    let t0 = std::time::Instant::now();
+    let r = c
+        .post(format!("{}/v1/machines", one.base_url))
+        .bearer_auth(&one_key)
+        .json(&create_body)
+        .send()
+        .await
+        .unwrap();
+    let o = support::json_ok(r, reqwest::StatusCode::CREATED).await;
+    let oid = o["id"].as_str().unwrap().to_string();
+    let one_exec = |id: &str| {
+        c.post(format!("{}/v1/machines/{id}/exec", one.base_url))
+            .bearer_auth(&one_key)
+            .json(&serde_json::json!({"command": ["true"]}))
+            .send()
+    };
+    support::json_ok(one_exec(&oid).await.unwrap(), reqwest::StatusCode::OK).await;
+    let local_first_exec = t0.elapsed();
+    // exec over the replica hop vs on one host: medians of 15, interleaved
+    let (mut hop, mut direct) = (Vec::new(), Vec::new());
+    for _ in 0..15 {
+        let t = std::time::Instant::now();
+        let r = c
+            .post(m(&eid, "/exec"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"command": ["true"]}))
+            .send()
+            .await
+            .unwrap();
+        support::json_ok(r, reqwest::StatusCode::OK).await;
+        hop.push(t.elapsed());
+        let t = std::time::Instant::now();
+        support::json_ok(one_exec(&oid).await.unwrap(), reqwest::StatusCode::OK).await;
+        direct.push(t.elapsed());
+    }
+    hop.sort();
+    direct.sort();
+    eprintln!(
+        "create → first exec: replica → node {remote_first_exec:?} ÷ --role all \
+         {local_first_exec:?} = {:.2}×; exec: replica → node {:?} ÷ --role all {:?} = {:.2}× \
+         (medians of 15, interleaved)",
+        remote_first_exec.as_secs_f64() / local_first_exec.as_secs_f64(),
+        hop[7],
+        direct[7],
+        hop[7].as_secs_f64() / direct[7].as_secs_f64()
+    );
+    drop(one);
+    let r = c
+        .post(m(&eid, "/stop"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let v = support::json_ok(r, reqwest::StatusCode::OK).await;
+    assert_eq!(v["state"], "deleted", "{v}");
+    let r = c.get(m(&eid, "")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+    assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 1);
+
     // the node killed: lost; its machine is not ready and says why, exec is 503 retryable
     node.child.kill().await.unwrap();
     await_state(&db, &node_id, "lost").await;
