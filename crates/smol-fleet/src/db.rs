@@ -13,7 +13,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 6;
+pub(crate) const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -85,6 +85,7 @@ pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     crate::placement::SCHEMA_V4,
     crate::nodes::SCHEMA_V5,
     crate::remote::SCHEMA_V6,
+    crate::remote::SCHEMA_V7,
 ];
 
 /// A tenant's key as listed (never the key itself).
@@ -386,7 +387,7 @@ pub fn insert_machine(c: &Connection, m: &MachineRow) -> Result<bool, FleetError
     }
 }
 
-fn machine_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRow> {
+pub(crate) fn machine_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRow> {
     Ok(MachineRow {
         id: r.get(0)?,
         tenant_id: r.get(1)?,
@@ -402,7 +403,7 @@ fn machine_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRow> {
     })
 }
 
-const MACHINE_COLUMNS: &str = "id, tenant_id, name, engine_name, spec, created_at, \
+pub(crate) const MACHINE_COLUMNS: &str = "id, tenant_id, name, engine_name, spec, created_at, \
      auto_stop_seconds, ttl_seconds, expires_at, ephemeral, last_activity_at";
 
 /// Machine `id` of `tenant_id` (another tenant's is `None`, as a missing one).
@@ -495,6 +496,8 @@ pub fn delete_machine(c: &Connection, id: &str) -> Result<(), FleetError> {
     crate::placement::release(&tx, id)?;
     tx.execute("DELETE FROM machines WHERE id = ?1", [id])
         .map_err(|e| FleetError::db("remove a machine", e))?;
+    tx.execute("DELETE FROM tombstones WHERE machine_id = ?1", [id])
+        .map_err(|e| FleetError::db("remove a machine's tombstone", e))?;
     tx.commit()
         .map_err(|e| FleetError::db("commit a machine removal", e))?;
     Ok(())

@@ -130,7 +130,7 @@ pub const OPERATIONS: &[Operation] = &[
         Method::DELETE,
         "/v1/machines/{id}",
         "deleteMachine",
-        "Delete a machine (204)",
+        "Delete a machine (204; 202 with the machine `deleting` while its node is lost: the delete runs when the node returns)",
         Shape::Empty,
         204,
         Shape::Empty,

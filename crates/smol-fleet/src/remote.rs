@@ -37,6 +37,18 @@ use crate::server::{Fleet, Tenant};
 /// Schema version 6: where each node's API answers.
 pub(crate) const SCHEMA_V6: &str = "ALTER TABLE nodes ADD COLUMN api_url TEXT;\n";
 
+/// Schema version 7: deletes waiting for a node that is away.
+pub(crate) const SCHEMA_V7: &str = "
+CREATE TABLE tombstones (
+    machine_id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL
+);
+";
+
+pub(crate) const TOMBSTONE: &str = "
+INSERT INTO tombstones (machine_id, created_at) VALUES (?1, ?2)
+ON CONFLICT (machine_id) DO NOTHING";
+
 pub(crate) const SET_NODE_API: &str =
     "UPDATE nodes SET api_url = ?2 WHERE id = ?1 AND (api_url IS NULL OR api_url <> ?2)";
 
@@ -45,7 +57,9 @@ SELECT n.id, n.api_url,
        CASE WHEN n.lease_until IS NULL OR n.lease_until >= {now_ms} THEN 'live'
             WHEN n.lost_at >= {now_ms} THEN 'suspect'
             ELSE 'lost' END,
-       n.lease_until
+       n.lease_until,
+       CASE WHEN EXISTS (SELECT 1 FROM tombstones t WHERE t.machine_id = p.machine_id)
+            THEN 1 ELSE 0 END
   FROM placements p JOIN nodes n ON n.id = p.node_id
  WHERE p.machine_id = ?1";
 
@@ -67,6 +81,8 @@ pub struct NodeAt {
     pub liveness: String,
     /// When its lease ends, Unix ms by the database's clock.
     pub lease_until: Option<i64>,
+    /// The machine is deleted, its node's delete waiting for the node (a tombstone).
+    pub deleting: bool,
 }
 
 /// Records node `id`'s API (unchanged: nothing written).
@@ -84,10 +100,64 @@ pub fn machine_node(c: &Connection, machine_id: &str) -> Result<Option<NodeAt>, 
             api_url: r.get(1)?,
             liveness: r.get(2)?,
             lease_until: r.get(3)?,
+            deleting: r.get::<_, i64>(4)? != 0,
         })
     })
     .optional()
     .map_err(|e| FleetError::db("find a machine's node", e))
+}
+
+/// Marks machine `id` deleted while its node is away.
+pub fn tombstone(c: &Connection, id: &str) -> Result<(), FleetError> {
+    c.execute(TOMBSTONE, params![id, crate::db::now()])
+        .map_err(|e| FleetError::db("tombstone a machine", e))?;
+    Ok(())
+}
+
+/// The tombstoned machines, oldest first.
+pub fn tombstoned(c: &Connection) -> Result<Vec<MachineRow>, FleetError> {
+    let mut st = c
+        .prepare(&format!(
+            "SELECT {} FROM machines WHERE id IN (SELECT machine_id FROM tombstones)
+             ORDER BY created_at, id",
+            crate::db::MACHINE_COLUMNS
+        ))
+        .map_err(|e| FleetError::db("list tombstoned machines", e))?;
+    let rows = st
+        .query_map([], crate::db::machine_row)
+        .map_err(|e| FleetError::db("list tombstoned machines", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| FleetError::db("list tombstoned machines", e))
+}
+
+/// Runs the deletes that waited for their node, for those whose node is back (each sweep, on
+/// every replica: a node answers a second delete of the same machine 404, which also
+/// completes it). How many ran.
+pub(crate) async fn run_tombstones(fleet: &Fleet) -> Result<usize, FleetError> {
+    if fleet.remote().is_none() {
+        return Ok(0);
+    }
+    let mut done = 0;
+    for row in fleet.db().tombstoned().await? {
+        let live = fleet
+            .db()
+            .machine_node(&row.id)
+            .await?
+            .is_some_and(|n| n.liveness == "live");
+        if !live {
+            continue;
+        }
+        match fleet.destroy(&row).await {
+            Ok(()) => {
+                tracing::info!(machine = %row.id, "the delete that waited for its node ran");
+                done += 1;
+            }
+            Err(e) => {
+                tracing::warn!(machine = %row.id, error = %e, "a waiting delete failed; tried again next sweep")
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// How a control replica reaches nodes: its client certificate of the fleet CA.
@@ -227,6 +297,14 @@ pub(crate) async fn info_of(
         error_reason: Some(reason),
         ..Default::default()
     };
+    if node.deleting {
+        let mut info = unreachable(format!(
+            "deleted; the delete runs when node {} returns",
+            node.id
+        ));
+        info.state = "deleting".into();
+        return Ok(Some(info));
+    }
     if node.liveness == "lost" {
         return Ok(Some(unreachable(lost_reason(&node))));
     }
@@ -444,6 +522,17 @@ async fn delete(
     node: &NodeAt,
     req: Request,
 ) -> Response {
+    if node.liveness == "lost" {
+        // the node is away: the delete waits for it (a tombstone), the machine reads `deleting`
+        if let Err(e) = fleet.db().tombstone(&row.id).await {
+            return ApiError::from(e).into_response();
+        }
+        tracing::info!(machine = %row.id, node = %node.id, "node lost: the delete waits for it");
+        return match crate::routes::info_of_row(fleet, row).await {
+            Ok(info) => (StatusCode::ACCEPTED, axum::Json(info)).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
     let resp = match send(remote, node, req).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),

@@ -142,6 +142,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// on it.
     fn remove_node<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Removed>;
 
+    /// Marks machine `id` deleted while its node is away (the delete runs when it returns).
+    fn tombstone<'a>(&'a self, id: &'a str) -> StoreFuture<'a, ()>;
+
+    /// The machines marked by [`Store::tombstone`], oldest first.
+    fn tombstoned(&self) -> StoreFuture<'_, Vec<MachineRow>>;
+
     /// Records where node `id`'s API answers (`https://HOST:PORT`, from its heartbeat).
     fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()>;
 

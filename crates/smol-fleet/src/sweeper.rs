@@ -301,6 +301,7 @@ impl Fleet {
     /// One sweep: flushes activity to the database, then stops idle machines and deletes
     /// expired ones and stopped ephemeral ones, skipping any with an operation in flight.
     pub async fn sweep(&self) -> Result<SweepReport, FleetError> {
+        crate::remote::run_tombstones(self).await?;
         let rows = self.db().swept_machines().await?;
         let seen = self.lifetimes().unflushed(&rows);
         if !seen.is_empty() {

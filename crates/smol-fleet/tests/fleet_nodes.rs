@@ -523,8 +523,9 @@ async fn poll_json(
 /// on the node that joined (`--api-listen`), which runs it on its own engine; exec, its
 /// stream, a 4 MiB upload and its download, stop and start go client → replica → node; the
 /// node killed: the machine reads `ready=false` with an `errorReason` (not a 404) and exec is
-/// 503 retryable; the node restarted: ready again; delete removes the VM on the node, its
-/// record and its reservation.
+/// 503 retryable; the node restarted: ready again; killed again, a delete is tombstoned
+/// (`deleting`, 202) and runs when the node returns: the VM on the node, its record and its
+/// reservation gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_machine_on_a_remote_node_through_a_replica() {
     if common::vm_assets().is_none() {
@@ -563,6 +564,8 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
             "1s",
             "--node-lost-after",
             "2s",
+            "--sweep-interval",
+            "500ms",
         ],
         &dir.path().join("c.err"),
     );
@@ -844,11 +847,37 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     let out = support::json_ok(r, reqwest::StatusCode::OK).await;
     assert_eq!(out["stdout"], "back\n", "{out}");
 
-    // delete: the VM on the node, the record, the reservation
+    // a delete while the node is lost is tombstoned: `deleting`, run when the node returns
+    node.child.kill().await.unwrap();
+    await_state(&db, &node_id, "lost").await;
     let r = c.delete(m(&id, "")).bearer_auth(&key).send().await.unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::NO_CONTENT);
-    let r = c.get(m(&id, "")).bearer_auth(&key).send().await.unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
+    let v = support::json_ok(r, reqwest::StatusCode::ACCEPTED).await;
+    assert_eq!(
+        (&v["state"], &v["ready"]),
+        (&"deleting".into(), &false.into()),
+        "{v}"
+    );
+    assert!(v["errorReason"].as_str().unwrap().contains(&node_id), "{v}");
+    let v = poll_json(&c, &m(&id, ""), &key, |_| true).await;
+    assert_eq!(v["state"], "deleting", "{v}");
+    // its VM is still on the host: the delete waits for the node, not for the host
+    assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 1);
+    let mut node = start_node(None, "n3.err");
+    node.line("node node-").await;
+    await_state(&db, &node_id, "ready").await;
+    // gone: the VM on the node, the record, the reservation
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = c.get(m(&id, "")).bearer_auth(&key).send().await.unwrap();
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting delete never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert!(db.machine_node(&id).await.unwrap().is_none());
     let nodes = db.nodes().await.unwrap();
     let n = nodes.iter().find(|n| n.id == node_id).unwrap();

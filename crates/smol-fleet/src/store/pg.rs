@@ -590,6 +590,9 @@ impl Store for PgStore {
             tx.execute("DELETE FROM machines WHERE id = $1", &[&id])
                 .await
                 .map_err(|e| error(what, e))?;
+            tx.execute("DELETE FROM tombstones WHERE machine_id = $1", &[&id])
+                .await
+                .map_err(|e| error(what, e))?;
             tx.commit().await.map_err(|e| error(what, e))
         })
     }
@@ -825,6 +828,28 @@ impl Store for PgStore {
         op!(self, "remove a node", self.remove_node_on(id).await)
     }
 
+    fn tombstone<'a>(&'a self, id: &'a str) -> StoreFuture<'a, ()> {
+        op!(self, "tombstone a machine", {
+            let c = self.conn().await?;
+            c.execute(&query(crate::remote::TOMBSTONE, ""), &[&id, &now()])
+                .await
+                .map_err(|e| error("tombstone a machine", e))?;
+            Ok(())
+        })
+    }
+
+    fn tombstoned(&self) -> StoreFuture<'_, Vec<MachineRow>> {
+        op!(self, "list tombstoned machines", {
+            machines_where(
+                self,
+                "list tombstoned machines",
+                "WHERE id IN (SELECT machine_id FROM tombstones)",
+                &[],
+            )
+            .await
+        })
+    }
+
     fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()> {
         op!(self, "record a node's API", {
             let c = self.conn().await?;
@@ -850,6 +875,7 @@ impl Store for PgStore {
                 api_url: r.get(1),
                 liveness: r.get(2),
                 lease_until: r.get(3),
+                deleting: r.get::<_, i32>(4) != 0,
             }))
         })
     }

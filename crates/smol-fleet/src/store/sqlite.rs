@@ -236,6 +236,15 @@ impl Store for SqliteStore {
         call!(self, |c| nodes::remove(c, &i))
     }
 
+    fn tombstone<'a>(&'a self, id: &'a str) -> StoreFuture<'a, ()> {
+        let i = id.to_owned();
+        call!(self, |c| crate::remote::tombstone(c, &i))
+    }
+
+    fn tombstoned(&self) -> StoreFuture<'_, Vec<MachineRow>> {
+        call!(self, |c| crate::remote::tombstoned(c))
+    }
+
     fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()> {
         let (i, u) = (id.to_owned(), url.to_owned());
         call!(self, |c| crate::remote::set_node_api(c, &i, &u))
