@@ -21,10 +21,15 @@
 //!
 //! 2b. exec floor (issue 16): exec(`true`) against the guest's own spawn + wait of `/bin/true`
 //!    (timed by the agent in `smol.mode=raw`, op `x`) plus the raw echo: what is left is the
-//!    protocol's and the engine's own cost per exec.
+//!    protocol's and the engine's own cost per exec. The raw VM stays up beside the machine and
+//!    the samples alternate (one exec, one guest spawn, one echo); the row compares medians.
+//!
+//! 7. density (issue 16): idle 512 MiB machines in a memory cgroup until admission refuses one,
+//!    and their PSS (`engine/density.rs`; `SMOL_BENCH_DENSITY_MIB`, default 8192).
 //!
 //! `SMOL_BENCH_ONLY=files` runs only 3. and 4.; `SMOL_BENCH_ONLY=branch` only 5.;
-//! `SMOL_BENCH_ONLY=checkpoint` only 6.; `SMOL_BENCH_ONLY=exec` only 2., 2b. and 3.
+//! `SMOL_BENCH_ONLY=checkpoint` only 6.; `SMOL_BENCH_ONLY=exec` only 2., 2b. and 3.;
+//! `SMOL_BENCH_ONLY=density` only 7. (not part of a full run: it needs root and minutes).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -37,6 +42,8 @@ use smolmachines::{ExecOptions, MachineBackend, MachineConfig};
 
 #[path = "engine_checkpoint.rs"]
 mod engine_checkpoint;
+#[path = "engine/density.rs"]
+mod engine_density;
 
 const BOOTS: usize = 5;
 const ROUND_TRIPS: usize = 200;
@@ -305,7 +312,7 @@ async fn branching(engine: &LocalBackend) {
         .unwrap();
     src.exec(&t, &opts).await.unwrap();
     // booted templates: the first templated create builds the template (not measured)
-    let templated = engine.clone().with_templates(true);
+    let templated = engine.clone().with_templates(true).with_template_pool(1);
     let mut from_template = Vec::new();
     templated
         .create_machine(MachineConfig {
@@ -518,11 +525,20 @@ async fn main() {
     if let Some(home) = std::env::var_os(TEMPLATE_CHILD) {
         return templated_child(home.into()).await;
     }
+    if let Some(cg) = std::env::var_os(engine_density::DENSITY_CHILD) {
+        return engine_density::density_child(cg.into()).await;
+    }
+    if std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "density") {
+        return tokio::task::spawn_blocking(engine_density::density)
+            .await
+            .unwrap();
+    }
     let tmp = tempfile::Builder::new()
         .prefix("smb")
         .tempdir_in("/tmp")
         .unwrap();
-    let engine = LocalBackend::at(tmp.path());
+    // the baselines are cold boots (booted templates are on by default; 5. turns them on)
+    let engine = LocalBackend::at(tmp.path()).with_templates(false);
     let choice = accel::detect().unwrap();
     println!("accelerator: {} ({})", choice.accel.as_str(), choice.reason);
     let files_only = std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "files");
@@ -593,9 +609,6 @@ async fn main() {
         raw.echo();
         echo.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    // 2b. the guest's own spawn: 5 batches of 40, the median batch's mean
-    let floor: Option<Vec<f64>> = (0..5).map(|_| raw.spawn_floor(40)).collect();
-    let floor = floor.map(median);
     let raw_in = median(
         (0..3)
             .map(|_| BIG as f64 / raw.sink(BIG) / 1048576.0)
@@ -606,23 +619,39 @@ async fn main() {
             .map(|_| BIG as f64 / raw.source(BIG) / 1048576.0)
             .collect(),
     );
-    drop(raw);
 
     let m = engine
         .create_machine(MachineConfig::default())
         .await
         .unwrap();
-    let mut exec_rt = Vec::new();
+    // 2. + 2b. interleaved: one exec, one guest spawn of the raw VM, one raw echo, one
+    // protocol ping, so the host's noise hits the figure and its floors alike
+    let (mut exec_rt, mut floor, mut echo_i) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ping = Vec::new();
     for _ in 0..ROUND_TRIPS {
         let t0 = Instant::now();
         m.exec(&t, &opts).await.unwrap();
         exec_rt.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    let mut ping = Vec::new();
-    for _ in 0..ROUND_TRIPS {
+        if floor.len() == exec_rt.len() - 1 {
+            floor.extend(raw.spawn_floor(1));
+        }
+        let t0 = Instant::now();
+        raw.echo();
+        echo_i.push(t0.elapsed().as_secs_f64() * 1e3);
         let t0 = Instant::now();
         m.ping().await.unwrap();
         ping.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let ping_med = median(ping.clone());
+    drop(raw);
+    let floor = (floor.len() == exec_rt.len()).then(|| median(floor));
+    // pings back to back (no exec before each): against the interleaved pings, what an exec
+    // leaves the guest doing after its exit (the ping waits behind it)
+    let mut ping_alone = Vec::new();
+    for _ in 0..ROUND_TRIPS {
+        let t0 = Instant::now();
+        m.ping().await.unwrap();
+        ping_alone.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     let data = vec![0x5au8; BIG];
     let mut w = Vec::new();
@@ -647,20 +676,32 @@ async fn main() {
     );
     match floor {
         Some(floor) => {
+            let echo_i = median(echo_i);
             row(
                 "exec(true) vs guest spawn + raw echo",
                 exec_med,
-                floor + median(echo.clone()),
+                floor + echo_i,
                 "ms",
                 "<= 1.2x",
             );
-            println!("guest spawn+wait of /bin/true (mean of the median batch): {floor:.3} ms");
+            println!(
+                "interleaved medians: guest spawn+wait of /bin/true {floor:.3} ms, raw echo {echo_i:.3} ms, \
+                 protocol ping {ping_med:.3} ms; exec - (spawn + ping) = {:.3} ms",
+                exec_med - floor - ping_med
+            );
         }
         None => println!("exec floor: this initramfs's agent has no raw op x (older agent)"),
     }
     row(
-        "protocol ping round trip (median)",
+        "protocol ping round trip, right after an exec (median)",
         median(ping),
+        median(echo.clone()),
+        "ms",
+        "info",
+    );
+    row(
+        "protocol ping round trip, back to back (median)",
+        median(ping_alone),
         median(echo.clone()),
         "ms",
         "info",
