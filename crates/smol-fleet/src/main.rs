@@ -179,7 +179,20 @@ enum NodeCmd {
         #[arg(long, value_name = "URL")]
         db: Option<String>,
     },
-    /// Places on a cordoned node again.
+    /// Drains a node before its removal: no new placements (state `draining`) and what its
+    /// machines still hold; they keep running until deleted (or their TTL), then `node
+    /// remove`. Machines are not moved (not built yet).
+    Drain {
+        /// `node-…`.
+        id: String,
+        /// The fleet's home.
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// The fleet's store.
+        #[arg(long, value_name = "URL")]
+        db: Option<String>,
+    },
+    /// Places on a cordoned (or draining) node again.
     Uncordon {
         /// `node-…`.
         id: String,
@@ -578,6 +591,7 @@ fn node_admin(cmd: NodeCmd) -> AnyResult {
     // cordon: no new placements; uncordon: placeable again
     let state = match &cmd {
         NodeCmd::Cordon { .. } => "cordoned",
+        NodeCmd::Drain { .. } => "draining",
         _ => "ready",
     };
     current_thread()?.block_on(async move {
@@ -599,6 +613,24 @@ fn node_admin(cmd: NodeCmd) -> AnyResult {
                     return Err(format!("no node {id}").into());
                 }
                 println!("{id} {state}");
+            }
+            NodeCmd::Drain { id, home, db } => {
+                let home = home.unwrap_or_else(default_home);
+                let db = open_store(&home, db.or_else(env_db).as_deref()).await?;
+                if !db.set_node_state(&id, state).await? {
+                    return Err(format!("no node {id}").into());
+                }
+                let held = db
+                    .node_status()
+                    .await?
+                    .into_iter()
+                    .find(|s| s.node.id == id);
+                let (mib, cpus) =
+                    held.map_or((0, 0), |s| (s.node.reserved_mib, s.node.reserved_cpus));
+                println!(
+                    "{id} draining: no new placements; its machines hold {mib} MiB and {cpus} \
+                     vCPUs: delete them, then `smolfleet node remove {id}`"
+                );
             }
             NodeCmd::Remove { id, home, db } => {
                 let home = home.unwrap_or_else(default_home);

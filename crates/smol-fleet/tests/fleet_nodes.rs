@@ -388,6 +388,20 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
         Placed::NoCapacity
     );
     admin(&["node", "uncordon", &id, "--db", &url, "--home", &ctl]).await;
+    // draining: no placement either, and what its machines hold is said
+    let said = admin(&["node", "drain", &id, "--db", &url, "--home", &ctl]).await;
+    assert!(
+        said.starts_with(&format!(
+            "{id} draining: no new placements; its machines hold 1024 MiB"
+        )),
+        "{said}"
+    );
+    await_state(&db, &id, "draining").await;
+    assert_eq!(
+        db.reserve(&machine("mach-3", &tenant), need).await.unwrap(),
+        Placed::NoCapacity
+    );
+    admin(&["node", "uncordon", &id, "--db", &url, "--home", &ctl]).await;
     await_state(&db, &id, "ready").await;
     assert!(matches!(
         db.reserve(&machine("mach-3", &tenant), need).await.unwrap(),
