@@ -135,7 +135,8 @@ pub(crate) fn lock(postgres: bool, skip_locked: bool) -> &'static str {
 }
 
 /// The reservation, one statement: the least-reserved ready node with room (and a lease that
-/// holds, `nodes.rs`: a suspect or lost node gets nothing new) gains `?1` MiB and
+/// holds, `nodes.rs`: a suspect or lost node gets nothing new; a joined node that told no API
+/// in its heartbeat, `remote.rs`, runs no machines) gains `?1` MiB and
 /// `?2` vCPUs; the room is checked again on the row as updated (`{lock}`: PostgreSQL locks the
 /// node and re-reads it, so a concurrent reservation is counted). Returns the node's id.
 pub(crate) const RESERVE: &str = "
@@ -143,6 +144,7 @@ UPDATE nodes SET reserved_mib = reserved_mib + ?1, reserved_cpus = reserved_cpus
                  updated_at = ?3
  WHERE id = (SELECT id FROM nodes
               WHERE state = 'ready' AND (lease_until IS NULL OR lease_until >= {now_ms})
+                AND (cert_sha256 IS NULL OR api_url IS NOT NULL)
                 AND memory_mib - reserved_mib >= ?1
                 AND cpus - reserved_cpus >= ?2
               ORDER BY reserved_mib * 1000 / memory_mib, id LIMIT 1 {lock})

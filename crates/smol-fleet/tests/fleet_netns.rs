@@ -265,6 +265,8 @@ async fn a_node_in_its_own_namespace_joins_and_a_partition_makes_it_suspect_lost
             "ns-host",
             "--listen",
             "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
             "--memory-mib",
             "2048",
             "--cpus",

@@ -198,6 +198,8 @@ async fn nodes_join_once_renew_over_mutual_tls_and_are_suspect_then_lost_when_ki
             format!("host-{home}"),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--api-listen".into(),
+            "127.0.0.1:0".into(),
             "--memory-mib".into(),
             "4096".into(),
             "--cpus".into(),

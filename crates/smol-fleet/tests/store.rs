@@ -439,10 +439,45 @@ async fn join_tokens_and_leases(url: String) {
         memory_mib: 512,
         cpus: 1,
     };
+    // a joined node runs machines once it has told its API
+    assert_eq!(
+        db.reserve(&machine("mach-1", &t, "one"), need)
+            .await
+            .unwrap(),
+        Placed::NoCapacity
+    );
+    db.set_node_api(&winner.id, "https://127.0.0.1:8703")
+        .await
+        .unwrap();
     assert!(matches!(
         db.reserve(&machine("mach-1", &t, "one"), need).await.unwrap(),
         Placed::Placed { node_id, .. } if node_id == winner.id
     ));
+    // the machine's node, its API and liveness; a tombstone marks it deleting, once
+    let at = db.machine_node("mach-1").await.unwrap().expect("placed");
+    assert_eq!(
+        (
+            at.id.as_str(),
+            at.api_url.as_deref(),
+            at.liveness.as_str(),
+            at.deleting
+        ),
+        (
+            winner.id.as_str(),
+            Some("https://127.0.0.1:8703"),
+            "live",
+            false
+        )
+    );
+    assert_eq!(db.machine_node("mach-none").await.unwrap(), None);
+    db.tombstone("mach-1").await.unwrap();
+    db.tombstone("mach-1").await.unwrap();
+    assert!(db.machine_node("mach-1").await.unwrap().unwrap().deleting);
+    let dead = db.tombstoned().await.unwrap();
+    assert_eq!(
+        dead.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["mach-1"]
+    );
     let beat = |lease_ms, lost_after_ms| {
         db.heartbeat(
             &winner.cert_sha256,
