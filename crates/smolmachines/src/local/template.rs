@@ -467,10 +467,13 @@ impl LocalBackend {
     }
 
     /// [`Self::start_from_template`]; a failure discards the template (the next create
-    /// rebuilds it: a template only ever makes a create faster).
+    /// rebuilds it: a template only ever makes a create faster), except a refusal for lack of
+    /// host memory.
     async fn clone_template(&self, template: &LocalMachine, machine: &LocalMachine) -> Result<()> {
         let r = self.start_from_template(template, machine).await;
-        if let Err(e) = &r {
+        // a host without room for the clone (local::admission) says nothing of the template
+        let no_room = matches!(r, Err(Error::InsufficientMemory { .. }));
+        if let (Err(e), false) = (&r, no_room) {
             store::discard(
                 &self.home,
                 template.name(),
