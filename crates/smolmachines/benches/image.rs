@@ -240,8 +240,13 @@ fn second_machine(rt: &tokio::runtime::Runtime, reference: &str, registry_dir: &
     };
     let (mut first, mut second) = (vec![], vec![]);
     let (mut run_first, mut run_next) = (vec![], vec![]);
+    // cold boots: this measures the image cache, not booted templates (on by default)
     let engines: Vec<LocalBackend> = (0..runs)
-        .map(|i| LocalBackend::at(base.path().join(format!("h{i}"))).with_assets(assets.clone()))
+        .map(|i| {
+            LocalBackend::at(base.path().join(format!("h{i}")))
+                .with_assets(assets.clone())
+                .with_templates(false)
+        })
         .collect();
     for (i, engine) in engines.iter().enumerate() {
         let t = Instant::now();

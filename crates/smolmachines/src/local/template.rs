@@ -18,11 +18,14 @@
 //! *Warm pool:* per template, the engine keeps `SMOL_TEMPLATE_POOL` (default 1,
 //! [`LocalBackend::with_template_pool`]) running clones made ahead and warmed by one command;
 //! a create takes one over (`local::pool`: the same VMM and agent session, the new machine's
-//! identity) and the pool is filled again in the background. Branch sources and pool clones
-//! themselves are clones made at create.
-//! *On:* `LocalBackend::with_templates(true)`, or `SMOL_TEMPLATES=1` (off by default in this
-//! slice). A template that cannot be built or used is logged and the machine boots cold: a
-//! template only ever makes a create faster, never makes one fail.
+//! identity) and the pool is filled again in the background. With the default size, a
+//! process's pool of a template is first filled at its second create of that kind (a process
+//! that makes one machine keeps no clone it never uses); an asked-for size, from the first.
+//! Branch sources and pool clones themselves are clones made at create.
+//! *On* by default; `LocalBackend::with_templates(false)`, or `SMOL_TEMPLATES=0` (when the
+//! builder does not say), boots every machine cold. A template that cannot be built or used is
+//! logged and the machine boots cold: a template only ever makes a create faster, never makes
+//! one fail.
 //! *Lifetime:* a template is kept in the engine home across processes
 //! (`local::template_store`: a frozen machine with a persistent, ownerless record, hidden from
 //! `list`, its key's lock and manifest in `<home>/booted/`): the next process and concurrent
@@ -122,14 +125,15 @@ static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::
 
 impl LocalBackend {
     /// The same engine creating eligible machines from booted templates (`on`), or always
-    /// booting them cold. Without it, `SMOL_TEMPLATES=1` turns templates on.
+    /// booting them cold. Without it, templates are on unless `SMOL_TEMPLATES=0`.
     pub fn with_templates(mut self, on: bool) -> Self {
         self.templates = Some(on);
         self
     }
 
     /// The same engine keeping `n` warm clones per template (at most [`MAX_POOL`]; 0: none).
-    /// Without it, `SMOL_TEMPLATE_POOL` (default 1).
+    /// Without it, `SMOL_TEMPLATE_POOL` (default 1, first filled at a process's second create
+    /// of a kind; an asked-for size, from the first).
     pub fn with_template_pool(mut self, n: usize) -> Self {
         self.pool = Some(n.min(MAX_POOL));
         self
@@ -145,9 +149,15 @@ impl LocalBackend {
         })
     }
 
+    /// Whether the pool size was asked for (the builder or `SMOL_TEMPLATE_POOL`), not the
+    /// default.
+    fn pool_asked(&self) -> bool {
+        self.pool.is_some() || std::env::var_os("SMOL_TEMPLATE_POOL").is_some()
+    }
+
     pub(super) fn templates_on(&self) -> bool {
         self.templates
-            .unwrap_or_else(|| std::env::var("SMOL_TEMPLATES").as_deref() == Ok("1"))
+            .unwrap_or_else(|| std::env::var("SMOL_TEMPLATES").as_deref() != Ok("0"))
     }
 
     /// How many warm pool clones this engine holds now, and whether a pool is being filled.
@@ -436,11 +446,17 @@ impl LocalBackend {
             return self.clone_template(template, machine).await;
         }
         let tname = template.name().to_string();
-        let warm = {
+        let (warm, again) = {
             let mut p = self.shared.templates.1.lock().expect("pool lock");
-            p.get_mut(&tname).and_then(|v| v.pop())
+            let again = p.contains_key(&tname);
+            (p.entry(tname.clone()).or_default().pop(), again)
         };
-        self.refill(template);
+        // by default a process keeps a pool once it makes a second machine of the kind: one
+        // that makes a single machine (`smol run`) pays no VMM it never uses; an asked-for
+        // pool is filled from the first create
+        if again || self.pool_asked() {
+            self.refill(template);
+        }
         if let Some(p) = warm {
             let t0 = Instant::now();
             match p.hand_over(machine).await {
