@@ -161,9 +161,7 @@ async fn summaries(fleet: &Fleet) -> ApiResult<BTreeMap<String, MachineSummary>>
 
 pub(crate) async fn info_of_row(fleet: &Fleet, row: &MachineRow) -> ApiResult<MachineInfo> {
     if let Some(remote) = crate::remote::info_of(fleet, row).await? {
-        let mut info = row_onto(row, remote);
-        fleet.finish_lifetime(row, &mut info);
-        return Ok(info);
+        return Ok(finish_remote(fleet, row, remote));
     }
     let all = summaries(fleet).await?;
     let mut info = info_of(row, all.get(&row.engine_name));
@@ -171,6 +169,19 @@ pub(crate) async fn info_of_row(fleet: &Fleet, row: &MachineRow) -> ApiResult<Ma
     finish_pause(fleet, row, &mut info).await;
     crate::ingress::finish(fleet, row, &mut info).await;
     Ok(info)
+}
+
+/// The record of `row` over its remote node's view `remote`: not ready unless the node says
+/// so (its published ports answer there); the node's own URLs are not the fleet's.
+fn finish_remote(fleet: &Fleet, row: &MachineRow, remote: MachineInfo) -> MachineInfo {
+    let node_ready = remote.ready;
+    let mut info = row_onto(row, remote);
+    if node_ready == Some(false) {
+        info.ready = Some(false);
+    }
+    info.url = None;
+    fleet.finish_lifetime(row, &mut info);
+    info
 }
 
 /// A machine this server paused reads `paused` (not ready): the engine's record does not
@@ -409,8 +420,7 @@ pub async fn list_machines(
     let mut out = Vec::new();
     for r in &rows {
         if let Some(remote) = crate::remote::info_of(&fleet, r).await? {
-            let mut info = row_onto(r, remote);
-            fleet.finish_lifetime(r, &mut info);
+            let info = finish_remote(&fleet, r, remote);
             if want.iter().all(|(k, v)| info.labels.get(k) == Some(v)) {
                 out.push(info);
             }
