@@ -93,6 +93,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum MachineCommand {
+    /// (internal) Serve a detached networked machine's egress filter until its VM ends:
+    /// started in the background by `create --network`.
+    #[command(hide = true)]
+    HoldNetwork { name: String },
     /// Create a machine that keeps running after this command exits (detached, persistent).
     Create {
         /// Name (generated when omitted).
@@ -350,7 +354,25 @@ async fn run(cli: Cli) -> Result<u8, Error> {
                     ..Default::default()
                 };
                 let m = Machine::create(cfg, conn).await?;
+                if network && !on_cloud {
+                    // this process's egress filter ends with it: a process of its own
+                    // serves the machine's link from now on (net::hold)
+                    hold_network_in_background(m.name());
+                }
                 println!("{}", m.name());
+                Ok(0)
+            }
+            MachineCommand::HoldNetwork { name } => {
+                local_only(on_cloud, "machine hold-network")?;
+                let engine = LocalBackend::open_env();
+                // the creating process still holds the link until it exits: wait for it
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while engine.hold_network(&name).await? == Some(false) {
+                    if std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
                 Ok(0)
             }
             MachineCommand::Exec { name, exec } => {
@@ -380,6 +402,11 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             }
             MachineCommand::Start { name } => {
                 Machine::open(&name, conn).await?.start().await?;
+                if !on_cloud {
+                    // a networked machine's link outlives this process (it exits at once
+                    // for one without a network)
+                    hold_network_in_background(&name);
+                }
                 Ok(0)
             }
             MachineCommand::Stop { name } => {
@@ -511,5 +538,28 @@ fn main() -> ExitCode {
             }
             ExitCode::from(EXIT_SMOL_ERROR)
         }
+    }
+}
+
+/// Starts `smol machine hold-network NAME` in a process group of its own, its output in
+/// the void: it outlives this one and serves the machine's egress filter.
+fn hold_network_in_background(name: &str) {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "the machine's network ends with this process: no path to this program");
+            return;
+        }
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["machine", "hold-network", name])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // a process group of its own: a ^C at the terminal does not reach it
+    cmd.process_group(0);
+    if let Err(e) = cmd.spawn() {
+        tracing::error!(error = %e, "the machine's network ends with this process: its holder did not start");
     }
 }

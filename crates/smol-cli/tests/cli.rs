@@ -573,6 +573,33 @@ fn network_is_turned_on_by_a_flag() {
         &["machine", "create", "--name", "net1", "--network"],
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
+    // the machine's link outlives `create`: a holder of this home serves its egress filter
+    // (and a passt of the machine runs), until the VM ends
+    let home = d.path().to_string_lossy().to_string();
+    let holder_of_home = || -> Vec<u32> {
+        procs_with(&["hold-network", "net1"])
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/environ"))
+                    .is_ok_and(|e| String::from_utf8_lossy(&e).contains(&home))
+            })
+            .collect()
+    };
+    let t0 = std::time::Instant::now();
+    while holder_of_home().is_empty() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        holder_of_home().len(),
+        1,
+        "one holder of the machine's link"
+    );
+    let t0 = std::time::Instant::now();
+    let passt = || procs_with(&[&format!("{home}/run/machines/net1/net/")]);
+    while passt().is_empty() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(passt().len(), 1, "the holder's passt");
     let o = smol(
         d.path(),
         &["machine", "exec", "net1", "--", "sh", "-c", script],
@@ -581,4 +608,26 @@ fn network_is_turned_on_by_a_flag() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "up\n");
     assert!(rm.status.success(), "{}", text(&rm.stderr));
+    let t0 = std::time::Instant::now();
+    while !holder_of_home().is_empty() && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        holder_of_home().is_empty(),
+        "the holder outlived its machine"
+    );
+}
+
+/// Live processes whose command line holds every one of `words` (zombies have none).
+fn procs_with(words: &[&str]) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            words.iter().all(|w| cmd.contains(w)).then_some(pid)
+        })
+        .collect()
 }

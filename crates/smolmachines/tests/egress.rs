@@ -280,6 +280,101 @@ async fn open_egress_reaches_the_world_but_never_metadata_or_the_host_loopback()
     m.delete().await.unwrap();
 }
 
+/// Whether the allowed host answers within `within` (tried again until then): a filter
+/// serves the link. (QEMU 7.2 does not drop the guest's carrier when the filter goes.)
+async fn link_up(m: &smolmachines::local::LocalMachine, within: Duration) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if reached(&reaches(m, FIRST, 9000).await, "egress-ok") {
+            return true;
+        }
+        if t0.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Whether the allowed host does not answer: no filter serves the link.
+async fn link_down(m: &smolmachines::local::LocalMachine) -> bool {
+    let r = run(m, &format!("timeout 10 nc -w 2 {FIRST} 9000; echo rc=$?")).await;
+    !r.stdout.contains("egress-ok")
+}
+
+/// A detached machine's egress filter runs in the process that started it; once that filter
+/// is gone (here its passt killed, as the process's exit would end it), the next process
+/// serves the link: `hold_network` (what `smol machine create --network` leaves running)
+/// without attaching, or any process that attaches (`connect`). Only one at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detached_machines_link_is_served_again_by_the_next_process() {
+    if common::vm_assets().is_none() {
+        return;
+    }
+    common::log_to_stderr();
+    let lab = NetLab::new();
+    let h = home();
+    let mut cfg = config(Some("netd"));
+    cfg.network = Some(true);
+    cfg.detach = true;
+    cfg.persistent = true;
+    let m = lab.engine(h.path()).create_machine(cfg).await.unwrap();
+    let dir = m.dir();
+    assert!(reached(&reaches(&m, FIRST, 9000).await, "egress-ok"));
+    let kill_passt = || {
+        let passt = passt_of(&dir);
+        assert_eq!(passt.len(), 1, "one passt for the machine: {passt:?}");
+        // SAFETY: kill(2) of the passt this test's machine runs.
+        assert_eq!(unsafe { libc::kill(passt[0], libc::SIGKILL) }, 0);
+    };
+    kill_passt();
+    assert!(link_down(&m).await, "the link outlived its filter");
+    drop(m);
+
+    // a holder (another engine, as another process would be) serves the link; a process
+    // that attaches meanwhile leaves it to the holder
+    let holder = {
+        let engine = lab.engine(h.path());
+        tokio::spawn(async move { engine.hold_network("netd").await })
+    };
+    let m = lab.engine(h.path()).connect_machine("netd").await.unwrap();
+    assert!(
+        link_up(&m, Duration::from_secs(30)).await,
+        "the holder serves the link"
+    );
+    assert_metadata_and_loopback_refused(&m).await;
+    assert_eq!(
+        passt_of(&dir).len(),
+        1,
+        "the attach started no second filter"
+    );
+    // the holder ends with the VMM
+    m.stop().await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(30), holder)
+        .await
+        .expect("the holder ends with the VMM")
+        .unwrap();
+    assert_eq!(held.unwrap(), Some(true));
+    assert_eq!(
+        lab.engine(h.path()).hold_network("netd").await.unwrap(),
+        None
+    );
+
+    // started again (this process's filter), that filter gone, the machine handle dropped:
+    // the next process that attaches starts the filter again itself
+    m.start().await.unwrap();
+    assert!(reached(&reaches(&m, FIRST, 9000).await, "egress-ok"));
+    kill_passt();
+    assert!(link_down(&m).await, "the link outlived its filter");
+    drop(m);
+    let m = lab.engine(h.path()).connect_machine("netd").await.unwrap();
+    assert!(
+        link_up(&m, Duration::from_secs(30)).await,
+        "the attaching process serves the link"
+    );
+    assert_metadata_and_loopback_refused(&m).await;
+    m.delete().await.unwrap();
+}
+
 /// The passt processes whose command line names `dir` (the machine's run directory).
 fn passt_of(dir: &std::path::Path) -> Vec<i32> {
     let needle = dir.to_string_lossy().to_string();

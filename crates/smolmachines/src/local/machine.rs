@@ -715,6 +715,7 @@ impl LocalMachine {
         match self.attach_vm(vmm_id).await {
             Ok(()) => {
                 self.apply(Event::Booted, "attach")?;
+                self.resume_network();
                 Ok(())
             }
             Err(e) => {

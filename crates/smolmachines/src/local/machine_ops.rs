@@ -11,6 +11,38 @@ use super::*;
 const PORT_PROBE_WAIT: Duration = Duration::from_secs(2);
 
 impl LocalMachine {
+    /// After attaching to a networked machine of another process: its egress filter ended
+    /// with that process (a detached machine), so this process starts it again and holds the
+    /// guest's link (`net::resume`); nothing when another process's filter still serves it.
+    /// A failure is logged: the machine stays usable, its link down (fail closed).
+    pub(super) fn resume_network(&self) {
+        let (network, policy) = {
+            let r = self.inner.record.lock().expect("record lock");
+            let policy = crate::local::egress::Policy::new(
+                &r.allow_cidrs,
+                &r.allow_hosts,
+                &crate::local::egress::Policy::denied_from_env(),
+            );
+            (r.network, policy)
+        };
+        if !network {
+            return;
+        }
+        let filter = crate::local::egress::Filter::new(policy);
+        match crate::local::net::resume(
+            &self.inner.spec.dir,
+            &self.inner.passt,
+            &self.inner.name,
+            filter,
+        ) {
+            Ok(Some(child)) => self.inner.helpers.lock().expect("helpers lock").push(child),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(machine = %self.inner.name, error = %e, "the guest's network could not be resumed: its link stays down")
+            }
+        }
+    }
+
     /// Maps a failed read: the agent's errors as every agent error, the host's limits as they
     /// are.
     async fn map_read_err(&self, e: ReadError) -> Error {

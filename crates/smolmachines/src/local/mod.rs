@@ -802,6 +802,41 @@ impl LocalBackend {
         self.handle(name, false).await
     }
 
+    /// Serves the egress filter of running networked machine `name` from this process until
+    /// its VMM (or passt) ends, without attaching to it (`net::hold`): what keeps a detached
+    /// machine's network up once the process that made it is gone (`smol machine create
+    /// --network` starts a process that does this). `None`: not networked or not running;
+    /// `Some(false)`: another process's filter serves it; `Some(true)`: served until the end.
+    pub async fn hold_network(&self, name: &str) -> Result<Option<bool>> {
+        let db = self.db().await?;
+        let n = name.to_string();
+        let rec = db
+            .call(move |db| db.get(&n))
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: format!("machine {name:?}"),
+            })?;
+        if !rec.network || !rec.vmm.is_some_and(|v| v.alive()) {
+            return Ok(None);
+        }
+        let policy = egress::Policy::new(
+            &rec.allow_cidrs,
+            &rec.allow_hosts,
+            &egress::Policy::denied_from_env(),
+        );
+        let (dir, passt, n) = (
+            self.machine_run_dir(name),
+            self.passt.clone().unwrap_or_else(net::passt),
+            name.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            net::hold(&dir, &passt, &n, egress::Filter::new(policy))
+        })
+        .await
+        .map_err(|e| Error::io("holding the network", std::io::Error::other(e)))?
+        .map(Some)
+    }
+
     /// Every machine of this engine home carrying all of `labels`.
     pub async fn list_machines(
         &self,

@@ -32,6 +32,43 @@ pub fn socket(dir: &Path) -> PathBuf {
     dir.join("net").join("passt.sock")
 }
 
+/// QEMU's own listening socket (`-netdev stream,server=on`), to which the egress filter
+/// connects: beside the machine's other sockets, not in passt's directory (passt's uid owns
+/// that one). QEMU accepts one connection at a time and the next once it ends, so the
+/// filter of another process can take the link over ([`resume`]).
+pub fn vm_socket(dir: &Path) -> PathBuf {
+    dir.join("net-vm.sock")
+}
+
+/// The lock the process whose filter serves the machine's link holds (`flock`, exclusive),
+/// for as long as that filter runs: a second process does not start another.
+pub fn relay_lock(dir: &Path) -> PathBuf {
+    dir.join("net-relay.lock")
+}
+
+/// The relay lock of `dir`, taken without waiting; `None` while another filter holds it.
+fn try_relay_lock(dir: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let path = relay_lock(dir);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: flock on a descriptor owned by `f`; the lock goes with it.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(Some(f))
+    } else {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(None)
+        } else {
+            Err(Error::io(format!("locking {}", path.display()), e))
+        }
+    }
+}
+
 /// passt's own socket, which only the egress filter connects to.
 pub fn upstream_socket(dir: &Path) -> PathBuf {
     dir.join("net").join("passt-up.sock")
@@ -99,7 +136,8 @@ pub fn args(sock: &Path) -> Vec<String> {
 }
 
 /// Starts passt for a machine, waits for its socket and starts the egress filter (`filter`)
-/// between it and the socket QEMU connects to ([`socket`]).
+/// between it and QEMU's listening socket ([`vm_socket`]), which the filter connects to once
+/// QEMU is up. The machine's relay lock is taken (it is fresh: the machine is starting).
 pub fn spawn(
     dir: &Path,
     binary: &Path,
@@ -113,22 +151,107 @@ pub fn spawn(
         );
         return spawn_passt_at(dir, binary, &socket(dir));
     }
-    let mut child = spawn_passt(dir, binary)?;
-    let guest_sock = socket(dir);
-    let relay = (|| {
-        crate::cleanup::remove_if_present(&guest_sock)?;
-        let up = std::os::unix::net::UnixStream::connect(upstream_socket(dir))?;
-        let listener = std::os::unix::net::UnixListener::bind(&guest_sock)?;
-        super::egress::relay::start(name, listener, up, filter)
-    })();
-    if let Err(e) = relay {
-        crate::cleanup::kill_quietly(&mut child, "passt");
-        return Err(Error::io(
-            format!("starting the egress filter on {}", guest_sock.display()),
+    // a socket of a previous boot would be connected to before QEMU listens again
+    crate::cleanup::remove_if_present(&vm_socket(dir)).map_err(|e| {
+        Error::io(
+            format!("removing the stale socket {}", vm_socket(dir).display()),
             e,
+        )
+    })?;
+    let Some(hold) = try_relay_lock(dir)? else {
+        return Err(Error::io(
+            format!("locking {}", relay_lock(dir).display()),
+            std::io::Error::other("another process still relays this machine's network"),
         ));
+    };
+    start_filter(dir, binary, name, filter, hold).map(|(child, _)| child)
+}
+
+/// The link of a running networked machine whose filter ended with the process that started
+/// it (a detached machine): a new passt and filter, connected to QEMU's socket, held by this
+/// process. `None` when another process's filter still serves it, or QEMU has no socket (an
+/// older machine, or one of the measurement bypass).
+pub fn resume(
+    dir: &Path,
+    binary: &Path,
+    name: &str,
+    filter: super::egress::Filter,
+) -> Result<Option<Child>> {
+    if super::egress::bypassed() || !vm_socket(dir).exists() {
+        return Ok(None);
     }
-    Ok(child)
+    let Some(hold) = try_relay_lock(dir)? else {
+        tracing::debug!(
+            machine = name,
+            "another process's egress filter serves the link"
+        );
+        return Ok(None);
+    };
+    tracing::info!(
+        machine = name,
+        "the network filter ended with its process: starting it again here"
+    );
+    start_filter(dir, binary, name, filter, hold).map(|(child, _)| Some(child))
+}
+
+/// Blocks while this process serves the link of a running networked machine: [`resume`],
+/// then until the filter ends (QEMU gone, passt gone). `Ok(false)`: another process serves it.
+/// For a process that keeps a detached machine's network alone (`smol machine create`).
+pub fn hold(dir: &Path, binary: &Path, name: &str, filter: super::egress::Filter) -> Result<bool> {
+    if super::egress::bypassed() || !vm_socket(dir).exists() {
+        return Ok(false);
+    }
+    let Some(hold) = try_relay_lock(dir)? else {
+        return Ok(false);
+    };
+    let (mut child, relay) = start_filter(dir, binary, name, filter, hold)?;
+    if relay.join().is_err() {
+        tracing::error!(machine = name, "the egress filter thread panicked");
+    }
+    crate::cleanup::kill_quietly(&mut child, "passt");
+    Ok(true)
+}
+
+/// Connects to passt's socket, which exists from passt's `bind`, a moment before its
+/// `listen`: a refused connection is tried again for up to 5 s.
+fn connect_upstream(dir: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let t0 = Instant::now();
+    loop {
+        match std::os::unix::net::UnixStream::connect(upstream_socket(dir)) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && t0.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            r => return r,
+        }
+    }
+}
+
+fn start_filter(
+    dir: &Path,
+    binary: &Path,
+    name: &str,
+    filter: super::egress::Filter,
+    hold: std::fs::File,
+) -> Result<(Child, std::thread::JoinHandle<()>)> {
+    let mut child = spawn_passt(dir, binary)?;
+    let relay = connect_upstream(dir)
+        .and_then(|up| super::egress::relay::start_to_vm(name, vm_socket(dir), up, filter, hold));
+    match relay {
+        Ok(thread) => Ok((child, thread)),
+        Err(e) => {
+            crate::cleanup::kill_quietly(&mut child, "passt");
+            Err(Error::io(
+                format!(
+                    "connecting the egress filter to passt ({})",
+                    upstream_socket(dir).display()
+                ),
+                e,
+            ))
+        }
+    }
 }
 
 fn spawn_passt(dir: &Path, binary: &Path) -> Result<Child> {

@@ -339,12 +339,23 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
         }
     }
     if spec.network {
-        a.extend([
-            "-netdev".into(),
+        // QEMU listens; the egress filter connects (local::net::vm_socket), and a filter of
+        // another process can take over once it ends. Measuring without the filter, QEMU
+        // connects to passt itself.
+        let netdev = if super::egress::bypassed() {
             format!(
                 "stream,id=net0,server=off,addr.type=unix,addr.path={}",
                 super::net::socket(&spec.dir).display()
-            ),
+            )
+        } else {
+            format!(
+                "stream,id=net0,server=on,addr.type=unix,addr.path={}",
+                super::net::vm_socket(&spec.dir).display()
+            )
+        };
+        a.extend([
+            "-netdev".into(),
+            netdev,
             "-device".into(),
             "virtio-net-device,netdev=net0".into(),
         ]);
@@ -692,7 +703,7 @@ mod tests {
         with_net.network = true;
         let joined = qemu_args(&with_net, None).join(" ");
         assert!(joined.contains(
-            "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/m1/net/passt.sock"
+            "-netdev stream,id=net0,server=on,addr.type=unix,addr.path=/run/m1/net-vm.sock"
         ));
         assert!(kernel_cmdline(&with_net, None).contains("smol.net=1"));
     }

@@ -1,12 +1,13 @@
 //! The relay between QEMU's `-netdev stream` (the guest side) and passt (the host side): two
 //! threads per networked machine, one a direction, each frame a 4-byte big-endian length and
 //! an Ethernet frame. Either side closing or failing ends both directions (logged with the
-//! reason); passt (`-1`) then exits, and the guest's link is gone until the machine starts
-//! again: the relay fails closed.
+//! reason); passt (`-1`) then exits, and the guest's link is down until a relay connects to
+//! QEMU again (the machine's next boot, or another process taking the link over,
+//! `net::resume`): the relay fails closed.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use super::{Filter, Outcome};
 /// The longest frame either side may send (passt's MTU is 65520; a longer one is a broken or
 /// hostile peer, and ends the relay).
 const MAX_FRAME: usize = 65535 + 14 + 4;
-/// How long the relay waits for QEMU to connect.
+/// How long the relay waits for QEMU to listen.
 const ACCEPT_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
@@ -59,73 +60,52 @@ fn write_frame(w: &mut impl Write, frame: &[u8]) -> io::Result<()> {
     w.write_all(&out)
 }
 
-/// Waits until `listener` has a connection or `upstream` has closed (passt gone); `false`
-/// after [`ACCEPT_WAIT`] or when passt is gone.
-fn wait_for_guest(listener: &UnixListener, upstream: &UnixStream) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
+/// Waits until QEMU's listening socket `vm` takes a connection, while `upstream` (passt) is
+/// still there; `None` after [`ACCEPT_WAIT`] or when passt is gone.
+fn connect_to_vm(vm: &std::path::Path, upstream: &UnixStream) -> Option<UnixStream> {
+    let deadline = Instant::now() + ACCEPT_WAIT;
+    loop {
+        match UnixStream::connect(vm) {
+            Ok(s) => return Some(s),
+            Err(e) => tracing::trace!(error = %e, "egress relay: the VMM does not listen yet"),
+        }
+        let mut fd = libc::pollfd {
             fd: upstream.as_raw_fd(),
             events: libc::POLLRDHUP,
             revents: 0,
-        },
-    ];
-    let deadline = Instant::now() + ACCEPT_WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        // SAFETY: fds is a valid array of 2 pollfd for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis() as libc::c_int) };
-        if r < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return false;
-        }
-        if fds[1].revents != 0 {
-            return false;
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            return true;
+        };
+        // SAFETY: fd is one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut fd, 1, 5) };
+        if (r > 0 && fd.revents != 0) || Instant::now() >= deadline {
+            return None;
         }
     }
 }
 
-/// Starts the relay of machine `name`: QEMU connects to `listener`; `upstream` is the
-/// connection to passt.
-pub(crate) fn start(
+/// Starts the relay of machine `name` as a client of QEMU's listening `-netdev stream` at
+/// `vm` (which accepts the next relay once this one is gone, so another process can take
+/// over the link: `net::resume`); `upstream` is the connection to passt. `hold` (the
+/// machine's relay lock) is kept for as long as the relay runs.
+pub(crate) fn start_to_vm(
     name: &str,
-    listener: UnixListener,
+    vm: std::path::PathBuf,
     upstream: UnixStream,
     filter: Filter,
-) -> io::Result<()> {
+    hold: std::fs::File,
+) -> io::Result<std::thread::JoinHandle<()>> {
     let name = name.to_string();
     std::thread::Builder::new()
         .name(format!("egress-{name}"))
         .spawn(move || {
-            if !wait_for_guest(&listener, &upstream) {
-                tracing::warn!(machine = %name, "egress relay: the VMM never connected (or passt ended first): closing");
+            let _hold = hold;
+            let Some(guest) = connect_to_vm(&vm, &upstream) else {
+                tracing::warn!(machine = %name, "egress relay: the VMM never listened (or passt ended first): closing");
                 return;
-            }
-            let guest = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(machine = %name, error = %e, "egress relay: accepting the VMM failed");
-                    return;
-                }
             };
-            drop(listener);
             if let Err(e) = run(&name, guest, upstream, filter) {
                 tracing::warn!(machine = %name, error = %e, "egress relay could not start");
             }
-        })?;
-    Ok(())
+        })
 }
 
 fn run(name: &str, guest: UnixStream, upstream: UnixStream, filter: Filter) -> io::Result<()> {
