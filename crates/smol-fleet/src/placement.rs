@@ -7,7 +7,8 @@
 //!
 //! The SQL is written once, in SQLite's dialect; `store/pg.rs` runs it through its `dialect`
 //! (`?N` placeholders become `$N`) with the row locks only PostgreSQL takes ([`lock`]).
-//! Not yet called by the create route: `--role all` has one node, the engine of its host.
+//! Called by the create route of a replica with `--node-listen` (`remote.rs`); `--role all` has
+//! one node, the engine of its host, and places nothing.
 
 use rusqlite::{params, Connection, OptionalExtension};
 
