@@ -133,6 +133,14 @@ pub async fn by_host(State(fleet): State<Fleet>, req: Request, next: Next) -> Re
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
+    // a machine on a remote node: its node's connect route (`remote.rs`)
+    let req =
+        match crate::remote::by_host(&fleet, &tenant, &target.machine, target.port, &path, req)
+            .await
+        {
+            Ok(resp) => return resp,
+            Err(req) => req,
+        };
     proxy(&fleet, &tenant, &target.machine, target.port, path, req)
         .await
         .unwrap_or_else(IntoResponse::into_response)

@@ -437,6 +437,45 @@ fn forwarded(tail: &str) -> bool {
     )
 }
 
+/// A host-routed ingress request (`{port}-{id}.{domain}`, `proxy.rs`) for a machine on a
+/// remote node: sent to the node as `/v1/machines/{id}/connect/{port}{path}`, streamed. The
+/// request back (`Err`) when the machine is not on a remote node.
+pub(crate) async fn by_host(
+    fleet: &Fleet,
+    tenant: &Tenant,
+    id: &str,
+    port: u16,
+    path: &str,
+    mut req: Request,
+) -> Result<Response, Request> {
+    let Some(remote) = fleet.remote() else {
+        return Err(req);
+    };
+    let placed = async {
+        let Some(row) = fleet.db().machine(&tenant.0, id).await? else {
+            return Ok::<_, FleetError>(None);
+        };
+        Ok(fleet
+            .db()
+            .machine_node(&row.id)
+            .await?
+            .filter(|n| n.api_url.is_some()))
+    };
+    let node = match placed.await {
+        Ok(Some(n)) => n,
+        Ok(None) => return Err(req),
+        Err(e) => return Ok(ApiError::from(e).into_response()),
+    };
+    let to = format!("/v1/machines/{id}/connect/{port}{path}");
+    match to.parse::<Uri>() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(e) => return Ok(unavailable(&node, format!("{to}: {e}")).into_response()),
+    }
+    Ok(send(remote, &node, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response))
+}
+
 /// Middleware: a request for a machine on a remote node goes to that node (`DELETE
 /// /v1/machines/{id}` and `/v1/machines/{id}/…`); the rest, and every machine of this
 /// replica's own engine, goes on to the routes.

@@ -172,14 +172,18 @@ pub(crate) async fn info_of_row(fleet: &Fleet, row: &MachineRow) -> ApiResult<Ma
 }
 
 /// The record of `row` over its remote node's view `remote`: not ready unless the node says
-/// so (its published ports answer there); the node's own URLs are not the fleet's.
+/// so (its published ports answer there); the URL is the fleet's, not the node's.
 fn finish_remote(fleet: &Fleet, row: &MachineRow, remote: MachineInfo) -> MachineInfo {
     let node_ready = remote.ready;
     let mut info = row_onto(row, remote);
     if node_ready == Some(false) {
         info.ready = Some(false);
     }
-    info.url = None;
+    // the fleet's public URL of its first published port (host-routed through this replica)
+    info.url = info
+        .ports
+        .first()
+        .map(|p| fleet.apps().url(p.port, &row.id, fleet.listen_port()));
     fleet.finish_lifetime(row, &mut info);
     info
 }

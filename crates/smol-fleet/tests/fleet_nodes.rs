@@ -841,6 +841,41 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
     assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 1);
 
+    // the published Python client against the replica, its machine on the node (when
+    // tests/published.rs made its venv; it is not made here)
+    let python =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/published-client/venv/bin/python");
+    if python.exists() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/published_client.py");
+        let out = tokio::time::timeout(
+            WAIT * 5,
+            Command::new(&python)
+                .arg(&script)
+                .args([&api, &key, &image])
+                .env("NO_PROXY", "127.0.0.1,localhost")
+                .env("no_proxy", "127.0.0.1,localhost")
+                .env_remove("SMOL_CLOUD_TOKEN")
+                .env_remove("SMOL_CLOUD_URL")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the published client ends")
+        .unwrap();
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("published client: OK"),
+            "{text}"
+        );
+        assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 1);
+    } else {
+        eprintln!("the published client is not installed (tests/published.rs makes it): skipped");
+    }
+
     // the node killed: lost; its machine is not ready and says why, exec is 503 retryable
     node.child.kill().await.unwrap();
     await_state(&db, &node_id, "lost").await;
