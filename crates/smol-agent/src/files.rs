@@ -52,6 +52,8 @@ struct Dest {
     target: PathBuf,
     in_place: bool,
     mode: u32,
+    /// The temporary file listed until the write ends (`pending`).
+    _listed: Option<crate::pending::InFlight>,
 }
 
 fn prepare_write(path: &str, mode: Option<u32>, id: u32) -> Result<Dest, RemoteError> {
@@ -90,6 +92,8 @@ fn prepare_write(path: &str, mode: Option<u32>, id: u32) -> Result<Dest, RemoteE
             .unwrap_or_default();
         target.with_file_name(format!(".{name}.smol-{id}"))
     };
+    // listed before it exists: a VMM killed from here on leaves nothing the next boot keeps
+    let listed = (!in_place).then(|| crate::pending::InFlight::begin(&tmp));
     let file = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -103,6 +107,7 @@ fn prepare_write(path: &str, mode: Option<u32>, id: u32) -> Result<Dest, RemoteE
         target,
         in_place,
         mode,
+        _listed: listed,
     })
 }
 
@@ -120,6 +125,7 @@ pub async fn write(stream: Stream, path: &str, mode: Option<u32>) -> Result<Fram
         target,
         in_place,
         mode,
+        _listed,
     } = off_loop("opening", path, move || prepare_write(&owned, mode, id)).await?;
     let io_err = |path: &str, e: std::io::Error| RemoteError::from_io(&e, path);
     let result: Result<(), RemoteError> = async {

@@ -11,6 +11,7 @@ mod exec;
 mod files;
 mod identity;
 mod init;
+mod pending;
 mod port;
 mod quiet;
 mod raw;

@@ -46,6 +46,8 @@ fn uptime_ms() -> u64 {
 /// Serves the virtio-serial port forever, one session per host connection. `restarted`: PID 1
 /// started this agent again after the previous one died (see [`end_dead_session`]).
 pub fn serve_port(cfg: &Config, restarted: bool) -> ! {
+    // what writes of an earlier agent (or boot) left half-done goes first
+    crate::pending::enable(std::path::Path::new(crate::pending::LIST));
     let port = crate::port::open(PORT_NAME);
     let fd = port.as_raw_fd();
     let rt = runtime();

@@ -209,6 +209,9 @@ async fn the_vmm_killed_during_write_file_leaves_the_target_as_it_was() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // the temporary file is on the guest's disk when the VMM dies (else the file system's
+    // next commit, seconds later, might never have named it)
+    assert_eq!(run(&m, "sync && echo synced").await.stdout, "synced\n");
     sigkill(pid);
     let e = tokio::time::timeout(Duration::from_secs(30), write)
         .await
@@ -223,6 +226,13 @@ async fn the_vmm_killed_during_write_file_leaves_the_target_as_it_was() {
         m.read_file("/root/target").await.unwrap(),
         b"old content\n",
         "the target changed under a write that never finished"
+    );
+    // nor is its hidden temporary file left beside it: the agent's start removed it
+    let r = run(&m, "ls -a /root | grep -c '^.target.smol-' || true").await;
+    assert_eq!(
+        r.stdout.trim(),
+        "0",
+        "the interrupted write's file is left: {r:?}"
     );
     // the next write of it works
     m.write_file("/root/target", b"new\n", None).await.unwrap();
