@@ -320,6 +320,9 @@ async fn soak(tmp: &Path) {
     }
     let deleted = t_del.elapsed();
     drop(handles);
+    // the warm pool of the booted template (templates are on by default) is the process's
+    // own, kept while it runs: dropped here as a process would before it ends
+    engine.drop_templates().await.expect("drop_templates");
     drop(engine);
     // the machines' ends are asynchronous (the supervisors reap, cgroups go): a bounded wait
     // for them before the census
