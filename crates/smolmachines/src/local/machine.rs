@@ -436,17 +436,15 @@ impl LocalMachine {
             self.inner.spec.memory_mb,
             self.inner.spec.cpus,
         );
-        let (mounts, network, policy) = {
+        let (mounts, network, filter) = {
             let r = self.inner.record.lock().expect("record lock");
-            let policy = super::egress::Policy::new(
-                &r.allow_cidrs,
-                &r.allow_hosts,
-                &super::egress::Policy::denied_from_env(),
-            );
-            (r.mounts.clone(), r.network, policy)
+            (
+                r.mounts.clone(),
+                r.network,
+                super::egress::Filter::of_record(&r),
+            )
         };
         if network {
-            let filter = super::egress::Filter::new(policy);
             let child = super::net::spawn(
                 &self.inner.spec.dir,
                 &self.inner.passt,

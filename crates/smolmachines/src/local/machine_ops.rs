@@ -16,19 +16,13 @@ impl LocalMachine {
     /// guest's link (`net::resume`); nothing when another process's filter still serves it.
     /// A failure is logged: the machine stays usable, its link down (fail closed).
     pub(super) fn resume_network(&self) {
-        let (network, policy) = {
+        let (network, filter) = {
             let r = self.inner.record.lock().expect("record lock");
-            let policy = crate::local::egress::Policy::new(
-                &r.allow_cidrs,
-                &r.allow_hosts,
-                &crate::local::egress::Policy::denied_from_env(),
-            );
-            (r.network, policy)
+            (r.network, crate::local::egress::Filter::of_record(&r))
         };
         if !network {
             return;
         }
-        let filter = crate::local::egress::Filter::new(policy);
         match crate::local::net::resume(
             &self.inner.spec.dir,
             &self.inner.passt,

@@ -819,22 +819,16 @@ impl LocalBackend {
         if !rec.network || !rec.vmm.is_some_and(|v| v.alive()) {
             return Ok(None);
         }
-        let policy = egress::Policy::new(
-            &rec.allow_cidrs,
-            &rec.allow_hosts,
-            &egress::Policy::denied_from_env(),
-        );
+        let filter = egress::Filter::of_record(&rec);
         let (dir, passt, n) = (
             self.machine_run_dir(name),
             self.passt.clone().unwrap_or_else(net::passt),
             name.to_string(),
         );
-        tokio::task::spawn_blocking(move || {
-            net::hold(&dir, &passt, &n, egress::Filter::new(policy))
-        })
-        .await
-        .map_err(|e| Error::io("holding the network", std::io::Error::other(e)))?
-        .map(Some)
+        tokio::task::spawn_blocking(move || net::hold(&dir, &passt, &n, filter))
+            .await
+            .map_err(|e| Error::io("holding the network", std::io::Error::other(e)))?
+            .map(Some)
     }
 
     /// Every machine of this engine home carrying all of `labels`.

@@ -177,13 +177,10 @@ pub fn resume(
     name: &str,
     filter: super::egress::Filter,
 ) -> Result<Option<Child>> {
-    if super::egress::bypassed() || !vm_socket(dir).exists() {
-        return Ok(None);
-    }
-    let Some(hold) = try_relay_lock(dir)? else {
+    let Some(hold) = free_link(dir)? else {
         tracing::debug!(
             machine = name,
-            "another process's egress filter serves the link"
+            "no link to serve, or another process serves it"
         );
         return Ok(None);
     };
@@ -198,10 +195,7 @@ pub fn resume(
 /// then until the filter ends (QEMU gone, passt gone). `Ok(false)`: another process serves it.
 /// For a process that keeps a detached machine's network alone (`smol machine create`).
 pub fn hold(dir: &Path, binary: &Path, name: &str, filter: super::egress::Filter) -> Result<bool> {
-    if super::egress::bypassed() || !vm_socket(dir).exists() {
-        return Ok(false);
-    }
-    let Some(hold) = try_relay_lock(dir)? else {
+    let Some(hold) = free_link(dir)? else {
         return Ok(false);
     };
     let (mut child, relay) = start_filter(dir, binary, name, filter, hold)?;
@@ -210,6 +204,15 @@ pub fn hold(dir: &Path, binary: &Path, name: &str, filter: super::egress::Filter
     }
     crate::cleanup::kill_quietly(&mut child, "passt");
     Ok(true)
+}
+
+/// The relay lock of a running machine's link that no filter serves; `None` when QEMU has no
+/// listening socket (an older machine, the measurement bypass) or another process holds it.
+fn free_link(dir: &Path) -> Result<Option<std::fs::File>> {
+    if super::egress::bypassed() || !vm_socket(dir).exists() {
+        return Ok(None);
+    }
+    try_relay_lock(dir)
 }
 
 /// Connects to passt's socket, which exists from passt's `bind`, a moment before its

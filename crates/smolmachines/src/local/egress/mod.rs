@@ -213,6 +213,15 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The filter of a machine's record: its allow-lists, plus what `SMOL_EGRESS_DENY` denies.
+    pub(crate) fn of_record(r: &super::record::Record) -> Filter {
+        Filter::new(Policy::new(
+            &r.allow_cidrs,
+            &r.allow_hosts,
+            &Policy::denied_from_env(),
+        ))
+    }
+
     /// A filter with nothing learned yet.
     pub fn new(policy: Policy) -> Filter {
         Filter {
