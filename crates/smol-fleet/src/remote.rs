@@ -273,6 +273,16 @@ fn request(method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Request,
         .map_err(|e| ApiError(Error::coded(ErrorCode::SmolvmError, e.to_string())))
 }
 
+/// The node that runs machine `machine_id` for this replica, if it has one with an API
+/// (`None`: a machine of this replica's own engine).
+async fn node_of(fleet: &Fleet, machine_id: &str) -> Result<Option<NodeAt>, FleetError> {
+    Ok(fleet
+        .db()
+        .machine_node(machine_id)
+        .await?
+        .filter(|n| n.api_url.is_some()))
+}
+
 /// The machine of `row` as its node reports it (`None`: not on a remote node). A node that
 /// is lost or does not answer gives `state: unknown`, `ready: false` and an `errorReason`.
 pub(crate) async fn info_of(
@@ -282,12 +292,7 @@ pub(crate) async fn info_of(
     let Some(remote) = fleet.remote() else {
         return Ok(None);
     };
-    let Some(node) = fleet
-        .db()
-        .machine_node(&row.id)
-        .await?
-        .filter(|n| n.api_url.is_some())
-    else {
+    let Some(node) = node_of(fleet, &row.id).await? else {
         return Ok(None);
     };
     let unreachable = |reason: String| MachineInfo {
@@ -358,12 +363,7 @@ pub(crate) async fn call(
     let Some(remote) = fleet.remote() else {
         return Ok(None);
     };
-    let Some(node) = fleet
-        .db()
-        .machine_node(&row.id)
-        .await?
-        .filter(|n| n.api_url.is_some())
-    else {
+    let Some(node) = node_of(fleet, &row.id).await? else {
         return Ok(None);
     };
     let resp = send(remote, &node, request(method, path, None)?).await?;
@@ -455,11 +455,7 @@ pub(crate) async fn by_host(
         let Some(row) = fleet.db().machine(&tenant.0, id).await? else {
             return Ok::<_, FleetError>(None);
         };
-        Ok(fleet
-            .db()
-            .machine_node(&row.id)
-            .await?
-            .filter(|n| n.api_url.is_some()))
+        node_of(fleet, &row.id).await
     };
     let node = match placed.await {
         Ok(Some(n)) => n,
@@ -500,8 +496,7 @@ pub(crate) async fn divert(State(fleet): State<Fleet>, req: Request, next: Next)
         let Some(row) = fleet.db().machine(&tenant.0, &id).await? else {
             return Ok::<_, FleetError>(None);
         };
-        let node = fleet.db().machine_node(&row.id).await?;
-        Ok(node.filter(|n| n.api_url.is_some()).map(|n| (row, n)))
+        Ok(node_of(&fleet, &row.id).await?.map(|n| (row, n)))
     };
     let (row, node) = match placed.await {
         Ok(Some(p)) => p,
