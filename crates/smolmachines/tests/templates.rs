@@ -61,7 +61,7 @@ fn named_under(dir: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
 /// A create with a warm pool clone ready takes over its running VM: the machine gets the
 /// clone's VMM (no new QEMU), its own name, hostname, entropy, disk, ports and labels; the
 /// pool is filled again in the background; a pool clone whose VMM died only costs a cold boot.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_create_takes_over_a_warm_pool_clone() {
     let Some((engine, dir)) = engine() else {
         return;
@@ -144,6 +144,10 @@ async fn a_create_takes_over_a_warm_pool_clone() {
         !smolmachines::local::record::pid_alive(pid),
         "its VMM ended"
     );
+    // the stop returned once the exit was handled: a start right after it binds a new agent
+    // socket, which a late cleanup of the old VM removed (the VMM then failed to connect)
+    let sock = b.dir().join("agent.sock");
+    assert!(!sock.exists(), "{sock:?} is still there after the stop");
     handle.start().await.unwrap();
     assert_eq!(out(&b, "cat /data/own; hostname").await, "b\npb");
     // the pool was filled again; its clone's VMM killed, the next create boots cold

@@ -341,12 +341,14 @@ impl LocalMachine {
             return;
         };
         tracing::info!(machine = %inner.name, detail, "VMM exited");
+        // the sockets go before the machine reads as stopped: a start seeing it stopped binds
+        // new ones, which must not be the ones removed here
+        remove_file_logged(&inner.spec.agent_socket());
+        remove_file_logged(&inner.spec.qmp_socket());
         let phase = Self::note(&inner, Event::Exited);
         if let Some(c) = inner.conn.lock().expect("conn lock").take() {
             c.close(detail);
         }
-        remove_file_logged(&inner.spec.agent_socket());
-        remove_file_logged(&inner.spec.qmp_socket());
         // a branch source's RAM file: its clones have their own copies
         if let Some(ram) = &inner.spec.ram_file {
             remove_file_logged(ram);

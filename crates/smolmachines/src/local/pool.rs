@@ -62,13 +62,20 @@ impl LocalMachine {
         // From here the VM is `to`'s: this handle's drop, phase `Deleted`, removes nothing.
         Self::note(&self.inner, Event::Delete);
         Self::note(&self.inner, Event::Removed);
-        let exit = vm.exit.clone();
+        // `to` waits on an exit of its own, told only once its `on_exit` has run: a stop that
+        // returned on the pool clone's (which comes first) let a start right after it bind a
+        // new agent socket that this `on_exit` then removed.
+        let mut watch = vm.exit.clone();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let vm = Vm {
+            exit: exit_rx,
+            ..vm
+        };
         let pid = vm.pid;
         *to.inner.vm.lock().expect("vm lock") = Some(vm);
         to.apply(Event::Boot, "create")?;
         to.inner.boots.fetch_add(1, Ordering::SeqCst);
         let weak = Arc::downgrade(&to.inner);
-        let mut watch = exit.clone();
         tokio::spawn(async move {
             // the VMM's own supervisor (the pool clone's) reaps it and says how it ended
             let detail = match watch.wait_for(|d| d.is_some()).await {
@@ -76,6 +83,9 @@ impl LocalMachine {
                 Err(_) => return,
             };
             Self::on_exit(&weak, &detail).await;
+            if exit_tx.send(Some(detail)).is_err() {
+                tracing::trace!("VMM exit seen after the last handle");
+            }
         });
         // Sockets, logs and disk layers move with their inodes: QEMU keeps its open files and
         // listening QMP socket, reached by the new paths. The agent connection is the same one
