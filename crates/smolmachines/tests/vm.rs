@@ -366,6 +366,8 @@ async fn agent_that_never_answers_fails_within_the_ready_timeout() {
             reason, log_tail, ..
         } => {
             assert!(reason.contains("VMM exited"), "{reason}");
+            // the reason itself says why, in QEMU's last words
+            assert!(reason.to_lowercase().contains("kernel"), "{reason}");
             assert!(log_tail.to_lowercase().contains("kernel"), "{log_tail}");
         }
         other => panic!("unexpected {other:?}"),

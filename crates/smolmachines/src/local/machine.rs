@@ -328,6 +328,16 @@ impl LocalMachine {
         )
     }
 
+    /// `reason` (the VMM ended before the agent answered) with the VMM's last words, which
+    /// say why (a file it could not open, a socket it could not reach, a bad argument).
+    fn with_vmm_words(&self, reason: String) -> String {
+        let words = tail(&self.inner.spec.vmm_log(), 1);
+        match words.trim() {
+            "" => reason,
+            w => format!("{reason}: {w}"),
+        }
+    }
+
     fn bind_agent_socket(&self) -> Result<UnixListener> {
         let path = self.inner.spec.agent_socket();
         remove_file_logged(&path);
@@ -634,7 +644,7 @@ impl LocalMachine {
         };
         let accepted = tokio::select! {
             r = AgentConn::accept(&listener, self.inner.ready_timeout) => Ok(r),
-            d = exited => Err(d),
+            d = exited => Err(self.with_vmm_words(d)),
         };
         let outcome = match accepted {
             Ok(Ok(conn)) => Ok(conn),
