@@ -87,6 +87,17 @@ async fn exec_semantics() {
         "timed-out process group left sleepers"
     );
 
+    // a command's cgroup is its own: one that left a process behind keeps its cgroup, and the
+    // next commands (the agent reuses emptied cgroups) never share it
+    let left = run(&m, "sleep 30 >/dev/null 2>&1 & cat /proc/self/cgroup").await;
+    assert_eq!(left.exit_code, 0, "{left:?}");
+    assert!(left.stdout.contains("/smol-user/"), "{left:?}");
+    for _ in 0..3 {
+        let r = run(&m, "cat /proc/self/cgroup").await;
+        assert!(r.stdout.contains("/smol-user/"), "{r:?}");
+        assert_ne!(r.stdout, left.stdout, "a command joined a busy cgroup");
+    }
+
     // binary output is byte-exact
     let r = run(&m, "printf '\\000\\377\\001'").await;
     assert_eq!(r.stdout_bytes, vec![0u8, 255, 1]);
