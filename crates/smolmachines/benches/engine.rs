@@ -25,7 +25,9 @@
 //!    the samples alternate (one exec, one guest spawn, one echo); the row compares medians.
 //!
 //! 7. density (issue 16): idle 512 MiB machines in a memory cgroup until admission refuses one,
-//!    and their PSS (`engine/density.rs`; `SMOL_BENCH_DENSITY_MIB`, default 8192).
+//!    and their PSS (`engine/density.rs`; `SMOL_BENCH_DENSITY_MIB`, default 8192). With
+//!    `SMOL_BENCH_KSM=1` the PSS again with the host's KSM on for the measurement
+//!    (`engine/ksm.rs`; it puts the host's settings back).
 //!
 //! `SMOL_BENCH_ONLY=files` runs only 3. and 4.; `SMOL_BENCH_ONLY=branch` only 5.;
 //! `SMOL_BENCH_ONLY=checkpoint` only 6.; `SMOL_BENCH_ONLY=exec` only 2., 2b. and 3.;
@@ -44,6 +46,8 @@ use smolmachines::{ExecOptions, MachineBackend, MachineConfig};
 mod engine_checkpoint;
 #[path = "engine/density.rs"]
 mod engine_density;
+#[path = "engine/ksm.rs"]
+mod engine_ksm;
 
 const BOOTS: usize = 5;
 const ROUND_TRIPS: usize = 200;

@@ -203,7 +203,45 @@ pub async fn density_child(cg: PathBuf) {
             used / n as f64
         );
     }
+    if n > 0 && std::env::var("SMOL_BENCH_KSM").is_ok_and(|v| v == "1") {
+        with_ksm(&machines, pss[n / 2]).await;
+    }
     for m in machines {
         let _ = m.delete().await;
     }
+}
+
+/// The idle machines' PSS again once KSM has merged their identical pages, against `without`
+/// (the median without KSM, this run); every machine must still answer.
+async fn with_ksm(machines: &[smolmachines::local::LocalMachine], without: f64) {
+    let ksm = match super::engine_ksm::Ksm::on() {
+        Ok(k) => k,
+        Err(e) => return println!("density: KSM not measured: {e}"),
+    };
+    let (shared, sharing) = tokio::task::block_in_place(|| ksm.settle(Duration::from_secs(90)));
+    let mut pss: Vec<f64> = machines
+        .iter()
+        .map(|m| super::pss_kib(m.pid().unwrap()) as f64 / 1024.0)
+        .collect();
+    pss.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let t = vec!["true".to_string()];
+    let mut answering = 0;
+    for m in machines {
+        answering += usize::from(m.exec(&t, &ExecOptions::default()).await.is_ok());
+    }
+    let n = pss.len();
+    super::row(
+        "PSS per idle machine, KSM on (median)",
+        pss[n / 2],
+        without,
+        "MiB",
+        "info (baseline: KSM off, this run; target <= 50 MiB)",
+    );
+    println!(
+        "density: KSM shares {shared} pages for {sharing} mappings ({:.0} MiB saved); PSS min {:.0} / max {:.0} MiB; {answering} of {n} answer exec",
+        sharing as f64 * 4.0 / 1024.0,
+        pss[0],
+        pss[n - 1]
+    );
+    drop(ksm);
 }
