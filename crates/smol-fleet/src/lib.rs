@@ -21,6 +21,7 @@ mod metrics;
 pub mod nodeagent;
 pub mod nodeapi;
 pub mod nodedoor;
+mod nodepool;
 pub mod nodes;
 pub mod openapi;
 pub mod placement;

@@ -113,9 +113,22 @@ impl Metrics {
     }
 
     /// The text exposition, with `machines` counted by state.
-    pub fn render(&self, machines: &BTreeMap<&'static str, u64>) -> String {
+    /// `node_connections`: how many connections this control replica opened to nodes' APIs
+    /// (none: it reaches no nodes).
+    pub fn render(
+        &self,
+        machines: &BTreeMap<&'static str, u64>,
+        node_connections: Option<u64>,
+    ) -> String {
         let mut out = String::new();
         let w = &mut out;
+        if let Some(n) = node_connections {
+            w.push_str(
+                "# HELP smolfleet_node_connections_total Connections this replica opened to nodes' APIs (each is kept for later requests).\n",
+            );
+            w.push_str("# TYPE smolfleet_node_connections_total counter\n");
+            put!(w, "smolfleet_node_connections_total {n}");
+        }
         w.push_str("# HELP smolfleet_machines Machines on the node by state.\n");
         w.push_str("# TYPE smolfleet_machines gauge\n");
         for (state, n) in machines {
@@ -219,7 +232,10 @@ pub async fn metrics(State(fleet): State<Fleet>) -> Result<Response, ApiError> {
     for m in Machine::list_on(&**fleet.engine(), &BTreeMap::new()).await? {
         *by_state.entry(m.state.as_str()).or_default() += 1;
     }
-    let mut resp = fleet.metrics().render(&by_state).into_response();
+    let mut resp = fleet
+        .metrics()
+        .render(&by_state, fleet.remote().map(|r| r.connections_opened()))
+        .into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -5,8 +5,9 @@
 //! replica holds a chunk at a time, never a whole body).
 //!
 //! The control plane connects to the node (the node's heartbeat says where its API answers):
-//! a request is one HTTP/1.1 exchange on a connection of its own, so exec streams, uploads
-//! and downloads pass through hyper unchanged. The node is verified as the node the store
+//! a request is one HTTP/1.1 exchange, so exec streams, uploads and downloads pass through
+//! hyper unchanged; the connection goes back to a per-node pool once its exchange ended
+//! cleanly, for the next request (`nodepool.rs`). The node is verified as the node the store
 //! names (its certificate, by the fleet CA, carries its id as DNS name); the replica presents
 //! a client certificate of the CA with the control subject (`fleetca.rs`).
 //!
@@ -164,6 +165,7 @@ pub(crate) async fn run_tombstones(fleet: &Fleet) -> Result<usize, FleetError> {
 #[derive(Clone)]
 pub struct Remote {
     client: Arc<ClientConfig>,
+    pool: Arc<crate::nodepool::NodePool>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -175,7 +177,15 @@ impl std::fmt::Debug for Remote {
 impl Remote {
     /// Reaches nodes with `client` ([`crate::fleetca::FleetCa::control_client_config`]).
     pub fn new(client: Arc<ClientConfig>) -> Remote {
-        Remote { client }
+        Remote {
+            client,
+            pool: Arc::default(),
+        }
+    }
+
+    /// How many connections to nodes' APIs this replica opened (`smolfleet_node_connections_total`).
+    pub(crate) fn connections_opened(&self) -> u64 {
+        self.pool.connections_opened()
     }
 }
 
@@ -216,32 +226,6 @@ async fn send(remote: &Remote, node: &NodeAt, mut req: Request) -> Result<Respon
         .unwrap_or(url)
         .trim_end_matches('/')
         .to_owned();
-    let name = ServerName::try_from(node.id.clone())
-        .map_err(|e| unavailable(node, format!("not a server name: {e}")))?;
-    let connect = async {
-        let tcp = TcpStream::connect(&authority)
-            .await
-            .map_err(|e| format!("connect to {authority}: {e}"))?;
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        let tls = TlsConnector::from(remote.client.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS with {authority}: {e}"))?;
-        hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("HTTP with {authority}: {e}"))
-    };
-    let (mut sender, conn) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-        .await
-        .map_err(|_| unavailable(node, format!("no answer in {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| unavailable(node, e))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "node connection ended");
-        }
-    });
     let path = req
         .uri()
         .path_and_query()
@@ -256,11 +240,67 @@ async fn send(remote: &Remote, node: &NodeAt, mut req: Request) -> Result<Respon
     if let Ok(v) = HeaderValue::from_str(&authority) {
         headers.insert(header::HOST, v);
     }
+    let key = format!("{} {authority}", node.id);
+    // an idle connection first; one closed before the request went out gives it back
+    while let Some(mut sender) = remote.pool.take(&key) {
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                remote.pool.give_back(key, sender);
+                return Ok(resp.map(Body::new));
+            }
+            Err(mut e) => match e.take_message() {
+                Some(back) => {
+                    tracing::debug!(node = %node.id, error = %e.error(), "idle node connection closed; the next one sends the request");
+                    req = back;
+                }
+                None => return Err(unavailable(node, format!("{path}: {}", e.error()))),
+            },
+        }
+    }
+    let mut sender = connect(remote, node, &authority).await?;
     let resp = sender
         .send_request(req)
         .await
         .map_err(|e| unavailable(node, format!("{path}: {e}")))?;
+    remote.pool.give_back(key, sender);
     Ok(resp.map(Body::new))
+}
+
+/// A new mutual-TLS connection to `node`'s API at `authority`.
+async fn connect(
+    remote: &Remote,
+    node: &NodeAt,
+    authority: &str,
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, ApiError> {
+    let name = ServerName::try_from(node.id.clone())
+        .map_err(|e| unavailable(node, format!("not a server name: {e}")))?;
+    let connect = async {
+        let tcp = TcpStream::connect(authority)
+            .await
+            .map_err(|e| format!("connect to {authority}: {e}"))?;
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        crate::nodepool::bound_silence(&tcp);
+        let tls = TlsConnector::from(remote.client.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {authority}: {e}"))?;
+        hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP with {authority}: {e}"))
+    };
+    let (sender, conn) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| unavailable(node, format!("no answer in {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| unavailable(node, e))?;
+    remote.pool.opened();
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "node connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// A request of `method` to `path` with `body` as JSON (none: empty).

@@ -801,6 +801,23 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     support::json_ok(one_exec(&oid).await.unwrap(), reqwest::StatusCode::OK).await;
     let local_first_exec = t0.elapsed();
     // exec over the replica hop vs on one host: medians of 15, interleaved
+    let opened = || async {
+        let text = c
+            .get(format!("{api}/metrics"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("smolfleet_node_connections_total "))
+            .unwrap_or_else(|| panic!("no smolfleet_node_connections_total in {text}"))
+            .parse::<u64>()
+            .unwrap()
+    };
+    let opened_before = opened().await;
     let (mut hop, mut direct) = (Vec::new(), Vec::new());
     for _ in 0..15 {
         let t = std::time::Instant::now();
@@ -817,8 +834,15 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
         support::json_ok(one_exec(&oid).await.unwrap(), reqwest::StatusCode::OK).await;
         direct.push(t.elapsed());
     }
+    // the replica's connections to the node are kept: 15 execs open at most a few
+    let opened_during = opened().await - opened_before;
+    assert!(
+        opened_during <= 3,
+        "{opened_during} connections to the node opened for 15 execs"
+    );
     hop.sort();
     direct.sort();
+    eprintln!("node connections opened for 15 execs through the replica: {opened_during}");
     eprintln!(
         "create → first exec: replica → node {remote_first_exec:?} ÷ --role all \
          {local_first_exec:?} = {:.2}×; exec: replica → node {:?} ÷ --role all {:?} = {:.2}× \
