@@ -8,6 +8,13 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+# cargo deny reads every crate of Cargo.lock, those of other platforms too (windows-sys, ...),
+# which no build here downloads: on a fresh machine they are not in the registry's cache yet.
+# Fetch them (crates.io); where that fails, check from what is cached.
+if ! fetched=$(cargo fetch --locked 2>&1); then
+  echo "cargo deny: cargo fetch --locked failed (is crates.io reachable?); checking offline from the cache:" >&2
+  echo "$fetched" | tail -3 >&2
+fi
 cargo deny --offline check licenses bans sources
 echo "cargo deny: $(grep -c '{ crate = ' deny.toml) older versions of crates are known duplicates (deny.toml's bans.skip, each with its reason); any other duplicate is an error" >&2
 dbs="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs"
