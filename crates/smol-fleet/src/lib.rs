@@ -26,6 +26,7 @@ pub mod nodes;
 pub mod openapi;
 pub mod placement;
 mod proxy;
+pub mod reconcile;
 pub mod remote;
 mod routes;
 pub mod scopes;

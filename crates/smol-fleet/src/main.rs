@@ -152,6 +152,10 @@ struct NodeRun {
     /// The vCPUs it offers (default: the host's).
     #[arg(long)]
     cpus: Option<i64>,
+    /// How long a machine the control plane places nowhere on this node may stay before the
+    /// node deletes it as an orphan.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
+    orphan_grace: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -684,6 +688,7 @@ fn node(run: NodeRun) -> AnyResult {
         memory_mib: run.memory_mib.unwrap_or(mib),
         cpus: run.cpus.unwrap_or(cpus),
         api_url: run.api_url,
+        orphan_grace: run.orphan_grace,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

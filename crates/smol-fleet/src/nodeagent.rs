@@ -180,6 +180,9 @@ pub struct NodeConfig {
     /// Where its API answers, told in each heartbeat (none: it runs no machines; set by
     /// [`run`] from `--api-listen` / `--api-url`).
     pub api_url: Option<String>,
+    /// How long a machine the control plane does not place here may stay before it is
+    /// deleted as an orphan (`reconcile.rs`).
+    pub orphan_grace: Duration,
 }
 
 /// POSTs `body` to `path` of the first of `controls` that answers (from `start` on, going
@@ -301,11 +304,13 @@ pub async fn heartbeat(
     m: &Membership,
     start: usize,
     cfg: &NodeConfig,
+    machines: Option<Vec<String>>,
 ) -> Result<(usize, Beat), FleetError> {
     let beat = Heartbeat {
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
         api_url: cfg.api_url.clone(),
+        machines,
     };
     let (i, status, answer) =
         post_any(config, &m.controls, start, "/fleet/v1/heartbeat", &beat).await?;
@@ -375,6 +380,7 @@ pub async fn run(
     }
     let m = join(&cfg, controls, token).await?;
     let config = client_config(&cfg.home)?;
+    let mut fleet = None;
     let _api = match api_listen {
         Some(at) => {
             if at.ip().is_unspecified() && cfg.api_url.is_none() {
@@ -383,7 +389,8 @@ pub async fn run(
                      replicas reach this node"
                 )));
             }
-            let (addr, task) = crate::nodeapi::start(&cfg.home, at).await?;
+            let (addr, task, node_fleet) = crate::nodeapi::start(&cfg.home, at).await?;
+            fleet = Some(node_fleet);
             let url = cfg
                 .api_url
                 .get_or_insert_with(|| format!("https://{addr}"))
@@ -404,13 +411,32 @@ pub async fn run(
     let mut every = Duration::from_secs(1);
     // the replica that answered last is asked first
     let mut at = 0;
+    let mut orphans = crate::reconcile::Orphans::new(cfg.orphan_grace);
     loop {
-        match heartbeat(&config, &m, at, &cfg).await {
+        // the machines this node's fleet holds, for the control plane to reconcile
+        let held = match &fleet {
+            Some(f) => match crate::reconcile::held(f).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list this node's machines; not reconciled this beat");
+                    None
+                }
+            },
+            None => None,
+        };
+        let reconciled = held.is_some();
+        match heartbeat(&config, &m, at, &cfg, held).await {
             Ok((i, Beat::Renewed(r))) => {
                 at = i;
                 renewed.store(true, Ordering::Relaxed);
                 every = Duration::from_millis((r.lease_ms / 3).max(100) as u64);
                 tracing::debug!(node = %r.node_id, state = %r.state, "lease renewed");
+                if let (true, Some(f)) = (reconciled, &fleet) {
+                    let due = orphans.note(&r.unplaced, std::time::Instant::now());
+                    if !due.is_empty() {
+                        crate::reconcile::remove(f, &due).await;
+                    }
+                }
             }
             Ok((_, Beat::Refused(e))) => return Err(e),
             Err(e) => {

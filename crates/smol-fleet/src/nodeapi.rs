@@ -100,12 +100,12 @@ fn admin_key(home: &Path, bootstrap: Option<String>) -> Result<String, FleetErro
 }
 
 /// Opens the node's fleet in `<node home>/fleet` and serves its API on `listen` over mutual
-/// TLS (the node's certificate and the CA of `node_home`); the address it listens on and the
-/// task serving it.
+/// TLS (the node's certificate and the CA of `node_home`); the address it listens on, the
+/// task serving it and the fleet it serves.
 pub async fn start(
     node_home: &Path,
     listen: SocketAddr,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), FleetError> {
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>, Fleet), FleetError> {
     let read = |name: &str| {
         let path = node_home.join(name);
         std::fs::read_to_string(&path).map_err(|source| FleetError::Io {
@@ -154,5 +154,5 @@ pub async fn start(
             tracing::error!(error = %e, "the node API failed");
         }
     });
-    Ok((addr, task))
+    Ok((addr, task, fleet))
 }

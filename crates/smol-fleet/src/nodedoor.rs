@@ -67,6 +67,10 @@ pub struct Heartbeat {
     /// Where its API answers (`https://HOST:PORT`; none: it runs no machines).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
+    /// The machines its fleet holds, by the control plane's ids (none: it does not take part
+    /// in reconciliation; `reconcile.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machines: Option<Vec<String>>,
 }
 
 /// A heartbeat's answer.
@@ -79,6 +83,10 @@ pub struct Renewed {
     pub state: String,
     /// How long this heartbeat holds (ms).
     pub lease_ms: i64,
+    /// Of the heartbeat's `machines`, those with no placement on this node (orphans once they
+    /// stay so for the node's grace period).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unplaced: Vec<String>,
 }
 
 /// The client certificate of a connection, by its SHA-256 (none: the client sent none).
@@ -189,10 +197,15 @@ async fn heartbeat(
                     return failed(e);
                 }
             }
+            let unplaced = match &beat.machines {
+                Some(held) => crate::reconcile::answer(&door.db, &node_id, held).await,
+                None => Vec::new(),
+            };
             Json(Renewed {
                 node_id,
                 state,
                 lease_ms: door.lease.lease_ms,
+                unplaced,
             })
             .into_response()
         }

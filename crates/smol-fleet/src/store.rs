@@ -151,6 +151,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records where node `id`'s API answers (`https://HOST:PORT`, from its heartbeat).
     fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()>;
 
+    /// The machines placed on node `node_id` (`reconcile.rs`).
+    fn placed_machines<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Vec<String>>;
+
     /// The node machine `machine_id` is placed on, with its API and liveness (none: not
     /// placed, e.g. a machine of `--role all`'s own engine).
     fn machine_node<'a>(

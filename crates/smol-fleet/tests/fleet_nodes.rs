@@ -483,6 +483,7 @@ async fn measure_heartbeat_vs_refused_request() {
         name: "bench".into(),
         memory_mib: 1024,
         cpus: 1,
+        orphan_grace: smol_fleet::reconcile::DEFAULT_GRACE,
     };
     let m: Membership = nodeagent::join(&cfg, std::slice::from_ref(&door), Some(&token))
         .await
@@ -492,11 +493,15 @@ async fn measure_heartbeat_vs_refused_request() {
     let (mut beats, mut refused) = (Vec::new(), Vec::new());
     for _ in 0..200 {
         let t = std::time::Instant::now();
-        let (_, b) = nodeagent::heartbeat(&mtls, &m, 0, &cfg).await.unwrap();
+        let (_, b) = nodeagent::heartbeat(&mtls, &m, 0, &cfg, None)
+            .await
+            .unwrap();
         beats.push(t.elapsed());
         assert!(matches!(b, Beat::Renewed(_)), "{b:?}");
         let t = std::time::Instant::now();
-        let (_, b) = nodeagent::heartbeat(&anonymous, &m, 0, &cfg).await.unwrap();
+        let (_, b) = nodeagent::heartbeat(&anonymous, &m, 0, &cfg, None)
+            .await
+            .unwrap();
         refused.push(t.elapsed());
         assert!(matches!(b, Beat::Refused(_)), "{b:?}");
     }
@@ -608,6 +613,8 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
             "4096",
             "--cpus",
             "4",
+            "--orphan-grace",
+            "1s",
         ]
         .into_iter()
         .map(String::from)
@@ -864,6 +871,33 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     let r = c.get(m(&eid, "")).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
     assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 1);
+
+    // an orphan: a machine the node runs that the control plane no longer places there (its
+    // record and placement removed behind the replica's back, as when a create answered
+    // after the replica gave it up): the node deletes it once its grace (1 s here) has passed
+    let r = c
+        .post(format!("{api}/v1/machines"))
+        .bearer_auth(&key)
+        .json(&create_body)
+        .send()
+        .await
+        .unwrap();
+    let orphan = support::json_ok(r, reqwest::StatusCode::CREATED).await;
+    let orphan = orphan["id"].as_str().unwrap().to_string();
+    assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 2);
+    db.delete_machine(&orphan).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while common::qemu_processes_in(&dir.path().join("n")) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node kept its orphan {orphan}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // the machine the control plane does place there is kept, and answers
+    let r = exec("echo kept").await.unwrap();
+    let out = support::json_ok(r, reqwest::StatusCode::OK).await;
+    assert_eq!(out["stdout"], "kept\n", "{out}");
 
     // the published Python client against the replica, its machine on the node (when
     // tests/published.rs made its venv; it is not made here)

@@ -470,6 +470,9 @@ async fn join_tokens_and_leases(url: String) {
         )
     );
     assert_eq!(db.machine_node("mach-none").await.unwrap(), None);
+    // what reconciliation asks: the machines placed on a node
+    assert_eq!(db.placed_machines(&winner.id).await.unwrap(), ["mach-1"]);
+    assert!(db.placed_machines("node-none").await.unwrap().is_empty());
     db.tombstone("mach-1").await.unwrap();
     db.tombstone("mach-1").await.unwrap();
     assert!(db.machine_node("mach-1").await.unwrap().unwrap().deleting);

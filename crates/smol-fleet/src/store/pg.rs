@@ -860,6 +860,17 @@ impl Store for PgStore {
         })
     }
 
+    fn placed_machines<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Vec<String>> {
+        op!(self, "list a node's placements", {
+            let c = self.conn().await?;
+            let rows = c
+                .query(&query(crate::reconcile::PLACED_MACHINES, ""), &[&node_id])
+                .await
+                .map_err(|e| error("list a node's placements", e))?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
     fn machine_node<'a>(
         &'a self,
         machine_id: &'a str,

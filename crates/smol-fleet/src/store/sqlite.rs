@@ -250,6 +250,11 @@ impl Store for SqliteStore {
         call!(self, |c| crate::remote::set_node_api(c, &i, &u))
     }
 
+    fn placed_machines<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Vec<String>> {
+        let n = node_id.to_owned();
+        call!(self, |c| crate::reconcile::placed_machines(c, &n))
+    }
+
     fn machine_node<'a>(
         &'a self,
         machine_id: &'a str,
