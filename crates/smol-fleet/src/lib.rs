@@ -24,6 +24,7 @@ pub mod nodedoor;
 mod nodepool;
 pub mod nodes;
 pub mod openapi;
+mod operations;
 pub mod placement;
 mod proxy;
 pub mod reconcile;

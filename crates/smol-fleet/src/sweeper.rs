@@ -298,10 +298,13 @@ impl Fleet {
         Ok(true)
     }
 
-    /// One sweep: flushes activity to the database, then stops idle machines and deletes
-    /// expired ones and stopped ephemeral ones, skipping any with an operation in flight.
+    /// One sweep: runs the deletes that waited for their node and finishes the operations
+    /// other replicas left (`operations.rs`), flushes activity to the database, then stops
+    /// idle machines and deletes expired ones and stopped ephemeral ones, skipping any with an
+    /// operation in flight.
     pub async fn sweep(&self) -> Result<SweepReport, FleetError> {
         crate::remote::run_tombstones(self).await?;
+        crate::operations::finish_overdue(self).await?;
         let rows = self.db().swept_machines().await?;
         let seen = self.lifetimes().unflushed(&rows);
         if !seen.is_empty() {

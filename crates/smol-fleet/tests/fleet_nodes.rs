@@ -899,6 +899,87 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     let out = support::json_ok(r, reqwest::StatusCode::OK).await;
     assert_eq!(out["stdout"], "kept\n", "{out}");
 
+    // operations a replica left (it died between its create's commit and the node's answer),
+    // overdue: the sweep finishes them. One whose machine the node has is done, the machine
+    // kept; one whose machine never reached the node fails, its record and reservation gone.
+    let (sql, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sql.execute(
+        "UPDATE operations SET state = 'pending', deadline_at = 0 WHERE machine_id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let tenant = db
+        .all_machines()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == id)
+        .unwrap()
+        .tenant_id;
+    let reserved = |db: Db| {
+        let node_id = node_id.clone();
+        async move {
+            let nodes = db.nodes().await.unwrap();
+            let n = nodes.iter().find(|n| n.id == node_id).unwrap().clone();
+            (n.reserved_mib, n.reserved_cpus)
+        }
+    };
+    let before = reserved(db.clone()).await;
+    let ghost = machine("mach-ghost", &tenant);
+    let need = Need {
+        memory_mib: 256,
+        cpus: 1,
+    };
+    let Placed::Placed { operation_id, .. } = db.reserve(&ghost, need).await.unwrap() else {
+        panic!("the ghost is placed");
+    };
+    assert_eq!(reserved(db.clone()).await, (before.0 + 256, before.1 + 1));
+    sql.execute(
+        "UPDATE operations SET deadline_at = 0 WHERE id = $1",
+        &[&operation_id],
+    )
+    .await
+    .unwrap();
+    let state_of = |op: String| {
+        let sql = &sql;
+        async move {
+            let row = sql
+                .query_one("SELECT state FROM operations WHERE id = $1", &[&op])
+                .await
+                .unwrap();
+            row.get::<_, String>(0)
+        }
+    };
+    let kept_op: String = sql
+        .query_one("SELECT id FROM operations WHERE machine_id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (a, b) = (
+            state_of(kept_op.clone()).await,
+            state_of(operation_id.clone()).await,
+        );
+        if (a.as_str(), b.as_str()) == ("done", "failed") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the overdue operations were not finished: {a}, {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(db.machine(&tenant, "mach-ghost").await.unwrap().is_none());
+    assert_eq!(reserved(db.clone()).await, before);
+    let r = exec("echo still").await.unwrap();
+    let out = support::json_ok(r, reqwest::StatusCode::OK).await;
+    assert_eq!(out["stdout"], "still\n", "{out}");
+
     // the published Python client against the replica, its machine on the node (when
     // tests/published.rs made its venv; it is not made here)
     let python =
