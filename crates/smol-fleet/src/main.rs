@@ -156,6 +156,10 @@ struct NodeRun {
     /// node deletes it as an orphan.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
     orphan_grace: std::time::Duration,
+    /// After this many creates or starts in a row fail to boot their VM, the node cordons
+    /// itself (no new placements until `smolfleet node uncordon`; 0: never).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    cordon_after_failed_boots: u64,
 }
 
 #[derive(Subcommand)]
@@ -689,6 +693,7 @@ fn node(run: NodeRun) -> AnyResult {
         cpus: run.cpus.unwrap_or(cpus),
         api_url: run.api_url,
         orphan_grace: run.orphan_grace,
+        cordon_after_failed_boots: run.cordon_after_failed_boots,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

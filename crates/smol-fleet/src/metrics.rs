@@ -67,6 +67,8 @@ pub struct Metrics {
     errors: Mutex<BTreeMap<&'static str, u64>>,
     execs: AtomicU64,
     streams: AtomicU64,
+    /// Creates and starts in a row whose VM failed to boot (a success starts over).
+    failed_boots: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -99,6 +101,13 @@ impl Metrics {
         if let Some(code) = code {
             *lock(&self.errors).entry(code).or_default() += 1;
         }
+        if method == "POST" && matches!(route, "/v1/machines" | "/v1/machines/{id}/start") {
+            if code == Some(ErrorCode::BootFailed.as_str()) {
+                self.failed_boots.fetch_add(1, Ordering::Relaxed);
+            } else if (200..300).contains(&status) {
+                self.failed_boots.store(0, Ordering::Relaxed);
+            }
+        }
         if (200..300).contains(&status) && method == "POST" {
             match route {
                 "/v1/machines/{id}/exec" => {
@@ -110,6 +119,17 @@ impl Metrics {
                 _ => {}
             }
         }
+    }
+
+    /// How many creates and starts in a row failed to boot their VM (`nodeagent.rs` cordons the
+    /// node past a bound).
+    pub(crate) fn failed_boots_in_a_row(&self) -> u64 {
+        self.failed_boots.load(Ordering::Relaxed)
+    }
+
+    /// Starts the count of failed boots over (the control plane has cordoned the node).
+    pub(crate) fn forget_failed_boots(&self) {
+        self.failed_boots.store(0, Ordering::Relaxed);
     }
 
     /// The text exposition, with `machines` counted by state.

@@ -183,6 +183,9 @@ pub struct NodeConfig {
     /// How long a machine the control plane does not place here may stay before it is
     /// deleted as an orphan (`reconcile.rs`).
     pub orphan_grace: Duration,
+    /// After this many creates or starts in a row fail to boot, the node asks to be cordoned
+    /// (0: never).
+    pub cordon_after_failed_boots: u64,
 }
 
 /// POSTs `body` to `path` of the first of `controls` that answers (from `start` on, going
@@ -305,12 +308,14 @@ pub async fn heartbeat(
     start: usize,
     cfg: &NodeConfig,
     machines: Option<Vec<String>>,
+    failed_boots: Option<u64>,
 ) -> Result<(usize, Beat), FleetError> {
     let beat = Heartbeat {
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
         api_url: cfg.api_url.clone(),
         machines,
+        failed_boots,
     };
     let (i, status, answer) =
         post_any(config, &m.controls, start, "/fleet/v1/heartbeat", &beat).await?;
@@ -425,12 +430,20 @@ pub async fn run(
             None => None,
         };
         let reconciled = held.is_some();
-        match heartbeat(&config, &m, at, &cfg, held).await {
+        let failing = fleet
+            .as_ref()
+            .map(|f| f.metrics().failed_boots_in_a_row())
+            .filter(|&n| cfg.cordon_after_failed_boots > 0 && n >= cfg.cordon_after_failed_boots);
+        match heartbeat(&config, &m, at, &cfg, held, failing).await {
             Ok((i, Beat::Renewed(r))) => {
                 at = i;
                 renewed.store(true, Ordering::Relaxed);
                 every = Duration::from_millis((r.lease_ms / 3).max(100) as u64);
                 tracing::debug!(node = %r.node_id, state = %r.state, "lease renewed");
+                if let (Some(n), Some(f)) = (failing, &fleet) {
+                    tracing::warn!(failed_boots = n, state = %r.state, "asked to be cordoned: the last boots failed");
+                    f.metrics().forget_failed_boots();
+                }
                 if let (true, Some(f)) = (reconciled, &fleet) {
                     let due = orphans.note(&r.unplaced, std::time::Instant::now());
                     if !due.is_empty() {

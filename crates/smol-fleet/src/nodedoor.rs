@@ -71,6 +71,10 @@ pub struct Heartbeat {
     /// in reconciliation; `reconcile.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machines: Option<Vec<String>>,
+    /// The node asks to be cordoned: this many creates or starts in a row failed to boot
+    /// (none: it asks nothing). A ready node is cordoned; an operator uncordons it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_boots: Option<u64>,
 }
 
 /// A heartbeat's answer.
@@ -191,7 +195,16 @@ async fn heartbeat(
         .heartbeat(&cert, door.lease, beat.memory_mib.max(0), beat.cpus.max(0))
         .await
     {
-        Ok(Some((node_id, state))) => {
+        Ok(Some((node_id, mut state))) => {
+            if let (Some(n), "ready") = (beat.failed_boots, state.as_str()) {
+                match door.db.set_node_state(&node_id, "cordoned").await {
+                    Ok(_) => {
+                        tracing::warn!(node = %node_id, failed_boots = n, "node cordoned itself: its last boots failed (`smolfleet node uncordon` once it is fixed)");
+                        state = "cordoned".into();
+                    }
+                    Err(e) => return failed(e),
+                }
+            }
             if let Some(url) = &beat.api_url {
                 if let Err(e) = door.db.set_node_api(&node_id, url).await {
                     return failed(e);

@@ -60,8 +60,14 @@ struct Proc {
 }
 
 fn spawn(args: &[&str], stderr: &Path) -> Proc {
+    spawn_with(args, stderr, &[])
+}
+
+/// [`spawn`] with `env` added to its environment.
+fn spawn_with(args: &[&str], stderr: &Path, env: &[(&str, &Path)]) -> Proc {
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(stderr).unwrap())
@@ -484,6 +490,7 @@ async fn measure_heartbeat_vs_refused_request() {
         memory_mib: 1024,
         cpus: 1,
         orphan_grace: smol_fleet::reconcile::DEFAULT_GRACE,
+        cordon_after_failed_boots: 0,
     };
     let m: Membership = nodeagent::join(&cfg, std::slice::from_ref(&door), Some(&token))
         .await
@@ -493,13 +500,13 @@ async fn measure_heartbeat_vs_refused_request() {
     let (mut beats, mut refused) = (Vec::new(), Vec::new());
     for _ in 0..200 {
         let t = std::time::Instant::now();
-        let (_, b) = nodeagent::heartbeat(&mtls, &m, 0, &cfg, None)
+        let (_, b) = nodeagent::heartbeat(&mtls, &m, 0, &cfg, None, None)
             .await
             .unwrap();
         beats.push(t.elapsed());
         assert!(matches!(b, Beat::Renewed(_)), "{b:?}");
         let t = std::time::Instant::now();
-        let (_, b) = nodeagent::heartbeat(&anonymous, &m, 0, &cfg, None)
+        let (_, b) = nodeagent::heartbeat(&anonymous, &m, 0, &cfg, None, None)
             .await
             .unwrap();
         refused.push(t.elapsed());
@@ -1086,4 +1093,77 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    let at = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
+    // a node whose VMs cannot boot (a kernel file QEMU cannot load) cordons itself after 2
+    // failed creates in a row (`--cordon-after-failed-boots 2`); the good node cordoned by
+    // the operator meanwhile, so the creates go to the bad one
+    admin(&["node", "cordon", &node_id, "--db", &url, "--home", &at("c")]).await;
+    let bad_kernel = dir.path().join("not-a-kernel");
+    std::fs::write(&bad_kernel, b"not a kernel").unwrap();
+    let token = admin(&["node", "join-token", "--db", &url, "--home", &at("c")]).await;
+    let token = token.lines().last().unwrap().to_string();
+    let mut bad = spawn_with(
+        &[
+            "node",
+            "--control",
+            &door,
+            "--home",
+            &at("b"),
+            "--name",
+            "host-b",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--memory-mib",
+            "4096",
+            "--cpus",
+            "4",
+            "--token",
+            &token,
+            "--cordon-after-failed-boots",
+            "2",
+        ],
+        &dir.path().join("b.err"),
+        &[("SMOL_KERNEL", bad_kernel.as_path())],
+    );
+    let (bad_id, _) = node_line(&bad.line("node node-").await);
+    await_state(&db, &bad_id, "ready").await;
+    for _ in 0..2 {
+        let r = c
+            .post(format!("{api}/v1/machines"))
+            .bearer_auth(&key)
+            .json(&create_body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_server_error(), "{}", r.status());
+        let text = r.text().await.unwrap();
+        assert!(
+            text.contains("BOOT_FAILED") || text.contains("boot"),
+            "{text}"
+        );
+    }
+    await_state(&db, &bad_id, "cordoned").await;
+    // no ready node is left: a create is 503 retryable, nothing recorded
+    let r = c
+        .post(format!("{api}/v1/machines"))
+        .bearer_auth(&key)
+        .json(&create_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let list: serde_json::Value = c
+        .get(format!("{api}/v1/machines"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    assert_eq!(common::qemu_processes_in(&dir.path().join("b")), 0);
 }
