@@ -80,7 +80,7 @@ pub async fn authenticate(State(fleet): State<Fleet>, mut req: Request, next: Ne
         return unauthorized();
     };
     let hash = keys::hash(key);
-    let found = fleet.db().key_of_hash(&hash).await;
+    let found = fleet.last_known().key(&fleet, &hash).await;
     let key = match found {
         Ok(Some(k)) => k,
         Ok(None) => return unauthorized(),

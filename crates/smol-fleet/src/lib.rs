@@ -16,6 +16,7 @@ pub mod fleetca;
 mod http;
 pub mod ingress;
 pub mod keys;
+mod lastknown;
 pub mod limit;
 mod metrics;
 pub mod nodeagent;

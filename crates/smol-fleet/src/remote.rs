@@ -491,13 +491,8 @@ pub(crate) async fn by_host(
     let Some(remote) = fleet.remote() else {
         return Err(req);
     };
-    let placed = async {
-        let Some(row) = fleet.db().machine(&tenant.0, id).await? else {
-            return Ok::<_, FleetError>(None);
-        };
-        node_of(fleet, &row.id).await
-    };
-    let node = match placed.await {
+    let placed = fleet.last_known().route(fleet, &tenant.0, id).await;
+    let node = match placed.map(|r| r.and_then(|(_, n)| n)) {
         Ok(Some(n)) => n,
         Ok(None) => return Err(req),
         Err(e) => return Ok(ApiError::from(e).into_response()),
@@ -532,13 +527,8 @@ pub(crate) async fn divert(State(fleet): State<Fleet>, req: Request, next: Next)
     let Some(tenant) = req.extensions().get::<Tenant>().cloned() else {
         return next.run(req).await;
     };
-    let placed = async {
-        let Some(row) = fleet.db().machine(&tenant.0, &id).await? else {
-            return Ok::<_, FleetError>(None);
-        };
-        Ok(node_of(&fleet, &row.id).await?.map(|n| (row, n)))
-    };
-    let (row, node) = match placed.await {
+    let placed = fleet.last_known().route(&fleet, &tenant.0, &id).await;
+    let (row, node) = match placed.map(|r| r.and_then(|(row, n)| Some((row, n?)))) {
         Ok(Some(p)) => p,
         Ok(None) => return next.run(req).await,
         Err(e) => return ApiError::from(e).into_response(),

@@ -57,6 +57,8 @@ struct Inner {
     remote: std::sync::OnceLock<crate::remote::Remote>,
     /// This fleet is a node's (`nodeapi.rs`): a create takes the control plane's id.
     on_node: std::sync::atomic::AtomicBool,
+    /// The store's last answers, for while it is down (`lastknown.rs`).
+    last_known: crate::lastknown::LastKnown,
 }
 
 fn make_home(home: &Path) -> Result<(), FleetError> {
@@ -110,6 +112,7 @@ impl Fleet {
                     lifetimes: Default::default(),
                     remote: Default::default(),
                     on_node: Default::default(),
+                    last_known: Default::default(),
                 }),
             },
             bootstrap,
@@ -119,6 +122,11 @@ impl Fleet {
     /// The fleet's home.
     pub fn home(&self) -> &Path {
         &self.inner.home
+    }
+
+    /// The store's last answers (`lastknown.rs`).
+    pub(crate) fn last_known(&self) -> &crate::lastknown::LastKnown {
+        &self.inner.last_known
     }
 
     /// The database.
