@@ -86,8 +86,11 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 
 /// The record of a new clone `name` of `source`: the source's create body with the clone's
 /// name, ports (none asked for: the engine publishes the source's guest ports again) and
-/// branchability, and the source's lifetimes.
-fn clone_row(
+/// branchability, and the source's lifetimes. Its id is new, except on a node, whose fleet
+/// records a clone under the id the control plane gave as its name (`nodeapi.rs`,
+/// `remotebranch.rs`).
+pub(crate) fn clone_row(
+    fleet: &Fleet,
     source: &MachineRow,
     name: &str,
     ports: &[smolmachines::PortSpec],
@@ -111,7 +114,11 @@ fn clone_row(
     }
     spec.branchable = Some(branchable);
     spec.forkable = None;
-    let id = new_id("mach-");
+    let id = if fleet.on_node() {
+        name.to_string()
+    } else {
+        new_id("mach-")
+    };
     Ok(MachineRow {
         id: id.clone(),
         tenant_id: source.tenant_id.clone(),
@@ -174,7 +181,7 @@ async fn batch(
     let names = opts.clone_names()?;
     let mut rows = Vec::with_capacity(names.len());
     for n in &names {
-        rows.push(clone_row(&source, n, &opts.ports, opts.branchable)?);
+        rows.push(clone_row(&fleet, &source, n, &opts.ports, opts.branchable)?);
     }
     let _source_busy = fleet.busy(&source.engine_name).await;
     let mut busy = Vec::with_capacity(rows.len());
@@ -251,40 +258,8 @@ async fn branch(
     }
     let source = row_of(&fleet, &tenant, &id).await?;
 
-    // the clone's create body: the source's, with its own name, ports and branchability
-    let mut spec: CreateMachineBody = serde_json::from_str(&source.spec).map_err(|e| {
-        internal(format!(
-            "the stored create body of {id} does not parse: {e}"
-        ))
-    })?;
-    spec.name = Some(name.clone());
-    // no ports asked for: the engine publishes the source's guest ports again
-    if !opts.ports.is_empty() {
-        spec.ports = opts
-            .ports
-            .iter()
-            .map(|p| PortRequest {
-                port: p.guest,
-                host_port: None,
-            })
-            .collect();
-    }
-    spec.branchable = Some(opts.branchable);
-    spec.forkable = None;
-    let clone_id = new_id("mach-");
-    let row = MachineRow {
-        id: clone_id.clone(),
-        tenant_id: tenant.0.clone(),
-        name: name.clone(),
-        engine_name: clone_id.clone(),
-        spec: serde_json::to_string(&spec).map_err(internal)?,
-        created_at: 0,
-        auto_stop_seconds: source.auto_stop_seconds,
-        ttl_seconds: source.ttl_seconds,
-        expires_at: None,
-        ephemeral: source.ephemeral,
-        last_activity_at: None,
-    };
+    let row = clone_row(&fleet, &source, &name, &opts.ports, opts.branchable)?;
+    let clone_id = row.id.clone();
     // both in flight: the sweeper leaves the source and the half-made clone alone
     let _source_busy = fleet.busy(&source.engine_name).await;
     let _clone_busy = fleet.busy(&clone_id).await;

@@ -30,6 +30,7 @@ pub mod placement;
 mod proxy;
 pub mod reconcile;
 pub mod remote;
+mod remotebranch;
 mod routes;
 pub mod scopes;
 mod server;

@@ -87,6 +87,20 @@ pub struct Need {
     pub cpus: i64,
 }
 
+impl Need {
+    /// What a machine of create body `body` needs (the engine's defaults where it says nothing).
+    pub fn of(body: &smolmachines::wire::CreateMachineBody) -> Need {
+        let r = &body.resources;
+        Need {
+            memory_mib: i64::from(
+                r.memory_mb
+                    .unwrap_or(smolmachines::local::DEFAULT_MEMORY_MB),
+            ),
+            cpus: i64::from(r.cpus.unwrap_or(smolmachines::local::DEFAULT_CPUS)),
+        }
+    }
+}
+
 /// What [`crate::Store::reserve`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placed {
@@ -137,8 +151,8 @@ pub(crate) fn lock(postgres: bool, skip_locked: bool) -> &'static str {
 
 /// The reservation, one statement: the least-reserved ready node with room (and a lease that
 /// holds, `nodes.rs`: a suspect or lost node gets nothing new; a joined node that told no API
-/// in its heartbeat, `remote.rs`, runs no machines) gains `?1` MiB and
-/// `?2` vCPUs; the room is checked again on the row as updated (`{lock}`: PostgreSQL locks the
+/// in its heartbeat, `remote.rs`, runs no machines), or node `?4` when it is one (a branch
+/// stays on its source's node, `remotebranch.rs`), gains `?1` MiB and `?2` vCPUs; the room is checked again on the row as updated (`{lock}`: PostgreSQL locks the
 /// node and re-reads it, so a concurrent reservation is counted). Returns the node's id.
 pub(crate) const RESERVE: &str = "
 UPDATE nodes SET reserved_mib = reserved_mib + ?1, reserved_cpus = reserved_cpus + ?2,
@@ -148,6 +162,7 @@ UPDATE nodes SET reserved_mib = reserved_mib + ?1, reserved_cpus = reserved_cpus
                 AND (cert_sha256 IS NULL OR api_url IS NOT NULL)
                 AND memory_mib - reserved_mib >= ?1
                 AND cpus - reserved_cpus >= ?2
+                AND id = COALESCE(?4, id)
               ORDER BY reserved_mib * 1000 / memory_mib, id LIMIT 1 {lock})
    AND memory_mib - reserved_mib >= ?1 AND cpus - reserved_cpus >= ?2
 RETURNING id";
@@ -210,9 +225,14 @@ pub fn nodes(c: &Connection) -> Result<Vec<NodeRow>, FleetError> {
         .map_err(|e| FleetError::db("list nodes", e))
 }
 
-/// Records machine `m`, reserves `need` on a node and writes its `create` operation, in one
-/// transaction.
-pub fn reserve(c: &Connection, m: &MachineRow, need: Need) -> Result<Placed, FleetError> {
+/// Records machine `m`, reserves `need` on a node (`on`: that one, or none) and writes its
+/// `create` operation, in one transaction.
+pub fn reserve(
+    c: &Connection,
+    m: &MachineRow,
+    need: Need,
+    on: Option<&str>,
+) -> Result<Placed, FleetError> {
     let tx = c
         .unchecked_transaction()
         .map_err(|e| FleetError::db("begin a placement", e))?;
@@ -220,7 +240,7 @@ pub fn reserve(c: &Connection, m: &MachineRow, need: Need) -> Result<Placed, Fle
     let node: Option<String> = tx
         .query_row(
             &crate::nodes::sqlite(&RESERVE.replace("{lock}", lock(false, false))),
-            params![need.memory_mib, need.cpus, t],
+            params![need.memory_mib, need.cpus, t, on],
             |r| r.get(0),
         )
         .optional()

@@ -214,7 +214,11 @@ fn lost_reason(node: &NodeAt) -> String {
 }
 
 /// Sends `req` to `node`'s API over mutual TLS; its answer, the body streamed.
-async fn send(remote: &Remote, node: &NodeAt, mut req: Request) -> Result<Response, ApiError> {
+pub(crate) async fn send(
+    remote: &Remote,
+    node: &NodeAt,
+    mut req: Request,
+) -> Result<Response, ApiError> {
     if node.liveness == "lost" {
         return Err(unavailable(node, lost_reason(node)));
     }
@@ -304,7 +308,11 @@ async fn connect(
 }
 
 /// A request of `method` to `path` with `body` as JSON (none: empty).
-fn request(method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Request, ApiError> {
+pub(crate) fn request(
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Request, ApiError> {
     let mut b = Request::builder().method(method).uri(path);
     if body.is_some() {
         b = b.header(header::CONTENT_TYPE, "application/json");
@@ -466,9 +474,8 @@ pub(crate) async fn create_on_node(
     Err(failed)
 }
 
-/// The routes of one machine that a node serves as they are (the rest of `/v1/machines/{id}/…`
-/// makes new machines or checkpoints the control plane would not know of: not yet on remote
-/// nodes).
+/// The routes of one machine that a node serves as they are (branches make machines the
+/// control plane records first, `remotebranch.rs`; checkpoints are not yet on remote nodes).
 fn forwarded(tail: &str) -> bool {
     let first = tail.split('/').next().unwrap_or("");
     matches!(
@@ -566,13 +573,19 @@ pub(crate) async fn divert(State(fleet): State<Fleet>, req: Request, next: Next)
                 Err(e) => e.into_response(),
             }
         }
-        Some(t) => ApiError(Error::NotSupported {
-            message: format!(
-                "{t} of machine {}: not yet for machines on remote nodes (it is on {})",
-                row.id, node.id
-            ),
-        })
-        .into_response(),
+        Some(t) => match crate::remotebranch::route_of(t) {
+            Some(kind) if req.method() == Method::POST => {
+                crate::remotebranch::branch(&fleet, &remote, &row, &node, t, kind, req.into_body())
+                    .await
+            }
+            _ => ApiError(Error::NotSupported {
+                message: format!(
+                    "{t} of machine {}: not yet for machines on remote nodes (it is on {})",
+                    row.id, node.id
+                ),
+            })
+            .into_response(),
+        },
     }
 }
 

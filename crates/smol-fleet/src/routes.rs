@@ -295,20 +295,7 @@ pub async fn create_machine(
     let attempts = if req.name.is_some() { 1 } else { NAME_ATTEMPTS };
     if fleet.remote().is_some() {
         // placed on a remote node (`remote.rs`): reserved in one transaction with the record
-        let need = crate::placement::Need {
-            memory_mib: i64::from(
-                config
-                    .resources
-                    .memory_mb
-                    .unwrap_or(smolmachines::local::DEFAULT_MEMORY_MB),
-            ),
-            cpus: i64::from(
-                config
-                    .resources
-                    .cpus
-                    .unwrap_or(smolmachines::local::DEFAULT_CPUS),
-            ),
-        };
+        let need = crate::placement::Need::of(&req);
         let mut operation = None;
         for _ in 0..attempts {
             row.name = req.name.clone().unwrap_or_else(generate_name);

@@ -105,6 +105,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records machine `m`, reserves `need` on the least-reserved ready node with room (one
     /// `UPDATE … RETURNING`) and writes its `create` operation, in one transaction.
     fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed>;
+    /// [`Store::reserve`] on node `node` only (a branch stays on its source's node):
+    /// `NoCapacity` when that node is not ready or has no room.
+    fn reserve_on<'a>(
+        &'a self,
+        m: &'a MachineRow,
+        need: Need,
+        node: &'a str,
+    ) -> StoreFuture<'a, Placed>;
     /// Marks operation `id` `state`; whether it exists.
     fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool>;
     /// Claims up to `limit` operations past their deadline at `at`, each for `lease` more

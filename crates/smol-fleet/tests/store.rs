@@ -610,6 +610,43 @@ async fn placement_and_operations(url: String) {
         Placed::NoCapacity
     );
     assert_eq!(db.machine(&t, "mach-4").await.unwrap(), None);
+    // on a named node only (a branch on its source's node): the less reserved node-b is
+    // passed over; a cordoned node, one unknown or without room takes nothing
+    let (n5, op5) = placed(
+        db.reserve_on(&machine("mach-5", &t, "five"), SMALL, "node-a")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(n5, "node-a");
+    for on in ["node-c", "node-x"] {
+        assert_eq!(
+            db.reserve_on(&machine("mach-6", &t, "six"), SMALL, on)
+                .await
+                .unwrap(),
+            Placed::NoCapacity,
+            "{on}"
+        );
+    }
+    let big = Need {
+        memory_mib: 1024,
+        cpus: 1,
+    };
+    assert_eq!(
+        db.reserve_on(&machine("mach-6", &t, "six"), big, "node-a")
+            .await
+            .unwrap(),
+        Placed::NoCapacity,
+        "node-a has 512 MiB left"
+    );
+    assert_eq!(
+        db.reserve_on(&machine("mach-6", &t, "five"), SMALL, "node-a")
+            .await
+            .unwrap(),
+        Placed::NameTaken
+    );
+    assert_eq!(db.machine(&t, "mach-6").await.unwrap(), None);
+    assert!(db.finish_operation(&op5, "failed").await.unwrap());
+    db.delete_machine("mach-5").await.unwrap();
     let nodes = db.nodes().await.unwrap();
     let reserved: Vec<(i64, i64)> = nodes
         .iter()

@@ -635,7 +635,20 @@ impl Store for PgStore {
         op!(
             self,
             "place a machine",
-            self.reserve_retrying(m, need).await
+            self.reserve_retrying(m, need, None).await
+        )
+    }
+
+    fn reserve_on<'a>(
+        &'a self,
+        m: &'a MachineRow,
+        need: Need,
+        node: &'a str,
+    ) -> StoreFuture<'a, Placed> {
+        op!(
+            self,
+            "place a machine on its source's node",
+            self.reserve_retrying(m, need, Some(node)).await
         )
     }
 

@@ -175,7 +175,17 @@ impl Store for SqliteStore {
 
     fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed> {
         let m = m.clone();
-        call!(self, |c| placement::reserve(c, &m, need))
+        call!(self, |c| placement::reserve(c, &m, need, None))
+    }
+
+    fn reserve_on<'a>(
+        &'a self,
+        m: &'a MachineRow,
+        need: Need,
+        node: &'a str,
+    ) -> StoreFuture<'a, Placed> {
+        let (m, n) = (m.clone(), node.to_owned());
+        call!(self, |c| placement::reserve(c, &m, need, Some(&n)))
     }
 
     fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {

@@ -2,6 +2,8 @@
 //! oversized request.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::time::Duration;
 
 use reqwest::{Client, Response, StatusCode};

@@ -21,10 +21,11 @@ impl PgStore {
         &self,
         m: &MachineRow,
         need: Need,
+        on: Option<&str>,
     ) -> Result<Placed, FleetError> {
         let mut attempt = 1;
         loop {
-            match self.reserve_once(m, need).await {
+            match self.reserve_once(m, need, on).await {
                 Err(FleetError::Postgres { ref source, .. })
                     if attempt < RESERVE_ATTEMPTS
                         && matches!(
@@ -44,7 +45,12 @@ impl PgStore {
     /// One placement transaction.
     //
     // The `*_on` methods below are the bodies of the `Store` methods of those names.
-    async fn reserve_once(&self, m: &MachineRow, need: Need) -> Result<Placed, FleetError> {
+    async fn reserve_once(
+        &self,
+        m: &MachineRow,
+        need: Need,
+        on: Option<&str>,
+    ) -> Result<Placed, FleetError> {
         let what = "place a machine";
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(|e| error(what, e))?;
@@ -52,7 +58,7 @@ impl PgStore {
         let node: Option<String> = tx
             .query_opt(
                 &query(placement::RESERVE, placement::lock(true, false)),
-                &[&need.memory_mib, &need.cpus, &t],
+                &[&need.memory_mib, &need.cpus, &t, &on],
             )
             .await
             .map_err(|e| error("reserve a node", e))?
