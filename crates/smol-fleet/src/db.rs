@@ -13,7 +13,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 7;
+pub(crate) const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -86,6 +86,7 @@ pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     crate::nodes::SCHEMA_V5,
     crate::remote::SCHEMA_V6,
     crate::remote::SCHEMA_V7,
+    crate::labels::SCHEMA_V8,
 ];
 
 /// A tenant's key as listed (never the key itself).

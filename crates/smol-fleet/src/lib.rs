@@ -16,6 +16,7 @@ pub mod fleetca;
 mod http;
 pub mod ingress;
 pub mod keys;
+pub mod labels;
 mod lastknown;
 pub mod limit;
 mod metrics;

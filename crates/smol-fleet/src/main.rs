@@ -160,6 +160,10 @@ struct NodeRun {
     /// itself (no new placements until `smolfleet node uncordon`; 0: never).
     #[arg(long, value_name = "N", default_value_t = 3)]
     cordon_after_failed_boots: u64,
+    /// A label of the node, KEY=VALUE (repeat it): a machine with the label `node.KEY` of
+    /// that value is placed on nodes labelled so only (`arch` is always the host's).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = smol_fleet::labels::parse)]
+    labels: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
@@ -662,14 +666,15 @@ fn node_admin(cmd: NodeCmd) -> AnyResult {
                 let db = open_store(&home, db.or_else(env_db).as_deref()).await?;
                 for s in db.node_status().await? {
                     println!(
-                        "{}  {}  {}  {}/{} MiB  {}/{} vCPUs",
+                        "{}  {}  {}  {}/{} MiB  {}/{} vCPUs  [{}]",
                         s.node.id,
                         s.shown_state(),
                         s.name.as_deref().unwrap_or("(embedded)"),
                         s.node.reserved_mib,
                         s.node.memory_mib,
                         s.node.reserved_cpus,
-                        s.node.cpus
+                        s.node.cpus,
+                        smol_fleet::labels::show(&s.labels)
                     );
                 }
             }
@@ -694,6 +699,7 @@ fn node(run: NodeRun) -> AnyResult {
         api_url: run.api_url,
         orphan_grace: run.orphan_grace,
         cordon_after_failed_boots: run.cordon_after_failed_boots,
+        labels: smol_fleet::labels::of_host(&run.labels)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

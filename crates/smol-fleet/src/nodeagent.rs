@@ -186,6 +186,8 @@ pub struct NodeConfig {
     /// After this many creates or starts in a row fail to boot, the node asks to be cordoned
     /// (0: never).
     pub cordon_after_failed_boots: u64,
+    /// Its labels, told in each heartbeat (`labels.rs`: `arch` and the operator's).
+    pub labels: crate::labels::Labels,
 }
 
 /// POSTs `body` to `path` of the first of `controls` that answers (from `start` on, going
@@ -316,6 +318,7 @@ pub async fn heartbeat(
         api_url: cfg.api_url.clone(),
         machines,
         failed_boots,
+        labels: Some(cfg.labels.clone()),
     };
     let (i, status, answer) =
         post_any(config, &m.controls, start, "/fleet/v1/heartbeat", &beat).await?;

@@ -75,6 +75,9 @@ pub struct Heartbeat {
     /// (none: it asks nothing). A ready node is cordoned; an operator uncordons it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_boots: Option<u64>,
+    /// Its labels (`labels.rs`; none: those it told before stay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<crate::labels::Labels>,
 }
 
 /// A heartbeat's answer.
@@ -203,6 +206,19 @@ async fn heartbeat(
                         state = "cordoned".into();
                     }
                     Err(e) => return failed(e),
+                }
+            }
+            // labels first: a node is placeable once its API is known, by then with them
+            if let Some(told) = &beat.labels {
+                match crate::labels::checked(told).map(serde_json::to_string) {
+                    Some(Ok(json)) => {
+                        if let Err(e) = door.db.set_node_labels(&node_id, &json).await {
+                            return failed(e);
+                        }
+                    }
+                    _ => {
+                        tracing::warn!(node = %node_id, "a heartbeat's labels are not well formed; its labels are kept as they were")
+                    }
                 }
             }
             if let Some(url) = &beat.api_url {

@@ -96,7 +96,7 @@ SELECT id, state, memory_mib, cpus, reserved_mib, reserved_cpus, name,
        CASE WHEN lease_until IS NULL OR lease_until >= {now_ms} THEN 'live'
             WHEN lost_at >= {now_ms} THEN 'suspect'
             ELSE 'lost' END,
-       lease_until
+       lease_until, labels
   FROM nodes ORDER BY id";
 
 /// A node joining with a token.
@@ -134,6 +134,8 @@ pub struct NodeStatus {
     pub liveness: String,
     /// When its lease ends, Unix ms by the database's clock (none: the embedded node).
     pub lease_until: Option<i64>,
+    /// Its labels, as its last heartbeat told them (`labels.rs`).
+    pub labels: crate::labels::Labels,
 }
 
 impl NodeStatus {
@@ -281,6 +283,7 @@ pub fn status(c: &Connection) -> Result<Vec<NodeStatus>, FleetError> {
                 name: r.get(6)?,
                 liveness: r.get(7)?,
                 lease_until: r.get(8)?,
+                labels: crate::labels::from_column(r.get::<_, Option<String>>(9)?.as_deref()),
             })
         })
         .map_err(|e| FleetError::db("list nodes", e))?;

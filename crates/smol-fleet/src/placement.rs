@@ -151,8 +151,9 @@ pub(crate) fn lock(postgres: bool, skip_locked: bool) -> &'static str {
 
 /// The reservation, one statement: the least-reserved ready node with room (and a lease that
 /// holds, `nodes.rs`: a suspect or lost node gets nothing new; a joined node that told no API
-/// in its heartbeat, `remote.rs`, runs no machines), or node `?4` when it is one (a branch
-/// stays on its source's node, `remotebranch.rs`), gains `?1` MiB and `?2` vCPUs; the room is checked again on the row as updated (`{lock}`: PostgreSQL locks the
+/// in its heartbeat, `remote.rs`, runs no machines), of the nodes `?4` when it names some (a
+/// comma-separated list of ids: the nodes of a machine's labels, `labels.rs`, or a branch's
+/// source's node, `remotebranch.rs`), gains `?1` MiB and `?2` vCPUs; the room is checked again on the row as updated (`{lock}`: PostgreSQL locks the
 /// node and re-reads it, so a concurrent reservation is counted). Returns the node's id.
 pub(crate) const RESERVE: &str = "
 UPDATE nodes SET reserved_mib = reserved_mib + ?1, reserved_cpus = reserved_cpus + ?2,
@@ -162,7 +163,7 @@ UPDATE nodes SET reserved_mib = reserved_mib + ?1, reserved_cpus = reserved_cpus
                 AND (cert_sha256 IS NULL OR api_url IS NOT NULL)
                 AND memory_mib - reserved_mib >= ?1
                 AND cpus - reserved_cpus >= ?2
-                AND id = COALESCE(?4, id)
+                AND (',' || COALESCE(CAST(?4 AS TEXT), id) || ',') LIKE ('%,' || id || ',%')
               ORDER BY reserved_mib * 1000 / memory_mib, id LIMIT 1 {lock})
    AND memory_mib - reserved_mib >= ?1 AND cpus - reserved_cpus >= ?2
 RETURNING id";
@@ -225,8 +226,19 @@ pub fn nodes(c: &Connection) -> Result<Vec<NodeRow>, FleetError> {
         .map_err(|e| FleetError::db("list nodes", e))
 }
 
-/// Records machine `m`, reserves `need` on a node (`on`: that one, or none) and writes its
-/// `create` operation, in one transaction.
+/// `nodes` as [`RESERVE`]'s `?4`: their ids joined by commas (an id that cannot be told apart
+/// in that list, or in `LIKE`, is left out: node ids are `node-` + hex).
+pub(crate) fn id_list(nodes: &[String]) -> String {
+    nodes
+        .iter()
+        .filter(|id| !id.is_empty() && !id.contains([',', '%', '_', '\\']))
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Records machine `m`, reserves `need` on a node (`on`: one of those, comma-separated, or
+/// any) and writes its `create` operation, in one transaction.
 pub fn reserve(
     c: &Connection,
     m: &MachineRow,

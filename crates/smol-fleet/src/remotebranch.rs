@@ -116,7 +116,8 @@ async fn branch_inner(
     // every clone recorded and reserved on the source's node, or none
     let mut operations = Vec::with_capacity(rows.len());
     for r in &rows {
-        let refused = match fleet.db().reserve_on(r, need, &node.id).await {
+        let on = [node.id.clone()];
+        let refused = match fleet.db().reserve_on(r, need, &on).await {
             Ok(Placed::Placed { operation_id, .. }) => {
                 operations.push(operation_id);
                 continue;

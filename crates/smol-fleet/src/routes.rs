@@ -296,10 +296,22 @@ pub async fn create_machine(
     if fleet.remote().is_some() {
         // placed on a remote node (`remote.rs`): reserved in one transaction with the record
         let need = crate::placement::Need::of(&req);
+        // `node.KEY` labels: the nodes that carry them (400 when none does)
+        let wants = crate::labels::required(&req.labels);
+        let among = if wants.is_empty() {
+            None
+        } else {
+            let nodes = fleet.db().node_status().await?;
+            Some(crate::labels::candidates(&nodes, &wants)?)
+        };
         let mut operation = None;
         for _ in 0..attempts {
             row.name = req.name.clone().unwrap_or_else(generate_name);
-            match fleet.db().reserve(&row, need).await? {
+            let placed = match &among {
+                None => fleet.db().reserve(&row, need).await?,
+                Some(nodes) => fleet.db().reserve_on(&row, need, nodes).await?,
+            };
+            match placed {
                 crate::placement::Placed::Placed { operation_id, .. } => {
                     operation = Some(operation_id);
                     break;
@@ -310,8 +322,14 @@ pub async fn create_machine(
                         code: smolmachines::ErrorCode::SmolvmError,
                         status: 503,
                         message: format!(
-                            "no ready node has room for {} MiB and {} vCPUs",
-                            need.memory_mib, need.cpus
+                            "no ready node{} has room for {} MiB and {} vCPUs",
+                            if wants.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" labelled {}", crate::labels::show(&wants))
+                            },
+                            need.memory_mib,
+                            need.cpus
                         ),
                         problem_code: None,
                         retryable: true,
@@ -334,6 +352,20 @@ pub async fn create_machine(
             .ok_or_else(|| ApiError::machine_not_found(&id))?;
         let info = info_of_row(&fleet, &created).await?;
         return Ok((StatusCode::CREATED, Json(info)).into_response());
+    }
+    // one host: its engine is the only node, labelled with its `arch` only (a node's own
+    // fleet takes what the control plane placed on it by the node's labels)
+    let wants = crate::labels::required(&req.labels);
+    let host = crate::labels::of_host(&[]).unwrap_or_default();
+    if !fleet.on_node() && !crate::labels::meets(&host, &wants) {
+        return Err(ApiError(Error::InvalidConfig {
+            message: format!(
+                "labels: this server's one node is labelled {}, not {} (`node.KEY` labels \
+                 ask for node labels; nodes with labels of their own join a multi-host fleet)",
+                crate::labels::show(&host),
+                crate::labels::show(&wants)
+            ),
+        }));
     }
     let mut reserved = false;
     for _ in 0..attempts {

@@ -105,13 +105,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records machine `m`, reserves `need` on the least-reserved ready node with room (one
     /// `UPDATE … RETURNING`) and writes its `create` operation, in one transaction.
     fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed>;
-    /// [`Store::reserve`] on node `node` only (a branch stays on its source's node):
-    /// `NoCapacity` when that node is not ready or has no room.
+    /// [`Store::reserve`] on one of `nodes` only (a branch stays on its source's node; a
+    /// machine's labels ask for some, `labels.rs`): `NoCapacity` when none of them is ready
+    /// with room.
     fn reserve_on<'a>(
         &'a self,
         m: &'a MachineRow,
         need: Need,
-        node: &'a str,
+        nodes: &'a [String],
     ) -> StoreFuture<'a, Placed>;
     /// Marks operation `id` `state`; whether it exists.
     fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool>;
@@ -158,6 +159,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records where node `id`'s API answers (`https://HOST:PORT`, from its heartbeat).
     fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()>;
+    /// Records node `id`'s labels (JSON of `labels.rs`; unchanged: nothing written).
+    fn set_node_labels<'a>(&'a self, id: &'a str, labels_json: &'a str) -> StoreFuture<'a, ()>;
 
     /// The machines placed on node `node_id` (`reconcile.rs`).
     fn placed_machines<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Vec<String>>;

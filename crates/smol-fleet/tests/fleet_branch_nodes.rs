@@ -4,7 +4,9 @@
 //! source's node before the node makes it, answers exec through the replica with the source's
 //! memory, diverges from it, and is deleted with its reservation; a batch is all or nothing;
 //! a name taken, a source that is not branchable and a cordoned node are refused with nothing
-//! left recorded or reserved. Every wait is bounded.
+//! left recorded or reserved. Node labels (`--label`, `arch` always) place a machine that asks
+//! by its `node.KEY` labels; one asking for labels no node has is refused. Every wait is
+//! bounded.
 
 #[path = "../../smolmachines/tests/common.rs"]
 mod common;
@@ -85,6 +87,8 @@ async fn branches_of_a_machine_on_a_node_stay_on_its_node() {
             "1024",
             "--cpus",
             "4",
+            "--label",
+            "region=eu",
             "--token",
             &token,
         ],
@@ -134,12 +138,45 @@ async fn branches_of_a_machine_on_a_node_stay_on_its_node() {
         names
     };
 
-    // a branchable source on the node, with state in its memory only
+    // the node's labels: the operator's and its arch, shown by `node list`
+    let arch = std::env::consts::ARCH;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.node_status().await.unwrap()[0].labels.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat told the labels"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let shown = admin(&["node", "list", "--db", &url, "--home", &ctl]).await;
+    assert!(
+        shown.contains(&format!("[arch={arch},region=eu]")),
+        "{shown}"
+    );
+    // a machine asking for labels no node has: 400, nothing recorded
+    let r = post(
+        format!("{api}/v1/machines"),
+        json!({
+            "name": "us", "source": {"type": "image", "reference": image},
+            "labels": {"node.region": "us"},
+        }),
+    )
+    .await
+    .unwrap();
+    let p = support::problem(r, StatusCode::BAD_REQUEST, "invalid_config").await;
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("region=us") && detail.contains(&node_id),
+        "{p}"
+    );
+    assert!(list().await.is_empty());
+    // a branchable source on the node (asking for its labels), with state in its memory only
     let r = post(
         format!("{api}/v1/machines"),
         json!({
             "name": "src", "source": {"type": "image", "reference": image},
             "resources": {"memoryMb": 256, "cpus": 1}, "branchable": true,
+            "labels": {"node.region": "eu", "node.arch": arch, "team": "a"},
         }),
     )
     .await

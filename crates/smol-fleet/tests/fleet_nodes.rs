@@ -391,6 +391,7 @@ async fn measure_heartbeat_vs_refused_request() {
         cpus: 1,
         orphan_grace: smol_fleet::reconcile::DEFAULT_GRACE,
         cordon_after_failed_boots: 0,
+        labels: Default::default(),
     };
     let m: Membership = nodeagent::join(&cfg, std::slice::from_ref(&door), Some(&token))
         .await

@@ -248,6 +248,20 @@ async fn request_ids_and_body_errors() {
         .unwrap();
     let p = problem(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_config").await;
     assert!(p["detail"].as_str().unwrap().contains("at most 4"), "{p}");
+    // `node.KEY` labels ask for node labels: one host's only node is labelled with its arch
+    let r = c
+        .post(&machines)
+        .bearer_auth(&key)
+        .json(&json!({"source": {"type": "image", "reference": "x"}, "labels": {"node.region": "eu"}}))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(r, StatusCode::BAD_REQUEST, "invalid_config").await;
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("region=eu") && detail.contains(std::env::consts::ARCH),
+        "{p}"
+    );
     // four are taken (then the machine is looked up: 404)
     let four = json!({"ports": [{"port": 1}, {"port": 2}, {"port": 3}, {"port": 4}]});
     let r = c

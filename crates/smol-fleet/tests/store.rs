@@ -435,6 +435,17 @@ async fn join_tokens_and_leases(url: String) {
     );
     assert_eq!(db.heartbeat("sha-other", lease, 1, 1).await.unwrap(), None);
     assert_eq!(db.node_status().await.unwrap()[0].node.memory_mib, 8192);
+    // labels: none until told, then as told (twice: unchanged), replaced when they change
+    assert!(db.node_status().await.unwrap()[0].labels.is_empty());
+    for json in [
+        r#"{"arch":"x86_64","region":"eu"}"#,
+        r#"{"arch":"x86_64","region":"eu"}"#,
+        r#"{"arch":"x86_64","gpu":"h200"}"#,
+    ] {
+        db.set_node_labels(&winner.id, json).await.unwrap();
+        let told: smol_fleet::labels::Labels = serde_json::from_str(json).unwrap();
+        assert_eq!(db.node_status().await.unwrap()[0].labels, told);
+    }
     let need = Need {
         memory_mib: 512,
         cpus: 1,
@@ -610,21 +621,23 @@ async fn placement_and_operations(url: String) {
         Placed::NoCapacity
     );
     assert_eq!(db.machine(&t, "mach-4").await.unwrap(), None);
-    // on a named node only (a branch on its source's node): the less reserved node-b is
-    // passed over; a cordoned node, one unknown or without room takes nothing
+    // on named nodes only (a branch on its source's node, a machine's node labels): the
+    // less reserved node-b is passed over; a cordoned node, one unknown or without room, an
+    // id that is not one, takes nothing; of several, the least reserved
+    let on = |n: &str| vec![n.to_string()];
     let (n5, op5) = placed(
-        db.reserve_on(&machine("mach-5", &t, "five"), SMALL, "node-a")
+        db.reserve_on(&machine("mach-5", &t, "five"), SMALL, &on("node-a"))
             .await
             .unwrap(),
     );
     assert_eq!(n5, "node-a");
-    for on in ["node-c", "node-x"] {
+    for n in ["node-c", "node-x", "node-a,node-b", "node-%"] {
         assert_eq!(
-            db.reserve_on(&machine("mach-6", &t, "six"), SMALL, on)
+            db.reserve_on(&machine("mach-6", &t, "six"), SMALL, &on(n))
                 .await
                 .unwrap(),
             Placed::NoCapacity,
-            "{on}"
+            "{n}"
         );
     }
     let big = Need {
@@ -632,21 +645,36 @@ async fn placement_and_operations(url: String) {
         cpus: 1,
     };
     assert_eq!(
-        db.reserve_on(&machine("mach-6", &t, "six"), big, "node-a")
+        db.reserve_on(&machine("mach-6", &t, "six"), big, &on("node-a"))
             .await
             .unwrap(),
         Placed::NoCapacity,
         "node-a has 512 MiB left"
     );
     assert_eq!(
-        db.reserve_on(&machine("mach-6", &t, "five"), SMALL, "node-a")
+        db.reserve_on(&machine("mach-6", &t, "five"), SMALL, &on("node-a"))
             .await
             .unwrap(),
         Placed::NameTaken
     );
     assert_eq!(db.machine(&t, "mach-6").await.unwrap(), None);
-    assert!(db.finish_operation(&op5, "failed").await.unwrap());
-    db.delete_machine("mach-5").await.unwrap();
+    let (n7, op7) = placed(
+        db.reserve_on(
+            &machine("mach-7", &t, "seven"),
+            SMALL,
+            &["node-c".into(), "node-b".into(), "node-a".into()],
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        n7, "node-b",
+        "node-a is 50% reserved, node-b 12.5%, node-c cordoned"
+    );
+    for (op, id) in [(op5, "mach-5"), (op7, "mach-7")] {
+        assert!(db.finish_operation(&op, "failed").await.unwrap());
+        db.delete_machine(id).await.unwrap();
+    }
     let nodes = db.nodes().await.unwrap();
     let reserved: Vec<(i64, i64)> = nodes
         .iter()

@@ -643,12 +643,13 @@ impl Store for PgStore {
         &'a self,
         m: &'a MachineRow,
         need: Need,
-        node: &'a str,
+        nodes: &'a [String],
     ) -> StoreFuture<'a, Placed> {
         op!(
             self,
-            "place a machine on its source's node",
-            self.reserve_retrying(m, need, Some(node)).await
+            "place a machine on one of some nodes",
+            self.reserve_retrying(m, need, Some(&crate::placement::id_list(nodes)))
+                .await
         )
     }
 
@@ -869,6 +870,19 @@ impl Store for PgStore {
             c.execute(&query(crate::remote::SET_NODE_API, ""), &[&id, &url])
                 .await
                 .map_err(|e| error("record a node's API", e))?;
+            Ok(())
+        })
+    }
+
+    fn set_node_labels<'a>(&'a self, id: &'a str, labels_json: &'a str) -> StoreFuture<'a, ()> {
+        op!(self, "record a node's labels", {
+            let c = self.conn().await?;
+            c.execute(
+                &query(crate::labels::SET_NODE_LABELS, ""),
+                &[&id, &labels_json],
+            )
+            .await
+            .map_err(|e| error("record a node's labels", e))?;
             Ok(())
         })
     }

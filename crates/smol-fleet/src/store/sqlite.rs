@@ -182,9 +182,9 @@ impl Store for SqliteStore {
         &'a self,
         m: &'a MachineRow,
         need: Need,
-        node: &'a str,
+        nodes: &'a [String],
     ) -> StoreFuture<'a, Placed> {
-        let (m, n) = (m.clone(), node.to_owned());
+        let (m, n) = (m.clone(), placement::id_list(nodes));
         call!(self, |c| placement::reserve(c, &m, need, Some(&n)))
     }
 
@@ -258,6 +258,15 @@ impl Store for SqliteStore {
     fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()> {
         let (i, u) = (id.to_owned(), url.to_owned());
         call!(self, |c| crate::remote::set_node_api(c, &i, &u))
+    }
+
+    fn set_node_labels<'a>(&'a self, id: &'a str, labels_json: &'a str) -> StoreFuture<'a, ()> {
+        let (i, l) = (id.to_owned(), labels_json.to_owned());
+        call!(self, |c| {
+            c.execute(crate::labels::SET_NODE_LABELS, rusqlite::params![i, l])
+                .map_err(|e| FleetError::db("record a node's labels", e))?;
+            Ok(())
+        })
     }
 
     fn placed_machines<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Vec<String>> {

@@ -211,6 +211,7 @@ impl PgStore {
                 name: r.get(6),
                 liveness: r.get(7),
                 lease_until: r.get(8),
+                labels: crate::labels::from_column(r.get::<_, Option<String>>(9).as_deref()),
             })
             .collect())
     }
