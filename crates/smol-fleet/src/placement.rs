@@ -153,8 +153,10 @@ pub(crate) fn lock(postgres: bool, skip_locked: bool) -> &'static str {
 /// holds, `nodes.rs`: a suspect or lost node gets nothing new; a joined node that told no API
 /// in its heartbeat, `remote.rs`, runs no machines), of the nodes `?4` when it names some (a
 /// comma-separated list of ids: the nodes of a machine's labels, `labels.rs`, or a branch's
-/// source's node, `remotebranch.rs`), gains `?1` MiB and `?2` vCPUs; the room is checked again on the row as updated (`{lock}`: PostgreSQL locks the
-/// node and re-reads it, so a concurrent reservation is counted). Returns the node's id.
+/// source's node, `remotebranch.rs`), gains `?1` MiB and `?2` vCPUs; the room is checked
+/// again on the row as updated (`{lock}`: PostgreSQL locks the node and re-reads it, so a
+/// concurrent reservation is counted; `store/pg/nodes.rs` tries `SKIP LOCKED` first, then
+/// waits). Returns the node's id.
 pub(crate) const RESERVE: &str = "
 UPDATE nodes SET reserved_mib = reserved_mib + ?1, reserved_cpus = reserved_cpus + ?2,
                  updated_at = ?3

@@ -947,3 +947,82 @@ async fn measure_request_latency_postgres_vs_sqlite() {
         ratios[1]
     );
 }
+
+/// Not a check (ignored; run with `--ignored --nocapture`, in release): placements per second
+/// with two replicas' stores over one PostgreSQL (the contended part of a create on a fleet of
+/// nodes: the record, the one-statement reservation and its operation, in one transaction),
+/// 32 in flight, over 4 nodes (`SMOL_BENCH_NODES`) with room for all, ÷ plain machine records (`insert_machine`, no
+/// reservation) the same way, same run. No VM and no node process: what is measured is the
+/// store's part, which every replica shares.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn measure_placements_per_second() {
+    const N: usize = 2000;
+    const IN_FLIGHT: usize = 32;
+    let cluster = PgCluster::start().expect("a PostgreSQL cluster (apt-get install postgresql)");
+    let url = cluster.database("bench_placements").await.unwrap();
+    let one = open(&url).await;
+    let two = open(&url).await;
+    let t = one.create_tenant("a").await.unwrap();
+    let nodes: usize = std::env::var("SMOL_BENCH_NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(4);
+    for i in 0..nodes {
+        one.put_node(&node(&format!("node-{i}"), "ready", 1 << 30, 1 << 20))
+            .await
+            .unwrap();
+    }
+    // each round: N rows of prefix `p`, IN_FLIGHT at a time, half through each store
+    async fn round(one: &Db, two: &Db, t: &str, p: &str, place: bool) -> f64 {
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = std::time::Instant::now();
+        let workers: Vec<_> = (0..IN_FLIGHT)
+            .map(|w| {
+                let db = if w % 2 == 0 { one.clone() } else { two.clone() };
+                let (next, t, p) = (next.clone(), t.to_string(), p.to_string());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= N {
+                            break;
+                        }
+                        let row = machine(&format!("mach-{p}{i}"), &t, &format!("{p}{i}"));
+                        if place {
+                            let placed = db.reserve(&row, SMALL).await.unwrap();
+                            assert!(matches!(placed, Placed::Placed { .. }), "{placed:?}");
+                        } else {
+                            assert!(db.insert_machine(&row).await.unwrap());
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        N as f64 / started.elapsed().as_secs_f64()
+    }
+    // interleaved, twice each, after a warm-up of both
+    round(&one, &two, &t, "w", true).await;
+    round(&one, &two, &t, "x", false).await;
+    let mut placed = Vec::new();
+    let mut plain = Vec::new();
+    for r in 0..2 {
+        placed.push(round(&one, &two, &t, &format!("p{r}-"), true).await);
+        plain.push(round(&one, &two, &t, &format!("r{r}-"), false).await);
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "placements/s (2 replicas' stores, {IN_FLIGHT} in flight, {nodes} nodes, PostgreSQL): {:.0}; plain \
+         records/s: {:.0}; placement ÷ plain record throughput = {:.2} (runs: {placed:.0?} vs \
+         {plain:.0?})",
+        best(&placed),
+        best(&plain),
+        best(&placed) / best(&plain)
+    );
+    let nodes = one.nodes().await.unwrap();
+    let reserved: i64 = nodes.iter().map(|n| n.reserved_cpus).sum();
+    assert_eq!(reserved, 3 * N as i64, "every placement reserved once");
+    cluster.stop().unwrap();
+}

@@ -55,20 +55,31 @@ impl PgStore {
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(|e| error(what, e))?;
         let t = now();
-        let node: Option<String> = tx
-            .query_opt(
-                &query(placement::RESERVE, placement::lock(true, false)),
-                &[&need.memory_mib, &need.cpus, &t, &on],
-            )
-            .await
-            .map_err(|e| error("reserve a node", e))?
-            .map(|r| r.get(0));
-        let Some(node_id) = node else {
-            return Ok(Placed::NoCapacity);
-        };
+        // the record first: a taken name locks no node, and a node is held only from its
+        // reservation to the commit
         if !insert_machine_on(&tx, m).await? {
             return Ok(Placed::NameTaken);
         }
+        // first a node no other placement holds (SKIP LOCKED: concurrent placements spread
+        // over the nodes instead of queueing on the least reserved one); when every node
+        // with room is held, wait for one (FOR UPDATE), so a node held is never "no room"
+        let mut node = None;
+        for skip_locked in [true, false] {
+            node = tx
+                .query_opt(
+                    &query(placement::RESERVE, placement::lock(true, skip_locked)),
+                    &[&need.memory_mib, &need.cpus, &t, &on],
+                )
+                .await
+                .map_err(|e| error("reserve a node", e))?
+                .map(|r| r.get::<_, String>(0));
+            if node.is_some() {
+                break;
+            }
+        }
+        let Some(node_id) = node else {
+            return Ok(Placed::NoCapacity);
+        };
         tx.execute(
             &query(placement::INSERT_PLACEMENT, ""),
             &[&m.id, &node_id, &need.memory_mib, &need.cpus],
