@@ -50,7 +50,12 @@ pub fn spawn(args: &[&str], stderr: &Path) -> Proc {
 
 /// [`spawn`] with `env` added to its environment.
 pub fn spawn_with(args: &[&str], stderr: &Path, env: &[(&str, &Path)]) -> Proc {
-    let mut child = Command::new(BIN)
+    spawn_program(BIN, args, stderr, env)
+}
+
+/// `program ARGS` (e.g. `ip netns exec NS smolfleet …`), as [`spawn_with`].
+pub fn spawn_program(program: &str, args: &[&str], stderr: &Path, env: &[(&str, &Path)]) -> Proc {
+    let mut child = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
@@ -58,7 +63,7 @@ pub fn spawn_with(args: &[&str], stderr: &Path, env: &[(&str, &Path)]) -> Proc {
         .stderr(std::fs::File::create(stderr).unwrap())
         .kill_on_drop(true)
         .spawn()
-        .expect("smolfleet starts");
+        .unwrap_or_else(|e| panic!("{program} starts: {e}"));
     let out = child.stdout.take().unwrap();
     let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
