@@ -499,8 +499,8 @@ pub(crate) async fn by_host(
         return Err(req);
     };
     let placed = fleet.last_known().route(fleet, &tenant.0, id).await;
-    let node = match placed.map(|r| r.and_then(|(_, n)| n)) {
-        Ok(Some(n)) => n,
+    let (row, node) = match placed.map(|r| r.and_then(|(row, n)| Some((row, n?)))) {
+        Ok(Some(p)) => p,
         Ok(None) => return Err(req),
         Err(e) => return Ok(ApiError::from(e).into_response()),
     };
@@ -509,9 +509,12 @@ pub(crate) async fn by_host(
         Ok(uri) => *req.uri_mut() = uri,
         Err(e) => return Ok(unavailable(&node, format!("{to}: {e}")).into_response()),
     }
-    Ok(send(remote, &node, req)
-        .await
-        .unwrap_or_else(IntoResponse::into_response))
+    // activity for the machine's idle stop, as a one-host ingress request is
+    let busy = fleet.busy(&row.engine_name).await;
+    Ok(match send(remote, &node, req).await {
+        Ok(resp) => hold_until_sent(resp, busy),
+        Err(e) => e.into_response(),
+    })
 }
 
 /// Middleware: a request for a machine on a remote node goes to that node (`DELETE
@@ -544,6 +547,15 @@ pub(crate) async fn divert(State(fleet): State<Fleet>, req: Request, next: Next)
         None => delete(&fleet, &remote, &row, &node, req).await,
         Some(t) if forwarded(t) => {
             let lifecycle = matches!(t, "start" | "stop");
+            if !lifecycle {
+                // exec, files, connect: activity for the machine's idle stop (the sweeper of
+                // this replica stops it on its node), held until the answer's body ends
+                let busy = fleet.busy(&row.engine_name).await;
+                return match send(&remote, &node, req).await {
+                    Ok(resp) => hold_until_sent(resp, busy),
+                    Err(e) => e.into_response(),
+                };
+            }
             match send(&remote, &node, req).await {
                 Ok(resp) if lifecycle && resp.status().is_success() => {
                     if t == "stop" && row.ephemeral {
@@ -587,6 +599,21 @@ pub(crate) async fn divert(State(fleet): State<Fleet>, req: Request, next: Next)
             .into_response(),
         },
     }
+}
+
+/// `resp` with `busy` held until its body is sent or dropped (an upgraded connection, `101`:
+/// until now; the proxy's relay counts its own activity).
+fn hold_until_sent(resp: Response, busy: crate::sweeper::Busy) -> Response {
+    use futures::StreamExt as _;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return resp;
+    }
+    resp.map(|body| {
+        Body::from_stream(body.into_data_stream().map(move |chunk| {
+            let _held = &busy;
+            chunk
+        }))
+    })
 }
 
 /// `DELETE /v1/machines/{id}` of a machine on `node`: the node deletes it, then its record

@@ -63,6 +63,8 @@ async fn branches_of_a_machine_on_a_node_stay_on_its_node() {
             "127.0.0.1:0",
             "--node-listen",
             "127.0.0.1:0",
+            "--sweep-interval",
+            "300ms",
         ],
         &dir.path().join("c.err"),
     );
@@ -311,6 +313,71 @@ async fn branches_of_a_machine_on_a_node_stay_on_its_node() {
     assert!(p["detail"].as_str().unwrap().contains("branchable"), "{p}");
     assert_eq!(reserved(&db, &node_id).await, (512, 2));
     assert_eq!(list().await, ["plain", "src"]);
+
+    // lifetimes of a machine on a node: the replica's exec (and its stream) is activity, so
+    // a machine in use is not stopped for being idle; left idle, the replica stops it there
+    let r = post(
+        format!("{api}/v1/machines"),
+        json!({
+            "name": "idle", "source": {"type": "image", "reference": image},
+            "resources": {"memoryMb": 256, "cpus": 1}, "autoStopSeconds": 2,
+        }),
+    )
+    .await
+    .unwrap();
+    let idle = support::json_ok(r, StatusCode::CREATED).await;
+    let idle_id = idle["id"].as_str().unwrap().to_string();
+    let busy_until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < busy_until {
+        // a streamed exec that lasts longer than the idle time counts while it runs
+        let r = c
+            .post(m(&idle_id, "/exec/stream"))
+            .bearer_auth(&key)
+            .json(&json!({"command": ["sh", "-c", "sleep 2.5; echo up"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let sse = r.text().await.unwrap();
+        assert!(sse.contains("up"), "{sse}");
+    }
+    let got: Value = c
+        .get(m(&idle_id, ""))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["state"], "running", "stopped while in use: {got}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let got: Value = c
+            .get(m(&idle_id, ""))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if got["state"] == "stopped" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never stopped when idle: {got}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let r = c
+        .delete(m(&idle_id, ""))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
 
     // a cordoned node takes no clone either: 503 retryable, nothing recorded
     admin(&["node", "cordon", &node_id, "--db", &url, "--home", &ctl]).await;
