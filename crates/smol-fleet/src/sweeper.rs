@@ -128,10 +128,17 @@ impl Lifetimes {
     }
 
     /// The activity the database has not seen yet: `(machine id, unix seconds)`, marked seen.
+    /// A machine with an operation in flight here (its gate held) is active now, and stays
+    /// unflushed: other replicas' sweepers read the database, so a long exec through this one
+    /// keeps its machine's activity fresh there, one sweep at a time.
     fn unflushed(&self, rows: &[MachineRow]) -> Vec<(String, i64)> {
         let mut out = Vec::new();
         for r in rows {
             if let Some(e) = self.existing(&r.engine_name) {
+                if e.gate.try_write().is_err() {
+                    out.push((r.id.clone(), now_ms() / 1000));
+                    continue;
+                }
                 if let Ok(mut l) = e.last.lock() {
                     if l.1 {
                         l.1 = false;
@@ -468,6 +475,43 @@ pub(crate) fn validate_lifetimes(body: &[u8]) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(id: &str) -> MachineRow {
+        MachineRow {
+            id: id.into(),
+            tenant_id: "ten-1".into(),
+            name: id.into(),
+            engine_name: id.into(),
+            spec: "{}".into(),
+            created_at: 0,
+            auto_stop_seconds: Some(2),
+            ttl_seconds: None,
+            expires_at: None,
+            ephemeral: false,
+            last_activity_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_machine_busy_here_is_flushed_as_active_at_every_sweep() {
+        let l = Lifetimes::default();
+        let rows = [row("mach-a"), row("mach-b")];
+        let a = l.entry("mach-a");
+        l.entry("mach-b");
+        // both touched since the last flush: flushed once, then not again
+        assert_eq!(l.unflushed(&rows).len(), 2);
+        assert!(l.unflushed(&rows).is_empty());
+        // an operation in flight on mach-a: flushed as active now at each sweep, until it ends
+        let held = a.gate.clone().read_owned().await;
+        for _ in 0..2 {
+            let seen = l.unflushed(&rows);
+            assert_eq!(seen.len(), 1, "{seen:?}");
+            assert_eq!(seen[0].0, "mach-a");
+            assert!(seen[0].1 >= now_ms() / 1000 - 1, "{seen:?}");
+        }
+        drop(held);
+        assert!(l.unflushed(&rows).is_empty());
+    }
 
     fn detail(body: serde_json::Value) -> Option<String> {
         validate_lifetimes(body.to_string().as_bytes())
