@@ -51,7 +51,7 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// The wire form of a stored checkpoint.
-fn info_of(k: &CheckpointRow) -> CheckpointInfo {
+pub(crate) fn info_of(k: &CheckpointRow) -> CheckpointInfo {
     CheckpointInfo {
         id: k.id.clone(),
         machine_id: k.machine_id.clone(),
@@ -74,6 +74,7 @@ pub async fn create_checkpoint(
     State(fleet): State<Fleet>,
     Extension(tenant): Extension<Tenant>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<Response> {
     let row = row_of(&fleet, &tenant, &id).await?;
     let dir = fleet.home().join(DIR);
@@ -83,7 +84,8 @@ pub async fn create_checkpoint(
             source,
         })
     })?;
-    let ckpt_id = new_id("ckpt-");
+    // a node's fleet records it under the replica's id (`remotecheckpoint.rs`)
+    let ckpt_id = crate::remotecheckpoint::id_for(&fleet, &headers);
     let path = file_of(&fleet, &ckpt_id);
     tracing::info!(machine = %id, checkpoint = %ckpt_id, "taking a checkpoint");
     let taken = {
@@ -104,6 +106,7 @@ pub async fn create_checkpoint(
         size_bytes: taken.size_bytes,
         arch: taken.arch.clone(),
         created_at: 0,
+        node_id: None,
     };
     let stored = match fleet.db().insert_checkpoint(&k).await {
         Ok(s) => s,
@@ -193,7 +196,12 @@ pub async fn restore_checkpoint(
     // a restored machine's RAM is a file of its own: it is branchable
     spec.branchable = Some(true);
     spec.forkable = None;
-    let machine_id = new_id("mach-");
+    // a node's fleet records it under the replica's id, given as its name
+    let machine_id = if fleet.on_node() {
+        name.clone()
+    } else {
+        new_id("mach-")
+    };
     let row = MachineRow {
         id: machine_id.clone(),
         tenant_id: tenant.0.clone(),
@@ -207,6 +215,10 @@ pub async fn restore_checkpoint(
         ephemeral: spec.ephemeral == Some(true),
         last_activity_at: None,
     };
+    // a checkpoint on a node is restored there (`remotecheckpoint.rs`)
+    if let Some(node_id) = &k.node_id {
+        return crate::remotecheckpoint::restore(&fleet, &k, node_id, row).await;
+    }
     // in flight until restored: the sweeper leaves the half-made machine alone
     let _busy = fleet.busy(&machine_id).await;
     let (r, ck) = (row.clone(), id.clone());
@@ -254,6 +266,10 @@ pub async fn delete_checkpoint(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let (t, i) = (tenant.0.clone(), id.clone());
+    let on_node = match fleet.db().checkpoint(&t, &i).await? {
+        Some(k) => k.node_id,
+        None => return Err(not_found(&id)),
+    };
     match fleet.db().delete_checkpoint(&t, &i).await? {
         CheckpointDeleted::Deleted => {}
         CheckpointDeleted::NotFound => return Err(not_found(&id)),
@@ -269,7 +285,10 @@ pub async fn delete_checkpoint(
             )))
         }
     }
-    remove_file(&file_of(&fleet, &id)).await;
+    match on_node {
+        Some(node) => crate::remotecheckpoint::delete(&fleet, &id, &node).await,
+        None => remove_file(&file_of(&fleet, &id)).await,
+    }
     tracing::info!(checkpoint = %id, "checkpoint deleted");
     Ok(StatusCode::NO_CONTENT)
 }

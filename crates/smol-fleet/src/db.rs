@@ -13,7 +13,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 8;
+pub(crate) const SCHEMA_VERSION: i64 = 9;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -87,6 +87,7 @@ pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     crate::remote::SCHEMA_V6,
     crate::remote::SCHEMA_V7,
     crate::labels::SCHEMA_V8,
+    crate::remotecheckpoint::SCHEMA_V9,
 ];
 
 /// A tenant's key as listed (never the key itself).
@@ -523,10 +524,13 @@ pub struct CheckpointRow {
     pub arch: String,
     /// Unix seconds (set when stored).
     pub created_at: i64,
+    /// The node whose home holds the file (`remotecheckpoint.rs`; none: this server's own).
+    pub node_id: Option<String>,
 }
 
-const CHECKPOINT_COLUMNS: &str =
-    "id, tenant_id, machine_id, spec, status, size_bytes, arch, created_at";
+/// The columns of [`CheckpointRow`], in its order (both stores read them so).
+pub(crate) const CHECKPOINT_COLUMNS: &str =
+    "id, tenant_id, machine_id, spec, status, size_bytes, arch, created_at, node_id";
 
 fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
     Ok(CheckpointRow {
@@ -538,6 +542,7 @@ fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
         size_bytes: r.get::<_, i64>(5)?.max(0) as u64,
         arch: r.get(6)?,
         created_at: r.get(7)?,
+        node_id: r.get(8)?,
     })
 }
 
@@ -548,7 +553,7 @@ pub fn insert_checkpoint(c: &Connection, k: &CheckpointRow) -> Result<Checkpoint
         ..k.clone()
     };
     c.execute(
-        &format!("INSERT INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        &format!("INSERT INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
         params![
             stored.id,
             stored.tenant_id,
@@ -557,7 +562,8 @@ pub fn insert_checkpoint(c: &Connection, k: &CheckpointRow) -> Result<Checkpoint
             stored.status,
             i64::try_from(stored.size_bytes).unwrap_or(i64::MAX),
             stored.arch,
-            stored.created_at
+            stored.created_at,
+            stored.node_id
         ],
     )
     .map_err(|e| FleetError::db("store a checkpoint", e))?;
@@ -813,6 +819,7 @@ mod tests {
             size_bytes: 1 << 40,
             arch: "x86_64".into(),
             created_at: 0,
+            node_id: None,
         };
         let machine = |id: &str, t: &str, name: &str| MachineRow {
             id: id.into(),

@@ -32,6 +32,7 @@ mod proxy;
 pub mod reconcile;
 pub mod remote;
 mod remotebranch;
+mod remotecheckpoint;
 mod routes;
 pub mod scopes;
 mod server;

@@ -115,6 +115,8 @@ pub enum Placed {
     NameTaken,
     /// No ready node has room: nothing recorded (503 retryable for the caller).
     NoCapacity,
+    /// A restore's checkpoint is not the tenant's (or is gone): nothing recorded.
+    NoCheckpoint,
 }
 
 /// A durable operation.
@@ -193,6 +195,10 @@ ON CONFLICT (id) DO UPDATE SET state = excluded.state, memory_mib = excluded.mem
 pub(crate) const NODES: &str = "SELECT id, state, memory_mib, cpus, reserved_mib, reserved_cpus
   FROM nodes ORDER BY id";
 
+/// Links restored machine `?1` to its checkpoint `?2` (`checkpoint.rs`).
+pub(crate) const LINK_RESTORED: &str =
+    "INSERT INTO checkpoint_restores (machine_id, checkpoint_id) VALUES (?1, ?2)";
+
 pub(crate) const INSERT_PLACEMENT: &str =
     "INSERT INTO placements (machine_id, node_id, memory_mib, cpus) VALUES (?1, ?2, ?3, ?4)";
 
@@ -240,16 +246,23 @@ pub(crate) fn id_list(nodes: &[String]) -> String {
 }
 
 /// Records machine `m`, reserves `need` on a node (`on`: one of those, comma-separated, or
-/// any) and writes its `create` operation, in one transaction.
+/// any) and writes its `create` operation, in one transaction; `restored_from`: the machine is
+/// restored from that checkpoint of its tenant, linked to it in the same transaction.
 pub fn reserve(
     c: &Connection,
     m: &MachineRow,
     need: Need,
     on: Option<&str>,
+    restored_from: Option<&str>,
 ) -> Result<Placed, FleetError> {
     let tx = c
         .unchecked_transaction()
         .map_err(|e| FleetError::db("begin a placement", e))?;
+    if let Some(ck) = restored_from {
+        if db::checkpoint(&tx, &m.tenant_id, ck)?.is_none() {
+            return Ok(Placed::NoCheckpoint);
+        }
+    }
     let t = now();
     let node: Option<String> = tx
         .query_row(
@@ -264,6 +277,10 @@ pub fn reserve(
     };
     if !db::insert_machine(&tx, m)? {
         return Ok(Placed::NameTaken);
+    }
+    if let Some(ck) = restored_from {
+        tx.execute(LINK_RESTORED, params![m.id, ck])
+            .map_err(|e| FleetError::db("link a restored machine to its checkpoint", e))?;
     }
     tx.execute(
         INSERT_PLACEMENT,

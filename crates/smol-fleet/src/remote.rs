@@ -585,6 +585,11 @@ pub(crate) async fn divert(State(fleet): State<Fleet>, req: Request, next: Next)
                 Err(e) => e.into_response(),
             }
         }
+        // a machine's checkpoints: taken on its node, listed from this replica's records
+        Some("checkpoints") if req.method() == Method::POST => {
+            crate::remotecheckpoint::create(&fleet, &remote, &row, &node).await
+        }
+        Some("checkpoints") => next.run(req).await,
         Some(t) => match crate::remotebranch::route_of(t) {
             Some(kind) if req.method() == Method::POST => {
                 crate::remotebranch::branch(&fleet, &remote, &row, &node, t, kind, req.into_body())

@@ -126,6 +126,7 @@ async fn branch_inner(
                 name: r.name.clone(),
             }),
             Ok(Placed::NoCapacity) => no_room(node, need, rows.len()),
+            Ok(Placed::NoCheckpoint) => internal("a branch was reserved as a restore"),
             Err(e) => e.into(),
         };
         settle(fleet, &rows[..operations.len()], &operations, "failed").await;

@@ -317,6 +317,12 @@ pub async fn create_machine(
                     break;
                 }
                 crate::placement::Placed::NameTaken => continue,
+                crate::placement::Placed::NoCheckpoint => {
+                    return Err(ApiError(Error::coded(
+                        smolmachines::ErrorCode::SmolvmError,
+                        "a create was reserved as a restore",
+                    )))
+                }
                 crate::placement::Placed::NoCapacity => {
                     return Err(ApiError(Error::Coded {
                         code: smolmachines::ErrorCode::SmolvmError,

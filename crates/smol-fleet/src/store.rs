@@ -105,6 +105,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records machine `m`, reserves `need` on the least-reserved ready node with room (one
     /// `UPDATE … RETURNING`) and writes its `create` operation, in one transaction.
     fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed>;
+    /// [`Store::reserve_on`] node `node` of machine `m` restored from checkpoint
+    /// `checkpoint_id` of its tenant, linked to it in the same transaction (`NoCheckpoint`
+    /// when it is not the tenant's).
+    fn reserve_restored<'a>(
+        &'a self,
+        m: &'a MachineRow,
+        need: Need,
+        node: &'a str,
+        checkpoint_id: &'a str,
+    ) -> StoreFuture<'a, Placed>;
     /// [`Store::reserve`] on one of `nodes` only (a branch stays on its source's node; a
     /// machine's labels ask for some, `labels.rs`): `NoCapacity` when none of them is ready
     /// with room.
@@ -161,6 +171,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn set_node_api<'a>(&'a self, id: &'a str, url: &'a str) -> StoreFuture<'a, ()>;
     /// Records node `id`'s labels (JSON of `labels.rs`; unchanged: nothing written).
     fn set_node_labels<'a>(&'a self, id: &'a str, labels_json: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Node `id` with its API and liveness (`remotecheckpoint.rs`: the node holding a
+    /// checkpoint's file).
+    fn node_at<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<crate::remote::NodeAt>>;
 
     /// The machines placed on node `node_id` (`reconcile.rs`).
     fn placed_machines<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Vec<String>>;

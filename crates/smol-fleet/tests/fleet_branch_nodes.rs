@@ -291,6 +291,90 @@ async fn branches_of_a_machine_on_a_node_stay_on_its_node() {
     }
     assert_eq!(reserved(&db, &node_id).await, (256, 1));
 
+    // a checkpoint of the source: taken on its node (the file stays there), recorded here
+    let r = post(m(&src_id, "/checkpoints"), json!({})).await.unwrap();
+    let ck = support::json_ok(r, StatusCode::CREATED).await;
+    let ck_id = ck["id"].as_str().unwrap().to_string();
+    assert!(ck_id.starts_with("ckpt-"), "{ck}");
+    assert!(ck["sizeBytes"].as_u64().unwrap() > 0, "{ck}");
+    let file = dir
+        .path()
+        .join("n/fleet/checkpoints")
+        .join(format!("{ck_id}.smolcheckpoint"));
+    assert!(file.exists(), "no {}", file.display());
+    assert!(!dir
+        .path()
+        .join("c/checkpoints")
+        .join(format!("{ck_id}.smolcheckpoint"))
+        .exists());
+    let listed: Value = c
+        .get(m(&src_id, "/checkpoints"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["id"], ck_id.as_str());
+    // restored on the node that holds it, with the source's memory
+    let r = post(
+        format!("{api}/v1/checkpoints/{ck_id}/restore"),
+        json!({"name": "restored"}),
+    )
+    .await
+    .unwrap();
+    let restored = support::json_ok(r, StatusCode::CREATED).await;
+    let restored_id = restored["id"].as_str().unwrap().to_string();
+    assert_eq!(restored["name"], "restored", "{restored}");
+    assert_eq!(
+        db.machine_node(&restored_id).await.unwrap().unwrap().id,
+        node_id
+    );
+    assert_eq!(reserved(&db, &node_id).await, (512, 2));
+    assert_eq!(sh(restored_id.clone(), "cat /mnt/mem/secret").await, secret);
+    // in use: not deleted; a taken name: 409, nothing reserved
+    let r = c
+        .delete(format!("{api}/v1/checkpoints/{ck_id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    support::problem(r, StatusCode::CONFLICT, "invalid_state").await;
+    let r = post(
+        format!("{api}/v1/checkpoints/{ck_id}/restore"),
+        json!({"name": "restored"}),
+    )
+    .await
+    .unwrap();
+    support::problem(r, StatusCode::CONFLICT, "conflict").await;
+    assert_eq!(reserved(&db, &node_id).await, (512, 2));
+    // the restored machine, then the checkpoint: its file goes from the node
+    let r = c
+        .delete(m(&restored_id, ""))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = c
+        .delete(format!("{api}/v1/checkpoints/{ck_id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert!(!file.exists(), "{} stayed on the node", file.display());
+    let r = post(
+        format!("{api}/v1/checkpoints/{ck_id}/restore"),
+        json!({"name": "again"}),
+    )
+    .await
+    .unwrap();
+    support::problem(r, StatusCode::NOT_FOUND, "not_found").await;
+    assert_eq!(reserved(&db, &node_id).await, (256, 1));
+
     // a source that is not branchable: the node's 409, the name released
     let r = post(
         format!("{api}/v1/machines"),

@@ -642,8 +642,8 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
             "{v}"
         );
     }
-    // checkpoints are not yet on remote nodes: refused by name, nothing made (branches:
-    // fleet_branch_nodes.rs)
+    // a checkpoint of a machine that is not branchable: the node's 409, nothing recorded
+    // (branches and checkpoints that work: fleet_branch_nodes.rs)
     let r = c
         .post(m(&id, "/checkpoints"))
         .bearer_auth(&key)
@@ -651,7 +651,17 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
         .send()
         .await
         .unwrap();
-    support::problem(r, reqwest::StatusCode::NOT_IMPLEMENTED, "not_supported").await;
+    support::problem(r, reqwest::StatusCode::CONFLICT, "invalid_state").await;
+    let listed: serde_json::Value = c
+        .get(m(&id, "/checkpoints"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed, serde_json::json!([]), "{listed}");
     let list: serde_json::Value = c
         .get(format!("{api}/v1/machines"))
         .bearer_auth(&key)

@@ -242,6 +242,7 @@ fn checkpoint_row(id: &str, tenant: &str) -> CheckpointRow {
         size_bytes: 1 << 40,
         arch: "x86_64".into(),
         created_at: 0,
+        node_id: None,
     }
 }
 
@@ -753,7 +754,7 @@ async fn concurrent_placements(url: String) {
         match t.await.unwrap() {
             Placed::Placed { node_id, .. } => *per_node.entry(node_id).or_default() += 1,
             Placed::NoCapacity => refused += 1,
-            Placed::NameTaken => panic!("names are distinct"),
+            Placed::NameTaken | Placed::NoCheckpoint => panic!("names are distinct"),
         }
     }
     let placed: i64 = per_node.values().sum();

@@ -207,8 +207,7 @@ impl PgStore {
 const MACHINE_COLUMNS: &str = "id, tenant_id, name, engine_name, spec, created_at, \
      auto_stop_seconds, ttl_seconds, expires_at, ephemeral, last_activity_at";
 
-const CHECKPOINT_COLUMNS: &str =
-    "id, tenant_id, machine_id, spec, status, size_bytes, arch, created_at";
+use crate::db::CHECKPOINT_COLUMNS;
 
 fn machine_row(r: &Row) -> MachineRow {
     MachineRow {
@@ -236,6 +235,7 @@ fn checkpoint_row(r: &Row) -> CheckpointRow {
         size_bytes: r.get::<_, i64>(5).max(0) as u64,
         arch: r.get(6),
         created_at: r.get(7),
+        node_id: r.get(8),
     }
 }
 
@@ -635,7 +635,7 @@ impl Store for PgStore {
         op!(
             self,
             "place a machine",
-            self.reserve_retrying(m, need, None).await
+            self.reserve_retrying(m, need, None, None).await
         )
     }
 
@@ -648,8 +648,28 @@ impl Store for PgStore {
         op!(
             self,
             "place a machine on one of some nodes",
-            self.reserve_retrying(m, need, Some(&crate::placement::id_list(nodes)))
+            self.reserve_retrying(m, need, Some(&crate::placement::id_list(nodes)), None)
                 .await
+        )
+    }
+
+    fn reserve_restored<'a>(
+        &'a self,
+        m: &'a MachineRow,
+        need: Need,
+        node: &'a str,
+        checkpoint_id: &'a str,
+    ) -> StoreFuture<'a, Placed> {
+        op!(
+            self,
+            "place a restored machine on its checkpoint's node",
+            self.reserve_retrying(
+                m,
+                need,
+                Some(&crate::placement::id_list(&[node.to_owned()])),
+                Some(checkpoint_id)
+            )
+            .await
         )
     }
 
@@ -702,7 +722,7 @@ impl Store for PgStore {
             c.execute(
                 &format!(
                     "INSERT INTO checkpoints ({CHECKPOINT_COLUMNS})
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
                 ),
                 &[
                     &stored.id,
@@ -713,6 +733,7 @@ impl Store for PgStore {
                     &i64::try_from(stored.size_bytes).unwrap_or(i64::MAX),
                     &stored.arch,
                     &stored.created_at,
+                    &stored.node_id,
                 ],
             )
             .await
@@ -895,6 +916,23 @@ impl Store for PgStore {
                 .await
                 .map_err(|e| error("list a node's placements", e))?;
             Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn node_at<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<crate::remote::NodeAt>> {
+        op!(self, "find a node", {
+            let c = self.conn().await?;
+            let row = c
+                .query_opt(&query(crate::remotecheckpoint::NODE_AT, ""), &[&id])
+                .await
+                .map_err(|e| error("find a node", e))?;
+            Ok(row.map(|r| crate::remote::NodeAt {
+                id: r.get(0),
+                api_url: r.get(1),
+                liveness: r.get(2),
+                lease_until: r.get(3),
+                deleting: false,
+            }))
         })
     }
 

@@ -175,7 +175,7 @@ impl Store for SqliteStore {
 
     fn reserve<'a>(&'a self, m: &'a MachineRow, need: Need) -> StoreFuture<'a, Placed> {
         let m = m.clone();
-        call!(self, |c| placement::reserve(c, &m, need, None))
+        call!(self, |c| placement::reserve(c, &m, need, None, None))
     }
 
     fn reserve_on<'a>(
@@ -185,7 +185,28 @@ impl Store for SqliteStore {
         nodes: &'a [String],
     ) -> StoreFuture<'a, Placed> {
         let (m, n) = (m.clone(), placement::id_list(nodes));
-        call!(self, |c| placement::reserve(c, &m, need, Some(&n)))
+        call!(self, |c| placement::reserve(c, &m, need, Some(&n), None))
+    }
+
+    fn reserve_restored<'a>(
+        &'a self,
+        m: &'a MachineRow,
+        need: Need,
+        node: &'a str,
+        checkpoint_id: &'a str,
+    ) -> StoreFuture<'a, Placed> {
+        let (m, n, k) = (
+            m.clone(),
+            placement::id_list(&[node.to_owned()]),
+            checkpoint_id.to_owned(),
+        );
+        call!(self, |c| placement::reserve(
+            c,
+            &m,
+            need,
+            Some(&n),
+            Some(&k)
+        ))
     }
 
     fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool> {
@@ -272,6 +293,11 @@ impl Store for SqliteStore {
     fn placed_machines<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Vec<String>> {
         let n = node_id.to_owned();
         call!(self, |c| crate::reconcile::placed_machines(c, &n))
+    }
+
+    fn node_at<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<crate::remote::NodeAt>> {
+        let i = id.to_owned();
+        call!(self, |c| crate::remotecheckpoint::node_at(c, &i))
     }
 
     fn machine_node<'a>(

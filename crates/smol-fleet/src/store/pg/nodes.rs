@@ -22,10 +22,11 @@ impl PgStore {
         m: &MachineRow,
         need: Need,
         on: Option<&str>,
+        restored_from: Option<&str>,
     ) -> Result<Placed, FleetError> {
         let mut attempt = 1;
         loop {
-            match self.reserve_once(m, need, on).await {
+            match self.reserve_once(m, need, on, restored_from).await {
                 Err(FleetError::Postgres { ref source, .. })
                     if attempt < RESERVE_ATTEMPTS
                         && matches!(
@@ -50,15 +51,26 @@ impl PgStore {
         m: &MachineRow,
         need: Need,
         on: Option<&str>,
+        restored_from: Option<&str>,
     ) -> Result<Placed, FleetError> {
         let what = "place a machine";
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(|e| error(what, e))?;
         let t = now();
+        if let Some(ck) = restored_from {
+            if super::checkpoint_on(&tx, &m.tenant_id, ck).await?.is_none() {
+                return Ok(Placed::NoCheckpoint);
+            }
+        }
         // the record first: a taken name locks no node, and a node is held only from its
         // reservation to the commit
         if !insert_machine_on(&tx, m).await? {
             return Ok(Placed::NameTaken);
+        }
+        if let Some(ck) = restored_from {
+            tx.execute(&query(placement::LINK_RESTORED, ""), &[&m.id, &ck])
+                .await
+                .map_err(|e| error("link a restored machine to its checkpoint", e))?;
         }
         // first a node no other placement holds (SKIP LOCKED: concurrent placements spread
         // over the nodes instead of queueing on the least reserved one); when every node
