@@ -313,6 +313,51 @@ async fn checkpoints(url: String) {
         db.delete_checkpoint(&a, "ckpt-1").await.unwrap(),
         CheckpointDeleted::NotFound
     );
+
+    // a checkpoint on a node: recorded with it, restored there (reserved and linked in one
+    // transaction), never for another tenant
+    db.put_node(&node("node-k", "ready", 1024, 4))
+        .await
+        .unwrap();
+    let on_node = CheckpointRow {
+        node_id: Some("node-k".into()),
+        ..checkpoint_row("ckpt-2", &a)
+    };
+    db.insert_checkpoint(&on_node).await.unwrap();
+    assert_eq!(
+        db.checkpoint(&a, "ckpt-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .node_id
+            .as_deref(),
+        Some("node-k")
+    );
+    assert_eq!(
+        db.reserve_restored(&machine("mach-x", &b, "x"), SMALL, "node-k", "ckpt-2")
+            .await
+            .unwrap(),
+        Placed::NoCheckpoint
+    );
+    assert_eq!(db.machine(&b, "mach-x").await.unwrap(), None);
+    assert!(matches!(
+        db.reserve_restored(&machine("mach-k", &a, "k"), SMALL, "node-k", "ckpt-2")
+            .await
+            .unwrap(),
+        Placed::Placed { node_id, .. } if node_id == "node-k"
+    ));
+    assert_eq!(
+        db.machine_node("mach-k").await.unwrap().unwrap().id,
+        "node-k"
+    );
+    assert_eq!(
+        db.delete_checkpoint(&a, "ckpt-2").await.unwrap(),
+        CheckpointDeleted::InUse(vec!["mach-k".into()])
+    );
+    let n = db.nodes().await.unwrap().remove(0);
+    assert_eq!((n.reserved_mib, n.reserved_cpus), (256, 1));
+    assert_eq!(db.node_at("node-k").await.unwrap().unwrap().id, "node-k");
+    assert_eq!(db.node_at("node-none").await.unwrap(), None);
 }
 
 /// Many creates of one name at once (two servers' worth of connections): exactly one wins.
