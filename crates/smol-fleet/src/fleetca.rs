@@ -12,6 +12,7 @@
 //! of the whole token is stored; it is redeemed once, before it expires.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use rand::RngCore;
@@ -35,6 +36,42 @@ use crate::error::FleetError;
 
 /// Every join token starts with this.
 pub const TOKEN_PREFIX: &str = "smoljoin_";
+
+/// How long a node's certificate is valid (`smolfleet serve --node-cert-validity`); a node
+/// renews it past two thirds of that ([`renewal_due`]).
+pub const DEFAULT_NODE_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How long the certificates a replica makes for itself in memory at start (its node door's,
+/// its client certificate for nodes' APIs) are valid.
+pub const REPLICA_CERT_VALIDITY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A certificate is valid from this long before it is signed (the clocks of nodes and
+/// replicas differ a little).
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Sets `params` valid from now (less [`CLOCK_SKEW`]) for `valid_for`.
+fn valid_for(params: &mut CertificateParams, valid_for: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + valid_for;
+}
+
+/// When certificate `pem` was signed and when it expires, Unix seconds.
+pub fn cert_validity(pem: &str) -> Result<(i64, i64), FleetError> {
+    let der = first_cert(pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| ca_error("read a certificate", e))?;
+    let v = cert.validity();
+    let skew = i64::try_from(CLOCK_SKEW.as_secs()).unwrap_or(0);
+    Ok((v.not_before.timestamp() + skew, v.not_after.timestamp()))
+}
+
+/// Whether certificate `pem` is past two thirds of its life at `now` (Unix seconds): time
+/// to renew it.
+pub fn renewal_due(pem: &str, now: i64) -> Result<bool, FleetError> {
+    let (signed, expires) = cert_validity(pem)?;
+    Ok(now >= signed + (expires - signed) * 2 / 3)
+}
 
 fn ca_error(what: &str, e: impl std::fmt::Display) -> FleetError {
     FleetError::Ca {
@@ -131,7 +168,12 @@ impl FleetCa {
     /// The client certificate (PEM) of node `node_id` for the public key of `csr_pem`: the
     /// request's signature is checked; only its key is taken (subject, usages and names are
     /// ours).
-    pub fn sign_node(&self, csr_pem: &str, node_id: &str) -> Result<String, FleetError> {
+    pub fn sign_node(
+        &self,
+        csr_pem: &str,
+        node_id: &str,
+        validity: Duration,
+    ) -> Result<String, FleetError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| ca_error("the node's certificate request", e))?;
         // its id as its DNS name: a control replica reaching the node's API checks it is the
@@ -140,6 +182,7 @@ impl FleetCa {
             CertificateParams::new(vec![node_id.to_owned()]).map_err(|e| ca_error("node id", e))?;
         params.distinguished_name.push(DnType::CommonName, node_id);
         params.is_ca = IsCa::ExplicitNoCa;
+        valid_for(&mut params, validity);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -162,6 +205,7 @@ impl FleetCa {
             .distinguished_name
             .push(DnType::CommonName, "smolfleet control");
         params.is_ca = IsCa::ExplicitNoCa;
+        valid_for(&mut params, REPLICA_CERT_VALIDITY);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate().map_err(|e| ca_error("generate a server key", e))?;
         let cert = params
@@ -186,6 +230,7 @@ impl FleetCa {
             .with_single_cert(vec![cert.der().clone(), self.der.clone()], key_der)
             .map_err(|e| ca_error("the server certificate", e))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        no_resumption(&mut config);
         Ok(Arc::new(config))
     }
 
@@ -199,6 +244,7 @@ impl FleetCa {
             .distinguished_name
             .push(DnType::CommonName, CONTROL_SUBJECT);
         params.is_ca = IsCa::ExplicitNoCa;
+        valid_for(&mut params, REPLICA_CERT_VALIDITY);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate().map_err(|e| ca_error("generate a control key", e))?;
@@ -232,13 +278,61 @@ pub fn is_control_cert(der: &[u8]) -> bool {
     der.windows(marker.len()).any(|w| w == marker)
 }
 
+/// A node's certificate for its API, replaced in place when the node renews it (each
+/// handshake takes the current one).
+#[derive(Debug)]
+pub struct NodeCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl NodeCert {
+    fn certified(
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Arc<rustls::sign::CertifiedKey>, FleetError> {
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| ca_error("the node key", e))?;
+        let signing = provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| ca_error("the node key", e))?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            vec![first_cert(cert_pem)?],
+            signing,
+        )))
+    }
+
+    /// The certificate of `cert_pem` with its key `key_pem`.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Arc<NodeCert>, FleetError> {
+        Ok(Arc::new(NodeCert(std::sync::RwLock::new(Self::certified(
+            cert_pem, key_pem,
+        )?))))
+    }
+
+    /// Serves `cert_pem` (key `key_pem`) from the next handshake on.
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), FleetError> {
+        let new = Self::certified(cert_pem, key_pem)?;
+        match self.0.write() {
+            Ok(mut k) => *k = new,
+            Err(p) => *p.into_inner() = new,
+        }
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for NodeCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        match self.0.read() {
+            Ok(k) => Some(k.clone()),
+            Err(p) => Some(p.into_inner().clone()),
+        }
+    }
+}
+
 /// The server config of a node's API (`smolfleet node --api-listen`): its own certificate
-/// (its id as DNS name) and client certificates of the CA required.
-pub fn node_api_config(
-    ca_pem: &str,
-    cert_pem: &str,
-    key_pem: &str,
-) -> Result<Arc<ServerConfig>, FleetError> {
+/// (its id as DNS name; `cert`, renewed in place) and client certificates of the CA required.
+pub fn node_api_config(ca_pem: &str, cert: Arc<NodeCert>) -> Result<Arc<ServerConfig>, FleetError> {
     let mut roots = RootCertStore::empty();
     roots
         .add(first_cert(ca_pem)?)
@@ -247,16 +341,45 @@ pub fn node_api_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| ca_error("the client verifier", e))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| ca_error("the node key", e))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ca_error("TLS versions", e))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![first_cert(cert_pem)?], key)
-        .map_err(|e| ca_error("the node certificate", e))?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    no_resumption(&mut config);
     Ok(Arc::new(config))
+}
+
+/// Every connection does a full handshake: a resumed TLS session carries the client
+/// certificate it began with unverified, so a certificate that expired (or was renewed and
+/// refused) would go on being taken through the tickets of its sessions.
+fn no_resumption(config: &mut ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.ticketer = Arc::new(NoTickets);
+}
+
+/// A ticketer that issues none.
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    fn lifetime(&self) -> u32 {
+        0
+    }
+
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// The CA fingerprint a join token pins, if `token` has a token's shape.
@@ -406,9 +529,13 @@ mod tests {
             assert_eq!(token_ca(bad), None, "{bad:?}");
         }
         let (node_key, csr) = node_key_and_csr("host-a").unwrap();
-        let node_cert = ca.sign_node(&csr, "node-1").unwrap();
+        let node_cert = ca
+            .sign_node(&csr, "node-1", DEFAULT_NODE_CERT_VALIDITY)
+            .unwrap();
         node_client_config(&cert, &node_cert, &node_key).unwrap();
-        assert!(ca.sign_node("not a csr", "node-1").is_err());
+        assert!(ca
+            .sign_node("not a csr", "node-1", DEFAULT_NODE_CERT_VALIDITY)
+            .is_err());
         ca.node_door_config(&["127.0.0.1".into(), "localhost".into()])
             .unwrap();
     }

@@ -84,6 +84,10 @@ enum Cmd {
         /// How long past its lease a node is lost (its machines report ready=false).
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_interval)]
         node_lost_after: std::time::Duration,
+        /// How long the certificates the node door signs for nodes are valid; a node renews
+        /// its own past two thirds of that (the one it renewed is refused from then on).
+        #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_interval)]
+        node_cert_validity: std::time::Duration,
     },
     /// Makes the fleet CA in the store (once; prints its fingerprint).
     Init {
@@ -314,6 +318,7 @@ fn main() -> ExitCode {
             node_sans,
             node_lease,
             node_lost_after,
+            node_cert_validity,
         } => {
             let edge = Edge {
                 tls: tls_cert.zip(tls_key),
@@ -328,6 +333,7 @@ fn main() -> ExitCode {
                         lease_ms: node_lease.as_millis() as i64,
                         lost_after_ms: node_lost_after.as_millis() as i64,
                     },
+                    cert_validity: node_cert_validity,
                 }),
             };
             let apps_scheme = apps_scheme
@@ -386,7 +392,9 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86400)),
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m, h or d")),
     };
     if d < Duration::from_millis(100) {
         return Err(format!("{s:?} is too short: at least 100ms"));
@@ -413,6 +421,7 @@ struct NodeDoor {
     addr: SocketAddr,
     names: Vec<String>,
     lease: smol_fleet::nodes::Lease,
+    cert_validity: std::time::Duration,
 }
 
 /// `--role`: `all`, or `control` and `edge` (together or alone) over a `--db` store; `node`
@@ -554,8 +563,14 @@ async fn start_node_door(
     smol_fleet::nodedoor::load_ca(&db).await?;
     println!("node door on https://{addr}");
     let task = tokio::spawn(async move {
-        let serve =
-            smol_fleet::nodedoor::serve(db, listener, &names, door.lease, std::future::pending());
+        let serve = smol_fleet::nodedoor::serve(
+            db,
+            listener,
+            &names,
+            door.lease,
+            door.cert_validity,
+            std::future::pending(),
+        );
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "the node door failed");
         }

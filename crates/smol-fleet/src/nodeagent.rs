@@ -26,12 +26,14 @@ use tokio_rustls::TlsConnector;
 
 use crate::error::FleetError;
 use crate::fleetca;
-use crate::nodedoor::{Heartbeat, JoinRequest, Joined, Renewed};
+use crate::nodedoor::{Heartbeat, JoinRequest, Joined, RenewRequest, Renewed, RenewedCert};
 
 /// The most one request to the control plane takes.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most a control plane's answer may hold.
 const ANSWER_LIMIT: usize = 1 << 20;
+/// How the error of a node whose certificate expired begins (the node then stops).
+const EXPIRED: &str = "the node certificate expired";
 
 fn node_error(message: impl Into<String>) -> FleetError {
     FleetError::Node {
@@ -284,6 +286,76 @@ pub async fn join(
     Ok(m)
 }
 
+/// Ends a renewal a stop cut short: the staged key and certificate (`renew.key`,
+/// `renew.crt`) replace the node's (the key is moved first, so a staged certificate alone
+/// means its key is in place already).
+fn finish_renewal(home: &Path) -> Result<(), FleetError> {
+    let (key, crt) = (home.join("renew.key"), home.join("renew.crt"));
+    let mv = |from: &Path, to: &str| {
+        std::fs::rename(from, home.join(to)).map_err(|source| FleetError::Io {
+            context: format!("move {} into place", from.display()),
+            source,
+        })
+    };
+    if crt.exists() {
+        if key.exists() {
+            mv(&key, "node.key")?;
+        }
+        mv(&crt, "node.crt")?;
+        tracing::info!("a renewed certificate was put in place");
+    }
+    Ok(())
+}
+
+/// Renews this node's certificate once it is past two thirds of its life
+/// ([`fleetca::renewal_due`]): a new key, its request sent over mutual TLS with the current
+/// certificate (to the first replica that answers, from `start` on); the new key and
+/// certificate replace the old ones in the home (staged, then moved: [`finish_renewal`]). The
+/// new `(certificate, key)` PEM when it renewed.
+pub async fn renew_if_due(
+    config: &Arc<ClientConfig>,
+    m: &Membership,
+    start: usize,
+    cfg: &NodeConfig,
+) -> Result<Option<(String, String)>, FleetError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let current = read(&cfg.home.join("node.crt"))?;
+    let (_, expires) = fleetca::cert_validity(&current)?;
+    if now > expires {
+        return Err(node_error(format!(
+            "{EXPIRED} {}s ago (the node was away longer than its \
+             validity): remove node.json, node.key and node.crt from {} and join again with \
+             a new token (`smolfleet node join-token`)",
+            now - expires,
+            cfg.home.display()
+        )));
+    }
+    if !fleetca::renewal_due(&current, now)? {
+        return Ok(None);
+    }
+    let (key, csr) = fleetca::node_key_and_csr(&cfg.name)?;
+    let (_, status, answer) = post_any(
+        config,
+        &m.controls,
+        start,
+        "/fleet/v1/renew",
+        &RenewRequest { csr },
+    )
+    .await?;
+    if status != 200 {
+        return Err(refused("renew the certificate", status, &answer));
+    }
+    let renewed: RenewedCert = serde_json::from_value(answer)
+        .map_err(|e| node_error(format!("renew: an answer not understood: {e}")))?;
+    write(&cfg.home.join("renew.key"), &key, true)?;
+    write(&cfg.home.join("renew.crt"), &renewed.certificate, false)?;
+    finish_renewal(&cfg.home)?;
+    tracing::info!(node = %m.node_id, "node certificate renewed");
+    Ok(Some((renewed.certificate, key)))
+}
+
 /// The mutual-TLS client config of a joined node's home.
 pub fn client_config(home: &Path) -> Result<Arc<ClientConfig>, FleetError> {
     fleetca::node_client_config(
@@ -386,9 +458,13 @@ pub async fn run(
             "--listen {listen}: the node's own door answers health routes on loopback only"
         )));
     }
+    if cfg.home.exists() {
+        finish_renewal(&cfg.home)?;
+    }
     let m = join(&cfg, controls, token).await?;
-    let config = client_config(&cfg.home)?;
+    let mut config = client_config(&cfg.home)?;
     let mut fleet = None;
+    let mut api_cert = None;
     let _api = match api_listen {
         Some(at) => {
             if at.ip().is_unspecified() && cfg.api_url.is_none() {
@@ -397,8 +473,9 @@ pub async fn run(
                      replicas reach this node"
                 )));
             }
-            let (addr, task, node_fleet) = crate::nodeapi::start(&cfg.home, at).await?;
+            let (addr, task, node_fleet, cert) = crate::nodeapi::start(&cfg.home, at).await?;
             fleet = Some(node_fleet);
+            api_cert = Some(cert);
             let url = cfg
                 .api_url
                 .get_or_insert_with(|| format!("https://{addr}"))
@@ -421,6 +498,20 @@ pub async fn run(
     let mut at = 0;
     let mut orphans = crate::reconcile::Orphans::new(cfg.orphan_grace);
     loop {
+        // a certificate past two thirds of its life is renewed (heartbeats and the API take
+        // the new one at once; the old one is refused from then on)
+        match renew_if_due(&config, &m, at, &cfg).await {
+            Ok(Some((cert, key))) => {
+                config = client_config(&cfg.home)?;
+                if let Some(c) = &api_cert {
+                    c.replace(&cert, &key)?;
+                }
+            }
+            Ok(None) => {}
+            // past its expiry no replica will take it: the node stops, saying what to do
+            Err(e) if e.to_string().contains(EXPIRED) => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the node certificate; trying again"),
+        }
         // the machines this node's fleet holds, for the control plane to reconcile
         let held = match &fleet {
             Some(f) => match crate::reconcile::held(f).await {

@@ -105,7 +105,15 @@ fn admin_key(home: &Path, bootstrap: Option<String>) -> Result<String, FleetErro
 pub async fn start(
     node_home: &Path,
     listen: SocketAddr,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>, Fleet), FleetError> {
+) -> Result<
+    (
+        SocketAddr,
+        tokio::task::JoinHandle<()>,
+        Fleet,
+        std::sync::Arc<fleetca::NodeCert>,
+    ),
+    FleetError,
+> {
     let read = |name: &str| {
         let path = node_home.join(name);
         std::fs::read_to_string(&path).map_err(|source| FleetError::Io {
@@ -113,8 +121,9 @@ pub async fn start(
             source,
         })
     };
-    let config =
-        fleetca::node_api_config(&read("ca.crt")?, &read("node.crt")?, &read("node.key")?)?;
+    // the node's certificate, replaced in place when the node renews it (`nodeagent.rs`)
+    let cert = fleetca::NodeCert::load(&read("node.crt")?, &read("node.key")?)?;
+    let config = fleetca::node_api_config(&read("ca.crt")?, cert.clone())?;
     let home = node_home.join("fleet");
     let (fleet, bootstrap) = Fleet::open(&home)?;
     fleet.set_on_node();
@@ -154,5 +163,5 @@ pub async fn start(
             tracing::error!(error = %e, "the node API failed");
         }
     });
-    Ok((addr, task, fleet))
+    Ok((addr, task, fleet, cert))
 }

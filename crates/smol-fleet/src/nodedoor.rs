@@ -56,6 +56,22 @@ pub struct Joined {
     pub lease_ms: i64,
 }
 
+/// A renewal: a new key's certificate request, over mutual TLS with the current certificate.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewRequest {
+    /// PEM.
+    pub csr: String,
+}
+
+/// A renewal's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewedCert {
+    /// The node's new certificate (PEM); the one it renewed with is refused from now on.
+    pub certificate: String,
+}
+
 /// A heartbeat.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -118,6 +134,8 @@ struct Door {
     db: Db,
     ca: FleetCa,
     lease: Lease,
+    /// How long the node certificates it signs are valid.
+    cert_validity: std::time::Duration,
 }
 
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
@@ -143,7 +161,7 @@ async fn join(State(door): State<Arc<Door>>, Json(req): Json<JoinRequest>) -> Re
         );
     }
     let node_id = crate::db::new_id("node-");
-    let certificate = match door.ca.sign_node(&req.csr, &node_id) {
+    let certificate = match door.ca.sign_node(&req.csr, &node_id, door.cert_validity) {
         Ok(c) => c,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
     };
@@ -177,6 +195,50 @@ async fn join(State(door): State<Arc<Door>>, Json(req): Json<JoinRequest>) -> Re
             StatusCode::FORBIDDEN,
             "join token refused: unknown, already used or expired (make one with `smolfleet \
              node join-token`)",
+        ),
+        Err(e) => failed(e),
+    }
+}
+
+/// `POST /fleet/v1/renew`: a node's new certificate for the key of its request, the one it
+/// connected with replaced in the store (so refused from now on) in one statement.
+async fn renew(
+    State(door): State<Arc<Door>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<RenewRequest>,
+) -> Response {
+    let Some(old) = peer.cert_sha256 else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "a node certificate is required (mutual TLS): join first",
+        );
+    };
+    let node_id = match door.db.node_of_cert(&old).await {
+        Ok(Some(id)) => id,
+        Ok(None) => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "no node holds this certificate (removed from the fleet, or renewed already)",
+            )
+        }
+        Err(e) => return failed(e),
+    };
+    let certificate = match door.ca.sign_node(&req.csr, &node_id, door.cert_validity) {
+        Ok(c) => c,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let new = match crate::fleetca::first_cert(&certificate) {
+        Ok(d) => fingerprint(&d),
+        Err(e) => return failed(e),
+    };
+    match door.db.rotate_node_cert(&node_id, &old, &new).await {
+        Ok(true) => {
+            tracing::info!(node = %node_id, "node certificate renewed");
+            Json(RenewedCert { certificate }).into_response()
+        }
+        Ok(false) => refuse(
+            StatusCode::FORBIDDEN,
+            "this certificate was renewed already (or the node removed)",
         ),
         Err(e) => failed(e),
     }
@@ -246,13 +308,20 @@ async fn heartbeat(
     }
 }
 
-/// The door's service over `db`, signing with `ca`, leasing `lease`.
-pub fn router(db: Db, ca: FleetCa, lease: Lease) -> Router {
+/// The door's service over `db`, signing with `ca` node certificates valid `cert_validity`,
+/// leasing `lease`.
+pub fn router(db: Db, ca: FleetCa, lease: Lease, cert_validity: std::time::Duration) -> Router {
     Router::new()
         .route("/fleet/v1/join", post(join))
         .route("/fleet/v1/heartbeat", post(heartbeat))
+        .route("/fleet/v1/renew", post(renew))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
-        .with_state(Arc::new(Door { db, ca, lease }))
+        .with_state(Arc::new(Door {
+            db,
+            ca,
+            lease,
+            cert_validity,
+        }))
 }
 
 /// The fleet CA of `db` (made by `smolfleet init`).
@@ -272,6 +341,7 @@ pub async fn serve(
     listener: TcpListener,
     names: &[String],
     lease: Lease,
+    cert_validity: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), FleetError> {
     let ca = load_ca(&db).await?;
@@ -283,7 +353,7 @@ pub async fn serve(
             source,
         })?;
     tracing::info!(%addr, ?names, "node door serving (mutual TLS)");
-    let app = router(db, ca, lease).into_make_service_with_connect_info::<Peer>();
+    let app = router(db, ca, lease, cert_validity).into_make_service_with_connect_info::<Peer>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -80,6 +80,13 @@ UPDATE nodes SET lease_until = {now_ms} + ?2, lost_at = {now_ms} + ?2 + ?3, memo
  WHERE cert_sha256 = ?1
 RETURNING id, state";
 
+/// The node of certificate `?1`.
+pub(crate) const NODE_OF_CERT: &str = "SELECT id FROM nodes WHERE cert_sha256 = ?1";
+
+/// Node `?1`'s certificate `?2` replaced by `?3` (a renewal; none when `?2` is no longer its).
+pub(crate) const ROTATE_CERT: &str =
+    "UPDATE nodes SET cert_sha256 = ?3 WHERE id = ?1 AND cert_sha256 = ?2";
+
 /// Cordons (`cordoned`: no new placements) or uncordons (`ready`) node `?1`.
 pub(crate) const SET_STATE: &str = "UPDATE nodes SET state = ?2, updated_at = ?3 WHERE id = ?1";
 
@@ -243,6 +250,21 @@ pub fn heartbeat(
     )
     .optional()
     .map_err(|e| FleetError::db("renew a lease", e))
+}
+
+/// The node of certificate `cert_sha256`.
+pub fn node_of_cert(c: &Connection, cert_sha256: &str) -> Result<Option<String>, FleetError> {
+    c.query_row(NODE_OF_CERT, [cert_sha256], |r| r.get(0))
+        .optional()
+        .map_err(|e| FleetError::db("find a node by its certificate", e))
+}
+
+/// Replaces node `id`'s certificate `old` by `new`; whether `old` was its.
+pub fn rotate_cert(c: &Connection, id: &str, old: &str, new: &str) -> Result<bool, FleetError> {
+    let n = c
+        .execute(ROTATE_CERT, params![id, old, new])
+        .map_err(|e| FleetError::db("renew a node's certificate", e))?;
+    Ok(n == 1)
 }
 
 /// Sets node `id`'s state; whether it exists.

@@ -152,6 +152,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         memory_mib: i64,
         cpus: i64,
     ) -> StoreFuture<'a, Beat>;
+    /// The node whose certificate is `cert_sha256`.
+    fn node_of_cert<'a>(&'a self, cert_sha256: &'a str) -> StoreFuture<'a, Option<String>>;
+    /// Node `id`'s certificate `old` replaced by `new` (a renewal); false when `old` is no
+    /// longer its (renewed already, or the node removed).
+    fn rotate_node_cert<'a>(
+        &'a self,
+        id: &'a str,
+        old: &'a str,
+        new: &'a str,
+    ) -> StoreFuture<'a, bool>;
     /// Every node with its liveness by the database's clock.
     fn node_status(&self) -> StoreFuture<'_, Vec<NodeStatus>>;
     /// Sets node `id`'s state (`ready`, `cordoned`: placement takes only `ready`); whether

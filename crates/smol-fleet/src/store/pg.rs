@@ -919,6 +919,33 @@ impl Store for PgStore {
         })
     }
 
+    fn node_of_cert<'a>(&'a self, cert_sha256: &'a str) -> StoreFuture<'a, Option<String>> {
+        op!(self, "find a node by its certificate", {
+            let c = self.conn().await?;
+            let row = c
+                .query_opt(&query(crate::nodes::NODE_OF_CERT, ""), &[&cert_sha256])
+                .await
+                .map_err(|e| error("find a node by its certificate", e))?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn rotate_node_cert<'a>(
+        &'a self,
+        id: &'a str,
+        old: &'a str,
+        new: &'a str,
+    ) -> StoreFuture<'a, bool> {
+        op!(self, "renew a node's certificate", {
+            let c = self.conn().await?;
+            let n = c
+                .execute(&query(crate::nodes::ROTATE_CERT, ""), &[&id, &old, &new])
+                .await
+                .map_err(|e| error("renew a node's certificate", e))?;
+            Ok(n == 1)
+        })
+    }
+
     fn node_at<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<crate::remote::NodeAt>> {
         op!(self, "find a node", {
             let c = self.conn().await?;

@@ -295,6 +295,21 @@ impl Store for SqliteStore {
         call!(self, |c| crate::reconcile::placed_machines(c, &n))
     }
 
+    fn node_of_cert<'a>(&'a self, cert_sha256: &'a str) -> StoreFuture<'a, Option<String>> {
+        let h = cert_sha256.to_owned();
+        call!(self, |c| crate::nodes::node_of_cert(c, &h))
+    }
+
+    fn rotate_node_cert<'a>(
+        &'a self,
+        id: &'a str,
+        old: &'a str,
+        new: &'a str,
+    ) -> StoreFuture<'a, bool> {
+        let (i, o, n) = (id.to_owned(), old.to_owned(), new.to_owned());
+        call!(self, |c| crate::nodes::rotate_cert(c, &i, &o, &n))
+    }
+
     fn node_at<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<crate::remote::NodeAt>> {
         let i = id.to_owned();
         call!(self, |c| crate::remotecheckpoint::node_at(c, &i))
