@@ -392,11 +392,13 @@ impl Fleet {
         if !running {
             return None;
         }
+        // the later of this replica's own and what the store has (other replicas' activity
+        // reaches this one there, at their sweeps)
         let last = self
             .lifetimes()
             .existing(&row.engine_name)
             .and_then(|e| e.last_ms())
-            .unwrap_or_else(|| persisted_last(row));
+            .map_or_else(|| persisted_last(row), |own| own.max(persisted_last(row)));
         (now.saturating_sub(last) >= idle_ms).then_some(Due::Idle)
     }
 

@@ -6,7 +6,8 @@
 //! partition (an nft rule in one node's namespace) makes that node lost, its machine
 //! `ready=false` with an `errorReason` through both replicas and its delete tombstoned, the
 //! other machines unaffected; healed, the node is ready again and the waiting delete runs (its
-//! QEMU gone). Needs root (`ip netns`, `nft`) and the VM assets; elsewhere it says so and
+//! QEMU gone). With two sweepers, a machine in use through one replica is not stopped for
+//! being idle by the other; a TTL deletes a machine once. Needs root (`ip netns`, `nft`) and the VM assets; elsewhere it says so and
 //! passes nothing. Every wait is bounded.
 
 #[path = "../../smolmachines/tests/common.rs"]
@@ -474,6 +475,68 @@ async fn three_hosts_two_replicas_spread_route_and_survive_a_partition() {
     assert_eq!(v["state"], "running", "{v}");
     let out = exec(api0.clone(), lost_ids[0].clone(), "true").await;
     assert_eq!(out["exitCode"], 0, "{out}");
+
+    // lifetimes with two sweepers: a machine in use through replica 1 (a streamed exec
+    // longer than its autoStopSeconds) is not stopped by replica 0's sweeper, which reads
+    // its activity from the store; idle, it is stopped; a TTL deletes a machine once
+    let mk = |name: &'static str, extra: Value| {
+        let (c, key, api, image) = (c.clone(), key.clone(), api0.clone(), image.clone());
+        async move {
+            let mut body = json!({
+                "name": name, "source": {"type": "image", "reference": image},
+                "resources": {"memoryMb": 256, "cpus": 1},
+            });
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let r = c
+                .post(format!("{api}/v1/machines"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let v = support::json_ok(r, StatusCode::CREATED).await;
+            v["id"].as_str().unwrap().to_string()
+        }
+    };
+    let busy_id = mk("busy", json!({"autoStopSeconds": 2})).await;
+    let ttl_id = mk("short", json!({"ttlSeconds": 3})).await;
+    let r = c
+        .post(m(&api1, &busy_id, "/exec/stream"))
+        .bearer_auth(&key)
+        .json(&json!({"command": ["sh", "-c", "sleep 6; echo done"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let sse = r.text().await.unwrap();
+    assert!(
+        sse.contains("done") && sse.contains("\"exitCode\":0"),
+        "{sse}"
+    );
+    let v: Value = c
+        .get(m(&api0, &busy_id, ""))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "running", "stopped while in use: {v}");
+    until(&c, &m(&api1, &busy_id, ""), &key, |v| {
+        v["state"] == "stopped"
+    })
+    .await;
+    until(&c, &m(&api0, &ttl_id, ""), &key, |v| v["status"] == 404).await;
+    let r = c
+        .delete(m(&api0, &busy_id, ""))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
 
     // every machine deleted through one replica or the other: no VM left on any host
     let list: Value = c
