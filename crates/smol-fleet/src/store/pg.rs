@@ -896,16 +896,11 @@ impl Store for PgStore {
     }
 
     fn set_node_labels<'a>(&'a self, id: &'a str, labels_json: &'a str) -> StoreFuture<'a, ()> {
-        op!(self, "record a node's labels", {
-            let c = self.conn().await?;
-            c.execute(
-                &query(crate::labels::SET_NODE_LABELS, ""),
-                &[&id, &labels_json],
-            )
-            .await
-            .map_err(|e| error("record a node's labels", e))?;
-            Ok(())
-        })
+        op!(
+            self,
+            "record a node's labels",
+            self.set_node_labels_on(id, labels_json).await
+        )
     }
 
     fn placed_machines<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Vec<String>> {
@@ -920,14 +915,11 @@ impl Store for PgStore {
     }
 
     fn node_of_cert<'a>(&'a self, cert_sha256: &'a str) -> StoreFuture<'a, Option<String>> {
-        op!(self, "find a node by its certificate", {
-            let c = self.conn().await?;
-            let row = c
-                .query_opt(&query(crate::nodes::NODE_OF_CERT, ""), &[&cert_sha256])
-                .await
-                .map_err(|e| error("find a node by its certificate", e))?;
-            Ok(row.map(|r| r.get(0)))
-        })
+        op!(
+            self,
+            "find a node by its certificate",
+            self.node_of_cert_on(cert_sha256).await
+        )
     }
 
     fn rotate_node_cert<'a>(
@@ -936,31 +928,15 @@ impl Store for PgStore {
         old: &'a str,
         new: &'a str,
     ) -> StoreFuture<'a, bool> {
-        op!(self, "renew a node's certificate", {
-            let c = self.conn().await?;
-            let n = c
-                .execute(&query(crate::nodes::ROTATE_CERT, ""), &[&id, &old, &new])
-                .await
-                .map_err(|e| error("renew a node's certificate", e))?;
-            Ok(n == 1)
-        })
+        op!(
+            self,
+            "renew a node's certificate",
+            self.rotate_node_cert_on(id, old, new).await
+        )
     }
 
     fn node_at<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<crate::remote::NodeAt>> {
-        op!(self, "find a node", {
-            let c = self.conn().await?;
-            let row = c
-                .query_opt(&query(crate::remotecheckpoint::NODE_AT, ""), &[&id])
-                .await
-                .map_err(|e| error("find a node", e))?;
-            Ok(row.map(|r| crate::remote::NodeAt {
-                id: r.get(0),
-                api_url: r.get(1),
-                liveness: r.get(2),
-                lease_until: r.get(3),
-                deleting: false,
-            }))
-        })
+        op!(self, "find a node", self.node_at_on(id).await)
     }
 
     fn machine_node<'a>(

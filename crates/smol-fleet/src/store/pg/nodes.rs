@@ -119,6 +119,65 @@ impl PgStore {
         })
     }
 
+    pub(super) async fn set_node_labels_on(
+        &self,
+        id: &str,
+        labels_json: &str,
+    ) -> Result<(), FleetError> {
+        let c = self.conn().await?;
+        c.execute(
+            &query(crate::labels::SET_NODE_LABELS, ""),
+            &[&id, &labels_json],
+        )
+        .await
+        .map_err(|e| error("record a node's labels", e))?;
+        Ok(())
+    }
+
+    pub(super) async fn node_of_cert_on(
+        &self,
+        cert_sha256: &str,
+    ) -> Result<Option<String>, FleetError> {
+        let c = self.conn().await?;
+        let row = c
+            .query_opt(&query(nodes::NODE_OF_CERT, ""), &[&cert_sha256])
+            .await
+            .map_err(|e| error("find a node by its certificate", e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub(super) async fn rotate_node_cert_on(
+        &self,
+        id: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, FleetError> {
+        let c = self.conn().await?;
+        let n = c
+            .execute(&query(nodes::ROTATE_CERT, ""), &[&id, &old, &new])
+            .await
+            .map_err(|e| error("renew a node's certificate", e))?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn node_at_on(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::remote::NodeAt>, FleetError> {
+        let c = self.conn().await?;
+        let row = c
+            .query_opt(&query(crate::remotecheckpoint::NODE_AT, ""), &[&id])
+            .await
+            .map_err(|e| error("find a node", e))?;
+        Ok(row.map(|r| crate::remote::NodeAt {
+            id: r.get(0),
+            api_url: r.get(1),
+            liveness: r.get(2),
+            lease_until: r.get(3),
+            deleting: false,
+        }))
+    }
+
     pub(super) async fn put_ca_on(
         &self,
         cert_pem: &str,
