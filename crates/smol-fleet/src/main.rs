@@ -802,7 +802,9 @@ mod tests {
         assert_eq!(parse_interval("15"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_interval("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "s", "10ms", "0", "1h", "-1s", "1.5s"] {
+        assert_eq!(parse_interval("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_interval("30d"), Ok(Duration::from_secs(30 * 86400)));
+        for bad in ["", "s", "10ms", "0", "1w", "-1s", "1.5s", "2d3h"] {
             assert!(parse_interval(bad).is_err(), "{bad:?} was accepted");
         }
     }
