@@ -24,29 +24,7 @@ use serde_json::{json, Value};
 use smol_fleet::store;
 use smol_fleet::testing::pg;
 use support::await_node_state as await_state;
-use support::procs::{admin, node_line, spawn, spawn_program, Proc, BIN};
-
-/// Runs a command to its end; whether it succeeded (its stderr said when not).
-fn sh(program: &str, args: &[&str]) -> bool {
-    match std::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        Ok(o) => {
-            eprintln!(
-                "{program} {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            false
-        }
-        Err(e) => {
-            eprintln!("{program}: {e}");
-            false
-        }
-    }
-}
+use support::procs::{admin, node_line, sh, spawn, spawn_program, Proc, BIN};
 
 /// A bridge on this host (`10.253.N.1/24`) and `n` namespaces on it (`10.253.N.2`, `.3`, …),
 /// removed when dropped.

@@ -15,34 +15,13 @@ use std::time::Duration;
 use smol_fleet::placement::{Need, Placed};
 use smol_fleet::store;
 use smol_fleet::testing::pg;
+use support::procs::sh;
 use support::{await_node_state as await_state, machine_row as machine};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_smolfleet");
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Runs a command to its end; whether it succeeded (its stderr logged when not).
-fn sh(program: &str, args: &[&str]) -> bool {
-    match std::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        Ok(o) => {
-            eprintln!(
-                "{program} {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            false
-        }
-        Err(e) => {
-            eprintln!("{program}: {e}");
-            false
-        }
-    }
-}
 
 /// The test's namespace and veth pair, removed when dropped.
 struct Netns {

@@ -113,3 +113,25 @@ pub fn node_line(l: &str) -> (String, String) {
     );
     (id, health)
 }
+
+/// Runs a command to its end; whether it succeeded (its stderr logged when not).
+pub fn sh(program: &str, args: &[&str]) -> bool {
+    match std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            eprintln!(
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            false
+        }
+    }
+}
