@@ -75,6 +75,19 @@ pub enum FleetError {
         /// What went wrong.
         message: String,
     },
+    /// The node's certificate expired while it was away: no replica takes it, the node stops.
+    #[error(
+        "fleet node: the node certificate expired {ago_secs}s ago (the node was away longer \
+         than its validity): remove node.json, node.key and node.crt from {} and join again \
+         with a new token (`smolfleet node join-token`)",
+        home.display()
+    )]
+    NodeCertExpired {
+        /// How long ago it expired.
+        ago_secs: i64,
+        /// The node's home.
+        home: std::path::PathBuf,
+    },
     /// A file or socket step failed.
     #[error("{context}: {source}")]
     Io {
@@ -116,14 +129,7 @@ impl From<FleetError> for Error {
     fn from(e: FleetError) -> Error {
         if let FleetError::StoreUnavailable { .. } = e {
             // 503 retryable: the database comes back, the request can be made again
-            return Error::Coded {
-                code: ErrorCode::SmolvmError,
-                status: 503,
-                message: e.to_string(),
-                problem_code: None,
-                retryable: true,
-                retry_after: Some(std::time::Duration::from_secs(1)),
-            };
+            return retry_later(e.to_string());
         }
         if e.disk_full() {
             // 507 storage_error: the client can tell "no room" from a bug
@@ -136,12 +142,30 @@ impl From<FleetError> for Error {
     }
 }
 
+/// 503 `retryable`, `Retry-After: 1` (see [`ApiError::retry_later`]).
+fn retry_later(message: String) -> Error {
+    Error::Coded {
+        code: ErrorCode::SmolvmError,
+        status: 503,
+        message,
+        problem_code: None,
+        retryable: true,
+        retry_after: Some(std::time::Duration::from_secs(1)),
+    }
+}
+
 /// An error answered as `application/problem+json` with the status of its code, from
 /// [`Error::to_problem`] (and `Retry-After` when the error carries one).
 #[derive(Debug)]
 pub struct ApiError(pub Error);
 
 impl ApiError {
+    /// 503 `retryable` with `Retry-After: 1`: the fleet cannot do it now but may soon (no
+    /// node has room, a node or the store is away); `message` says what is missing.
+    pub fn retry_later(message: impl Into<String>) -> ApiError {
+        ApiError(retry_later(message.into()))
+    }
+
     /// A body that is not JSON (400).
     pub fn malformed(detail: impl std::fmt::Display) -> ApiError {
         ApiError(Error::InvalidConfig {

@@ -10,6 +10,9 @@
 //! a deleted machine is refused as soon as the store says so (a read that finds nothing also
 //! forgets what was kept). Mutations (create, delete, lifecycle records) still need the store
 //! and are 503 `retryable` without it.
+//!
+//! A route is answered first from `cache.rs` (what the store's notifications say still
+//! holds), which is empty whenever the store is not heard.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -97,6 +100,10 @@ impl LastKnown {
         tenant: &str,
         id: &str,
     ) -> Result<Option<Route>, FleetError> {
+        if let Some((row, node)) = fleet.cache().route(tenant, id) {
+            return Ok(Some((row, Some(node))));
+        }
+        let epoch = fleet.cache().epoch();
         let read = async {
             let Some(row) = fleet.db().machine(tenant, id).await? else {
                 return Ok(None);
@@ -111,6 +118,9 @@ impl LastKnown {
         let k = (tenant.to_owned(), id.to_owned());
         match read.await {
             Ok(Some(route)) => {
+                if let (row, Some(node)) = &route {
+                    fleet.cache().keep_route(epoch, tenant, id, row, node);
+                }
                 keep(&mut lock(&self.routes), k, route.clone());
                 Ok(Some(route))
             }

@@ -9,6 +9,7 @@
 //! * [`testing::spawn`] starts a server on `127.0.0.1:0` for tests (ours and other crates').
 
 mod branch;
+pub mod cache;
 mod checkpoint;
 mod db;
 mod error;

@@ -134,14 +134,31 @@ impl Metrics {
 
     /// The text exposition, with `machines` counted by state.
     /// `node_connections`: how many connections this control replica opened to nodes' APIs
-    /// (none: it reaches no nodes).
+    /// (none: it reaches no nodes); `cache`: what its route cache did.
     pub fn render(
         &self,
         machines: &BTreeMap<&'static str, u64>,
         node_connections: Option<u64>,
+        cache: crate::cache::CacheStats,
     ) -> String {
         let mut out = String::new();
         let w = &mut out;
+        w.push_str("# HELP smolfleet_route_cache_live Whether machines' routes are kept (1: the store's changes are heard).\n");
+        w.push_str("# TYPE smolfleet_route_cache_live gauge\n");
+        put!(w, "smolfleet_route_cache_live {}", u8::from(cache.live));
+        w.push_str("# HELP smolfleet_route_cache_hits_total Machines' routes answered without reading the store.\n");
+        w.push_str("# TYPE smolfleet_route_cache_hits_total counter\n");
+        put!(w, "smolfleet_route_cache_hits_total {}", cache.hits);
+        w.push_str("# HELP smolfleet_route_cache_misses_total Machines' routes read from the store while the cache was live.\n");
+        w.push_str("# TYPE smolfleet_route_cache_misses_total counter\n");
+        put!(w, "smolfleet_route_cache_misses_total {}", cache.misses);
+        w.push_str("# HELP smolfleet_route_cache_notifications_total Changes of routes the store notified.\n");
+        w.push_str("# TYPE smolfleet_route_cache_notifications_total counter\n");
+        put!(
+            w,
+            "smolfleet_route_cache_notifications_total {}",
+            cache.notifications
+        );
         if let Some(n) = node_connections {
             w.push_str(
                 "# HELP smolfleet_node_connections_total Connections this replica opened to nodes' APIs (each is kept for later requests).\n",
@@ -254,7 +271,11 @@ pub async fn metrics(State(fleet): State<Fleet>) -> Result<Response, ApiError> {
     }
     let mut resp = fleet
         .metrics()
-        .render(&by_state, fleet.remote().map(|r| r.connections_opened()))
+        .render(
+            &by_state,
+            fleet.remote().map(|r| r.connections_opened()),
+            fleet.cache().stats(),
+        )
         .into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -32,8 +32,6 @@ use crate::nodedoor::{Heartbeat, JoinRequest, Joined, RenewRequest, Renewed, Ren
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most a control plane's answer may hold.
 const ANSWER_LIMIT: usize = 1 << 20;
-/// How the error of a node whose certificate expired begins (the node then stops).
-const EXPIRED: &str = "the node certificate expired";
 
 fn node_error(message: impl Into<String>) -> FleetError {
     FleetError::Node {
@@ -324,13 +322,10 @@ pub async fn renew_if_due(
     let current = read(&cfg.home.join("node.crt"))?;
     let (_, expires) = fleetca::cert_validity(&current)?;
     if now > expires {
-        return Err(node_error(format!(
-            "{EXPIRED} {}s ago (the node was away longer than its \
-             validity): remove node.json, node.key and node.crt from {} and join again with \
-             a new token (`smolfleet node join-token`)",
-            now - expires,
-            cfg.home.display()
-        )));
+        return Err(FleetError::NodeCertExpired {
+            ago_secs: now - expires,
+            home: cfg.home.clone(),
+        });
     }
     if !fleetca::renewal_due(&current, now)? {
         return Ok(None);
@@ -509,7 +504,7 @@ pub async fn run(
             }
             Ok(None) => {}
             // past its expiry no replica will take it: the node stops, saying what to do
-            Err(e) if e.to_string().contains(EXPIRED) => return Err(e),
+            Err(e @ FleetError::NodeCertExpired { .. }) => return Err(e),
             Err(e) => tracing::warn!(error = %e, "cannot renew the node certificate; trying again"),
         }
         // the machines this node's fleet holds, for the control plane to reconcile

@@ -59,6 +59,7 @@ SELECT n.id, n.api_url,
             WHEN n.lost_at >= {now_ms} THEN 'suspect'
             ELSE 'lost' END,
        n.lease_until,
+       n.lease_until - {now_ms},
        CASE WHEN EXISTS (SELECT 1 FROM tombstones t WHERE t.machine_id = p.machine_id)
             THEN 1 ELSE 0 END
   FROM placements p JOIN nodes n ON n.id = p.node_id
@@ -82,6 +83,8 @@ pub struct NodeAt {
     pub liveness: String,
     /// When its lease ends, Unix ms by the database's clock.
     pub lease_until: Option<i64>,
+    /// How long until then, ms, as the database's clock read it (negative: past).
+    pub lease_left_ms: Option<i64>,
     /// The machine is deleted, its node's delete waiting for the node (a tombstone).
     pub deleting: bool,
 }
@@ -101,7 +104,8 @@ pub fn machine_node(c: &Connection, machine_id: &str) -> Result<Option<NodeAt>, 
             api_url: r.get(1)?,
             liveness: r.get(2)?,
             lease_until: r.get(3)?,
-            deleting: r.get::<_, i64>(4)? != 0,
+            lease_left_ms: r.get(4)?,
+            deleting: r.get::<_, i64>(5)? != 0,
         })
     })
     .optional()
@@ -191,14 +195,10 @@ impl Remote {
 
 /// 503 `retryable`: node `node` cannot serve the machine now.
 pub(crate) fn unavailable(node: &NodeAt, why: impl std::fmt::Display) -> ApiError {
-    ApiError(Error::Coded {
-        code: ErrorCode::SmolvmError,
-        status: 503,
-        message: format!("the machine's node {} is unavailable: {why}", node.id),
-        problem_code: None,
-        retryable: true,
-        retry_after: Some(Duration::from_secs(1)),
-    })
+    ApiError::retry_later(format!(
+        "the machine's node {} is unavailable: {why}",
+        node.id
+    ))
 }
 
 /// Why a machine on `node` is not ready, when it is the node's doing.
@@ -465,13 +465,29 @@ pub(crate) async fn create_on_node(
         Err(e) => e.into_response(),
     };
     tracing::warn!(machine = %row.id, status = %failed.status(), "create on the node failed; releasing the name and the reservation");
-    if let Err(e) = fleet.db().finish_operation(operation, "failed").await {
-        tracing::error!(machine = %row.id, error = %e, "cannot fail the create operation");
-    }
-    if let Err(e) = fleet.db().delete_machine(&row.id).await {
-        tracing::error!(machine = %row.id, error = %e, "cannot remove the failed machine's record");
-    }
+    release_unmade(fleet, std::slice::from_ref(row), &[operation.to_owned()]).await;
     Err(failed)
+}
+
+/// Finishes `operations` in `state` (logged when the store refuses).
+pub(crate) async fn finish_operations(fleet: &Fleet, operations: &[String], state: &str) {
+    for op in operations {
+        if let Err(e) = fleet.db().finish_operation(op, state).await {
+            tracing::error!(operation = %op, state, error = %e, "cannot finish an operation");
+        }
+    }
+}
+
+/// Fails `operations` and removes the records (and so the reservations) of `rows`, which
+/// their node did not make: a create, clones or a restore that failed there (logged: the
+/// caller answers the failure that got here).
+pub(crate) async fn release_unmade(fleet: &Fleet, rows: &[MachineRow], operations: &[String]) {
+    finish_operations(fleet, operations, "failed").await;
+    for r in rows {
+        if let Err(e) = fleet.db().delete_machine(&r.id).await {
+            tracing::error!(machine = %r.id, error = %e, "cannot remove the record of a machine its node did not make");
+        }
+    }
 }
 
 /// The routes of one machine that a node serves as they are (branches make machines the

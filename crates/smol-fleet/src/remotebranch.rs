@@ -129,7 +129,7 @@ async fn branch_inner(
             Ok(Placed::NoCheckpoint) => internal("a branch was reserved as a restore"),
             Err(e) => e.into(),
         };
-        settle(fleet, &rows[..operations.len()], &operations, "failed").await;
+        crate::remote::release_unmade(fleet, &rows[..operations.len()], &operations).await;
         return Err(refused);
     }
     let path = format!("/v1/machines/{}/{tail}", source.id);
@@ -141,16 +141,16 @@ async fn branch_inner(
     match answer {
         Ok(resp) if resp.status() == StatusCode::CREATED => {
             drain(resp, &source.id).await;
-            settle_operations(fleet, &operations, "done").await;
+            crate::remote::finish_operations(fleet, &operations, "done").await;
         }
         Ok(resp) => {
             tracing::warn!(source = %source.id, node = %node.id, status = %resp.status(), "the node refused the branch; releasing the clones' names and reservations");
-            settle(fleet, &rows, &operations, "failed").await;
+            crate::remote::release_unmade(fleet, &rows, &operations).await;
             return Ok(resp);
         }
         Err(e) => {
             tracing::warn!(source = %source.id, node = %node.id, error = %e.0, "branch on the node failed; releasing the clones' names and reservations");
-            settle(fleet, &rows, &operations, "failed").await;
+            crate::remote::release_unmade(fleet, &rows, &operations).await;
             return Err(e);
         }
     }
@@ -175,18 +175,11 @@ async fn branch_inner(
 
 /// 503 `retryable`: the source's node takes no new machine now.
 fn no_room(node: &NodeAt, need: Need, n: usize) -> ApiError {
-    ApiError(Error::Coded {
-        code: ErrorCode::SmolvmError,
-        status: 503,
-        message: format!(
-            "the source's node {} cannot take {n} clone(s) of {} MiB and {} vCPUs now \
-             (it is full, cordoned or not live); a clone runs on its source's node",
-            node.id, need.memory_mib, need.cpus
-        ),
-        problem_code: None,
-        retryable: true,
-        retry_after: Some(std::time::Duration::from_secs(1)),
-    })
+    ApiError::retry_later(format!(
+        "the source's node {} cannot take {n} clone(s) of {} MiB and {} vCPUs now \
+         (it is full, cordoned or not live); a clone runs on its source's node",
+        node.id, need.memory_mib, need.cpus
+    ))
 }
 
 /// The request's body, at most [`JSON_LIMIT`] (413 beyond).
@@ -215,25 +208,5 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 async fn drain(resp: Response, source: &str) {
     if let Err(e) = axum::body::to_bytes(resp.into_body(), 1 << 20).await {
         tracing::debug!(%source, error = %e, "the node's answer to a branch broke off");
-    }
-}
-
-/// Marks `operations` `state`.
-async fn settle_operations(fleet: &Fleet, operations: &[String], state: &str) {
-    for op in operations {
-        if let Err(e) = fleet.db().finish_operation(op, state).await {
-            tracing::error!(operation = %op, error = %e, "cannot settle a branch operation");
-        }
-    }
-}
-
-/// Fails `operations` and removes the records (and reservations) of `rows`, which were not
-/// made (logged: the caller answers the failure that got here).
-async fn settle(fleet: &Fleet, rows: &[MachineRow], operations: &[String], state: &str) {
-    settle_operations(fleet, operations, state).await;
-    for r in rows {
-        if let Err(e) = fleet.db().delete_machine(&r.id).await {
-            tracing::error!(machine = %r.id, error = %e, "cannot remove a clone's record");
-        }
     }
 }

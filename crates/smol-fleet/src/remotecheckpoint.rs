@@ -35,7 +35,7 @@ SELECT id, api_url,
        CASE WHEN lease_until IS NULL OR lease_until >= {now_ms} THEN 'live'
             WHEN lost_at >= {now_ms} THEN 'suspect'
             ELSE 'lost' END,
-       lease_until
+       lease_until, lease_until - {now_ms}
   FROM nodes WHERE id = ?1";
 
 /// The header a replica names the checkpoint it asks a node for with.
@@ -52,6 +52,7 @@ pub fn node_at(c: &Connection, id: &str) -> Result<Option<NodeAt>, FleetError> {
             api_url: r.get(1)?,
             liveness: r.get(2)?,
             lease_until: r.get(3)?,
+            lease_left_ms: r.get(4)?,
             deleting: false,
         })
     })
@@ -208,19 +209,12 @@ pub(crate) async fn restore(
             }))
         }
         Placed::NoCapacity => {
-            return Err(ApiError(Error::Coded {
-                code: ErrorCode::SmolvmError,
-                status: 503,
-                message: format!(
-                    "checkpoint {}'s node {} cannot take a machine of {} MiB and {} vCPUs now \
-                     (it is full, cordoned or not live); a checkpoint is restored on the node \
-                     that holds it",
-                    k.id, node.id, need.memory_mib, need.cpus
-                ),
-                problem_code: None,
-                retryable: true,
-                retry_after: Some(std::time::Duration::from_secs(1)),
-            }))
+            return Err(ApiError::retry_later(format!(
+                "checkpoint {}'s node {} cannot take a machine of {} MiB and {} vCPUs now \
+                 (it is full, cordoned or not live); a checkpoint is restored on the node \
+                 that holds it",
+                k.id, node.id, need.memory_mib, need.cpus
+            )))
         }
     };
     tracing::info!(checkpoint = %k.id, machine = %row.id, node = %node.id, "restoring a checkpoint on its node");
@@ -242,12 +236,7 @@ pub(crate) async fn restore(
     };
     if let Some(resp) = failed {
         tracing::warn!(checkpoint = %k.id, machine = %row.id, status = %resp.status(), "restore on the node failed; releasing the name and the reservation");
-        if let Err(e) = fleet.db().finish_operation(&operation, "failed").await {
-            tracing::error!(operation = %operation, error = %e, "cannot fail a restore operation");
-        }
-        if let Err(e) = fleet.db().delete_machine(&row.id).await {
-            tracing::error!(machine = %row.id, error = %e, "cannot remove a failed restore's record");
-        }
+        crate::remote::release_unmade(fleet, std::slice::from_ref(&row), &[operation]).await;
         return Ok(resp);
     }
     if let Err(e) = fleet.db().finish_operation(&operation, "done").await {

@@ -324,23 +324,16 @@ pub async fn create_machine(
                     )))
                 }
                 crate::placement::Placed::NoCapacity => {
-                    return Err(ApiError(Error::Coded {
-                        code: smolmachines::ErrorCode::SmolvmError,
-                        status: 503,
-                        message: format!(
-                            "no ready node{} has room for {} MiB and {} vCPUs",
-                            if wants.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" labelled {}", crate::labels::show(&wants))
-                            },
-                            need.memory_mib,
-                            need.cpus
-                        ),
-                        problem_code: None,
-                        retryable: true,
-                        retry_after: Some(Duration::from_secs(1)),
-                    }))
+                    return Err(ApiError::retry_later(format!(
+                        "no ready node{} has room for {} MiB and {} vCPUs",
+                        if wants.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" labelled {}", crate::labels::show(&wants))
+                        },
+                        need.memory_mib,
+                        need.cpus
+                    )))
                 }
             }
         }

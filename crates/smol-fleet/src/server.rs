@@ -59,6 +59,8 @@ struct Inner {
     on_node: std::sync::atomic::AtomicBool,
     /// The store's last answers, for while it is down (`lastknown.rs`).
     last_known: crate::lastknown::LastKnown,
+    /// Keys and routes kept while the store says they hold (`cache.rs`).
+    cache: Arc<crate::cache::Cache>,
 }
 
 fn make_home(home: &Path) -> Result<(), FleetError> {
@@ -97,6 +99,8 @@ impl Fleet {
             );
         }
         let engine = LocalBackend::open_home(home.join("engine"));
+        let cache = Arc::new(crate::cache::Cache::default());
+        db.watch_changes(cache.clone());
         (
             Fleet {
                 inner: Arc::new(Inner {
@@ -113,6 +117,7 @@ impl Fleet {
                     remote: Default::default(),
                     on_node: Default::default(),
                     last_known: Default::default(),
+                    cache,
                 }),
             },
             bootstrap,
@@ -127,6 +132,11 @@ impl Fleet {
     /// The store's last answers (`lastknown.rs`).
     pub(crate) fn last_known(&self) -> &crate::lastknown::LastKnown {
         &self.inner.last_known
+    }
+
+    /// Keys and routes kept while the store says they hold (`cache.rs`).
+    pub(crate) fn cache(&self) -> &crate::cache::Cache {
+        &self.inner.cache
     }
 
     /// The database.

@@ -34,6 +34,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `sqlite` or `postgres`.
     fn kind(&self) -> &'static str;
 
+    /// Tells `cache` of every change that makes a kept route wrong, for as long as the
+    /// runtime runs (`cache.rs`; PostgreSQL: `LISTEN`). A store that cannot leaves the cache
+    /// never live: everything is read from it.
+    fn watch_changes(&self, cache: std::sync::Arc<crate::cache::Cache>) {
+        let _ = cache;
+    }
+
     /// On a store without tenants: creates tenant `name` and a key of `scopes` for it (one
     /// transaction, once however many servers start together) and returns the key.
     fn bootstrap<'a>(&'a self, name: &'a str, scopes: &'a str) -> StoreFuture<'a, Option<String>>;

@@ -45,6 +45,7 @@ async fn branches_of_a_machine_on_a_node_stay_on_its_node() {
         .prefix("sfb")
         .tempdir_in("/tmp")
         .unwrap();
+    let _reaper = support::procs::QemuReaper(dir.path().to_path_buf());
     let p = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
     let ctl = p("c");
     admin(&["init", "--db", &url, "--home", &p("c")]).await;

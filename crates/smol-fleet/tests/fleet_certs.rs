@@ -13,7 +13,7 @@ use smol_fleet::nodeagent::{self, Beat, Membership, NodeConfig};
 use smol_fleet::testing::pg;
 use smol_fleet::{fleetca, store};
 use support::await_node_state as await_state;
-use support::procs::{admin, node_line, spawn};
+use support::procs::{admin, admin_fails, node_line, spawn};
 
 fn fingerprint_of(path: &std::path::Path) -> String {
     let pem = std::fs::read_to_string(path).unwrap();
@@ -193,6 +193,33 @@ async fn node_certificates_expire_and_are_renewed_in_place() {
     // an expired certificate is refused at the handshake
     let late = nodeagent::heartbeat(&old, &m, 0, &cfg, None, None).await;
     assert!(late.is_err(), "an expired certificate was taken: {late:?}");
-    drop(node);
+
+    // a node away for longer than its certificate's life stops at its start, saying how to
+    // join again (a typed error, `FleetError::NodeCertExpired`)
+    node.child.kill().await.unwrap();
+    let (_, last) = fleetca::cert_validity(&std::fs::read_to_string(&crt).unwrap()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    if now <= last {
+        tokio::time::sleep(Duration::from_secs((last - now + 1) as u64)).await;
+    }
+    let said = admin_fails(&[
+        "node",
+        "--control",
+        &door,
+        "--home",
+        &p("n"),
+        "--listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    assert!(
+        said.contains("the node certificate expired") && said.contains("join again"),
+        "{said}"
+    );
     drop(control);
 }

@@ -218,6 +218,7 @@ async fn three_hosts_two_replicas_spread_route_and_survive_a_partition() {
         .prefix("sfh")
         .tempdir_in("/tmp")
         .unwrap();
+    let _reaper = support::procs::QemuReaper(dir.path().to_path_buf());
     let p = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
     admin(&["init", "--db", &url, "--home", &p("c0")]).await;
 

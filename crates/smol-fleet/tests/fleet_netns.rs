@@ -187,6 +187,7 @@ async fn a_node_in_its_own_namespace_joins_and_a_partition_makes_it_suspect_lost
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = support::procs::QemuReaper(dir.path().to_path_buf());
     let p = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
     let ctl = p("control");
     admin(&["init", "--db", &url, "--home", &ctl]).await;

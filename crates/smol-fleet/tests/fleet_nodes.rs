@@ -470,6 +470,7 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
         .prefix("sfr")
         .tempdir_in("/tmp")
         .unwrap();
+    let _reaper = support::procs::QemuReaper(dir.path().to_path_buf());
     let p = |s: &str| dir.path().join(s).to_string_lossy().into_owned();
     admin(&["init", "--db", &url, "--home", &p("c")]).await;
     let token = admin(&["node", "join-token", "--db", &url, "--home", &p("c")]).await;
@@ -725,22 +726,30 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     support::json_ok(one_exec(&oid).await.unwrap(), reqwest::StatusCode::OK).await;
     let local_first_exec = t0.elapsed();
     // exec over the replica hop vs on one host: medians of 15, interleaved
-    let opened = || async {
-        let text = c
-            .get(format!("{api}/metrics"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("smolfleet_node_connections_total "))
-            .unwrap_or_else(|| panic!("no smolfleet_node_connections_total in {text}"))
-            .parse::<u64>()
-            .unwrap()
+    let metric = |name: &'static str| {
+        let c = c.clone();
+        let (api, key) = (api.clone(), key.clone());
+        async move {
+            let text = c
+                .get(format!("{api}/metrics"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .parse::<u64>()
+                .unwrap()
+        }
     };
+    let opened = || metric("smolfleet_node_connections_total");
+    // the replica's route cache is live over PostgreSQL (`cache.rs`)
+    assert_eq!(metric("smolfleet_route_cache_live").await, 1);
+    let hits_before = metric("smolfleet_route_cache_hits_total").await;
     let opened_before = opened().await;
     let (mut hop, mut direct) = (Vec::new(), Vec::new());
     for _ in 0..15 {
@@ -764,6 +773,9 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
         opened_during <= 3,
         "{opened_during} connections to the node opened for 15 execs"
     );
+    // each exec's route answered from it
+    let hits = metric("smolfleet_route_cache_hits_total").await - hits_before;
+    assert!(hits >= 14, "{hits} route cache hits for 15 execs");
     hop.sort();
     direct.sort();
     eprintln!("node connections opened for 15 execs through the replica: {opened_during}");

@@ -23,6 +23,7 @@ use crate::nodes::{Beat, Joining, Lease, NodeStatus, Removed};
 use crate::placement::{self, Need, NodeRow, OperationRow, Placed};
 
 mod nodes;
+mod notify;
 
 /// Connections a server keeps.
 const POOL: usize = 4;
@@ -200,6 +201,7 @@ impl PgStore {
                 .await
                 .map_err(|e| error(what, e))?;
         }
+        notify::make_triggers(&tx).await?;
         tx.commit().await.map_err(|e| error(what, e))
     }
 }
@@ -361,6 +363,10 @@ macro_rules! op {
 impl Store for PgStore {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn watch_changes(&self, cache: std::sync::Arc<crate::cache::Cache>) {
+        self.listen(cache);
     }
 
     fn bootstrap<'a>(&'a self, name: &'a str, scopes: &'a str) -> StoreFuture<'a, Option<String>> {
@@ -954,7 +960,8 @@ impl Store for PgStore {
                 api_url: r.get(1),
                 liveness: r.get(2),
                 lease_until: r.get(3),
-                deleting: r.get::<_, i32>(4) != 0,
+                lease_left_ms: r.get(4),
+                deleting: r.get::<_, i32>(5) != 0,
             }))
         })
     }

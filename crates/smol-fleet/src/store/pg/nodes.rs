@@ -174,6 +174,7 @@ impl PgStore {
             api_url: r.get(1),
             liveness: r.get(2),
             lease_until: r.get(3),
+            lease_left_ms: r.get(4),
             deleting: false,
         }))
     }
