@@ -6,6 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 
 use crate::quiet;
 
+/// Set by [`setup`] (PID 1 of a guest): only then may [`power_off`] reboot.
+static IN_GUEST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Settings read from the kernel command line (`smol.*` words).
 #[derive(Debug, Default)]
 pub struct Config {
@@ -301,6 +304,7 @@ pub const TMPFS: [(&str, &str, u32); 3] = [
 
 /// Prepares the guest system. Called once, by PID 1.
 pub fn setup() -> Config {
+    IN_GUEST.store(true, std::sync::atomic::Ordering::Relaxed);
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
     attach_console();
@@ -389,7 +393,16 @@ pub fn setup() -> Config {
 
 /// Flushes file systems and ends the VM. With ACPI (cloud kernel) that is a power-off; without
 /// it (smol's kernel, `acpi=off reboot=t`) a reboot, which QEMU's `-no-reboot` turns into an exit.
+///
+/// Only a guest's agent (PID 1 set the guest up, [`setup`]; the serving child forked from it
+/// inherits that) ever reboots: an agent run as a host process (`smol-agent serve|connect`,
+/// tests) that is asked to shut down exits instead, so a test can never power off the host it
+/// runs on.
 pub fn power_off() -> ! {
+    if !IN_GUEST.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("smol-agent: not a guest's init: exiting instead of powering off");
+        std::process::exit(0);
+    }
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     let cmd = if std::path::Path::new("/sys/firmware/acpi").exists() {

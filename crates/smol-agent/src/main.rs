@@ -3,7 +3,9 @@
 //! Runs as PID 1 of the guest (`/init` in the initramfs). PID 1 prepares the system ([`init`]),
 //! then forks: the child serves the host protocol ([`serve`]); PID 1 stays behind to reap every
 //! orphaned process and restarts the agent if it ever dies. Run outside a VM, `smol-agent serve
-//! <path>` serves the protocol on a unix socket, which the unit tests use.
+//! <path>` serves the protocol on a unix socket, which the unit tests use, and `smol-agent
+//! connect <path>` serves a host listening there (the fleet tests' fake VMM). Outside a VM a
+//! shutdown request ends the agent's process, never the host (`init::power_off`).
 
 mod cgroup;
 mod container;
@@ -31,7 +33,13 @@ fn main() {
             serve::serve_unix(&args[2]);
             return;
         }
-        eprintln!("usage: smol-agent serve <unix socket path> (as PID 1 it serves virtio-serial)");
+        if args.len() == 3 && args[1] == "connect" {
+            serve::connect_unix(&args[2]);
+            return;
+        }
+        eprintln!(
+            "usage: smol-agent serve|connect <unix socket path> (as PID 1 it serves virtio-serial)"
+        );
         std::process::exit(2);
     }
     tune_malloc();

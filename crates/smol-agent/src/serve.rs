@@ -137,6 +137,26 @@ pub fn serve_unix(path: &str) {
     });
 }
 
+/// Connects to the host's unix socket at `path` and serves it, one session per connection,
+/// connecting again (every 100 ms) when the host goes away, as QEMU's `reconnect=1` chardev
+/// does: the agent of the tests' fake VMM (`crates/smol-fleet/tests/support/fakevmm.py`),
+/// which runs the agent as a host process in place of a guest.
+pub fn connect_unix(path: &str) {
+    let rt = runtime();
+    rt.block_on(async move {
+        loop {
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(sock) => {
+                    let (r, w) = sock.into_split();
+                    // a hello read on a connection that ended answers nobody on the next one
+                    let _ = session(r, w, None).await;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+}
+
 /// Runs one session until the host goes away (or a new host says hello: its hello is
 /// returned, for the next session). Operations still running are cancelled.
 ///

@@ -135,3 +135,42 @@ pub fn sh(program: &str, args: &[&str]) -> bool {
         }
     }
 }
+
+/// The pids of the VMMs (QEMU or the fake VMM, `support/fakevmm.py`) whose command line names
+/// `dir`.
+pub fn vmms_in(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if !pid.chars().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd);
+            ((cmd.contains("qemu") || cmd.contains("fakevmm.py")) && cmd.contains(&needle))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// Kills, when dropped, every VMM whose command line names its directory ([`vmms_in`]): a test
+/// that fails kills its `smolfleet node` processes (`kill_on_drop`), whose VMs outlive them by
+/// design; this keeps them from outliving the test. Declare it after the directory (dropped
+/// before).
+pub struct QemuReaper(pub std::path::PathBuf);
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        for pid in vmms_in(&self.0) {
+            eprintln!("killing VMM {pid} left under {}", self.0.display());
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid])
+                .status();
+        }
+    }
+}
