@@ -219,6 +219,7 @@ mod tests {
             lease_until: left,
             lease_left_ms: left,
             deleting: false,
+            placement: None,
         }
     }
 

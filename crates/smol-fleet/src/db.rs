@@ -13,7 +13,7 @@ use crate::error::FleetError;
 use crate::keys;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 9;
+pub(crate) const SCHEMA_VERSION: i64 = 10;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -88,6 +88,7 @@ pub(crate) const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     crate::remote::SCHEMA_V7,
     crate::labels::SCHEMA_V8,
     crate::remotecheckpoint::SCHEMA_V9,
+    crate::epochs::SCHEMA_V10,
 ];
 
 /// A tenant's key as listed (never the key itself).
@@ -500,6 +501,8 @@ pub fn delete_machine(c: &Connection, id: &str) -> Result<(), FleetError> {
         .map_err(|e| FleetError::db("remove a machine", e))?;
     tx.execute("DELETE FROM tombstones WHERE machine_id = ?1", [id])
         .map_err(|e| FleetError::db("remove a machine's tombstone", e))?;
+    tx.execute(crate::epochs::FORGET, [id])
+        .map_err(|e| FleetError::db("remove a machine's placement epoch", e))?;
     tx.commit()
         .map_err(|e| FleetError::db("commit a machine removal", e))?;
     Ok(())

@@ -12,6 +12,7 @@ mod branch;
 pub mod cache;
 mod checkpoint;
 mod db;
+pub mod epochs;
 mod error;
 pub mod fleetca;
 mod http;

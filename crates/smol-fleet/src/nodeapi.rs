@@ -15,13 +15,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::net::TcpListener;
 
-use crate::error::FleetError;
+use crate::epochs::{self, Epochs, PlacementEpoch, Verdict};
+use crate::error::{ApiError, FleetError};
 use crate::fleetca;
 use crate::server::Fleet;
 use crate::tls::TlsListener;
@@ -49,6 +50,8 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
 #[derive(Clone)]
 struct Admit {
     bearer: HeaderValue,
+    fleet: Fleet,
+    epochs: std::sync::Arc<Epochs>,
 }
 
 async fn admit(
@@ -65,9 +68,47 @@ async fn admit(
         )
             .into_response();
     }
+    let placement = match req.headers().get(epochs::HEADER) {
+        None => None,
+        Some(v) => match PlacementEpoch::parse(v) {
+            Some(p) => Some(p),
+            None => {
+                return ApiError(smolmachines::Error::InvalidConfig {
+                    message: format!("{}: not `MACHINE-ID EPOCH`", epochs::HEADER),
+                })
+                .into_response()
+            }
+        },
+    };
+    if let Some(p) = &placement {
+        match admit.epochs.check(admit.fleet.db(), p).await {
+            Ok(Verdict::Current) => {}
+            Ok(Verdict::Stale { held }) => {
+                tracing::warn!(machine = %p.machine_id, epoch = p.epoch, held, "refused a request of a stale placement epoch");
+                return ApiError::retry_later(format!(
+                    "machine {}: the request carries placement epoch {}, and this node was                      sent epoch {held} since (another replica took the machine's operation                      over); read the machine again and retry",
+                    p.machine_id, p.epoch
+                ))
+                .into_response();
+            }
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    }
+    let delete_of = (req.method() == Method::DELETE)
+        .then(|| req.uri().path().strip_prefix("/v1/machines/"))
+        .flatten()
+        .filter(|id| !id.contains('/'))
+        .map(str::to_owned);
     req.headers_mut()
         .insert(header::AUTHORIZATION, admit.bearer.clone());
-    next.run(req).await
+    let resp = next.run(req).await;
+    if let Some(id) = delete_of {
+        if resp.status().is_success() {
+            // its row went with its record (`db::delete_machine`)
+            admit.epochs.forget(&id);
+        }
+    }
+    resp
 }
 
 /// The admin key of the node's fleet: made at its first start and kept in `api.key`.
@@ -153,7 +194,11 @@ pub async fn start(
     let app = fleet
         .router()
         .layer(axum::middleware::from_fn_with_state(
-            Admit { bearer },
+            Admit {
+                bearer,
+                fleet: fleet.clone(),
+                epochs: Default::default(),
+            },
             admit,
         ))
         .into_make_service_with_connect_info::<ApiPeer>();

@@ -8,8 +8,9 @@
 //! replica's sweep may claim it (one claim wins: `FOR UPDATE SKIP LOCKED` on PostgreSQL) and
 //! asks the machine's node: it has the machine → `done`, the machine is kept; it answers 404 →
 //! `failed`, and the record and its reservation go. A node that cannot answer keeps the
-//! operation for a later sweep (the claim lasts [`CLAIM_LEASE_SECS`]). Should the node make
-//! the machine after all, it is an orphan there and its node deletes it (`reconcile.rs`).
+//! operation for a later sweep (the claim lasts [`CLAIM_LEASE_SECS`]). The claim raises the
+//! machine's placement epoch (`epochs.rs`): the create of the replica that held the operation,
+//! should it reach the node after the sweep's question, carries the old epoch and is refused.
 
 use axum::http::{Method, StatusCode};
 use smolmachines::Error;

@@ -333,6 +333,25 @@ pub fn claim_overdue(
     limit: i64,
     lease: i64,
 ) -> Result<Vec<OperationRow>, FleetError> {
+    let tx = c
+        .unchecked_transaction()
+        .map_err(|e| FleetError::db("begin a claim", e))?;
+    let claimed = claim_rows(&tx, at, limit, lease)?;
+    for op in &claimed {
+        tx.execute(crate::epochs::BUMP, [&op.machine_id])
+            .map_err(|e| FleetError::db("raise a placement epoch", e))?;
+    }
+    tx.commit()
+        .map_err(|e| FleetError::db("commit a claim", e))?;
+    Ok(claimed)
+}
+
+fn claim_rows(
+    c: &Connection,
+    at: i64,
+    limit: i64,
+    lease: i64,
+) -> Result<Vec<OperationRow>, FleetError> {
     let mut st = c
         .prepare(&CLAIM.replace("{lock}", lock(false, true)))
         .map_err(|e| FleetError::db("claim operations", e))?;

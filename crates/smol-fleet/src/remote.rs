@@ -32,6 +32,7 @@ use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
 
 use crate::db::MachineRow;
+use crate::epochs::PlacementEpoch;
 use crate::error::{ApiError, FleetError};
 use crate::server::{Fleet, Tenant};
 
@@ -61,7 +62,8 @@ SELECT n.id, n.api_url,
        n.lease_until,
        n.lease_until - {now_ms},
        CASE WHEN EXISTS (SELECT 1 FROM tombstones t WHERE t.machine_id = p.machine_id)
-            THEN 1 ELSE 0 END
+            THEN 1 ELSE 0 END,
+       p.machine_id, p.epoch
   FROM placements p JOIN nodes n ON n.id = p.node_id
  WHERE p.machine_id = ?1";
 
@@ -87,6 +89,9 @@ pub struct NodeAt {
     pub lease_left_ms: Option<i64>,
     /// The machine is deleted, its node's delete waiting for the node (a tombstone).
     pub deleting: bool,
+    /// The machine's placement, which every request about it names (`epochs.rs`; none: a
+    /// node looked up by id, for no machine of its).
+    pub placement: Option<PlacementEpoch>,
 }
 
 /// Records node `id`'s API (unchanged: nothing written).
@@ -106,6 +111,10 @@ pub fn machine_node(c: &Connection, machine_id: &str) -> Result<Option<NodeAt>, 
             lease_until: r.get(3)?,
             lease_left_ms: r.get(4)?,
             deleting: r.get::<_, i64>(5)? != 0,
+            placement: Some(PlacementEpoch {
+                machine_id: r.get(6)?,
+                epoch: r.get(7)?,
+            }),
         })
     })
     .optional()
@@ -241,6 +250,11 @@ pub(crate) async fn send(
     let headers = req.headers_mut();
     // the node knows the replica by its certificate; the client's key stays here
     headers.remove(header::AUTHORIZATION);
+    // only a replica names a placement, and only the one it read (`epochs.rs`)
+    headers.remove(crate::epochs::HEADER);
+    if let Some(v) = node.placement.as_ref().and_then(PlacementEpoch::header) {
+        headers.insert(crate::epochs::HEADER, v);
+    }
     if let Ok(v) = HeaderValue::from_str(&authority) {
         headers.insert(header::HOST, v);
     }

@@ -54,6 +54,7 @@ pub fn node_at(c: &Connection, id: &str) -> Result<Option<NodeAt>, FleetError> {
             lease_until: r.get(3)?,
             lease_left_ms: r.get(4)?,
             deleting: false,
+            placement: None,
         })
     })
     .optional()

@@ -134,8 +134,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Marks operation `id` `state`; whether it exists.
     fn finish_operation<'a>(&'a self, id: &'a str, state: &'a str) -> StoreFuture<'a, bool>;
     /// Claims up to `limit` operations past their deadline at `at`, each for `lease` more
-    /// seconds; an operation is claimed by one caller however many claim at once.
+    /// seconds; an operation is claimed by one caller however many claim at once. Each
+    /// claimed operation's machine gets a higher placement epoch in the same transaction
+    /// (`epochs.rs`).
     fn claim_overdue(&self, at: i64, limit: i64, lease: i64) -> StoreFuture<'_, Vec<OperationRow>>;
+    /// A node's part of the placement epochs (`epochs.rs`): records that epoch `epoch` of
+    /// machine `machine_id` was sent here; the highest ever sent.
+    fn raise_epoch<'a>(&'a self, machine_id: &'a str, epoch: i64) -> StoreFuture<'a, i64>;
 
     /// Stores the fleet CA unless one is stored; whether it was.
     fn put_ca<'a>(&'a self, cert_pem: &'a str, key_pem: &'a str) -> StoreFuture<'a, bool>;

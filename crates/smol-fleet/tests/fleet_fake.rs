@@ -70,6 +70,7 @@ fn fake_env(vmm: &Path, agent: &Path) -> Vec<(&'static str, PathBuf)> {
 
 /// Two replicas and three fake-VMM nodes over one fresh database.
 struct Fleet {
+    url: String,
     apis: Vec<String>,
     key: String,
     db: Db,
@@ -99,6 +100,8 @@ async fn fleet(dir: &Path, vmm: &Path, agent: &Path, database: &str) -> Fleet {
                 "127.0.0.1:0",
                 "--node-listen",
                 "127.0.0.1:0",
+                "--sweep-interval",
+                "300ms",
             ],
             &dir.join(format!("{home}.err")),
         )
@@ -156,6 +159,7 @@ async fn fleet(dir: &Path, vmm: &Path, agent: &Path, database: &str) -> Fleet {
         procs.push(n);
     }
     Fleet {
+        url,
         apis,
         key,
         db,
@@ -415,4 +419,178 @@ async fn measure_creates_per_second_two_replicas_vs_role_all() {
          (rounds {ours:.1?}) vs --role all {b:.1}/s (rounds {base:.1?}): {:.2}x",
         o / b
     );
+}
+
+/// A node refuses a request whose placement epoch is lower than one it was sent: straight to
+/// the node's API with a control replica's certificate (as a replica that the control plane
+/// has moved on from would send it), and through a replica whose store still says 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_refuses_a_stale_placement_epoch() {
+    if common::vm_assets().is_none() {
+        return;
+    }
+    let Some((vmm, agent)) = fake_vmm() else {
+        return;
+    };
+    let dir = support::home("sfe");
+    let _reaper = support::procs::QemuReaper(dir.path().to_path_buf());
+    let f = fleet(dir.path(), &vmm, &agent, "fleet_fake_epochs").await;
+    let c = support::client();
+    let (status, body) = create(&c, &f.apis[0], &f.key).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let echo = serde_json::json!({"command": ["echo", "hi"]});
+    let through_replica = |header: Option<String>| {
+        let mut r = c
+            .post(format!("{}/v1/machines/{id}/exec", f.apis[1]))
+            .bearer_auth(&f.key)
+            .json(&echo);
+        if let Some(h) = header {
+            r = r.header(smol_fleet::epochs::HEADER, h);
+        }
+        r.send()
+    };
+    let out = support::json_ok(through_replica(None).await.unwrap(), StatusCode::OK).await;
+    assert_eq!(out["stdout"], "hi\n");
+    let at = f.db.machine_node(&id).await.unwrap().expect("placed");
+    assert_eq!(at.placement.as_ref().map(|p| p.epoch), Some(1));
+
+    // the node's API, as a replica reaches it
+    let ca = smol_fleet::nodedoor::load_ca(&f.db).await.unwrap();
+    let tls = (*ca.control_client_config().unwrap()).clone();
+    let url = at.api_url.clone().unwrap();
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let node = reqwest::Client::builder()
+        .no_proxy()
+        .use_preconfigured_tls(tls)
+        .resolve(&at.id, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .build()
+        .unwrap();
+    let direct = |method: reqwest::Method, tail: &str, epoch: Option<&str>| {
+        let mut r = node.request(
+            method,
+            format!("https://{}:{port}/v1/machines/{id}{tail}", at.id),
+        );
+        if tail == "/exec" {
+            r = r.json(&echo);
+        }
+        if let Some(e) = epoch {
+            r = r.header(smol_fleet::epochs::HEADER, format!("{id} {e}"));
+        }
+        r.send()
+    };
+    let post = reqwest::Method::POST;
+    let r = direct(post.clone(), "/exec", Some("1")).await.unwrap();
+    support::json_ok(r, StatusCode::OK).await;
+    for bad in ["0", "x"] {
+        let r = direct(post.clone(), "/exec", Some(bad)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "epoch {bad}");
+    }
+    // the control plane moved on (epoch 5): the node holds it from then on
+    let r = direct(post.clone(), "/exec", Some("5")).await.unwrap();
+    support::json_ok(r, StatusCode::OK).await;
+    let r = direct(post.clone(), "/exec", Some("4")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["retryable"], true, "{body}");
+    let text = body.to_string();
+    assert!(
+        text.contains("placement epoch 4") && text.contains("epoch 5"),
+        "{text}"
+    );
+    // a replica whose store says 1 is refused; a client cannot name an epoch of its own
+    for header in [None, Some(format!("{id} 9"))] {
+        let r = through_replica(header).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(body.to_string().contains("placement epoch 1"), "{body}");
+    }
+    // the machine itself is untouched: the current epoch still reaches it
+    let r = direct(post.clone(), "/exec", Some("5")).await.unwrap();
+    let out = support::json_ok(r, StatusCode::OK).await;
+    assert_eq!(out["stdout"], "hi\n");
+
+    // a replica that stalls between its create's commit and its node call: the sweep of a
+    // replica claims the overdue operation (raising the epoch to 2) and asks the node, which
+    // has no such machine: failed, the record and reservation gone. The stalled create then
+    // reaches the node with epoch 1 and is refused: no machine, no orphan.
+    let tenant =
+        f.db.all_machines()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| r.id == id)
+            .unwrap()
+            .tenant_id;
+    let ghost = support::machine_row("mach-ghost", &tenant);
+    let need = smol_fleet::placement::Need {
+        memory_mib: MIB,
+        cpus: 1,
+    };
+    let placed =
+        f.db.reserve_on(&ghost, need, std::slice::from_ref(&at.id))
+            .await
+            .unwrap();
+    assert!(
+        matches!(placed, smol_fleet::placement::Placed::Placed { .. }),
+        "{placed:?}"
+    );
+    let (sql, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sql.execute(
+        "UPDATE operations SET deadline_at = 0 WHERE machine_id = 'mach-ghost'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.db.machine(&tenant, "mach-ghost").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the overdue create was not finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vmms = vmms_in(&f.nodes.iter().find(|n| n.0 == at.id).unwrap().1).len();
+    let late = node
+        .post(format!("https://{}:{port}/v1/machines", at.id))
+        .header(smol_fleet::epochs::HEADER, "mach-ghost 1")
+        .json(&serde_json::json!({
+            "name": "mach-ghost",
+            "source": {"type": "image", "reference": image()},
+            "resources": {"memoryMb": MIB, "cpus": 1},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let text = late.text().await.unwrap();
+    assert!(
+        text.contains("placement epoch 1") && text.contains("epoch 2"),
+        "{text}"
+    );
+    let r = node
+        .get(format!("https://{}:{port}/v1/machines/mach-ghost", at.id))
+        .header(smol_fleet::epochs::HEADER, "mach-ghost 2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "no machine made");
+    assert_eq!(
+        vmms_in(&f.nodes.iter().find(|n| n.0 == at.id).unwrap().1).len(),
+        vmms
+    );
+
+    // deleted on its node (its epoch goes with it), then through the replica
+    let r = direct(reqwest::Method::DELETE, "", Some("5"))
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let s = delete(&c, &f.apis[0], &f.key, &id).await;
+    assert!(s.is_success() || s == StatusCode::NOT_FOUND, "{s}");
+    let reserved = reservations(&f.db).await;
+    assert!(reserved.values().all(|r| r.0 == 0), "{reserved:?}");
 }

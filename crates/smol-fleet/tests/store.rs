@@ -750,8 +750,22 @@ async fn placement_and_operations(url: String) {
         "not due yet"
     );
     let later = now + smol_fleet::placement::CREATE_DEADLINE_SECS + 1;
+    // a placement's epoch: 1 when made, raised by each claim of its machine's operation
+    let epoch = |id: &'static str| {
+        let db = db.clone();
+        async move {
+            let at = db.machine_node(id).await.unwrap().expect("placed");
+            let p = at.placement.expect("a machine's node names its placement");
+            assert_eq!(p.machine_id, id);
+            p.epoch
+        }
+    };
+    let other = "mach-2";
+    assert_eq!(epoch(other).await, 1, "made");
     let claimed = db.claim_overdue(later, 10, 60).await.unwrap();
     assert_eq!(claimed.len(), 2, "{claimed:?}");
+    assert!(claimed.iter().any(|o| o.machine_id == other), "{claimed:?}");
+    assert_eq!(epoch(other).await, 2, "claimed once");
     assert!(claimed
         .iter()
         .all(|o| o.kind == "create" && o.state == "claimed"));
@@ -768,6 +782,23 @@ async fn placement_and_operations(url: String) {
     let again = db.claim_overdue(later + 61, 10, 60).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_ne!(again[0].id, op1);
+    assert_eq!(epoch(other).await, 3, "claimed twice");
+
+    // a node's epochs: the highest it was sent, kept until the machine's record goes
+    assert_eq!(db.raise_epoch("mach-9", 2).await.unwrap(), 2);
+    assert_eq!(db.raise_epoch("mach-9", 5).await.unwrap(), 5);
+    assert_eq!(
+        db.raise_epoch("mach-9", 3).await.unwrap(),
+        5,
+        "never lowered"
+    );
+    assert_eq!(db.raise_epoch("mach-8", 1).await.unwrap(), 1, "per machine");
+    db.delete_machine("mach-9").await.unwrap();
+    assert_eq!(
+        db.raise_epoch("mach-9", 1).await.unwrap(),
+        1,
+        "gone with it"
+    );
 }
 
 /// Two stores (two servers' connections) x 60 concurrent creates over nodes with 29 places

@@ -599,6 +599,9 @@ impl Store for PgStore {
             tx.execute("DELETE FROM tombstones WHERE machine_id = $1", &[&id])
                 .await
                 .map_err(|e| error(what, e))?;
+            tx.execute(&query(crate::epochs::FORGET, ""), &[&id])
+                .await
+                .map_err(|e| error(what, e))?;
             tx.commit().await.map_err(|e| error(what, e))
         })
     }
@@ -695,14 +698,23 @@ impl Store for PgStore {
 
     fn claim_overdue(&self, at: i64, limit: i64, lease: i64) -> StoreFuture<'_, Vec<OperationRow>> {
         op!(self, "claim operations", {
-            let c = self.conn().await?;
-            let rows = c
+            let what = "claim operations";
+            let mut c = self.conn().await?;
+            let tx = c.transaction().await.map_err(|e| error(what, e))?;
+            let rows = tx
                 .query(
                     &query(placement::CLAIM, placement::lock(true, true)),
                     &[&at, &limit, &lease],
                 )
                 .await
-                .map_err(|e| error("claim operations", e))?;
+                .map_err(|e| error(what, e))?;
+            for r in &rows {
+                let machine: &str = r.get(2);
+                tx.execute(&query(crate::epochs::BUMP, ""), &[&machine])
+                    .await
+                    .map_err(|e| error(what, e))?;
+            }
+            tx.commit().await.map_err(|e| error(what, e))?;
             Ok(rows
                 .iter()
                 .map(|r| OperationRow {
@@ -715,6 +727,17 @@ impl Store for PgStore {
                     deadline_at: r.get(6),
                 })
                 .collect())
+        })
+    }
+
+    fn raise_epoch<'a>(&'a self, machine_id: &'a str, epoch: i64) -> StoreFuture<'a, i64> {
+        op!(self, "record a placement epoch", {
+            let c = self.conn().await?;
+            let row = c
+                .query_one(crate::epochs::RAISE_PG, &[&machine_id, &epoch])
+                .await
+                .map_err(|e| error("record a placement epoch", e))?;
+            Ok(row.get(0))
         })
     }
 
@@ -962,6 +985,10 @@ impl Store for PgStore {
                 lease_until: r.get(3),
                 lease_left_ms: r.get(4),
                 deleting: r.get::<_, i32>(5) != 0,
+                placement: Some(crate::epochs::PlacementEpoch {
+                    machine_id: r.get(6),
+                    epoch: r.get(7),
+                }),
             }))
         })
     }

@@ -218,6 +218,11 @@ impl Store for SqliteStore {
         call!(self, |c| placement::claim_overdue(c, at, limit, lease))
     }
 
+    fn raise_epoch<'a>(&'a self, machine_id: &'a str, epoch: i64) -> StoreFuture<'a, i64> {
+        let id = machine_id.to_owned();
+        call!(self, |c| crate::epochs::raise(c, &id, epoch))
+    }
+
     fn put_ca<'a>(&'a self, cert_pem: &'a str, key_pem: &'a str) -> StoreFuture<'a, bool> {
         let (c_, k) = (cert_pem.to_owned(), key_pem.to_owned());
         call!(self, |c| nodes::put_ca(c, &c_, &k))

@@ -176,6 +176,7 @@ impl PgStore {
             lease_until: r.get(3),
             lease_left_ms: r.get(4),
             deleting: false,
+            placement: None,
         }))
     }
 
