@@ -828,6 +828,37 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     let out = support::json_ok(r, reqwest::StatusCode::OK).await;
     assert_eq!(out["stdout"], "kept\n", "{out}");
 
+    // our Rust SDK (its cloud target) through the replica: the machine runs on the node
+    let sdk = smolmachines::Machine::create(
+        smolmachines::MachineConfig {
+            image: Some(image.clone()),
+            ..Default::default()
+        },
+        support::cloud(&api, &key),
+    )
+    .await
+    .unwrap();
+    let on = db.machine_node(sdk.id()).await.unwrap().expect("placed");
+    assert_eq!(on.id, node_id);
+    let r = sdk
+        .exec(
+            &common::sh("echo sdk"),
+            smolmachines::ExecOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "sdk\n"), "{r:?}");
+    sdk.write_file("/tmp/sdk", b"through the replica", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        sdk.read_file("/tmp/sdk").await.unwrap(),
+        b"through the replica"
+    );
+    let sdk_id = sdk.id().to_string();
+    sdk.delete().await.unwrap();
+    assert!(db.machine_node(&sdk_id).await.unwrap().is_none());
+
     // operations a replica left (it died between its create's commit and the node's answer),
     // overdue: the sweep finishes them. One whose machine the node has is done, the machine
     // kept; one whose machine never reached the node fails, its record and reservation gone.
