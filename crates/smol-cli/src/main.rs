@@ -89,6 +89,17 @@ enum Command {
     },
     /// Show what this host can run: accelerator, kernel, QEMU, and why.
     Doctor,
+    /// The fleet server: `smol fleet ARGS` runs `smolfleet ARGS`.
+    ///
+    /// `smolfleet` is the one beside this binary, else on PATH: `smol fleet serve --role all`,
+    /// `smol fleet init`, `smol fleet node --control URL`, `smol fleet node
+    /// drain|cordon|uncordon ID`; `smol fleet --help` for all of them.
+    #[command(disable_help_flag = true)]
+    Fleet {
+        /// What `smolfleet` is given, as it is.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -425,6 +436,7 @@ async fn run(cli: Cli) -> Result<u8, Error> {
             local_only(cli.cloud, "image")?;
             image::run(command).await
         }
+        Command::Fleet { args } => Ok(fleet(&args)),
         Command::Doctor => {
             local_only(cli.cloud, "doctor")?;
             // the engine `machine` commands use (backend_for: this home, this run dir)
@@ -562,4 +574,23 @@ fn hold_network_in_background(name: &str) {
     if let Err(e) = cmd.spawn() {
         tracing::error!(error = %e, "the machine's network ends with this process: its holder did not start");
     }
+}
+
+/// `smol fleet ARGS`: replaces this process with `smolfleet ARGS` (its exit status, signals and
+/// terminal are then its own); 127 and what to do when there is no `smolfleet`.
+fn fleet(args: &[String]) -> u8 {
+    use std::os::unix::process::CommandExt as _;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.join("smolfleet")))
+        .filter(|p| p.is_file());
+    let program = beside.unwrap_or_else(|| "smolfleet".into());
+    let e = std::process::Command::new(&program).args(args).exec();
+    eprintln!(
+        "error: `smol fleet` runs {}: {e}. Build it (`cargo build --release -p smol-fleet`, \
+         beside target/release/smol) or install the release archive, which has both binaries, \
+         or put smolfleet on PATH",
+        program.display()
+    );
+    127
 }

@@ -636,3 +636,36 @@ fn procs_with(words: &[&str]) -> Vec<u32> {
         })
         .collect()
 }
+
+/// `smol fleet ARGS` is `smolfleet ARGS`: the one beside the `smol` binary, its arguments as
+/// given (flags included), its exit status; none there nor on PATH: 127 and what to build.
+#[test]
+fn fleet_runs_smolfleet_beside_it_with_its_arguments_and_status() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let smol = dir.path().join("smol");
+    std::fs::copy(env!("CARGO_BIN_EXE_smol"), &smol).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(&smol)
+            .args(args)
+            .env("PATH", dir.path().join("empty"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&["fleet", "serve", "--role", "all"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(127), "{err}");
+    assert!(
+        err.contains("smolfleet") && err.contains("cargo build --release -p smol-fleet"),
+        "{err}"
+    );
+    let fake = dir.path().join("smolfleet");
+    std::fs::write(&fake, "#!/bin/sh\necho \"args: $*\"\nexit 7\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run(&["fleet", "--help", "node", "-v", "drain", "node-1"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "args: --help node -v drain node-1\n"
+    );
+}
