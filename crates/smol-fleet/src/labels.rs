@@ -126,6 +126,16 @@ pub fn show(labels: &Labels) -> String {
         .join(",")
 }
 
+/// The live nodes of `nodes` that have not told their labels yet, by id: a node tells them
+/// (`arch` at least) in each heartbeat, so these have joined and not yet sent their first.
+pub fn untold(nodes: &[NodeStatus]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n.labels.is_empty() && n.liveness == "live")
+        .map(|n| n.node.id.clone())
+        .collect()
+}
+
 /// The nodes of `nodes` that carry `wants`, by id; `InvalidConfig` when none does (no node
 /// will ever take the machine until one with those labels joins).
 pub fn candidates(nodes: &[NodeStatus], wants: &Labels) -> Result<Vec<String>, Error> {

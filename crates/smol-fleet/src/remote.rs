@@ -573,6 +573,20 @@ pub(crate) async fn divert(State(fleet): State<Fleet>, req: Request, next: Next)
         Ok(None) => return next.run(req).await,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    if let (true, Some(t)) = (node.deleting, tail.as_deref()) {
+        // deleted while its node was away: nothing but the delete reaches it again, even
+        // once the node is back and before the waiting delete has run there
+        return ApiError(Error::InvalidState {
+            name: row.name.clone(),
+            state: "deleting".into(),
+            op: format!(
+                "{} {t} (its delete waits for node {})",
+                req.method(),
+                node.id
+            ),
+        })
+        .into_response();
+    }
     match tail.as_deref() {
         None => delete(&fleet, &remote, &row, &node, req).await,
         Some(t) if forwarded(t) => {

@@ -302,7 +302,23 @@ pub async fn create_machine(
             None
         } else {
             let nodes = fleet.db().node_status().await?;
-            Some(crate::labels::candidates(&nodes, &wants)?)
+            match crate::labels::candidates(&nodes, &wants) {
+                Ok(ids) => Some(ids),
+                Err(never) => {
+                    // a node that just joined tells its labels in its first heartbeat: until
+                    // then it may be the one asked for, so the answer is "not yet", not "never"
+                    let untold = crate::labels::untold(&nodes);
+                    if untold.is_empty() {
+                        return Err(never.into());
+                    }
+                    return Err(ApiError::retry_later(format!(
+                        "labels: no node has told {} yet, and {} joined without telling its \
+                         labels yet (its first heartbeat does): retry in a moment",
+                        crate::labels::show(&wants),
+                        untold.join(", ")
+                    )));
+                }
+            }
         };
         let mut operation = None;
         for _ in 0..attempts {

@@ -584,6 +584,46 @@ async fn a_node_refuses_a_stale_placement_epoch() {
         vmms
     );
 
+    // a node that has not told its labels (between its join and its first heartbeat) may be
+    // the one a create asks for: 503 retryable naming it, not 400; told again by its next
+    // heartbeat, the same create is 400 (no node has them)
+    sql.execute("UPDATE nodes SET labels = NULL WHERE id = $1", &[&at.id])
+        .await
+        .unwrap();
+    let labelled = || {
+        c.post(format!("{}/v1/machines", f.apis[0]))
+            .bearer_auth(&f.key)
+            .json(&serde_json::json!({
+                "source": {"type": "image", "reference": image()},
+                "resources": {"memoryMb": MIB, "cpus": 1},
+                "labels": {"node.gpu": "h200"},
+            }))
+            .send()
+    };
+    let r = labelled().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["retryable"], true, "{body}");
+    assert!(body.to_string().contains(&at.id), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = labelled().await.unwrap();
+        if r.status() == StatusCode::BAD_REQUEST {
+            let text = r.text().await.unwrap();
+            assert!(
+                text.contains("no node of this fleet has gpu=h200"),
+                "{text}"
+            );
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            Instant::now() < deadline,
+            "the node never told its labels again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // deleted on its node (its epoch goes with it), then through the replica
     let r = direct(reqwest::Method::DELETE, "", Some("5"))
         .await

@@ -1047,6 +1047,14 @@ async fn a_machine_on_a_remote_node_through_a_replica() {
     assert!(v["errorReason"].as_str().unwrap().contains(&node_id), "{v}");
     let v = poll_json(&c, &m(&id, ""), &key, |_| true).await;
     assert_eq!(v["state"], "deleting", "{v}");
+    // nothing but the delete reaches a deleting machine
+    let r = exec("echo deleted").await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CONFLICT);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("deleting") && text.contains(&node_id),
+        "{text}"
+    );
     // its VM is still on the host: the delete waits for the node, not for the host
     assert_eq!(common::qemu_processes_in(&dir.path().join("n")), 1);
     let mut node = start_node(None, "n3.err");

@@ -181,15 +181,18 @@ pub fn key_with(home: &std::path::Path, scopes: &[&str]) -> String {
         .to_string()
 }
 
-/// Polls the store until node `id` shows `state` (within 60 s).
+/// Polls the store until node `id` shows `state` (within 60 s); `ready` also waits for its
+/// first heartbeat to have told its labels (a node is ready from its join on, but a create
+/// that asks for a node label is answered "not yet" until then).
 pub async fn await_node_state(db: &smol_fleet::Db, id: &str, state: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let nodes = db.node_status().await.unwrap();
-        if nodes
-            .iter()
-            .any(|n| n.node.id == id && n.shown_state() == state)
-        {
+        if nodes.iter().any(|n| {
+            n.node.id == id
+                && n.shown_state() == state
+                && (state != "ready" || !n.labels.is_empty())
+        }) {
             return;
         }
         assert!(
