@@ -73,6 +73,8 @@ const DROPPED: &[&str] = &[
     "authorization",
     MACHINE_HEADER,
     PORT_HEADER,
+    // a replica's word to the node (`epochs.rs`), not the app's
+    crate::epochs::HEADER,
 ];
 
 /// Whether the request asks to switch protocols (a WebSocket).
@@ -373,6 +375,7 @@ mod tests {
         h.insert("x-private", "1".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         h.insert(MACHINE_HEADER, "mach-1".parse().unwrap());
+        h.insert(crate::epochs::HEADER, "mach-1 2".parse().unwrap());
         h.insert("content-type", "text/plain".parse().unwrap());
         h.append("x-multi", "a".parse().unwrap());
         h.append("x-multi", "b".parse().unwrap());
