@@ -166,11 +166,15 @@ pub struct QemuReaper(pub std::path::PathBuf);
 
 impl Drop for QemuReaper {
     fn drop(&mut self) {
-        for pid in vmms_in(&self.0) {
-            eprintln!("killing VMM {pid} left under {}", self.0.display());
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &pid])
-                .status();
+        // the node processes were only sent SIGKILL: one may still start a VMM for a moment
+        for _ in 0..5 {
+            for pid in vmms_in(&self.0) {
+                eprintln!("killing VMM {pid} left under {}", self.0.display());
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid])
+                    .status();
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 }
