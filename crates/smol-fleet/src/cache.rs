@@ -196,19 +196,7 @@ mod tests {
     use super::*;
 
     fn row(id: &str) -> MachineRow {
-        MachineRow {
-            id: id.into(),
-            tenant_id: "t".into(),
-            name: format!("{id}-name"),
-            engine_name: format!("e-{id}"),
-            spec: "{}".into(),
-            created_at: 0,
-            auto_stop_seconds: None,
-            ttl_seconds: None,
-            expires_at: None,
-            ephemeral: false,
-            last_activity_at: None,
-        }
+        crate::db::test_row(id, "t", &format!("{id}-name"))
     }
 
     fn node(id: &str, liveness: &str, left: Option<i64>) -> NodeAt {

@@ -690,6 +690,25 @@ pub fn delete_checkpoint(
     Ok(CheckpointDeleted::Deleted)
 }
 
+/// A machine row for unit tests: `id` of `tenant` named `name` (its engine name its id), no
+/// lifetimes, an empty spec.
+#[cfg(test)]
+pub(crate) fn test_row(id: &str, tenant: &str, name: &str) -> MachineRow {
+    MachineRow {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: name.into(),
+        engine_name: id.into(),
+        spec: "{}".into(),
+        created_at: 0,
+        auto_stop_seconds: None,
+        ttl_seconds: None,
+        expires_at: None,
+        ephemeral: false,
+        last_activity_at: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,19 +799,7 @@ mod tests {
         db.call_sync(|c| {
             let a = create_tenant(c, "a")?;
             let b = create_tenant(c, "b")?;
-            let row = |id: &str, t: &str, name: &str| MachineRow {
-                id: id.into(),
-                tenant_id: t.into(),
-                name: name.into(),
-                engine_name: id.into(),
-                spec: "{}".into(),
-                created_at: 0,
-                auto_stop_seconds: None,
-                ttl_seconds: None,
-                expires_at: None,
-                ephemeral: false,
-                last_activity_at: None,
-            };
+            let row = test_row;
             assert!(insert_machine(c, &row("mach-1", &a, "web"))?);
             assert!(!insert_machine(c, &row("mach-2", &a, "web"))?);
             assert!(insert_machine(c, &row("mach-3", &b, "web"))?);
@@ -824,19 +831,7 @@ mod tests {
             created_at: 0,
             node_id: None,
         };
-        let machine = |id: &str, t: &str, name: &str| MachineRow {
-            id: id.into(),
-            tenant_id: t.into(),
-            name: name.into(),
-            engine_name: id.into(),
-            spec: "{}".into(),
-            created_at: 0,
-            auto_stop_seconds: None,
-            ttl_seconds: None,
-            expires_at: None,
-            ephemeral: false,
-            last_activity_at: None,
-        };
+        let machine = test_row;
         db.call_sync(|c| {
             let stored = insert_checkpoint(c, &ckpt)?;
             assert!(stored.created_at > 0);

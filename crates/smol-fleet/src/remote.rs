@@ -63,7 +63,7 @@ SELECT n.id, n.api_url,
        n.lease_until - {now_ms},
        CASE WHEN EXISTS (SELECT 1 FROM tombstones t WHERE t.machine_id = p.machine_id)
             THEN 1 ELSE 0 END,
-       p.machine_id, p.epoch
+       p.epoch
   FROM placements p JOIN nodes n ON n.id = p.node_id
  WHERE p.machine_id = ?1";
 
@@ -112,8 +112,8 @@ pub fn machine_node(c: &Connection, machine_id: &str) -> Result<Option<NodeAt>, 
             lease_left_ms: r.get(4)?,
             deleting: r.get::<_, i64>(5)? != 0,
             placement: Some(PlacementEpoch {
-                machine_id: r.get(6)?,
-                epoch: r.get(7)?,
+                machine_id: machine_id.to_owned(),
+                epoch: r.get(6)?,
             }),
         })
     })

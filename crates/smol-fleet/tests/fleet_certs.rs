@@ -21,6 +21,22 @@ fn fingerprint_of(path: &std::path::Path) -> String {
 }
 
 /// Waits (bounded) until `path` holds a certificate other than `was`; its fingerprint.
+/// Now, Unix seconds.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Sleeps until Unix second `at` has passed.
+async fn sleep_past(at: i64) {
+    let now = unix_now();
+    if now <= at {
+        tokio::time::sleep(Duration::from_secs((at - now + 1) as u64)).await;
+    }
+}
+
 async fn renewed_from(path: &std::path::Path, was: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -157,12 +173,8 @@ async fn node_certificates_expire_and_are_renewed_in_place() {
         Ok((_, Beat::Renewed(r))) => panic!("the renewed certificate still renews: {r:?}"),
         // the old one expired already on a slow host: refused at the handshake
         Err(e) => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs() as i64;
             assert!(
-                now >= expires,
+                unix_now() >= expires,
                 "refused before it expired, and not by the store: {e}"
             );
         }
@@ -178,13 +190,7 @@ async fn node_certificates_expire_and_are_renewed_in_place() {
     // again and again: past the first one's expiry the node is ready, renewing its lease
     let third = renewed_from(&crt, &second).await;
     assert_ne!(third, first);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    if now <= expires {
-        tokio::time::sleep(Duration::from_secs((expires - now + 1) as u64)).await;
-    }
+    sleep_past(expires).await;
     let before = db.node_status().await.unwrap()[0].lease_until.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let nodes = db.node_status().await.unwrap();
@@ -198,13 +204,7 @@ async fn node_certificates_expire_and_are_renewed_in_place() {
     // join again (a typed error, `FleetError::NodeCertExpired`)
     node.child.kill().await.unwrap();
     let (_, last) = fleetca::cert_validity(&std::fs::read_to_string(&crt).unwrap()).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    if now <= last {
-        tokio::time::sleep(Duration::from_secs((last - now + 1) as u64)).await;
-    }
+    sleep_past(last).await;
     let said = admin_fails(&[
         "node",
         "--control",

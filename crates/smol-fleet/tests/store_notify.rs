@@ -39,6 +39,24 @@ fn machine(id: &str, tenant: &str) -> MachineRow {
     }
 }
 
+/// The one node of both tests, ready with room.
+fn node_a() -> NodeRow {
+    NodeRow {
+        id: "node-a".into(),
+        state: "ready".into(),
+        memory_mib: 4096,
+        cpus: 4,
+        reserved_mib: 0,
+        reserved_cpus: 0,
+    }
+}
+
+/// What each machine of the tests reserves.
+const NEED: Need = Need {
+    memory_mib: 256,
+    cpus: 1,
+};
+
 /// Keeps machine `id`'s route as replica `a` reads it (by id and by name); asserts it is kept.
 async fn keep(a: &Db, cache: &Cache, t: &str, id: &str) {
     let e = cache.epoch();
@@ -78,26 +96,13 @@ async fn postgres_notifies_the_changes_that_make_kept_keys_and_routes_wrong() {
 
     let t = b.create_tenant("a").await.unwrap();
     // a machine on a node, its route kept
-    b.put_node(&NodeRow {
-        id: "node-a".into(),
-        state: "ready".into(),
-        memory_mib: 4096,
-        cpus: 4,
-        reserved_mib: 0,
-        reserved_cpus: 0,
-    })
-    .await
-    .unwrap();
+    b.put_node(&node_a()).await.unwrap();
     b.set_node_api("node-a", "https://10.0.0.1:7001")
         .await
         .unwrap();
-    let need = Need {
-        memory_mib: 256,
-        cpus: 1,
-    };
     for id in ["mach-1", "mach-2", "marker"] {
         assert!(matches!(
-            b.reserve(&machine(id, &t), need).await.unwrap(),
+            b.reserve(&machine(id, &t), NEED).await.unwrap(),
             Placed::Placed { .. }
         ));
     }
@@ -110,7 +115,7 @@ async fn postgres_notifies_the_changes_that_make_kept_keys_and_routes_wrong() {
         .await
         .unwrap();
     assert!(matches!(
-        b.reserve(&machine("mach-3", &t), need).await.unwrap(),
+        b.reserve(&machine("mach-3", &t), NEED).await.unwrap(),
         Placed::Placed { .. }
     ));
     assert!(b.set_node_state("node-a", "cordoned").await.unwrap());
@@ -207,21 +212,8 @@ async fn sqlite_keeps_nothing() {
     let cache = Arc::new(Cache::default());
     db.watch_changes(cache.clone());
     let t = db.create_tenant("a").await.unwrap();
-    db.put_node(&NodeRow {
-        id: "node-a".into(),
-        state: "ready".into(),
-        memory_mib: 4096,
-        cpus: 4,
-        reserved_mib: 0,
-        reserved_cpus: 0,
-    })
-    .await
-    .unwrap();
-    let need = Need {
-        memory_mib: 256,
-        cpus: 1,
-    };
-    db.reserve(&machine("mach-1", &t), need).await.unwrap();
+    db.put_node(&node_a()).await.unwrap();
+    db.reserve(&machine("mach-1", &t), NEED).await.unwrap();
     let row = db.machine(&t, "mach-1").await.unwrap().unwrap();
     let node = db.machine_node("mach-1").await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;

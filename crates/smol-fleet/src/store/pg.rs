@@ -986,8 +986,8 @@ impl Store for PgStore {
                 lease_left_ms: r.get(4),
                 deleting: r.get::<_, i32>(5) != 0,
                 placement: Some(crate::epochs::PlacementEpoch {
-                    machine_id: r.get(6),
-                    epoch: r.get(7),
+                    machine_id: machine_id.to_owned(),
+                    epoch: r.get(6),
                 }),
             }))
         })
