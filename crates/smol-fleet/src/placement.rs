@@ -180,7 +180,18 @@ UPDATE operations SET state = 'claimed', updated_at = ?1, deadline_at = ?1 + ?3
                AND deadline_at <= ?1 ORDER BY deadline_at, id LIMIT ?2 {lock})
 RETURNING id, tenant_id, machine_id, kind, state, node_id, deadline_at";
 
-/// Gives back the reservation of machine `?1` (its placement row goes after).
+/// PostgreSQL: takes machine `?1`'s placement row and gives back what it reserved, in one
+/// statement. The DELETE locks the row, so of two transactions removing the same machine
+/// only the first gets it back: an `UPDATE … FROM placements` would re-check only the
+/// node's row after the wait and give the reservation back twice.
+pub(crate) const TAKE_PLACEMENT: &str = "
+WITH p AS (DELETE FROM placements WHERE machine_id = ?1 RETURNING node_id, memory_mib, cpus)
+UPDATE nodes SET reserved_mib = reserved_mib - p.memory_mib,
+                 reserved_cpus = reserved_cpus - p.cpus
+  FROM p WHERE nodes.id = p.node_id";
+
+/// SQLite (one writer at a time): gives back the reservation of machine `?1` (its placement
+/// row goes after, in the same transaction).
 pub(crate) const RELEASE: &str = "
 UPDATE nodes SET reserved_mib = reserved_mib - p.memory_mib,
                  reserved_cpus = reserved_cpus - p.cpus

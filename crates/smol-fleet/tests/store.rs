@@ -33,6 +33,9 @@ const CASES: &[(&str, Case)] = &[
     ("concurrent_placements", |u| {
         Box::pin(concurrent_placements(u))
     }),
+    ("concurrent_deletes_release_once", |u| {
+        Box::pin(concurrent_deletes_release_once(u))
+    }),
     ("join_tokens_and_leases", |u| {
         Box::pin(join_tokens_and_leases(u))
     }),
@@ -850,6 +853,47 @@ async fn concurrent_placements(url: String) {
     assert_eq!(one.machines(&t).await.unwrap().len(), 29);
     let ops = two.claim_overdue(i64::MAX / 2, 1000, 60).await.unwrap();
     assert_eq!(ops.len(), 29);
+}
+
+/// Two stores delete the same machines at once, 4 times each (two replicas' sweepers ending
+/// one TTL): each reservation is given back once, never below zero (the CI run's fleet_hosts
+/// failure: a node left at -256 MiB, -1 vCPU).
+async fn concurrent_deletes_release_once(url: String) {
+    let one = open(&url).await;
+    let two = open(&url).await;
+    let t = one.create_tenant("a").await.unwrap();
+    one.put_node(&node("node-1", "ready", 8192, 64))
+        .await
+        .unwrap();
+    for round in 0..5 {
+        let ids: Vec<String> = (0..8).map(|i| format!("mach-{round}-{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let row = machine(id, &t, &format!("m{round}-{i}"));
+            assert!(matches!(
+                one.reserve(&row, SMALL).await.unwrap(),
+                Placed::Placed { .. }
+            ));
+        }
+        // one machine stays: its reservation must survive the others' deletes
+        let keep = machine(&format!("keep-{round}"), &t, &format!("k{round}"));
+        one.reserve(&keep, SMALL).await.unwrap();
+        let deletes: Vec<_> = (0..ids.len() * 8)
+            .map(|k| {
+                let db = if k % 2 == 0 { one.clone() } else { two.clone() };
+                let id = ids[k % ids.len()].clone();
+                tokio::spawn(async move { db.delete_machine(&id).await.unwrap() })
+            })
+            .collect();
+        for d in deletes {
+            d.await.unwrap();
+        }
+        let n = one.nodes().await.unwrap().remove(0);
+        assert_eq!(
+            (n.reserved_mib, n.reserved_cpus),
+            (256 * (round + 1), round + 1),
+            "round {round}: {n:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -586,11 +586,8 @@ impl Store for PgStore {
             let what = "remove a machine";
             let mut c = self.conn().await?;
             let tx = c.transaction().await.map_err(|e| error(what, e))?;
-            // its reservation goes back in the same transaction
-            tx.execute(&query(placement::RELEASE, ""), &[&id])
-                .await
-                .map_err(|e| error(what, e))?;
-            tx.execute("DELETE FROM placements WHERE machine_id = $1", &[&id])
+            // its reservation goes back in the same transaction, once however many delete it
+            tx.execute(&query(placement::TAKE_PLACEMENT, ""), &[&id])
                 .await
                 .map_err(|e| error(what, e))?;
             tx.execute("DELETE FROM machines WHERE id = $1", &[&id])
