@@ -1,5 +1,5 @@
 //! Containers of images inside a running machine: `Op::MountImage` attaches an image file to a
-//! loop device and mounts it read-only; `Op::ExecIn` runs a command whose root is an overlay of a
+//! loop device and mounts it read-only (or mounts an image slot's device, `slot`); `Op::ExecIn` runs a command whose root is an overlay of a
 //! fresh tmpfs over such a mount, in a mount namespace of its own (see [`Setup`]).
 
 use std::ffi::CString;
@@ -99,6 +99,11 @@ fn mount_image_blocking(path: &str, fstype: &str, size: u64, target: &str) -> io
     if is_mountpoint(target) {
         return Ok(());
     }
+    if let Some(serial) = path.strip_prefix(crate::slot::PREFIX) {
+        // an image slot: the device itself, no copy and no loop device
+        let dev = crate::slot::resolve(serial, size)?;
+        return mount_ro(&dev, target, fstype);
+    }
     let file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
     if len != size {
@@ -108,8 +113,13 @@ fn mount_image_blocking(path: &str, fstype: &str, size: u64, target: &str) -> io
         ));
     }
     let (dev, _held_until_mounted) = attach_loop(&file)?;
+    mount_ro(&dev, target, fstype)
+}
+
+/// Mounts block device `dev` read-only on `target` (made if missing).
+fn mount_ro(dev: &str, target: &str, fstype: &str) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
-    let (src, tgt, fs) = (cstr(&dev)?, cstr(target)?, cstr(fstype)?);
+    let (src, tgt, fs) = (cstr(dev)?, cstr(target)?, cstr(fstype)?);
     // SAFETY: valid NUL-terminated strings for the duration of the call; no data argument.
     let r = unsafe {
         libc::mount(

@@ -19,6 +19,7 @@ mod quiet;
 mod raw;
 mod relay;
 mod serve;
+mod slot;
 mod spawn;
 mod user;
 

@@ -389,6 +389,20 @@ impl LocalBackend {
                 i.reference
             )));
         }
+        // images its run(image) slots held (local::slots): its guest has them mounted
+        if let Some(s) = m
+            .machine
+            .image_slots
+            .iter()
+            .flatten()
+            .find(|s| !s.file.exists())
+        {
+            return Err(bad(format!(
+                "the machine ran image {:?} with run(image), which this engine's image cache \
+                 lacks (pull it first)",
+                s.reference
+            )));
+        }
         let assets = match &self.assets {
             Some(a) => a.clone(),
             None => crate::local::assets::resolve()?,

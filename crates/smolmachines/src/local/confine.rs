@@ -79,7 +79,8 @@ pub enum Access {
 }
 
 /// What Landlock lets the VMM of `spec` (the program `binary`) reach: its machine's run, home
-/// and RAM directories read-write; the guest assets, the root file system image, a clone's
+/// and RAM directories read-write; the guest assets, the root file system image and the
+/// images of its run(image) slots, a clone's
 /// frozen RAM file and the shared disk templates read-only; the system's programs and
 /// libraries, `/sys` and a few devices (a clone's frozen RAM file read-write: see below). Nothing else of the host: not the engine's other
 /// machines, not the caller's files, not `/etc`, not other processes in `/proc`.
@@ -118,6 +119,10 @@ pub fn vmm_rules(spec: &VmSpec, binary: &Path) -> Vec<(PathBuf, Access)> {
     }
     if let Some((rootfs, _)) = &spec.image {
         rules.push((rootfs.clone(), Access::Read));
+    }
+    // the images its run(image) slots hold (local::slots; a missing one boots empty)
+    for f in spec.image_slots.iter().flatten().filter(|f| f.exists()) {
+        rules.push((f.clone(), Access::Read));
     }
     if let Some(d) = spec.ram_file.as_ref().and_then(|f| f.parent()) {
         rules.push((d.to_path_buf(), Access::ReadWrite));

@@ -2,9 +2,11 @@
 //! inside a running machine.
 //!
 //! The image comes from the engine's image cache (pulled once per host, as for
-//! `MachineConfig.image`). Its read-only block image (erofs) is copied once per machine onto the
-//! machine's disk (`/var/lib/smol/images`, so it survives restarts) and mounted once per boot
-//! through a loop device (`Op::MountImage`). Each run is an `Op::ExecIn`: the agent gives the
+//! `MachineConfig.image`). Its read-only block image (erofs) reaches the guest through an
+//! image slot (`local::slots`: a virtio-blk device pointed at the cached file, nothing copied)
+//! and is mounted once per boot (`Op::MountImage`). Without a free slot, or with an agent
+//! that mounts none, it is copied once per machine onto the machine's disk
+//! (`/var/lib/smol/images`, so it survives restarts) and mounted through a loop device. Each run is an `Op::ExecIn`: the agent gives the
 //! command its own mount namespace whose root is an overlay of a fresh tmpfs over the image,
 //! with `/proc`, `/dev` and a private `/tmp`; its writes vanish when it ends.
 
@@ -14,6 +16,8 @@ use smol_protocol::{ErrorKind, ExecRequest, Op};
 
 use super::agent::AgentError;
 use super::on_own_thread;
+use super::record::{Record, SlotRecord};
+use super::slots;
 use super::LocalMachine;
 use crate::config::{ExecOptions, ExecResult};
 use crate::error::{Error, Result};
@@ -82,6 +86,24 @@ impl LocalMachine {
             .len();
         let _one_copy_at_a_time = self.inner.images.lock().await;
         let conn = self.conn("run")?;
+        let mounted = Mounted {
+            rootfs: target.clone(),
+            env: p.config.env_map(),
+            workdir: p.config.working_dir.clone().filter(|w| !w.is_empty()),
+        };
+        if let Some(i) = self.slot_with(&p.info.reference, &p.rootfs).await {
+            match conn
+                .mount_image(&slots::guest_path(i), fstype, size, &target)
+                .await
+            {
+                Ok(()) => return Ok(mounted),
+                // an agent that mounts no slot: the copy below
+                Err(AgentError::Remote(e)) if e.kind == ErrorKind::NotFound => {
+                    tracing::debug!(slot = i, error = %e.message, "image slot not mounted: copying");
+                }
+                Err(e) => return Err(self.map_err(e).await),
+            }
+        }
         match conn.mount_image(&file, fstype, size, &target).await {
             Ok(()) => {}
             Err(AgentError::Remote(e)) if e.kind == ErrorKind::NotFound => {
@@ -98,10 +120,38 @@ impl LocalMachine {
             }
             Err(e) => return Err(self.map_err(e).await),
         }
-        Ok(Mounted {
-            rootfs: target,
-            env: p.config.env_map(),
-            workdir: p.config.working_dir.clone().filter(|w| !w.is_empty()),
+        Ok(mounted)
+    }
+
+    /// The image slot that holds `file` (image `reference`): one that holds it already, or a
+    /// free one pointed at it now (`local::slots`). `None`: no slot is free, or the VMM
+    /// refused (logged); the image is copied then.
+    async fn slot_with(&self, reference: &str, file: &std::path::Path) -> Option<usize> {
+        let held = |r: &Record| {
+            r.image_slots
+                .iter()
+                .position(|s| s.as_ref().is_some_and(|s| s.file == file))
+        };
+        if let Some(i) = held(&self.record()) {
+            return Some(i);
+        }
+        // no branch or checkpoint while a slot changes: they copy the record's slots
+        let _one_at_a_time = self.inner.lifecycle.lock().await;
+        let free = self.record().image_slots.iter().position(|s| s.is_none())?;
+        if let Err(e) = slots::attach(&self.inner.spec.qmp_socket(), free, file).await {
+            tracing::warn!(slot = free, error = %e, "cannot point an image slot at the image: copying it");
+            return None;
+        }
+        let slot = SlotRecord {
+            reference: reference.to_string(),
+            file: file.to_path_buf(),
+        };
+        self.save_record(|r| {
+            if let Some(s) = r.image_slots.get_mut(free) {
+                *s = Some(slot);
+            }
         })
+        .await;
+        Some(free)
     }
 }

@@ -67,7 +67,7 @@ pub(crate) struct Inner {
     record: Mutex<Record>,
     phase: Mutex<Phase>,
     /// Held by `start`, `stop` and `delete`: one lifecycle operation at a time.
-    lifecycle: tokio::sync::Mutex<()>,
+    pub(super) lifecycle: tokio::sync::Mutex<()>,
     /// VMs booted by this handle (tests: concurrent starts boot one).
     boots: AtomicU32,
     /// The engine whose live machines this one is among.
@@ -199,7 +199,7 @@ impl LocalMachine {
 
     /// Changes the record and stores it (on the blocking pool). A failed write is logged: the
     /// in-memory record stays authoritative for this handle.
-    async fn save_record(&self, f: impl FnOnce(&mut Record)) {
+    pub(super) async fn save_record(&self, f: impl FnOnce(&mut Record)) {
         let rec = {
             let mut r = self.inner.record.lock().expect("record lock");
             f(&mut r);
@@ -475,14 +475,12 @@ impl LocalMachine {
                 }
             }
         }
-        let spawn_spec = match clone {
-            Some((restore, _)) => {
-                let mut spec = self.inner.spec.clone();
-                spec.restore = Some(restore.clone());
-                std::borrow::Cow::Owned(spec)
-            }
-            None => std::borrow::Cow::Borrowed(&self.inner.spec),
-        };
+        let mut spawn_spec = self.inner.spec.clone();
+        if let Some((restore, _)) = clone {
+            spawn_spec.restore = Some(restore.clone());
+        }
+        // the images the slots hold now (run(image) may have filled one since the handle)
+        spawn_spec.image_slots = super::slot_files(&self.record());
         let spawned = self.inner.vmm.spawn(&spawn_spec);
         if spawned.is_err() {
             Self::stop_helpers(&self.inner);

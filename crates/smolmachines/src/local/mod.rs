@@ -29,6 +29,7 @@ mod reaper;
 pub mod record;
 mod registry;
 pub mod runas;
+pub mod slots;
 pub mod state;
 mod teardown;
 pub mod template;
@@ -488,6 +489,7 @@ impl LocalBackend {
                 .branchable
                 .then(|| ram::dir(&self.machines_dir(), &rec.name).join(ram::FILE)),
             restore: None,
+            image_slots: slot_files(rec),
         }
     }
 
@@ -598,7 +600,12 @@ impl LocalBackend {
             branchable: config.is_branchable(),
             frozen: false,
             paused: false,
+            image_slots: Vec::new(),
         };
+        // as many image slots as microvm's transports leave free (run(image), local::slots)
+        let mut record = record;
+        let free = vmm::free_transports(&self.spec_for(&record));
+        record.image_slots = vec![None; free.min(slots::SLOTS)];
         // Reserves the name: of two processes creating it, one wins. A name whose owner died
         // is reaped and tried once more.
         let rec = record.clone();
@@ -926,4 +933,12 @@ impl Backend for LocalBackend {
     async fn delete_checkpoint(&self, id: &str) -> Result<()> {
         self.delete_checkpoint_file(id).await
     }
+}
+
+/// The image files `rec`'s slots hold (`None`: empty), for its VMM's arguments.
+pub(crate) fn slot_files(rec: &Record) -> Vec<Option<PathBuf>> {
+    rec.image_slots
+        .iter()
+        .map(|s| s.as_ref().map(|s| s.file.clone()))
+        .collect()
 }

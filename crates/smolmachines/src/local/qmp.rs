@@ -70,8 +70,21 @@ impl Qmp {
         name: &str,
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", json!({ "fdname": name }), fd)
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs `command` with `fd` sent beside it (`SCM_RIGHTS`: `getfd`, `add-fd`) and returns
+    /// its `return` value.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        args: Value,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
         use std::os::fd::AsRawFd;
-        let mut line = json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string();
+        let mut line = json!({ "execute": command, "arguments": args }).to_string();
         line.push('\n');
         let sock = self.writer.as_ref();
         loop {
@@ -83,7 +96,7 @@ impl Qmp {
                 Ok(n) if n == line.len() => break,
                 Ok(n) => {
                     return Err(QmpError::Protocol(format!(
-                        "getfd: sent {n} of {} bytes",
+                        "{command}: sent {n} of {} bytes",
                         line.len()
                     )))
                 }
@@ -91,7 +104,7 @@ impl Qmp {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.reply("getfd").await.map(|_| ())
+        self.reply(command).await
     }
 
     /// Runs a command and returns its `return` value (events in between are skipped).

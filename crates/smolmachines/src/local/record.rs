@@ -135,6 +135,20 @@ pub struct Record {
     /// Meaningful only while `vmm` is alive (cleared when the VMM exits or boots again).
     #[serde(default)]
     pub paused: bool,
+    /// Image slots reserved at boot for `run(image)` (`local::slots`): each empty or holding
+    /// an image. Kept across boots and copied into branches and checkpoints, so the guest
+    /// finds its mounted images where it left them. None in records of older engines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_slots: Vec<Option<SlotRecord>>,
+}
+
+/// An image attached to an image slot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SlotRecord {
+    /// Canonical reference of the image.
+    pub reference: String,
+    /// Its read-only block image in the engine's image cache.
+    pub file: PathBuf,
 }
 
 /// The image workload (`Entrypoint` + `Cmd`, or `MachineConfig.command`) of a machine.
@@ -182,6 +196,7 @@ impl Record {
             branchable: false,
             frozen: false,
             paused: false,
+            image_slots: Vec::new(),
         }
     }
 

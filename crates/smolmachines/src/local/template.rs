@@ -94,6 +94,7 @@ pub(super) fn inputs(rec: &Record, qemu: &str, run_dir: &Path) -> Inputs {
         storage_gb: rec.storage_gb,
         linger_ms: LINGER.as_millis() as u64,
         run_dir: run_dir.to_path_buf(),
+        image_slots: rec.image_slots.len(),
     }
 }
 

@@ -85,6 +85,9 @@ pub struct Inputs {
     pub storage_gb: u32,
     pub linger_ms: u64,
     pub run_dir: PathBuf,
+    /// Image slots (`local::slots`): its devices are part of the frozen device state.
+    #[serde(default)]
+    pub image_slots: usize,
 }
 
 impl Inputs {
@@ -411,6 +414,7 @@ mod tests {
                     storage_gb: 1,
                     linger_ms: 1,
                     run_dir: run.clone(),
+                    image_slots: 0,
                 },
                 boot_id: boot.into(),
                 build_id: "b".into(),

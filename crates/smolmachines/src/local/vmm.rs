@@ -39,6 +39,9 @@ pub struct VmSpec {
     pub ram_file: Option<PathBuf>,
     /// Start as a clone (a branch) instead of booting: see [`Restore`].
     pub restore: Option<Restore>,
+    /// Image slots (`local::slots`): read-only virtio-blk devices for `run(image)`, each empty
+    /// (a 4 KiB placeholder) or backed by an image file. Always the last devices.
+    pub image_slots: Vec<Option<PathBuf>>,
 }
 
 /// How a clone's VMM starts: its RAM mapped from the frozen copy of the source's, and
@@ -398,7 +401,57 @@ pub fn qemu_args(spec: &VmSpec, tsc_khz: Option<u64>) -> Vec<String> {
             "virtio-balloon-device,free-page-reporting=on".into(),
         ]);
     }
+    // last: the devices before them keep their virtio-mmio transports whatever the slots
+    for (i, file) in spec.image_slots.iter().enumerate() {
+        let backing = match file.as_deref().filter(|f| f.exists()) {
+            Some(f) => format!(
+                "driver=file,node-name={},filename={},read-only=on",
+                super::slots::boot_node(i),
+                f.display()
+            ),
+            None => {
+                if let Some(f) = file {
+                    tracing::warn!(file = %f.display(), slot = i, "image slot file missing: the slot boots empty");
+                }
+                format!(
+                    "driver=null-co,node-name={},size={},read-zeroes=on",
+                    super::slots::boot_node(i),
+                    super::slots::PLACEHOLDER
+                )
+            }
+        };
+        a.extend([
+            "-blockdev".into(),
+            backing,
+            "-blockdev".into(),
+            format!(
+                "driver=raw,node-name={},file={},read-only=on",
+                super::slots::node(i),
+                super::slots::boot_node(i)
+            ),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive={},serial={}",
+                super::slots::node(i),
+                super::slots::serial(i)
+            ),
+        ]);
+    }
     a
+}
+
+/// The virtio-mmio transports of QEMU's microvm (`VIRTIO_NUM_TRANSPORTS`): one per device.
+pub const VIRTIO_TRANSPORTS: usize = 8;
+
+/// The transports `spec`'s devices leave free for image slots (its own slots not counted).
+pub fn free_transports(spec: &VmSpec) -> usize {
+    let devices = 2 // virtio-serial, virtio-rng
+        + spec.mounts.len()
+        + usize::from(spec.network)
+        + usize::from(spec.image.is_some())
+        + usize::from(spec.disk.is_some())
+        + usize::from(free_page_reporting(spec));
+    VIRTIO_TRANSPORTS.saturating_sub(devices)
 }
 
 /// The agent chardev of a QEMU that dropped its uid (`local::runas`) reconnected by
@@ -628,7 +681,51 @@ mod tests {
             image: Some(("/img/r.erofs".into(), "erofs".into())),
             ram_file: None,
             restore: None,
+            image_slots: Vec::new(),
         }
+    }
+
+    #[test]
+    fn image_slots_are_the_last_devices_empty_or_backed_by_their_file() {
+        let mut s = spec(KernelFlavor::Smol, Accel::Tcg);
+        let img = tempfile::NamedTempFile::new().unwrap();
+        s.image_slots = vec![None, Some(img.path().to_path_buf())];
+        let a = qemu_args(&s, None);
+        let devices: Vec<&String> = a
+            .iter()
+            .zip(a.iter().skip(1))
+            .filter(|(k, _)| *k == "-device")
+            .map(|(_, v)| v)
+            .collect();
+        let n = devices.len();
+        assert!(devices[n - 2].contains("serial=smol-slot-0"), "{devices:?}");
+        assert!(devices[n - 1].contains("serial=smol-slot-1"), "{devices:?}");
+        let joined = a.join(" ");
+        assert!(joined.contains("driver=null-co,node-name=slot0-boot,size=4096"));
+        assert!(joined.contains(&format!(
+            "driver=file,node-name=slot1-boot,filename={},read-only=on",
+            img.path().display()
+        )));
+        assert!(joined.contains("driver=raw,node-name=slot1,file=slot1-boot,read-only=on"));
+        // a file gone since (another host, a pruned cache) boots the slot empty, not failing
+        s.image_slots = vec![Some("/no/such/image.erofs".into())];
+        let joined = qemu_args(&s, None).join(" ");
+        assert!(
+            joined.contains("driver=null-co,node-name=slot0-boot"),
+            "{joined}"
+        );
+        assert!(!joined.contains("/no/such/image.erofs"));
+    }
+
+    #[test]
+    fn slots_never_take_more_transports_than_microvm_has() {
+        let mut s = spec(KernelFlavor::Smol, Accel::Tcg);
+        // serial, rng, one mount, image, disk, balloon
+        assert_eq!(free_transports(&s), 2);
+        s.network = true;
+        assert_eq!(free_transports(&s), 1);
+        s.mounts = vec![("/a".into(), true); 4];
+        assert_eq!(free_transports(&s), 0);
     }
 
     #[test]
