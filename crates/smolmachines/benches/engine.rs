@@ -32,7 +32,8 @@
 //!
 //! `SMOL_BENCH_ONLY=files` runs only 3. and 4.; `SMOL_BENCH_ONLY=branch` only 5.;
 //! `SMOL_BENCH_ONLY=checkpoint` only 6.; `SMOL_BENCH_ONLY=exec` only 2., 2b. and 3.;
-//! `SMOL_BENCH_ONLY=density` only 7. (not part of a full run: it needs root and minutes).
+//! `SMOL_BENCH_ONLY=density` only 7. (not part of a full run: it needs root and minutes);
+//! `SMOL_BENCH_ONLY=create` only 1., with bare boots that have the image slots beside them.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -96,8 +97,11 @@ fn bare_args(spec: &VmSpec, extra: &str) -> Vec<String> {
 }
 
 /// Spawn -> the marker line on the console, for a bare boot to init.
-fn bare_boot(dir: &std::path::Path) -> f64 {
-    let s = spec(dir, "bench-bare");
+/// A bare boot to init; with `slots` empty image slots (the devices every machine gets,
+/// `local::slots`) to show what they add.
+fn bare_boot(dir: &std::path::Path, slots: usize) -> f64 {
+    let mut s = spec(dir, "bench-bare");
+    s.image_slots = vec![None; slots];
     let sock = s.agent_socket();
     let _ = std::fs::remove_file(&sock);
     let _listener = UnixListener::bind(&sock).unwrap();
@@ -588,8 +592,13 @@ async fn main() {
     let opts = ExecOptions::default();
     let t = vec!["true".to_string()];
     let exec_only = std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "exec");
+    let create_only = std::env::var("SMOL_BENCH_ONLY").is_ok_and(|v| v == "create");
+    let mut bare_slots = Vec::new();
     for i in 0..if exec_only { 0 } else { BOOTS } {
-        bare.push(bare_boot(tmp.path()));
+        bare.push(bare_boot(tmp.path(), 0));
+        if create_only {
+            bare_slots.push(bare_boot(tmp.path(), smolmachines::local::slots::SLOTS));
+        }
         let t0 = Instant::now();
         let m = engine
             .create_machine(MachineConfig {
@@ -612,6 +621,16 @@ async fn main() {
             "s",
             "<= 1.15x",
         );
+    }
+    if create_only {
+        row(
+            "bare boot with the image slots (median)",
+            median(bare_slots),
+            median(bare.clone()),
+            "s",
+            "info",
+        );
+        return;
     }
 
     // 2. + 3. raw channel baseline
