@@ -215,6 +215,24 @@ async fn run_mounts_images_from_slots_and_copies_only_past_them() {
         mounts.len() == 2 && mounts.iter().all(|(d, _)| d.starts_with("/dev/vd")),
         "{mounts:?}"
     );
+
+    // a slot whose file is gone at a boot (a pruned cache) is free again, and the next run
+    // of that image takes a slot anew
+    m.stop().await.unwrap();
+    let file = m.record().image_slots[0].clone().unwrap().file;
+    let aside = file.with_extension("aside");
+    std::fs::rename(&file, &aside).unwrap();
+    let started = m.start().await;
+    std::fs::rename(&aside, &file).unwrap();
+    started.unwrap();
+    assert!(m.record().image_slots[0].is_none(), "{:?}", m.record());
+    let r = m.run(&python, &py, &o()).await.unwrap();
+    assert_eq!(r.stdout, "42\n", "{r:?}");
+    assert!(
+        m.record().image_slots.iter().flatten().any(|s| s.file == file),
+        "{:?}",
+        m.record().image_slots
+    );
     m.delete().await.unwrap();
 }
 

@@ -480,6 +480,26 @@ impl LocalMachine {
             spawn_spec.restore = Some(restore.clone());
         }
         // the images the slots hold now (run(image) may have filled one since the handle)
+        if clone.is_none()
+            && self
+                .record()
+                .image_slots
+                .iter()
+                .flatten()
+                .any(|s| !s.file.exists())
+        {
+            // a fresh boot mounts nothing: a slot whose file is gone (a pruned cache) is free
+            // again, not a name that sends the next run to a slot that reads as zeros
+            self.save_record(|r| {
+                for s in r.image_slots.iter_mut() {
+                    if s.as_ref().is_some_and(|s| !s.file.exists()) {
+                        tracing::warn!(image = %s.as_ref().map(|s| s.reference.as_str()).unwrap_or(""), "an image slot's file is gone: the slot boots empty");
+                        *s = None;
+                    }
+                }
+            })
+            .await;
+        }
         spawn_spec.image_slots = super::slot_files(&self.record());
         let spawned = self.inner.vmm.spawn(&spawn_spec);
         if spawned.is_err() {
