@@ -229,7 +229,11 @@ async fn run_mounts_images_from_slots_and_copies_only_past_them() {
     let r = m.run(&python, &py, &o()).await.unwrap();
     assert_eq!(r.stdout, "42\n", "{r:?}");
     assert!(
-        m.record().image_slots.iter().flatten().any(|s| s.file == file),
+        m.record()
+            .image_slots
+            .iter()
+            .flatten()
+            .any(|s| s.file == file),
         "{:?}",
         m.record().image_slots
     );

@@ -6,9 +6,10 @@
 //! image slot (`local::slots`: a virtio-blk device pointed at the cached file, nothing copied)
 //! and is mounted once per boot (`Op::MountImage`). Without a free slot, or with an agent
 //! that mounts none, it is copied once per machine onto the machine's disk
-//! (`/var/lib/smol/images`, so it survives restarts) and mounted through a loop device. Each run is an `Op::ExecIn`: the agent gives the
-//! command its own mount namespace whose root is an overlay of a fresh tmpfs over the image,
-//! with `/proc`, `/dev` and a private `/tmp`; its writes vanish when it ends.
+//! (`/var/lib/smol/images`, so it survives restarts) and mounted through a loop device.
+//! Each run is an `Op::ExecIn`: the agent gives the command its own mount namespace whose
+//! root is an overlay of a fresh tmpfs over the image, with `/proc`, `/dev` and a private
+//! `/tmp`; its writes vanish when it ends.
 
 use std::collections::BTreeMap;
 
