@@ -259,26 +259,22 @@ fn second_machine(rt: &tokio::runtime::Runtime, reference: &str, registry_dir: &
                 .with_templates(true)
         })
         .collect();
+    // create -> first exec of python3 in a machine of the image, then its delete
+    let first_exec = |engine: &LocalBackend, name: String| {
+        let t = Instant::now();
+        let m = rt.block_on(engine.create_machine(cfg(name))).unwrap();
+        let r = rt.block_on(m.exec(&argv, &ExecOptions::default())).unwrap();
+        let took = t.elapsed();
+        assert_eq!(r.stdout, "1\n", "{r:?}");
+        rt.block_on(m.delete()).unwrap();
+        took
+    };
     let (mut t_first, mut t_second) = (vec![], vec![]);
     for (i, engine) in templated.iter().enumerate() {
-        let t = Instant::now();
-        let m = rt
-            .block_on(engine.create_machine(cfg(format!("tfirst{i}"))))
-            .unwrap();
-        let r = rt.block_on(m.exec(&argv, &ExecOptions::default())).unwrap();
-        t_first.push(t.elapsed());
-        assert_eq!(r.stdout, "1\n", "{r:?}");
-        rt.block_on(m.delete()).unwrap();
+        t_first.push(first_exec(engine, format!("tfirst{i}")));
     }
     for (i, engine) in engines.iter().enumerate() {
-        let t = Instant::now();
-        let m = rt
-            .block_on(engine.create_machine(cfg(format!("first{i}"))))
-            .unwrap();
-        let r = rt.block_on(m.exec(&argv, &ExecOptions::default())).unwrap();
-        first.push(t.elapsed());
-        assert_eq!(r.stdout, "1\n", "{r:?}");
-        rt.block_on(m.delete()).unwrap();
+        first.push(first_exec(engine, format!("first{i}")));
         // run(image) inside a plain machine of the same engine (image cached on the host)
         let plain = rt
             .block_on(engine.create_machine(MachineConfig {
@@ -304,24 +300,10 @@ fn second_machine(rt: &tokio::runtime::Runtime, reference: &str, registry_dir: &
         .arg(registry_script())
         .args(["stop", registry_dir]));
     for (i, engine) in engines.iter().enumerate() {
-        let t = Instant::now();
-        let m = rt
-            .block_on(engine.create_machine(cfg(format!("second{i}"))))
-            .unwrap();
-        let r = rt.block_on(m.exec(&argv, &ExecOptions::default())).unwrap();
-        second.push(t.elapsed());
-        assert_eq!(r.stdout, "1\n", "{r:?}");
-        rt.block_on(m.delete()).unwrap();
+        second.push(first_exec(engine, format!("second{i}")));
     }
     for (i, engine) in templated.iter().enumerate() {
-        let t = Instant::now();
-        let m = rt
-            .block_on(engine.create_machine(cfg(format!("tsecond{i}"))))
-            .unwrap();
-        let r = rt.block_on(m.exec(&argv, &ExecOptions::default())).unwrap();
-        t_second.push(t.elapsed());
-        assert_eq!(r.stdout, "1\n", "{r:?}");
-        rt.block_on(m.delete()).unwrap();
+        t_second.push(first_exec(engine, format!("tsecond{i}")));
     }
     for engine in &templated {
         rt.block_on(engine.drop_templates()).unwrap();

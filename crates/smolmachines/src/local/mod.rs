@@ -569,7 +569,7 @@ impl LocalBackend {
         let slot = self.shared.slot(&name);
         let _gate = slot.gate.clone().lock_owned().await;
         let detach = config.detach;
-        let record = Record {
+        let mut record = Record {
             name: name.clone(),
             cpus,
             memory_mb,
@@ -603,7 +603,6 @@ impl LocalBackend {
             image_slots: Vec::new(),
         };
         // as many image slots as microvm's transports leave free (run(image), local::slots)
-        let mut record = record;
         let free = vmm::free_transports(&self.spec_for(&record));
         record.image_slots = vec![None; free.min(slots::SLOTS)];
         // Reserves the name: of two processes creating it, one wins. A name whose owner died
